@@ -1,0 +1,129 @@
+"""The one settings object, read from ``RECSTREAM_*`` environment variables.
+
+Build it once per entry point (`Settings()`), then pass it down. Nothing else in the
+code base reads the environment. The defaults point at the embedded local stack that
+`recstream up` starts; setting ``RECSTREAM_AWS_ENDPOINT_URL=`` (empty) means real AWS.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["NAMESPACE_PATTERN", "Settings"]
+
+# Namespaces appear in Redis keys, DynamoDB partition keys and URL paths, so they are
+# restricted to characters that are safe in all three.
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
+
+
+class Settings(BaseSettings):
+    """Every endpoint, resource name, port and budget recstream uses."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSTREAM_", frozen=True, extra="ignore")
+
+    env: Literal["local", "production"] = "local"
+    namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
+
+    # --- AWS ---------------------------------------------------------------------
+    aws_endpoint_url: str | None = "http://127.0.0.1:4566"
+    """Endpoint of the AWS API emulator. Empty or unset in production means real AWS."""
+    kinesis_endpoint_url: str | None = None
+    """Kinesis-only override, e.g. kinesis-mock beside moto. Defaults to aws_endpoint_url."""
+    aws_region: str = "us-east-1"
+    stream_name: str = "recstream-events"
+    stream_shards: int = Field(2, ge=1, le=500)
+    table_prefix: str = "recstream"
+    bucket: str = "recstream-archive"
+    dlq_name: str = "recstream-dlq"
+
+    # --- Redis -------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- processes of the embedded stack (`recstream up`) -------------------------
+    state_dir: Path = Path(".recstream")
+    """Where `recstream up` keeps pid files, logs and redis-server's data."""
+    kinesis_mock_dir: Path = Path(".recstream/tools/node_modules/kinesis-local")
+
+    # --- API -----------------------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    max_batch: int = Field(500, ge=1, le=500)
+    """Largest batch `POST /v1/events` accepts; 500 is also Kinesis's PutRecords limit."""
+    ranking_budget_ms: float = Field(50.0, gt=0)
+    store_timeout_ms: float = Field(20.0, gt=0)
+    """How long ranking waits for one store before it degrades to what it has."""
+
+    # --- agents and state -----------------------------------------------------------
+    window_size: int = Field(50, ge=1, le=1000)
+    """How many recent interactions each user's window keeps."""
+    window_ttl_s: int = Field(30 * 86400, ge=60)
+    dedup_ttl_s: int = Field(7 * 86400, ge=60)
+    """How long an event id is remembered, so a replayed event changes nothing."""
+    popularity_cap: int = Field(10_000, ge=10)
+    """How many items the popularity counter keeps (lowest scores are evicted)."""
+    agent_batch_size: int = Field(500, ge=1)
+    agent_batch_window_s: float = Field(0.05, gt=0)
+    start_position: str = "trim_horizon"
+    """Where a stream consumer with no checkpoint starts: trim_horizon, latest or unix seconds."""
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 1.0,
+            "like": 2.0,
+            "share": 2.0,
+            "add_to_cart": 3.0,
+            "purchase": 5.0,
+        }
+    )
+    """Weight of each event type in counters and training; unknown custom types weigh 1."""
+
+    @field_validator("aws_endpoint_url", "kinesis_endpoint_url", mode="before")
+    @classmethod
+    def _empty_means_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_loopback_in_production(self) -> Settings:
+        if self.env == "production":
+            for name in ("aws_endpoint_url", "kinesis_endpoint_url"):
+                url = getattr(self, name)
+                if url and _LOOPBACK.match(urlsplit(url).hostname or ""):
+                    raise ValueError(
+                        f"RECSTREAM_{name.upper()}={url} points at loopback while "
+                        "RECSTREAM_ENV=production; unset it to use real AWS"
+                    )
+        return self
+
+    # --- derived names ---------------------------------------------------------------
+    @property
+    def windows_table(self) -> str:
+        return f"{self.table_prefix}-windows"
+
+    @property
+    def leases_table(self) -> str:
+        return f"{self.table_prefix}-leases"
+
+    @property
+    def kinesis_endpoint(self) -> str | None:
+        return self.kinesis_endpoint_url or self.aws_endpoint_url
+
+    @property
+    def local(self) -> bool:
+        """True when talking to an emulator rather than real AWS."""
+        return self.aws_endpoint_url is not None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+    def weight(self, event_type: str) -> float:
+        return self.event_weights.get(event_type, 1.0)

@@ -1,0 +1,253 @@
+"""The embedded local stack: redis-server, moto server and kinesis-mock on loopback.
+
+`recstream up` starts them as daemons (pid files and logs under ``Settings.state_dir``)
+and the test suite starts private copies on free ports with the same functions, so the
+code that the tests exercise is the code users run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from recstream.errors import StackError
+from recstream.settings import Settings
+
+__all__ = [
+    "INIT_SCRIPT",
+    "Server",
+    "create_resources",
+    "free_port",
+    "start_kinesis_mock",
+    "start_moto",
+    "start_redis",
+    "stop_pidfile",
+    "wait_for_port",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+INIT_SCRIPT = ROOT / "localstack" / "init" / "ready.d" / "10_recstream_resources.py"
+
+
+@dataclass
+class Server:
+    """A local server process we started, and how to reach it."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process.poll() is None:
+            # Servers run in their own process group so that node's or moto's children go too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_for_port(server: Server, timeout: float = 30.0) -> Server:
+    """Block until the server accepts connections; fail loudly with its log if it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise StackError(
+                f"{server.name} exited with code {server.process.returncode} before listening "
+                f"on port {server.port}; its log ({server.log}) ends with:\n{_tail(server.log)}"
+            )
+        if port_open(server.port):
+            return server
+        time.sleep(0.05)
+    server.stop()
+    raise StackError(
+        f"{server.name} did not listen on port {server.port} within {timeout:.0f}s; "
+        f"see {server.log}:\n{_tail(server.log)}"
+    )
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _spawn(
+    name: str,
+    argv: list[str],
+    port: int,
+    log: Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Server:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    return Server(name=name, process=process, port=port, log=log)
+
+
+def start_redis(port: int, workdir: Path) -> Server:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StackError(
+            "redis-server is not installed; run `./dev setup` (apt-get install redis-server)"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(workdir),
+        # The hot store is rebuilt from DynamoDB and the stream; snapshots would only
+        # cost latency spikes on a laptop.
+        "--save", "",
+        "--appendonly", "no",
+        "--protected-mode", "yes",
+        # Every key recstream writes has a cap or a TTL; this is the last line of defence.
+        "--maxmemory", "1gb",
+        "--maxmemory-policy", "volatile-lru",
+    ]  # fmt: skip
+    return wait_for_port(_spawn("redis-server", argv, port, workdir / "redis.log"))
+
+
+def start_moto(port: int, workdir: Path) -> Server:
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return wait_for_port(_spawn("moto server", argv, port, workdir / "moto.log"), timeout=60)
+
+
+def start_kinesis_mock(port: int, workdir: Path, package_dir: Path) -> Server:
+    main_js = package_dir / "main.js"
+    if not main_js.is_file():
+        raise StackError(
+            f"kinesis-mock is not installed at {package_dir}; run `./dev setup` "
+            "(npm install kinesis-local)"
+        )
+    node = shutil.which("node")
+    if node is None:
+        raise StackError("node is not installed; run `./dev setup` (apt-get install nodejs)")
+    env = {
+        "KINESIS_MOCK_PLAIN_PORT": str(port),
+        "KINESIS_MOCK_TLS_PORT": str(free_port()),
+        "LOG_LEVEL": "WARN",
+        # Resharding in the emulator takes as long as a real one would take a short while.
+        "SPLIT_SHARD_DURATION": "200ms",
+        "MERGE_SHARDS_DURATION": "200ms",
+        "UPDATE_SHARD_COUNT_DURATION": "200ms",
+    }
+    # kinesis-mock reads its TLS certificate (server.json) from the working directory.
+    server = _spawn(
+        "kinesis-mock", [node, str(main_js)], port, workdir / "kinesis-mock.log",
+        cwd=package_dir, env=env,
+    )  # fmt: skip
+    return wait_for_port(server, timeout=60)
+
+
+def resource_env(settings: Settings) -> dict[str, str]:
+    """The settings the init script reads, as environment variables."""
+    return {
+        "RECSTREAM_AWS_ENDPOINT_URL": settings.aws_endpoint_url or "",
+        "RECSTREAM_KINESIS_ENDPOINT_URL": settings.kinesis_endpoint_url or "",
+        "RECSTREAM_AWS_REGION": settings.aws_region,
+        "RECSTREAM_STREAM_NAME": settings.stream_name,
+        "RECSTREAM_STREAM_SHARDS": str(settings.stream_shards),
+        "RECSTREAM_TABLE_PREFIX": settings.table_prefix,
+        "RECSTREAM_BUCKET": settings.bucket,
+        "RECSTREAM_DLQ_NAME": settings.dlq_name,
+    }
+
+
+def create_resources(settings: Settings) -> None:
+    """Run the idempotent init script in this process, with these settings."""
+    # The script lives outside any package (it is also a LocalStack ready hook), so it is
+    # loaded by path rather than imported.
+    spec = importlib.util.spec_from_file_location("recstream_init_resources", INIT_SCRIPT)
+    if spec is None or spec.loader is None:
+        raise StackError(f"cannot load the init script {INIT_SCRIPT}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.main(resource_env(settings))
+    except (SystemExit, Exception) as exc:
+        raise StackError(
+            f"creating resources at {settings.aws_endpoint_url or 'AWS'} failed: {exc}"
+        ) from exc
+
+
+def endpoint_port(url: str | None, default: int) -> int:
+    if not url:
+        return default
+    return urlsplit(url).port or default
+
+
+# --- daemons for `recstream up` / `recstream down` -------------------------------------
+
+
+def write_pidfile(state_dir: Path, server: Server) -> None:
+    safe = server.name.replace(" ", "-")
+    (state_dir / f"{safe}.pid").write_text(f"{server.process.pid} {server.port}\n")
+
+
+def stop_pidfile(pidfile: Path, timeout: float = 10.0) -> bool:
+    """Stop the process group a pid file names; True if something was running."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pidfile.unlink(missing_ok=True)
+        return False
+    running = True
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        running = False
+    deadline = time.monotonic() + timeout
+    while running and time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        if running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    return running

@@ -1,0 +1,11 @@
+"""`recstream` subcommands of the training package."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add this package's subcommands (none yet)."""
