@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     bucket: str = "recstream-archive"
     dlq_name: str = "recstream-dlq"
 
+    # --- stream runtime (streams/kinesis: the faust transport, leases, checkpoints) ---
+    worker_id: str | None = None
+    """This worker's lease owner name; defaults to host:pid."""
+    lease_duration_s: float = Field(10.0, gt=0)
+    """A lease not renewed for this long may be taken by another worker."""
+    poll_interval_s: float = Field(0.2, ge=0.0)
+    """Pause between GetRecords calls on one shard (Kinesis allows 5 calls/s per shard)."""
+    # (stream-runtime settings end here)
+
     # --- Redis -------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"
 
@@ -83,6 +92,11 @@ class Settings(BaseSettings):
         }
     )
     """Weight of each event type in counters and training; unknown custom types weigh 1."""
+
+    # --- training (training/) --------------------------------------------------------
+    model_keep_versions: int = Field(5, ge=1)
+    """How many published versions of each model are kept; older ones are deleted."""
+    # (training settings end here)
 
     @field_validator("aws_endpoint_url", "kinesis_endpoint_url", mode="before")
     @classmethod
