@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Final
 
@@ -331,26 +331,18 @@ def problems_from(exc: ValidationError, prefix: str = "") -> list[FieldProblem]:
     problems: list[FieldProblem] = []
     for error in exc.errors(include_url=False):
         loc = ".".join(str(part) for part in error["loc"])
+        if not loc and error["type"] == "value_error":
+            # Cross-field checks (model validators) have no location; name the field
+            # their message is about, so the sender knows where to look.
+            msg = str(error["msg"])
+            loc = next((f for f in ("user_id", "item_id") if f"needs {f}" in msg), "")
         field = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "body")
         message = str(error["msg"]).removeprefix("Value error, ")
-        fix = _FIXES.get(error["type"], "")
+        fix = "add this field" if error["type"] == "value_error" and "needs" in message else ""
+        fix = fix or _FIXES.get(error["type"], "")
         if error["type"] == "too_long" and "impression" in loc:
             fix = f"send at most {MAX_IMPRESSION} impression items"
         if not fix:
             fix = message if error["type"] == "value_error" else "see the Event schema"
         problems.append(FieldProblem(field=field, problem=message, fix=fix))
     return problems
-
-
-def parse_events(raw: Sequence[Any], namespace: str) -> tuple[list[Event], list[FieldProblem]]:
-    """Validate raw JSON objects; returns (valid events, problems of the invalid ones)."""
-    events: list[Event] = []
-    problems: list[FieldProblem] = []
-    for index, item in enumerate(raw):
-        try:
-            if isinstance(item, dict) and "namespace" not in item:
-                item = {**item, "namespace": namespace}
-            events.append(Event.model_validate(item))
-        except ValidationError as exc:
-            problems.extend(problems_from(exc, prefix=f"events[{index}]"))
-    return events, problems

@@ -8,13 +8,18 @@ never see each other's data.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import uvicorn
 
 from recstream import stack
 from recstream.settings import Settings
@@ -109,3 +114,38 @@ def shared_data() -> Path:
         if candidate.is_dir():
             return candidate
     pytest.fail(f"the shared datasets are missing; looked in {SHARED_DATA_CANDIDATES}")
+
+
+@dataclass
+class RunningApi:
+    url: str
+    settings: Settings
+
+
+@contextmanager
+def serve_in_thread(app: Any, port: int) -> Iterator[None]:
+    """Run a real uvicorn server on a thread for the duration of the block."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the API server did not start; see the log above")
+        time.sleep(0.02)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[RunningApi]:
+    """The API as a real uvicorn server on a free port, wired to this test's resources."""
+    from serving.app import create_app
+
+    port = stack.free_port()
+    with serve_in_thread(create_app(settings), port):
+        yield RunningApi(url=f"http://127.0.0.1:{port}", settings=settings)

@@ -1,0 +1,47 @@
+"""Opening the stores one process needs, as one async context (see STYLE.md §4)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+
+from recstream.aws import async_client
+from recstream.settings import Settings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+    from types_aiobotocore_sqs import SQSClient
+
+__all__ = ["Stores", "open_redis", "open_stores"]
+
+
+def open_redis(settings: Settings) -> aioredis.Redis:
+    # Short socket timeouts: a slow Redis must degrade a request, not hang it.
+    return aioredis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=2.0,
+        socket_timeout=5.0,
+        health_check_interval=30,
+        max_connections=200,
+    )
+
+
+@dataclass(frozen=True)
+class Stores:
+    redis: aioredis.Redis
+    dynamodb: DynamoDBClient
+    sqs: SQSClient
+
+
+@asynccontextmanager
+async def open_stores(settings: Settings) -> AsyncIterator[Stores]:
+    async with AsyncExitStack() as stack:
+        redis = open_redis(settings)
+        stack.push_async_callback(redis.aclose)
+        dynamodb = await stack.enter_async_context(async_client(settings, "dynamodb"))
+        sqs = await stack.enter_async_context(async_client(settings, "sqs"))
+        yield Stores(redis=redis, dynamodb=dynamodb, sqs=sqs)

@@ -1,0 +1,148 @@
+"""Ranking: merge candidates with the actor's live window, score, filter and explain.
+
+The first ranker is deliberately simple and fully explainable:
+
+    score(item) = w_recent · recency(item) + w_popular · popularity(item)
+
+* ``recency`` sums the actor's interactions with the item, each weighted by its event
+  type and halved every ``half_life`` positions back in the window, normalised to [0, 1].
+  Re-showing what a visitor just looked at is the strongest simple signal in the real
+  clickstreams we evaluate on (Taobao, YooChoose).
+* ``popularity`` is the item's weighted interaction count over the maximum, so a user
+  with no history still gets a sensible list.
+
+Items the actor already purchased are filtered out. Every store read has a deadline
+(``Settings.store_timeout_ms``); a store that misses it is named in ``degraded`` and the
+ranker answers with what it has instead of failing the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from agents.state import DurableWindows, HotStore, WindowEntry
+from recstream.errors import RecstreamError
+from recstream.settings import Settings
+
+__all__ = ["Ranker", "Recommendation", "Recommendations"]
+
+T = TypeVar("T")
+
+W_RECENT = 1.0
+W_POPULAR = 0.3
+HALF_LIFE = 5.0
+POPULAR_POOL = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    item_id: str
+    score: float
+    reasons: tuple[str, ...]
+
+
+@dataclass
+class Recommendations:
+    recommendation_id: str
+    namespace: str
+    actor: str
+    items: list[Recommendation]
+    degraded: list[str] = field(default_factory=list)
+    took_ms: float = 0.0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "recommendation_id": self.recommendation_id,
+            "namespace": self.namespace,
+            "actor": self.actor,
+            "items": [
+                {"item_id": r.item_id, "score": round(r.score, 6), "reasons": list(r.reasons)}
+                for r in self.items
+            ],
+            "degraded": self.degraded,
+            "took_ms": round(self.took_ms, 3),
+        }
+
+
+class Ranker:
+    def __init__(self, hot: HotStore, durable: DurableWindows, settings: Settings) -> None:
+        self.hot = hot
+        self.durable = durable
+        self.settings = settings
+        self.timeout = settings.store_timeout_ms / 1000
+
+    async def _bounded(self, name: str, call: Awaitable[T], degraded: list[str]) -> T | None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await call
+        except (TimeoutError, RecstreamError, RedisError, OSError):
+            degraded.append(name)
+            return None
+
+    async def _window(self, namespace: str, actor: str, degraded: list[str]) -> list[WindowEntry]:
+        window = await self._bounded("window", self.hot.window(namespace, actor), degraded)
+        if window:
+            return window
+        # Nothing hot: a new actor, or Redis lost the key. The durable copy tells which;
+        # a found window is put back so the next request is served from Redis again.
+        durable = await self._bounded(
+            "durable_window", self.durable.get(namespace, actor), degraded
+        )
+        if durable:
+            await self._bounded(
+                "restore_window", self.hot.restore_window(namespace, actor, durable), degraded
+            )
+            return durable
+        return []
+
+    async def recommend(self, namespace: str, actor: str, num_results: int) -> Recommendations:
+        started = time.perf_counter()
+        degraded: list[str] = []
+        window, popular = await asyncio.gather(
+            self._window(namespace, actor, degraded),
+            self._bounded(
+                "popularity",
+                self.hot.popular(namespace, max(POPULAR_POOL, num_results * 4)),
+                degraded,
+            ),
+        )
+        scores: dict[str, float] = defaultdict(float)
+        reasons: dict[str, list[str]] = defaultdict(list)
+        purchased = {e.item_id for e in window if e.event_type == "purchase"}
+
+        recent: dict[str, float] = defaultdict(float)
+        for position, entry in enumerate(window):
+            recent[entry.item_id] += self.settings.weight(entry.event_type) * 0.5 ** (
+                position / HALF_LIFE
+            )
+        if recent:
+            top = max(recent.values())
+            for item, value in recent.items():
+                scores[item] += W_RECENT * value / top
+                reasons[item].append("recently_interacted")
+        if popular:
+            top = popular[0][1] or 1.0
+            for item, count in popular:
+                scores[item] += W_POPULAR * count / top
+                reasons[item].append("popular")
+
+        ranked = sorted(
+            (item for item in scores if item not in purchased),
+            key=lambda item: (-scores[item], item),
+        )[:num_results]
+        return Recommendations(
+            recommendation_id=uuid.uuid4().hex,
+            namespace=namespace,
+            actor=actor,
+            items=[Recommendation(i, scores[i], tuple(reasons[i])) for i in ranked],
+            degraded=degraded,
+            took_ms=(time.perf_counter() - started) * 1000,
+        )

@@ -1,0 +1,296 @@
+"""Async Kinesis producer for events: PutRecords batching, partial-failure retries, and a
+bounded buffer for servers that produce events in the background.
+
+Two ways to use it:
+
+* ``await producer.put_events(events)`` sends now and returns, per event, whether Kinesis
+  accepted it. The collector uses this, so a ``202`` means "on the stream".
+* ``await producer.send(event)`` queues the event; a background task flushes every
+  ``linger`` seconds or whenever 500 events are waiting. When ``max_buffered`` events are
+  queued, ``send`` waits (back-pressure) instead of growing memory without bound.
+
+``FailedRecordCount > 0`` is routine on Kinesis (per-shard throttling), so failed records
+of a PutRecords call are retried with exponential backoff and jitter, in their original
+order per partition key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from recstream.aws import async_client, translate
+from recstream.errors import RecstreamError, StoreUnavailable
+from recstream.settings import Settings
+from streams.envelope import Message, encode
+from streams.schema import Event
+
+if TYPE_CHECKING:
+    from types_aiobotocore_kinesis import KinesisClient
+
+__all__ = ["KinesisProducer", "PutResult"]
+
+log = logging.getLogger(__name__)
+
+MAX_RECORDS_PER_CALL = 500
+MAX_BYTES_PER_CALL = 5 * 1024 * 1024
+MAX_RECORD_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What happened to one event: on the stream (with its shard and sequence) or not."""
+
+    event_id: str
+    ok: bool
+    shard_id: str | None = None
+    sequence_number: str | None = None
+    error: str | None = None
+
+
+def record_for(event: Event) -> dict[str, Any]:
+    key = event.partition_key
+    data = encode(Message(key=key.encode(), value=event.to_json()))
+    if len(data) > MAX_RECORD_BYTES:
+        raise ValueError(
+            f"event {event.event_id} encodes to {len(data)} bytes; Kinesis allows 1 MiB"
+        )
+    return {"Data": data, "PartitionKey": key}
+
+
+def _batches(records: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Indexes of records grouped into PutRecords calls (≤500 records and ≤5 MiB each)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for index, record in enumerate(records):
+        record_size = len(record["Data"]) + len(record["PartitionKey"])
+        if current and (
+            len(current) == MAX_RECORDS_PER_CALL or size + record_size > MAX_BYTES_PER_CALL
+        ):
+            batches.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += record_size
+    if current:
+        batches.append(current)
+    return batches
+
+
+class KinesisProducer:
+    """Puts events on ``settings.stream_name``. Use as ``async with KinesisProducer(s) as p``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_attempts: int = 8,
+        base_backoff: float = 0.05,
+        max_backoff: float = 2.0,
+        linger: float = 0.05,
+        max_buffered: int = 10_000,
+    ) -> None:
+        self.settings = settings
+        self.stream = settings.stream_name
+        self.max_attempts = max_attempts
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self.linger = linger
+        self._queue: asyncio.Queue[tuple[Event, asyncio.Future[PutResult]]] = asyncio.Queue(
+            maxsize=max_buffered
+        )
+        self._client_cm: Any = None
+        self._client: KinesisClient | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._sending = asyncio.Lock()
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._closed:
+            raise RuntimeError("a closed KinesisProducer cannot be reopened; create a new one")
+        if self._client is not None:
+            return
+        self._client_cm = async_client(self.settings, "kinesis")
+        self._client = await self._client_cm.__aenter__()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="kinesis-producer-flush")
+
+    async def close(self) -> None:
+        """Flush what is buffered, then release the client. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            await self.flush()
+        if self._client_cm is not None:
+            await self._client_cm.__aexit__(None, None, None)
+            self._client = None
+
+    # --- immediate -------------------------------------------------------------------
+
+    async def put_events(self, events: Sequence[Event]) -> list[PutResult]:
+        """Put every event on the stream now; one result per event, in the same order."""
+        if not events:
+            return []
+        records = [record_for(event) for event in events]
+        results: list[PutResult | None] = [None] * len(events)
+        for batch in _batches(records):
+            await self._put_batch(
+                [records[i] for i in batch], [events[i] for i in batch], batch, results
+            )
+        return [r for r in results if r is not None]
+
+    async def _put_batch(
+        self,
+        records: list[dict[str, Any]],
+        events: list[Event],
+        positions: list[int],
+        results: list[PutResult | None],
+    ) -> None:
+        client = self._require_client()
+        pending = list(range(len(records)))
+        attempt = 0
+        last_error = ""
+        while pending:
+            attempt += 1
+            try:
+                response = await client.put_records(
+                    StreamName=self.stream,
+                    Records=[records[i] for i in pending],  # type: ignore[misc]
+                )
+            except (BotoCoreError, ClientError) as exc:
+                error = translate(exc, f"PutRecords to stream {self.stream!r}", self.settings)
+                if not error.retriable or attempt >= self.max_attempts:
+                    raise error from exc
+                last_error = str(error)
+                await self._backoff(attempt)
+                continue
+            retry: list[int] = []
+            for index, outcome in zip(pending, response["Records"], strict=True):
+                if "SequenceNumber" in outcome and not outcome.get("ErrorCode"):
+                    results[positions[index]] = PutResult(
+                        event_id=events[index].event_id,
+                        ok=True,
+                        shard_id=outcome.get("ShardId"),
+                        sequence_number=outcome["SequenceNumber"],
+                    )
+                else:
+                    last_error = f"{outcome.get('ErrorCode')}: {outcome.get('ErrorMessage')}"
+                    retry.append(index)
+            if retry and attempt >= self.max_attempts:
+                for index in retry:
+                    results[positions[index]] = PutResult(
+                        event_id=events[index].event_id,
+                        ok=False,
+                        error=f"not accepted after {attempt} attempts ({last_error}); retry later",
+                    )
+                return
+            if retry:
+                log.debug("retrying %d of %d records (%s)", len(retry), len(pending), last_error)
+                await self._backoff(attempt)
+            pending = retry
+
+    async def _backoff(self, attempt: int) -> None:
+        # Full jitter keeps many producers from retrying in lock-step against one shard.
+        delay = min(self.max_backoff, self.base_backoff * 2 ** (attempt - 1))
+        await asyncio.sleep(random.uniform(0, delay))
+
+    def _require_client(self) -> KinesisClient:
+        if self._client is None:
+            raise RuntimeError(
+                "KinesisProducer is not started; use `async with KinesisProducer(...)`"
+            )
+        return self._client
+
+    # --- buffered ----------------------------------------------------------------------
+
+    async def send(self, event: Event) -> asyncio.Future[PutResult]:
+        """Queue an event; returns a future resolved when Kinesis accepts (or refuses) it.
+
+        Waits while the buffer is full, so a producer faster than the stream slows down
+        instead of exhausting memory.
+        """
+        if self._closed:
+            raise RuntimeError("KinesisProducer is closed")
+        self._require_client()
+        future: asyncio.Future[PutResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put((event, future))
+        return future
+
+    async def flush(self) -> None:
+        """Send everything queued so far and wait for it."""
+        while not self._queue.empty():
+            batch: list[tuple[Event, asyncio.Future[PutResult]]] = []
+            while len(batch) < MAX_RECORDS_PER_CALL and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            async with self._sending:
+                await self._send_batch(batch)
+        # Wait for a batch the background task may have in flight.
+        async with self._sending:
+            pass
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[Event, asyncio.Future[PutResult]]] = []
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                deadline = loop.time() + self.linger
+                while len(batch) < MAX_RECORDS_PER_CALL:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    except TimeoutError:
+                        break
+                async with self._sending:
+                    await self._send_batch(batch)
+                batch = []
+        except asyncio.CancelledError:
+            # Closing while a batch lingers: send it rather than strand its futures.
+            if batch:
+                async with self._sending:
+                    await self._send_batch(batch)
+            raise
+
+    async def _send_batch(self, batch: list[tuple[Event, asyncio.Future[PutResult]]]) -> None:
+        events = [event for event, _ in batch]
+        try:
+            results = await self.put_events(events)
+        except RecstreamError as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except Exception as exc:  # keep the flusher alive; the callers see the error
+            wrapped = StoreUnavailable(f"PutRecords failed: {exc!r}")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(wrapped)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
