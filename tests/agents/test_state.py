@@ -1,0 +1,130 @@
+"""One contract for each store interface, run against the real store and the in-memory one."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from agents.state import (
+    DurableWindows,
+    DynamoWindows,
+    HotStore,
+    MemoryDurableWindows,
+    MemoryHotStore,
+    RedisHotStore,
+    WindowEntry,
+)
+from recstream.aws import async_client
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Event
+
+T0 = 1_700_000_000.0
+
+
+def ev(n: int, user: str = "u1", item: str | None = None, kind: str = "click", **kw: Any) -> Event:
+    return Event(
+        event_id=f"e{n}",
+        event_type=kind,
+        user_id=user,
+        item_id=item or f"i{n}",
+        timestamp=T0 + n,
+        **kw,
+    )
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def hot(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[HotStore]:
+    small = settings.model_copy(update={"window_size": 5, "popularity_cap": 3})
+    if request.param == "memory":
+        yield MemoryHotStore(small)
+        return
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        yield RedisHotStore(client, small)
+    finally:
+        await client.aclose()
+
+
+async def test_window_is_newest_first_and_capped(hot: HotStore, settings: Settings) -> None:
+    events = [ev(n, namespace=settings.namespace) for n in range(8)]
+    await hot.apply(events)
+    window = await hot.window(settings.namespace, "u1")
+    assert [e.item_id for e in window] == ["i7", "i6", "i5", "i4", "i3"]
+    assert window[0] == WindowEntry("i7", "click", T0 + 7, "e7")
+
+
+async def test_replayed_events_change_nothing(hot: HotStore, settings: Settings) -> None:
+    events = [ev(n, item="x" if n % 2 else "y", namespace=settings.namespace) for n in range(4)]
+    first = await hot.apply(events)
+    again = await hot.apply(events[1:])  # a crash mid-batch replays the tail
+    assert (first.applied, first.duplicates) == (4, 0)
+    assert (again.applied, again.duplicates) == (0, 3)
+    assert len(await hot.window(settings.namespace, "u1")) == 4
+    assert dict(await hot.popular(settings.namespace, 10)) == {"x": 2.0, "y": 2.0}
+
+
+async def test_popularity_is_weighted_and_capped(hot: HotStore, settings: Settings) -> None:
+    ns = settings.namespace
+    events = [
+        ev(1, item="a", kind="purchase", namespace=ns),  # 5
+        ev(2, item="b", kind="add_to_cart", namespace=ns),  # 3
+        ev(3, item="c", kind="view", namespace=ns),  # 1
+        ev(4, item="c", kind="view", namespace=ns),  # 2
+        ev(5, item="d", kind="like", namespace=ns),  # 2, cap 3 evicts one of the lowest
+    ]
+    await hot.apply(events)
+    popular = await hot.popular(ns, 10)
+    assert len(popular) == 3
+    assert popular[:2] == [("a", 5.0), ("b", 3.0)]
+    assert popular[2][1] == 2.0
+
+
+async def test_namespaces_are_isolated(hot: HotStore, settings: Settings) -> None:
+    await hot.apply([ev(1, namespace=f"{settings.namespace}-a")])
+    await hot.apply([ev(1, namespace=f"{settings.namespace}-b", item="other")])
+    a = await hot.window(f"{settings.namespace}-a", "u1")
+    b = await hot.window(f"{settings.namespace}-b", "u1")
+    assert [e.item_id for e in a] == ["i1"]
+    assert [e.item_id for e in b] == ["other"]
+
+
+async def test_every_redis_key_has_a_ttl_or_a_cap(settings: Settings) -> None:
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        store = RedisHotStore(client, settings)
+        await store.apply([ev(n, namespace=settings.namespace) for n in range(3)])
+        keys = Keys(settings.namespace)
+        found = [k.decode() async for k in client.scan_iter(match=f"{keys.prefix}*")]
+        assert found
+        for key in found:
+            if key == keys.popularity:
+                continue  # capped at Settings.popularity_cap, checked above
+            assert await client.ttl(key) > 0, key
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["dynamodb", "memory"])
+async def durable(
+    request: pytest.FixtureRequest, settings: Settings
+) -> AsyncIterator[DurableWindows]:
+    if request.param == "memory":
+        yield MemoryDurableWindows()
+        return
+    async with async_client(settings, "dynamodb") as client:
+        yield DynamoWindows(client, settings)
+
+
+async def test_durable_windows_round_trip(durable: DurableWindows, settings: Settings) -> None:
+    ns = settings.namespace
+    entries = [WindowEntry(f"i{n}", "click", T0 + n, f"e{n}", 4.5, "rec-1") for n in range(30)]
+    windows = {(ns, f"user{u}"): entries[u:] for u in range(30)}  # > 25: two BatchWrite calls
+    await durable.put(windows)
+    await durable.put(windows)  # idempotent
+    assert await durable.get(ns, "user3") == entries[3:]
+    assert await durable.get(ns, "nobody") is None
+    assert await durable.get(f"{ns}-other", "user3") is None
