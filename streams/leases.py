@@ -704,8 +704,10 @@ class LeaseCoordinator:
         self._clock = clock
         self._shard_source: ShardSource = shard_source or KinesisShardSource(settings, stream_name)
         self.lease_duration = settings.lease_duration_s
-        self.renew_interval = renew_interval_s or self.lease_duration / 3
-        self.take_interval = take_interval_s or self.lease_duration
+        self.renew_interval = (
+            self.lease_duration / 3 if renew_interval_s is None else renew_interval_s
+        )
+        self.take_interval = self.lease_duration if take_interval_s is None else take_interval_s
         self.shard_sync_interval = shard_sync_interval_s
         self._rng = rng or random.Random()
 
