@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from recstream.settings import Settings
@@ -65,11 +67,13 @@ def stepped(
     worker: str,
     store: LeaseStore,
     clock: FakeClock,
-    shards: StaticShards,
+    shards: StaticShards | None,
     recorder: Recorder | None = None,
     app_id: str = "app",
 ) -> LeaseCoordinator:
-    """A coordinator that a test drives with run_cycle(): it takes on every cycle."""
+    """A coordinator that a test drives with run_cycle(): it takes on every cycle.
+
+    ``shards=None`` lists the real stream with ListShards."""
     return LeaseCoordinator(
         settings,
         app_id=app_id,
@@ -82,3 +86,12 @@ def stepped(
         take_interval_s=0.0,
         shard_sync_interval_s=0.0,
     )
+
+
+async def eventually(check: Callable[[], bool], what: str, limit_s: float = 30.0) -> None:
+    """Wait until ``check()`` holds; the limit only bounds a hung test, it is no SLA."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
