@@ -720,6 +720,7 @@ class LeaseCoordinator:
         self._next_sync = 0.0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._stopped = False
 
     # --- public surface ---------------------------------------------------------------
@@ -744,6 +745,9 @@ class LeaseCoordinator:
         await self._sync_shards()
         await self._take()
         self._task = asyncio.create_task(self._run(), name=f"leases[{self.worker_id}]")
+        self._renewer = asyncio.create_task(
+            self._renew_loop(), name=f"lease-renewer[{self.worker_id}]"
+        )
 
     async def stop(self) -> None:
         """Stop renewing and release every held lease, so other workers take over at once.
@@ -752,24 +756,21 @@ class LeaseCoordinator:
         because checkpoints after it raise LeaseLost. Idempotent.
         """
         self._stopped = True
-        task, self._task = self._task, None
-        if task is not None:
+        tasks = [t for t in (self._task, self._renewer) if t is not None]
+        self._task = self._renewer = None
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in tasks:
+            if task is not asyncio.current_task():  # stop() called from on_change
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         held, self._held = self._held, {}
         self._reported = frozenset()
         now = self._clock()
         for shard_id, lease in held.items():
             try:
                 async with lease.lock:
-                    await self._store.release_lease(
-                        self.scope,
-                        shard_id,
-                        owner=self.worker_id,
-                        expected_counter=lease.counter,
-                        now=now,
-                    )
+                    await self._release(shard_id, lease, now)
             except RecstreamError as exc:
                 # It expires on its own; others then take it after one lease duration.
                 log.warning("could not release lease %s: %s", shard_id, exc)
@@ -793,15 +794,19 @@ class LeaseCoordinator:
             )
         async with held.lock:
             now = self._clock()
-            new = await self._store.update_checkpoint(
-                self.scope,
-                shard_id,
-                checkpoint,
-                owner=self.worker_id,
-                expected_counter=held.counter,
-                now=now,
-                expires_at=now + self.lease_duration,
-            )
+            new = None
+            for _ in range(2):
+                new = await self._store.update_checkpoint(
+                    self.scope,
+                    shard_id,
+                    checkpoint,
+                    owner=self.worker_id,
+                    expected_counter=held.counter,
+                    now=now,
+                    expires_at=now + self.lease_duration,
+                )
+                if new is not None or not await self._still_mine(shard_id, held):
+                    break
             if new is None:
                 self._lose(shard_id)
                 raise LeaseLost(
@@ -851,17 +856,43 @@ class LeaseCoordinator:
     # --- the coordinator task ---------------------------------------------------------
 
     async def _run(self) -> None:
+        """The coordinator task: shard sync, taking, and every ``on_change`` call."""
         await self._report()
         while not self._stopped:
+            now = self._clock()
+            due = min(self._next_take, self._next_sync) - now
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.renew_interval)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, due))
             self._wake.clear()
             try:
-                await self.run_cycle()
+                now = self._clock()
+                if now >= self._next_sync:
+                    await self._sync_shards()
+                if now >= self._next_take:
+                    await self._take()
             except RecstreamError as exc:
-                # A store outage: keep cycling; held leases are dropped by _renew once
-                # they may have expired for the other workers.
+                # A store or Kinesis outage: retry at the next take interval. Held leases
+                # are dropped by the renewer once they may have expired for the others.
+                self._next_take = self._clock() + self.take_interval
+                self._next_sync = min(self._next_sync, self._next_take)
                 log.warning("lease cycle of %s failed: %s", self.worker_id, exc)
+            except Exception:
+                self._next_take = self._clock() + self.take_interval
+                log.exception("lease cycle of %s failed", self.worker_id)
+            await self._report()
+
+    async def _renew_loop(self) -> None:
+        """The renewer task. It is separate so that a slow ``on_change`` (faust waiting for
+        in-flight messages during a rebalance) never delays renewals past expiry."""
+        while not self._stopped:
+            await asyncio.sleep(self.renew_interval)
+            before = self.owned()
+            try:
+                await self._renew()
+            except Exception:
+                log.exception("renewing the leases of %s failed", self.worker_id)
+            if self.owned() != before:
+                self._wake.set()  # the coordinator task reports the revocation
 
     async def _report(self) -> None:
         owned = self.owned()
@@ -893,14 +924,18 @@ class LeaseCoordinator:
                     await self._release_finished(shard_id, held, now)
                     continue
                 try:
-                    new = await self._store.renew_lease(
-                        self.scope,
-                        shard_id,
-                        owner=self.worker_id,
-                        expected_counter=held.counter,
-                        now=now,
-                        expires_at=now + self.lease_duration,
-                    )
+                    new = None
+                    for _ in range(2):
+                        new = await self._store.renew_lease(
+                            self.scope,
+                            shard_id,
+                            owner=self.worker_id,
+                            expected_counter=held.counter,
+                            now=now,
+                            expires_at=now + self.lease_duration,
+                        )
+                        if new is not None or not await self._still_mine(shard_id, held):
+                            break
                 except RecstreamError as exc:
                     if now - held.renewed_at >= self.lease_duration:
                         # Others may already consider it expired: stop reading it.
@@ -915,11 +950,30 @@ class LeaseCoordinator:
                     held.counter = new.counter
                     held.renewed_at = now
 
-    async def _release_finished(self, shard_id: str, held: _Held, now: float) -> None:
-        try:
-            await self._store.release_lease(
+    async def _still_mine(self, shard_id: str, held: _Held) -> bool:
+        """After a refused write: is the lease still ours? Then adopt its counter.
+
+        Only the owner's own writes move the counter of a lease it owns, so this happens
+        when a write succeeded but its response was lost (a timeout, or a task cancelled
+        mid-request); the write may then be retried at the stored counter.
+        """
+        lease = await self._store.get_lease(self.scope, shard_id)
+        if lease is None or lease.owner != self.worker_id or lease.counter == held.counter:
+            return False
+        held.counter = lease.counter
+        return True
+
+    async def _release(self, shard_id: str, held: _Held, now: float) -> None:
+        for _ in range(2):
+            released = await self._store.release_lease(
                 self.scope, shard_id, owner=self.worker_id, expected_counter=held.counter, now=now
             )
+            if released or not await self._still_mine(shard_id, held):
+                return
+
+    async def _release_finished(self, shard_id: str, held: _Held, now: float) -> None:
+        try:
+            await self._release(shard_id, held, now)
         except RecstreamError as exc:
             log.warning("could not release finished lease %s: %s", shard_id, exc)
             return

@@ -289,3 +289,63 @@ def test_fair_share_converges_balanced_and_exclusive(
     scenario: tuple[int, int, list[int], set[int]],
 ) -> None:
     asyncio.run(_simulate(*scenario))
+
+
+async def test_a_write_whose_response_was_lost_is_recovered() -> None:
+    settings, store, clock = make_settings(), InMemoryLeaseStore(), FakeClock()
+    a = stepped(settings, "a", store, clock, StaticShards(flat(1)))
+    await a.run_cycle()
+    (shard,) = a.owned()
+    lease = await store.get_lease("app#events", shard)
+    assert lease is not None
+    # a's renew reached the store but its reply never came back: a's counter is stale
+    await store.renew_lease(
+        "app#events", shard, owner="a", expected_counter=lease.counter, now=1.0, expires_at=2.0
+    )
+    await a.checkpoint(shard, Checkpoint("7"))  # recovers: the lease is still a's
+    assert await a.get_checkpoint(shard) == Checkpoint("7")
+    await store.renew_lease(
+        "app#events", shard, owner="a", expected_counter=lease.counter + 2, now=1.0, expires_at=2.0
+    )
+    await a.run_cycle()
+    assert a.owned() == {shard}
+    await store.renew_lease(
+        "app#events", shard, owner="a", expected_counter=lease.counter + 4, now=1.0, expires_at=2.0
+    )
+    await a.stop()
+    assert await owners(store) == {shard: None}
+
+
+async def test_a_slow_on_change_does_not_stop_renewals() -> None:
+    settings = Settings(lease_duration_s=0.3, stream_name="events")
+    store = InMemoryLeaseStore()
+    release = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def slow(assigned: frozenset[str], revoked: frozenset[str]) -> None:
+        entered.set()
+        await release.wait()  # faust waiting for in-flight messages during a rebalance
+
+    a = LeaseCoordinator(
+        settings,
+        app_id="app",
+        stream_name="events",
+        worker_id="a",
+        on_change=slow,
+        store=store,
+        shard_source=StaticShards(flat(2)),
+    )
+    await a.start()
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        counters = [lease.counter for lease in await store.list_leases("app#events")]
+        for _ in range(200):
+            now = [lease.counter for lease in await store.list_leases("app#events")]
+            if all(n >= c + 3 for n, c in zip(now, counters, strict=True)):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"leases not renewed while on_change ran: {counters} -> {now}")
+    finally:
+        release.set()
+        await a.stop()
