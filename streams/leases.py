@@ -670,9 +670,12 @@ class LeaseCoordinator:
     Assignment changes are delivered as ``await on_change(assigned, revoked)`` from that
     task only. ``checkpoint()`` may be called from any task of the same event loop.
 
-    Beyond the lease contract, three keyword arguments make the coordinator testable:
+    Beyond the lease contract, optional keyword arguments make it testable and tunable:
     ``clock`` (unix seconds; expiry is judged on it), ``shard_source`` (defaults to
-    ListShards on the stream) and ``rng`` (which expired lease to take first).
+    ListShards on the stream), ``renew_interval_s`` (default: lease duration / 3),
+    ``take_interval_s`` (default: the lease duration; at most one steal per take),
+    ``shard_sync_interval_s`` (ListShards; also after every SHARD_END and on
+    `refresh_shards`) and ``rng`` (which expired lease to take first).
     """
 
     def __init__(
@@ -742,8 +745,12 @@ class LeaseCoordinator:
         if self._task is not None:
             raise RuntimeError("LeaseCoordinator.start() was already called")
         self._stopped = False
-        await self._sync_shards()
-        await self._take()
+        try:
+            await self._sync_shards()
+            await self._take()
+        except BaseException:
+            await self.stop()  # hand back whatever the failed pass took
+            raise
         self._task = asyncio.create_task(self._run(), name=f"leases[{self.worker_id}]")
         self._renewer = asyncio.create_task(
             self._renew_loop(), name=f"lease-renewer[{self.worker_id}]"
