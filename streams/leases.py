@@ -19,9 +19,10 @@ when it first saw each lease's counter, and a lease whose counter has not moved 
 lease duration *on this worker's own clock* is expired. Clock skew between hosts therefore
 never expires a healthy lease; ``expires_at`` is only shown by `recstream streams status`.
 
-The coordinator runs one task. Each cycle it renews held leases (a refused renew means the
-lease was taken: it is revoked), and every ``take_interval_s`` it reads the table and
-takes leases up to its fair share, ``ceil(leasable leases / live workers)``, where the
+The coordinator runs two tasks. The renewer renews held leases every lease duration / 3
+(a refused renew means the lease was taken: it is revoked). The coordinator task, every
+``take_interval_s`` (also lease duration / 3), reads the table and takes leases up to its
+fair share, ``ceil(leasable leases / live workers)``, where the
 live workers are the owners of unexpired leases. It takes expired or unowned leases first;
 when there are none it steals at most one lease per cycle from the most-loaded worker, and
 only when that worker holds at least two more than this one (so two workers never pass a
@@ -673,7 +674,7 @@ class LeaseCoordinator:
     Beyond the lease contract, optional keyword arguments make it testable and tunable:
     ``clock`` (unix seconds; expiry is judged on it), ``shard_source`` (defaults to
     ListShards on the stream), ``renew_interval_s`` (default: lease duration / 3),
-    ``take_interval_s`` (default: the lease duration; at most one steal per take),
+    ``take_interval_s`` (default: lease duration / 3; at most one steal per take),
     ``shard_sync_interval_s`` (ListShards; also after every SHARD_END and on
     `refresh_shards`) and ``rng`` (which expired lease to take first).
     """
@@ -710,7 +711,9 @@ class LeaseCoordinator:
         self.renew_interval = (
             self.lease_duration / 3 if renew_interval_s is None else renew_interval_s
         )
-        self.take_interval = self.lease_duration if take_interval_s is None else take_interval_s
+        # Taking often costs one Scan per interval, and buys a quick pickup of released
+        # leases and a finer judgement of expiry (observations are this far apart).
+        self.take_interval = self.lease_duration / 3 if take_interval_s is None else take_interval_s
         self.shard_sync_interval = shard_sync_interval_s
         self._rng = rng or random.Random()
 
