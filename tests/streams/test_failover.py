@@ -108,10 +108,11 @@ async def test_a_sigkilled_workers_shards_are_taken_over_without_loss(
     key = processed_key(settings)
 
     async def processed() -> list[tuple[str, int, str]]:
-        rows: list[bytes] = await redis.lrange(key, 0, -1)
+        rows = await redis.lrange(key, 0, -1)
         out = []
         for row in rows:
-            worker, partition, event_id = row.decode().split()
+            text = row.decode() if isinstance(row, bytes) else row
+            worker, partition, event_id = text.split()
             out.append((worker, int(partition), event_id))
         return out
 
