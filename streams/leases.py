@@ -987,7 +987,8 @@ class LeaseCoordinator:
         except RecstreamError as exc:
             log.warning("could not release finished lease %s: %s", shard_id, exc)
             return
-        del self._held[shard_id]
+        # pop: the coordinator task may already have dropped it on seeing it unowned
+        self._held.pop(shard_id, None)
 
     async def _sync_shards(self) -> None:
         """Create lease items for new shards; delete finished leases of aged-out shards."""
@@ -1032,8 +1033,8 @@ class LeaseCoordinator:
             if seen is None or seen[0] != lease.counter:
                 self._seen[shard_id] = (lease.counter, now)
             held = self._held.get(shard_id)
-            if held is not None and lease.owner != self.worker_id:
-                self._lose(shard_id)
+            if held is not None and not held.finished and lease.owner != self.worker_id:
+                self._lose(shard_id)  # stolen; the renewer would find out at its next pass
         for shard_id in set(self._seen) - set(leases):
             del self._seen[shard_id]
 
