@@ -70,6 +70,7 @@ __all__ = [
     "OnChange",
     "ShardDescription",
     "ShardSource",
+    "read_leases",
 ]
 
 log = logging.getLogger(__name__)
@@ -582,6 +583,17 @@ class DynamoDBLeaseStore:
                 return False
             raise self._error(exc, f"deleting lease {scope}#{shard_id}") from exc
         return True
+
+
+async def read_leases(
+    settings: Settings, *, app_id: str, stream_name: str, store: LeaseStore | None = None
+) -> list[LeaseInfo]:
+    """Every lease of one app and stream, without joining as a worker (for
+    `recstream streams status`); the lease age is ``time.time() - info.last_renewed``."""
+    if store is not None:
+        return await store.list_leases(f"{app_id}#{stream_name}")
+    async with DynamoDBLeaseStore(settings) as dynamodb:
+        return await dynamodb.list_leases(f"{app_id}#{stream_name}")
 
 
 # --- shard discovery ------------------------------------------------------------------

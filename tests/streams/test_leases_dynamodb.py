@@ -27,6 +27,7 @@ from streams.leases import (
     DynamoDBLeaseStore,
     LeaseCoordinator,
     LeaseLost,
+    read_leases,
 )
 from tests.conftest import REPO, LocalStack, make_settings, unique
 from tests.streams.leases_helpers import FakeClock, Recorder, eventually, stepped
@@ -268,3 +269,30 @@ async def test_missing_stream_or_table_fail_start_with_a_fix(four_shards: Settin
     with pytest.raises(ResourceNotFound, match=r"lease table.*nope.*recstream up"):
         await b.start()
     await b.stop()  # idempotent after a failed start
+
+
+async def test_three_workers_on_seven_shards_settle_at_3_2_2(local_stack: LocalStack) -> None:
+    settings = make_settings(local_stack, stream_shards=7, lease_duration_s=1.0)
+    recorders = [Recorder() for _ in range(3)]
+    workers = [coordinator(settings, f"w{i}", recorders[i]) for i in range(3)]
+    try:
+        # all three start at once: they race for the same unowned leases
+        await asyncio.gather(*(w.start() for w in workers))
+        await eventually(
+            lambda: sorted(len(w.owned()) for w in workers) == [2, 2, 3], "a 3+2+2 split"
+        )
+        held = [w.owned() for w in workers]
+        assert len(set().union(*held)) == 7
+        for worker, recorder in zip(workers, recorders, strict=True):
+            await eventually(lambda: recorder.current == worker.owned(), "on_change")  # noqa: B023
+            assert not recorder.problems
+        leases = await read_leases(settings, app_id="app", stream_name=settings.stream_name)
+        assert sorted(str(lease.owner) for lease in leases) == sorted(
+            ["w0"] * len(held[0]) + ["w1"] * len(held[1]) + ["w2"] * len(held[2])
+        )
+        assert all(lease.expires_at > lease.last_renewed for lease in leases)
+    finally:
+        for worker in workers:
+            await worker.stop()
+    leases = await read_leases(settings, app_id="app", stream_name=settings.stream_name)
+    assert [lease.owner for lease in leases] == [None] * 7
