@@ -22,8 +22,8 @@ never expires a healthy lease; ``expires_at`` is only shown by `recstream stream
 The coordinator runs two tasks. The renewer renews held leases every lease duration / 3
 (a refused renew means the lease was taken: it is revoked). The coordinator task, every
 ``take_interval_s`` (also lease duration / 3), reads the table and takes leases up to its
-fair share, ``ceil(leasable leases / live workers)``, where the
-live workers are the owners of unexpired leases. It takes expired or unowned leases first;
+fair share, ``ceil(leasable leases / live workers)``, where the live workers are the
+owners of unexpired leases. It takes expired or unowned leases first;
 when there are none it steals at most one lease per cycle from the most-loaded worker, and
 only when that worker holds at least two more than this one (so two workers never pass a
 lease back and forth). A child shard is leasable once every parent's checkpoint is
@@ -38,9 +38,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -670,10 +668,6 @@ class _Held:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     finished: bool = False
     """SHARD_END was checkpointed: release at the next cycle."""
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class LeaseCoordinator:
