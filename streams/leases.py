@@ -336,9 +336,12 @@ class DynamoDBLeaseStore:
     The aiobotocore client is opened on first use and closed by `aclose`.
     """
 
-    def __init__(self, settings: Settings, table: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, table: str | None = None, *, page_size: int | None = None
+    ) -> None:
         self._settings = settings
         self.table = table or settings.leases_table
+        self._page_size = page_size  # items per Scan page; DynamoDB's 1 MB pages if None
         self._stack: AsyncExitStack | None = None
         self._client: DynamoDBClient | None = None
         self._opening = asyncio.Lock()
@@ -393,13 +396,15 @@ class DynamoDBLeaseStore:
         leases: list[LeaseInfo] = []
         try:
             paginator = db.get_paginator("scan")
-            async for page in paginator.paginate(
+            pages = paginator.paginate(
                 TableName=self.table,
                 ConsistentRead=True,
                 FilterExpression="#scope = :scope",
                 ExpressionAttributeNames={"#scope": "scope"},
                 ExpressionAttributeValues={":scope": {"S": scope}},
-            ):
+                PaginationConfig={"PageSize": self._page_size} if self._page_size else {},
+            )
+            async for page in pages:
                 leases.extend(self._parse(item) for item in page.get("Items", []))
         except (BotoCoreError, ClientError) as exc:
             raise self._error(exc, f"listing leases of {scope!r}") from exc
@@ -616,15 +621,20 @@ ShardSource = Callable[[], Awaitable[list[ShardDescription]]]
 class KinesisShardSource:
     """Lists a stream's shards with ListShards, following NextToken."""
 
-    def __init__(self, settings: Settings, stream_name: str) -> None:
+    def __init__(self, settings: Settings, stream_name: str, *, page_size: int = 10_000) -> None:
         self._settings = settings
         self._stream = stream_name
+        # 10,000 is ListShards' largest page, so one call lists nearly every stream. That
+        # also spares moto's paginated path, which (unlike Kinesis and kinesis-mock) wants
+        # StreamName beside NextToken; the NextToken path below follows Kinesis.
+        self._page_size = page_size
 
     async def __call__(self) -> list[ShardDescription]:
         shards: list[ShardDescription] = []
         try:
             async with async_client(self._settings, "kinesis") as kinesis:
-                kwargs: dict[str, Any] = {"StreamName": self._stream}
+                limit = {"MaxResults": self._page_size}
+                kwargs: dict[str, Any] = {"StreamName": self._stream, **limit}
                 while True:
                     page = await kinesis.list_shards(**kwargs)
                     for shard in page.get("Shards", []):
@@ -647,7 +657,7 @@ class KinesisShardSource:
                     if not token:
                         break
                     # With NextToken, ListShards refuses StreamName.
-                    kwargs = {"NextToken": token}
+                    kwargs = {"NextToken": token, **limit}
         except (BotoCoreError, ClientError) as exc:
             raise translate(
                 exc, f"listing shards of Kinesis stream {self._stream!r}", self._settings

@@ -25,6 +25,7 @@ from streams.leases import (
     TRIM_HORIZON,
     Checkpoint,
     DynamoDBLeaseStore,
+    KinesisShardSource,
     LeaseCoordinator,
     LeaseLost,
     read_leases,
@@ -296,3 +297,24 @@ async def test_three_workers_on_seven_shards_settle_at_3_2_2(local_stack: LocalS
             await worker.stop()
     leases = await read_leases(settings, app_id="app", stream_name=settings.stream_name)
     assert [lease.owner for lease in leases] == [None] * 7
+
+
+async def test_listing_follows_pages(
+    four_shards: Settings, kinesis_mock_settings: Settings
+) -> None:
+    # ListShards one shard per call (on kinesis-mock, which pages like Kinesis does)
+    source = KinesisShardSource(
+        kinesis_mock_settings, kinesis_mock_settings.stream_name, page_size=1
+    )
+    shards = await source()
+    assert [s.shard_id for s in shards] == [f"shardId-{i:012d}" for i in range(2)]
+    assert shards[0].starting_hash_key == 0
+    assert shards[-1].ending_hash_key == 2**128 - 1
+    assert not any(s.closed for s in shards)
+    # a Scan of ten items per page
+    async with DynamoDBLeaseStore(four_shards, page_size=10) as store:
+        for i in range(25):
+            await store.create_lease("app#s", f"shard-{i:02d}", parent_shard_ids=(), now=1.0)
+        await store.create_lease("other#s", "shard-x", parent_shard_ids=(), now=1.0)
+        leases = await store.list_leases("app#s")
+    assert [lease.shard_id for lease in leases] == [f"shard-{i:02d}" for i in range(25)]
