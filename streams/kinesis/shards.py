@@ -228,6 +228,8 @@ class ShardReader:
     next_offset: int
     poll_interval_s: float
     max_buffered: int = 20_000
+    calls_per_second: float = MAX_CALLS_PER_SECOND
+    """Kinesis's per-shard GetRecords limit; only an emulator-only bench may raise it."""
     on_end: Callable[[int], None] | None = None
     buffer: deque[KinesisRecord] = field(default_factory=deque)
     stats: ReaderStats = field(default_factory=ReaderStats)
@@ -280,7 +282,7 @@ class ShardReader:
         # 5 calls/s, and no more than 2 MB/s on average: after reading B bytes, the next
         # call waits B / 2 MB/s. When caught up there is nothing to hurry for, so the
         # configured poll interval applies.
-        gap = max(1.0 / MAX_CALLS_PER_SECOND, self._last_bytes / MAX_BYTES_PER_SECOND)
+        gap = max(1.0 / self.calls_per_second, self._last_bytes / MAX_BYTES_PER_SECOND)
         if caught_up:
             gap = max(gap, self.poll_interval_s)
         delay = self.stats.last_call + gap - time.monotonic()
