@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from recstream.aws import async_client
 from recstream.settings import Settings
@@ -70,7 +70,9 @@ async def test_partial_failures_are_retried_until_all_land_once(settings: Settin
     batch = events(300)
     async with async_client(settings, "kinesis") as real:
         flaky = ThrottlingKinesis(real, throttled_calls=3)
-        async with KinesisProducer(settings, client=flaky, base_backoff=0.001) as producer:  # type: ignore[arg-type]
+        async with KinesisProducer(
+            settings, client=cast(Any, flaky), base_backoff=0.001
+        ) as producer:
             results = await producer.put_events(batch)
     assert all(r.ok for r in results)
     assert flaky.calls == 4
@@ -86,8 +88,8 @@ async def test_events_that_never_land_are_reported_not_dropped(settings: Setting
     async with async_client(settings, "kinesis") as real:
         flaky = ThrottlingKinesis(real, throttled_calls=100)
         async with KinesisProducer(
-            settings, client=flaky, max_attempts=3, base_backoff=0.001
-        ) as producer:  # type: ignore[arg-type]
+            settings, client=cast(Any, flaky), max_attempts=3, base_backoff=0.001
+        ) as producer:
             results = await producer.put_events(events(10, users=10))
     # 10 sent, 5 refused; 5 retried, 2 refused; 2 retried, 1 refused: attempts exhausted.
     failed = [r for r in results if not r.ok]
