@@ -25,7 +25,7 @@ APP_ID = "recstream-agents"
 
 
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
-    app = make_app(settings, app_id, **faust_kwargs)
+    app: faust.App = make_app(settings, app_id, **faust_kwargs)
     topic = app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw")
 
     @app.agent(topic, name="windows")
@@ -42,5 +42,4 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                 await agent.process(values, source=settings.stream_name)
                 yield None
 
-    app.recstream_windows_agent = windows  # type: ignore[attr-defined]
     return app

@@ -7,6 +7,7 @@ code base reads the environment. The defaults point at the embedded local stack 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -98,7 +99,7 @@ class Settings(BaseSettings):
     """How many published versions of each model are kept; older ones are deleted."""
     # (training settings end here)
 
-    @field_validator("aws_endpoint_url", "kinesis_endpoint_url", mode="before")
+    @field_validator("aws_endpoint_url", "kinesis_endpoint_url", "worker_id", mode="before")
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -138,6 +139,19 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as RECSTREAM_* variables, for child processes."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                text = ""
+            elif isinstance(value, dict | list):
+                text = json.dumps(value)
+            else:
+                text = str(value)
+            env[f"RECSTREAM_{name.upper()}"] = text
+        return env
 
     def weight(self, event_type: str) -> float:
         return self.event_weights.get(event_type, 1.0)

@@ -32,7 +32,7 @@ from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.ranking import Ranker
 from streams.producer import KinesisProducer
 
-__all__ = ["create_app", "run"]
+__all__ = ["app_from_env", "create_app", "run"]
 
 _NAMESPACE = re.compile(NAMESPACE_PATTERN)
 MAX_RESULTS = 500
@@ -131,6 +131,11 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory serving.app:app_from_env`` (settings from env)."""
+    return create_app(Settings())
 
 
 def run(settings: Settings, host: str, port: int) -> None:

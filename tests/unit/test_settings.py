@@ -35,3 +35,12 @@ def test_production_refuses_loopback_endpoints() -> None:
 def test_namespace_is_validated() -> None:
     with pytest.raises(ValueError, match="namespace"):
         Settings(namespace="has spaces")
+
+
+def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(
+        aws_endpoint_url=None, namespace="shop", event_weights={"view": 0.5}, stream_shards=3
+    )
+    for key, value in original.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
