@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from recstream import stack
 from recstream.settings import Settings
 
-__all__ = ["local_settings", "summarize"]
+__all__ = ["local_settings", "start_api", "summarize", "wait_http"]
 
 
 @contextmanager
@@ -51,3 +57,27 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     ordered = sorted(samples_ms)
     cut = statistics.quantiles(ordered, n=100, method="inclusive")
     return {"p50": cut[49], "p99": cut[98], "mean": statistics.fmean(ordered), "n": len(ordered)}
+
+
+def start_api(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    """The API in its own process, as in production, so the load generator does not share
+    its interpreter."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env",
+         "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env={**os.environ, **settings.to_env()},
+    )  # fmt: skip
+
+
+async def wait_http(url: str, server: subprocess.Popen[bytes]) -> None:
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(300):
+            if server.poll() is not None:
+                raise SystemExit("the API process exited during start-up")
+            try:
+                if (await client.get("/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit("the API did not start within 30 s")

@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.state import RedisHotStore
-from bench.common import local_settings, summarize
+from bench.common import local_settings, start_api, summarize, wait_http
 from recstream import stack
 from streams.schema import Event
 
@@ -69,20 +66,6 @@ async def hammer(url: str, paths: list[str], concurrency: int) -> tuple[list[flo
     return latencies, len(paths) / elapsed
 
 
-async def wait_http(url: str, server: subprocess.Popen[bytes]) -> None:
-    async with httpx.AsyncClient(base_url=url) as client:
-        for _ in range(300):
-            if server.poll() is not None:
-                raise SystemExit("the API process exited during start-up")
-            try:
-                if (await client.get("/healthz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-    raise SystemExit("the API did not start within 30 s")
-
-
 async def server_side(url: str, paths: list[str]) -> list[float]:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         return [float((await client.get(path)).json()["took_ms"]) for path in paths]
@@ -106,11 +89,7 @@ async def main_async(args: argparse.Namespace) -> None:
         port = stack.free_port()
         # The API runs in its own process, as in production, so the load generator does
         # not share its interpreter.
-        server = subprocess.Popen(  # noqa: ASYNC220 - start-up, not a measured path
-            [sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env",
-             "--port", str(port), "--log-level", "warning", "--no-access-log"],
-            env={**os.environ, **settings.to_env()},
-        )  # fmt: skip
+        server = start_api(settings, port)
         try:
             url = f"http://127.0.0.1:{port}"
             await wait_http(url, server)
