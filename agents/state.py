@@ -3,9 +3,10 @@
 Two stores, one interface each, with real and in-memory implementations:
 
 * `HotStore` (Redis): the window list and the popularity counter, updated with one Lua
-  script per event that first records the event id. A replayed event (at-least-once
-  delivery after a crash) finds its id and changes nothing, so every effect happens
-  exactly once while the id is remembered (``Settings.dedup_ttl_s``).
+  script per event that first records the event id in the actor's capped id set. A
+  replayed event (at-least-once delivery after a crash) finds its id and changes
+  nothing, so every effect happens exactly once while the id is remembered
+  (``Settings.dedup_per_actor`` newest ids per actor, ``Settings.dedup_ttl_s``).
 * `DurableWindows` (DynamoDB): a durable copy of each touched window, written after the
   hot store. Putting a whole window is idempotent, so a replay rewrites the same item.
 
@@ -290,7 +291,7 @@ class MemoryHotStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: dict[tuple[str, str], list[str]] = defaultdict(list)
         self.windows: dict[tuple[str, str], list[WindowEntry]] = defaultdict(list)
         self.popularity: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
@@ -298,9 +299,11 @@ class MemoryHotStore:
         applied = 0
         actors: set[tuple[str, str]] = set()
         for event in events:
-            if (event.namespace, event.event_id) in self.seen:
+            seen = self.seen[(event.namespace, event.actor)]
+            if event.event_id in seen:
                 continue
-            self.seen.add((event.namespace, event.event_id))
+            seen.append(event.event_id)
+            del seen[: -self.settings.dedup_per_actor]
             applied += 1
             if event.item_id is None:
                 continue

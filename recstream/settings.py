@@ -75,7 +75,11 @@ class Settings(BaseSettings):
     """How many recent interactions each user's window keeps."""
     window_ttl_s: int = Field(30 * 86400, ge=60)
     dedup_ttl_s: int = Field(7 * 86400, ge=60)
-    """How long an event id is remembered, so a replayed event changes nothing."""
+    """How long an actor's applied event ids are remembered after their last event."""
+    dedup_per_actor: int = Field(256, ge=16)
+    """How many of each actor's latest event ids are remembered, so a replayed event
+    changes nothing. Per actor rather than global keeps memory bounded by the number of
+    active actors, not by the event rate; replays after a crash are seconds old."""
     popularity_cap: int = Field(10_000, ge=10)
     """How many items the popularity counter keeps (lowest scores are evicted)."""
     agent_batch_size: int = Field(500, ge=1)
