@@ -135,13 +135,15 @@ def replay(console: Console, client: httpx.Client, events: list[dict[str, Any]])
     return accepted
 
 
-def wait_until_applied(settings: Settings, event_ids: list[str], timeout: float = 180) -> float:
+def wait_until_applied(
+    settings: Settings, events: list[tuple[str, str]], timeout: float = 180
+) -> float:
     """Wait until the agents have applied these events; returns the seconds waited."""
     keys = Keys(settings.namespace)
     started = time.monotonic()
     with redis.Redis.from_url(settings.redis_url) as r:
         while time.monotonic() - started < timeout:
-            if all(r.exists(keys.seen(event_id)) for event_id in event_ids):
+            if all(r.zscore(keys.seen(actor), event_id) is not None for actor, event_id in events):
                 return time.monotonic() - started
             time.sleep(0.05)
     raise StackError(
@@ -185,7 +187,9 @@ def run_demo(settings: Settings, *, events: int, wait: bool) -> int:
             accepted = replay(console, client, replayed)
             took = time.monotonic() - started
             console.print(f"{accepted} events accepted in {took:.1f}s ({accepted / took:,.0f}/s)")
-            lag = wait_until_applied(settings, [e["event_id"] for e in replayed[-50:]])
+            lag = wait_until_applied(
+                settings, [(e["user_id"], e["event_id"]) for e in replayed[-50:]]
+            )
             console.print(f"agents caught up {lag:.1f}s after the last batch was accepted")
 
             params: dict[str, str | int] = {"user_id": VISITOR, "num_results": 8}
