@@ -1,0 +1,136 @@
+"""Build a faust app on ``kinesis://`` from `Settings`, and run it in-process or as a worker.
+
+Usage::
+
+    app = make_app(settings, "recstream-windows")
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def windows(stream): ...
+
+    async with running(app):        # in-process (tests, the bench, an embedding server)
+        ...
+
+    python -m streams.kinesis agents.app:build     # one worker process (SIGTERM stops it)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import faust
+from faust.exceptions import ImproperlyConfigured
+
+from recstream.settings import Settings
+from streams.kinesis.transport import (
+    LEASE_STORE_ATTRIBUTE,
+    SETTINGS_ATTRIBUTE,
+    Consumer,
+)
+
+if TYPE_CHECKING:
+    from streams.leases import LeaseStore
+
+__all__ = ["MANDATORY", "consumer_of", "make_app", "run_worker", "running"]
+
+log = logging.getLogger(__name__)
+
+MANDATORY: dict[str, Any] = {
+    "processing_guarantee": "at_least_once",
+    "table_standby_replicas": 0,
+    "producer_threaded": False,
+    "topic_disable_leader": True,
+}
+"""faust settings the Kinesis transport needs; make_app refuses others for these keys."""
+
+DEFAULTS: dict[str, Any] = {
+    # No HTTP server per worker unless asked for (it would take port 6066).
+    "web_enabled": False,
+    # faust waits this long after a rebalance before resuming; with no changelog tables
+    # to recover there is nothing to wait for.
+    "stream_recovery_delay": 0.0,
+    # The batch that may be processed twice after a crash is what was acked since the
+    # last commit; a second keeps it small.
+    "broker_commit_interval": 1.0,
+    "producer_linger": 0.005,
+    "topic_allow_declare": True,
+}
+
+
+def make_app(
+    settings: Settings,
+    app_id: str,
+    *,
+    aggregate: bool = False,
+    lease_store: LeaseStore | None = None,
+    **faust_kwargs: Any,
+) -> faust.App:
+    """A faust App on ``kinesis://`` bound to ``settings`` (endpoints, region, leases,
+    worker id, start position), with the settings the transport needs.
+
+    A topic named ``settings.stream_name`` is that Kinesis stream. ``aggregate=True``
+    makes the app's producer write aggregated (v2) records. ``lease_store`` replaces the
+    DynamoDB lease table (an `InMemoryLeaseStore` for single-process use).
+    """
+    for key, required in MANDATORY.items():
+        if key in faust_kwargs and faust_kwargs[key] != required:
+            raise ImproperlyConfigured(
+                f"{key}={faust_kwargs[key]!r} is not supported by the kinesis:// transport; "
+                f"it needs {key}={required!r} (see docs/streams.md)"
+            )
+    options = {**DEFAULTS, **faust_kwargs, **MANDATORY}
+    broker = "kinesis://?aggregate=true" if aggregate else "kinesis://"
+    app = faust.App(app_id, broker=broker, **options)
+    setattr(app, SETTINGS_ATTRIBUTE, settings)
+    if lease_store is not None:
+        setattr(app, LEASE_STORE_ATTRIBUTE, lease_store)
+    return app
+
+
+def consumer_of(app: faust.App) -> Consumer:
+    """The app's Kinesis consumer (lag, readers, owned shards)."""
+    consumer = app.consumer
+    if not isinstance(consumer, Consumer):
+        raise TypeError(f"{app.conf.id} does not run on kinesis:// (its consumer is {consumer!r})")
+    return consumer
+
+
+@contextlib.asynccontextmanager
+async def running(app: faust.App) -> AsyncIterator[faust.App]:
+    """Start the app's worker services in this event loop; stop them (and release the
+    leases) on exit."""
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+def load_factory(spec: str) -> Callable[[Settings], faust.App]:
+    """``"package.module:function"`` -> the function (it takes Settings, returns an App)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ImproperlyConfigured(f"{spec!r} is not module:function")
+    module = importlib.import_module(module_name)
+    return cast(Callable[[Settings], faust.App], getattr(module, attribute))
+
+
+async def run_worker(factory: Callable[[Settings], faust.App], settings: Settings) -> None:
+    """Run one worker until SIGTERM or SIGINT, then stop cleanly (commit, release)."""
+    app = factory(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(app):
+        log.info("worker %s of %s running", settings.worker_id, app.conf.id)
+        crashed = asyncio.ensure_future(app.wait_for_stopped())
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({crashed, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        for future in (crashed, waiter):
+            future.cancel()

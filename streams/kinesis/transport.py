@@ -1,0 +1,814 @@
+"""faust's ``kinesis://`` transport: a Transport, a Producer and a thread-free Consumer.
+
+It mirrors the shape of faust's own aiokafka driver, with Kinesis underneath:
+
+* a topic is a Kinesis stream of the same name, and shard ``shardId-000000000003`` is
+  partition 3;
+* partitions are assigned by `streams.leases.LeaseCoordinator` (KCL-style DynamoDB
+  leases), whose ``on_change`` drives faust's ``on_partitions_revoked`` and
+  ``on_partitions_assigned`` from the coordinator's own task (never from ``subscribe()``,
+  where a rebalance would wait for itself), with ``app.consumer_generation_id`` bumped
+  first;
+* each leased shard has a `ShardReader` (GetRecords within the per-shard limits), and
+  ``_getmany`` hands faust what the readers have buffered; the consumer owns its fetch
+  loop, no thread involved;
+* offsets are dense per shard (0, 1, 2, ... from the last checkpoint), because Kinesis
+  sequence numbers are sparse 56-digit integers and faust's gap tracking does
+  ``range(gap)`` on offsets. A map from offset to (sequence number, sub-sequence) turns
+  the offset faust commits back into a checkpoint;
+* a checkpoint is written only for offsets faust has acked (at-least-once), conditionally
+  on still holding the lease; a closed shard read to its end is checkpointed SHARD_END,
+  which lets the coordinator lease its children.
+
+Settings faust cannot honour on Kinesis are refused with `ImproperlyConfigured`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import aiobotocore
+from botocore.exceptions import BotoCoreError, ClientError
+from faust.exceptions import ImproperlyConfigured, ProducerSendError
+from faust.transport import base
+from faust.types import TP
+from faust.types.tuples import ConsumerMessage, RecordMetadata
+from yarl import URL
+
+from recstream.aws import async_client, translate
+from recstream.errors import RecstreamError
+from recstream.settings import Settings
+from streams.envelope import Message
+from streams.kinesis.shards import (
+    KinesisRecord,
+    Position,
+    ShardMap,
+    ShardReader,
+    list_shards,
+    partition_of,
+    shard_id_of,
+)
+from streams.kinesis.writer import Entry, partition_key_for, put_messages
+from streams.leases import SHARD_END, TRIM_HORIZON, Checkpoint, LeaseCoordinator, LeaseLost
+
+if TYPE_CHECKING:
+    from faust.types import AppT
+    from types_aiobotocore_kinesis import KinesisClient
+
+    from streams.leases import LeaseStore
+
+__all__ = ["Consumer", "Producer", "Transport", "check_app_settings", "settings_for"]
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ATTRIBUTE = "_recstream_settings"
+LEASE_STORE_ATTRIBUTE = "_recstream_lease_store"
+MAX_RECORDS_PER_PARTITION_FETCH = 5000
+
+
+def settings_for(app: AppT) -> Settings:
+    """The recstream settings bound to a faust app by `make_app`, else from the env."""
+    settings = getattr(app, SETTINGS_ATTRIBUTE, None)
+    if settings is None:
+        settings = Settings()
+        setattr(app, SETTINGS_ATTRIBUTE, settings)
+    return cast(Settings, settings)
+
+
+def check_app_settings(app: AppT) -> None:
+    """Refuse faust settings the Kinesis transport cannot honour, saying what to set."""
+    conf = app.conf
+    guarantee = getattr(conf.processing_guarantee, "value", conf.processing_guarantee)
+    problems: list[str] = []
+    if guarantee != "at_least_once":
+        problems.append(
+            f"processing_guarantee={guarantee!r}: Kinesis has no transactions; use "
+            "processing_guarantee='at_least_once' and make agent state idempotent"
+        )
+    if conf.table_standby_replicas:
+        problems.append(
+            f"table_standby_replicas={conf.table_standby_replicas}: standby tables need "
+            "changelog topics; set table_standby_replicas=0 (state lives in Redis/DynamoDB)"
+        )
+    if conf.producer_threaded:
+        problems.append(
+            "producer_threaded=True: the threaded producer is aiokafka-only; set "
+            "producer_threaded=False"
+        )
+    if not conf.topic_disable_leader:
+        problems.append(
+            "topic_disable_leader=False: the leader election needs a Kafka consumer group; "
+            "set topic_disable_leader=True (on_leader timers then do not run)"
+        )
+    if problems:
+        raise ImproperlyConfigured(
+            "the kinesis:// transport cannot run this app: " + "; ".join(problems)
+        )
+
+
+def _worker_id(settings: Settings) -> str:
+    return settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Transport(base.Transport):
+    """Kinesis transport for faust (``broker="kinesis://"``).
+
+    ``kinesis://?aggregate=true`` makes the producer pack the messages of each shard into
+    aggregated (v2) records.
+    """
+
+    Consumer: ClassVar[type[Consumer]]
+    Producer: ClassVar[type[Producer]]
+    driver_version = f"aiobotocore={aiobotocore.__version__}"
+
+    def __init__(
+        self, url: list[URL], app: AppT, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        super().__init__(url, app, loop=loop)
+        check_app_settings(app)
+        self.settings = settings_for(app)
+        query = url[0].query if url else {}
+        self.aggregate = query.get("aggregate", "").lower() in ("1", "true", "yes")
+        self.shard_maps: dict[str, ShardMap] = {}
+
+    async def load_shard_map(self, client: KinesisClient, stream: str) -> ShardMap:
+        """List the stream's shards now and remember them for key routing."""
+        try:
+            shard_map = await list_shards(client, stream)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(
+                exc, f"Kinesis stream {stream!r} (the faust topic of that name)", self.settings
+            ) from exc
+        self.shard_maps[stream] = shard_map
+        return shard_map
+
+    def shard_map(self, stream: str) -> ShardMap:
+        shard_map = self.shard_maps.get(stream)
+        if shard_map is None:
+            raise ImproperlyConfigured(
+                f"the shards of Kinesis stream {stream!r} are not known yet; declare the "
+                "topic (app.topic(...).maybe_declare()) or start the app first"
+            )
+        return shard_map
+
+    def key_partition(self, topic: str, key: bytes | None) -> int:
+        return self.shard_map(topic).partition_for_key(partition_key_for(key))
+
+
+# --- consumer ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Partition:
+    """One leased shard as the consumer sees it."""
+
+    tp: TP
+    shard_id: str
+    coordinator: LeaseCoordinator
+    checkpoint: Checkpoint
+    """The last checkpoint stored (where a restart resumes)."""
+    has_parents: bool
+    committed_offset: int = 0
+    """The dense offset that corresponds to ``checkpoint`` (the next one to read)."""
+    reader: ShardReader | None = None
+    handed: deque[tuple[int, str, int]] = field(default_factory=deque)
+    """(offset, sequence number, sub-sequence) of messages handed to faust, uncommitted."""
+    end_offset: int | None = None
+    """Set when the shard is closed and read to its end: the offset after the last one."""
+    finished: bool = False
+    lost: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Consumer(base.Consumer):
+    """Kinesis consumer: shard leases, per-shard readers, dense offsets, checkpoints."""
+
+    consumer_stopped_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    transport: Transport
+
+    def __init__(self, transport: Transport, **kwargs: Any) -> None:
+        super().__init__(transport, **kwargs)
+        self.settings = transport.settings
+        self.worker_id = _worker_id(self.settings)
+        self._topics: set[str] = set()
+        self._subscribed = asyncio.Event()
+        self._assignment: set[TP] = set()
+        self._partitions: dict[TP, _Partition] = {}
+        self._coordinators: dict[str, LeaseCoordinator] = {}
+        self._wakeup = asyncio.Event()
+        self._rebalance_lock = asyncio.Lock()
+        self._generation = 0
+        self._assigned_once = False
+        self._closing = False
+        self._stack = AsyncExitStack()
+        self._client: KinesisClient | None = None
+        self._coordinate_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._client = await self._stack.enter_async_context(
+            async_client(self.settings, "kinesis", max_pool_connections=100)
+        )
+        self._coordinate_task = asyncio.create_task(
+            self._coordinate(), name=f"kinesis-coordinate[{self.worker_id}]"
+        )
+
+    async def on_stop(self) -> None:
+        self._closing = True
+        task, self._coordinate_task = self._coordinate_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Commit what was acked while the leases are still ours ...
+        await super().on_stop()
+        for partition in self._partitions.values():
+            if partition.reader is not None:
+                await partition.reader.stop()
+        # ... then hand the leases back so other workers take over at once.
+        for coordinator in self._coordinators.values():
+            await coordinator.stop()
+        self._coordinators.clear()
+        await self._stack.aclose()
+        self._client = None
+
+    def _kinesis(self) -> KinesisClient:
+        if self._client is None:
+            raise RuntimeError("the Kinesis consumer is not started")
+        return self._client
+
+    # --- assignment -----------------------------------------------------------------------
+
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        # Only record the wish: the coordinator task does the rebalance. Rebalancing in
+        # here would hang, because faust's on_partitions_assigned waits for subscribe().
+        self._topics = set(topics)
+        self._subscribed.set()
+
+    async def _coordinate(self) -> None:
+        await self._subscribed.wait()
+        # A safety net: reconcile faust's assignment with the leases now and then, in
+        # case a change was announced while a rebalance was running.
+        interval = max(0.5, self.settings.lease_duration_s / 2)
+        while not self._closing:
+            self._subscribed.clear()
+            for topic in sorted(self._topics - set(self._coordinators)):
+                await self._start_coordinator(topic)
+            await self._reconcile()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), interval)
+
+    async def _start_coordinator(self, stream: str) -> None:
+        await self.transport.load_shard_map(self._kinesis(), stream)
+        store = cast("LeaseStore | None", getattr(self.app, LEASE_STORE_ATTRIBUTE, None))
+
+        async def on_change(assigned: frozenset[str], revoked: frozenset[str]) -> None:
+            await self._reconcile()
+
+        coordinator = LeaseCoordinator(
+            self.settings,
+            app_id=self.app.conf.id,
+            stream_name=stream,
+            worker_id=self.worker_id,
+            on_change=on_change,
+            store=store,
+        )
+        self._coordinators[stream] = coordinator
+        await coordinator.start()
+
+    async def _reconcile(self) -> None:
+        """Make faust's assignment equal the leases held: revoke, then assign."""
+        async with self._rebalance_lock:
+            if self._closing or self.should_stop:
+                return
+            wanted = {
+                TP(stream, partition_of(shard_id))
+                for stream, coordinator in self._coordinators.items()
+                for shard_id in coordinator.owned()
+            }
+            if wanted == self._assignment and self._assigned_once:
+                return
+            revoked = self._assignment - wanted
+            added = wanted - self._assignment
+            log.info(
+                "kinesis worker %s: rebalance, +%s -%s",
+                self.worker_id,
+                sorted(tp.partition for tp in added),
+                sorted(tp.partition for tp in revoked),
+            )
+            self.app.on_rebalance_start()
+            # faust pauses everything, waits for in-flight messages and commits them
+            # while the revoked shards are still in the assignment (and leased).
+            await self.on_partitions_revoked(revoked)
+            for tp in revoked:
+                partition = self._partitions.pop(tp, None)
+                if partition is not None and partition.reader is not None:
+                    await partition.reader.stop()
+            for tp in added:
+                self._partitions[tp] = await self._new_partition(tp)
+            self._assignment = wanted
+            for stream in {tp.topic for tp in added}:
+                await self.transport.load_shard_map(self._kinesis(), stream)
+            self._generation += 1
+            # Must be set before on_partitions_assigned, or faust's recovery thinks
+            # another rebalance started and never resumes the streams.
+            self.app.consumer_generation_id = self._generation
+            self._assigned_once = True
+            await self.on_partitions_assigned(set(wanted), self._generation)
+
+    async def _new_partition(self, tp: TP) -> _Partition:
+        coordinator = self._coordinators[tp.topic]
+        shard_id = shard_id_of(tp.partition)
+        checkpoint = await coordinator.get_checkpoint(shard_id)
+        parents = await coordinator.parent_shard_ids(shard_id)
+        return _Partition(
+            tp=tp,
+            shard_id=shard_id,
+            coordinator=coordinator,
+            checkpoint=checkpoint,
+            has_parents=bool(parents),
+            finished=checkpoint.sequence_number == SHARD_END,
+        )
+
+    def assignment(self) -> set[TP]:
+        return set(self._assignment)
+
+    def owned_shards(self) -> dict[str, frozenset[str]]:
+        """Shard ids leased by this worker, per stream."""
+        return {stream: c.owned() for stream, c in self._coordinators.items()}
+
+    def lag(self) -> dict[TP, int | None]:
+        """MillisBehindLatest of each assigned shard's last GetRecords (None: not read yet)."""
+        return {
+            tp: (p.reader.stats.millis_behind if p.reader is not None else None)
+            for tp, p in self._partitions.items()
+        }
+
+    def readers(self) -> dict[TP, ShardReader]:
+        return {tp: p.reader for tp, p in self._partitions.items() if p.reader is not None}
+
+    # --- positions --------------------------------------------------------------------
+
+    def _start_position(self, partition: _Partition) -> Position:
+        checkpoint = partition.checkpoint
+        if checkpoint.sequence_number != TRIM_HORIZON:
+            return Position.after_checkpoint(checkpoint.sequence_number, checkpoint.sub_sequence)
+        # A reshard child is always read from its start: its parents were read to the end.
+        if partition.has_parents:
+            return Position("TRIM_HORIZON")
+        start = self.settings.start_position.strip().lower()
+        if start == "trim_horizon":
+            return Position("TRIM_HORIZON")
+        if start == "latest":
+            return Position("LATEST")
+        try:
+            return Position("AT_TIMESTAMP", timestamp=float(start))
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"RECSTREAM_START_POSITION={self.settings.start_position!r} is not "
+                "trim_horizon, latest or unix seconds"
+            ) from None
+
+    def _restart(self, partition: _Partition, position: Position, next_offset: int) -> None:
+        partition.handed.clear()
+        if partition.finished or partition.lost:
+            partition.reader = None
+            return
+
+        def on_end(end_offset: int) -> None:
+            partition.end_offset = end_offset
+            if partition.committed_offset >= end_offset:
+                self.add_future(self._finish_shard(partition))
+
+        reader = ShardReader(
+            client=self._kinesis(),
+            stream=partition.tp.topic,
+            shard_id=partition.shard_id,
+            position=position,
+            next_offset=next_offset,
+            poll_interval_s=self.settings.poll_interval_s,
+            on_end=on_end,
+            wakeup=self._wakeup,
+        )
+        partition.reader = reader
+        partition.end_offset = None
+        reader.start()
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        offsets: dict[TP, int] = {}
+        for tp, partition in self._partitions.items():
+            if partition.reader is not None:
+                await partition.reader.stop()
+            self._restart(partition, self._start_position(partition), partition.committed_offset)
+            offsets[tp] = partition.committed_offset
+        return offsets
+
+    async def _seek(self, partition: TP, offset: int) -> None:
+        state = self._partitions.get(partition)
+        if state is None:
+            return
+        if state.reader is not None:
+            await state.reader.stop()
+        for handed_offset, sequence_number, sub_sequence in state.handed:
+            if handed_offset == offset:
+                position = Position(
+                    "AT_SEQUENCE_NUMBER", sequence_number, skip_through=sub_sequence - 1
+                )
+                self._restart(state, position, offset)
+                return
+        if offset != state.committed_offset:
+            log.warning(
+                "seek %s to offset %d: Kinesis offsets are local to this worker and only "
+                "the committed one (%d) or in-flight ones can be sought; using the committed",
+                partition, offset, state.committed_offset,
+            )  # fmt: skip
+        self._restart(state, self._start_position(state), state.committed_offset)
+
+    async def seek_wait(self, partitions: Mapping[TP, int]) -> None:
+        for tp, offset in partitions.items():
+            await self._seek(tp, offset)
+
+    async def position(self, tp: TP) -> int | None:
+        partition = self._partitions.get(tp)
+        if partition is None:
+            return None
+        return partition.reader.next_offset if partition.reader else partition.committed_offset
+
+    def highwater(self, tp: TP) -> int:
+        partition = self._partitions.get(tp)
+        if partition is None:
+            return 0
+        return partition.reader.next_offset if partition.reader else partition.committed_offset
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        return {tp: self.highwater(tp) for tp in partitions}
+
+    async def earliest_offsets(self, *partitions: TP) -> Mapping[TP, int]:
+        # Offsets restart at the checkpoint on every assignment; nothing earlier exists.
+        return {
+            tp: (self._partitions[tp].committed_offset if tp in self._partitions else 0)
+            for tp in partitions
+        }
+
+    def topic_partitions(self, topic: str) -> int | None:
+        shard_map = self.transport.shard_maps.get(topic)
+        return shard_map.partitions() if shard_map is not None else None
+
+    def key_partition(
+        self, topic: str, key: bytes | None, partition: int | None = None
+    ) -> int | None:
+        if partition is not None:
+            return partition
+        return self.transport.key_partition(topic, key)
+
+    async def create_topic(
+        self,
+        topic: str,
+        partitions: int,
+        replication: int,
+        *,
+        config: Mapping[str, Any] | None = None,
+        timeout: Any = 30.0,  # noqa: ASYNC109 (faust's signature)
+        retention: Any = None,
+        compacting: bool | None = None,
+        deleting: bool | None = None,
+        ensure_created: bool = False,
+    ) -> None:
+        await self.transport.load_shard_map(self._kinesis(), topic)
+
+    def _new_topicpartition(self, topic: str, partition: int) -> TP:
+        return TP(topic, partition)
+
+    # --- fetching -----------------------------------------------------------------------
+
+    async def _getmany(
+        self,
+        active_partitions: set[TP] | None,
+        timeout: float,  # noqa: ASYNC109 (faust's signature)
+    ) -> Mapping[TP, list[KinesisRecord]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._wakeup.clear()
+            out: dict[TP, list[KinesisRecord]] = {}
+            tps = self._partitions.keys() if active_partitions is None else active_partitions
+            for tp in tps:
+                partition = self._partitions.get(tp)
+                if partition is None or partition.reader is None or not partition.reader.buffer:
+                    continue
+                records = partition.reader.drain(MAX_RECORDS_PER_PARTITION_FETCH)
+                partition.handed.extend(
+                    (r.offset, r.sequence_number, r.sub_sequence) for r in records
+                )
+                out[tp] = records
+            if out:
+                return out
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.should_stop:
+                return out
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    def _to_message(self, tp: TP, record: KinesisRecord) -> ConsumerMessage:
+        return ConsumerMessage(
+            record.topic,
+            record.partition,
+            record.offset,
+            record.timestamp,
+            0,
+            list(record.headers),
+            record.key,
+            record.value,
+            None,
+            len(record.key) if record.key else 0,
+            record.size,
+            tp,
+            generation_id=self.app.consumer_generation_id,
+        )
+
+    # --- committing -----------------------------------------------------------------------
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        """Checkpoint, per shard, the last message below each offset faust committed."""
+        committed = False
+        for tp, offset in offsets.items():
+            partition = self._partitions.get(tp)
+            if partition is None or partition.lost or offset <= partition.committed_offset:
+                continue
+            last: tuple[int, str, int] | None = None
+            for entry in partition.handed:
+                if entry[0] >= offset:
+                    break
+                last = entry
+            if last is None or last[0] != offset - 1:
+                log.warning("commit %s@%d: its sequence number is unknown; skipped", tp, offset)
+                continue
+            checkpoint = Checkpoint(last[1], last[2])
+            try:
+                async with partition.lock:
+                    await partition.coordinator.checkpoint(partition.shard_id, checkpoint)
+            except LeaseLost as exc:
+                # Another worker holds the shard now and resumes from the last accepted
+                # checkpoint; stop reading it. The coordinator revokes it next cycle.
+                log.warning("%s", exc)
+                await self._lose(partition)
+                continue
+            except RecstreamError as exc:
+                log.warning("checkpoint of %s failed, retried at the next commit: %s", tp, exc)
+                continue
+            while partition.handed and partition.handed[0][0] < offset:
+                partition.handed.popleft()
+            partition.checkpoint = checkpoint
+            partition.committed_offset = offset
+            committed = True
+            if partition.end_offset is not None and offset >= partition.end_offset:
+                await self._finish_shard(partition)
+        return committed
+
+    async def _lose(self, partition: _Partition) -> None:
+        partition.lost = True
+        if partition.reader is not None:
+            await partition.reader.stop()
+            partition.reader.buffer.clear()
+
+    async def _finish_shard(self, partition: _Partition) -> None:
+        """The shard is closed and everything in it processed: checkpoint SHARD_END."""
+        async with partition.lock:
+            if partition.finished or partition.lost:
+                return
+            try:
+                await partition.coordinator.checkpoint(partition.shard_id, Checkpoint(SHARD_END))
+            except LeaseLost as exc:
+                log.warning("%s", exc)
+                partition.lost = True
+                return
+            except RecstreamError as exc:
+                log.warning("SHARD_END of %s not written, retrying: %s", partition.shard_id, exc)
+                self.add_future(self._retry_finish(partition))
+                return
+            partition.finished = True
+            partition.checkpoint = Checkpoint(SHARD_END)
+            log.info("shard %s/%s read to its end", partition.tp.topic, partition.shard_id)
+        # Children of this shard now take over its keys: route new keys to them.
+        with contextlib.suppress(RecstreamError):
+            await self.transport.load_shard_map(self._kinesis(), partition.tp.topic)
+
+    async def _retry_finish(self, partition: _Partition) -> None:
+        await asyncio.sleep(1.0)
+        await self._finish_shard(partition)
+
+    def close(self) -> None:
+        """Nothing to close synchronously; `on_stop` releases the leases."""
+
+
+# --- producer ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    topic: str
+    entry: Entry
+    future: asyncio.Future[RecordMetadata]
+
+
+class Producer(base.Producer):
+    """Kinesis producer: PutRecords batches, partial-failure retries, optional aggregation.
+
+    ``send()`` queues; a background task puts what is queued every ``producer_linger``
+    seconds (at least as one PutRecords call of up to 500 records or 5 MiB per stream).
+    """
+
+    allow_headers: bool = True
+    transport: Transport
+
+    def __init__(self, transport: Transport, **kwargs: Any) -> None:
+        super().__init__(transport, **kwargs)
+        self.settings = transport.settings
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._stack = AsyncExitStack()
+        self._client: KinesisClient | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.max_queued = 50_000
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._client = await self._stack.enter_async_context(async_client(self.settings, "kinesis"))
+        self._flusher = asyncio.create_task(self._flush_loop(), name="kinesis-producer")
+
+    async def on_stop(self) -> None:
+        await self.flush()
+        task, self._flusher = self._flusher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._stack.aclose()
+        self._client = None
+        await super().on_stop()
+
+    def _kinesis(self) -> KinesisClient:
+        if self._client is None:
+            raise ProducerSendError("the Kinesis producer is not started")
+        return self._client
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> asyncio.Future[RecordMetadata]:
+        if transactional_id:
+            raise ProducerSendError(
+                "Kinesis has no transactions; use processing_guarantee='at_least_once'"
+            )
+        if headers is None:
+            header_list: Sequence[tuple[str, bytes]] = ()
+        elif isinstance(headers, Mapping):
+            header_list = [(str(k), bytes(v)) for k, v in headers.items()]
+        else:
+            header_list = [(str(k), bytes(v)) for k, v in headers]
+        explicit_hash_key: str | None = None
+        if partition is not None:
+            if topic not in self.transport.shard_maps:
+                await self.transport.load_shard_map(self._kinesis(), topic)
+            shard = self.transport.shard_map(topic).get(shard_id_of(partition))
+            if shard is None:
+                raise ProducerSendError(f"stream {topic!r} has no shard for partition {partition}")
+            explicit_hash_key = str(shard.start_hash)
+        entry = Entry(
+            partition_key=partition_key_for(key),
+            message=Message(key=key, value=value or b"", headers=tuple(header_list)),
+            explicit_hash_key=explicit_hash_key,
+        )
+        future: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(topic, entry, future))
+        self._idle.clear()
+        self._wake.set()
+        if len(self._queue) > self.max_queued:
+            # Back-pressure: a producer faster than the stream waits instead of growing.
+            self._room.clear()
+            await self._room.wait()
+        return future
+
+    async def send_and_wait(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> RecordMetadata:
+        future = await self.send(
+            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+        )
+        return await future
+
+    async def flush(self) -> None:
+        await self.buffer.flush()
+        if self._flusher is None:
+            return
+        self._wake.set()
+        await self._idle.wait()
+
+    async def _flush_loop(self) -> None:
+        linger = float(self.app.conf.producer_linger or 0.0)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if linger:
+                await asyncio.sleep(linger)
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(5000, len(self._queue)))]
+                if len(self._queue) <= self.max_queued:
+                    self._room.set()
+                await self._put(batch)
+            self._room.set()
+            self._idle.set()
+
+    async def _put(self, batch: list[_Pending]) -> None:
+        by_topic: dict[str, list[_Pending]] = {}
+        for pending in batch:
+            by_topic.setdefault(pending.topic, []).append(pending)
+        for topic, items in by_topic.items():
+            try:
+                shard_map = self.transport.shard_maps.get(topic)
+                if self.transport.aggregate and shard_map is None:
+                    shard_map = await self.transport.load_shard_map(self._kinesis(), topic)
+                landed = await put_messages(
+                    self._kinesis(),
+                    self.settings,
+                    topic,
+                    [p.entry for p in items],
+                    aggregate=self.transport.aggregate,
+                    shard_map=shard_map,
+                )
+            except (RecstreamError, LookupError) as exc:
+                error = ProducerSendError(f"PutRecords to stream {topic!r} failed: {exc}")
+                for pending in items:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                continue
+            now = time.time()
+            for pending, where in zip(items, landed, strict=True):
+                tp = TP(topic, partition_of(where.shard_id))
+                if not pending.future.done():
+                    pending.future.set_result(
+                        RecordMetadata(
+                            topic=topic,
+                            partition=tp.partition,
+                            topic_partition=tp,
+                            offset=int(where.sequence_number),
+                            timestamp=now,
+                        )
+                    )
+
+    def key_partition(self, topic: str, key: bytes) -> TP:
+        return TP(topic, self.transport.key_partition(topic, key))
+
+    async def create_topic(
+        self,
+        topic: str,
+        partitions: int,
+        replication: int,
+        *,
+        config: Mapping[str, Any] | None = None,
+        timeout: Any = 1000.0,  # noqa: ASYNC109 (faust's signature)
+        retention: Any = None,
+        compacting: bool | None = None,
+        deleting: bool | None = None,
+        ensure_created: bool = False,
+    ) -> None:
+        # Streams are created by `recstream up` / the init script, never by faust: a
+        # missing one raises ResourceNotFound saying so.
+        await self.transport.load_shard_map(self._kinesis(), topic)
+
+    def supports_headers(self) -> bool:
+        return True
+
+
+Transport.Consumer = Consumer
+Transport.Producer = Producer

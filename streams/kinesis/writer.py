@@ -1,0 +1,203 @@
+"""PutRecords for the transport's producer: batching, partial-failure retries, aggregation.
+
+A PutRecords call carries at most 500 records and 5 MiB. ``FailedRecordCount > 0`` is
+routine (a shard over its 1,000 records/s or 1 MB/s), so the failed entries are sent again
+with exponential backoff and full jitter until they land or the attempts run out.
+
+With ``aggregate=True`` the messages bound for one shard are packed into v2 envelopes of
+up to ~1 MB (`streams.envelope.encode_aggregated`), each routed to its shard with the
+shard's starting ExplicitHashKey. That amortises both Kinesis's per-record limits and
+faust's per-message cost on the reading side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from recstream.aws import translate
+from recstream.errors import ThroughputExceeded
+from recstream.settings import Settings
+from streams.envelope import Message, chunk_by_size, encode, encode_aggregated
+from streams.kinesis.shards import ShardMap
+
+if TYPE_CHECKING:
+    from types_aiobotocore_kinesis import KinesisClient
+
+__all__ = ["Entry", "Landed", "partition_key_for", "put_messages"]
+
+MAX_RECORDS_PER_CALL: Final = 500
+MAX_BYTES_PER_CALL: Final = 5 * 1024 * 1024
+MAX_RECORD_BYTES: Final = 1024 * 1024
+# Room for the partition key inside the 1 MiB record limit.
+AGGREGATE_BYTES: Final = MAX_RECORD_BYTES - 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One message to put, with the partition key that routes it (and optionally a shard)."""
+
+    partition_key: str
+    message: Message
+    explicit_hash_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Landed:
+    """Where one message landed: its shard, record sequence number and index inside it."""
+
+    shard_id: str
+    sequence_number: str
+    sub_sequence: int
+
+
+def partition_key_for(key: bytes | None) -> str:
+    """A valid Kinesis partition key (1-256 unicode chars) for a faust message key."""
+    if not key:
+        # No key, no ordering promise: spread over the shards.
+        return f"{random.getrandbits(64):016x}"
+    try:
+        text = key.decode()
+    except UnicodeDecodeError:
+        text = key.hex()
+    if len(text) > 256:
+        return hashlib.sha256(key).hexdigest()
+    return text
+
+
+async def put_messages(
+    client: KinesisClient,
+    settings: Settings,
+    stream: str,
+    entries: Sequence[Entry],
+    *,
+    aggregate: bool = False,
+    shard_map: ShardMap | None = None,
+    max_attempts: int = 10,
+    base_backoff: float = 0.05,
+    max_backoff: float = 2.0,
+) -> list[Landed]:
+    """Put every entry on the stream, in order per partition key; one `Landed` per entry.
+
+    Raises `ThroughputExceeded` or `StoreUnavailable` when entries still fail after
+    ``max_attempts`` (the caller's at-least-once retry decides what next).
+    """
+    if not entries:
+        return []
+    # records[i] = (PutRecords entry, indexes of the messages inside it)
+    records: list[tuple[dict[str, Any], list[int]]] = []
+    if aggregate:
+        if shard_map is None:
+            raise ValueError("aggregate=True needs the stream's ShardMap to route records")
+        by_shard: dict[str, list[int]] = {}
+        for index, entry in enumerate(entries):
+            shard = shard_map.shard_for_key(entry.partition_key)
+            by_shard.setdefault(shard.shard_id, []).append(index)
+        for shard_id, indexes in by_shard.items():
+            shard = shard_map.shards[shard_id]
+            start = 0
+            for group in chunk_by_size((entries[i].message for i in indexes), AGGREGATE_BYTES):
+                members = indexes[start : start + len(group)]
+                start += len(group)
+                records.append(
+                    (
+                        {
+                            "Data": encode_aggregated(group),
+                            "PartitionKey": entries[members[0]].partition_key,
+                            "ExplicitHashKey": str(shard.start_hash),
+                        },
+                        members,
+                    )
+                )
+    else:
+        for index, entry in enumerate(entries):
+            data = encode(entry.message)
+            if len(data) > MAX_RECORD_BYTES:
+                raise ValueError(
+                    f"a message of {len(data)} bytes exceeds Kinesis's 1 MiB record limit"
+                )
+            record: dict[str, Any] = {"Data": data, "PartitionKey": entry.partition_key}
+            if entry.explicit_hash_key is not None:
+                record["ExplicitHashKey"] = entry.explicit_hash_key
+            records.append((record, [index]))
+
+    landed: list[Landed | None] = [None] * len(entries)
+    for batch in _batches([r for r, _ in records]):
+        await _put_batch(
+            client, settings, stream, [records[i] for i in batch], landed,
+            max_attempts, base_backoff, max_backoff,
+        )  # fmt: skip
+    return [x for x in landed if x is not None]
+
+
+def _batches(records: Sequence[dict[str, Any]]) -> list[list[int]]:
+    batches: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for index, record in enumerate(records):
+        record_size = len(record["Data"]) + len(record["PartitionKey"])
+        if current and (
+            len(current) == MAX_RECORDS_PER_CALL or size + record_size > MAX_BYTES_PER_CALL
+        ):
+            batches.append(current)
+            current, size = [], 0
+        current.append(index)
+        size += record_size
+    if current:
+        batches.append(current)
+    return batches
+
+
+async def _put_batch(
+    client: KinesisClient,
+    settings: Settings,
+    stream: str,
+    records: list[tuple[dict[str, Any], list[int]]],
+    landed: list[Landed | None],
+    max_attempts: int,
+    base_backoff: float,
+    max_backoff: float,
+) -> None:
+    pending = list(range(len(records)))
+    attempt = 0
+    last_error = ""
+    while pending:
+        attempt += 1
+        try:
+            response = await client.put_records(
+                StreamName=stream,
+                Records=[records[i][0] for i in pending],  # type: ignore[misc]
+            )
+        except (BotoCoreError, ClientError) as exc:
+            error = translate(exc, f"PutRecords to stream {stream!r}", settings)
+            if not error.retriable or attempt >= max_attempts:
+                raise error from exc
+            await _backoff(attempt, base_backoff, max_backoff)
+            continue
+        retry: list[int] = []
+        for index, outcome in zip(pending, response["Records"], strict=True):
+            if "SequenceNumber" in outcome and not outcome.get("ErrorCode"):
+                for sub, member in enumerate(records[index][1]):
+                    landed[member] = Landed(outcome["ShardId"], outcome["SequenceNumber"], sub)
+            else:
+                last_error = f"{outcome.get('ErrorCode')}: {outcome.get('ErrorMessage')}"
+                retry.append(index)
+        if retry and attempt >= max_attempts:
+            raise ThroughputExceeded(
+                f"{len(retry)} records to stream {stream!r} were refused {attempt} times "
+                f"({last_error}); add shards or slow the producer"
+            )
+        if retry:
+            await _backoff(attempt, base_backoff, max_backoff)
+        pending = retry
+
+
+async def _backoff(attempt: int, base: float, cap: float) -> None:
+    # Full jitter keeps producers from retrying in lock-step against one hot shard.
+    await asyncio.sleep(random.uniform(0, min(cap, base * 2 ** (attempt - 1))))

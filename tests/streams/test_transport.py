@@ -1,0 +1,107 @@
+"""The kinesis:// transport end to end: real faust agents on moto and on kinesis-mock."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from faust.exceptions import ImproperlyConfigured
+
+from recstream.settings import Settings
+from streams.kinesis import consumer_of, make_app, running
+from streams.leases import DynamoDBLeaseStore
+from streams.schema import Event
+from tests.streams.kinesis_helpers import make_events, put_events, wait_until
+
+
+@pytest.fixture(params=["moto", "kinesis_mock"])
+def stream_settings(request: pytest.FixtureRequest) -> Settings:
+    """The same test against moto (sequence numbers 1, 2, 3) and kinesis-mock (56 digits)."""
+    name = "settings" if request.param == "moto" else "kinesis_mock_settings"
+    settings: Settings = request.getfixturevalue(name)
+    return settings.model_copy(update={"poll_interval_s": 0.05, "lease_duration_s": 3.0})
+
+
+async def test_every_record_single_and_aggregated_reaches_an_agent(
+    stream_settings: Settings,
+) -> None:
+    settings = stream_settings
+    single = make_events(600, prefix="single")
+    aggregated = make_events(400, prefix="agg")
+    await put_events(settings, single)
+    await put_events(settings, aggregated, aggregate=True)
+
+    app = make_app(settings, "test-transport")
+    seen: list[Event] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value))
+
+    async with running(app):
+        await wait_until(lambda: len(seen) >= 1000, what="1,000 events at the agent")
+        consumer = consumer_of(app)
+        assert {tp.partition for tp in consumer.assignment()} == {0, 1}
+        # Wait for the commit that follows the acks, then check the checkpoints.
+        await wait_until(
+            lambda: all(p.committed_offset > 0 for p in consumer._partitions.values()),
+            what="a checkpoint on both shards",
+        )
+
+    ids = Counter(e.event_id for e in seen)
+    assert len(ids) == 1000
+    assert set(ids) == {e.event_id for e in single + aggregated}
+    # Per user, events arrive in the order they were put (single first, then aggregated).
+    for user in {e.user_id for e in seen}:
+        mine = [e.event_id for e in seen if e.user_id == user]
+        assert mine == sorted(mine, key=lambda i: (i.startswith("single") is False, i))
+
+    async with DynamoDBLeaseStore(settings) as store:
+        leases = await store.list_leases(f"test-transport#{settings.stream_name}")
+    assert len(leases) == 2
+    assert all(lease.checkpoint.sequence_number.isdigit() for lease in leases)
+    # The app stopped cleanly: it released its leases.
+    assert all(lease.owner is None for lease in leases)
+
+
+def test_unsupported_settings_are_refused(settings: Settings) -> None:
+    with pytest.raises(ImproperlyConfigured, match="processing_guarantee"):
+        make_app(settings, "bad", processing_guarantee="exactly_once")
+    with pytest.raises(ImproperlyConfigured, match="table_standby_replicas"):
+        make_app(settings, "bad", table_standby_replicas=1)
+
+
+@pytest.mark.parametrize("aggregate", [False, True], ids=["single", "aggregated"])
+async def test_the_app_producer_round_trips_keys_values_and_headers(
+    stream_settings: Settings, aggregate: bool
+) -> None:
+    settings = stream_settings
+    app = make_app(settings, "test-producer", aggregate=aggregate)
+    topic = app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw")
+    seen: list[tuple[bytes, bytes, dict[str, bytes]]] = []
+
+    @app.agent(topic)
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for event in stream.events():
+            seen.append((event.key, event.value, dict(event.headers)))
+
+    async with running(app):
+        futures = [
+            await topic.send(
+                key=f"user-{i % 7}".encode(),
+                value=f"{i:04d}".encode(),
+                headers={"n": str(i).encode()},
+            )
+            for i in range(300)
+        ]
+        await app.producer.flush()
+        metadata = [await f for f in futures]
+        assert {m.partition for m in metadata} <= {0, 1}
+        await wait_until(lambda: len(seen) >= 300, what="300 produced messages")
+
+    assert sorted(v for _, v, _ in seen) == [f"{i:04d}".encode() for i in range(300)]
+    for key in {k for k, _, _ in seen}:
+        values = [v for k, v, _ in seen if k == key]
+        assert values == sorted(values), f"{key!r} out of order"
+    assert all(h["n"] == str(int(v)).encode() for _, v, h in seen)
