@@ -25,6 +25,7 @@ APP_ID = "recstream-agents"
 
 
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
+    faust_kwargs.setdefault("datadir", str(settings.state_dir.resolve() / "faust"))
     app: faust.App = make_app(settings, app_id, **faust_kwargs)
     topic = app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw")
 
