@@ -87,6 +87,80 @@ def _wait_for_api(url: str, child: Child, timeout: float = 60) -> None:
     raise StackError(f"the API did not answer at {url} within {timeout:.0f}s; see {child.log}")
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A real dataset turned into events, plus what to click live afterwards."""
+
+    name: str
+    events: list[dict[str, Any]]
+    titles: dict[str, str]
+    live_clicks: tuple[str, ...]
+
+
+def movielens(limit: int, data_dir: Path) -> Replay:
+    return Replay("MovieLens", movielens_events(limit), movie_titles(), LIVE_CLICKS)
+
+
+def _last_session_items(events: list[dict[str, Any]], key: str) -> tuple[str, ...]:
+    """Three distinct items a real visitor of the dataset looked at together."""
+    last = events[-1][key]
+    items = dict.fromkeys(e["item_id"] for e in events if e[key] == last)
+    return tuple(list(items)[:3]) or (events[-1]["item_id"],)
+
+
+def yoochoose(limit: int, data_dir: Path) -> Replay:
+    # CC BY-NC-ND: never copied into the repository, read from ../shared/data at run time.
+    path = data_dir / "yoochoose-rsc15-100k-dev" / "yoochoose-clicks-100k_dev.txt"
+    with _open_dataset(path) as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    rows.sort(key=lambda r: float(r["Time"]))
+    events = [
+        {
+            "event_id": f"yc-{r['SessionId']}-{r['ItemId']}-{r['Time']}",
+            "event_type": "click",
+            "session_id": r["SessionId"],
+            "item_id": r["ItemId"],
+            "timestamp": float(r["Time"]),
+        }
+        for r in rows[-limit:]
+    ]
+    return Replay("YooChoose", events, {}, _last_session_items(events, "session_id"))
+
+
+TAOBAO_TYPES = {"pv": "view", "cart": "add_to_cart", "fav": "like", "buy": "purchase"}
+
+
+def taobao(limit: int, data_dir: Path) -> Replay:
+    path = data_dir / "taobao-userbehavior-head-dev" / "UserBehavior_head_dev.csv"
+    with _open_dataset(path) as handle:
+        rows = [r for r in csv.reader(handle) if len(r) == 5]
+    rows.sort(key=lambda r: int(r[4]))
+    events = [
+        {
+            "event_id": f"tb-{user}-{item}-{kind}-{ts}",
+            "event_type": TAOBAO_TYPES.get(kind, kind),
+            "user_id": user,
+            "item_id": item,
+            "timestamp": int(ts),
+            "properties": {"category": category},
+        }
+        for user, item, category, kind, ts in rows[-limit:]
+    ]
+    return Replay("Taobao", events, {}, _last_session_items(events, "user_id"))
+
+
+def _open_dataset(path: Path) -> Any:
+    if not path.is_file():
+        raise StackError(
+            f"{path} not found; pass --data-dir pointing at the folder holding the shared "
+            "datasets (the licence of this one forbids shipping it in the repository)"
+        )
+    return path.open(newline="")
+
+
+DATASETS = {"movielens": movielens, "yoochoose": yoochoose, "taobao": taobao}
+
+
 def movielens_events(limit: int) -> list[dict[str, Any]]:
     """The most recent ``limit`` ratings as events, oldest first."""
     with (MOVIELENS / "ratings.csv").open(newline="") as handle:
@@ -116,10 +190,10 @@ def _batches(items: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, 
         yield items[start : start + size]
 
 
-def replay(console: Console, client: httpx.Client, events: list[dict[str, Any]]) -> int:
+def replay(console: Console, client: httpx.Client, name: str, events: list[dict[str, Any]]) -> int:
     accepted = 0
     with Progress(
-        TextColumn("[bold]replaying MovieLens"),
+        TextColumn(f"[bold]replaying {name}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -153,9 +227,10 @@ def wait_until_applied(
 
 
 def show(console: Console, title: str, payload: dict[str, Any], titles: dict[str, str]) -> None:
+    """One recommendation response as a table (titles where the dataset has them).""
     table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
-    table.add_column("movie")
+    table.add_column("movie" if titles else "item")
     table.add_column("score", justify="right")
     table.add_column("why")
     for rank, item in enumerate(payload["items"], 1):
@@ -168,7 +243,14 @@ def show(console: Console, title: str, payload: dict[str, Any], titles: dict[str
     console.print(table)
 
 
-def run_demo(settings: Settings, *, events: int, wait: bool) -> int:
+def run_demo(
+    settings: Settings,
+    *,
+    events: int,
+    wait: bool,
+    dataset: str = "movielens",
+    data_dir: Path = ROOT.parent / "shared" / "data",
+) -> int:
     console = Console()
     console.rule("[bold]recstream demo")
     for line in bring_up(settings):
@@ -180,36 +262,42 @@ def run_demo(settings: Settings, *, events: int, wait: bool) -> int:
     try:
         _wait_for_api(settings.api_url, children[1])
         console.print(f"API up at {settings.api_url}; agents logging to {children[0].log}")
-        titles = movie_titles()
-        replayed = movielens_events(events)
+        data = DATASETS[dataset](events, data_dir)
+        titles, replayed, live_clicks = data.titles, data.events, data.live_clicks
         with httpx.Client(base_url=settings.api_url, timeout=60) as client:
             started = time.monotonic()
-            accepted = replay(console, client, replayed)
+            accepted = replay(console, client, data.name, replayed)
             took = time.monotonic() - started
             console.print(f"{accepted} events accepted in {took:.1f}s ({accepted / took:,.0f}/s)")
             lag = wait_until_applied(
-                settings, [(e["user_id"], e["event_id"]) for e in replayed[-50:]]
+                settings,
+                [
+                    (e.get("user_id") or f"session:{e['session_id']}", e["event_id"])
+                    for e in replayed[-50:]
+                ],
             )
             console.print(f"agents caught up {lag:.1f}s after the last batch was accepted")
 
-            params: dict[str, str | int] = {"user_id": VISITOR, "num_results": 8}
+            # A fresh visitor each run, so an earlier demo's clicks do not show up as history.
+            visitor = f"{VISITOR}-{int(time.time())}"
+            params: dict[str, str | int] = {"user_id": visitor, "num_results": 8}
             before = client.get("/v1/recommendations", params=params).json()
-            show(console, f"Recommendations for {VISITOR}, before any click", before, titles)
+            show(console, f"Recommendations for {visitor}, before any click", before, titles)
 
             clicks = [
-                {"event_type": "click", "user_id": VISITOR, "item_id": item} for item in LIVE_CLICKS
+                {"event_type": "click", "user_id": visitor, "item_id": item} for item in live_clicks
             ]
-            console.print("clicking live: " + ", ".join(titles.get(i, i) for i in LIVE_CLICKS))
+            console.print("clicking live: " + ", ".join(titles.get(i, i) for i in live_clicks))
             clicked_at = time.monotonic()
             client.post("/v1/events", json=clicks).raise_for_status()
             after = before
             while time.monotonic() - clicked_at < 30:
                 after = client.get("/v1/recommendations", params=params).json()
-                if {i["item_id"] for i in after["items"]} & set(LIVE_CLICKS):
+                if {i["item_id"] for i in after["items"]} & set(live_clicks):
                     break
                 time.sleep(0.01)
             latency = (time.monotonic() - clicked_at) * 1000
-            show(console, f"Recommendations for {VISITOR}, after the clicks", after, titles)
+            show(console, f"Recommendations for {visitor}, after the clicks", after, titles)
             console.print(f"click → changed recommendations in [bold]{latency:.0f} ms[/bold]")
 
         console.rule()
