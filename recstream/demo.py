@@ -227,7 +227,7 @@ def wait_until_applied(
 
 
 def show(console: Console, title: str, payload: dict[str, Any], titles: dict[str, str]) -> None:
-    """One recommendation response as a table (titles where the dataset has them).""
+    """One recommendation response as a table (titles where the dataset has them)."""
     table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("movie" if titles else "item")
