@@ -58,3 +58,34 @@ def test_bad_settings_are_reported_not_raised(tmp_path: Path) -> None:
     result = recstream(["up"], env)
     assert result.returncode == 2
     assert "stream_shards" in result.stderr
+
+
+def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
+    ports = [stack.free_port() for _ in range(3)]
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{ports[0]}/0",
+        aws_endpoint_url=f"http://127.0.0.1:{ports[1]}",
+        api_port=ports[2],
+        state_dir=tmp_path / "state",
+        poll_interval_s=0.05,
+    )
+    env = {**os.environ, **settings.to_env(), "COLUMNS": "200"}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "recstream.cli", "demo", "--no-wait", "--events", "3000"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        recstream(["down"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "3000 events accepted" in out
+    assert "after the clicks" in out
+    after = out[out.index("after the clicks") :]
+    assert "Toy Story (1995)" in after
+    assert "recently_interacted" in after
+    assert "changed recommendations in" in out
