@@ -19,9 +19,10 @@ when it first saw each lease's counter, and a lease whose counter has not moved 
 lease duration *on this worker's own clock* is expired. Clock skew between hosts therefore
 never expires a healthy lease; ``expires_at`` is only shown by `recstream streams status`.
 
-The coordinator runs one task. Each cycle it renews held leases (a refused renew means the
-lease was taken: it is revoked), and every ``take_interval_s`` it reads the table and
-takes leases up to its fair share, ``ceil(leasable leases / live workers)``, where the
+The coordinator runs two tasks. The renewer renews held leases every lease duration / 3
+(a refused renew means the lease was taken: it is revoked). The coordinator task, every
+``take_interval_s`` (also lease duration / 3), reads the table and takes leases up to its
+fair share, ``ceil(leasable leases / live workers)``, where the
 live workers are the owners of unexpired leases. It takes expired or unowned leases first;
 when there are none it steals at most one lease per cycle from the most-loaded worker, and
 only when that worker holds at least two more than this one (so two workers never pass a
@@ -670,9 +671,12 @@ class LeaseCoordinator:
     Assignment changes are delivered as ``await on_change(assigned, revoked)`` from that
     task only. ``checkpoint()`` may be called from any task of the same event loop.
 
-    Beyond the lease contract, three keyword arguments make the coordinator testable:
+    Beyond the lease contract, optional keyword arguments make it testable and tunable:
     ``clock`` (unix seconds; expiry is judged on it), ``shard_source`` (defaults to
-    ListShards on the stream) and ``rng`` (which expired lease to take first).
+    ListShards on the stream), ``renew_interval_s`` (default: lease duration / 3),
+    ``take_interval_s`` (default: lease duration / 3; at most one steal per take),
+    ``shard_sync_interval_s`` (ListShards; also after every SHARD_END and on
+    `refresh_shards`) and ``rng`` (which expired lease to take first).
     """
 
     def __init__(
@@ -707,7 +711,9 @@ class LeaseCoordinator:
         self.renew_interval = (
             self.lease_duration / 3 if renew_interval_s is None else renew_interval_s
         )
-        self.take_interval = self.lease_duration if take_interval_s is None else take_interval_s
+        # Taking often costs one Scan per interval, and buys a quick pickup of released
+        # leases and a finer judgement of expiry (observations are this far apart).
+        self.take_interval = self.lease_duration / 3 if take_interval_s is None else take_interval_s
         self.shard_sync_interval = shard_sync_interval_s
         self._rng = rng or random.Random()
 
@@ -742,8 +748,12 @@ class LeaseCoordinator:
         if self._task is not None:
             raise RuntimeError("LeaseCoordinator.start() was already called")
         self._stopped = False
-        await self._sync_shards()
-        await self._take()
+        try:
+            await self._sync_shards()
+            await self._take()
+        except BaseException:
+            await self.stop()  # hand back whatever the failed pass took
+            raise
         self._task = asyncio.create_task(self._run(), name=f"leases[{self.worker_id}]")
         self._renewer = asyncio.create_task(
             self._renew_loop(), name=f"lease-renewer[{self.worker_id}]"
@@ -977,7 +987,8 @@ class LeaseCoordinator:
         except RecstreamError as exc:
             log.warning("could not release finished lease %s: %s", shard_id, exc)
             return
-        del self._held[shard_id]
+        # pop: the coordinator task may already have dropped it on seeing it unowned
+        self._held.pop(shard_id, None)
 
     async def _sync_shards(self) -> None:
         """Create lease items for new shards; delete finished leases of aged-out shards."""
@@ -1022,8 +1033,8 @@ class LeaseCoordinator:
             if seen is None or seen[0] != lease.counter:
                 self._seen[shard_id] = (lease.counter, now)
             held = self._held.get(shard_id)
-            if held is not None and lease.owner != self.worker_id:
-                self._lose(shard_id)
+            if held is not None and not held.finished and lease.owner != self.worker_id:
+                self._lose(shard_id)  # stolen; the renewer would find out at its next pass
         for shard_id in set(self._seen) - set(leases):
             del self._seen[shard_id]
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from recstream.aws import async_client, sync_client
+from recstream.errors import ResourceNotFound
 from recstream.settings import Settings
 from streams.leases import (
     SHARD_END,
@@ -253,3 +254,17 @@ async def test_discovery_on_kinesis_mock_after_a_reshard(kinesis_mock_settings: 
         assert len(ready) == 2
         assert a.owned() == {parents[1]} | ready
         await a.stop()
+
+
+async def test_missing_stream_or_table_fail_start_with_a_fix(four_shards: Settings) -> None:
+    missing_stream = four_shards.model_copy(update={"stream_name": "no-such-stream"})
+    a = coordinator(missing_stream, "a", Recorder())
+    with pytest.raises(ResourceNotFound, match=r"no-such-stream.*recstream up"):
+        await a.start()
+    assert a.owned() == frozenset()
+
+    missing_table = four_shards.model_copy(update={"table_prefix": unique("nope")})
+    b = coordinator(missing_table, "b", Recorder())
+    with pytest.raises(ResourceNotFound, match=r"lease table.*nope.*recstream up"):
+        await b.start()
+    await b.stop()  # idempotent after a failed start
