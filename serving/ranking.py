@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -72,12 +72,34 @@ class Recommendations:
         }
 
 
+class _RecentMisses:
+    """Actors recently found in neither store, so a stream of requests from new visitors
+    does not cost a DynamoDB read each. Bounded in size and age; Redis is still read first
+    on every request, so an actor who starts clicking is seen at once."""
+
+    def __init__(self, ttl: float = 60.0, size: int = 100_000) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._at: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        at = self._at.get(key)
+        return at is not None and time.monotonic() - at < self.ttl
+
+    def add(self, key: tuple[str, str]) -> None:
+        self._at[key] = time.monotonic()
+        self._at.move_to_end(key)
+        while len(self._at) > self.size:
+            self._at.popitem(last=False)
+
+
 class Ranker:
     def __init__(self, hot: HotStore, durable: DurableWindows, settings: Settings) -> None:
         self.hot = hot
         self.durable = durable
         self.settings = settings
         self.timeout = settings.store_timeout_ms / 1000
+        self._misses = _RecentMisses()
 
     async def _bounded(self, name: str, call: Awaitable[T], degraded: list[str]) -> T | None:
         try:
@@ -93,9 +115,13 @@ class Ranker:
             return window
         # Nothing hot: a new actor, or Redis lost the key. The durable copy tells which;
         # a found window is put back so the next request is served from Redis again.
+        if window is not None and (namespace, actor) in self._misses:
+            return []
         durable = await self._bounded(
             "durable_window", self.durable.get(namespace, actor), degraded
         )
+        if durable is None and "durable_window" not in degraded:
+            self._misses.add((namespace, actor))
         if durable:
             await self._bounded(
                 "restore_window", self.hot.restore_window(namespace, actor, durable), degraded
