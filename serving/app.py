@@ -26,6 +26,7 @@ from agents.state import DynamoWindows, RedisHotStore
 from recstream.errors import RecstreamError
 from recstream.settings import NAMESPACE_PATTERN, Settings
 from recstream.stores import open_stores
+from serving.candidates import PublishedModels
 from serving.collector import collect
 from serving.http import error_response, json_response
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
@@ -110,7 +111,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.settings = settings
             app.state.redis = stores.redis
             app.state.producer = producer
-            app.state.ranker = Ranker(hot, durable, settings)
+            app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
