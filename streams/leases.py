@@ -22,8 +22,8 @@ never expires a healthy lease; ``expires_at`` is only shown by `recstream stream
 The coordinator runs two tasks. The renewer renews held leases every lease duration / 3
 (a refused renew means the lease was taken: it is revoked). The coordinator task, every
 ``take_interval_s`` (also lease duration / 3), reads the table and takes leases up to its
-fair share, ``ceil(leasable leases / live workers)``, where the
-live workers are the owners of unexpired leases. It takes expired or unowned leases first;
+fair share, ``ceil(leasable leases / live workers)``, where the live workers are the
+owners of unexpired leases. It takes expired or unowned leases first;
 when there are none it steals at most one lease per cycle from the most-loaded worker, and
 only when that worker holds at least two more than this one (so two workers never pass a
 lease back and forth). A child shard is leasable once every parent's checkpoint is
@@ -38,9 +38,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import random
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -70,6 +68,7 @@ __all__ = [
     "OnChange",
     "ShardDescription",
     "ShardSource",
+    "read_leases",
 ]
 
 log = logging.getLogger(__name__)
@@ -337,9 +336,12 @@ class DynamoDBLeaseStore:
     The aiobotocore client is opened on first use and closed by `aclose`.
     """
 
-    def __init__(self, settings: Settings, table: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, table: str | None = None, *, page_size: int | None = None
+    ) -> None:
         self._settings = settings
         self.table = table or settings.leases_table
+        self._page_size = page_size  # items per Scan page; DynamoDB's 1 MB pages if None
         self._stack: AsyncExitStack | None = None
         self._client: DynamoDBClient | None = None
         self._opening = asyncio.Lock()
@@ -394,13 +396,15 @@ class DynamoDBLeaseStore:
         leases: list[LeaseInfo] = []
         try:
             paginator = db.get_paginator("scan")
-            async for page in paginator.paginate(
+            pages = paginator.paginate(
                 TableName=self.table,
                 ConsistentRead=True,
                 FilterExpression="#scope = :scope",
                 ExpressionAttributeNames={"#scope": "scope"},
                 ExpressionAttributeValues={":scope": {"S": scope}},
-            ):
+                PaginationConfig={"PageSize": self._page_size} if self._page_size else {},
+            )
+            async for page in pages:
                 leases.extend(self._parse(item) for item in page.get("Items", []))
         except (BotoCoreError, ClientError) as exc:
             raise self._error(exc, f"listing leases of {scope!r}") from exc
@@ -584,6 +588,17 @@ class DynamoDBLeaseStore:
         return True
 
 
+async def read_leases(
+    settings: Settings, *, app_id: str, stream_name: str, store: LeaseStore | None = None
+) -> list[LeaseInfo]:
+    """Every lease of one app and stream, without joining as a worker (for
+    `recstream streams status`); the lease age is ``time.time() - info.last_renewed``."""
+    if store is not None:
+        return await store.list_leases(f"{app_id}#{stream_name}")
+    async with DynamoDBLeaseStore(settings) as dynamodb:
+        return await dynamodb.list_leases(f"{app_id}#{stream_name}")
+
+
 # --- shard discovery ------------------------------------------------------------------
 
 
@@ -606,15 +621,20 @@ ShardSource = Callable[[], Awaitable[list[ShardDescription]]]
 class KinesisShardSource:
     """Lists a stream's shards with ListShards, following NextToken."""
 
-    def __init__(self, settings: Settings, stream_name: str) -> None:
+    def __init__(self, settings: Settings, stream_name: str, *, page_size: int = 10_000) -> None:
         self._settings = settings
         self._stream = stream_name
+        # 10,000 is ListShards' largest page, so one call lists nearly every stream. That
+        # also spares moto's paginated path, which (unlike Kinesis and kinesis-mock) wants
+        # StreamName beside NextToken; the NextToken path below follows Kinesis.
+        self._page_size = page_size
 
     async def __call__(self) -> list[ShardDescription]:
         shards: list[ShardDescription] = []
         try:
             async with async_client(self._settings, "kinesis") as kinesis:
-                kwargs: dict[str, Any] = {"StreamName": self._stream}
+                limit = {"MaxResults": self._page_size}
+                kwargs: dict[str, Any] = {"StreamName": self._stream, **limit}
                 while True:
                     page = await kinesis.list_shards(**kwargs)
                     for shard in page.get("Shards", []):
@@ -637,7 +657,7 @@ class KinesisShardSource:
                     if not token:
                         break
                     # With NextToken, ListShards refuses StreamName.
-                    kwargs = {"NextToken": token}
+                    kwargs = {"NextToken": token, **limit}
         except (BotoCoreError, ClientError) as exc:
             raise translate(
                 exc, f"listing shards of Kinesis stream {self._stream!r}", self._settings
@@ -658,10 +678,6 @@ class _Held:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     finished: bool = False
     """SHARD_END was checkpointed: release at the next cycle."""
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class LeaseCoordinator:

@@ -213,6 +213,9 @@ class Consumer(base.Consumer):
         self._stack = AsyncExitStack()
         self._client: KinesisClient | None = None
         self._coordinate_task: asyncio.Task[None] | None = None
+        self.refused_checkpoints = 0
+        """Checkpoints refused because another worker took the lease (LeaseLost)."""
+        self.rebalances = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -308,9 +311,14 @@ class Consumer(base.Consumer):
                 sorted(tp.partition for tp in added),
                 sorted(tp.partition for tp in revoked),
             )
+            if revoked:
+                # faust forgets the acks of revoked partitions before its revoke callback
+                # commits, so checkpoint them first: a released lease then hands over
+                # without repeats, and a stolen one is refused (LeaseLost), as it must be.
+                await self.commit(set(revoked))
             self.app.on_rebalance_start()
-            # faust pauses everything, waits for in-flight messages and commits them
-            # while the revoked shards are still in the assignment (and leased).
+            # faust pauses everything, waits for in-flight messages and commits the
+            # partitions it keeps.
             await self.on_partitions_revoked(revoked)
             for tp in revoked:
                 partition = self._partitions.pop(tp, None)
@@ -322,6 +330,7 @@ class Consumer(base.Consumer):
             for stream in {tp.topic for tp in added}:
                 await self.transport.load_shard_map(self._kinesis(), stream)
             self._generation += 1
+            self.rebalances += 1
             # Must be set before on_partitions_assigned, or faust's recovery thinks
             # another rebalance started and never resumes the streams.
             self.app.consumer_generation_id = self._generation
@@ -561,6 +570,7 @@ class Consumer(base.Consumer):
             except LeaseLost as exc:
                 # Another worker holds the shard now and resumes from the last accepted
                 # checkpoint; stop reading it. The coordinator revokes it next cycle.
+                self.refused_checkpoints += 1
                 log.warning("%s", exc)
                 await self._lose(partition)
                 continue

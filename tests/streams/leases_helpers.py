@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,6 +71,7 @@ def stepped(
     shards: StaticShards | None,
     recorder: Recorder | None = None,
     app_id: str = "app",
+    rng: random.Random | None = None,
 ) -> LeaseCoordinator:
     """A coordinator that a test drives with run_cycle(): it takes on every cycle.
 
@@ -85,6 +87,7 @@ def stepped(
         shard_source=shards,
         take_interval_s=0.0,
         shard_sync_interval_s=0.0,
+        rng=rng or random.Random(worker),
     )
 
 

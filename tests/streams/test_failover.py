@@ -21,24 +21,8 @@ import redis.asyncio as aioredis
 from recstream.settings import Settings
 from streams.leases import DynamoDBLeaseStore, LeaseInfo
 from tests.conftest import REPO, LocalStack, make_settings
-from tests.streams.kinesis_helpers import make_events, put_events
+from tests.streams.kinesis_helpers import make_events, put_events, settings_env
 from tests.streams.worker_apps import APP_ID, processed_key
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as RECSTREAM_* variables, for a worker subprocess."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            text = ""
-        elif isinstance(value, dict):
-            import json
-
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        env[f"RECSTREAM_{name.upper()}"] = text
-    return env
 
 
 class Workers:

@@ -25,8 +25,10 @@ from streams.leases import (
     TRIM_HORIZON,
     Checkpoint,
     DynamoDBLeaseStore,
+    KinesisShardSource,
     LeaseCoordinator,
     LeaseLost,
+    read_leases,
 )
 from tests.conftest import REPO, LocalStack, make_settings, unique
 from tests.streams.leases_helpers import FakeClock, Recorder, eventually, stepped
@@ -268,3 +270,51 @@ async def test_missing_stream_or_table_fail_start_with_a_fix(four_shards: Settin
     with pytest.raises(ResourceNotFound, match=r"lease table.*nope.*recstream up"):
         await b.start()
     await b.stop()  # idempotent after a failed start
+
+
+async def test_three_workers_on_seven_shards_settle_at_3_2_2(local_stack: LocalStack) -> None:
+    settings = make_settings(local_stack, stream_shards=7, lease_duration_s=1.0)
+    recorders = [Recorder() for _ in range(3)]
+    workers = [coordinator(settings, f"w{i}", recorders[i]) for i in range(3)]
+    try:
+        # all three start at once: they race for the same unowned leases
+        await asyncio.gather(*(w.start() for w in workers))
+        await eventually(
+            lambda: sorted(len(w.owned()) for w in workers) == [2, 2, 3], "a 3+2+2 split"
+        )
+        held = [w.owned() for w in workers]
+        assert len(set().union(*held)) == 7
+        for worker, recorder in zip(workers, recorders, strict=True):
+            await eventually(lambda: recorder.current == worker.owned(), "on_change")  # noqa: B023
+            assert not recorder.problems
+        leases = await read_leases(settings, app_id="app", stream_name=settings.stream_name)
+        assert sorted(str(lease.owner) for lease in leases) == sorted(
+            ["w0"] * len(held[0]) + ["w1"] * len(held[1]) + ["w2"] * len(held[2])
+        )
+        assert all(lease.expires_at > lease.last_renewed for lease in leases)
+    finally:
+        for worker in workers:
+            await worker.stop()
+    leases = await read_leases(settings, app_id="app", stream_name=settings.stream_name)
+    assert [lease.owner for lease in leases] == [None] * 7
+
+
+async def test_listing_follows_pages(
+    four_shards: Settings, kinesis_mock_settings: Settings
+) -> None:
+    # ListShards one shard per call (on kinesis-mock, which pages like Kinesis does)
+    source = KinesisShardSource(
+        kinesis_mock_settings, kinesis_mock_settings.stream_name, page_size=1
+    )
+    shards = await source()
+    assert [s.shard_id for s in shards] == [f"shardId-{i:012d}" for i in range(2)]
+    assert shards[0].starting_hash_key == 0
+    assert shards[-1].ending_hash_key == 2**128 - 1
+    assert not any(s.closed for s in shards)
+    # a Scan of ten items per page
+    async with DynamoDBLeaseStore(four_shards, page_size=10) as store:
+        for i in range(25):
+            await store.create_lease("app#s", f"shard-{i:02d}", parent_shard_ids=(), now=1.0)
+        await store.create_lease("other#s", "shard-x", parent_shard_ids=(), now=1.0)
+        leases = await store.list_leases("app#s")
+    assert [lease.shard_id for lease in leases] == [f"shard-{i:02d}" for i in range(25)]

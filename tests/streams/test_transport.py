@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections import Counter
 
 import pytest
 from faust.exceptions import ImproperlyConfigured
 
 from recstream.settings import Settings
-from streams.kinesis import consumer_of, make_app, running
-from streams.leases import DynamoDBLeaseStore
+from streams.kinesis import consumer_of, make_app, running, shard_id_of
+from streams.leases import TRIM_HORIZON, DynamoDBLeaseStore
 from streams.schema import Event
 from tests.streams.kinesis_helpers import make_events, put_events, wait_until
-
-
-@pytest.fixture(params=["moto", "kinesis_mock"])
-def stream_settings(request: pytest.FixtureRequest) -> Settings:
-    """The same test against moto (sequence numbers 1, 2, 3) and kinesis-mock (56 digits)."""
-    name = "settings" if request.param == "moto" else "kinesis_mock_settings"
-    settings: Settings = request.getfixturevalue(name)
-    return settings.model_copy(update={"poll_interval_s": 0.05, "lease_duration_s": 3.0})
 
 
 async def test_every_record_single_and_aggregated_reaches_an_agent(
@@ -105,3 +100,74 @@ async def test_the_app_producer_round_trips_keys_values_and_headers(
         values = [v for k, v, _ in seen if k == key]
         assert values == sorted(values), f"{key!r} out of order"
     assert all(h["n"] == str(int(v)).encode() for _, v, h in seen)
+
+
+async def test_a_worker_whose_lease_was_stolen_cannot_checkpoint(
+    stream_settings: Settings,
+) -> None:
+    settings = stream_settings.model_copy(update={"worker_id": "victim"})
+    # No periodic commits: the only checkpoint attempt is the one after the steal.
+    app = make_app(settings, "test-stale", broker_commit_interval=3600.0)
+    seen: list[bytes] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(value)
+
+    scope = f"test-stale#{settings.stream_name}"
+    async with DynamoDBLeaseStore(settings) as store, running(app):
+        consumer = consumer_of(app)
+        await wait_until(lambda: len(consumer.assignment()) == 2, what="both shards leased")
+        await put_events(settings, make_events(100))
+        await wait_until(lambda: len(seen) >= 100, what="100 events processed")
+
+        # Another worker takes one lease (as after a long GC pause of this one) and keeps
+        # it renewed; one each is a fair share, so the victim does not steal it back.
+        stolen: dict[str, int] = {}
+        while not stolen:
+            lease = (await store.list_leases(scope))[0]
+            now = time.time()
+            taken = await store.take_lease(
+                scope, lease.shard_id, owner="thief", expected_owner=lease.owner,
+                expected_counter=lease.counter, now=now, expires_at=now + 3,
+            )  # fmt: skip
+            if taken is not None:
+                stolen[lease.shard_id] = taken.counter
+
+        async def keep_renewing() -> None:
+            while True:
+                await asyncio.sleep(0.3)
+                for shard_id, counter in stolen.items():
+                    now = time.time()
+                    renewed = await store.renew_lease(
+                        scope, shard_id, owner="thief", expected_counter=counter,
+                        now=now, expires_at=now + 3,
+                    )  # fmt: skip
+                    assert renewed is not None, "the victim took the lease back"
+                    stolen[shard_id] = renewed.counter
+
+        (stolen_shard,) = stolen
+        renewer = asyncio.create_task(keep_renewing())
+        try:
+            await wait_until(
+                lambda: (
+                    {shard_id_of(tp.partition) for tp in consumer.assignment()}
+                    == {"shardId-000000000000", "shardId-000000000001"} - {stolen_shard}
+                ),
+                what="the victim to let go of the stolen shard",
+            )
+            leases = {lease.shard_id: lease for lease in await store.list_leases(scope)}
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    assert consumer.refused_checkpoints >= 1
+    assert leases[stolen_shard].owner == "thief"
+    # The victim's acked-but-uncommitted work on the stolen shard was refused ...
+    assert leases[stolen_shard].checkpoint.sequence_number == TRIM_HORIZON
+    # ... while the shard it still holds was checkpointed when the rebalance committed.
+    (kept,) = set(leases) - {stolen_shard}
+    assert leases[kept].owner == "victim"
+    assert leases[kept].checkpoint.sequence_number.isdigit()
