@@ -3,9 +3,10 @@
 Two stores, one interface each, with real and in-memory implementations:
 
 * `HotStore` (Redis): the window list and the popularity counter, updated with one Lua
-  script per event that first records the event id. A replayed event (at-least-once
-  delivery after a crash) finds its id and changes nothing, so every effect happens
-  exactly once while the id is remembered (``Settings.dedup_ttl_s``).
+  script per event that first records the event id in the actor's capped id set. A
+  replayed event (at-least-once delivery after a crash) finds its id and changes
+  nothing, so every effect happens exactly once while the id is remembered
+  (``Settings.dedup_per_actor`` newest ids per actor, ``Settings.dedup_ttl_s``).
 * `DurableWindows` (DynamoDB): a durable copy of each touched window, written after the
   hot store. Putting a whole window is idempotent, so a replay rewrites the same item.
 
@@ -123,9 +124,21 @@ class DurableWindows(Protocol):
 # --- Redis -------------------------------------------------------------------------------
 
 # KEYS: seen, window, popularity. ARGV: dedup ttl, entry ('' = none), window size,
-# window ttl, item ('' = none), weight, popularity cap. Returns 1 if applied, 0 if seen.
+# window ttl, item ('' = none), weight, popularity cap, event id, seen cap.
+# Returns 1 if applied, 0 if the event id was already applied. Ids are ranked by arrival
+# (a per-actor counter), not by event time, so a late event with an old timestamp is not
+# the first one evicted.
 _APPLY = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+if redis.call('ZSCORE', KEYS[1], ARGV[8]) then return 0 end
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+local arrival = 1
+if last[2] then arrival = tonumber(last[2]) + 1 end
+redis.call('ZADD', KEYS[1], arrival, ARGV[8])
+local seen_cap = tonumber(ARGV[9])
+if redis.call('ZCARD', KEYS[1]) > seen_cap then
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -seen_cap - 1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then
   redis.call('LPUSH', KEYS[2], ARGV[2])
   redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
@@ -156,7 +169,7 @@ class RedisHotStore:
             keys = Keys(event.namespace)
             entry = WindowEntry.of(event).dumps() if event.item_id is not None else b""
             await self._script(
-                keys=[keys.seen(event.event_id), keys.window(event.actor), keys.popularity],
+                keys=[keys.seen(event.actor), keys.window(event.actor), keys.popularity],
                 args=[
                     s.dedup_ttl_s,
                     entry,
@@ -165,6 +178,8 @@ class RedisHotStore:
                     event.item_id or "",
                     s.weight(event.event_type),
                     s.popularity_cap,
+                    event.event_id,
+                    s.dedup_per_actor,
                 ],
                 client=pipe,
             )
@@ -290,7 +305,7 @@ class MemoryHotStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.seen: set[tuple[str, str]] = set()
+        self.seen: dict[tuple[str, str], list[str]] = defaultdict(list)
         self.windows: dict[tuple[str, str], list[WindowEntry]] = defaultdict(list)
         self.popularity: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
@@ -298,9 +313,11 @@ class MemoryHotStore:
         applied = 0
         actors: set[tuple[str, str]] = set()
         for event in events:
-            if (event.namespace, event.event_id) in self.seen:
+            seen = self.seen[(event.namespace, event.actor)]
+            if event.event_id in seen:
                 continue
-            self.seen.add((event.namespace, event.event_id))
+            seen.append(event.event_id)
+            del seen[: -self.settings.dedup_per_actor]
             applied += 1
             if event.item_id is None:
                 continue

@@ -37,6 +37,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo = subparsers.add_parser("demo", help="start everything and replay a real dataset")
     demo.add_argument("--events", type=int, default=20_000, help="how many events to replay")
     demo.add_argument(
+        "--dataset",
+        choices=["movielens", "yoochoose", "taobao"],
+        default="movielens",
+        help="movielens ships in data/; the others are read from --data-dir at run time",
+    )
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent.parent / "shared" / "data",
+        help="folder with the shared datasets (default: ../shared/data)",
+    )
+    demo.add_argument(
         "--no-wait", action="store_true", help="exit after the demo instead of serving until Ctrl-C"
     )
     demo.set_defaults(handler=cmd_demo)
@@ -114,4 +126,10 @@ def cmd_agents(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from recstream.demo import run_demo
 
-    return run_demo(settings, events=args.events, wait=not args.no_wait)
+    return run_demo(
+        settings,
+        events=args.events,
+        wait=not args.no_wait,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+    )

@@ -4,7 +4,7 @@ Every key starts with ``rs:{namespace}:`` so one Redis can serve several sites o
 surfaces, and every key has a cap or a TTL so memory stays bounded:
 
     rs:{ns}:win:{actor}                 LIST  recent interactions, newest first   cap + TTL
-    rs:{ns}:seen:{event_id}             STR   event already applied (idempotence) TTL
+    rs:{ns}:seen:{actor}                ZSET  event ids applied (idempotence)      cap + TTL
     rs:{ns}:pop                         ZSET  item -> weighted interaction count  cap
     rs:{ns}:model:{name}:current        STR   serving version of a trained model  one per model
     rs:{ns}:model:{name}:{version}:...  *     that version's published data       last K versions
@@ -30,8 +30,8 @@ class Keys:
     def window(self, actor: str) -> str:
         return f"{self.prefix}win:{actor}"
 
-    def seen(self, event_id: str) -> str:
-        return f"{self.prefix}seen:{event_id}"
+    def seen(self, actor: str) -> str:
+        return f"{self.prefix}seen:{actor}"
 
     @property
     def popularity(self) -> str:

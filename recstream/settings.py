@@ -7,6 +7,7 @@ code base reads the environment. The defaults point at the embedded local stack 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -74,7 +75,11 @@ class Settings(BaseSettings):
     """How many recent interactions each user's window keeps."""
     window_ttl_s: int = Field(30 * 86400, ge=60)
     dedup_ttl_s: int = Field(7 * 86400, ge=60)
-    """How long an event id is remembered, so a replayed event changes nothing."""
+    """How long an actor's applied event ids are remembered after their last event."""
+    dedup_per_actor: int = Field(256, ge=16)
+    """How many of each actor's latest event ids are remembered, so a replayed event
+    changes nothing. Per actor rather than global keeps memory bounded by the number of
+    active actors, not by the event rate; replays after a crash are seconds old."""
     popularity_cap: int = Field(10_000, ge=10)
     """How many items the popularity counter keeps (lowest scores are evicted)."""
     agent_batch_size: int = Field(500, ge=1)
@@ -98,7 +103,7 @@ class Settings(BaseSettings):
     """How many published versions of each model are kept; older ones are deleted."""
     # (training settings end here)
 
-    @field_validator("aws_endpoint_url", "kinesis_endpoint_url", mode="before")
+    @field_validator("aws_endpoint_url", "kinesis_endpoint_url", "worker_id", mode="before")
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -138,6 +143,19 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as RECSTREAM_* variables, for child processes."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                text = ""
+            elif isinstance(value, dict | list):
+                text = json.dumps(value)
+            else:
+                text = str(value)
+            env[f"RECSTREAM_{name.upper()}"] = text
+        return env
 
     def weight(self, event_type: str) -> float:
         return self.event_weights.get(event_type, 1.0)

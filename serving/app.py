@@ -26,13 +26,14 @@ from agents.state import DynamoWindows, RedisHotStore
 from recstream.errors import RecstreamError
 from recstream.settings import NAMESPACE_PATTERN, Settings
 from recstream.stores import open_stores
+from serving.candidates import PublishedModels
 from serving.collector import collect
 from serving.http import error_response, json_response
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.ranking import Ranker
 from streams.producer import KinesisProducer
 
-__all__ = ["create_app", "run"]
+__all__ = ["app_from_env", "create_app", "run"]
 
 _NAMESPACE = re.compile(NAMESPACE_PATTERN)
 MAX_RESULTS = 500
@@ -110,7 +111,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.settings = settings
             app.state.redis = stores.redis
             app.state.producer = producer
-            app.state.ranker = Ranker(hot, durable, settings)
+            app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -131,6 +132,11 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     return app
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``uvicorn --factory serving.app:app_from_env`` (settings from env)."""
+    return create_app(Settings())
 
 
 def run(settings: Settings, host: str, port: int) -> None:

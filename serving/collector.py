@@ -47,6 +47,12 @@ def _items(body: Any) -> list[Any] | None:
 
 async def collect(request: Request, namespace: str, producer: KinesisProducer) -> Response:
     settings = request.app.state.settings
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        # Refuse before reading: a huge body should cost the server nothing.
+        return error_response(
+            413, "body_too_large", f"the body is {declared} bytes; send at most {MAX_BODY_BYTES}"
+        )
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         return error_response(

@@ -97,7 +97,10 @@ class KinesisProducer:
         max_backoff: float = 2.0,
         linger: float = 0.05,
         max_buffered: int = 10_000,
+        client: KinesisClient | None = None,
     ) -> None:
+        """``client``: an open aiobotocore Kinesis client to share; by default the producer
+        opens (and later closes) its own from ``settings``."""
         self.settings = settings
         self.stream = settings.stream_name
         self.max_attempts = max_attempts
@@ -108,7 +111,7 @@ class KinesisProducer:
             maxsize=max_buffered
         )
         self._client_cm: Any = None
-        self._client: KinesisClient | None = None
+        self._client: KinesisClient | None = client
         self._flusher: asyncio.Task[None] | None = None
         self._sending = asyncio.Lock()
         self._closed = False
@@ -128,10 +131,11 @@ class KinesisProducer:
     async def start(self) -> None:
         if self._closed:
             raise RuntimeError("a closed KinesisProducer cannot be reopened; create a new one")
-        if self._client is not None:
+        if self._flusher is not None:
             return
-        self._client_cm = async_client(self.settings, "kinesis")
-        self._client = await self._client_cm.__aenter__()
+        if self._client is None:
+            self._client_cm = async_client(self.settings, "kinesis")
+            self._client = await self._client_cm.__aenter__()
         self._flusher = asyncio.create_task(self._flush_loop(), name="kinesis-producer-flush")
 
     async def close(self) -> None:

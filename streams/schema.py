@@ -202,7 +202,8 @@ class Event(BaseModel):
         return self.actor
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json", exclude_defaults=False))
+        # pydantic-core's serializer (Rust) is several times faster than dump + orjson.
+        return self.model_dump_json().encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Event:

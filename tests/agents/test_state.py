@@ -128,3 +128,14 @@ async def test_durable_windows_round_trip(durable: DurableWindows, settings: Set
     assert await durable.get(ns, "user3") == entries[3:]
     assert await durable.get(ns, "nobody") is None
     assert await durable.get(f"{ns}-other", "user3") is None
+
+
+async def test_dedup_memory_is_capped_per_actor(hot: HotStore, settings: Settings) -> None:
+    ns = settings.namespace
+    cap = settings.dedup_per_actor
+    events = [ev(n, namespace=ns) for n in range(cap + 10)]
+    await hot.apply(events)
+    again = await hot.apply(events[-cap:])  # the latest `cap` ids are remembered
+    assert again.applied == 0
+    oldest = await hot.apply(events[:1])  # the oldest id was forgotten: bounded memory
+    assert oldest.applied == 1

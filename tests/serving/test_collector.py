@@ -158,3 +158,10 @@ async def test_namespace_mismatch_is_rejected(api: RunningApi) -> None:
     response = await post(api, click(namespace="other"), path="/v1/mine/events")
     assert response.status_code == 422
     assert response.json()["rejected"][0]["errors"][0]["field"] == "namespace"
+
+
+async def test_huge_body_is_refused_before_reading(api: RunningApi) -> None:
+    body = b"[" + b" " * (6 * 1024 * 1024) + b"]"
+    response = await post(api, body)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"

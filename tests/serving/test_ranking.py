@@ -95,3 +95,25 @@ async def test_bad_requests_say_what_to_fix(api: RunningApi) -> None:
     bad = await recommend(api, user_id="u", num_results="lots")
     assert bad.status_code == 422
     assert bad.json()["error"]["code"] == "bad_num_results"
+
+
+class CountingDurable(MemoryDurableWindows):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
+        self.reads += 1
+        return await super().get(namespace, actor)
+
+
+async def test_new_visitors_cost_one_durable_read_not_one_per_request(settings: Settings) -> None:
+    hot, durable = MemoryHotStore(settings), CountingDurable()
+    ranker = Ranker(hot, durable, settings)
+    ns = settings.namespace
+    for _ in range(5):
+        await ranker.recommend(ns, "newcomer", 5)
+    assert durable.reads == 1
+    await hot.apply([view(1, "newcomer", "first-click", ns, "click")])
+    result = await ranker.recommend(ns, "newcomer", 5)
+    assert result.items[0].item_id == "first-click"  # the hot store is still read first

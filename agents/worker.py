@@ -1,0 +1,25 @@
+"""`recstream agents`: one stream worker process, until SIGTERM or Ctrl-C.
+
+On a signal the worker stops gracefully: agents finish their batch, the transport
+checkpoints it and releases its shard leases, so another worker takes over at once
+rather than after the lease expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from agents.app import create_app
+from recstream.settings import Settings
+from streams.kinesis import run_worker
+
+__all__ = ["run"]
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    asyncio.run(run_worker(create_app, settings))
+    return 0

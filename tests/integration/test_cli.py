@@ -1,0 +1,91 @@
+"""`recstream up` / `down` as a user runs them: child processes, custom ports, pid files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from recstream import stack
+from recstream.aws import sync_client
+from recstream.settings import Settings
+
+
+def recstream(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recstream.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_up_is_idempotent_and_down_stops_everything(tmp_path: Path) -> None:
+    redis_port, moto_port, kinesis_port = (stack.free_port() for _ in range(3))
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{redis_port}/0",
+        aws_endpoint_url=f"http://127.0.0.1:{moto_port}",
+        kinesis_endpoint_url=f"http://127.0.0.1:{kinesis_port}",
+        state_dir=tmp_path / "state",
+        kinesis_mock_dir=Settings().kinesis_mock_dir.resolve(),
+    )
+    env = {**os.environ, **settings.to_env()}
+    try:
+        first = recstream(["up"], env)
+        assert first.returncode == 0, first.stderr
+        assert f"redis-server on 127.0.0.1:{redis_port}" in first.stdout
+        assert f"kinesis-mock on http://127.0.0.1:{kinesis_port}" in first.stdout
+        assert all(stack.port_open(p) for p in (redis_port, moto_port, kinesis_port))
+        shards = sync_client(settings, "kinesis").list_shards(StreamName=settings.stream_name)
+        assert len(shards["Shards"]) == settings.stream_shards
+
+        second = recstream(["up"], env)
+        assert second.returncode == 0, second.stderr
+        assert "already running" in second.stdout
+    finally:
+        down = recstream(["down"], env)
+    assert down.returncode == 0, down.stderr
+    assert "redis-server" in down.stdout
+    assert not any(stack.port_open(p) for p in (redis_port, moto_port, kinesis_port))
+    assert list((tmp_path / "state").glob("*.pid")) == []
+
+
+def test_bad_settings_are_reported_not_raised(tmp_path: Path) -> None:
+    env = {**os.environ, "RECSTREAM_STREAM_SHARDS": "zero"}
+    result = recstream(["up"], env)
+    assert result.returncode == 2
+    assert "stream_shards" in result.stderr
+
+
+def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
+    ports = [stack.free_port() for _ in range(3)]
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{ports[0]}/0",
+        aws_endpoint_url=f"http://127.0.0.1:{ports[1]}",
+        api_port=ports[2],
+        state_dir=tmp_path / "state",
+        poll_interval_s=0.05,
+    )
+    env = {**os.environ, **settings.to_env(), "COLUMNS": "200"}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "recstream.cli", "demo", "--no-wait", "--events", "3000"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    finally:
+        recstream(["down"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "3000 events accepted" in out
+    assert "after the clicks" in out
+    after = out[out.index("after the clicks") :]
+    assert "Toy Story (1995)" in after
+    assert "recently_interacted" in after
+    assert "changed recommendations in" in out
