@@ -83,7 +83,13 @@ def make_app(
                 f"{key}={faust_kwargs[key]!r} is not supported by the kinesis:// transport; "
                 f"it needs {key}={required!r} (see docs/streams.md)"
             )
-    options = {**DEFAULTS, **faust_kwargs, **MANDATORY}
+    # faust keeps a data directory even without tables; by default it would be created
+    # in the current directory.
+    datadir = settings.state_dir / "faust" / app_id
+    if "datadir" not in faust_kwargs:
+        # faust creates the directory itself, but not its parents.
+        datadir.parent.mkdir(parents=True, exist_ok=True)
+    options = {**DEFAULTS, "datadir": str(datadir), **faust_kwargs, **MANDATORY}
     broker = "kinesis://?aggregate=true" if aggregate else "kinesis://"
     app = faust.App(app_id, broker=broker, **options)
     setattr(app, SETTINGS_ATTRIBUTE, settings)

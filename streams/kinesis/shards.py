@@ -210,6 +210,8 @@ class ReaderStats:
     calls: int = 0
     throttled: int = 0
     expired: int = 0
+    first_call: float = 0.0
+    """time.monotonic() of the first GetRecords call."""
     last_call: float = 0.0
 
 
@@ -305,6 +307,8 @@ class ShardReader:
                         self._finish()
                         return
                 self.stats.last_call = time.monotonic()
+                if not self.stats.calls:
+                    self.stats.first_call = self.stats.last_call
                 self.stats.calls += 1
                 response = await self.client.get_records(
                     ShardIterator=iterator, Limit=GET_RECORDS_LIMIT
