@@ -35,7 +35,7 @@ from recstream import stack
 from recstream.aws import async_client
 from recstream.settings import Settings
 from streams.envelope import Message, decode
-from streams.kinesis import consumer_of, make_app, running
+from streams.kinesis import consumer_of, make_app, running, unpack
 from streams.kinesis.shards import list_shards, partition_of
 from streams.kinesis.writer import Entry, put_messages
 from streams.leases import DynamoDBLeaseStore
@@ -106,15 +106,15 @@ async def bare_loop(settings: Settings, expected: int) -> float:
     return expected / elapsed
 
 
-async def through_transport(settings: Settings, expected: int) -> float:
-    app = make_app(settings, f"bench-{uuid.uuid4().hex[:8]}")
+async def through_transport(settings: Settings, expected: int, *, whole: bool = False) -> float:
+    app = make_app(settings, f"bench-{uuid.uuid4().hex[:8]}", whole_records=whole)
     done = asyncio.Event()
     state = {"count": 0, "last": 0.0}
 
-    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    @app.agent(app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw"))
     async def count(stream: Any) -> None:
-        async for _ in stream:
-            state["count"] += 1
+        async for event in stream.events():
+            state["count"] += len(unpack(event.key, event.value, event.headers)) if whole else 1
             if state["count"] >= expected:
                 state["last"] = time.monotonic()
                 done.set()
@@ -293,6 +293,16 @@ async def run(args: argparse.Namespace, base: Settings) -> list[tuple[str, str, 
                 f"{measured / reference:.2f}",
             )
         )
+        if aggregate:
+            whole = await through_transport(settings, args.events, whole=True)
+            rows.append(
+                (
+                    "aggregated, whole_records=True: events/s",
+                    f"{whole:,.0f}",
+                    f"{reference:,.0f} (bare GetRecords loop)",
+                    f"{whole / reference:.2f}",
+                )
+            )
     settings = _stream(base, "latency", args.shards)
     samples = await latency(settings, args.latency_seconds, args.rate)
     stats = summarize(samples)

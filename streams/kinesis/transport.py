@@ -124,7 +124,8 @@ class Transport(base.Transport):
     """Kinesis transport for faust (``broker="kinesis://"``).
 
     ``kinesis://?aggregate=true`` makes the producer pack the messages of each shard into
-    aggregated (v2) records.
+    aggregated (v2) records; ``kinesis://?whole_records=true`` makes the consumer hand an
+    aggregated record on as one message (see `streams.kinesis.shards.unpack`).
     """
 
     Consumer: ClassVar[type[Consumer]]
@@ -139,6 +140,7 @@ class Transport(base.Transport):
         self.settings = settings_for(app)
         query = url[0].query if url else {}
         self.aggregate = query.get("aggregate", "").lower() in ("1", "true", "yes")
+        self.whole_records = query.get("whole_records", "").lower() in ("1", "true", "yes")
         self.shard_maps: dict[str, ShardMap] = {}
 
     async def load_shard_map(self, client: KinesisClient, stream: str) -> ShardMap:
@@ -410,6 +412,7 @@ class Consumer(base.Consumer):
             poll_interval_s=self.settings.poll_interval_s,
             on_end=on_end,
             wakeup=self._wakeup,
+            whole_records=self.transport.whole_records,
         )
         partition.reader = reader
         partition.end_offset = None

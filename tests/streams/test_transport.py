@@ -7,11 +7,12 @@ import contextlib
 import time
 from collections import Counter
 
+import faust
 import pytest
 from faust.exceptions import ImproperlyConfigured
 
 from recstream.settings import Settings
-from streams.kinesis import consumer_of, make_app, running, shard_id_of
+from streams.kinesis import consumer_of, make_app, running, shard_id_of, unpack
 from streams.leases import TRIM_HORIZON, DynamoDBLeaseStore
 from streams.schema import Event
 from tests.streams.kinesis_helpers import make_events, put_events, wait_until
@@ -171,3 +172,47 @@ async def test_a_worker_whose_lease_was_stolen_cannot_checkpoint(
     (kept,) = set(leases) - {stolen_shard}
     assert leases[kept].owner == "victim"
     assert leases[kept].checkpoint.sequence_number.isdigit()
+
+
+@pytest.mark.parametrize("whole_records", [False, True], ids=["per-message", "whole-records"])
+async def test_a_restarted_app_resumes_after_its_checkpoints(
+    stream_settings: Settings, whole_records: bool
+) -> None:
+    settings = stream_settings
+    seen: list[str] = []
+
+    def build() -> faust.App:
+        app = make_app(settings, "test-resume", whole_records=whole_records)
+
+        @app.agent(app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw"))
+        async def collect(stream):  # type: ignore[no-untyped-def]
+            async for event in stream.events():
+                for message in unpack(event.key, event.value, event.headers):
+                    seen.append(Event.from_json(message.value).event_id)
+
+        return app
+
+    first = make_events(300, prefix="a")
+    await put_events(settings, first[:100])
+    await put_events(settings, first[100:], aggregate=True)
+    async with running(build()):
+        await wait_until(lambda: len(seen) >= 300, what="the first 300 events")
+    # Stopping committed everything; a new worker of the same app resumes after it.
+    assert sorted(seen) == sorted(e.event_id for e in first)
+    seen.clear()
+    second = make_events(50, prefix="b")
+    await put_events(settings, second, aggregate=True)
+    async with running(build()) as app:
+        readers = consumer_of(app).readers
+
+        def caught_up() -> bool:
+            current = readers()
+            return (
+                len(seen) >= 50
+                and len(current) == 2
+                and all(r.stats.millis_behind == 0 and not r.buffer for r in current.values())
+            )
+
+        # Read to the tip of both shards: a wrongly repeated record would be in `seen`.
+        await wait_until(caught_up, what="the next 50 events and the tip of both shards")
+    assert sorted(seen) == sorted(e.event_id for e in second)
