@@ -10,7 +10,7 @@ from recstream.aws import async_client
 from recstream.settings import Settings
 from streams.envelope import Message
 from streams.kinesis.shards import list_shards
-from streams.kinesis.writer import Entry, put_messages
+from streams.kinesis.writer import Entry, Landed, put_messages
 from streams.schema import Event
 
 
@@ -37,11 +37,13 @@ def entry_for(event: Event) -> Entry:
 
 async def put_events(
     settings: Settings, events: Sequence[Event], *, aggregate: bool = False
-) -> None:
+) -> list[Landed]:
+    """Put the events as the collector does; where each one landed, in order."""
+    landed: list[Landed] = []
     async with async_client(settings, "kinesis") as kinesis:
         shard_map = await list_shards(kinesis, settings.stream_name) if aggregate else None
         for start in range(0, len(events), 500):
-            await put_messages(
+            landed += await put_messages(
                 kinesis,
                 settings,
                 settings.stream_name,
@@ -49,6 +51,7 @@ async def put_events(
                 aggregate=aggregate,
                 shard_map=shard_map,
             )
+    return landed
 
 
 async def wait_until(
