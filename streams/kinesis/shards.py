@@ -103,6 +103,7 @@ class ShardMap:
 
     def __init__(self, stream: str, shards: Sequence[ShardInfo]) -> None:
         self.stream = stream
+        self.loaded_at = time.monotonic()
         self.shards = {s.shard_id: s for s in shards}
         self.open = sorted((s for s in shards if not s.closed), key=lambda s: s.start_hash)
 
@@ -313,6 +314,19 @@ class ShardReader:
             await asyncio.sleep(delay)
 
     async def _run(self) -> None:
+        # A bug or an unexpected reply must not silently stall the shard: log it, wait,
+        # and read on from the last record handed on.
+        while True:
+            try:
+                await self._read()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reader of %s/%s failed; restarting it", self.stream, self.shard_id)
+                await asyncio.sleep(1.0)
+
+    async def _read(self) -> None:
         backoff = 0.0
         iterator: str | None = None
         caught_up = False

@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 SETTINGS_ATTRIBUTE = "_recstream_settings"
 LEASE_STORE_ATTRIBUTE = "_recstream_lease_store"
 MAX_RECORDS_PER_PARTITION_FETCH = 5000
+SHARD_MAP_TTL_S = 30.0
+"""How long the producer trusts its shard map before listing the shards again."""
 
 
 def settings_for(app: AppT) -> Settings:
@@ -769,7 +771,11 @@ class Producer(base.Producer):
         for topic, items in by_topic.items():
             try:
                 shard_map = self.transport.shard_maps.get(topic)
-                if self.transport.aggregate and shard_map is None:
+                if self.transport.aggregate and (
+                    shard_map is None or time.monotonic() - shard_map.loaded_at > SHARD_MAP_TTL_S
+                ):
+                    # Aggregated records are routed by hash key to one shard, so after a
+                    # reshard the map must follow, or a record would mix two children's keys.
                     shard_map = await self.transport.load_shard_map(self._kinesis(), topic)
                 landed = await put_messages(
                     self._kinesis(),
