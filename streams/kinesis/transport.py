@@ -49,6 +49,13 @@ from recstream.aws import async_client, translate
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from streams.envelope import Message
+from streams.kinesis.metrics import (
+    CHECKPOINTS,
+    MESSAGES,
+    MILLIS_BEHIND,
+    REBALANCES,
+    SHARDS_OWNED,
+)
 from streams.kinesis.shards import (
     KinesisRecord,
     Position,
@@ -335,6 +342,12 @@ class Consumer(base.Consumer):
                 await self.transport.load_shard_map(self._kinesis(), stream)
             self._generation += 1
             self.rebalances += 1
+            REBALANCES.inc()
+            for tp in revoked:
+                with contextlib.suppress(KeyError):
+                    MILLIS_BEHIND.remove(tp.topic, shard_id_of(tp.partition))
+            for stream in self._coordinators:
+                SHARDS_OWNED.labels(stream).set(sum(1 for tp in wanted if tp.topic == stream))
             # Must be set before on_partitions_assigned, or faust's recovery thinks
             # another rebalance started and never resumes the streams.
             self.app.consumer_generation_id = self._generation
@@ -526,6 +539,10 @@ class Consumer(base.Consumer):
                     (r.offset, r.sequence_number, r.sub_sequence) for r in records
                 )
                 out[tp] = records
+                MESSAGES.labels(tp.topic).inc(len(records))
+                behind = partition.reader.stats.millis_behind
+                if behind is not None:
+                    MILLIS_BEHIND.labels(tp.topic, partition.shard_id).set(behind)
             if out:
                 return out
             remaining = deadline - time.monotonic()
@@ -576,12 +593,15 @@ class Consumer(base.Consumer):
                 # Another worker holds the shard now and resumes from the last accepted
                 # checkpoint; stop reading it. The coordinator revokes it next cycle.
                 self.refused_checkpoints += 1
+                CHECKPOINTS.labels(tp.topic, "refused").inc()
                 log.warning("%s", exc)
                 await self._lose(partition)
                 continue
             except RecstreamError as exc:
+                CHECKPOINTS.labels(tp.topic, "failed").inc()
                 log.warning("checkpoint of %s failed, retried at the next commit: %s", tp, exc)
                 continue
+            CHECKPOINTS.labels(tp.topic, "written").inc()
             while partition.handed and partition.handed[0][0] < offset:
                 partition.handed.popleft()
             partition.checkpoint = checkpoint

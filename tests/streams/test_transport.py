@@ -10,6 +10,7 @@ from collections import Counter
 import faust
 import pytest
 from faust.exceptions import ImproperlyConfigured
+from prometheus_client import REGISTRY
 
 from recstream.settings import Settings
 from streams.kinesis import consumer_of, make_app, running, shard_id_of, unpack
@@ -47,6 +48,10 @@ async def test_every_record_single_and_aggregated_reaches_an_agent(
 
     ids = Counter(e.event_id for e in seen)
     assert len(ids) == 1000
+    labels = {"stream": settings.stream_name}
+    assert (REGISTRY.get_sample_value("recstream_stream_messages_total", labels) or 0) >= 1000
+    written = {**labels, "outcome": "written"}
+    assert (REGISTRY.get_sample_value("recstream_stream_checkpoints_total", written) or 0) >= 2
     assert set(ids) == {e.event_id for e in single + aggregated}
     # Per user, events arrive in the order they were put (single first, then aggregated).
     for user in {e.user_id for e in seen}:
