@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 
 from recstream.aws import async_client
@@ -67,17 +66,3 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as RECSTREAM_* variables, for a subprocess or the CLI."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            text = ""
-        elif isinstance(value, dict):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        env[f"RECSTREAM_{name.upper()}"] = text
-    return env

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from recstream.settings import Settings
 from streams.leases import DynamoDBLeaseStore, LeaseInfo
 from tests.conftest import REPO, LocalStack, make_settings
-from tests.streams.kinesis_helpers import make_events, put_events, settings_env
+from tests.streams.kinesis_helpers import make_events, put_events
 from tests.streams.worker_apps import APP_ID, processed_key
 
 
@@ -34,7 +34,7 @@ class Workers:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_id: str) -> None:
-        env = {**os.environ, **settings_env(self.settings), "RECSTREAM_WORKER_ID": worker_id}
+        env = {**os.environ, **self.settings.to_env(), "RECSTREAM_WORKER_ID": worker_id}
         with (self.logdir / f"{worker_id}.log").open("wb") as log:
             self.processes[worker_id] = subprocess.Popen(
                 [

@@ -221,3 +221,37 @@ async def test_a_restarted_app_resumes_after_its_checkpoints(
         # Read to the tip of both shards: a wrongly repeated record would be in `seen`.
         await wait_until(caught_up, what="the next 50 events and the tip of both shards")
     assert sorted(seen) == sorted(e.event_id for e in second)
+
+
+@pytest.mark.parametrize("start", ["latest", "timestamp"])
+async def test_start_position_latest_or_a_timestamp_skips_older_records(
+    stream_settings: Settings, start: str
+) -> None:
+    await put_events(stream_settings, make_events(50, prefix="old"))
+    if start == "timestamp":
+        # Arrival timestamps have second precision in the emulators: keep clear of them.
+        await asyncio.sleep(1.1)
+        position = str(time.time())
+        await asyncio.sleep(1.1)
+    else:
+        position = "latest"
+    settings = stream_settings.model_copy(update={"start_position": position})
+    app = make_app(settings, f"test-start-{start}")
+    seen: list[str] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value).event_id)
+
+    async with running(app):
+        readers = consumer_of(app).readers
+        # Once both readers have made a call, their iterators exist: LATEST is fixed.
+        await wait_until(
+            lambda: len(readers()) == 2 and all(r.stats.calls for r in readers().values()),
+            what="both shards being read",
+        )
+        new = make_events(20, prefix="new")
+        await put_events(settings, new)
+        await wait_until(lambda: len(seen) >= 20, what="the new events")
+    assert sorted(seen) == sorted(e.event_id for e in new)
