@@ -136,7 +136,11 @@ def load_factory(spec: str) -> Callable[[Settings], faust.App]:
 
 
 async def run_worker(factory: Callable[[Settings], faust.App], settings: Settings) -> None:
-    """Run one worker until SIGTERM or SIGINT, then stop cleanly (commit, release)."""
+    """Run one worker until SIGTERM or SIGINT, then stop cleanly (commit, release).
+
+    If the app crashes (e.g. its stream does not exist), it is stopped and the crash
+    reason is raised, so the process exits with an error that says what to fix.
+    """
     app = factory(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,8 +148,15 @@ async def run_worker(factory: Callable[[Settings], faust.App], settings: Setting
         loop.add_signal_handler(sig, stop.set)
     async with running(app):
         log.info("worker %s of %s running", settings.worker_id, app.conf.id)
-        crashed = asyncio.ensure_future(app.wait_for_stopped())
+        # mode marks a crashed service (and its parents) through this event; it has no
+        # public awaitable for it.
+        crashed = asyncio.ensure_future(app._crashed.wait())
+        stopped = asyncio.ensure_future(app.wait_for_stopped())
         waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({crashed, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        for future in (crashed, waiter):
+        futures = {crashed, stopped, waiter}
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+        for future in futures:
             future.cancel()
+    reason = app.crash_reason
+    if app._crashed.is_set() and reason is not None:
+        raise reason

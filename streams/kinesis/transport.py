@@ -46,7 +46,7 @@ from faust.types.tuples import ConsumerMessage, RecordMetadata
 from yarl import URL
 
 from recstream.aws import async_client, translate
-from recstream.errors import RecstreamError
+from recstream.errors import RecstreamError, ResourceNotFound
 from recstream.settings import Settings
 from streams.envelope import Message
 from streams.kinesis.metrics import (
@@ -278,9 +278,17 @@ class Consumer(base.Consumer):
         interval = max(0.5, self.settings.lease_duration_s / 2)
         while not self._closing:
             self._subscribed.clear()
-            for topic in sorted(self._topics - set(self._coordinators)):
-                await self._start_coordinator(topic)
-            await self._reconcile()
+            try:
+                for topic in sorted(self._topics - set(self._coordinators)):
+                    await self._start_coordinator(topic)
+                await self._reconcile()
+            except ResourceNotFound as exc:
+                # A missing stream or lease table will not appear by waiting: stop the
+                # worker with the error, which says how to create it.
+                await self.crash(exc)
+                return
+            except RecstreamError as exc:
+                log.warning("kinesis worker %s: %s; retrying", self.worker_id, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._subscribed.wait(), interval)
 
@@ -299,8 +307,8 @@ class Consumer(base.Consumer):
             on_change=on_change,
             store=store,
         )
-        self._coordinators[stream] = coordinator
         await coordinator.start()
+        self._coordinators[stream] = coordinator
 
     async def _reconcile(self) -> None:
         """Make faust's assignment equal the leases held: revoke, then assign."""

@@ -213,3 +213,19 @@ async def _wait_async(check: object, timeout: float, what: object, workers: Work
             logs = "\n".join(f"--- {w}\n{workers.log(w)}" for w in workers.processes)
             raise AssertionError(f"timed out waiting for {what()}\n{logs}")
         await asyncio.sleep(0.2)
+
+
+def test_a_worker_for_a_missing_stream_exits_saying_so(settings: Settings, tmp_path: Path) -> None:
+    missing = settings.model_copy(update={"stream_name": f"{settings.stream_name}-missing"})
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.kinesis", "tests.streams.worker_apps:recording_app"],
+        cwd=REPO,
+        env={**os.environ, **missing.to_env(), "RECSTREAM_WORKER_ID": "w"},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode != 0, output
+    assert f"{missing.stream_name!r}" in output
+    assert "not found" in output
