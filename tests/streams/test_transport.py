@@ -255,3 +255,26 @@ async def test_start_position_latest_or_a_timestamp_skips_older_records(
         await put_events(settings, new)
         await wait_until(lambda: len(seen) >= 20, what="the new events")
     assert sorted(seen) == sorted(e.event_id for e in new)
+
+
+async def test_batches_taken_with_stream_take_are_checkpointed(
+    stream_settings: Settings,
+) -> None:
+    settings = stream_settings
+    await put_events(settings, make_events(500), aggregate=True)
+    app = make_app(settings, "test-take")
+    batches: list[int] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for values in stream.take(100, within=0.05):
+            batches.append(len(values))
+
+    async with running(app):
+        consumer = consumer_of(app)
+        await wait_until(lambda: sum(batches) >= 500, what="500 events in batches")
+        await wait_until(
+            lambda: sum(p.committed_offset for p in consumer._partitions.values()) == 500,
+            what="every taken message checkpointed",
+        )
+    assert max(batches) > 1
