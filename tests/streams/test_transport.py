@@ -278,3 +278,34 @@ async def test_batches_taken_with_stream_take_are_checkpointed(
             what="every taken message checkpointed",
         )
     assert max(batches) > 1
+
+
+async def test_a_graceful_stop_hands_the_shards_over_without_repeats(
+    stream_settings: Settings,
+) -> None:
+    seen: list[bytes] = []
+
+    def build(worker_id: str) -> faust.App:
+        settings = stream_settings.model_copy(update={"worker_id": worker_id})
+        app = make_app(settings, "test-graceful")
+
+        @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+        async def collect(stream):  # type: ignore[no-untyped-def]
+            async for value in stream:
+                seen.append(value)
+
+        return app
+
+    events = make_events(2000)
+    await put_events(stream_settings, events)
+    first = build("first")
+    await first.start()
+    try:
+        await wait_until(lambda: len(seen) >= 500, what="the first worker to be busy")
+    finally:
+        await first.stop()  # commits what was acked and releases the leases
+    async with running(build("second")):
+        await wait_until(lambda: len(set(seen)) >= 2000, what="the rest by the second worker")
+    # Only a message the first worker's agent was inside of when stopped (not yet acked)
+    # may be processed again: at most one per agent.
+    assert len(seen) - len(set(seen)) <= 1
