@@ -64,6 +64,10 @@ class WindowAgent:
         if events:
             result = await self.hot.apply(events)
             stats.applied, stats.duplicates = result.applied, result.duplicates
+            if result.duplicates:
+                # Expected after a crash or a lease handover: the batch since the last
+                # checkpoint is delivered again, and the ids say it was applied.
+                log.info("skipped %d already-applied events from %s", result.duplicates, source)
             # Every actor of the batch, not only those changed now: after a crash between
             # the hot and the durable write, the replay finds only duplicates, and the
             # durable copy must still catch up.
