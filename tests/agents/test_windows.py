@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -71,3 +72,22 @@ async def test_malformed_records_go_to_the_real_dead_letter_queue(settings: Sett
     assert sorted(base64.b64decode(b["raw_base64"]) for b in bodies) == sorted(bad)
     assert all(b["source"] == "stream/shardId-000000000000" for b in bodies)
     assert any("user_id" in b["reason"] for b in bodies)
+
+
+async def test_a_failing_batch_is_retried_not_skipped(settings: Settings) -> None:
+    from agents.app import until_done
+    from recstream.errors import StoreUnavailable
+
+    hot, durable = MemoryHotStore(settings), MemoryDurableWindows()
+    agent = WindowAgent(hot, durable, MemoryDeadLetters())
+    failures = [StoreUnavailable("redis is restarting"), RuntimeError("bug")]
+
+    async def flaky(values: Sequence[bytes], source: str) -> object:
+        if failures:
+            raise failures.pop(0)
+        return await agent.process(values, source)
+
+    batch = [raw(n, "u1", settings.namespace) for n in range(3)]
+    await until_done(flaky, batch, "stream", max_delay=0.01)
+    assert failures == []
+    assert len(await hot.window(settings.namespace, "u1")) == 3

@@ -12,6 +12,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,8 +40,13 @@ async def both_own_shards(settings: Settings, log: Path) -> None:
     pytest.fail(f"the two workers never shared the shards; log:\n{tail(log)}")
 
 
+async def popularity(client: aioredis.Redis, keys: Keys) -> dict[str, float]:
+    pairs: list[Any] = await client.zrange(keys.popularity, 0, -1, withscores=True)
+    return {bytes(item).decode(): float(score) for item, score in pairs}
+
+
 async def popularity_total(client: aioredis.Redis, keys: Keys) -> float:
-    return sum(score for _, score in await client.zrange(keys.popularity, 0, -1, withscores=True))
+    return sum((await popularity(client, keys)).values())
 
 
 async def test_sigkill_mid_stream_loses_nothing_and_counts_once(
@@ -96,11 +102,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_once(
             expected = {f"i{i}": 0.0 for i in range(ITEMS)}
             for event in events:
                 expected[str(event["item_id"])] += 1.0
-            counts = {
-                item.decode(): score
-                for item, score in await client.zrange(keys.popularity, 0, -1, withscores=True)
-            }
-            assert counts == expected
+            assert await popularity(client, keys) == expected
             for user in range(USERS):
                 window = await client.lrange(keys.window(f"u{user}"), 0, -1)
                 assert len(window) == EVENTS // USERS
