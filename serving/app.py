@@ -4,6 +4,7 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
 
     POST /v1/events                         /v1/{namespace}/events
     GET  /v1/recommendations?user_id=…      /v1/{namespace}/recommendations
+         (or session_id=…; num_results=1..500, default 25; exclude=id,id,…)
     GET  /healthz                           Redis and Kinesis reachable
     GET  /metrics                           Prometheus
 """
@@ -78,7 +79,12 @@ async def get_recommendations(request: Request) -> Response:
         )
     actor = user_id if user_id else f"session:{session_id}"
     ranker: Ranker = request.app.state.ranker
-    result = await ranker.recommend(namespace, actor, num_results)
+    exclude = frozenset(i for i in params.get("exclude", "").split(",") if i)
+    if len(exclude) > MAX_RESULTS:
+        return error_response(
+            422, "bad_exclude", f"exclude at most {MAX_RESULTS} comma-separated item ids"
+        )
+    result = await ranker.recommend(namespace, actor, num_results, exclude)
     for store in result.degraded:
         RANK_DEGRADED.labels(store=store).inc()
     RANK_LATENCY.observe(time.perf_counter() - started)

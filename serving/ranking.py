@@ -143,7 +143,15 @@ class Ranker:
             return durable
         return []
 
-    async def recommend(self, namespace: str, actor: str, num_results: int) -> Recommendations:
+    async def recommend(
+        self,
+        namespace: str,
+        actor: str,
+        num_results: int,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Recommendations:
+        """The top ``num_results`` items for ``actor``, never one in ``exclude`` (e.g. what
+        the page already shows) nor one the actor purchased."""
         started = time.perf_counter()
         degraded: list[str] = []
         window, popular = await asyncio.gather(
@@ -184,8 +192,9 @@ class Ranker:
                 scores[item] += W_POPULAR * count / top
                 reasons[item].append("popular")
 
+        hidden = purchased | exclude
         ranked = sorted(
-            (item for item in scores if item not in purchased),
+            (item for item in scores if item not in hidden),
             key=lambda item: (-scores[item], item),
         )[:num_results]
         return Recommendations(

@@ -117,3 +117,16 @@ async def test_new_visitors_cost_one_durable_read_not_one_per_request(settings: 
     await hot.apply([view(1, "newcomer", "first-click", ns, "click")])
     result = await ranker.recommend(ns, "newcomer", 5)
     assert result.items[0].item_id == "first-click"  # the hot store is still read first
+
+
+async def test_excluded_items_are_never_returned(api: RunningApi) -> None:
+    ns = api.settings.namespace
+    client = aioredis.from_url(api.settings.redis_url)
+    try:
+        await RedisHotStore(client, api.settings).apply(
+            [view(n, f"c{n}", f"p{n % 4}", ns) for n in range(12)]
+        )
+    finally:
+        await client.aclose()
+    body = (await recommend(api, user_id="x", exclude="p0,p2")).json()
+    assert [i["item_id"] for i in body["items"]] == ["p1", "p3"]
