@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from agents.deadletter import DeadLetter, DeadLetters
-from agents.state import DurableWindows, HotStore, persist_windows
+from agents.state import DurableWindows, HotStore, persist_windows, recover_lost_windows
 from streams.schema import Event
 
 __all__ = ["BatchStats", "WindowAgent"]
@@ -68,6 +68,10 @@ class WindowAgent:
                 # Expected after a crash or a lease handover: the batch since the last
                 # checkpoint is delivered again, and the ids say it was applied.
                 log.info("skipped %d already-applied events from %s", result.duplicates, source)
+            if result.fresh:
+                # Windows that had to be created: new actors, or windows Redis lost. The
+                # durable copy of a lost one is merged back before it is overwritten.
+                await recover_lost_windows(self.hot, self.durable, result.fresh)
             # Every actor of the batch, not only those changed now: after a crash between
             # the hot and the durable write, the replay finds only duplicates, and the
             # durable copy must still catch up.

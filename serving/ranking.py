@@ -138,7 +138,7 @@ class Ranker:
             self._misses.add((namespace, actor))
         if durable:
             await self._bounded(
-                "restore_window", self.hot.restore_window(namespace, actor, durable), degraded
+                "restore_window", self.hot.merge_window(namespace, actor, durable), degraded
             )
             return durable
         return []
