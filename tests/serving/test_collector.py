@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -165,3 +166,16 @@ async def test_huge_body_is_refused_before_reading(api: RunningApi) -> None:
     response = await post(api, body)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
+
+
+async def test_huge_chunked_body_is_refused_without_a_length(api: RunningApi) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"["
+        for _ in range(7):
+            yield b" " * (1024 * 1024)
+        yield b"]"
+
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        response = await client.post("/v1/events", content=chunks())
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
