@@ -13,15 +13,23 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from agents.deadletter import DeadLetter, DeadLetters
 from agents.state import DurableWindows, HotStore, persist_windows, recover_lost_windows
 from streams.schema import Event
 
-__all__ = ["BatchStats", "WindowAgent"]
+__all__ = ["BatchStats", "StoredEvent", "WindowAgent"]
 
 log = logging.getLogger(__name__)
+
+
+class StoredEvent(Event):
+    """An event read back from the stream. Unknown fields are ignored rather than refused:
+    during a rolling deploy a newer collector may add one that older agents do not know,
+    and the collector is where unknown fields are refused."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 @dataclass
@@ -47,7 +55,7 @@ class WindowAgent:
         bad: list[DeadLetter] = []
         for raw in records:
             try:
-                events.append(Event.from_json(raw))
+                events.append(StoredEvent.from_json(raw))
             except ValidationError as exc:
                 reason = "; ".join(
                     f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()

@@ -5,7 +5,7 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
     POST /v1/events                         /v1/{namespace}/events
     GET  /v1/recommendations?user_id=…      /v1/{namespace}/recommendations
          (or session_id=…; num_results=1..500, default 25; exclude=id,id,…)
-    GET  /healthz                           Redis and Kinesis reachable
+    GET  /healthz                           Redis reachable
     GET  /metrics                           Prometheus
 """
 
@@ -41,10 +41,17 @@ MAX_RESULTS = 500
 
 
 def _namespace(request: Request) -> str | Response:
-    namespace = request.path_params.get("namespace", request.app.state.settings.namespace)
-    if not _NAMESPACE.match(namespace):
+    settings: Settings = request.app.state.settings
+    namespace = request.path_params.get("namespace", settings.namespace)
+    if not _NAMESPACE.fullmatch(namespace):
         return error_response(
             404, "bad_namespace", f"namespace {namespace!r} must match {NAMESPACE_PATTERN}"
+        )
+    if settings.namespaces and namespace not in settings.namespaces:
+        return error_response(
+            404,
+            "unknown_namespace",
+            f"namespace {namespace!r} is not served here; use one of {settings.namespaces}",
         )
     return str(namespace)
 

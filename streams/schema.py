@@ -185,6 +185,10 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _who_and_what(self) -> Event:
+        if self.user_id is not None and self.user_id.startswith("session:"):
+            # "session:" prefixes anonymous actors (see `actor`); a user id with it would
+            # share a window with an anonymous session.
+            raise ValueError("user_id must not start with 'session:'; send session_id instead")
         if self.user_id is None and self.session_id is None:
             raise ValueError("an event needs user_id, or session_id for an anonymous visitor")
         if self.item_id is None and self.event_type in ITEM_EVENT_TYPES:

@@ -9,11 +9,12 @@ from typing import Any
 import httpx
 import pytest
 
+from recstream import stack
 from recstream.aws import sync_client
 from recstream.settings import Settings
 from streams.envelope import decode
 from streams.schema import Event
-from tests.conftest import RunningApi
+from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_thread
 
 
 def read_stream(settings: Settings) -> list[tuple[str, Event]]:
@@ -179,3 +180,18 @@ async def test_huge_chunked_body_is_refused_without_a_length(api: RunningApi) ->
         response = await client.post("/v1/events", content=chunks())
     assert "content-length" not in response.request.headers
     assert response.status_code == 413
+
+
+async def test_namespace_allow_list_and_trailing_newline(local_stack: LocalStack) -> None:
+    from serving.app import create_app
+
+    settings = make_settings(local_stack, namespaces=["shop"])
+    port = stack.free_port()
+    with serve_in_thread(create_app(settings), port):
+        api = RunningApi(url=f"http://127.0.0.1:{port}", settings=settings)
+        assert (await post(api, click(), path="/v1/shop/events")).status_code == 202
+        other = await post(api, click(), path="/v1/other/events")
+        assert other.status_code == 404
+        assert "shop" in other.json()["error"]["message"]
+        newline = await post(api, click(), path="/v1/shop%0A/events")
+        assert newline.status_code == 404
