@@ -22,7 +22,7 @@ from recstream.aws import sync_client
 from recstream.keys import Keys
 from recstream.settings import Settings
 from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_thread
-from tests.integration.test_spine import agent_worker, tail
+from tests.integration.test_spine import agent_worker, eventually, tail
 
 USERS, ITEMS, EVENTS = 60, 40, 2400
 
@@ -43,6 +43,10 @@ async def both_own_shards(settings: Settings, log: Path) -> None:
 async def popularity(client: aioredis.Redis, keys: Keys) -> dict[str, float]:
     pairs: list[Any] = await client.zrange(keys.popularity, 0, -1, withscores=True)
     return {bytes(item).decode(): float(score) for item, score in pairs}
+
+
+async def at_least(client: aioredis.Redis, keys: Keys, total: float) -> bool:
+    return await popularity_total(client, keys) >= total
 
 
 async def popularity_total(client: aioredis.Redis, keys: Keys) -> float:
@@ -76,6 +80,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_once(
             agent_worker(settings, tmp_path / "b.log"),
         ):
             api = RunningApi(url=f"http://127.0.0.1:{port}", settings=settings)
+            log_b = tmp_path / "b.log"
             await both_own_shards(settings, tmp_path / "b.log")
             async with httpx.AsyncClient(base_url=api.url, timeout=30) as http:
                 for start in range(0, EVENTS, 100):
@@ -85,8 +90,9 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_once(
                         # Mid-stream: wait until the workers are applying what flows (so
                         # the doomed one holds applied but uncommitted work), then kill
                         # it hard, and keep posting.
-                        while await popularity_total(client, keys) < start / 2:
-                            await asyncio.sleep(0.01)
+                        await eventually(
+                            lambda: at_least(client, keys, start / 2), "processing", log_b
+                        )
                         doomed.send_signal(signal.SIGKILL)
                     await asyncio.sleep(0.02)
             deadline = time.monotonic() + 90
