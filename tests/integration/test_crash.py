@@ -91,7 +91,7 @@ async def test_sigkill_mid_stream_loses_nothing_and_counts_once(
                         # the doomed one holds applied but uncommitted work), then kill
                         # it hard, and keep posting.
                         await eventually(
-                            lambda: at_least(client, keys, start / 2), "processing", log_b
+                            lambda: at_least(client, keys, EVENTS / 6), "processing", log_b
                         )
                         doomed.send_signal(signal.SIGKILL)
                     await asyncio.sleep(0.02)
