@@ -71,7 +71,7 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
             agent = WindowAgent(
                 RedisHotStore(stores.redis, settings),
                 DynamoWindows(stores.dynamodb, settings),
-                SqsDeadLetters(stores.sqs, settings),
+                SqsDeadLetters(stores.sqs, settings, stores.s3),
             )
             async for values in stream.take(
                 settings.agent_batch_size, within=settings.agent_batch_window_s

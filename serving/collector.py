@@ -158,5 +158,9 @@ async def collect(request: Request, namespace: str, producer: KinesisProducer) -
     EVENTS.labels(outcome="failed").inc(len(failed))
     payload = {"accepted": accepted, "rejected": rejected, "failed": failed}
     if failed:
-        return json_response(payload, status_code=503, headers={"Retry-After": "1"})
+        # Retriable (throttling, an outage): 503 and resend the failed ids. Otherwise the
+        # deployment is broken (e.g. the stream is missing) and resending will not help.
+        if all(r.retriable for r in results if not r.ok):
+            return json_response(payload, status_code=503, headers={"Retry-After": "1"})
+        return json_response(payload, status_code=500)
     return json_response(payload, status_code=202)

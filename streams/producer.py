@@ -59,6 +59,9 @@ class PutResult:
     shard_id: str | None = None
     sequence_number: str | None = None
     error: str | None = None
+    retriable: bool = True
+    """For a failed event: whether resending later can succeed (throttling, an outage)
+    or something must be fixed first (a missing stream)."""
 
 
 def record_for(event: Event) -> dict[str, Any]:
@@ -190,11 +193,16 @@ class KinesisProducer:
                     Records=[records[i] for i in pending],  # type: ignore[misc]
                 )
             except (BotoCoreError, ClientError) as exc:
-                error = translate(exc, f"PutRecords to stream {self.stream!r}", self.settings)
+                error = translate(
+                    exc, f"PutRecords to stream {self.stream!r}", self.settings, "kinesis"
+                )
                 if not error.retriable or attempt >= self.max_attempts:
                     for index in pending:
                         results[positions[index]] = PutResult(
-                            event_id=events[index].event_id, ok=False, error=str(error)
+                            event_id=events[index].event_id,
+                            ok=False,
+                            error=str(error),
+                            retriable=error.retriable,
                         )
                     return
                 last_error = str(error)

@@ -102,7 +102,7 @@ async def real_agent(settings: Settings) -> AsyncIterator[tuple[WindowAgent, aio
             WindowAgent(
                 RedisHotStore(stores.redis, settings),
                 DynamoWindows(stores.dynamodb, settings),
-                SqsDeadLetters(stores.sqs, settings),
+                SqsDeadLetters(stores.sqs, settings, stores.s3),
             ),
             stores.redis,
         )
@@ -156,3 +156,20 @@ async def test_windows_are_ordered_by_event_time_whatever_the_arrival(settings: 
             await WindowAgent(hot, MemoryDurableWindows(), MemoryDeadLetters()).process(arrivals)
             window = await hot.window(ns, "u")
         assert [e.item_id for e in window] == ["i3", "i2", "i1", "i0"]
+
+
+async def test_a_record_too_large_for_sqs_is_dead_lettered_through_s3(settings: Settings) -> None:
+    huge = b"x" * (600 * 1024)  # fits a Kinesis record, not an SQS message
+    async for agent, _ in real_agent(settings):
+        stats = await agent.process([huge, b"small and bad"], source="stream")
+    assert stats.dead_lettered == 2
+    queue = sync_client(settings, "sqs")
+    url = queue.get_queue_url(QueueName=settings.dlq_name)["QueueUrl"]
+    bodies = [
+        orjson.loads(m["Body"])
+        for m in queue.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    ]
+    [offloaded] = [b for b in bodies if "raw_s3_uri" in b]
+    bucket, key = offloaded["raw_s3_uri"].removeprefix("s3://").split("/", 1)
+    assert sync_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read() == huge
+    assert any(b.get("raw_base64") for b in bodies)

@@ -195,3 +195,17 @@ async def test_namespace_allow_list_and_trailing_newline(local_stack: LocalStack
         assert "shop" in other.json()["error"]["message"]
         newline = await post(api, click(), path="/v1/shop%0A/events")
         assert newline.status_code == 404
+
+
+async def test_a_missing_stream_is_a_500_that_lists_every_event(settings: Settings) -> None:
+    from serving.app import create_app
+
+    broken = settings.model_copy(update={"stream_name": "no-such-stream"})
+    port = stack.free_port()
+    with serve_in_thread(create_app(broken), port):
+        api = RunningApi(url=f"http://127.0.0.1:{port}", settings=broken)
+        response = await post(api, [click("u1"), click("u2")])
+    assert response.status_code == 500
+    body = response.json()
+    assert [f["index"] for f in body["failed"]] == [0, 1]
+    assert "recstream up" in body["failed"][0]["error"]
