@@ -36,7 +36,7 @@ class DeadLetter:
     raw: bytes
     reason: str
     source: str
-    """Where the record came from, e.g. ``stream/shardId-000000000001``."""
+    """Where the record came from: the stream's name."""
 
     def body(self, raw_s3_uri: str | None = None) -> str:
         doc: dict[str, object] = {
