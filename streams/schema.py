@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
 import orjson
 from pydantic import (
@@ -225,7 +225,7 @@ class Interaction(BaseModel):
     event_type: str = EventType.CLICK.value
     event_value: float | None = None
 
-    CSV_COLUMNS: tuple[str, ...] = ("USER_ID", "ITEM_ID", "TIMESTAMP", "EVENT_TYPE", "EVENT_VALUE")
+    CSV_COLUMNS: ClassVar[tuple[str, ...]] = ("USER_ID", "ITEM_ID", "TIMESTAMP", "EVENT_TYPE", "EVENT_VALUE")
 
     @classmethod
     def from_csv_row(cls, row: Mapping[str, str]) -> Interaction:
@@ -271,7 +271,7 @@ class Item(BaseModel):
     creation_timestamp: float | None = None
     title: str | None = None
 
-    CSV_COLUMNS: tuple[str, ...] = (
+    CSV_COLUMNS: ClassVar[tuple[str, ...]] = (
         "ITEM_ID",
         "CATEGORIES",
         "BRAND",

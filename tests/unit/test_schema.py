@@ -76,3 +76,8 @@ def test_agents_ignore_fields_a_newer_collector_added() -> None:
     assert StoredEvent.from_json(raw).item_id == "i"
     with pytest.raises(ValidationError):
         Event.from_json(raw)
+
+
+def test_csv_columns_are_class_constants_not_fields() -> None:
+    assert Interaction.CSV_COLUMNS[0] == "USER_ID"
+    assert "CSV_COLUMNS" not in Item.model_fields
