@@ -602,8 +602,7 @@ class ModelRegistry:
     async def _write_records(
         self, name: str, version: str, records: Iterable[RedisRecord], report: Progress
     ) -> int:
-        count = 0
-        members = 0
+        count = flushed = members = 0
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for record in records:
@@ -612,10 +611,10 @@ class ModelRegistry:
                     count += 1
                     if members >= CHUNK_MEMBERS:
                         await self._flush(pipe, name, version)
-                        report("records", members, None)
-                        members = 0
+                        report("records", count - flushed, None)
+                        members, flushed = 0, count
                 await self._flush(pipe, name, version)
-                report("records", members, None)
+                report("records", count - flushed, None)
         except RedisError as exc:
             raise self._redis_failed(exc, f"writing {name} {version}'s records") from exc
         return count
