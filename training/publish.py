@@ -57,7 +57,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from recstream.aws import async_client, translate
-from recstream.errors import ConfigurationError, ResourceNotFound, StoreUnavailable
+from recstream.errors import (
+    ConfigurationError,
+    RecstreamError,
+    ResourceNotFound,
+    StoreUnavailable,
+)
 from recstream.keys import Keys
 from recstream.settings import Settings
 from training.base import Model, RedisRecord
@@ -557,7 +562,11 @@ class ModelRegistry:
         if promote:
             await self.promote(name, version)
         if gc:
-            await self.gc(name)
+            try:
+                await self.gc(name)
+            except RecstreamError:
+                # The version is published and serving; old ones go at the next collection.
+                log.warning("garbage collection of %s failed; will retry next time", name)
         info = next(i for i in await self.versions(name) if i.version == version)
         return info
 
