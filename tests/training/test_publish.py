@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from botocore.exceptions import ClientError
 
@@ -295,6 +296,33 @@ async def test_s3_failure_midway_leaves_old_version_serving(
     assert [i.version for i in await good.versions("tiny")] == [v1.version]
     assert await redis_keys(redis_client, f"{keys.prefix}*") == before
     assert all(k.startswith(f"models/tiny/{v1.version}/") for k in s3_keys(settings))
+
+
+async def test_a_publish_whose_lease_was_reaped_does_not_complete(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """A publish stalled past its lease, collected by another process's GC, must not
+    complete afterwards: its data may already be half deleted."""
+    keys = Keys(settings.namespace)
+    v1 = await registry.publish(TinyModel().fit(LOG), run_info())
+    sync_redis = redis.Redis.from_url(settings.redis_url)
+
+    def reap(index: int) -> None:
+        if index == 2:
+            # what another process's GC does to a lapsed lease (the _REAP script)
+            (version,) = sync_redis.zrange(registry.pending_key("tiny"), 0, -1)
+            sync_redis.zadd(registry.pending_key("tiny"), {version: 0})
+            assert sync_redis.eval(publish._REAP, 1, registry.pending_key("tiny"), version, 1)
+
+    try:
+        with pytest.raises(PublishError, match="lease"):
+            await registry.publish(TinyModel(hook=reap).fit(LOG), run_info())
+    finally:
+        sync_redis.close()
+    assert await registry.current("tiny") == v1.version
+    assert [i.version for i in await registry.versions("tiny")] == [v1.version]
+    assert await redis_client.zcard(registry.pending_key("tiny")) == 0
+    assert len(await redis_keys(redis_client, f"{keys.prefix}model:tiny:*:*")) == 3
 
 
 async def test_gc_removes_a_publish_whose_process_died(

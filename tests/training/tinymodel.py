@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -28,10 +28,18 @@ class TinyModel:
 
     name: ClassVar[str] = "tiny"
 
-    def __init__(self, *, fail_after: int | None = None, extra: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        fail_after: int | None = None,
+        extra: int = 0,
+        hook: Callable[[int], None] | None = None,
+    ) -> None:
         self.counts: Counter[str] = Counter()
         self.fail_after = fail_after
         self.extra = extra
+        self.hook = hook
+        """Called with the record's index before each record is produced."""
 
     def fit(self, log: Iterable[Interaction]) -> Self:
         self.counts = Counter(item for _, item, _ in log)
@@ -67,6 +75,8 @@ class TinyModel:
             for i in range(self.extra)
         ]
         for produced, record in enumerate(records):
+            if self.hook is not None:
+                self.hook(produced)
             if self.fail_after is not None and produced >= self.fail_after:
                 raise Crash(f"tiny model told to fail after {self.fail_after} records")
             yield record
