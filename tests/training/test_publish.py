@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -310,7 +310,7 @@ async def test_a_publish_whose_lease_was_reaped_does_not_complete(
     def reap(index: int) -> None:
         if index == 2:
             # what another process's GC does to a lapsed lease (the _REAP script)
-            (version,) = sync_redis.zrange(registry.pending_key("tiny"), 0, -1)
+            (version,) = cast(list[bytes], sync_redis.zrange(registry.pending_key("tiny"), 0, -1))
             sync_redis.zadd(registry.pending_key("tiny"), {version: 0})
             assert sync_redis.eval(publish._REAP, 1, registry.pending_key("tiny"), version, 1)
 
