@@ -31,12 +31,13 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from recstream.errors import ValidationFailed
+from recstream.errors import RecstreamError
 from streams.schema import Event, Interaction, Item, User
 
 __all__ = [
     "DEFAULT_SESSION_GAP_S",
     "TAOBAO_BEHAVIOURS",
+    "DataError",
     "InteractionLog",
     "LogBuilder",
     "load_items_csv",
@@ -70,6 +71,12 @@ TAOBAO_BEHAVIOURS: Final[Mapping[str, str]] = {
     "buy": "purchase",
 }
 """Taobao's behaviour codes → recstream event types (a favourite counts like a like)."""
+
+
+class DataError(RecstreamError):
+    """An input file or archive cannot be read as the format it should be in."""
+
+    code = "data_error"
 
 
 class _Vocab:
@@ -120,9 +127,7 @@ class InteractionLog:
     event_type_names: tuple[str, ...]
     item_categories: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     """Per item code: its (first) category code, or -1; empty when the source has none."""
-    category_ids: npt.NDArray[np.object_] = field(
-        default_factory=lambda: np.zeros(0, dtype=object)
-    )
+    category_ids: npt.NDArray[np.object_] = field(default_factory=lambda: np.zeros(0, dtype=object))
     source: str = ""
 
     # --- shape -----------------------------------------------------------------------
@@ -201,7 +206,7 @@ class InteractionLog:
         return replace(self, weights=per_type[self.event_types])
 
     def user_item_matrix(self, *, binary: bool = False) -> Any:
-        """users × items CSR of summed weights (or 1 where any interaction)."""
+        """users x items CSR of summed weights (or 1 where any interaction)."""
         from scipy import sparse
 
         data = np.ones(len(self), np.float32) if binary else self.weights.astype(np.float32)
@@ -388,12 +393,12 @@ class LogBuilder:
 
 def _open_checked(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise ValidationFailed(f"{what} file {str(path)!r} does not exist; pass the right path")
+        raise DataError(f"{what} file {str(path)!r} does not exist; pass the right path")
     return path
 
 
-def _bad_row(path: Path, line: int, problem: str, fix: str) -> ValidationFailed:
-    return ValidationFailed(f"{path}:{line}: {problem}; {fix}")
+def _bad_row(path: Path, line: int, problem: str, fix: str) -> DataError:
+    return DataError(f"{path}:{line}: {problem}; {fix}")
 
 
 def load_personalize_csv(
@@ -415,7 +420,7 @@ def load_personalize_csv(
         header = {name.strip().upper() for name in reader.fieldnames or ()}
         missing = {"USER_ID", "ITEM_ID", "TIMESTAMP"} - header
         if missing:
-            raise ValidationFailed(
+            raise DataError(
                 f"{path} lacks the column(s) {sorted(missing)}; a Personalize interactions "
                 f"CSV starts with the header {','.join(Interaction.CSV_COLUMNS)}"
             )
@@ -490,7 +495,7 @@ def load_movielens(
             "rating",
             "timestamp",
         ]:
-            raise ValidationFailed(
+            raise DataError(
                 f"{ratings} does not start with the MovieLens header "
                 "userId,movieId,rating,timestamp; pass a MovieLens ratings.csv"
             )
@@ -498,14 +503,16 @@ def load_movielens(
             try:
                 builder.add(row[0], row[1], float(row[3]), "like")
             except (ValueError, IndexError) as exc:
-                raise _bad_row(ratings, line, str(exc), "expected userId,movieId,rating,timestamp")
+                raise _bad_row(
+                    ratings, line, str(exc), "expected userId,movieId,rating,timestamp"
+                ) from exc
     movies = movies if movies is not None else ratings.with_name("movies.csv")
     if movies.is_file():
         with movies.open(newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                genres = Item(item_id=row["movieId"], categories=row.get("genres", "")).categories
-                if genres:
-                    builder.set_category(row["movieId"], genres[0])
+            for movie in csv.DictReader(handle):
+                genres = Item(item_id=movie["movieId"], categories=movie.get("genres", ""))
+                if genres.categories:
+                    builder.set_category(movie["movieId"], genres.categories[0])
     return builder.build()
 
 
@@ -558,7 +565,7 @@ def load_yoochoose(
         try:
             s_col, i_col, t_col = (names.index(n) for n in ("SessionId", "ItemId", "Time"))
         except ValueError:
-            raise ValidationFailed(
+            raise DataError(
                 f"{path} does not start with the header SessionId<TAB>ItemId<TAB>Time; pass a "
                 "session-rec prepared YooChoose file"
             ) from None
