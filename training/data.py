@@ -230,6 +230,22 @@ class InteractionLog:
         return order, starts
 
     # --- combining ---------------------------------------------------------------------
+    def join(self, other: InteractionLog) -> InteractionLog:
+        """This log's rows, then ``other``'s; both must share the id maps (parts of one
+        log, made with `select`)."""
+        if other.item_ids is not self.item_ids or other.user_ids is not self.user_ids:
+            raise ValueError("join needs parts of the same log; use concat for separate logs")
+        return replace(
+            self,
+            users=np.concatenate((self.users, other.users)),
+            items=np.concatenate((self.items, other.items)),
+            sessions=np.concatenate((self.sessions, other.sessions)),
+            timestamps=np.concatenate((self.timestamps, other.timestamps)),
+            event_types=np.concatenate((self.event_types, other.event_types)),
+            weights=np.concatenate((self.weights, other.weights)),
+            row=np.concatenate((self.row, other.row)),
+        )
+
     @staticmethod
     def concat(logs: Sequence[InteractionLog], source: str = "") -> InteractionLog:
         """One log holding every row of ``logs`` with merged id maps (rows renumbered)."""

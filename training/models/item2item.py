@@ -15,7 +15,7 @@ Normalisation (``normalize``):
 
 Each item keeps its ``neighbours`` most similar items. A request sums the neighbour rows
 of the last ``history_len`` history items, the newest weighted 1 and older ones linearly
-less (position / length).
+less (position / length), or all weighted 1 with ``recency=False``.
 
 Redis records: ``nbr:{item_id}`` (ZSET neighbour → similarity, one per item with
 neighbours) and ``params``.
@@ -76,6 +76,7 @@ class ItemToItem(ItemScorer):
         b: float = 0.75,
         neighbours: int = 100,
         history_len: int = 10,
+        recency: bool = True,
     ) -> None:
         if normalize not in ("cosine", "bm25"):
             raise ConfigurationError(f"normalize={normalize!r}: use 'cosine' or 'bm25'")
@@ -89,7 +90,9 @@ class ItemToItem(ItemScorer):
             b=b,
             neighbours=neighbours,
             history_len=history_len,
+            recency=recency,
         )
+        self.recency = recency
         self.window = window
         self.user_weight = user_weight
         self.session_weight = session_weight
@@ -153,7 +156,11 @@ class ItemToItem(ItemScorer):
         recent = history[-self.history_len :] if self.history_len > 0 else history[:0]
         scores = np.zeros(self.n_items)
         if recent.size:
-            positions = np.arange(1, recent.size + 1, dtype=np.float64) / recent.size
+            positions = (
+                np.arange(1, recent.size + 1, dtype=np.float64) / recent.size
+                if self.recency
+                else np.ones(recent.size)
+            )
             weights = sparse.csr_matrix(
                 (positions, (np.zeros(recent.size, np.int64), recent)), shape=(1, self.n_items)
             )

@@ -1,5 +1,8 @@
 """Session kNN, V-SKNN style: neighbours of the live session, found at request time.
 
+The indexed units are past sessions, or with ``unit="user"`` past users' whole histories
+(user-history kNN, for logged-in traffic with long histories).
+
 Training builds an index of past sessions (`SessionIndex`): each session's item set, its
 last timestamp, and for each item the ``sample_size`` most recent sessions that contain
 it. At request time, for the live session's last ``last_n`` items s_1..s_m (oldest first):
@@ -24,12 +27,13 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 from scipy import sparse
 
+from recstream.errors import ConfigurationError
 from training.base import RedisRecord
 from training.data import FloatArray, IntArray, InteractionLog
 from training.models.common import ItemScorer, top_k
@@ -50,16 +54,19 @@ class SessionIndex:
     item_ids: npt.NDArray[np.object_]
 
     @classmethod
-    def build(cls, log: InteractionLog, sample_size: int) -> SessionIndex:
-        n_sessions, n_items = log.n_sessions, log.n_items
+    def build(cls, log: InteractionLog, sample_size: int, unit: str = "session") -> SessionIndex:
+        """Index the log's sessions, or with ``unit="user"`` each user's whole history."""
+        groups = log.users if unit == "user" else log.sessions
+        n_sessions = log.n_users if unit == "user" else log.n_sessions
+        n_items = log.n_items
         matrix = sparse.csr_matrix(
-            (np.ones(len(log), np.float32), (log.sessions, log.items)),
+            (np.ones(len(log), np.float32), (groups, log.items)),
             shape=(n_sessions, n_items),
         )
         matrix.sum_duplicates()
         matrix.data[:] = 1.0
         last_seen = np.full(n_sessions, -np.inf)
-        np.maximum.at(last_seen, log.sessions, log.timestamps)
+        np.maximum.at(last_seen, groups, log.timestamps)
         coo = matrix.tocoo()
         # per item: sessions newest first (ties: higher session code), keep sample_size
         order = np.lexsort((-coo.row, -last_seen[coo.row], coo.col))
@@ -179,16 +186,25 @@ class SessionKNN(ItemScorer):
         last_n: int = 10,
         normalize: bool = False,
         idf_weight: float = 0.0,
+        unit: Literal["session", "user"] = "session",
     ) -> None:
+        if unit not in ("session", "user"):
+            raise ConfigurationError(f"unit={unit!r}: use 'session' or 'user'")
         super().__init__(
-            k=k, sample_size=sample_size, last_n=last_n, normalize=normalize, idf_weight=idf_weight
+            k=k,
+            sample_size=sample_size,
+            last_n=last_n,
+            normalize=normalize,
+            idf_weight=idf_weight,
+            unit=unit,
         )
+        self.unit = unit
         self.k, self.sample_size, self.last_n = k, sample_size, last_n
         self.normalize, self.idf_weight = normalize, idf_weight
         self.index: SessionIndex | None = None
 
     def _fit(self, log: InteractionLog) -> None:
-        self.index = SessionIndex.build(log, self.sample_size)
+        self.index = SessionIndex.build(log, self.sample_size, self.unit)
 
     def score_items(
         self, history: IntArray, *, user: int | None = None, now: float | None = None
