@@ -73,6 +73,9 @@ TAOBAO_BEHAVIOURS: Final[Mapping[str, str]] = {
 """Taobao's behaviour codes → recstream event types (a favourite counts like a like)."""
 
 
+PERSONALIZE_HEADER: Final = "USER_ID,ITEM_ID,TIMESTAMP,EVENT_TYPE,EVENT_VALUE"
+
+
 class DataError(RecstreamError):
     """An input file or archive cannot be read as the format it should be in."""
 
@@ -438,7 +441,7 @@ def load_personalize_csv(
         if missing:
             raise DataError(
                 f"{path} lacks the column(s) {sorted(missing)}; a Personalize interactions "
-                f"CSV starts with the header {','.join(Interaction.CSV_COLUMNS)}"
+                f"CSV starts with the header {PERSONALIZE_HEADER}"
             )
         for line, raw in enumerate(reader, start=2):
             row = {k.strip().upper(): (v or "").strip() for k, v in raw.items() if k}

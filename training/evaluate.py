@@ -125,6 +125,13 @@ class Query:
     """Items ranked out of the candidates (MovieLens: the user's training items)."""
 
 
+def fit_for(model: ItemScorer, train: InteractionLog, test: InteractionLog) -> ItemScorer:
+    """Fit ``model`` for evaluation on ``test``: on the training part, or for a causal
+    model (one that only looks before each request's time) on both parts, as its live
+    counters would be at request time."""
+    return model.fit(train.join(test) if model.causal else train)
+
+
 def query_ranks(model: ItemScorer, queries: Iterable[Query]) -> list[int | None]:
     ranks: list[int | None] = []
     for query in queries:
@@ -495,7 +502,7 @@ def run_evaluation(
             chosen[entry.name] = params
         tuned_s = time.perf_counter() - started
         started = time.perf_counter()
-        model = entry.build(params).fit(train)
+        model = fit_for(entry.build(params), train, test)
         fit_s = time.perf_counter() - started
         started = time.perf_counter()
         metrics = evaluate_model(model, queries)

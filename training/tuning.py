@@ -28,7 +28,14 @@ import numpy as np
 
 from recstream.errors import ConfigurationError
 from training.data import InteractionLog
-from training.evaluate import Protocol, Query, evaluate_model, metrics_from_ranks, rank_of
+from training.evaluate import (
+    Protocol,
+    Query,
+    evaluate_model,
+    fit_for,
+    metrics_from_ranks,
+    rank_of,
+)
 from training.models import (
     ALS,
     Blend,
@@ -52,14 +59,16 @@ DAY: Final = 86400.0
 Build = Callable[[Mapping[str, Any]], ItemScorer]
 
 
-def _validation(protocol: Protocol, train: InteractionLog) -> tuple[InteractionLog, list[Query]]:
+def _validation(
+    protocol: Protocol, train: InteractionLog
+) -> tuple[InteractionLog, InteractionLog, list[Query]]:
     fit_part, held = protocol.validation_split(train)
     if len(fit_part) == 0 or len(held) == 0:
         raise ConfigurationError(
             "the training part is too small to split off a validation part; give more data "
             "or evaluate with --no-tune"
         )
-    return fit_part, protocol.queries(fit_part, held)
+    return fit_part, held, protocol.queries(fit_part, held)
 
 
 def grid_search(
@@ -73,14 +82,14 @@ def grid_search(
     metric: str = METRIC,
 ) -> Tuned:
     """Coordinate ascent over ``grid`` from ``defaults`` on the validation split."""
-    fit_part, queries = _validation(protocol, train)
+    fit_part, held, queries = _validation(protocol, train)
     trials: list[dict[str, Any]] = []
     cache: dict[str, float] = {}
 
     def score(params: dict[str, Any]) -> float:
         key = repr(sorted(params.items()))
         if key not in cache:
-            metrics = evaluate_model(build(params).fit(fit_part), queries)
+            metrics = evaluate_model(fit_for(build(params), fit_part, held), queries)
             trials.append({"params": dict(params), "metrics": metrics})
             cache[key] = metrics[metric]
         return cache[key]
@@ -108,7 +117,7 @@ def grid_search(
     )
 
 
-WEIGHT_GRID: Final = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+WEIGHT_GRID: Final = (0.0, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def tune_blend(
@@ -123,7 +132,7 @@ def tune_blend(
 ) -> Tuned:
     """Search the blend weights; ``components`` are the (tuned) component parameters.
     ``fixed`` names a component whose weight stays put (the blend is scale-invariant)."""
-    fit_part, queries = _validation(protocol, train)
+    fit_part, _, queries = _validation(protocol, train)
     blend = Blend(weights=dict(start), components=components).fit(fit_part)
     names = list(blend.models)
     cached: list[tuple[dict[str, np.ndarray[Any, Any]], int]] = []
@@ -225,8 +234,9 @@ def _blend(
         protocol: Protocol, train: InteractionLog, chosen: Mapping[str, Mapping[str, Any]]
     ) -> Tuned:
         components = {n: dict(chosen.get(n, fallback.get(n, {}))) for n in start}
-        first = next(iter(start))
-        return tune_blend(protocol, train, components, start, fixed=first)
+        # the blend is scale-invariant: hold the repeat weight (or the first) at its start
+        fixed = "recently_viewed" if "recently_viewed" in start else next(iter(start))
+        return tune_blend(protocol, train, components, start, fixed=fixed)
 
     defaults = {"weights": dict(start), "components": {n: dict(fallback.get(n, {})) for n in start}}
     return Entry(name, build, defaults, tune)
@@ -272,20 +282,20 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
     entries: list[Entry] = []
     if dataset == "movielens":
         entries += [
-            _fixed("readme: most-popular", Popularity, {"half_life_days": None}),
-            _fixed("readme: trending 7d", Trending, {"window_s": 7 * DAY, "gamma": 0.0}),
+            _fixed("readme:most-popular", Popularity, {"half_life_days": None}),
+            _fixed("readme:trending-7d", Trending, {"window_s": 7 * DAY, "gamma": 0.0}),
             _fixed(
-                "readme: item-kNN cosine, last 10",
+                "readme:item-knn",
                 ItemToItem,
                 {"window": 0, "history_len": 10, "recency": False, "neighbours": 100_000},
             ),
             _fixed(
-                "readme: ALS 256/0.01/1/20",
+                "readme:als",
                 ALS,
                 {"factors": 256, "regularization": 0.01, "alpha": 1.0, "iterations": 20},
             ),
             _fixed(
-                "readme: SKNN user-history, last 20, k=50",
+                "readme:sknn-user",
                 SessionKNN,
                 {"k": 50, "last_n": 20, "unit": "user", "sample_size": 100_000},
             ),
@@ -299,13 +309,13 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
         _entry("als", ALS, als_defaults, als_grid),
     ]
     if sessions:
-        entries.append(_blend("sknn+repeat", {"sknn": 1.0, "recently_viewed": 0.5}, fallback))
+        entries.append(_blend("sknn+repeat", {"recently_viewed": 1.0, "sknn": 1.0}, fallback))
     entries.append(
         _blend(
             "blend",
             {
+                "recently_viewed": 1.0,
                 "sknn": 1.0,
-                "recently_viewed": 0.5,
                 "item2item": 0.5,
                 "als": 0.25,
                 "popularity": 0.05,

@@ -55,6 +55,10 @@ class ItemScorer:
     name: ClassVar[str] = "base"
     keeps_users: ClassVar[bool] = False
     """Whether the user vocabulary is saved too (models with per-user state)."""
+    causal: ClassVar[bool] = False
+    """True when a request at time ``now`` only ever uses interactions before ``now``
+    (trending): such a model may be fitted on a log reaching past the requests, as live
+    counters would be, and the harness does so."""
 
     def __init__(self, **params: Any) -> None:
         self._params = dict(params)

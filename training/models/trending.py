@@ -10,7 +10,8 @@ With window length ``w`` and the request time ``now``:
 
 i.e. the next window's count extrapolated linearly from the last two (``gamma=0``: plain
 windowed counts; ``gamma=1``: full linear extrapolation). Items with no interaction in
-either window are not candidates. The streaming agents compute the same formula from two
+either window are not candidates; equal trends are ordered by all-time counts (each
+adds at most 1e-6 to a trend). The streaming agents compute the same formula from two
 rolling per-item counters (the current window and the one before it), so an offline and a
 live trending list agree on the same events.
 
@@ -32,6 +33,8 @@ from training.models.common import ItemScorer, zset_of
 
 __all__ = ["Trending", "trend_scores"]
 
+TIE_BREAK = 1e-6
+
 
 def trend_scores(recent: FloatArray, previous: FloatArray, gamma: float) -> FloatArray:
     """The trending formula on per-item window counts (``-inf`` where both are zero)."""
@@ -43,6 +46,7 @@ class Trending(ItemScorer):
     """Windowed counts extrapolated by their velocity, at request time ``now``."""
 
     name: ClassVar[str] = "trending"
+    causal: ClassVar[bool] = True
 
     def __init__(self, *, window_s: float = 86400.0, gamma: float = 0.5, top_n: int = 1000) -> None:
         super().__init__(window_s=window_s, gamma=gamma, top_n=top_n)
@@ -73,7 +77,14 @@ class Trending(ItemScorer):
             now = float(self.times[-1]) + 1e-6 if self.times.size else 0.0
         recent = self.window_counts(now - self.window_s, now)
         previous = self.window_counts(now - 2 * self.window_s, now - self.window_s)
-        return trend_scores(recent, previous, self.gamma)
+        # equal trends (frequent with small counts) are ordered by all-time counts
+        total = self.window_counts(-np.inf, now)
+        trend = trend_scores(recent, previous, self.gamma)
+        active = np.isfinite(trend)
+        # items without recent activity follow, by all-time count (the popularity fallback)
+        floor = float(trend[active].min()) - 1.0 if active.any() else 0.0
+        trend = np.where(active, trend, np.where(total > 0, floor, -np.inf))
+        return trend + TIE_BREAK * total / (total.max() + 1)
 
     def redis_records(self) -> Iterator[RedisRecord]:
         scores = self.score_items(np.zeros(0, np.int32))
