@@ -182,17 +182,24 @@ async def test_train_once_publishes_and_reports(
 ) -> None:
     asked: dict[str, Any] = {}
 
-    def data_plan(source: str, path: Path | None, settings: Settings, **window: Any) -> Any:
-        asked.update(source=source, path=path, **window)
-        return plan()
+    specs: list[ModelSpec[Any]] = [ModelSpec("tiny", tiny)]
 
-    monkeypatch.setattr(sources, "data_plan", data_plan)
-    monkeypatch.setattr(sources, "model_specs", lambda s, wanted: [ModelSpec("tiny", tiny)])
+    def setup(source: str, path: Path | None, settings: Settings, **window: Any) -> Any:
+        asked.update(source=source, path=path, **window)
+        return plan(), specs
+
+    monkeypatch.setattr(sources, "training_setup", setup)
     out = tmp_path / "report.json"
     argv = ["train", "--source", "csv", "--path", "x.csv", "--start", "2026-11-01"]
     assert await cli([*argv, "--json", str(out)], settings) == 0
 
-    assert asked == {"source": "csv", "path": Path("x.csv"), "start": 1793491200.0, "end": None}
+    assert asked == {
+        "source": "csv",
+        "path": Path("x.csv"),
+        "start": 1793491200.0,
+        "end": None,
+        "wanted": None,
+    }
     report = json.loads(out.read_text())
     assert report["ok"]
     version = report["models"][0]["version"]
@@ -202,10 +209,6 @@ async def test_train_once_publishes_and_reports(
     assert "serving" in printed
 
     # a run whose model fails exits 1 and leaves the serving version alone
-    monkeypatch.setattr(
-        sources,
-        "model_specs",
-        lambda s, wanted: [ModelSpec("tiny", lambda p: TinyModel(fail_after=0))],
-    )
+    specs[:] = [ModelSpec("tiny", lambda p: TinyModel(fail_after=0))]
     assert await cli(["train", "--source", "csv"], settings) == 1
     assert await registry.current("tiny") == version

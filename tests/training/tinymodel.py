@@ -41,8 +41,10 @@ class TinyModel:
         self.hook = hook
         """Called with the record's index before each record is produced."""
 
-    def fit(self, log: Iterable[Interaction]) -> Self:
-        self.counts = Counter(item for _, item, _ in log)
+    def fit(self, log: Any) -> Self:
+        # Any: the Model protocol says InteractionLog; this model takes (user, item, time)s.
+        rows: Iterable[Interaction] = log
+        self.counts = Counter(item for _, item, _ in rows)
         return self
 
     def recommend(
