@@ -133,7 +133,8 @@ def tune_blend(
     """Search the blend weights; ``components`` are the (tuned) component parameters.
     ``fixed`` names a component whose weight stays put (the blend is scale-invariant)."""
     fit_part, _, queries = _validation(protocol, train)
-    blend = Blend(weights=dict(start), components=components).fit(fit_part)
+    # every component is fitted, even one starting at weight 0, so the search can add it
+    blend = Blend(weights={n: 1.0 for n in start}, components=components).fit(fit_part)
     names = list(blend.models)
     cached: list[tuple[dict[str, np.ndarray[Any, Any]], int]] = []
     for query in queries:
@@ -249,7 +250,11 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
     users = not sessions
     pop_grid: dict[str, Any] = {"half_life_days": [None, 1, 7, 30, 365]}
     trend_grid: dict[str, Any] = {"window_s": [DAY, 7 * DAY, 30 * DAY], "gamma": [0.0, 0.5, 1.0]}
-    repeat_grid: dict[str, Any] = {"decay": [0.3, 0.6, 0.8, 0.95], "history_len": [10, 50]}
+    repeat_grid: dict[str, Any] = {
+        "decay": [0.3, 0.6, 0.8, 0.95],
+        "history_len": [10, 50],
+        "last_weight": [0.01, 0.3, 1.0],
+    }
     i2i_defaults: dict[str, Any] = {"window": 10, "history_len": 10}
     i2i_grid: dict[str, Any] = {
         "window": [0, 3, 10, 30] if users else [2, 5, 10],

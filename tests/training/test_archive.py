@@ -33,7 +33,8 @@ def test_keys_follow_the_contract() -> None:
     key = object_key("shop", T0 + 23 * HOUR + 1, name="part-1")
     assert key == "archive/shop/dt=2025-11-23/hour=23/part-1.jsonl.gz"
     fresh = object_key("shop", T0)
-    assert fresh.startswith("archive/shop/dt=2025-11-23/hour=00/") and fresh.endswith(".jsonl.gz")
+    assert fresh.startswith("archive/shop/dt=2025-11-23/hour=00/")
+    assert fresh.endswith(".jsonl.gz")
 
 
 def test_encoding_is_gzip_jsonl_of_events() -> None:

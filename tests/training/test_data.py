@@ -44,7 +44,9 @@ def test_select_keeps_vocabulary_and_join_restores() -> None:
         builder.add(user, item, t + 1e9, session=str(i))
     log = builder.build()
     early, late = log.select(log.timestamps < 1e9 + 2.5), log.select(log.timestamps >= 1e9 + 2.5)
-    assert early.item_ids is log.item_ids and len(early) == 2 and len(late) == 1
+    assert early.item_ids is log.item_ids
+    assert len(early) == 2
+    assert len(late) == 1
     joined = early.join(late)
     assert sorted(joined.row.tolist()) == [0, 1, 2]
     assert log.sorted().items.tolist() == [1, 2, 0]
@@ -108,7 +110,8 @@ def test_research_formats(tmp_path: Path) -> None:
         'movieId,title,genres\n10,"A, the (1995)",Comedy|Drama\n20,B,(no genres listed)\n'
     )
     movies = load_movielens(ratings)
-    assert len(movies) == 2 and movies.event_type_names == ("like",)
+    assert len(movies) == 2
+    assert movies.event_type_names == ("like",)
     assert movies.weights.tolist() == [1.0, 1.0]
     assert [movies.category_ids[c] if c >= 0 else None for c in movies.category_of()] == [
         "Comedy",
@@ -126,18 +129,19 @@ def test_research_formats(tmp_path: Path) -> None:
         load_taobao(taobao)
 
     clicks = tmp_path / "clicks.txt"
-    clicks.write_text("SessionId\tItemId\tTime\n7\t1\t1396413533.1\n7\t2\t1396413545.8\n8\t1\t1.4e9\n")
+    clicks.write_text(
+        "SessionId\tItemId\tTime\n7\t1\t1396413533.1\n7\t2\t1396413545.8\n8\t1\t1.4e9\n"
+    )
     sessions = load_yoochoose(clicks)
-    assert sessions.n_sessions == 2 and sessions.sessions.tolist() == [0, 0, 1]
+    assert sessions.n_sessions == 2
+    assert sessions.sessions.tolist() == [0, 0, 1]
     assert sessions.timestamps[1] == pytest.approx(1396413545.8)
 
 
 def test_real_datasets_load(shared_data: Path) -> None:
     movielens = load_movielens(shared_data / "movielens-small" / "ratings.csv")
     assert (len(movielens), movielens.n_users, movielens.n_items) == (100_836, 610, 9_724)
-    taobao = load_taobao(
-        shared_data / "taobao-userbehavior-head-dev" / "UserBehavior_head_dev.csv"
-    )
+    taobao = load_taobao(shared_data / "taobao-userbehavior-head-dev" / "UserBehavior_head_dev.csv")
     assert (len(taobao), taobao.n_users, taobao.n_items) == (14_325, 688, 11_477)
     assert np.bincount(taobao.event_types).sum() == 14_325
     yoochoose = load_yoochoose(

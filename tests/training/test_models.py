@@ -81,7 +81,8 @@ def test_popularity_decay_and_categories() -> None:
 def test_trending_formula() -> None:
     recent, previous = np.array([4.0, 1.0, 0.0, 0.0]), np.array([0.0, 3.0, 2.0, 0.0])
     trend = trend_scores(recent, previous, 0.5)
-    assert trend.tolist()[:3] == [6.0, 0.0, -1.0] and trend[3] == -np.inf
+    assert trend.tolist()[:3] == [6.0, 0.0, -1.0]
+    assert trend[3] == -np.inf
     builder = LogBuilder()
     # "rising": 0 the day before, 3 in the last day; "falling": 3 then 1; "steady": 2 and 2
     for item, before, last in (("rising", 0, 3), ("falling", 3, 1), ("steady", 2, 2)):
@@ -113,7 +114,8 @@ def test_recently_viewed_orders_by_recency_and_repeats() -> None:
 def test_item2item_finds_the_cluster(normalize: str, window: int) -> None:
     model = ItemToItem(window=window, normalize=normalize, neighbours=3).fit(clusters())  # type: ignore[arg-type]
     neighbours = model.neighbours_of("a1", 10)
-    assert set(ids(neighbours)) <= set(A) - {"a1"} and len(neighbours) >= 2
+    assert set(ids(neighbours)) <= set(A) - {"a1"}
+    assert len(neighbours) >= 2
     assert set(ids(model.recommend(["b2"], 10))) <= set(B) - {"b2"}
     records = {r.suffix: r for r in model.redis_records()}
     assert set(records) == {f"nbr:{i}" for i in A + B} | {"params"}
@@ -172,8 +174,13 @@ def test_als_recommends_the_cluster_and_fold_in_matches_implicit() -> None:
     matrix = log.user_item_matrix()
     with threadpool_limits(limits=1, user_api="blas"):
         reference = AlternatingLeastSquares(
-            factors=8, regularization=0.01, iterations=5, alpha=5.0, random_state=1,
-            num_threads=1, use_cg=False,
+            factors=8,
+            regularization=0.01,
+            iterations=5,
+            alpha=5.0,
+            random_state=1,
+            num_threads=1,
+            use_cg=False,
         )
         reference.fit(matrix, show_progress=False)
         expected = reference.recalculate_user(0, matrix[0])
@@ -183,9 +190,11 @@ def test_als_recommends_the_cluster_and_fold_in_matches_implicit() -> None:
 
     records = {r.suffix: r for r in model.redis_records()}
     factors = records["factors"].value
-    assert isinstance(factors, dict) and set(factors) == set(A + B)
-    assert np.frombuffer(factors["a1"], "<f4").shape == (8,)  # type: ignore[arg-type]
-    assert isinstance(records["yty"].value, bytes) and len(records["yty"].value) == 8 * 8 * 4
+    assert isinstance(factors, dict)
+    assert set(factors) == set(A + B)
+    assert np.frombuffer(factors["a1"], "<f4").shape == (8,)
+    assert isinstance(records["yty"].value, bytes)
+    assert len(records["yty"].value) == 8 * 8 * 4
 
 
 def test_segmentation_finds_the_users_of_a_cluster(tmp_path: Path) -> None:
@@ -201,7 +210,8 @@ def test_segmentation_finds_the_users_of_a_cluster(tmp_path: Path) -> None:
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines[0]["query"] == {"item_id": "b1"}
-    assert {u["user_id"][0] for u in lines[0]["users"]} == {"v"} and len(lines[0]["users"]) == 3
+    assert {u["user_id"][0] for u in lines[0]["users"]} == {"v"}
+    assert len(lines[0]["users"]) == 3
     assert lines[1]["query"] == {"category": "u"}
     seg = {r.suffix for r in model.redis_records()}
     assert {"seg:cat:u", "seg:cat:v", "params"} <= seg
@@ -215,7 +225,8 @@ def test_blend_combines_normalised_components() -> None:
         components={"item2item": {"window": 0}},
     ).fit(log)
     recs = ids(blend.recommend(["a1", "a2"], 10))
-    assert recs[:2] == ["a2", "a1"] and set(recs[2:]) == {"a3", "a4"}
+    assert recs[:2] == ["a2", "a1"]
+    assert set(recs[2:]) == {"a3", "a4"}
     assert {r.suffix for r in blend.redis_records()} == {"weights", "params"}
 
 

@@ -2,7 +2,9 @@
 
 score(i) = Σ over the occurrences of i among the last ``history_len`` history items of
 ``decay ** age``, where ``age`` is 0 for the newest item, 1 for the one before, ... Items
-not in the history are not candidates. Nothing is learnt; serving computes it from the
+not in the history are not candidates. The item just seen gets its score times
+``last_weight``: where a log never repeats an item twice in a row (Taobao's), it is the one
+history item the next view is not. Nothing is learnt; serving computes it from the
 live window, so the only Redis record is ``params``.
 """
 
@@ -18,7 +20,9 @@ from training.models.common import ItemScorer
 __all__ = ["RecentlyViewed", "repeat_scores"]
 
 
-def repeat_scores(history: IntArray, n_items: int, *, decay: float, history_len: int) -> FloatArray:
+def repeat_scores(
+    history: IntArray, n_items: int, *, decay: float, history_len: int, last_weight: float = 1.0
+) -> FloatArray:
     """The recently-viewed scores of a history (oldest first) over ``n_items`` codes."""
     scores = np.full(n_items, -np.inf)
     recent = history[-history_len:] if history_len > 0 else history[:0]
@@ -27,6 +31,7 @@ def repeat_scores(history: IntArray, n_items: int, *, decay: float, history_len:
         sums = np.bincount(recent, weights=decay**ages, minlength=n_items)
         present = np.bincount(recent, minlength=n_items) > 0
         scores[present] = sums[present]
+        scores[recent[-1]] *= last_weight
     return scores
 
 
@@ -35,10 +40,13 @@ class RecentlyViewed(ItemScorer):
 
     name: ClassVar[str] = "recently_viewed"
 
-    def __init__(self, *, decay: float = 0.8, history_len: int = 50) -> None:
-        super().__init__(decay=decay, history_len=history_len)
+    def __init__(
+        self, *, decay: float = 0.8, history_len: int = 50, last_weight: float = 1.0
+    ) -> None:
+        super().__init__(decay=decay, history_len=history_len, last_weight=last_weight)
         self.decay = decay
         self.history_len = history_len
+        self.last_weight = last_weight
 
     def _fit(self, log: InteractionLog) -> None:
         pass
@@ -47,4 +55,10 @@ class RecentlyViewed(ItemScorer):
         self, history: IntArray, *, user: int | None = None, now: float | None = None
     ) -> FloatArray:
         self._check_fitted()
-        return repeat_scores(history, self.n_items, decay=self.decay, history_len=self.history_len)
+        return repeat_scores(
+            history,
+            self.n_items,
+            decay=self.decay,
+            history_len=self.history_len,
+            last_weight=self.last_weight,
+        )

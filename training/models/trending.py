@@ -84,7 +84,7 @@ class Trending(ItemScorer):
         # items without recent activity follow, by all-time count (the popularity fallback)
         floor = float(trend[active].min()) - 1.0 if active.any() else 0.0
         trend = np.where(active, trend, np.where(total > 0, floor, -np.inf))
-        return trend + TIE_BREAK * total / (total.max() + 1)
+        return np.asarray(trend + TIE_BREAK * total / (total.max() + 1), dtype=np.float64)
 
     def redis_records(self) -> Iterator[RedisRecord]:
         scores = self.score_items(np.zeros(0, np.int32))
