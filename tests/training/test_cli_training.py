@@ -15,14 +15,15 @@ import redis.asyncio as aioredis
 
 from recstream.aws import async_client
 from recstream.cli import build_parser
-from recstream.errors import ResourceNotFound
+from recstream.errors import ConfigurationError, ResourceNotFound
+from recstream.keys import Keys
 from recstream.settings import Settings
 from tests.training.test_publish_pipeline import plan, tiny
 from tests.training.tinymodel import TinyModel
 from training import sources
 from training.cli import parse_duration, parse_time, run_every
 from training.pipeline import ModelSpec
-from training.publish import DataRange, ModelRegistry, RunInfo
+from training.publish import DataRange, ModelRegistry, RunInfo, current_version, read_current
 
 
 def run_cli(argv: list[str], settings: Settings) -> int:
@@ -212,3 +213,63 @@ async def test_train_once_publishes_and_reports(
     specs[:] = [ModelSpec("tiny", lambda p: TinyModel(fail_after=0))]
     assert await cli(["train", "--source", "csv"], settings) == 1
     assert await registry.current("tiny") == version
+
+
+def write_interactions(path: Path) -> None:
+    """A Personalize CSV: two disjoint clusters of items over three days."""
+    rows = ["USER_ID,ITEM_ID,TIMESTAMP,EVENT_TYPE,EVENT_VALUE"]
+    t0 = 1_793_491_200
+    for user in range(12):
+        cluster = "a" if user % 2 else "b"
+        for step in range(8):
+            item = f"{cluster}{(user + step) % 5}"
+            kind = "purchase" if step == 7 else "view"
+            rows.append(f"u{user},{item},{t0 + step * 30_000 + user * 60},{kind},")
+    path.write_text("\n".join(rows) + "\n")
+
+
+async def test_train_publishes_the_real_models_from_a_personalize_csv(
+    registry: ModelRegistry,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    csv_path = tmp_path / "interactions.csv"
+    write_interactions(csv_path)
+    out = tmp_path / "report.json"
+    argv = ["train", "--source", "csv", "--path", str(csv_path), "--json", str(out)]
+    assert await cli([*argv, "--models", "popularity,item2item"], settings) == 0
+
+    report = json.loads(out.read_text())
+    assert [m["name"] for m in report["models"]] == ["popularity", "item2item"]
+    assert all(m["error"] is None for m in report["models"])
+    assert report["data"]["rows"] == 96
+    for model in report["models"]:
+        assert set(model["metrics"]) >= {"hr@10", "ndcg@10", "hr@20", "mrr@20"}
+    assert await registry.names() == ["item2item", "popularity"]
+    keys = Keys(settings.namespace)
+    version = await current_version(redis_client, keys, "item2item")
+    assert version == report["models"][1]["version"]
+    manifest = await registry.manifest("item2item", version)
+    assert manifest["search"]["trials"]
+    assert manifest["redis"]["records"] > 0
+    assert manifest["data"]["source"] == str(csv_path)
+    prefix = manifest["redis"]["prefix"]
+    assert prefix.endswith(f"{version}:")
+    prefix_keys = [k async for k in redis_client.scan_iter(match=prefix + "*", count=1000)]
+    assert len(prefix_keys) == manifest["redis"]["records"]
+    # serving reads the neighbours: a cluster's items, never the other cluster's
+    neighbours = await read_current(redis_client, keys, "item2item", "nbr:a1", limit=10)
+    assert neighbours is not None
+    assert neighbours.kind == "zset"
+    assert isinstance(neighbours.value, list)
+    assert neighbours.value
+    assert {item[0] for item, _ in neighbours.value} == {"a"}
+    top = await read_current(redis_client, keys, "popularity", "top", limit=3)
+    assert top is not None
+    assert isinstance(top.value, list)
+    assert len(top.value) == 3
+
+    with pytest.raises(ConfigurationError, match="unknown model"):
+        await cli([*argv, "--models", "nonsense"], settings)
