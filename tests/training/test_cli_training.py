@@ -250,6 +250,7 @@ async def test_train_publishes_the_real_models_from_a_personalize_csv(
     assert await registry.names() == ["item2item", "popularity"]
     keys = Keys(settings.namespace)
     version = await current_version(redis_client, keys, "item2item")
+    assert version is not None
     assert version == report["models"][1]["version"]
     manifest = await registry.manifest("item2item", version)
     assert manifest["search"]["trials"]
