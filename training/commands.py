@@ -51,8 +51,20 @@ def _when(unix: float | None) -> str:
     return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%d %H:%M")
 
 
+_METRIC_ORDER = ("hr@10", "ndcg@10", "hr@20", "mrr@20")
+
+
 def _metrics(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())) or "-"
+    """The harness's four metrics first, then the rest; counts without decimals."""
+    names = [m for m in _METRIC_ORDER if m in metrics]
+    names += sorted(m for m in metrics if m not in _METRIC_ORDER)
+    parts = [
+        f"{m}={metrics[m]:.0f}"
+        if float(metrics[m]).is_integer() and m not in _METRIC_ORDER
+        else f"{m}={metrics[m]:.4f}"
+        for m in names
+    ]
+    return " ".join(parts) or "-"
 
 
 def versions_table(infos: Sequence[VersionInfo]) -> Table:
@@ -169,14 +181,22 @@ class RichReporter(Reporter):
     def stage_finished(self, model: str | None, stage: str, seconds: float, ok: bool) -> None:
         task = self.tasks[(model, stage)]
         mark = "[green]✓[/]" if ok else "[red]✗[/]"
-        total = self.progress.tasks[self.progress.task_ids.index(task)].total or 1
         self.progress.update(
-            task,
-            description=f"{mark} {self._label(model, stage)} ({seconds:.2f} s)",
-            total=total,
-            completed=total,
+            task, description=f"{mark} {self._label(model, stage)} ({seconds:.2f} s)"
         )
+        self._stop(task)
+        if stage == "publish":
+            for (owner, name), sub in self.tasks.items():
+                if owner == model and name.startswith("publish "):
+                    self._stop(sub)
         self.rows.append((model or "data", stage, seconds, ok))
+
+    def _stop(self, task: TaskID) -> None:
+        # An open-ended task (total None) spins forever; close it at what it reached.
+        done = self.progress.tasks[self.progress.task_ids.index(task)]
+        total = done.total if done.total is not None else max(done.completed, 1)
+        self.progress.update(task, total=total, completed=total if done.total is None else None)
+        self.progress.stop_task(task)
 
     def publish_progress(self, model: str) -> Callable[[str, int, int | None], None]:
         def advance(stage: str, count: int, total: int | None) -> None:

@@ -274,3 +274,25 @@ async def test_train_publishes_the_real_models_from_a_personalize_csv(
 
     with pytest.raises(ConfigurationError, match="unknown model"):
         await cli([*argv, "--models", "nonsense"], settings)
+
+
+async def test_train_every_runs_on_the_schedule(
+    registry: ModelRegistry, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import commands
+
+    monkeypatch.setattr(
+        sources, "training_setup", lambda *a, **k: (plan(), [ModelSpec("tiny", tiny)])
+    )
+    waits: list[float] = []
+
+    def two_runs(interval: float, run_once: Any, **kwargs: Any) -> int:
+        waits.append(interval)
+        return run_every(interval, run_once, sleep=lambda s: None, max_runs=2, **kwargs)
+
+    monkeypatch.setattr(commands, "run_every", two_runs)
+    assert await cli(["train", "--source", "csv", "--every", "6h"], settings) == 0
+    assert waits == [6 * 3600]
+    versions = await registry.versions("tiny")
+    assert len(versions) == 2
+    assert versions[-1].current
