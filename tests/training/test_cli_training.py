@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,37 @@ async def test_train_every_runs_on_the_schedule(
     versions = await registry.versions("tiny")
     assert len(versions) == 2
     assert versions[-1].current
+
+
+async def test_train_on_the_s3_archive_within_a_window(
+    registry: ModelRegistry, settings: Settings, tmp_path: Path
+) -> None:
+    from streams.schema import Event
+    from training.archive import write_events
+
+    now = time.time()
+    events = [
+        Event(
+            event_type="purchase" if step == 7 else "view",
+            user_id=f"u{user}",
+            item_id=f"{'ab'[user % 2]}{(user + step) % 4}",
+            timestamp=now - 3 * 86400 + step * 30_000 + user,
+            namespace=settings.namespace,
+        )
+        for user in range(10)
+        for step in range(8)
+    ]
+    await write_events(settings, events)
+    out = tmp_path / "report.json"
+    argv = ["train", "--source", "archive", "--models", "popularity", "--json", str(out)]
+    assert await cli(argv, settings) == 0
+    report = json.loads(out.read_text())
+    assert report["data"]["rows"] == 80
+    assert report["data"]["source"].startswith(f"archive s3://{settings.bucket}")
+
+    # --start 2d: only the events of the last two days
+    assert await cli([*argv, "--start", "2d"], settings) == 0
+    recent = sum(e.timestamp >= now - 2 * 86400 for e in events)
+    assert 0 < recent < 80
+    assert json.loads(out.read_text())["data"]["rows"] == recent
+    assert len(await registry.versions("popularity")) == 2
