@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -187,6 +187,13 @@ async def run_training(
             report.data = plan.describe(full)
         with _timed(reporter, report.timings, None, "split"):
             train, held_out = plan.split(full)
+        sizes = [len(part) if isinstance(part, Sized) else None for part in (train, held_out)]
+        if 0 in sizes:
+            report.error = (
+                f"splitting {plan.source} left {sizes[0]} training and {sizes[1]} held-out "
+                "rows; train on a longer time range (--start/--end) or more data"
+            )
+            return report
     except Exception as exc:
         log.exception("loading the training data failed")
         report.error = f"loading {plan.source} failed: {exc}"

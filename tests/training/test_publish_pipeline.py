@@ -175,3 +175,12 @@ async def test_no_promote_publishes_without_switching(registry: ModelRegistry) -
     assert second.models[0].published is not None
     assert not second.models[0].published.current
     assert await registry.current("tiny") == first.models[0].published.version
+
+
+async def test_a_split_with_nothing_held_out_publishes_nothing(registry: ModelRegistry) -> None:
+    early = plan(lambda: [r for r in LOG if r[2] < CUT])
+    report = await run_training(early, [ModelSpec("tiny", tiny)], registry)
+    assert report.error is not None
+    assert "left 4 training and 0 held-out rows" in report.error
+    assert report.models == []
+    assert await registry.names() == []
