@@ -39,6 +39,7 @@ from training.evaluate import (
 from training.models import (
     ALS,
     Blend,
+    CategoryPopularity,
     ItemToItem,
     Popularity,
     RecentlyViewed,
@@ -283,6 +284,7 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
         "sknn": sknn_defaults,
         "als": als_defaults,
         "popularity": {},
+        "category_popularity": {},
     }
     entries: list[Entry] = []
     if dataset == "movielens":
@@ -313,6 +315,15 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
         _entry("sknn", SessionKNN, sknn_defaults, sknn_grid),
         _entry("als", ALS, als_defaults, als_grid),
     ]
+    if users:
+        entries.append(
+            _entry(
+                "category_popularity",
+                CategoryPopularity,
+                {},
+                {"decay": [0.5, 0.8, 0.95], "history_len": [5, 20, 50]},
+            )
+        )
     if sessions:
         entries.append(_blend("sknn+repeat", {"recently_viewed": 1.0, "sknn": 1.0}, fallback))
     entries.append(
@@ -324,6 +335,7 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
                 "item2item": 0.5,
                 "als": 0.25,
                 "popularity": 0.05,
+                **({"category_popularity": 0.1} if users else {}),
             },
             fallback,
         )

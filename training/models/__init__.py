@@ -9,7 +9,7 @@ from training.models.als import ALS, fold_in
 from training.models.blend import Blend
 from training.models.common import ItemScorer, top_k
 from training.models.item2item import ItemToItem
-from training.models.popularity import Popularity
+from training.models.popularity import CategoryPopularity, Popularity
 from training.models.repeat import RecentlyViewed
 from training.models.segmentation import UserSegmentation
 from training.models.sknn import SessionIndex, SessionKNN, score_session
@@ -19,6 +19,7 @@ __all__ = [
     "ALS",
     "MODELS",
     "Blend",
+    "CategoryPopularity",
     "ItemScorer",
     "ItemToItem",
     "Popularity",
@@ -37,6 +38,7 @@ MODELS: dict[str, type[ItemScorer]] = {
     cls.name: cls
     for cls in (
         Popularity,
+        CategoryPopularity,
         Trending,
         ItemToItem,
         ALS,

@@ -27,7 +27,7 @@ from training.data import FloatArray, IntArray, InteractionLog
 from training.models.als import ALS
 from training.models.common import ItemScorer
 from training.models.item2item import ItemToItem
-from training.models.popularity import Popularity
+from training.models.popularity import CategoryPopularity, Popularity
 from training.models.repeat import RecentlyViewed
 from training.models.sknn import SessionKNN
 from training.models.trending import Trending
@@ -35,7 +35,16 @@ from training.models.trending import Trending
 __all__ = ["COMPONENTS", "DEFAULT_WEIGHTS", "Blend", "normalised"]
 
 COMPONENTS: dict[str, type[ItemScorer]] = {
-    cls.name: cls for cls in (RecentlyViewed, ItemToItem, SessionKNN, ALS, Popularity, Trending)
+    cls.name: cls
+    for cls in (
+        RecentlyViewed,
+        ItemToItem,
+        SessionKNN,
+        ALS,
+        Popularity,
+        Trending,
+        CategoryPopularity,
+    )
 }
 DEFAULT_WEIGHTS: dict[str, float] = {
     "recently_viewed": 1.0,

@@ -25,7 +25,7 @@ from training.base import RedisRecord
 from training.data import FloatArray, IntArray, InteractionLog
 from training.models.common import ItemScorer, top_k, zset_of
 
-__all__ = ["Popularity"]
+__all__ = ["CategoryPopularity", "Popularity"]
 
 DAY = 86400.0
 
@@ -105,3 +105,57 @@ class Popularity(ItemScorer):
         ids = np.empty(len(state["category_ids"]), dtype=object)
         ids[:] = [str(c) for c in state["category_ids"]]
         self.category_ids = ids
+
+
+class CategoryPopularity(ItemScorer):
+    """Popularity within the categories of the user's recent items.
+
+    affinity(c) = Σ over the last ``history_len`` history items h of ``decay ** age(h)``
+    where h's category is c (age 0 = the newest), and
+
+        score(i) = affinity(category(i)) x (1 + count(i) / (max count + 1))
+
+    so items of the categories the user is browsing rank first, the more recent and
+    frequent the category the higher, and within a category by plain count. Candidates are
+    the items seen in training and the history's own items, of the history's categories. Serving needs
+    only the ``top:cat:{category}`` lists of `Popularity` and the live window.
+    """
+
+    name: ClassVar[str] = "category_popularity"
+
+    def __init__(self, *, decay: float = 0.8, history_len: int = 20) -> None:
+        super().__init__(decay=decay, history_len=history_len)
+        self.decay = decay
+        self.history_len = history_len
+        self.share: FloatArray = np.zeros(0)
+        self.categories: IntArray = np.zeros(0, np.int32)
+
+    def _fit(self, log: InteractionLog) -> None:
+        counts = np.bincount(log.items, weights=log.weights, minlength=log.n_items)
+        self.share = counts.astype(np.float64) / (float(counts.max()) + 1.0)
+        self.categories = log.category_of()
+
+    def score_items(
+        self, history: IntArray, *, user: int | None = None, now: float | None = None
+    ) -> FloatArray:
+        self._check_fitted()
+        recent = history[-self.history_len :] if self.history_len > 0 else history[:0]
+        cats = self.categories[recent] if recent.size else np.zeros(0, np.int32)
+        keep = cats >= 0
+        if not keep.any():
+            return np.full(self.n_items, -np.inf)
+        ages = np.arange(recent.size - 1, -1, -1, dtype=np.float64)[keep]
+        n_cats = int(self.categories.max()) + 1
+        affinity = np.bincount(cats[keep], weights=self.decay**ages, minlength=n_cats)
+        item_affinity = np.where(self.categories >= 0, affinity[self.categories], 0.0)
+        scores = item_affinity * (1.0 + self.share)
+        # candidates: items seen in training, and the history's own items
+        known = self.share > 0
+        known[recent] = True
+        return np.where((item_affinity > 0) & known, scores, -np.inf)
+
+    def _state(self) -> Mapping[str, npt.NDArray[Any]]:
+        return {"share": self.share, "categories": self.categories}
+
+    def _restore(self, state: Mapping[str, npt.NDArray[Any]]) -> None:
+        self.share, self.categories = state["share"], state["categories"]
