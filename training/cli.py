@@ -5,7 +5,7 @@ recstream models list [NAME] [--json]
 recstream models show NAME [VERSION]
 recstream models promote NAME VERSION
 recstream models rollback NAME
-recstream models gc NAME [--keep K]
+recstream models gc NAME [--keep K] [--sweep]
 recstream evaluate ...            (training/evaluate.py)
 
 This module only parses: the commands live in training/commands.py and are imported when
@@ -156,6 +156,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     gc = actions.add_parser("gc", help="delete old versions now (publishing also does this)")
     gc.add_argument("name")
     gc.add_argument("--keep", type=int, default=None, help="default: model_keep_versions")
+    gc.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also scan the model's Redis keys for any that no version owns",
+    )
     gc.set_defaults(handler=_lazy("cmd_models_gc"))
 
     from training import evaluate

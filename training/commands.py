@@ -150,7 +150,7 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_models_gc(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> Any:
         async with open_registry(settings) as registry:
-            return await registry.gc(args.name, keep=args.keep)
+            return await registry.gc(args.name, keep=args.keep, sweep=args.sweep)
 
     report = asyncio.run(run())
     print(

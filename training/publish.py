@@ -5,27 +5,31 @@ suffix, e.g. ``20261123T122900.123Z-3fa2c1``). Its data lives in two places:
 
     s3://{bucket}/models/{name}/{version}/...            the files Model.save wrote
     s3://{bucket}/models/{name}/{version}/manifest.json  data range, params, metrics, ...
+    s3://{bucket}/models/{name}/{version}/redis-keys.jsonl.gz   the record suffixes
     rs:{ns}:model:{name}:{version}:{suffix}              the model's RedisRecords
 
-and three small Redis keys per model describe the versions:
+and four small Redis keys per model describe the versions:
 
     rs:{ns}:model:{name}:pending   ZSET  version -> lease deadline; publishes in progress
     rs:{ns}:model:{name}:versions  HASH  version -> summary JSON; *complete* versions only
+    rs:{ns}:model:{name}:doomed    SET   versions being deleted (retired or failed)
     rs:{ns}:model:{name}:current   STR   the version serving reads (Keys.model_pointer)
 
 A publish runs in this order, so that a failure at any point leaves the serving version
 alone: claim a lease in ``pending`` → upload the files → write the records (renewing the
-lease every chunk) → upload the manifest → *complete*: one Lua script moves the version
-from ``pending`` to ``versions`` (the completion marker, written last) → *promote*: one
-Lua script sets ``current`` only if the version is complete. A publish that raises deletes
-what it wrote; one that dies outright (kill -9, power loss) stops renewing its lease, and
-the next garbage collection deletes its keys and files.
+lease every chunk) → upload the key list and the manifest → *complete*: one Lua script
+moves the version from ``pending`` to ``versions`` (the completion marker, written last)
+→ *promote*: one Lua script sets ``current`` only if the version is complete. A publish
+that raises moves its version to ``doomed`` and deletes what it wrote; one that dies
+outright (kill -9, power loss) stops renewing its lease, and the next garbage collection
+deletes its keys and files.
 
 Garbage collection keeps the newest ``Settings.model_keep_versions`` complete versions plus
 the current one, whatever its age. It retires a version with a Lua script that refuses to
-touch the current one, so a concurrent promote cannot end up pointing at deleted data.
-Every key above is therefore bounded: records by the K kept versions, ``versions`` by GC,
-``pending`` by lease expiry.
+touch the current one, so a concurrent promote cannot end up pointing at deleted data,
+and deletes doomed versions' keys by their key list (no keyspace scan), then forgets them.
+Every key above is therefore bounded: records by the K kept versions, ``versions`` and
+``doomed`` by GC, ``pending`` by lease expiry.
 
 Serving reads a model through `current_version` and `read_current`; the latter reads the
 pointer and the record in one atomic round trip.
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import logging
 import re
@@ -56,7 +61,7 @@ import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
-from recstream.aws import async_client, translate
+from recstream.aws import async_client, error_code, translate
 from recstream.errors import (
     ConfigurationError,
     RecstreamError,
@@ -91,6 +96,10 @@ log = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 VERSION = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
 MANIFEST = "manifest.json"
+REDIS_KEYS = "redis-keys.jsonl.gz"
+"""Beside the manifest: every record suffix the version wrote (one JSON string a line),
+so garbage collection deletes exactly those keys instead of scanning the keyspace."""
+RESERVED = (MANIFEST, REDIS_KEYS)
 MANIFEST_FORMAT = 1
 LEASE_S = 600.0
 """A publish that has not renewed its lease for this long is presumed dead and collected."""
@@ -262,16 +271,24 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
 """
-# KEYS: versions, current  ARGV: version
+# Retire a complete version: out of `versions` (so nobody can promote it) and into
+# `doomed` (so its deletion is finished even if this process dies), unless it serves.
+# KEYS: versions, current, doomed  ARGV: version
 _RETIRE = """
 if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
-return redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
 """
-# KEYS: pending  ARGV: version, now
+# Give up on an in-progress publish: its own failure (deadline ignored, ARGV[2] = 'inf'),
+# or a lapsed lease found by GC. Afterwards neither COMPLETE nor a lease renewal works.
+# KEYS: pending, doomed  ARGV: version, now
 _REAP = """
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if deadline and tonumber(deadline) < tonumber(ARGV[2]) then
-  return redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return 1
 end
 return 0
 """
@@ -382,6 +399,9 @@ class ModelRegistry:
 
     def versions_key(self, name: str) -> str:
         return self._base(name) + "versions"
+
+    def doomed_key(self, name: str) -> str:
+        return self._base(name) + "doomed"
 
     def s3_prefix(self, name: str, version: str | None = None) -> str:
         return f"models/{name}/" if version is None else f"models/{name}/{version}/"
@@ -509,10 +529,20 @@ class ModelRegistry:
             raise self._redis_failed(exc, f"starting to publish {name}") from exc
         try:
             with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
-                directory = Path(tmp)
+                directory = Path(tmp) / "model"
+                directory.mkdir()
                 await asyncio.to_thread(model.save, directory)
                 files = await self._upload_dir(s3, name, version, directory, report)
-            records = await self._write_records(name, version, model.redis_records(), report)
+                key_list = Path(tmp) / REDIS_KEYS
+                records = await self._write_records(
+                    name, version, model.redis_records(), report, key_list
+                )
+                await self._put(
+                    s3,
+                    self.s3_prefix(name, version) + REDIS_KEYS,
+                    await asyncio.to_thread(key_list.read_bytes),
+                    "the list of Redis keys",
+                )
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "name": name,
@@ -528,7 +558,11 @@ class ModelRegistry:
                 "search": run.search,
                 "extra": dict(run.extra),
                 "files": files,
-                "redis": {"records": records, "prefix": self.keys.model(name, version, "")},
+                "redis": {
+                    "records": records,
+                    "prefix": self.keys.model(name, version, ""),
+                    "key_list": REDIS_KEYS,
+                },
             }
             await self._put(
                 s3, self.s3_prefix(name, version) + MANIFEST, _dumps(manifest), "manifest"
@@ -574,9 +608,9 @@ class ModelRegistry:
         self, s3: S3Client, name: str, version: str, directory: Path, report: Progress
     ) -> list[dict[str, Any]]:
         paths = await asyncio.to_thread(_files_under, directory)
-        if any(p.relative_to(directory).as_posix() == MANIFEST for p in paths):
+        if any(p.relative_to(directory).as_posix() in RESERVED for p in paths):
             raise ConfigurationError(
-                f"model {name!r} saved a file named {MANIFEST}, which publishing reserves"
+                f"model {name!r} saved a file named one of {RESERVED}, which publishing reserves"
             )
         limit = asyncio.Semaphore(S3_CONCURRENCY)
 
@@ -609,19 +643,26 @@ class ModelRegistry:
             ) from exc
 
     async def _write_records(
-        self, name: str, version: str, records: Iterable[RedisRecord], report: Progress
+        self,
+        name: str,
+        version: str,
+        records: Iterable[RedisRecord],
+        report: Progress,
+        key_list: Path,
     ) -> int:
         count = flushed = members = 0
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for record in records:
-                    key = self.keys.model(name, version, record.suffix)
-                    members += _queue(pipe, key, record)
-                    count += 1
-                    if members >= CHUNK_MEMBERS:
-                        await self._flush(pipe, name, version)
-                        report("records", count - flushed, None)
-                        members, flushed = 0, count
+                with gzip.open(key_list, "wb") as suffixes:
+                    for record in records:
+                        key = self.keys.model(name, version, record.suffix)
+                        members += _queue(pipe, key, record)
+                        suffixes.write(orjson.dumps(record.suffix) + b"\n")
+                        count += 1
+                        if members >= CHUNK_MEMBERS:
+                            await self._flush(pipe, name, version)
+                            report("records", count - flushed, None)
+                            members, flushed = 0, count
                 await self._flush(pipe, name, version)
                 report("records", count - flushed, None)
         except RedisError as exc:
@@ -639,17 +680,45 @@ class ModelRegistry:
         try:
             await asyncio.shield(self._discard(name, version))
         except Exception:
-            # Leave the rest to GC: the lease lapses and the next collection removes it.
+            # Left in `doomed` (or, if Redis was down, in `pending` until the lease lapses):
+            # the next garbage collection finishes the job.
             log.exception("could not remove the failed publish %s %s; GC will", name, version)
 
     async def _discard(self, name: str, version: str) -> None:
-        s3 = self._need_s3()
-        await self._delete_redis_prefix(self.keys.model(name, version, ""))
+        await self.redis.eval(
+            _REAP, 2, self.pending_key(name), self.doomed_key(name), version, "inf"
+        )
+        await self._destroy(self._need_s3(), name, version)
+
+    async def _destroy(self, s3: S3Client, name: str, version: str) -> tuple[int, int]:
+        """Delete a doomed version's Redis keys and S3 objects, then forget it."""
+        suffixes = await self._key_list(s3, name, version)
+        if suffixes is None:
+            # No key list (the publish died before writing it): find the keys by prefix.
+            keys = await self._delete_redis_prefix(self.keys.model(name, version, ""))
+        else:
+            keys = await self._unlink([self.keys.model(name, version, x) for x in suffixes])
+        objects = await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
+        await self.redis.srem(self.doomed_key(name), version)
+        return keys, objects
+
+    async def _key_list(self, s3: S3Client, name: str, version: str) -> list[str] | None:
+        key = self.s3_prefix(name, version) + REDIS_KEYS
         try:
-            await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
-        finally:
-            # Files left behind (S3 down) belong to no live version now: GC sweeps them.
-            await self.redis.zrem(self.pending_key(name), version)
+            reply = await s3.get_object(Bucket=self.settings.bucket, Key=key)
+            async with reply["Body"] as body:
+                data = await body.read()
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise translate(
+                exc, f"reading s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        except BotoCoreError as exc:
+            raise translate(
+                exc, f"reading s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
 
     async def _delete_redis_prefix(self, prefix: str) -> int:
         return await self._unlink(
@@ -697,9 +766,15 @@ class ModelRegistry:
             ) from exc
         return found
 
-    async def gc(self, name: str, *, keep: int | None = None) -> GcReport:
+    async def gc(self, name: str, *, keep: int | None = None, sweep: bool = False) -> GcReport:
         """Delete all but the newest ``keep`` complete versions (never the current one),
-        publishes whose lease lapsed, and any keys or files no version owns."""
+        publishes whose lease lapsed, and S3 files that belong to no version.
+
+        Deleting a version reads its key list from S3, so collection never scans the
+        keyspace, except for a publish that died before writing that list. ``sweep`` also
+        scans every key under the model's prefix for keys that no version owns (there
+        should be none; `recstream models gc --sweep` is the tool for doubt).
+        """
         s3 = self._need_s3()
         check_name(name)
         keep = self.settings.model_keep_versions if keep is None else keep
@@ -707,44 +782,48 @@ class ModelRegistry:
             raise ConfigurationError("keep at least one version (RECSTREAM_MODEL_KEEP_VERSIONS)")
         report = GcReport()
         versions_key, pointer = self.versions_key(name), self.keys.model_pointer(name)
+        pending, doomed = self.pending_key(name), self.doomed_key(name)
         try:
             complete = sorted(_text(v) for v in await self.redis.hkeys(versions_key))
             for version in complete[:-keep]:
-                if await self.redis.eval(_RETIRE, 2, versions_key, pointer, version):
+                if await self.redis.eval(_RETIRE, 3, versions_key, pointer, doomed, version):
                     report.retired.append(version)
             now = time.time()
             leases = cast(
-                list[tuple[bytes, float]],
-                await self.redis.zrange(self.pending_key(name), 0, -1, withscores=True),
+                list[tuple[bytes, float]], await self.redis.zrange(pending, 0, -1, withscores=True)
             )
             for raw, deadline in leases:
-                if deadline < now and await self.redis.eval(
-                    _REAP, 1, self.pending_key(name), raw, now
-                ):
+                if deadline < now and await self.redis.eval(_REAP, 2, pending, doomed, raw, now):
                     report.abandoned.append(_text(raw))
+            for member in sorted(await self.redis.smembers(doomed)):
+                deleted, objects = await self._destroy(s3, name, _text(member))
+                report.redis_keys += deleted
+                report.s3_objects += objects
             # List what exists *before* reading which versions are alive: a publish claims
             # its lease before writing anything, so whatever the listing saw belongs to a
-            # version that the (later, atomic) read below reports as pending or complete,
-            # unless it is really dead.
-            base = self._base(name)
+            # version that the (later, atomic) read below reports, unless it is dead.
             by_version: dict[str, list[bytes]] = {}
-            async for raw_key in self.redis.scan_iter(match=_glob_escape(base) + "*", count=1000):
-                rest = raw_key[len(base) :]
-                head, sep, _ = rest.partition(b":")
-                if sep:
-                    by_version.setdefault(head.decode(), []).append(raw_key)
+            if sweep:
+                base = self._base(name)
+                async for raw_key in self.redis.scan_iter(
+                    match=_glob_escape(base) + "*", count=1000
+                ):
+                    head, sep, _ = raw_key[len(base) :].partition(b":")
+                    if sep:
+                        by_version.setdefault(head.decode(), []).append(raw_key)
             in_s3 = await self._s3_versions(s3, name)
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hkeys(versions_key)
-                pipe.zrange(self.pending_key(name), 0, -1)
+                pipe.zrange(pending, 0, -1)
+                pipe.smembers(doomed)
                 pipe.get(pointer)
-                alive_complete, alive_pending, current = await pipe.execute()
-            alive = {_text(v) for v in [*alive_complete, *alive_pending]}
+                alive_complete, alive_pending, dying, current = await pipe.execute()
+            alive = {_text(v) for v in [*alive_complete, *alive_pending, *dying]}
             if current is not None:
                 alive.add(_text(current))
-            for version, keys in by_version.items():
+            for version, found in by_version.items():
                 if version not in alive:
-                    report.redis_keys += await self._unlink(keys)
+                    report.redis_keys += await self._unlink(found)
             for version in sorted(in_s3 - alive):
                 report.s3_objects += await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
         except RedisError as exc:

@@ -170,7 +170,7 @@ async def test_models_list_promote_rollback(
         await cli(["models", "promote", "tiny", "20200101T000000.000Z-000000"], settings)
     assert await registry.current("tiny") == v2.version
 
-    assert await cli(["models", "gc", "tiny", "--keep", "1"], settings) == 0
+    assert await cli(["models", "gc", "tiny", "--keep", "1", "--sweep"], settings) == 0
     assert "retired 1 version" in capsys.readouterr().out
     assert [v.version for v in await registry.versions("tiny")] == [v2.version]
 

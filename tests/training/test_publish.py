@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -71,7 +72,13 @@ async def test_publish_writes_artifacts_manifest_records_and_switches(
         prefix + "counts.json",
         prefix + "manifest.json",
         prefix + "nested/params.json",
+        prefix + "redis-keys.jsonl.gz",
     ]
+    listed = sync_client(settings, "s3").get_object(
+        Bucket=settings.bucket, Key=prefix + "redis-keys.jsonl.gz"
+    )
+    suffixes = gzip.decompress(listed["Body"].read()).decode().splitlines()
+    assert [json.loads(x) for x in suffixes] == ["top", "meta", "blob"]
     body = sync_client(settings, "s3").get_object(
         Bucket=settings.bucket, Key=prefix + "manifest.json"
     )
@@ -200,7 +207,7 @@ async def test_gc_keeps_last_k_and_never_the_current_one(
 
     assert sorted(report.retired) == [versions[1], versions[2]]
     assert report.redis_keys == 2 * 3
-    assert report.s3_objects == 2 * 3
+    assert report.s3_objects == 2 * 4
     kept = [versions[0], versions[3], versions[4]]
     assert [i.version for i in await registry.versions("tiny")] == kept
     assert await registry.current("tiny") == versions[0]
@@ -209,7 +216,7 @@ async def test_gc_keeps_last_k_and_never_the_current_one(
         files = s3_keys(settings, f"models/tiny/{version}/")
         if version in kept:
             assert len(present) == 3
-            assert len(files) == 3
+            assert len(files) == 4
         else:
             assert present == []
             assert files == []
@@ -231,7 +238,7 @@ async def test_publish_collects_with_model_keep_versions(
     assert [i.version for i in await registry.versions("tiny")] == [
         p.version for p in published[-2:]
     ]
-    assert len(s3_keys(settings)) == 2 * 3
+    assert len(s3_keys(settings)) == 2 * 4
 
 
 async def test_crash_in_records_leaves_old_version_serving_and_cleans_up(
@@ -253,7 +260,7 @@ async def test_crash_in_records_leaves_old_version_serving_and_cleans_up(
     assert await redis_keys(redis_client, f"{keys.prefix}*") == before
     assert s3_keys(settings) == sorted(
         f"models/tiny/{v1.version}/{f}"
-        for f in ("counts.json", "manifest.json", "nested/params.json")
+        for f in ("counts.json", "manifest.json", "nested/params.json", "redis-keys.jsonl.gz")
     )
     top = await read_current(redis_client, keys, "tiny", "top")
     assert top is not None
@@ -280,7 +287,7 @@ class FailingS3:
         return await self.real.put_object(**kwargs)
 
 
-@pytest.mark.parametrize("fail_at", [2, 3], ids=["second-file", "manifest"])
+@pytest.mark.parametrize("fail_at", [2, 3, 4], ids=["second-file", "key-list", "manifest"])
 async def test_s3_failure_midway_leaves_old_version_serving(
     settings: Settings, redis_client: aioredis.Redis, fail_at: int
 ) -> None:
@@ -312,7 +319,8 @@ async def test_a_publish_whose_lease_was_reaped_does_not_complete(
             # what another process's GC does to a lapsed lease (the _REAP script)
             (version,) = cast(list[bytes], sync_redis.zrange(registry.pending_key("tiny"), 0, -1))
             sync_redis.zadd(registry.pending_key("tiny"), {version: 0})
-            assert sync_redis.eval(publish._REAP, 1, registry.pending_key("tiny"), version, 1)
+            pending, doomed = registry.pending_key("tiny"), registry.doomed_key("tiny")
+            assert sync_redis.eval(publish._REAP, 2, pending, doomed, version, 1)
 
     try:
         with pytest.raises(PublishError, match="lease"):
@@ -340,24 +348,56 @@ async def test_gc_removes_a_publish_whose_process_died(
         await redis_client.zadd(keys.model("tiny", version, "top"), {"a": 1.0})
         await redis_client.set(keys.model("tiny", version, "blob"), b"x")
         s3.put_object(Bucket=settings.bucket, Key=f"models/tiny/{version}/counts.json", Body=b"{}")
-    # an orphan no lease knows about (its process died after giving the lease back)
+    # files no lease knows about (their publish could not delete them: S3 was down)
     orphan = new_version()
     s3.put_object(Bucket=settings.bucket, Key=f"models/tiny/{orphan}/counts.json", Body=b"{}")
-    await redis_client.set(keys.model("tiny", orphan, "blob"), b"x")
 
     report = await registry.gc("tiny")
 
     assert report.abandoned == [dead]
     assert report.retired == []
-    assert report.redis_keys == 3
+    assert report.redis_keys == 2
     assert report.s3_objects == 2
     assert await redis_keys(redis_client, keys.model("tiny", dead, "*")) == []
-    assert await redis_keys(redis_client, keys.model("tiny", orphan, "*")) == []
     assert len(await redis_keys(redis_client, keys.model("tiny", alive, "*"))) == 2
     assert s3_keys(settings, f"models/tiny/{alive}/") == [f"models/tiny/{alive}/counts.json"]
     assert s3_keys(settings, f"models/tiny/{dead}/") == []
+    assert s3_keys(settings, f"models/tiny/{orphan}/") == []
     assert await registry.current("tiny") == v1.version
     assert len(await redis_keys(redis_client, keys.model("tiny", v1.version, "*"))) == 3
+    assert await redis_client.scard(registry.doomed_key("tiny")) == 0
+
+
+async def test_gc_deletes_by_key_list_finishes_interrupted_deletes_and_sweeps(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = Keys(settings.namespace)
+    v1, v2, v3 = [
+        (await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)).version
+        for _ in range(3)
+    ]
+    # a key of v1 that its key list does not name: retiring deletes what the list names
+    # (no keyspace scan), and only a sweep finds the stray
+    stray = keys.model("tiny", v1, "stray")
+    await redis_client.set(stray, b"x")
+    # a GC that died after retiring v2 but before deleting it left it in `doomed`
+    await redis_client.hdel(registry.versions_key("tiny"), v2)
+    await redis_client.sadd(registry.doomed_key("tiny"), v2)
+
+    report = await registry.gc("tiny", keep=1)
+
+    assert report.retired == [v1]
+    assert report.redis_keys == 2 * 3
+    assert report.s3_objects == 2 * 4
+    assert [i.version for i in await registry.versions("tiny")] == [v3]
+    assert await redis_keys(redis_client, keys.model("tiny", v2, "*")) == []
+    assert await redis_keys(redis_client, keys.model("tiny", v1, "*")) == [stray]
+    assert await redis_client.scard(registry.doomed_key("tiny")) == 0
+
+    swept = await registry.gc("tiny", keep=1, sweep=True)
+    assert swept.redis_keys == 1
+    assert await redis_keys(redis_client, keys.model("tiny", v1, "*")) == []
+    assert len(await redis_keys(redis_client, keys.model("tiny", v3, "*"))) == 3
 
 
 async def test_names_lists_each_published_model(registry: ModelRegistry) -> None:
