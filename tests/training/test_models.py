@@ -14,6 +14,7 @@ from training.models import (
     ALS,
     MODELS,
     Blend,
+    CategoryPopularity,
     ItemScorer,
     ItemToItem,
     Popularity,
@@ -101,12 +102,33 @@ def test_trending_formula() -> None:
     assert ids(model.recommend([], 1, now=T0 + 2 * DAY)) == ["falling"]
 
 
+def test_category_popularity_follows_the_recent_categories() -> None:
+    builder = LogBuilder()
+    for n, (item, category) in enumerate(
+        [("s1", "shoes"), ("s1", "shoes"), ("s2", "shoes"), ("h1", "hats"), ("h2", "hats")]
+    ):
+        builder.add(f"u{n}", item, T0 + n, category=category)
+    builder.add("late", "s3", T0 + 10, category="shoes")
+    log = builder.build()
+    train = log.select(log.timestamps < T0 + 10)  # s3 is never seen in training
+    model = CategoryPopularity(decay=0.5, history_len=5).fit(train)
+    # history h1 (older), s2 (newest): shoes affinity 1, hats 0.5; within shoes by count
+    # (s1 twice: share 2/3; s2 once: 1/3); s3 unseen in training: not a candidate
+    recs = model.recommend(["h1", "s2"], 10)
+    assert ids(recs) == ["s1", "s2", "h1", "h2"]
+    assert recs[0][1] == pytest.approx(1 + 2 / 3)
+    assert recs[2][1] == pytest.approx(0.5 * (1 + 1 / 3))
+    assert model.recommend([], 5) == []
+
+
 def test_recently_viewed_orders_by_recency_and_repeats() -> None:
     model = RecentlyViewed(decay=0.5, history_len=10).fit(clusters())
     recs = model.recommend(["a1", "b1", "a1", "a2"], 5)
     # a2: 1; a1: 0.5 + 0.125 = 0.625; b1: 0.25
     assert recs == [("a2", 1.0), ("a1", 0.625), ("b1", 0.25)]
     assert model.recommend([], 5) == []
+    skip_last = RecentlyViewed(decay=0.5, last_weight=0.1).fit(clusters())
+    assert ids(skip_last.recommend(["a1", "b1", "a1", "a2"], 5)) == ["a1", "b1", "a2"]
 
 
 @pytest.mark.parametrize("normalize", ["cosine", "bm25"])
