@@ -185,6 +185,12 @@ async def run_training(
         with _timed(reporter, report.timings, None, "load"):
             full = plan.load()
             report.data = plan.describe(full)
+        if isinstance(full, Sized) and len(full) == 0:
+            report.error = (
+                f"{plan.source} has no interactions; check the path or the time range "
+                "(--start/--end), or let the archive agent collect events first"
+            )
+            return report
         with _timed(reporter, report.timings, None, "split"):
             train, held_out = plan.split(full)
         sizes = [len(part) if isinstance(part, Sized) else None for part in (train, held_out)]

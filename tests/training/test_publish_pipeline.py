@@ -184,3 +184,10 @@ async def test_a_split_with_nothing_held_out_publishes_nothing(registry: ModelRe
     assert "left 4 training and 0 held-out rows" in report.error
     assert report.models == []
     assert await registry.names() == []
+
+
+async def test_an_empty_log_publishes_nothing(registry: ModelRegistry) -> None:
+    report = await run_training(plan(lambda: []), [ModelSpec("tiny", tiny)], registry)
+    assert report.error is not None
+    assert "has no interactions" in report.error
+    assert await registry.names() == []
