@@ -103,16 +103,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--path",
         type=Path,
         default=None,
-        help="the input file or directory (csv: Personalize interactions CSV; movielens, "
-        "taobao, yoochoose: the dataset's file; default: the bundled/shared copy)",
+        help="the input file (csv: a Personalize interactions CSV; movielens, taobao, "
+        "yoochoose: the dataset's file, default: the bundled or shared copy)",
     )
     train.add_argument(
         "--start",
         type=_time_arg,
         default=None,
-        help="archive: first day to read (2026-11-01, unix seconds, or 30d for 30 days ago)",
+        help="train on interactions from this time on: 2026-11-01, unix seconds, or 30d "
+        "for 30 days before each run (archive default: 30d)",
     )
-    train.add_argument("--end", type=_time_arg, default=None, help="archive: last time to read")
+    train.add_argument(
+        "--end", type=_time_arg, default=None, help="and before this time (default: now)"
+    )
     train.add_argument("--models", default=None, help="comma-separated model names (default: all)")
     train.add_argument(
         "--every",
