@@ -89,6 +89,7 @@ __all__ = [
     "new_version",
     "open_registry",
     "read_current",
+    "read_current_many",
 ]
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,26 @@ end
 return {v, 'none', {}}
 """
 
+# KEYS: current  ARGV: key prefix up to the version, limit (-1 = all), suffixes...
+_READ_MANY = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local out = {v}
+for i = 3, #ARGV do
+  local key = ARGV[1] .. v .. ':' .. ARGV[i]
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'zset' then
+    out[#out + 1] = {kind, redis.call('ZREVRANGE', key, 0, tonumber(ARGV[2]), 'WITHSCORES')}
+  elseif kind == 'hash' then
+    out[#out + 1] = {kind, redis.call('HGETALL', key)}
+  elseif kind == 'string' then
+    out[#out + 1] = {kind, {redis.call('GET', key)}}
+  else
+    out[#out + 1] = {'none', {}}
+  end
+end
+return out
+"""
 
 # --- serving's read side ---------------------------------------------------------------
 
@@ -338,6 +359,29 @@ class CurrentRecord:
     value: list[tuple[str, float]] | dict[str, bytes] | bytes | None
 
 
+def _count(limit: int | None) -> int:
+    if limit is None:
+        return -1
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    return limit - 1
+
+
+def _record(version: str, kind: str, body: list[Any], fields: Sequence[str] = ()) -> CurrentRecord:
+    if kind == "zset":
+        pairs = [(_text(body[i]), float(body[i + 1])) for i in range(0, len(body), 2)]
+        return CurrentRecord(version, "zset", pairs)
+    if kind == "hash":
+        if fields:
+            found = {f: v for f, v in zip(fields, body, strict=True) if v is not None}
+        else:
+            found = {_text(body[i]): body[i + 1] for i in range(0, len(body), 2)}
+        return CurrentRecord(version, "hash", found)
+    if kind == "string":
+        return CurrentRecord(version, "string", body[0])
+    return CurrentRecord(version, "none", None)
+
+
 async def read_current(
     redis: aioredis.Redis,
     keys: Keys,
@@ -353,23 +397,35 @@ async def read_current(
     (highest scores first); ``fields`` selects hash fields (all when empty).
     """
     prefix = keys.model(name, "", "")[:-1]  # "rs:{ns}:model:{name}:"
-    count = -1 if limit is None else max(limit, 1) - 1
-    reply = await redis.eval(_READ, 1, keys.model_pointer(name), prefix, suffix, count, *fields)
+    reply = await redis.eval(
+        _READ, 1, keys.model_pointer(name), prefix, suffix, _count(limit), *fields
+    )
     if reply is None:
         return None
-    version, kind, body = _text(reply[0]), _text(reply[1]), reply[2]
-    if kind == "zset":
-        pairs = [(_text(body[i]), float(body[i + 1])) for i in range(0, len(body), 2)]
-        return CurrentRecord(version, "zset", pairs)
-    if kind == "hash":
-        if fields:
-            found = {f: v for f, v in zip(fields, body, strict=True) if v is not None}
-        else:
-            found = {_text(body[i]): body[i + 1] for i in range(0, len(body), 2)}
-        return CurrentRecord(version, "hash", found)
-    if kind == "string":
-        return CurrentRecord(version, "string", body[0])
-    return CurrentRecord(version, "none", None)
+    return _record(_text(reply[0]), _text(reply[1]), reply[2], fields)
+
+
+async def read_current_many(
+    redis: aioredis.Redis,
+    keys: Keys,
+    name: str,
+    suffixes: Sequence[str],
+    *,
+    limit: int | None = None,
+) -> dict[str, CurrentRecord] | None:
+    """Several records of the serving version (e.g. the neighbours of each item in a
+    history) in one round trip, all from the same version. None when nothing serves."""
+    prefix = keys.model(name, "", "")[:-1]
+    reply = await redis.eval(
+        _READ_MANY, 1, keys.model_pointer(name), prefix, _count(limit), *suffixes
+    )
+    if reply is None:
+        return None
+    version = _text(reply[0])
+    return {
+        suffix: _record(version, _text(kind), body)
+        for suffix, (kind, body) in zip(suffixes, reply[1:], strict=True)
+    }
 
 
 # --- the registry -------------------------------------------------------------------------

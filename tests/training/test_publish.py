@@ -27,6 +27,7 @@ from training.publish import (
     current_version,
     new_version,
     read_current,
+    read_current_many,
 )
 
 LOG = [("u1", "a", 100.0), ("u1", "b", 150.0), ("u2", "a", 200.0), ("u3", "c", 300.0)]
@@ -138,6 +139,15 @@ async def test_read_current_reads_the_serving_version_in_one_call(
     missing = await read_current(redis_client, keys, "tiny", "no-such-record")
     assert missing is not None
     assert (missing.kind, missing.value) == ("none", None)
+    with pytest.raises(ValueError, match="at least 1"):
+        await read_current(redis_client, keys, "tiny", "top", limit=0)
+
+    many = await read_current_many(redis_client, keys, "tiny", ["top", "blob", "nope"], limit=2)
+    assert many is not None
+    assert many["top"] == publish.CurrentRecord(info.version, "zset", [("a", 2.0), ("c", 1.0)])
+    assert many["blob"].value == b"\x00\x01binary"
+    assert many["nope"].kind == "none"
+    assert await read_current_many(redis_client, keys, "other", ["top"]) is None
 
 
 async def test_publish_promote_rollback(registry: ModelRegistry) -> None:
