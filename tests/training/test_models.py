@@ -227,7 +227,11 @@ def test_segmentation_finds_the_users_of_a_cluster(tmp_path: Path) -> None:
     assert {u for u, _ in model.users_for_category("v", 6)} == {f"v{n}" for n in range(6)}
     assert model.users_for_item("nope") == []
     out = tmp_path / "segments.jsonl"
-    assert model.write_segments(out, items=["b1"], categories=["u"], n=3) == 2
+    assert {u for u, _ in model.users_for_items(["b2", "b3"], 6)} == {f"v{n}" for n in range(6)}
+    written = model.write_segments(
+        out, items=["b1"], categories=["u"], attributes={"brand=x": ["a1", "a2"]}, n=3
+    )
+    assert written == 3
     import json
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -235,6 +239,8 @@ def test_segmentation_finds_the_users_of_a_cluster(tmp_path: Path) -> None:
     assert {u["user_id"][0] for u in lines[0]["users"]} == {"v"}
     assert len(lines[0]["users"]) == 3
     assert lines[1]["query"] == {"category": "u"}
+    assert lines[2]["query"] == {"attribute": "brand=x"}
+    assert {u["user_id"][0] for u in lines[2]["users"]} == {"u"}
     seg = {r.suffix for r in model.redis_records()}
     assert {"seg:cat:u", "seg:cat:v", "params"} <= seg
 

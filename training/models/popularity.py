@@ -117,8 +117,8 @@ class CategoryPopularity(ItemScorer):
 
     so items of the categories the user is browsing rank first, the more recent and
     frequent the category the higher, and within a category by plain count. Candidates are
-    the items seen in training and the history's own items, of the history's categories. Serving needs
-    only the ``top:cat:{category}`` lists of `Popularity` and the live window.
+    the items seen in training and the history's own items, of the history's categories.
+    Serving needs only the ``top:cat:{category}`` lists of `Popularity` and the live window.
     """
 
     name: ClassVar[str] = "category_popularity"

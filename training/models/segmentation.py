@@ -3,11 +3,13 @@ attribute such as a category, the users most likely to interact with it.
 
 It fits the same ALS as `training.models.als` and scores users against an item's factor
 vector, or against the mean factor vector of an attribute's items (the average affinity
-to that attribute). `write_segments` writes the answers to a JSON-lines file, one line
-per query::
+to that attribute): a category from the log, or any attribute given as its items
+(`users_for_items`, e.g. the catalog's items of one brand). `write_segments` writes the
+answers to a JSON-lines file, one line per query::
 
     {"query": {"item_id": "42"}, "users": [{"user_id": "7", "score": 0.91}, ...]}
     {"query": {"category": "shoes"}, "users": [...]}
+    {"query": {"attribute": "brand=acme"}, "users": [...]}
 
 Redis records: ``seg:cat:{category}`` (ZSET user → score, the ``top_users`` best users of
 each category) and ``params``; `recommend` is ALS's (items for a user).
@@ -65,6 +67,17 @@ class UserSegmentation(ALS):
         vector = self._category_vector(category)
         return [] if vector is None else self._top_users(self.user_scores(vector), n)
 
+    def users_for_items(self, items: list[str], n: int | None = None) -> list[tuple[str, float]]:
+        """The users most likely to interact with a set of items: any attribute value
+        (a brand, a price band) given as the catalog's items that have it."""
+        self._check_fitted()
+        codes = self.codes(items)
+        codes = codes[self.seen[codes]] if codes.size else codes
+        if not codes.size:
+            return []
+        vector = np.asarray(self.item_factors[codes].astype(np.float64).mean(axis=0))
+        return self._top_users(self.user_scores(vector), n)
+
     def _category_vector(self, category: str) -> FloatArray | None:
         self._check_fitted()
         match = np.flatnonzero(self.category_ids == category)
@@ -86,14 +99,20 @@ class UserSegmentation(ALS):
         *,
         items: Iterable[str] = (),
         categories: Iterable[str] = (),
+        attributes: Mapping[str, list[str]] | None = None,
         n: int | None = None,
     ) -> int:
-        """Write one JSON line per queried item and category; returns the lines written."""
+        """Write one JSON line per queried item, category and attribute (name → the items
+        that have it, e.g. ``{"brand=acme": [...]}``); returns the lines written."""
         lines = 0
         with path.open("w", encoding="utf-8") as out:
             queries: list[tuple[dict[str, str], list[tuple[str, float]]]] = []
             queries += [({"item_id": i}, self.users_for_item(i, n)) for i in items]
             queries += [({"category": c}, self.users_for_category(c, n)) for c in categories]
+            queries += [
+                ({"attribute": name}, self.users_for_items(members, n))
+                for name, members in (attributes or {}).items()
+            ]
             for query, users in queries:
                 record = {"query": query, "users": [{"user_id": u, "score": s} for u, s in users]}
                 out.write(json.dumps(record) + "\n")
