@@ -54,43 +54,41 @@ def _when(unix: float | None) -> str:
 _METRIC_ORDER = ("hr@10", "ndcg@10", "hr@20", "mrr@20")
 
 
-def _metrics(metrics: dict[str, float]) -> str:
-    """The harness's four metrics first, then the rest; counts without decimals."""
-    names = [m for m in _METRIC_ORDER if m in metrics]
-    names += sorted(m for m in metrics if m not in _METRIC_ORDER)
-    parts = [
-        f"{m}={metrics[m]:.0f}"
-        if float(metrics[m]).is_integer() and m not in _METRIC_ORDER
-        else f"{m}={metrics[m]:.4f}"
-        for m in names
-    ]
-    return " ".join(parts) or "-"
+def _metric_columns(table: Table, all_metrics: Sequence[dict[str, float]]) -> list[str]:
+    """One right-aligned column per harness metric that any row has."""
+    names = [m for m in _METRIC_ORDER if any(m in metrics for metrics in all_metrics)]
+    for name in names:
+        table.add_column(name.upper(), justify="right", no_wrap=True)
+    return names
+
+
+def _metric_cells(metrics: dict[str, float], names: Sequence[str]) -> list[str]:
+    return [f"{metrics[m]:.4f}" if m in metrics else "-" for m in names]
 
 
 def versions_table(infos: Sequence[VersionInfo]) -> Table:
-    table = Table(title="published models", title_justify="left")
+    """Versions with their data range and held-out metrics (the version id is its UTC
+    creation time; `models show` prints everything else)."""
+    table = Table(title="published models", title_justify="left", caption="● = serving")
     table.add_column("", no_wrap=True)
     table.add_column("model", no_wrap=True)
-    table.add_column("version", no_wrap=True)
-    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column("version (UTC)", no_wrap=True)
     table.add_column("data range (UTC)")
-    table.add_column("rows", justify="right")
-    table.add_column("metrics")
-    table.add_column("records", justify="right")
+    table.add_column("rows", justify="right", no_wrap=True)
+    names = _metric_columns(table, [info.metrics for info in infos])
+    table.add_column("records", justify="right", no_wrap=True)
     for info in infos:
         data = info.data
         table.add_row(
             "●" if info.current else "",
             info.name,
             info.version,
-            _when(info.created),
             f"{_when(data.get('start'))} → {_when(data.get('end'))}",
             f"{data.get('rows', 0):,}",
-            _metrics(info.metrics),
+            *_metric_cells(info.metrics, names),
             f"{info.records:,}",
             style="bold" if info.current else None,
         )
-    table.caption = "● = serving"
     return table
 
 
@@ -220,10 +218,10 @@ class RichReporter(Reporter):
 
 
 def results_table(report: TrainReport) -> Table:
-    table = Table(title="training run", title_justify="left")
+    table = Table(title="training run (held-out metrics)", title_justify="left")
     table.add_column("model", no_wrap=True)
     table.add_column("version", no_wrap=True)
-    table.add_column("held-out metrics")
+    names = _metric_columns(table, [outcome.metrics for outcome in report.models])
     table.add_column("status")
     for outcome in report.models:
         published = outcome.published
@@ -236,7 +234,7 @@ def results_table(report: TrainReport) -> Table:
         table.add_row(
             outcome.name,
             published.version if published else "-",
-            _metrics(outcome.metrics),
+            *_metric_cells(outcome.metrics, names),
             status,
         )
     return table

@@ -149,10 +149,12 @@ async def test_models_list_promote_rollback(
     assert await cli(["models", "list", "tiny"], settings) == 0
     table = capsys.readouterr().out
     assert v1.version in table
-    assert "hr@10=0.5000" in table
+    assert "HR@10" in table
     assert "2026-11-01 00:00 → 2026-11-02 00:00" in table
     current_line = next(line for line in table.splitlines() if v2.version in line)
     assert "●" in current_line
+    assert "0.5000" in current_line
+    assert "1,234" in current_line
     assert "●" not in next(line for line in table.splitlines() if v1.version in line)
 
     assert await cli(["models", "rollback", "tiny"], settings) == 0
