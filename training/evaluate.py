@@ -54,7 +54,6 @@ from training.models.common import ItemScorer
 if TYPE_CHECKING:
     from recstream.settings import Settings
     from training.base import Model
-    from training.pipeline import DataPlan
 
 __all__ = [
     "DATASETS",
@@ -65,7 +64,9 @@ __all__ = [
     "Query",
     "SessionNextClick",
     "evaluate_model",
+    "fit_for",
     "load_dataset",
+    "load_split",
     "metrics_from_ranks",
     "protocol_for",
     "rank_of",
@@ -367,38 +368,6 @@ def load_split(
             "pass another --test-start or a --test file"
         )
     return protocol, train, test
-
-
-def data_plan(
-    dataset: str,
-    path: Path,
-    *,
-    test_start: float | None = None,
-    weights: Mapping[str, float] | None = None,
-) -> DataPlan[InteractionLog]:
-    """A `training.pipeline.DataPlan` for `recstream train --source {dataset}`."""
-    from training.pipeline import DataPlan
-    from training.publish import DataRange
-
-    protocol = protocol_for(dataset)
-
-    def describe(part: InteractionLog) -> DataRange:
-        return DataRange(
-            source=str(path),
-            start=part.start,
-            end=part.end,
-            rows=len(part),
-            users=int(np.unique(part.users).size),
-            items=int(np.unique(part.items).size),
-        )
-
-    return DataPlan(
-        source=str(path),
-        load=lambda: load_dataset(dataset, path, weights),
-        split=lambda log_: protocol.split(log_, test_start),
-        describe=describe,
-        evaluate=protocol.evaluate,
-    )
 
 
 # --- the run ---------------------------------------------------------------------------------
