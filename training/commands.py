@@ -25,7 +25,7 @@ from rich.table import Table
 from recstream.errors import ConfigurationError
 from recstream.settings import Settings
 from training.cli import parse_time, run_every
-from training.pipeline import Reporter, TrainReport
+from training.pipeline import DataPlan, Reporter, TrainReport
 from training.publish import VersionInfo, iter_summaries, open_registry
 
 __all__ = [
@@ -240,18 +240,25 @@ def results_table(report: TrainReport) -> Table:
     return table
 
 
-def train_once(args: argparse.Namespace, settings: Settings, console: Console) -> TrainReport:
-    """One run of `recstream train` with progress bars; returns its report."""
+def setup(args: argparse.Namespace, settings: Settings) -> tuple[DataPlan[Any], list[Any]]:
+    """The run's plan and models; cheap (nothing is loaded), and raises on bad options."""
     from training import sources
-    from training.pipeline import run_training
 
     now = time.time()
     start = None if args.start is None else parse_time(args.start, now=now)
     end = None if args.end is None else parse_time(args.end, now=now)
     wanted = [m.strip() for m in args.models.split(",")] if args.models else None
-    plan, specs = sources.training_setup(
+    return sources.training_setup(
         args.source, args.path, settings, start=start, end=end, wanted=wanted
     )
+
+
+def train_once(args: argparse.Namespace, settings: Settings, console: Console) -> TrainReport:
+    """One run of `recstream train` with progress bars; returns its report."""
+    from training.pipeline import run_training
+
+    # Set up again for every run: a relative --start (30d) moves with the schedule.
+    plan, specs = setup(args, settings)
 
     async def run(reporter: RichReporter) -> TrainReport:
         async with open_registry(settings) as registry:
@@ -284,6 +291,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
     if args.every is None:
         return 0 if train_once(args, settings, console).ok else 1
+    # A wrong option must stop the command now, not fail every scheduled run.
+    setup(args, settings)
 
     def wait(due: float) -> None:
         console.print(f"next training run at {_when(due)} UTC (every {args.every:.0f} s)")

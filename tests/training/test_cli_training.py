@@ -277,6 +277,9 @@ async def test_train_publishes_the_real_models_from_a_personalize_csv(
 
     with pytest.raises(ConfigurationError, match="unknown model"):
         await cli([*argv, "--models", "nonsense"], settings)
+    # with --every too: a wrong option stops the command instead of failing every run
+    with pytest.raises(ConfigurationError, match="unknown model"):
+        await cli([*argv, "--models", "nonsense", "--every", "1h"], settings)
 
 
 async def test_train_every_runs_on_the_schedule(
