@@ -304,7 +304,7 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
             _fixed(
                 "readme:sknn-user",
                 SessionKNN,
-                {"k": 50, "last_n": 20, "unit": "user", "sample_size": 100_000},
+                {"k": 50, "last_n": 20, "unit": "user", "sample_size": 100_000, "normalize": True},
             ),
         ]
     entries += [

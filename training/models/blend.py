@@ -108,18 +108,6 @@ class Blend(ItemScorer):
             name: COMPONENTS[name](**components[name]) for name in weights if weights[name]
         }
 
-    @classmethod
-    def from_fitted(cls, models: Mapping[str, ItemScorer], weights: Mapping[str, float]) -> Blend:
-        """A blend over already fitted components (tuning reuses them across weights)."""
-        blend = cls(
-            weights=weights, components={n: m.params() for n, m in models.items() if n in weights}
-        )
-        blend.models = {n: m for n, m in models.items() if weights.get(n)}
-        blend.item_ids = next(iter(models.values())).item_ids
-        blend.user_ids = next(iter(models.values())).user_ids
-        blend.fitted = True
-        return blend
-
     def _fit(self, log: InteractionLog) -> None:
         for model in self.models.values():
             model.fit(log)
