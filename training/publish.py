@@ -657,7 +657,8 @@ class ModelRegistry:
             except RecstreamError:
                 # The version is published and serving; old ones go at the next collection.
                 log.warning("garbage collection of %s failed; will retry next time", name)
-        info = next(i for i in await self.versions(name) if i.version == version)
+        live = promote or await self.current(name) == version
+        info = VersionInfo.from_summary(name, version, _dumps(summary), live)
         return info
 
     async def _upload_dir(
@@ -675,6 +676,7 @@ class ModelRegistry:
             data = await asyncio.to_thread(path.read_bytes)
             async with limit:
                 await self._put(s3, self.s3_prefix(name, version) + relative, data, relative)
+                await self._renew(name, version)
             report("files", 1, len(paths))
             return {
                 "path": relative,
@@ -707,6 +709,7 @@ class ModelRegistry:
         key_list: Path,
     ) -> int:
         count = flushed = members = 0
+        renew_by = time.monotonic() + LEASE_S / 4
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 with gzip.open(key_list, "wb") as suffixes:
@@ -715,15 +718,24 @@ class ModelRegistry:
                         members += _queue(pipe, key, record)
                         suffixes.write(orjson.dumps(record.suffix) + b"\n")
                         count += 1
-                        if members >= CHUNK_MEMBERS:
+                        # Flush by size, and by time so that a model that computes its
+                        # records slowly still renews its lease.
+                        if members >= CHUNK_MEMBERS or time.monotonic() > renew_by:
                             await self._flush(pipe, name, version)
                             report("records", count - flushed, None)
                             members, flushed = 0, count
+                            renew_by = time.monotonic() + LEASE_S / 4
                 await self._flush(pipe, name, version)
                 report("records", count - flushed, None)
         except RedisError as exc:
             raise self._redis_failed(exc, f"writing {name} {version}'s records") from exc
         return count
+
+    async def _renew(self, name: str, version: str) -> None:
+        try:
+            await self.redis.zadd(self.pending_key(name), {version: time.time() + LEASE_S}, xx=True)
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"renewing the lease of {name} {version}") from exc
 
     async def _flush(self, pipe: Any, name: str, version: str) -> None:
         # Renewing the lease with each chunk is what tells GC this publish is alive.
