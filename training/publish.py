@@ -519,7 +519,17 @@ class ModelRegistry:
             reply = await s3.get_object(Bucket=self.settings.bucket, Key=key)
             async with reply["Body"] as body:
                 data = await body.read()
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                raise ResourceNotFound(
+                    f"model {name!r} has no manifest for version {version!r} at "
+                    f"s3://{self.settings.bucket}/{key}; `recstream models list {name}` "
+                    "shows the versions that exist"
+                ) from exc
+            raise translate(
+                exc, f"manifest s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        except BotoCoreError as exc:
             raise translate(
                 exc, f"manifest s3://{self.settings.bucket}/{key}", self.settings
             ) from exc

@@ -101,6 +101,8 @@ async def test_publish_writes_artifacts_manifest_records_and_switches(
     assert manifest["redis"]["records"] == 3
     assert {f["path"] for f in manifest["files"]} == {"counts.json", "nested/params.json"}
     assert manifest == await registry.manifest("tiny", info.version)
+    with pytest.raises(ResourceNotFound, match="no manifest"):
+        await registry.manifest("tiny", new_version())
 
     top = await redis_client.zrange(keys.model("tiny", info.version, "top"), 0, -1, withscores=True)
     assert top == [(b"c", 1.0), (b"b", 1.0), (b"a", 2.0)] or sorted(top) == [
