@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -314,12 +315,14 @@ class LogBuilder:
         self._users, self._items, self._sessions = _Vocab(), _Vocab(), _Vocab()
         self._types, self._cats = _Vocab(), _Vocab()
         self._item_cat: dict[int, int] = {}
-        self._u: list[int] = []
-        self._i: list[int] = []
-        self._s: list[int] = []  # -1: derive from the inactivity gap
-        self._e: list[int] = []
-        self._t: list[float] = []
-        self._w: list[float] = []
+        # Compact typed buffers (4-8 bytes a value, not a Python object each), so a log
+        # of tens of millions of rows loads in memory proportional to its columns.
+        self._u = array("i")
+        self._i = array("i")
+        self._s = array("i")  # -1: derive from the inactivity gap
+        self._e = array("i")
+        self._t = array("d")
+        self._w = array("f")
 
     def add(
         self,
@@ -368,9 +371,9 @@ class LogBuilder:
         return len(self._i)
 
     def build(self) -> InteractionLog:
-        users = np.asarray(self._u, np.int32)
-        sessions = np.asarray(self._s, np.int32)
-        timestamps = np.asarray(self._t, np.float64)
+        users = np.frombuffer(self._u, np.int32).copy()
+        sessions = np.frombuffer(self._s, np.int32).copy()
+        timestamps = np.frombuffer(self._t, np.float64).copy()
         rows = np.arange(len(users), dtype=np.int64)
         session_ids = list(self._sessions.ids)
         missing = sessions < 0
@@ -391,11 +394,11 @@ class LogBuilder:
             categories[item] = cat
         return InteractionLog(
             users=users,
-            items=np.asarray(self._i, np.int32),
+            items=np.frombuffer(self._i, np.int32).copy(),
             sessions=sessions,
             timestamps=timestamps,
-            event_types=np.asarray(self._e, np.int32),
-            weights=np.asarray(self._w, np.float32),
+            event_types=np.frombuffer(self._e, np.int32).copy(),
+            weights=np.frombuffer(self._w, np.float32).copy(),
             row=rows,
             user_ids=_ids_array(self._users.ids),
             item_ids=_ids_array(self._items.ids),
