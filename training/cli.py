@@ -85,6 +85,16 @@ def parse_time(text: str, *, now: float | None = None) -> float:
     return moment.timestamp()
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in [0, 1), e.g. 0.3")
+    return value
+
+
 def _time_arg(text: str) -> str:
     parse_time(text)  # validate now, resolve at each run (``7d`` moves with the schedule)
     return text
@@ -135,6 +145,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="refit",
         action="store_false",
         help="publish the model fitted on the training part instead of refitting on all data",
+    )
+    train.add_argument(
+        "--max-drop",
+        type=_fraction,
+        default=None,
+        metavar="FRACTION",
+        help="publish but do not promote a model whose held-out NDCG@10 or training rows "
+        "fall below (1 - FRACTION) of the serving version's, e.g. 0.3 (default: always "
+        "promote)",
     )
     train.add_argument("--json", type=Path, default=None, help="write the run's report here")
     train.set_defaults(handler=_lazy("cmd_train"))

@@ -227,6 +227,8 @@ def results_table(report: TrainReport) -> Table:
         published = outcome.published
         if outcome.error:
             status = f"[red]failed[/] {outcome.error}"
+        elif outcome.held_back:
+            status = f"[yellow]held back[/] {outcome.held_back}"
         elif published and published.current:
             status = "[green]serving[/]"
         else:
@@ -263,7 +265,13 @@ def train_once(args: argparse.Namespace, settings: Settings, console: Console) -
     async def run(reporter: RichReporter) -> TrainReport:
         async with open_registry(settings) as registry:
             return await run_training(
-                plan, specs, registry, promote=args.promote, refit=args.refit, reporter=reporter
+                plan,
+                specs,
+                registry,
+                promote=args.promote,
+                refit=args.refit,
+                reporter=reporter,
+                max_drop=args.max_drop,
             )
 
     columns = (

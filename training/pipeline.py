@@ -110,6 +110,8 @@ class ModelOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    held_back: str | None = None
+    """Why the new version was published but not promoted (the guard tripped)."""
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,7 +126,9 @@ class TrainReport:
 
     @property
     def ok(self) -> bool:
-        return self.error is None and all(m.error is None for m in self.models)
+        return self.error is None and all(
+            m.error is None and m.held_back is None for m in self.models
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -140,11 +144,40 @@ class TrainReport:
                     "metrics": m.metrics,
                     "params": m.params,
                     "error": m.error,
+                    "held_back": m.held_back,
                     "timings": m.timings,
                 }
                 for m in self.models
             ],
         }
+
+
+async def _guard(
+    registry: ModelRegistry,
+    name: str,
+    data: DataRange,
+    metrics: Mapping[str, float],
+    max_drop: float,
+    metric: str,
+) -> str | None:
+    """Why the new version must not replace the serving one, or None if it may."""
+    serving = next((v for v in await registry.versions(name) if v.current), None)
+    if serving is None:
+        return None
+    floor = 1.0 - max_drop
+    old_rows = int(serving.data.get("rows") or 0)
+    if old_rows and data.rows < floor * old_rows:
+        return (
+            f"trained on {data.rows:,} rows, under {floor:.0%} of the {old_rows:,} of serving "
+            f"version {serving.version}"
+        )
+    old, new = serving.metrics.get(metric), metrics.get(metric)
+    if old is not None and new is not None and new < floor * old:
+        return (
+            f"{metric} {new:.4f} is under {floor:.0%} of serving version {serving.version}'s "
+            f"{old:.4f}"
+        )
+    return None
 
 
 def _fit(model: Model, log: object) -> Model:
@@ -177,8 +210,15 @@ async def run_training(
     promote: bool = True,
     refit: bool = True,
     reporter: Reporter | None = None,
+    max_drop: float | None = None,
+    guard_metric: str = "ndcg@10",
 ) -> TrainReport:
-    """Train, evaluate and publish every model in ``specs`` on the data ``plan`` loads."""
+    """Train, evaluate and publish every model in ``specs`` on the data ``plan`` loads.
+
+    With ``max_drop`` (a fraction), a new version whose ``guard_metric`` or training rows
+    fall below ``(1 - max_drop)`` times the serving version's is published but not
+    promoted: a data outage or a broken run must not replace a good model.
+    """
     reporter = reporter or Reporter()
     report = TrainReport()
     try:
@@ -245,8 +285,14 @@ async def run_training(
                         "timings": {**report.timings, **outcome.timings},
                     },
                 )
+                switch = promote
+                if promote and max_drop is not None:
+                    outcome.held_back = await _guard(
+                        registry, model.name, data, outcome.metrics, max_drop, guard_metric
+                    )
+                    switch = outcome.held_back is None
                 outcome.published = await registry.publish(
-                    model, info, promote=promote, progress=reporter.publish_progress(spec.name)
+                    model, info, promote=switch, progress=reporter.publish_progress(spec.name)
                 )
         except Exception as exc:
             # One model failing must not stop the others; its old version keeps serving.

@@ -336,3 +336,12 @@ async def test_train_on_the_s3_archive_within_a_window(
     assert 0 < recent < 80
     assert json.loads(out.read_text())["data"]["rows"] == recent
     assert len(await registry.versions("popularity")) == 2
+
+
+def test_max_drop_is_a_fraction(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["train", "--max-drop", "0.3"]).max_drop == 0.3
+    assert build_parser().parse_args(["train"]).max_drop is None
+    for bad in ("1", "-0.1", "lots"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--max-drop", bad])
+        assert "not a fraction" in capsys.readouterr().err

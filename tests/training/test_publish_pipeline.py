@@ -191,3 +191,50 @@ async def test_an_empty_log_publishes_nothing(registry: ModelRegistry) -> None:
     assert report.error is not None
     assert "has no interactions" in report.error
     assert await registry.names() == []
+
+
+async def test_the_guard_holds_back_a_worse_model_or_a_data_outage(
+    registry: ModelRegistry,
+) -> None:
+    specs: list[ModelSpec[list[Interaction]]] = [ModelSpec("tiny", tiny)]
+    first = await run_training(plan(), specs, registry, max_drop=0.3, guard_metric="hr@1")
+    assert first.ok  # nothing serves yet: nothing to compare with
+    serving = first.models[0].published
+    assert serving is not None
+
+    def worse(
+        model: Model, train: list[Interaction], held_out: list[Interaction]
+    ) -> dict[str, float]:
+        return {"hr@1": 0.25}  # half of the serving 0.5
+
+    bad = DataPlan(
+        source="tiny log",
+        load=lambda: list(LOG),
+        split=plan().split,
+        describe=describe,
+        evaluate=worse,
+    )
+    held = await run_training(bad, specs, registry, max_drop=0.3, guard_metric="hr@1")
+    assert not held.ok
+    outcome = held.models[0]
+    assert outcome.held_back is not None
+    assert "hr@1 0.2500 is under 70%" in outcome.held_back
+    assert outcome.published is not None
+    assert not outcome.published.current
+    assert await registry.current("tiny") == serving.version
+
+    # a data outage: far fewer rows than the serving version was trained on
+    few = plan(lambda: LOG[:2] + LOG[-1:])
+    outage = await run_training(few, specs, registry, max_drop=0.3, guard_metric="hr@1")
+    assert outage.models[0].held_back is not None
+    assert "trained on 3 rows" in outage.models[0].held_back
+    assert await registry.current("tiny") == serving.version
+
+    # a small drop passes the guard; no guard promotes anyway
+    fine = await run_training(plan(), specs, registry, max_drop=0.3, guard_metric="hr@1")
+    assert fine.ok
+    assert fine.models[0].published is not None
+    assert await registry.current("tiny") == fine.models[0].published.version
+    unguarded = await run_training(bad, specs, registry)
+    assert unguarded.models[0].published is not None
+    assert await registry.current("tiny") == unguarded.models[0].published.version
