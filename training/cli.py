@@ -101,7 +101,7 @@ def _time_arg(text: str) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `train`, `models` and (once it exists) `evaluate`."""
+    """Add `train`, `models` and `evaluate` (training/evaluate.py)."""
     train = subparsers.add_parser(
         "train",
         help="train, evaluate and publish the models (once, or --every 24h)",
