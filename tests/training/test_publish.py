@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import time
@@ -424,3 +425,22 @@ def test_version_ids_sort_by_time() -> None:
     assert early < late
     assert publish.VERSION.match(early)
     assert publish.version_time(early) == pytest.approx(1_700_000_000.001, abs=1e-3)
+
+
+async def test_cancelled_mid_publish_cleans_up(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """Ctrl-C cancels the task: the publish still removes what it wrote, then re-raises."""
+    keys = Keys(settings.namespace)
+    v1 = await registry.publish(TinyModel().fit(LOG), run_info())
+    before = await redis_keys(redis_client, f"{keys.prefix}*")
+
+    def cancel(index: int) -> None:
+        if index == 2:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await registry.publish(TinyModel(hook=cancel).fit(LOG), run_info())
+    assert await registry.current("tiny") == v1.version
+    assert await redis_keys(redis_client, f"{keys.prefix}*") == before
+    assert all(k.startswith(f"models/tiny/{v1.version}/") for k in s3_keys(settings))
