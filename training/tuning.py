@@ -45,6 +45,7 @@ from training.models import (
     RecentlyViewed,
     SessionKNN,
     Trending,
+    UserSegmentation,
 )
 from training.models.blend import combine
 from training.models.common import ItemScorer, top_k
@@ -244,6 +245,22 @@ def _blend(
     return Entry(name, build, defaults, tune)
 
 
+def _segmentation(als_defaults: Mapping[str, Any]) -> Entry:
+    """User segmentation fits the same ALS: it reuses the parameters the als entry chose
+    in this run (no search of its own); its harness figures are ALS's item rankings."""
+
+    def tune(
+        protocol: Protocol, train: InteractionLog, chosen: Mapping[str, Mapping[str, Any]]
+    ) -> Tuned:
+        params = dict(chosen.get("als", als_defaults))
+        return Tuned(
+            params=params,
+            record={"method": "the ALS parameters chosen for als in this run", "chosen": params},
+        )
+
+    return Entry("segmentation", lambda p: UserSegmentation(**p), als_defaults, tune)
+
+
 def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[Entry]:
     """The models `recstream evaluate` runs on ``dataset``, in order (components before
     the blends that reuse their tuned parameters)."""
@@ -314,6 +331,7 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
         _entry("item2item", ItemToItem, i2i_defaults, i2i_grid),
         _entry("sknn", SessionKNN, sknn_defaults, sknn_grid),
         _entry("als", ALS, als_defaults, als_grid),
+        _segmentation(als_defaults),
     ]
     if users:
         entries.append(

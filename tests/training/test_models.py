@@ -241,6 +241,10 @@ def test_segmentation_finds_the_users_of_a_cluster(tmp_path: Path) -> None:
     assert lines[1]["query"] == {"category": "u"}
     assert lines[2]["query"] == {"attribute": "brand=x"}
     assert {u["user_id"][0] for u in lines[2]["users"]} == {"u"}
+    model.save(tmp_path / "saved")
+    saved_text = (tmp_path / "saved" / "segments.jsonl").read_text()
+    saved = [json.loads(line) for line in saved_text.splitlines()]
+    assert [line["query"] for line in saved] == [{"category": "u"}, {"category": "v"}]
     seg = {r.suffix for r in model.redis_records()}
     assert {"seg:cat:u", "seg:cat:v", "params"} <= seg
 

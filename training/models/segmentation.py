@@ -11,8 +11,10 @@ answers to a JSON-lines file, one line per query::
     {"query": {"category": "shoes"}, "users": [...]}
     {"query": {"attribute": "brand=acme"}, "users": [...]}
 
-Redis records: ``seg:cat:{category}`` (ZSET user → score, the ``top_users`` best users of
-each category) and ``params``; `recommend` is ALS's (items for a user).
+Saving a fitted model also writes ``segments.jsonl`` for every category beside it, so each
+published version carries its segments file in S3. Redis records: ``seg:cat:{category}``
+(ZSET user → score, the ``top_users`` best users of each category) and ``params``;
+`recommend` is ALS's (items for a user).
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ class UserSegmentation(ALS):
                 out.write(json.dumps(record) + "\n")
                 lines += 1
         return lines
+
+    def save(self, directory: Path) -> None:
+        """The model, plus ``segments.jsonl``: the top users of every category (the batch
+        output, uploaded with the version's files)."""
+        super().save(directory)
+        self.write_segments(directory / "segments.jsonl", categories=self.category_ids.tolist())
 
     def redis_records(self) -> Iterator[RedisRecord]:
         self._check_fitted()
