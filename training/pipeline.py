@@ -272,6 +272,12 @@ async def run_training(
             stage = "publish"
             with _timed(reporter, outcome.timings, spec.name, "publish"):
                 data = plan.describe(full if refit else train)
+                switch = promote
+                if promote and max_drop is not None:
+                    outcome.held_back = await _guard(
+                        registry, model.name, data, outcome.metrics, max_drop, guard_metric
+                    )
+                    switch = outcome.held_back is None
                 info = RunInfo(
                     data=data,
                     metrics=outcome.metrics,
@@ -283,14 +289,9 @@ async def run_training(
                             "published_fit": "whole log" if refit else "training part",
                         },
                         "timings": {**report.timings, **outcome.timings},
+                        "held_back": outcome.held_back,
                     },
                 )
-                switch = promote
-                if promote and max_drop is not None:
-                    outcome.held_back = await _guard(
-                        registry, model.name, data, outcome.metrics, max_drop, guard_metric
-                    )
-                    switch = outcome.held_back is None
                 outcome.published = await registry.publish(
                     model, info, promote=switch, progress=reporter.publish_progress(spec.name)
                 )

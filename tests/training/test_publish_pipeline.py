@@ -220,6 +220,9 @@ async def test_the_guard_holds_back_a_worse_model_or_a_data_outage(
     assert outcome.held_back is not None
     assert "hr@1 0.2500 is under 70%" in outcome.held_back
     assert outcome.published is not None
+    manifest = await registry.manifest("tiny", outcome.published.version)
+    assert manifest["extra"]["held_back"] == outcome.held_back
+    assert outcome.published is not None
     assert not outcome.published.current
     assert await registry.current("tiny") == serving.version
 
