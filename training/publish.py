@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from recstream.aws import async_client, error_code, translate
 from recstream.errors import (
@@ -257,34 +257,53 @@ class GcReport:
     s3_objects: int = 0
 
 
-# --- Lua scripts: the only writes to the three bookkeeping keys after a publish starts ----
+@dataclass(frozen=True, slots=True)
+class Lua:
+    """A Lua script, run by its SHA1 so the hot path does not resend its text."""
+
+    text: str
+    sha: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+
+
+async def run_lua(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Any) -> Any:
+    """EVALSHA, falling back to EVAL (which caches the script) on a fresh server."""
+    try:
+        return await redis.evalsha(script.sha, numkeys, *args)
+    except NoScriptError:
+        return await redis.eval(script.text, numkeys, *args)
+
+
+# --- Lua scripts: the only writes to the bookkeeping keys once a publish has started ---
 
 # KEYS: pending, versions  ARGV: version, summary
-_COMPLETE = """
+_COMPLETE = Lua("""
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
-"""
+""")
 # KEYS: versions, current  ARGV: version
-_PROMOTE = """
+_PROMOTE = Lua("""
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
-"""
+""")
 # Retire a complete version: out of `versions` (so nobody can promote it) and into
 # `doomed` (so its deletion is finished even if this process dies), unless it serves.
 # KEYS: versions, current, doomed  ARGV: version
-_RETIRE = """
+_RETIRE = Lua("""
 if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('SADD', KEYS[3], ARGV[1])
 return 1
-"""
+""")
 # Give up on an in-progress publish: its own failure (deadline ignored, ARGV[2] = 'inf'),
 # or a lapsed lease found by GC. Afterwards neither COMPLETE nor a lease renewal works.
 # KEYS: pending, doomed  ARGV: version, now
-_REAP = """
+_REAP = Lua("""
 local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if deadline and tonumber(deadline) < tonumber(ARGV[2]) then
   redis.call('ZREM', KEYS[1], ARGV[1])
@@ -292,11 +311,11 @@ if deadline and tonumber(deadline) < tonumber(ARGV[2]) then
   return 1
 end
 return 0
-"""
+""")
 # Reads the pointer and the record it points at in one atomic step, so a reader never
 # mixes versions and never sees a version that GC is deleting.
 # KEYS: current  ARGV: key prefix up to the version, suffix, limit (-1 = all), fields...
-_READ = """
+_READ = Lua("""
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local key = ARGV[1] .. v .. ':' .. ARGV[2]
@@ -312,10 +331,10 @@ elseif kind == 'string' then
   return {v, kind, {redis.call('GET', key)}}
 end
 return {v, 'none', {}}
-"""
+""")
 
 # KEYS: current  ARGV: key prefix up to the version, limit (-1 = all), suffixes...
-_READ_MANY = """
+_READ_MANY = Lua("""
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
 local out = {v}
@@ -333,7 +352,7 @@ for i = 3, #ARGV do
   end
 end
 return out
-"""
+""")
 
 # --- serving's read side ---------------------------------------------------------------
 
@@ -397,8 +416,8 @@ async def read_current(
     (highest scores first); ``fields`` selects hash fields (all when empty).
     """
     prefix = keys.model(name, "", "")[:-1]  # "rs:{ns}:model:{name}:"
-    reply = await redis.eval(
-        _READ, 1, keys.model_pointer(name), prefix, suffix, _count(limit), *fields
+    reply = await run_lua(
+        redis, _READ, 1, keys.model_pointer(name), prefix, suffix, _count(limit), *fields
     )
     if reply is None:
         return None
@@ -416,8 +435,8 @@ async def read_current_many(
     """Several records of the serving version (e.g. the neighbours of each item in a
     history) in one round trip, all from the same version. None when nothing serves."""
     prefix = keys.model(name, "", "")[:-1]
-    reply = await redis.eval(
-        _READ_MANY, 1, keys.model_pointer(name), prefix, _count(limit), *suffixes
+    reply = await run_lua(
+        redis, _READ_MANY, 1, keys.model_pointer(name), prefix, _count(limit), *suffixes
     )
     if reply is None:
         return None
@@ -542,8 +561,13 @@ class ModelRegistry:
         check_name(name)
         check_version(version)
         try:
-            done = await self.redis.eval(
-                _PROMOTE, 2, self.versions_key(name), self.keys.model_pointer(name), version
+            done = await run_lua(
+                self.redis,
+                _PROMOTE,
+                2,
+                self.versions_key(name),
+                self.keys.model_pointer(name),
+                version,
             )
         except RedisError as exc:
             raise self._redis_failed(exc, f"promoting {name} {version}") from exc
@@ -635,7 +659,8 @@ class ModelRegistry:
             )
             summary = {k: v for k, v in manifest.items() if k not in ("files", "search")}
             try:
-                completed = await self.redis.eval(
+                completed = await run_lua(
+                    self.redis,
                     _COMPLETE,
                     2,
                     self.pending_key(name),
@@ -763,8 +788,8 @@ class ModelRegistry:
             log.exception("could not remove the failed publish %s %s; GC will", name, version)
 
     async def _discard(self, name: str, version: str) -> None:
-        await self.redis.eval(
-            _REAP, 2, self.pending_key(name), self.doomed_key(name), version, "inf"
+        await run_lua(
+            self.redis, _REAP, 2, self.pending_key(name), self.doomed_key(name), version, "inf"
         )
         await self._destroy(self._need_s3(), name, version)
 
@@ -864,14 +889,16 @@ class ModelRegistry:
         try:
             complete = sorted(_text(v) for v in await self.redis.hkeys(versions_key))
             for version in complete[:-keep]:
-                if await self.redis.eval(_RETIRE, 3, versions_key, pointer, doomed, version):
+                if await run_lua(self.redis, _RETIRE, 3, versions_key, pointer, doomed, version):
                     report.retired.append(version)
             now = time.time()
             leases = cast(
                 list[tuple[bytes, float]], await self.redis.zrange(pending, 0, -1, withscores=True)
             )
             for raw, deadline in leases:
-                if deadline < now and await self.redis.eval(_REAP, 2, pending, doomed, raw, now):
+                if deadline < now and await run_lua(
+                    self.redis, _REAP, 2, pending, doomed, raw, now
+                ):
                     report.abandoned.append(_text(raw))
             for member in sorted(await self.redis.smembers(doomed)):
                 deleted, objects = await self._destroy(s3, name, _text(member))
