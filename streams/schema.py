@@ -225,7 +225,13 @@ class Interaction(BaseModel):
     event_type: str = EventType.CLICK.value
     event_value: float | None = None
 
-    CSV_COLUMNS: ClassVar[tuple[str, ...]] = ("USER_ID", "ITEM_ID", "TIMESTAMP", "EVENT_TYPE", "EVENT_VALUE")
+    CSV_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "USER_ID",
+        "ITEM_ID",
+        "TIMESTAMP",
+        "EVENT_TYPE",
+        "EVENT_VALUE",
+    )
 
     @classmethod
     def from_csv_row(cls, row: Mapping[str, str]) -> Interaction:
