@@ -7,7 +7,9 @@ per message, so per-batch store round-trips are what keep one process fast.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
@@ -15,13 +17,47 @@ import faust
 from agents.deadletter import SqsDeadLetters
 from agents.state import DynamoWindows, RedisHotStore
 from agents.windows import WindowAgent
+from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import open_stores
 from streams.kinesis import make_app
 
-__all__ = ["APP_ID", "create_app"]
+__all__ = ["APP_ID", "create_app", "until_done"]
 
 APP_ID = "recstream-agents"
+
+log = logging.getLogger(__name__)
+
+
+async def until_done(
+    process: Callable[[Sequence[bytes], str], Awaitable[object]],
+    values: Sequence[bytes],
+    source: str,
+    max_delay: float = 5.0,
+) -> None:
+    """Process a batch, retrying with backoff until it succeeds.
+
+    A failed batch must neither be skipped (events lost) nor crash the agent: faust
+    would restart it without re-reading the un-acked messages, and the checkpoint would
+    stall behind them. Retrying holds the stream back instead (back-pressure) and is
+    safe because processing is idempotent.
+    """
+    attempt = 0
+    while True:
+        try:
+            await process(values, source)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            attempt += 1
+            delay = min(max_delay, 0.1 * 2 ** min(attempt, 10))
+            hint = "" if isinstance(exc, RecstreamError) else " (unexpected; please report it)"
+            log.error(
+                "a batch of %d records failed (attempt %d), retrying in %.1fs: %s%s",
+                len(values), attempt, delay, exc, hint,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
 
 
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
@@ -35,12 +71,12 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
             agent = WindowAgent(
                 RedisHotStore(stores.redis, settings),
                 DynamoWindows(stores.dynamodb, settings),
-                SqsDeadLetters(stores.sqs, settings),
+                SqsDeadLetters(stores.sqs, settings, stores.s3),
             )
             async for values in stream.take(
                 settings.agent_batch_size, within=settings.agent_batch_window_s
             ):
-                await agent.process(values, source=settings.stream_name)
+                await until_done(agent.process, values, settings.stream_name)
                 yield None
 
     return app

@@ -2,12 +2,17 @@
 
 Each message carries the raw record (base64), where it came from and why it failed, so an
 operator can fix the producer and replay it. The SQS queue is ``Settings.dlq_name``.
+
+SQS messages are limited in size (256 KiB a message and a batch), while a Kinesis record
+may be 1 MiB: a record too large to travel inline is stored in the bucket under
+``deadletters/`` and the message carries its S3 location instead.
 """
 
 from __future__ import annotations
 
 import base64
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -20,6 +25,7 @@ from recstream.errors import StoreUnavailable
 from recstream.settings import Settings
 
 if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
 
 __all__ = ["DeadLetter", "DeadLetters", "MemoryDeadLetters", "SqsDeadLetters"]
@@ -30,26 +36,35 @@ class DeadLetter:
     raw: bytes
     reason: str
     source: str
-    """Where the record came from, e.g. ``stream/shardId-000000000001``."""
+    """Where the record came from: the stream's name."""
 
-    def body(self) -> str:
-        return orjson.dumps(
-            {
-                "reason": self.reason,
-                "source": self.source,
-                "raw_base64": base64.b64encode(self.raw).decode(),
-                "dead_lettered_at": time.time(),
-            }
-        ).decode()
+    def body(self, raw_s3_uri: str | None = None) -> str:
+        doc: dict[str, object] = {
+            "reason": self.reason,
+            "source": self.source,
+            "raw_bytes": len(self.raw),
+            "dead_lettered_at": time.time(),
+        }
+        if raw_s3_uri is None:
+            doc["raw_base64"] = base64.b64encode(self.raw).decode()
+        else:
+            doc["raw_s3_uri"] = raw_s3_uri
+        return orjson.dumps(doc).decode()
 
 
 class DeadLetters(Protocol):
     async def send(self, letters: Sequence[DeadLetter]) -> None: ...
 
 
+INLINE_LIMIT = 192 * 1024
+"""Largest message body sent inline; larger raw records go to S3 (SQS allows 256 KiB)."""
+BATCH_LIMIT = 240 * 1024
+
+
 class SqsDeadLetters:
-    def __init__(self, client: SQSClient, settings: Settings) -> None:
+    def __init__(self, client: SQSClient, settings: Settings, s3: S3Client | None = None) -> None:
         self.client = client
+        self.s3 = s3
         self.settings = settings
         self._url: str | None = None
 
@@ -64,17 +79,38 @@ class SqsDeadLetters:
             self._url = response["QueueUrl"]
         return self._url
 
+    async def _body(self, letter: DeadLetter) -> str:
+        body = letter.body()
+        if len(body) <= INLINE_LIMIT:
+            return body
+        if self.s3 is None:
+            raise StoreUnavailable(
+                f"a {len(letter.raw)}-byte record is too large for SQS and no S3 client was "
+                "given to SqsDeadLetters; pass one"
+            )
+        key = f"deadletters/{time.strftime('%Y-%m-%d', time.gmtime())}/{uuid.uuid4().hex}.bin"
+        try:
+            await self.s3.put_object(Bucket=self.settings.bucket, Key=key, Body=letter.raw)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(exc, f"S3 bucket {self.settings.bucket!r}", self.settings) from exc
+        return letter.body(raw_s3_uri=f"s3://{self.settings.bucket}/{key}")
+
     async def send(self, letters: Sequence[DeadLetter]) -> None:
         url = await self._queue_url()
-        for start in range(0, len(letters), 10):
-            chunk = letters[start : start + 10]
+        bodies = [await self._body(letter) for letter in letters]
+        batches: list[list[str]] = []
+        size = 0
+        for body in bodies:  # at most 10 messages and BATCH_LIMIT bytes a batch
+            if not batches or len(batches[-1]) == 10 or size + len(body) > BATCH_LIMIT:
+                batches.append([])
+                size = 0
+            batches[-1].append(body)
+            size += len(body)
+        for chunk in batches:
             try:
                 response = await self.client.send_message_batch(
                     QueueUrl=url,
-                    Entries=[
-                        {"Id": str(i), "MessageBody": letter.body()}
-                        for i, letter in enumerate(chunk)
-                    ],
+                    Entries=[{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)],
                 )
             except (BotoCoreError, ClientError) as exc:
                 raise translate(exc, f"sending to SQS queue {url}", self.settings) from exc

@@ -103,6 +103,14 @@ class ApplyResult:
     duplicates: int
     actors: frozenset[tuple[str, str]]
     """(namespace, actor) pairs whose window changed."""
+    fresh: frozenset[tuple[str, str]] = frozenset()
+    """Actors whose window did not exist in the hot store before this batch: new actors,
+    or actors whose window Redis lost (TTL, eviction, flush). Their durable copy must be
+    merged back before it is overwritten."""
+
+
+Actor = tuple[str, str]
+"""(namespace, actor id)"""
 
 
 class HotStore(Protocol):
@@ -110,26 +118,40 @@ class HotStore(Protocol):
     async def window(
         self, namespace: str, actor: str, limit: int | None = None
     ) -> list[WindowEntry]: ...
-    async def restore_window(
+    async def windows(self, actors: Sequence[Actor]) -> list[list[WindowEntry]]: ...
+    async def merge_window(
         self, namespace: str, actor: str, entries: Sequence[WindowEntry]
     ) -> None: ...
     async def popular(self, namespace: str, k: int) -> list[tuple[str, float]]: ...
 
 
 class DurableWindows(Protocol):
-    async def put(self, windows: Mapping[tuple[str, str], Sequence[WindowEntry]]) -> None: ...
+    async def put(self, windows: Mapping[Actor, Sequence[WindowEntry]]) -> None: ...
     async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None: ...
+    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]: ...
+
+
+def merge_entries(
+    current: Sequence[WindowEntry], other: Sequence[WindowEntry], size: int
+) -> list[WindowEntry]:
+    """Union by event id, newest first by event time, capped (the Lua merge does the same)."""
+    seen = {e.event_id for e in current}
+    merged = list(current) + [e for e in other if e.event_id not in seen]
+    merged.sort(key=lambda e: -e.timestamp)  # stable: ties keep the current entry first
+    return merged[:size]
 
 
 # --- Redis -------------------------------------------------------------------------------
 
-# KEYS: seen, window, popularity. ARGV: dedup ttl, entry ('' = none), window size,
-# window ttl, item ('' = none), weight, popularity cap, event id, seen cap.
-# Returns 1 if applied, 0 if the event id was already applied. Ids are ranked by arrival
-# (a per-actor counter), not by event time, so a late event with an old timestamp is not
-# the first one evicted.
+# KEYS: seen, window, popularity, popularity last-touched.
+# ARGV: 1 dedup ttl, 2 entry ('' = none), 3 window size, 4 window ttl, 5 item ('' = none),
+#       6 weight, 7 popularity cap, 8 event id, 9 seen cap, 10 event time.
+# Returns 0 if the event id was already applied, 1 if applied, 2 if applied and the
+# window key had to be created (new actor, or a window Redis lost).
 _APPLY = """
 if redis.call('ZSCORE', KEYS[1], ARGV[8]) then return 0 end
+-- Ids are ranked by arrival (a per-actor counter), not by event time, so a late event
+-- with an old timestamp is not the first one forgotten.
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 local arrival = 1
 if last[2] then arrival = tonumber(last[2]) + 1 end
@@ -139,18 +161,71 @@ if redis.call('ZCARD', KEYS[1]) > seen_cap then
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -seen_cap - 1)
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+local result = 1
 if ARGV[2] ~= '' then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
+  local ts = tonumber(ARGV[10])
+  local head = redis.call('LINDEX', KEYS[2], 0)
+  if not head then result = 2 end
+  if (not head) or cjson.decode(head)['ts'] <= ts then
+    redis.call('LPUSH', KEYS[2], ARGV[2])
+  else
+    -- Out of order (PutRecords retries, several devices): keep the window sorted by
+    -- event time, newest first.
+    local items = redis.call('LRANGE', KEYS[2], 1, -1)
+    local placed = false
+    for i = 1, #items do
+      if cjson.decode(items[i])['ts'] <= ts then
+        redis.call('LINSERT', KEYS[2], 'BEFORE', items[i], ARGV[2])
+        placed = true
+        break
+      end
+    end
+    if not placed then redis.call('RPUSH', KEYS[2], ARGV[2]) end
+  end
   redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
 if ARGV[5] ~= '' then
   redis.call('ZINCRBY', KEYS[3], ARGV[6], ARGV[5])
+  -- Evict the least recently touched items, not the lowest counts: a new item starts
+  -- at the bottom and must get the chance to climb.
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[4], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[5])
   local cap = tonumber(ARGV[7])
-  local n = redis.call('ZCARD', KEYS[3])
-  if n > cap then redis.call('ZREMRANGEBYRANK', KEYS[3], 0, n - cap - 1) end
+  local n = redis.call('ZCARD', KEYS[4])
+  if n > cap then
+    local victims = redis.call('ZRANGE', KEYS[4], 0, n - cap - 1)
+    redis.call('ZREM', KEYS[3], unpack(victims))
+    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, n - cap - 1)
+  end
 end
-return 1
+return result
+"""
+
+# KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
+# Union by event id, sorted newest first by event time, capped, rewritten atomically, so
+# an event the agent pushes concurrently is never lost.
+_MERGE = """
+local all = {}
+local seen = {}
+local function add(raw)
+  local doc = cjson.decode(raw)
+  if not seen[doc['e']] then
+    seen[doc['e']] = true
+    all[#all + 1] = {ts = doc['ts'], raw = raw, order = #all}
+  end
+end
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do add(raw) end
+for i = 3, #ARGV do add(ARGV[i]) end
+table.sort(all, function(a, b)
+  if a.ts == b.ts then return a.order < b.order end
+  return a.ts > b.ts
+end)
+redis.call('DEL', KEYS[1])
+local size = math.min(#all, tonumber(ARGV[1]))
+for i = 1, size do redis.call('RPUSH', KEYS[1], all[i].raw) end
+if size > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return size
 """
 
 
@@ -160,7 +235,8 @@ class RedisHotStore:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self.redis = redis
         self.settings = settings
-        self._script = redis.register_script(_APPLY)
+        self._apply = redis.register_script(_APPLY)
+        self._merge = redis.register_script(_MERGE)
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
         s = self.settings
@@ -168,8 +244,13 @@ class RedisHotStore:
         for event in events:
             keys = Keys(event.namespace)
             entry = WindowEntry.of(event).dumps() if event.item_id is not None else b""
-            await self._script(
-                keys=[keys.seen(event.actor), keys.window(event.actor), keys.popularity],
+            await self._apply(
+                keys=[
+                    keys.seen(event.actor),
+                    keys.window(event.actor),
+                    keys.popularity,
+                    keys.popularity_touched,
+                ],
                 args=[
                     s.dedup_ttl_s,
                     entry,
@@ -180,6 +261,7 @@ class RedisHotStore:
                     s.popularity_cap,
                     event.event_id,
                     s.dedup_per_actor,
+                    repr(event.timestamp),
                 ],
                 client=pipe,
             )
@@ -187,33 +269,55 @@ class RedisHotStore:
             outcomes = await pipe.execute()
         except RedisError as exc:
             raise StoreUnavailable(f"applying {len(events)} events to Redis failed: {exc}") from exc
-        applied = sum(1 for o in outcomes if o == 1)
-        actors = frozenset(
-            (e.namespace, e.actor)
-            for e, o in zip(events, outcomes, strict=True)
-            if o == 1 and e.item_id is not None
+        changed = [(e, o) for e, o in zip(events, outcomes, strict=True) if o in (1, 2)]
+        return ApplyResult(
+            applied=len(changed),
+            duplicates=len(events) - len(changed),
+            actors=frozenset((e.namespace, e.actor) for e, _ in changed if e.item_id is not None),
+            fresh=frozenset((e.namespace, e.actor) for e, o in changed if o == 2),
         )
-        return ApplyResult(applied=applied, duplicates=len(events) - applied, actors=actors)
 
     async def window(
         self, namespace: str, actor: str, limit: int | None = None
     ) -> list[WindowEntry]:
         stop = (limit or self.settings.window_size) - 1
-        raw = await self.redis.lrange(Keys(namespace).window(actor), 0, stop)
+        try:
+            raw = await self.redis.lrange(Keys(namespace).window(actor), 0, stop)
+        except RedisError as exc:
+            raise StoreUnavailable(f"reading a window from Redis failed: {exc}") from exc
         return [WindowEntry.loads(item) for item in raw]
 
-    async def restore_window(
+    async def windows(self, actors: Sequence[Actor]) -> list[list[WindowEntry]]:
+        """Many windows in one round trip (one connection, however many actors)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace, actor in actors:
+            pipe.lrange(Keys(namespace).window(actor), 0, self.settings.window_size - 1)
+        try:
+            rows = await pipe.execute()
+        except RedisError as exc:
+            raise StoreUnavailable(
+                f"reading {len(actors)} windows from Redis failed: {exc}"
+            ) from exc
+        return [[WindowEntry.loads(item) for item in row] for row in rows]
+
+    async def merge_window(
         self, namespace: str, actor: str, entries: Sequence[WindowEntry]
     ) -> None:
-        """Put back a window read from the durable copy (e.g. after Redis lost it)."""
+        """Merge entries (e.g. the durable copy) into the hot window without losing any
+        event written meanwhile."""
         if not entries:
             return
-        key = Keys(namespace).window(actor)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.rpush(key, *[e.dumps() for e in entries[: self.settings.window_size]])
-        pipe.expire(key, self.settings.window_ttl_s)
-        await pipe.execute()
+        try:
+            await self._merge(
+                keys=[Keys(namespace).window(actor)],
+                args=[
+                    self.settings.window_size,
+                    self.settings.window_ttl_s,
+                    *[e.dumps() for e in entries],
+                ],
+            )
+        except RedisError as exc:
+            raise StoreUnavailable(f"merging a window into Redis failed: {exc}") from exc
 
     async def popular(self, namespace: str, k: int) -> list[tuple[str, float]]:
         raw = await self.redis.zrevrange(Keys(namespace).popularity, 0, k - 1, withscores=True)
@@ -292,28 +396,65 @@ class DynamoWindows:
         except (BotoCoreError, ClientError) as exc:
             raise translate(exc, f"reading a window from {self.table!r}", self.settings) from exc
         item = response.get("Item")
-        if item is None:
-            return None
+        return None if item is None else self._entries(item)
+
+    @staticmethod
+    def _entries(item: Mapping[str, Any]) -> list[WindowEntry]:
         return [WindowEntry.loads(orjson.dumps(doc)) for doc in orjson.loads(item["window"]["S"])]
+
+    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]:
+        """Windows of many actors (BatchGetItem, 100 keys a call); absent ones are left out."""
+        by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
+        found: dict[Actor, list[WindowEntry]] = {}
+        pks = list(by_pk)
+        for start in range(0, len(pks), 100):
+            pending: dict[str, Any] = {
+                self.table: {
+                    "Keys": [{"pk": {"S": pk}} for pk in pks[start : start + 100]],
+                    "ConsistentRead": True,
+                }
+            }
+            for attempt in range(10):
+                try:
+                    response = await self.client.batch_get_item(RequestItems=pending)
+                except (BotoCoreError, ClientError) as exc:
+                    raise translate(
+                        exc, f"reading windows from {self.table!r}", self.settings
+                    ) from exc
+                for item in response.get("Responses", {}).get(self.table, []):
+                    found[by_pk[item["pk"]["S"]]] = self._entries(item)
+                pending = dict(response.get("UnprocessedKeys") or {})
+                if not pending:
+                    break
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+            else:
+                raise StoreUnavailable(
+                    f"DynamoDB kept window reads unprocessed on {self.table!r}; raise its capacity"
+                )
+        return found
 
 
 # --- in memory (unit tests) --------------------------------------------------------------
 
 
 class MemoryHotStore:
-    """`HotStore` in a dict, with the same idempotence and caps as Redis."""
+    """`HotStore` in a dict, with the same idempotence, ordering and caps as Redis."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.seen: dict[tuple[str, str], list[str]] = defaultdict(list)
-        self.windows: dict[tuple[str, str], list[WindowEntry]] = defaultdict(list)
-        self.popularity: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.seen: dict[Actor, list[str]] = defaultdict(list)
+        self.hot: dict[Actor, list[WindowEntry]] = {}
+        self.popularity: dict[str, dict[str, float]] = defaultdict(dict)
+        self.touched: dict[str, dict[str, int]] = defaultdict(dict)
+        self._clock = 0
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
         applied = 0
-        actors: set[tuple[str, str]] = set()
+        actors: set[Actor] = set()
+        fresh: set[Actor] = set()
         for event in events:
-            seen = self.seen[(event.namespace, event.actor)]
+            key = (event.namespace, event.actor)
+            seen = self.seen[key]
             if event.event_id in seen:
                 continue
             seen.append(event.event_id)
@@ -321,38 +462,57 @@ class MemoryHotStore:
             applied += 1
             if event.item_id is None:
                 continue
-            window = self.windows[(event.namespace, event.actor)]
-            window.insert(0, WindowEntry.of(event))
-            del window[self.settings.window_size :]
-            counts = self.popularity[event.namespace]
-            counts[event.item_id] += self.settings.weight(event.event_type)
-            if len(counts) > self.settings.popularity_cap:
-                del counts[min(counts, key=lambda item: counts[item])]
-            actors.add((event.namespace, event.actor))
+            if not self.hot.get(key):
+                fresh.add(key)
+            self.hot[key] = merge_entries(
+                [WindowEntry.of(event)], self.hot.get(key, []), self.settings.window_size
+            )
+            counts, touched = self.popularity[event.namespace], self.touched[event.namespace]
+            counts[event.item_id] = counts.get(event.item_id, 0.0) + self.settings.weight(
+                event.event_type
+            )
+            self._clock += 1
+            touched[event.item_id] = self._clock
+            while len(touched) > self.settings.popularity_cap:
+                stale = min(touched, key=touched.__getitem__)
+                del touched[stale], counts[stale]
+            actors.add(key)
         return ApplyResult(
-            applied=applied, duplicates=len(events) - applied, actors=frozenset(actors)
+            applied=applied,
+            duplicates=len(events) - applied,
+            actors=frozenset(actors),
+            fresh=frozenset(fresh),
         )
 
     async def window(
         self, namespace: str, actor: str, limit: int | None = None
     ) -> list[WindowEntry]:
-        return list(self.windows.get((namespace, actor), [])[: limit or self.settings.window_size])
+        return list(self.hot.get((namespace, actor), [])[: limit or self.settings.window_size])
 
-    async def restore_window(
+    async def windows(self, actors: Sequence[Actor]) -> list[list[WindowEntry]]:
+        return [await self.window(ns, actor) for ns, actor in actors]
+
+    async def merge_window(
         self, namespace: str, actor: str, entries: Sequence[WindowEntry]
     ) -> None:
-        self.windows[(namespace, actor)] = list(entries[: self.settings.window_size])
+        key = (namespace, actor)
+        self.hot[key] = merge_entries(self.hot.get(key, []), entries, self.settings.window_size)
+
+    def forget(self, namespace: str, actor: str) -> None:
+        """Drop a hot window, as a Redis TTL, eviction or flush would."""
+        self.hot.pop((namespace, actor), None)
 
     async def popular(self, namespace: str, k: int) -> list[tuple[str, float]]:
         counts = self.popularity.get(namespace, {})
-        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        # Ties in reverse member order, as Redis's ZREVRANGE returns them.
+        return sorted(counts.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]
 
 
 class MemoryDurableWindows:
     def __init__(self) -> None:
-        self.items: dict[tuple[str, str], list[WindowEntry]] = {}
+        self.items: dict[Actor, list[WindowEntry]] = {}
 
-    async def put(self, windows: Mapping[tuple[str, str], Sequence[WindowEntry]]) -> None:
+    async def put(self, windows: Mapping[Actor, Sequence[WindowEntry]]) -> None:
         for key, entries in windows.items():
             self.items[key] = list(entries)
 
@@ -360,14 +520,26 @@ class MemoryDurableWindows:
         found = self.items.get((namespace, actor))
         return list(found) if found is not None else None
 
+    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]:
+        return {a: list(self.items[a]) for a in actors if a in self.items}
 
-async def persist_windows(
-    hot: HotStore, durable: DurableWindows, actors: Iterable[tuple[str, str]]
+
+async def recover_lost_windows(
+    hot: HotStore, durable: DurableWindows, fresh: Iterable[Actor]
 ) -> int:
+    """Merge the durable copy back into windows the hot store had to create, so a window
+    Redis lost is not overwritten by its newest event alone; returns how many merged."""
+    found = await durable.get_many(list(fresh))
+    for (namespace, actor), entries in found.items():
+        await hot.merge_window(namespace, actor, entries)
+    return len(found)
+
+
+async def persist_windows(hot: HotStore, durable: DurableWindows, actors: Iterable[Actor]) -> int:
     """Copy the current hot windows of ``actors`` to the durable store; returns how many."""
     actors = list(actors)
     if not actors:
         return 0
-    windows = await asyncio.gather(*(hot.window(ns, actor) for ns, actor in actors))
+    windows = await hot.windows(actors)
     await durable.put(dict(zip(actors, windows, strict=True)))
     return len(actors)

@@ -13,15 +13,23 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pydantic import ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from agents.deadletter import DeadLetter, DeadLetters
-from agents.state import DurableWindows, HotStore, persist_windows
+from agents.state import DurableWindows, HotStore, persist_windows, recover_lost_windows
 from streams.schema import Event
 
-__all__ = ["BatchStats", "WindowAgent"]
+__all__ = ["BatchStats", "StoredEvent", "WindowAgent"]
 
 log = logging.getLogger(__name__)
+
+
+class StoredEvent(Event):
+    """An event read back from the stream. Unknown fields are ignored rather than refused:
+    during a rolling deploy a newer collector may add one that older agents do not know,
+    and the collector is where unknown fields are refused."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 @dataclass
@@ -47,7 +55,7 @@ class WindowAgent:
         bad: list[DeadLetter] = []
         for raw in records:
             try:
-                events.append(Event.from_json(raw))
+                events.append(StoredEvent.from_json(raw))
             except ValidationError as exc:
                 reason = "; ".join(
                     f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
@@ -64,6 +72,14 @@ class WindowAgent:
         if events:
             result = await self.hot.apply(events)
             stats.applied, stats.duplicates = result.applied, result.duplicates
+            if result.duplicates:
+                # Expected after a crash or a lease handover: the batch since the last
+                # checkpoint is delivered again, and the ids say it was applied.
+                log.info("skipped %d already-applied events from %s", result.duplicates, source)
+            if result.fresh:
+                # Windows that had to be created: new actors, or windows Redis lost. The
+                # durable copy of a lost one is merged back before it is overwritten.
+                await recover_lost_windows(self.hot, self.durable, result.fresh)
             # Every actor of the batch, not only those changed now: after a crash between
             # the hot and the durable write, the replay finds only duplicates, and the
             # durable copy must still catch up.

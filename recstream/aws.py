@@ -125,10 +125,15 @@ def error_code(exc: BaseException) -> str:
     return ""
 
 
-def translate(exc: BaseException, what: str, settings: Settings) -> RecstreamError:
-    """Turn a botocore error into a recstream error whose message says what to do."""
+def translate(
+    exc: BaseException, what: str, settings: Settings, service: Service | None = None
+) -> RecstreamError:
+    """Turn a botocore error into a recstream error whose message says what to do.
+
+    ``service`` names the endpoint in the message (Kinesis may have its own)."""
     code = error_code(exc)
-    where = settings.aws_endpoint_url or "AWS"
+    endpoint = endpoint_for(settings, service) if service else settings.aws_endpoint_url
+    where = endpoint or "AWS"
     if code in _THROTTLED:
         return ThroughputExceeded(f"{what} was throttled by {where} ({code}); retry with backoff")
     if code in _MISSING:

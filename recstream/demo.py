@@ -8,8 +8,10 @@
    timing how long the click takes to change the answer;
 5. leave the API running, URL printed, until Ctrl-C.
 
-Replayed events carry deterministic ids (``ml-{user}-{movie}``), so running the demo twice
-does not count anything twice: the agents recognise the ids and skip them.
+Replayed events carry deterministic ids (``ml-{user}-{movie}``). A second run finds the
+last of them already applied and skips the replay rather than posting it again: the
+agents remember only each user's latest ids (``RECSTREAM_DEDUP_PER_ACTOR``), so a full
+second replay would count the oldest events of the busiest users twice.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _start_child(name: str, args: list[str], settings: Settings) -> Child:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=os.environ.copy(),
+            env={**os.environ, **settings.to_env()},
         )
     return Child(name, process, log)
 
@@ -209,17 +211,22 @@ def replay(console: Console, client: httpx.Client, name: str, events: list[dict[
     return accepted
 
 
+def applied(settings: Settings, events: list[tuple[str, str]]) -> bool:
+    """Whether the agents have applied every (actor, event id)."""
+    keys = Keys(settings.namespace)
+    with redis.Redis.from_url(settings.redis_url) as r:
+        return all(r.zscore(keys.seen(actor), event_id) is not None for actor, event_id in events)
+
+
 def wait_until_applied(
     settings: Settings, events: list[tuple[str, str]], timeout: float = 180
 ) -> float:
     """Wait until the agents have applied these events; returns the seconds waited."""
-    keys = Keys(settings.namespace)
     started = time.monotonic()
-    with redis.Redis.from_url(settings.redis_url) as r:
-        while time.monotonic() - started < timeout:
-            if all(r.zscore(keys.seen(actor), event_id) is not None for actor, event_id in events):
-                return time.monotonic() - started
-            time.sleep(0.05)
+    while time.monotonic() - started < timeout:
+        if applied(settings, events):
+            return time.monotonic() - started
+        time.sleep(0.05)
     raise StackError(
         f"the agents did not apply the replayed events within {timeout:.0f}s; "
         f"see {settings.state_dir / 'agents.log'}"
@@ -264,19 +271,25 @@ def run_demo(
         console.print(f"API up at {settings.api_url}; agents logging to {children[0].log}")
         data = DATASETS[dataset](events, data_dir)
         titles, replayed, live_clicks = data.titles, data.events, data.live_clicks
+        tail = [
+            (e.get("user_id") or f"session:{e['session_id']}", e["event_id"])
+            for e in replayed[-50:]
+        ]
         with httpx.Client(base_url=settings.api_url, timeout=60) as client:
-            started = time.monotonic()
-            accepted = replay(console, client, data.name, replayed)
-            took = time.monotonic() - started
-            console.print(f"{accepted} events accepted in {took:.1f}s ({accepted / took:,.0f}/s)")
-            lag = wait_until_applied(
-                settings,
-                [
-                    (e.get("user_id") or f"session:{e['session_id']}", e["event_id"])
-                    for e in replayed[-50:]
-                ],
-            )
-            console.print(f"agents caught up {lag:.1f}s after the last batch was accepted")
+            if applied(settings, tail):
+                console.print(
+                    f"{data.name} was already replayed into namespace {settings.namespace!r}; "
+                    "skipping the replay (`recstream down` and a new state dir start afresh)"
+                )
+            else:
+                started = time.monotonic()
+                accepted = replay(console, client, data.name, replayed)
+                took = time.monotonic() - started
+                console.print(
+                    f"{accepted} events accepted in {took:.1f}s ({accepted / took:,.0f}/s)"
+                )
+                lag = wait_until_applied(settings, tail)
+                console.print(f"agents caught up {lag:.1f}s after the last batch was accepted")
 
             # A fresh visitor each run, so an earlier demo's clicks do not show up as history.
             visitor = f"{VISITOR}-{int(time.time())}"

@@ -6,6 +6,7 @@ surfaces, and every key has a cap or a TTL so memory stays bounded:
     rs:{ns}:win:{actor}                 LIST  recent interactions, newest first   cap + TTL
     rs:{ns}:seen:{actor}                ZSET  event ids applied (idempotence)      cap + TTL
     rs:{ns}:pop                         ZSET  item -> weighted interaction count  cap
+    rs:{ns}:pop:touched                 ZSET  item -> last counted (evicts LRU)   cap
     rs:{ns}:model:{name}:current        STR   serving version of a trained model  one per model
     rs:{ns}:model:{name}:{version}:...  *     that version's published data       last K versions
 
@@ -36,6 +37,11 @@ class Keys:
     @property
     def popularity(self) -> str:
         return f"{self.prefix}pop"
+
+    @property
+    def popularity_touched(self) -> str:
+        """item -> when last counted; the popularity cap evicts the least recent."""
+        return f"{self.prefix}pop:touched"
 
     def model_pointer(self, name: str) -> str:
         return f"{self.prefix}model:{name}:current"

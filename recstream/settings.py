@@ -31,10 +31,14 @@ class Settings(BaseSettings):
 
     env: Literal["local", "production"] = "local"
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces the API accepts (JSON list, e.g. ["shop", "app"]); empty accepts any.
+    Each namespace costs a few capped Redis keys, so public deployments should list theirs."""
 
     # --- AWS ---------------------------------------------------------------------
     aws_endpoint_url: str | None = "http://127.0.0.1:4566"
-    """Endpoint of the AWS API emulator. Empty or unset in production means real AWS."""
+    """Endpoint of the AWS API emulator. Empty means real AWS; with RECSTREAM_ENV=production
+    unset means real AWS too."""
     kinesis_endpoint_url: str | None = None
     """Kinesis-only override, e.g. kinesis-mock beside moto. Defaults to aws_endpoint_url."""
     aws_region: str = "us-east-1"
@@ -113,12 +117,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _refuse_loopback_in_production(self) -> Settings:
         if self.env == "production":
+            if "aws_endpoint_url" not in self.model_fields_set:
+                # The local default must not leak into production: unset means real AWS.
+                object.__setattr__(self, "aws_endpoint_url", None)
             for name in ("aws_endpoint_url", "kinesis_endpoint_url"):
                 url = getattr(self, name)
                 if url and _LOOPBACK.match(urlsplit(url).hostname or ""):
                     raise ValueError(
                         f"RECSTREAM_{name.upper()}={url} points at loopback while "
-                        "RECSTREAM_ENV=production; unset it to use real AWS"
+                        "RECSTREAM_ENV=production; unset it (or set it empty) to use real AWS"
                     )
         return self
 

@@ -144,7 +144,9 @@ def start_redis(port: int, workdir: Path) -> Server:
         "--protected-mode", "yes",
         # Every key recstream writes has a cap or a TTL; this is the last line of defence.
         "--maxmemory", "1gb",
-        "--maxmemory-policy", "volatile-lru",
+        # Fail loudly rather than evict: evicting idempotence memory or windows would
+        # silently double-count or forget; every key is already capped or expiring.
+        "--maxmemory-policy", "noeviction",
     ]  # fmt: skip
     return wait_for_port(_spawn("redis-server", argv, port, workdir / "redis.log"))
 
@@ -226,11 +228,25 @@ def write_pidfile(state_dir: Path, server: Server) -> None:
     (state_dir / f"{safe}.pid").write_text(f"{server.process.pid} {server.port}\n")
 
 
+def _is_ours(pid: int, port: int) -> bool:
+    """Whether ``pid`` still is the server we started (its command line names its port),
+    so a stale pid file after a reboot never kills an unrelated process."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return str(port).encode() in cmdline or b"kinesis" in cmdline
+
+
 def stop_pidfile(pidfile: Path, timeout: float = 10.0) -> bool:
     """Stop the process group a pid file names; True if something was running."""
     try:
-        pid = int(pidfile.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        pid_text, port_text = pidfile.read_text().split()[:2]
+        pid, port = int(pid_text), int(port_text)
+    except (OSError, ValueError):
+        pidfile.unlink(missing_ok=True)
+        return False
+    if not _is_ours(pid, port):
         pidfile.unlink(missing_ok=True)
         return False
     running = True

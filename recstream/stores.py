@@ -14,6 +14,7 @@ from recstream.settings import Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
+    from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
 
 __all__ = ["Stores", "open_redis", "open_stores"]
@@ -35,6 +36,7 @@ class Stores:
     redis: aioredis.Redis
     dynamodb: DynamoDBClient
     sqs: SQSClient
+    s3: S3Client
 
 
 @asynccontextmanager
@@ -44,4 +46,5 @@ async def open_stores(settings: Settings) -> AsyncIterator[Stores]:
         stack.push_async_callback(redis.aclose)
         dynamodb = await stack.enter_async_context(async_client(settings, "dynamodb"))
         sqs = await stack.enter_async_context(async_client(settings, "sqs"))
-        yield Stores(redis=redis, dynamodb=dynamodb, sqs=sqs)
+        s3 = await stack.enter_async_context(async_client(settings, "s3"))
+        yield Stores(redis=redis, dynamodb=dynamodb, sqs=sqs, s3=s3)

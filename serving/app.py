@@ -4,7 +4,8 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
 
     POST /v1/events                         /v1/{namespace}/events
     GET  /v1/recommendations?user_id=…      /v1/{namespace}/recommendations
-    GET  /healthz                           Redis and Kinesis reachable
+         (or session_id=…; num_results=1..500, default 25; exclude=id,id,…)
+    GET  /healthz                           Redis reachable
     GET  /metrics                           Prometheus
 """
 
@@ -40,10 +41,17 @@ MAX_RESULTS = 500
 
 
 def _namespace(request: Request) -> str | Response:
-    namespace = request.path_params.get("namespace", request.app.state.settings.namespace)
-    if not _NAMESPACE.match(namespace):
+    settings: Settings = request.app.state.settings
+    namespace = request.path_params.get("namespace", settings.namespace)
+    if not _NAMESPACE.fullmatch(namespace):
         return error_response(
             404, "bad_namespace", f"namespace {namespace!r} must match {NAMESPACE_PATTERN}"
+        )
+    if settings.namespaces and namespace not in settings.namespaces:
+        return error_response(
+            404,
+            "unknown_namespace",
+            f"namespace {namespace!r} is not served here; use one of {settings.namespaces}",
         )
     return str(namespace)
 
@@ -78,7 +86,12 @@ async def get_recommendations(request: Request) -> Response:
         )
     actor = user_id if user_id else f"session:{session_id}"
     ranker: Ranker = request.app.state.ranker
-    result = await ranker.recommend(namespace, actor, num_results)
+    exclude = frozenset(i for i in params.get("exclude", "").split(",") if i)
+    if len(exclude) > MAX_RESULTS:
+        return error_response(
+            422, "bad_exclude", f"exclude at most {MAX_RESULTS} comma-separated item ids"
+        )
+    result = await ranker.recommend(namespace, actor, num_results, exclude)
     for store in result.degraded:
         RANK_DEGRADED.labels(store=store).inc()
     RANK_LATENCY.observe(time.perf_counter() - started)

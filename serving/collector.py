@@ -34,6 +34,18 @@ __all__ = ["MAX_BODY_BYTES", "collect"]
 MAX_BODY_BYTES = 5 * 1024 * 1024
 
 
+async def read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it passes ``limit`` (chunked bodies have no length)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _items(body: Any) -> list[Any] | None:
     if isinstance(body, list):
         return body
@@ -53,12 +65,10 @@ async def collect(request: Request, namespace: str, producer: KinesisProducer) -
         return error_response(
             413, "body_too_large", f"the body is {declared} bytes; send at most {MAX_BODY_BYTES}"
         )
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
+    raw = await read_capped(request, MAX_BODY_BYTES)
+    if raw is None:
         return error_response(
-            413,
-            "body_too_large",
-            f"the body is {len(raw)} bytes; send at most {MAX_BODY_BYTES}",
+            413, "body_too_large", f"the body is over {MAX_BODY_BYTES} bytes; send less"
         )
     try:
         body = orjson.loads(raw)
@@ -148,5 +158,9 @@ async def collect(request: Request, namespace: str, producer: KinesisProducer) -
     EVENTS.labels(outcome="failed").inc(len(failed))
     payload = {"accepted": accepted, "rejected": rejected, "failed": failed}
     if failed:
-        return json_response(payload, status_code=503, headers={"Retry-After": "1"})
+        # Retriable (throttling, an outage): 503 and resend the failed ids. Otherwise the
+        # deployment is broken (e.g. the stream is missing) and resending will not help.
+        if all(r.retriable for r in results if not r.ok):
+            return json_response(payload, status_code=503, headers={"Retry-After": "1"})
+        return json_response(payload, status_code=500)
     return json_response(payload, status_code=202)

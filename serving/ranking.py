@@ -23,10 +23,11 @@ ranker answers with what it has instead of failing the request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -113,18 +114,43 @@ class Ranker:
         self.models = models
         self.settings = settings
         self.timeout = settings.store_timeout_ms / 1000
+        self.budget = settings.ranking_budget_ms / 1000
         self._misses = _RecentMisses()
+        self._background: set[asyncio.Task[None]] = set()
 
-    async def _bounded(self, name: str, call: Awaitable[T], degraded: list[str]) -> T | None:
+    async def _bounded(
+        self, name: str, call: Callable[[], Awaitable[T]], degraded: list[str], deadline: float
+    ) -> T | None:
+        """Run one store call within its own deadline and what is left of the request's
+        budget; a call that misses either is named in ``degraded``."""
+        remaining = min(self.timeout, deadline - asyncio.get_running_loop().time())
+        if remaining <= 0:
+            degraded.append(name)
+            return None
         try:
-            async with asyncio.timeout(self.timeout):
-                return await call
+            async with asyncio.timeout(remaining):
+                return await call()
         except (TimeoutError, RecstreamError, RedisError, OSError):
             degraded.append(name)
             return None
 
-    async def _window(self, namespace: str, actor: str, degraded: list[str]) -> list[WindowEntry]:
-        window = await self._bounded("window", self.hot.window(namespace, actor), degraded)
+    def _in_background(self, call: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _restore(self, namespace: str, actor: str, entries: list[WindowEntry]) -> None:
+        # Off the request path: the answer does not wait for Redis to be repaired.
+        with contextlib.suppress(RecstreamError, RedisError, OSError):
+            async with asyncio.timeout(1.0):
+                await self.hot.merge_window(namespace, actor, entries)
+
+    async def _window(
+        self, namespace: str, actor: str, degraded: list[str], deadline: float
+    ) -> list[WindowEntry]:
+        window = await self._bounded(
+            "window", lambda: self.hot.window(namespace, actor), degraded, deadline
+        )
         if window:
             return window
         # Nothing hot: a new actor, or Redis lost the key. The durable copy tells which;
@@ -132,26 +158,32 @@ class Ranker:
         if window is not None and (namespace, actor) in self._misses:
             return []
         durable = await self._bounded(
-            "durable_window", self.durable.get(namespace, actor), degraded
+            "durable_window", lambda: self.durable.get(namespace, actor), degraded, deadline
         )
         if durable is None and "durable_window" not in degraded:
             self._misses.add((namespace, actor))
         if durable:
-            await self._bounded(
-                "restore_window", self.hot.restore_window(namespace, actor, durable), degraded
-            )
+            self._in_background(self._restore(namespace, actor, durable))
             return durable
         return []
 
-    async def recommend(self, namespace: str, actor: str, num_results: int) -> Recommendations:
+    async def recommend(
+        self,
+        namespace: str,
+        actor: str,
+        num_results: int,
+        exclude: frozenset[str] = frozenset(),
+    ) -> Recommendations:
+        """The top ``num_results`` items for ``actor``, never one in ``exclude`` (e.g. what
+        the page already shows) nor one the actor purchased."""
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.budget
         degraded: list[str] = []
+        pool = max(POPULAR_POOL, num_results * 4)
         window, popular = await asyncio.gather(
-            self._window(namespace, actor, degraded),
+            self._window(namespace, actor, degraded, deadline),
             self._bounded(
-                "popularity",
-                self.hot.popular(namespace, max(POPULAR_POOL, num_results * 4)),
-                degraded,
+                "popularity", lambda: self.hot.popular(namespace, pool), degraded, deadline
             ),
         )
         scores: dict[str, float] = defaultdict(float)
@@ -170,8 +202,9 @@ class Ranker:
                 reasons[item].append("recently_interacted")
             if self.models is not None:
                 sources = sorted(recent.items(), key=lambda kv: -kv[1])[:SIMILAR_SOURCES]
+                models = self.models
                 similar = await self._bounded(
-                    "item2item", self.models.neighbours(namespace, sources), degraded
+                    "item2item", lambda: models.neighbours(namespace, sources), degraded, deadline
                 )
                 if similar:
                     top = max(n.score for n in similar) or 1.0
@@ -184,8 +217,9 @@ class Ranker:
                 scores[item] += W_POPULAR * count / top
                 reasons[item].append("popular")
 
+        hidden = purchased | exclude
         ranked = sorted(
-            (item for item in scores if item not in purchased),
+            (item for item in scores if item not in hidden),
             key=lambda item: (-scores[item], item),
         )[:num_results]
         return Recommendations(

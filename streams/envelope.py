@@ -108,6 +108,8 @@ def decode(data: bytes) -> list[Message]:
     if version == AGGREGATED:
         try:
             (count,) = _U32.unpack_from(view, 1)
+            if count == 0:
+                raise EnvelopeError("aggregated record with no messages")
             pos = 5
             out: list[Message] = []
             for _ in range(count):

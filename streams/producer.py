@@ -11,7 +11,12 @@ Two ways to use it:
 
 ``FailedRecordCount > 0`` is routine on Kinesis (per-shard throttling), so failed records
 of a PutRecords call are retried with exponential backoff and jitter, in their original
-order per partition key.
+relative order. Kinesis does not keep order across a partial failure (a later record of
+the same key may land first); the agents therefore order each window by event time.
+
+Every event gets an outcome: when retries run out, or the call itself keeps failing, the
+events not yet on the stream are reported as failed (with their ids, to resend), never
+raised past the ones that did land.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class PutResult:
     shard_id: str | None = None
     sequence_number: str | None = None
     error: str | None = None
+    retriable: bool = True
+    """For a failed event: whether resending later can succeed (throttling, an outage)
+    or something must be fixed first (a missing stream)."""
 
 
 def record_for(event: Event) -> dict[str, Any]:
@@ -185,9 +193,18 @@ class KinesisProducer:
                     Records=[records[i] for i in pending],  # type: ignore[misc]
                 )
             except (BotoCoreError, ClientError) as exc:
-                error = translate(exc, f"PutRecords to stream {self.stream!r}", self.settings)
+                error = translate(
+                    exc, f"PutRecords to stream {self.stream!r}", self.settings, "kinesis"
+                )
                 if not error.retriable or attempt >= self.max_attempts:
-                    raise error from exc
+                    for index in pending:
+                        results[positions[index]] = PutResult(
+                            event_id=events[index].event_id,
+                            ok=False,
+                            error=str(error),
+                            retriable=error.retriable,
+                        )
+                    return
                 last_error = str(error)
                 await self._backoff(attempt)
                 continue

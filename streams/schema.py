@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
 import orjson
 from pydantic import (
@@ -185,6 +185,10 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _who_and_what(self) -> Event:
+        if self.user_id is not None and self.user_id.startswith("session:"):
+            # "session:" prefixes anonymous actors (see `actor`); a user id with it would
+            # share a window with an anonymous session.
+            raise ValueError("user_id must not start with 'session:'; send session_id instead")
         if self.user_id is None and self.session_id is None:
             raise ValueError("an event needs user_id, or session_id for an anonymous visitor")
         if self.item_id is None and self.event_type in ITEM_EVENT_TYPES:
@@ -221,7 +225,13 @@ class Interaction(BaseModel):
     event_type: str = EventType.CLICK.value
     event_value: float | None = None
 
-    CSV_COLUMNS: tuple[str, ...] = ("USER_ID", "ITEM_ID", "TIMESTAMP", "EVENT_TYPE", "EVENT_VALUE")
+    CSV_COLUMNS: ClassVar[tuple[str, ...]] = (
+        "USER_ID",
+        "ITEM_ID",
+        "TIMESTAMP",
+        "EVENT_TYPE",
+        "EVENT_VALUE",
+    )
 
     @classmethod
     def from_csv_row(cls, row: Mapping[str, str]) -> Interaction:
@@ -267,7 +277,7 @@ class Item(BaseModel):
     creation_timestamp: float | None = None
     title: str | None = None
 
-    CSV_COLUMNS: tuple[str, ...] = (
+    CSV_COLUMNS: ClassVar[tuple[str, ...]] = (
         "ITEM_ID",
         "CATEGORIES",
         "BRAND",

@@ -139,6 +139,8 @@ def serve_in_thread(app: Any, port: int) -> Iterator[None]:
     finally:
         server.should_exit = True
         thread.join(15)
+        if thread.is_alive():
+            pytest.fail("the API server did not stop within 15 s")
 
 
 @pytest.fixture

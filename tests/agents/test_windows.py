@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator, Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -11,6 +12,7 @@ from agents.deadletter import MemoryDeadLetters, SqsDeadLetters
 from agents.state import DynamoWindows, MemoryDurableWindows, MemoryHotStore, RedisHotStore
 from agents.windows import WindowAgent
 from recstream.aws import async_client, sync_client
+from recstream.keys import Keys
 from recstream.settings import Settings
 from streams.schema import Event
 
@@ -71,3 +73,103 @@ async def test_malformed_records_go_to_the_real_dead_letter_queue(settings: Sett
     assert sorted(base64.b64decode(b["raw_base64"]) for b in bodies) == sorted(bad)
     assert all(b["source"] == "stream/shardId-000000000000" for b in bodies)
     assert any("user_id" in b["reason"] for b in bodies)
+
+
+async def test_a_failing_batch_is_retried_not_skipped(settings: Settings) -> None:
+    from agents.app import until_done
+    from recstream.errors import StoreUnavailable
+
+    hot, durable = MemoryHotStore(settings), MemoryDurableWindows()
+    agent = WindowAgent(hot, durable, MemoryDeadLetters())
+    failures = [StoreUnavailable("redis is restarting"), RuntimeError("bug")]
+
+    async def flaky(values: Sequence[bytes], source: str) -> object:
+        if failures:
+            raise failures.pop(0)
+        return await agent.process(values, source)
+
+    batch = [raw(n, "u1", settings.namespace) for n in range(3)]
+    await until_done(flaky, batch, "stream", max_delay=0.01)
+    assert failures == []
+    assert len(await hot.window(settings.namespace, "u1")) == 3
+
+
+async def real_agent(settings: Settings) -> AsyncIterator[tuple[WindowAgent, aioredis.Redis]]:
+    from recstream.stores import open_stores
+
+    async with open_stores(settings) as stores:
+        yield (
+            WindowAgent(
+                RedisHotStore(stores.redis, settings),
+                DynamoWindows(stores.dynamodb, settings),
+                SqsDeadLetters(stores.sqs, settings, stores.s3),
+            ),
+            stores.redis,
+        )
+
+
+async def test_a_batch_from_500_users_uses_one_round_trip_not_500(settings: Settings) -> None:
+    # The production Redis pool (recstream.stores) has 200 connections and does not wait.
+    batch = [raw(n, f"user{n}", settings.namespace) for n in range(500)]
+    async for agent, _ in real_agent(settings):
+        stats = await agent.process(batch)
+        assert (stats.applied, stats.windows_persisted) == (500, 500)
+
+
+async def test_a_window_redis_lost_is_merged_back_not_overwritten(settings: Settings) -> None:
+    ns = settings.namespace
+    async for agent, redis in real_agent(settings):
+        await agent.process([raw(n, "veteran", ns) for n in range(10)])
+        await redis.delete(Keys(ns).window("veteran"))  # TTL, eviction or FLUSHALL
+        await agent.process([raw(10, "veteran", ns)])
+        hot = await agent.hot.window(ns, "veteran")
+        durable = await agent.durable.get(ns, "veteran")
+    assert [e.item_id for e in hot] == [f"i{n}" for n in range(10, -1, -1)]
+    assert durable == hot
+
+
+async def test_windows_are_ordered_by_event_time_whatever_the_arrival(settings: Settings) -> None:
+    ns = settings.namespace
+
+    def at(n: int, ts: float) -> bytes:
+        return Event(
+            event_id=f"o{n}",
+            event_type="view",
+            user_id="u",
+            item_id=f"i{n}",
+            timestamp=ts,
+            namespace=ns,
+        ).to_json()
+
+    arrivals = [
+        at(1, 1_700_000_010),
+        at(3, 1_700_000_030),
+        at(2, 1_700_000_020),
+        at(0, 1_700_000_000),
+    ]
+    for hot in (MemoryHotStore(settings), None):
+        if hot is None:
+            async for agent, _ in real_agent(settings):
+                await agent.process(arrivals)
+                window = await agent.hot.window(ns, "u")
+        else:
+            await WindowAgent(hot, MemoryDurableWindows(), MemoryDeadLetters()).process(arrivals)
+            window = await hot.window(ns, "u")
+        assert [e.item_id for e in window] == ["i3", "i2", "i1", "i0"]
+
+
+async def test_a_record_too_large_for_sqs_is_dead_lettered_through_s3(settings: Settings) -> None:
+    huge = b"x" * (600 * 1024)  # fits a Kinesis record, not an SQS message
+    async for agent, _ in real_agent(settings):
+        stats = await agent.process([huge, b"small and bad"], source="stream")
+    assert stats.dead_lettered == 2
+    queue = sync_client(settings, "sqs")
+    url = queue.get_queue_url(QueueName=settings.dlq_name)["QueueUrl"]
+    bodies = [
+        orjson.loads(m["Body"])
+        for m in queue.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    ]
+    [offloaded] = [b for b in bodies if "raw_s3_uri" in b]
+    bucket, key = offloaded["raw_s3_uri"].removeprefix("s3://").split("/", 1)
+    assert sync_client(settings, "s3").get_object(Bucket=bucket, Key=key)["Body"].read() == huge
+    assert any(b.get("raw_base64") for b in bodies)

@@ -70,8 +70,9 @@ def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
         poll_interval_s=0.05,
     )
     env = {**os.environ, **settings.to_env(), "COLUMNS": "200"}
-    try:
-        result = subprocess.run(
+
+    def demo() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [sys.executable, "-m", "recstream.cli", "demo", "--no-wait", "--events", "3000"],
             env=env,
             capture_output=True,
@@ -79,8 +80,15 @@ def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
             timeout=300,
             check=False,
         )
+
+    try:
+        result = demo()
+        again = demo()
     finally:
         recstream(["down"], env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already replayed" in again.stdout
+    assert "changed recommendations in" in again.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "3000 events accepted" in out

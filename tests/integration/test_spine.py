@@ -52,8 +52,8 @@ def agent_worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[byt
             process.wait(5)
 
 
-def tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-4000:]
+def tail(log: Path, size: int = 4000) -> str:
+    return log.read_text(errors="replace")[-size:]
 
 
 async def eventually(check: Any, what: str, log: Path, within: float = 60.0) -> Any:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
+from recstream import stack
 from recstream.aws import sync_client
 from recstream.settings import Settings
 from streams.envelope import decode
 from streams.schema import Event
-from tests.conftest import RunningApi
+from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_thread
 
 
 def read_stream(settings: Settings) -> list[tuple[str, Event]]:
@@ -165,3 +167,45 @@ async def test_huge_body_is_refused_before_reading(api: RunningApi) -> None:
     response = await post(api, body)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
+
+
+async def test_huge_chunked_body_is_refused_without_a_length(api: RunningApi) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"["
+        for _ in range(7):
+            yield b" " * (1024 * 1024)
+        yield b"]"
+
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        response = await client.post("/v1/events", content=chunks())
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+
+
+async def test_namespace_allow_list_and_trailing_newline(local_stack: LocalStack) -> None:
+    from serving.app import create_app
+
+    settings = make_settings(local_stack, namespaces=["shop"])
+    port = stack.free_port()
+    with serve_in_thread(create_app(settings), port):
+        api = RunningApi(url=f"http://127.0.0.1:{port}", settings=settings)
+        assert (await post(api, click(), path="/v1/shop/events")).status_code == 202
+        other = await post(api, click(), path="/v1/other/events")
+        assert other.status_code == 404
+        assert "shop" in other.json()["error"]["message"]
+        newline = await post(api, click(), path="/v1/shop%0A/events")
+        assert newline.status_code == 404
+
+
+async def test_a_missing_stream_is_a_500_that_lists_every_event(settings: Settings) -> None:
+    from serving.app import create_app
+
+    broken = settings.model_copy(update={"stream_name": "no-such-stream"})
+    port = stack.free_port()
+    with serve_in_thread(create_app(broken), port):
+        api = RunningApi(url=f"http://127.0.0.1:{port}", settings=broken)
+        response = await post(api, [click("u1"), click("u2")])
+    assert response.status_code == 500
+    body = response.json()
+    assert [f["index"] for f in body["failed"]] == [0, 1]
+    assert "recstream up" in body["failed"][0]["error"]

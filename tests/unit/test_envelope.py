@@ -45,3 +45,8 @@ def test_chunks_respect_the_size_limit(batch: list[Message]) -> None:
 def test_garbage_is_a_clear_error(data: bytes) -> None:
     with pytest.raises(EnvelopeError):
         decode(data)
+
+
+def test_empty_aggregate_is_an_error_not_silence() -> None:
+    with pytest.raises(EnvelopeError, match="no messages"):
+        decode(b"\x02\x00\x00\x00\x00")

@@ -62,3 +62,22 @@ def test_catalog_rows() -> None:
     row = {"USER_ID": "u", "ITEM_ID": "i", "TIMESTAMP": "1700000000", "EVENT_TYPE": "PURCHASE"}
     event = Interaction.from_csv_row(row).to_event()
     assert (event.event_type, event.user_id, event.timestamp) == ("purchase", "u", 1_700_000_000.0)
+
+
+def test_user_ids_cannot_impersonate_anonymous_sessions() -> None:
+    with pytest.raises(ValidationError, match="session_id instead"):
+        Event(event_type="view", user_id="session:abc", item_id="i")
+
+
+def test_agents_ignore_fields_a_newer_collector_added() -> None:
+    from agents.windows import StoredEvent
+
+    raw = b'{"event_type":"view","user_id":"u","item_id":"i","added_in_v2":1}'
+    assert StoredEvent.from_json(raw).item_id == "i"
+    with pytest.raises(ValidationError):
+        Event.from_json(raw)
+
+
+def test_csv_columns_are_class_constants_not_fields() -> None:
+    assert Interaction.CSV_COLUMNS[0] == "USER_ID"
+    assert "CSV_COLUMNS" not in Item.model_fields

@@ -30,6 +30,7 @@ def test_production_refuses_loopback_endpoints() -> None:
     with pytest.raises(ValueError, match="loopback"):
         Settings(env="production", aws_endpoint_url="http://127.0.0.1:4566")
     assert Settings(env="production", aws_endpoint_url=None).aws_endpoint_url is None
+    assert Settings(env="production").aws_endpoint_url is None  # unset: real AWS
 
 
 def test_namespace_is_validated() -> None:

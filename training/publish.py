@@ -1,0 +1,999 @@
+"""Versioned publishing of trained models, with promote, rollback and garbage collection.
+
+A publish produces a *version*: a sortable id (UTC time to the millisecond plus a random
+suffix, e.g. ``20261123T122900.123Z-3fa2c1``). Its data lives in two places:
+
+    s3://{bucket}/models/{name}/{version}/...            the files Model.save wrote
+    s3://{bucket}/models/{name}/{version}/manifest.json  data range, params, metrics, ...
+    s3://{bucket}/models/{name}/{version}/redis-keys.jsonl.gz   the record suffixes
+    rs:{ns}:model:{name}:{version}:{suffix}              the model's RedisRecords
+
+and four small Redis keys per model describe the versions:
+
+    rs:{ns}:model:{name}:pending   ZSET  version -> lease deadline; publishes in progress
+    rs:{ns}:model:{name}:versions  HASH  version -> summary JSON; *complete* versions only
+    rs:{ns}:model:{name}:doomed    SET   versions being deleted (retired or failed)
+    rs:{ns}:model:{name}:current   STR   the version serving reads (Keys.model_pointer)
+
+A publish runs in this order, so that a failure at any point leaves the serving version
+alone: claim a lease in ``pending`` → upload the files → write the records (renewing the
+lease every chunk) → upload the key list and the manifest → *complete*: one Lua script
+moves the version from ``pending`` to ``versions`` (the completion marker, written last)
+→ *promote*: one Lua script sets ``current`` only if the version is complete. A publish
+that raises moves its version to ``doomed`` and deletes what it wrote; one that dies
+outright (kill -9, power loss) stops renewing its lease, and the next garbage collection
+deletes its keys and files.
+
+Garbage collection keeps the newest ``Settings.model_keep_versions`` complete versions plus
+the current one, whatever its age. It retires a version with a Lua script that refuses to
+touch the current one, so a concurrent promote cannot end up pointing at deleted data,
+and deletes doomed versions' keys by their key list (no keyspace scan), then forgets them.
+Every key above is therefore bounded: records by the K kept versions, ``versions`` and
+``doomed`` by GC, ``pending`` by lease expiry.
+
+Serving reads a model through `current_version` and `read_current`; the latter reads the
+pointer and the record in one atomic round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import logging
+import re
+import secrets
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import orjson
+import redis.asyncio as aioredis
+from botocore.exceptions import BotoCoreError, ClientError
+from redis.exceptions import NoScriptError, RedisError
+
+from recstream.aws import async_client, error_code, translate
+from recstream.errors import (
+    ConfigurationError,
+    RecstreamError,
+    ResourceNotFound,
+    StoreUnavailable,
+)
+from recstream.keys import Keys
+from recstream.settings import Settings
+from training.base import Model, RedisRecord
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+__all__ = [
+    "CurrentRecord",
+    "DataRange",
+    "GcReport",
+    "ModelRegistry",
+    "Progress",
+    "PublishError",
+    "RunInfo",
+    "VersionInfo",
+    "code_version",
+    "current_version",
+    "new_version",
+    "open_registry",
+    "read_current",
+    "read_current_many",
+]
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+VERSION = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
+MANIFEST = "manifest.json"
+REDIS_KEYS = "redis-keys.jsonl.gz"
+"""Beside the manifest: every record suffix the version wrote (one JSON string a line),
+so garbage collection deletes exactly those keys instead of scanning the keyspace."""
+RESERVED = (MANIFEST, REDIS_KEYS)
+MANIFEST_FORMAT = 1
+LEASE_S = 600.0
+"""A publish that has not renewed its lease for this long is presumed dead and collected."""
+CHUNK_MEMBERS = 20_000
+"""Members (zset/hash fields, strings) sent per pipeline round trip while publishing."""
+DELETE_BATCH = 500
+S3_CONCURRENCY = 8
+
+Progress = Callable[[str, int, int | None], None]
+"""Called as ``progress(stage, advance, total)`` while publishing: stage is "files" or
+"records"; total is known for files and None for records (a model streams them)."""
+
+
+class PublishError(StoreUnavailable):
+    """A publish did not complete; nothing it wrote is served, and it has been removed."""
+
+    retriable = True
+    code = "publish_failed"
+
+
+# --- version ids and code version ----------------------------------------------------
+
+
+def new_version(now: float | None = None) -> str:
+    """A new version id: sorts by creation time (ms), random suffix against collisions."""
+    moment = datetime.fromtimestamp(time.time() if now is None else now, tz=UTC)
+    stamp = moment.strftime("%Y%m%dT%H%M%S") + f".{moment.microsecond // 1000:03d}Z"
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def version_time(version: str) -> float:
+    """The creation time encoded in a version id, as unix seconds."""
+    moment = datetime.strptime(version[:19], "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+@cache
+def code_version() -> str:
+    """``git describe`` of the checkout this code runs from, else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--tags"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            )
+            if out.stdout.strip():
+                return f"git:{out.stdout.strip()}"
+    try:
+        return f"recstream=={metadata.version('recstream')}"
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def check_name(name: str) -> str:
+    if not MODEL_NAME.match(name):
+        raise ConfigurationError(
+            f"model name {name!r} is not allowed; use letters, digits, '_' and '-' "
+            "(it appears in Redis keys and S3 paths)"
+        )
+    return name
+
+
+def check_version(version: str) -> str:
+    if not VERSION.match(version):
+        raise ConfigurationError(
+            f"{version!r} is not a version id (like 20261123T122900.123Z-3fa2c1); "
+            "`recstream models list` shows them"
+        )
+    return version
+
+
+# --- what a publish records ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataRange:
+    """What the model was trained on: recorded in the manifest and shown by `models list`."""
+
+    source: str
+    start: float | None
+    """Timestamp (unix seconds) of the oldest interaction used."""
+    end: float | None
+    """Timestamp of the newest interaction used."""
+    rows: int
+    users: int | None = None
+    items: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "start": self.start,
+            "end": self.end,
+            "rows": self.rows,
+            "users": self.users,
+            "items": self.items,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """The training run's facts that go into a version's manifest besides the model's own."""
+
+    data: DataRange
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Held-out metrics, e.g. {"hr@10": 0.31, "ndcg@10": 0.18}."""
+    search: Any = None
+    """The hyper-parameter search record (trials and the chosen point); JSON-serialisable."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping, e.g. the evaluation protocol and timings."""
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """One complete version, as `models list` shows it."""
+
+    name: str
+    version: str
+    created: float
+    data: dict[str, Any]
+    metrics: dict[str, float]
+    records: int
+    code_version: str
+    current: bool = False
+
+    @classmethod
+    def from_summary(cls, name: str, version: str, raw: bytes, current: bool) -> VersionInfo:
+        summary = orjson.loads(raw)
+        return cls(
+            name=name,
+            version=version,
+            created=float(summary.get("created_unix", version_time(version))),
+            data=dict(summary.get("data", {})),
+            metrics={k: float(v) for k, v in summary.get("metrics", {}).items()},
+            records=int(summary.get("redis", {}).get("records", 0)),
+            code_version=str(summary.get("code_version", "")),
+            current=current,
+        )
+
+
+@dataclass(slots=True)
+class GcReport:
+    """What one garbage collection removed."""
+
+    retired: list[str] = field(default_factory=list)
+    """Complete versions deleted because they fell out of the last K."""
+    abandoned: list[str] = field(default_factory=list)
+    """In-progress publishes whose lease expired (their process died)."""
+    redis_keys: int = 0
+    s3_objects: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lua:
+    """A Lua script, run by its SHA1 so the hot path does not resend its text."""
+
+    text: str
+    sha: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+
+
+async def run_lua(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Any) -> Any:
+    """EVALSHA, falling back to EVAL (which caches the script) on a fresh server."""
+    try:
+        return await redis.evalsha(script.sha, numkeys, *args)
+    except NoScriptError:
+        return await redis.eval(script.text, numkeys, *args)
+
+
+# --- Lua scripts: the only writes to the bookkeeping keys once a publish has started ---
+
+# KEYS: pending, versions  ARGV: version, summary
+_COMPLETE = Lua("""
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+""")
+# KEYS: versions, current  ARGV: version
+_PROMOTE = Lua("""
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+""")
+# Retire a complete version: out of `versions` (so nobody can promote it) and into
+# `doomed` (so its deletion is finished even if this process dies), unless it serves.
+# KEYS: versions, current, doomed  ARGV: version
+_RETIRE = Lua("""
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 0 end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+""")
+# Give up on an in-progress publish: its own failure (deadline ignored, ARGV[2] = 'inf'),
+# or a lapsed lease found by GC. Afterwards neither COMPLETE nor a lease renewal works.
+# KEYS: pending, doomed  ARGV: version, now
+_REAP = Lua("""
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline and tonumber(deadline) < tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+""")
+# Reads the pointer and the record it points at in one atomic step, so a reader never
+# mixes versions and never sees a version that GC is deleting.
+# KEYS: current  ARGV: key prefix up to the version, suffix, limit (-1 = all), fields...
+_READ = Lua("""
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local key = ARGV[1] .. v .. ':' .. ARGV[2]
+local kind = redis.call('TYPE', key)['ok']
+if kind == 'zset' then
+  return {v, kind, redis.call('ZREVRANGE', key, 0, tonumber(ARGV[3]), 'WITHSCORES')}
+elseif kind == 'hash' then
+  if #ARGV > 3 then
+    return {v, kind, redis.call('HMGET', key, unpack(ARGV, 4))}
+  end
+  return {v, kind, redis.call('HGETALL', key)}
+elseif kind == 'string' then
+  return {v, kind, {redis.call('GET', key)}}
+end
+return {v, 'none', {}}
+""")
+
+# KEYS: current  ARGV: key prefix up to the version, limit (-1 = all), suffixes...
+_READ_MANY = Lua("""
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local out = {v}
+for i = 3, #ARGV do
+  local key = ARGV[1] .. v .. ':' .. ARGV[i]
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'zset' then
+    out[#out + 1] = {kind, redis.call('ZREVRANGE', key, 0, tonumber(ARGV[2]), 'WITHSCORES')}
+  elseif kind == 'hash' then
+    out[#out + 1] = {kind, redis.call('HGETALL', key)}
+  elseif kind == 'string' then
+    out[#out + 1] = {kind, {redis.call('GET', key)}}
+  else
+    out[#out + 1] = {'none', {}}
+  end
+end
+return out
+""")
+
+# --- serving's read side ---------------------------------------------------------------
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def current_version(redis: aioredis.Redis, keys: Keys, name: str) -> str | None:
+    """The version of model ``name`` that serving should read, or None if none is live."""
+    raw = await redis.get(keys.model_pointer(name))
+    return None if raw is None else _text(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentRecord:
+    """One record of the serving version. ``value`` depends on ``kind``:
+    zset → [(member, score), ...] highest first; hash → {field: bytes} (only the fields
+    asked for that exist); string → bytes; none → None (the version has no such record)."""
+
+    version: str
+    kind: Literal["zset", "hash", "string", "none"]
+    value: list[tuple[str, float]] | dict[str, bytes] | bytes | None
+
+
+def _count(limit: int | None) -> int:
+    if limit is None:
+        return -1
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    return limit - 1
+
+
+def _record(version: str, kind: str, body: list[Any], fields: Sequence[str] = ()) -> CurrentRecord:
+    if kind == "zset":
+        pairs = [(_text(body[i]), float(body[i + 1])) for i in range(0, len(body), 2)]
+        return CurrentRecord(version, "zset", pairs)
+    if kind == "hash":
+        if fields:
+            found = {f: v for f, v in zip(fields, body, strict=True) if v is not None}
+        else:
+            found = {_text(body[i]): body[i + 1] for i in range(0, len(body), 2)}
+        return CurrentRecord(version, "hash", found)
+    if kind == "string":
+        return CurrentRecord(version, "string", body[0])
+    return CurrentRecord(version, "none", None)
+
+
+async def read_current(
+    redis: aioredis.Redis,
+    keys: Keys,
+    name: str,
+    suffix: str,
+    *,
+    limit: int | None = None,
+    fields: Sequence[str] = (),
+) -> CurrentRecord | None:
+    """Read record ``suffix`` of model ``name``'s serving version in one round trip.
+
+    Returns None when the model has no serving version. ``limit`` caps a zset's members
+    (highest scores first); ``fields`` selects hash fields (all when empty).
+    """
+    prefix = keys.model(name, "", "")[:-1]  # "rs:{ns}:model:{name}:"
+    reply = await run_lua(
+        redis, _READ, 1, keys.model_pointer(name), prefix, suffix, _count(limit), *fields
+    )
+    if reply is None:
+        return None
+    return _record(_text(reply[0]), _text(reply[1]), reply[2], fields)
+
+
+async def read_current_many(
+    redis: aioredis.Redis,
+    keys: Keys,
+    name: str,
+    suffixes: Sequence[str],
+    *,
+    limit: int | None = None,
+) -> dict[str, CurrentRecord] | None:
+    """Several records of the serving version (e.g. the neighbours of each item in a
+    history) in one round trip, all from the same version. None when nothing serves."""
+    prefix = keys.model(name, "", "")[:-1]
+    reply = await run_lua(
+        redis, _READ_MANY, 1, keys.model_pointer(name), prefix, _count(limit), *suffixes
+    )
+    if reply is None:
+        return None
+    version = _text(reply[0])
+    return {
+        suffix: _record(version, _text(kind), body)
+        for suffix, (kind, body) in zip(suffixes, reply[1:], strict=True)
+    }
+
+
+# --- the registry -------------------------------------------------------------------------
+
+
+class ModelRegistry:
+    """Publish, list, promote, roll back and garbage-collect model versions.
+
+    ``s3`` is needed to publish and to collect garbage; listing, promoting and rolling
+    back only touch Redis.
+    """
+
+    def __init__(
+        self, redis: aioredis.Redis, settings: Settings, s3: S3Client | None = None
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.s3 = s3
+        self.keys = Keys(settings.namespace)
+
+    # key names (see the module docstring)
+    def _base(self, name: str) -> str:
+        return self.keys.model(name, "", "")[:-1]
+
+    def pending_key(self, name: str) -> str:
+        return self._base(name) + "pending"
+
+    def versions_key(self, name: str) -> str:
+        return self._base(name) + "versions"
+
+    def doomed_key(self, name: str) -> str:
+        return self._base(name) + "doomed"
+
+    def s3_prefix(self, name: str, version: str | None = None) -> str:
+        return f"models/{name}/" if version is None else f"models/{name}/{version}/"
+
+    def _redis_failed(self, exc: RedisError, what: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"{what} failed at Redis {self.settings.redis_url}: {exc}; is it up? "
+            "(`recstream up` starts the local stack)"
+        )
+
+    def _need_s3(self) -> S3Client:
+        if self.s3 is None:
+            raise ConfigurationError("this ModelRegistry has no S3 client; use open_registry()")
+        return self.s3
+
+    # --- reading ---------------------------------------------------------------------
+
+    async def names(self) -> list[str]:
+        """Every model with at least one complete version in this namespace."""
+        pattern = self._base("*") + "versions"
+        found: set[str] = set()
+        try:
+            async for raw in self.redis.scan_iter(match=pattern, count=1000):
+                middle = _text(raw)[len(self.keys.prefix) + len("model:") : -len(":versions")]
+                if MODEL_NAME.match(middle):
+                    found.add(middle)
+        except RedisError as exc:
+            raise self._redis_failed(exc, "listing models") from exc
+        return sorted(found)
+
+    async def current(self, name: str) -> str | None:
+        try:
+            return await current_version(self.redis, self.keys, check_name(name))
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"reading model {name!r}'s pointer") from exc
+
+    async def versions(self, name: str) -> list[VersionInfo]:
+        """Complete versions of ``name``, oldest first, with the serving one marked."""
+        check_name(name)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.versions_key(name))
+                pipe.get(self.keys.model_pointer(name))
+                summaries, current = await pipe.execute()
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"listing versions of {name!r}") from exc
+        live = None if current is None else _text(current)
+        infos = [
+            VersionInfo.from_summary(name, _text(v), raw, _text(v) == live)
+            for v, raw in summaries.items()
+        ]
+        return sorted(infos, key=lambda info: info.version)
+
+    async def manifest(self, name: str, version: str) -> dict[str, Any]:
+        """The full manifest of a version, from S3."""
+        s3 = self._need_s3()
+        key = self.s3_prefix(check_name(name), check_version(version)) + MANIFEST
+        try:
+            reply = await s3.get_object(Bucket=self.settings.bucket, Key=key)
+            async with reply["Body"] as body:
+                data = await body.read()
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                raise ResourceNotFound(
+                    f"model {name!r} has no manifest for version {version!r} at "
+                    f"s3://{self.settings.bucket}/{key}; `recstream models list {name}` "
+                    "shows the versions that exist"
+                ) from exc
+            raise translate(
+                exc, f"manifest s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        except BotoCoreError as exc:
+            raise translate(
+                exc, f"manifest s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        return cast(dict[str, Any], orjson.loads(data))
+
+    # --- switching -------------------------------------------------------------------
+
+    async def promote(self, name: str, version: str) -> None:
+        """Point serving at ``version``; refused unless the version is complete."""
+        check_name(name)
+        check_version(version)
+        try:
+            done = await run_lua(
+                self.redis,
+                _PROMOTE,
+                2,
+                self.versions_key(name),
+                self.keys.model_pointer(name),
+                version,
+            )
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"promoting {name} {version}") from exc
+        if not done:
+            raise ResourceNotFound(
+                f"model {name!r} has no complete version {version!r} (unfinished, failed or "
+                f"garbage-collected); `recstream models list {name}` shows the ones to promote"
+            )
+
+    async def rollback(self, name: str) -> str:
+        """Point serving at the newest complete version older than the current one."""
+        infos = await self.versions(name)
+        current = next((i.version for i in infos if i.current), None)
+        older = [i.version for i in infos if current is None or i.version < current]
+        if not older:
+            what = f"older than {current}" if current else "at all"
+            raise ResourceNotFound(
+                f"model {name!r} has no complete version {what} to roll back to; "
+                f"`recstream models list {name}` shows its versions"
+            )
+        await self.promote(name, older[-1])
+        return older[-1]
+
+    # --- publishing --------------------------------------------------------------------
+
+    async def publish(
+        self,
+        model: Model,
+        run: RunInfo,
+        *,
+        promote: bool = True,
+        gc: bool = True,
+        version: str | None = None,
+        progress: Progress | None = None,
+    ) -> VersionInfo:
+        """Publish a fitted model as a new version, then (by default) promote it and GC.
+
+        On any failure before the version is complete, everything this publish wrote is
+        deleted and the error is raised as `PublishError`; the serving version is untouched.
+        """
+        s3 = self._need_s3()
+        name = check_name(model.name)
+        version = check_version(version or new_version())
+        report = progress or (lambda stage, advance, total: None)
+        started = time.time()
+        try:
+            await self.redis.zadd(self.pending_key(name), {version: started + LEASE_S})
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"starting to publish {name}") from exc
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
+                directory = Path(tmp) / "model"
+                directory.mkdir()
+                await asyncio.to_thread(model.save, directory)
+                files = await self._upload_dir(s3, name, version, directory, report)
+                key_list = Path(tmp) / REDIS_KEYS
+                records = await self._write_records(
+                    name, version, model.redis_records(), report, key_list
+                )
+                await self._put(
+                    s3,
+                    self.s3_prefix(name, version) + REDIS_KEYS,
+                    await asyncio.to_thread(key_list.read_bytes),
+                    "the list of Redis keys",
+                )
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "name": name,
+                "version": version,
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "created": datetime.fromtimestamp(started, tz=UTC).isoformat(),
+                "created_unix": started,
+                "published_unix": time.time(),
+                "code_version": code_version(),
+                "data": run.data.as_dict(),
+                "params": model.params(),
+                "metrics": dict(run.metrics),
+                "search": run.search,
+                "extra": dict(run.extra),
+                "files": files,
+                "redis": {
+                    "records": records,
+                    "prefix": self.keys.model(name, version, ""),
+                    "key_list": REDIS_KEYS,
+                },
+            }
+            await self._put(
+                s3, self.s3_prefix(name, version) + MANIFEST, _dumps(manifest), "manifest"
+            )
+            summary = {k: v for k, v in manifest.items() if k not in ("files", "search")}
+            try:
+                completed = await run_lua(
+                    self.redis,
+                    _COMPLETE,
+                    2,
+                    self.pending_key(name),
+                    self.versions_key(name),
+                    version,
+                    _dumps(summary),
+                )
+            except RedisError as exc:
+                raise self._redis_failed(exc, f"completing {name} {version}") from exc
+            if not completed:
+                raise PublishError(
+                    f"publishing {name} {version} took longer than its {LEASE_S:.0f} s lease "
+                    "and was collected as abandoned; nothing was promoted, run it again"
+                )
+        except BaseException as exc:
+            # BaseException: a Ctrl-C (CancelledError) mid-publish must clean up as well.
+            await self._discard_quietly(name, version)
+            if isinstance(exc, Exception) and not isinstance(exc, PublishError):
+                raise PublishError(
+                    f"publishing model {name!r} version {version} failed ({exc}); "
+                    "it was removed and the serving version is unchanged"
+                ) from exc
+            raise
+        if promote:
+            await self.promote(name, version)
+        if gc:
+            try:
+                await self.gc(name)
+            except RecstreamError:
+                # The version is published and serving; old ones go at the next collection.
+                log.warning("garbage collection of %s failed; will retry next time", name)
+        live = promote or await self.current(name) == version
+        info = VersionInfo.from_summary(name, version, _dumps(summary), live)
+        return info
+
+    async def _upload_dir(
+        self, s3: S3Client, name: str, version: str, directory: Path, report: Progress
+    ) -> list[dict[str, Any]]:
+        paths = await asyncio.to_thread(_files_under, directory)
+        if any(p.relative_to(directory).as_posix() in RESERVED for p in paths):
+            raise ConfigurationError(
+                f"model {name!r} saved a file named one of {RESERVED}, which publishing reserves"
+            )
+        limit = asyncio.Semaphore(S3_CONCURRENCY)
+
+        async def upload(path: Path) -> dict[str, Any]:
+            relative = path.relative_to(directory).as_posix()
+            data = await asyncio.to_thread(path.read_bytes)
+            async with limit:
+                await self._put(s3, self.s3_prefix(name, version) + relative, data, relative)
+                await self._renew(name, version)
+            report("files", 1, len(paths))
+            return {
+                "path": relative,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(upload(p)) for p in paths]
+        except* Exception as failed:
+            # Report the first failure itself (it names the file and the fix), not a group.
+            raise failed.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    async def _put(self, s3: S3Client, key: str, data: bytes, what: str) -> None:
+        try:
+            await s3.put_object(Bucket=self.settings.bucket, Key=key, Body=data)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(
+                exc, f"uploading {what} to s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+
+    async def _write_records(
+        self,
+        name: str,
+        version: str,
+        records: Iterable[RedisRecord],
+        report: Progress,
+        key_list: Path,
+    ) -> int:
+        count = flushed = members = 0
+        renew_by = time.monotonic() + LEASE_S / 4
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                with gzip.open(key_list, "wb") as suffixes:
+                    for record in records:
+                        key = self.keys.model(name, version, record.suffix)
+                        members += _queue(pipe, key, record)
+                        suffixes.write(orjson.dumps(record.suffix) + b"\n")
+                        count += 1
+                        # Flush by size, and by time so that a model that computes its
+                        # records slowly still renews its lease.
+                        if members >= CHUNK_MEMBERS or time.monotonic() > renew_by:
+                            await self._flush(pipe, name, version)
+                            report("records", count - flushed, None)
+                            members, flushed = 0, count
+                            renew_by = time.monotonic() + LEASE_S / 4
+                await self._flush(pipe, name, version)
+                report("records", count - flushed, None)
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"writing {name} {version}'s records") from exc
+        return count
+
+    async def _renew(self, name: str, version: str) -> None:
+        try:
+            await self.redis.zadd(self.pending_key(name), {version: time.time() + LEASE_S}, xx=True)
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"renewing the lease of {name} {version}") from exc
+
+    async def _flush(self, pipe: Any, name: str, version: str) -> None:
+        # Renewing the lease with each chunk is what tells GC this publish is alive.
+        pipe.zadd(self.pending_key(name), {version: time.time() + LEASE_S}, xx=True)
+        await pipe.execute()
+
+    # --- deleting ------------------------------------------------------------------------
+
+    async def _discard_quietly(self, name: str, version: str) -> None:
+        try:
+            await asyncio.shield(self._discard(name, version))
+        except Exception:
+            # Left in `doomed` (or, if Redis was down, in `pending` until the lease lapses):
+            # the next garbage collection finishes the job.
+            log.exception("could not remove the failed publish %s %s; GC will", name, version)
+
+    async def _discard(self, name: str, version: str) -> None:
+        await run_lua(
+            self.redis, _REAP, 2, self.pending_key(name), self.doomed_key(name), version, "inf"
+        )
+        await self._destroy(self._need_s3(), name, version)
+
+    async def _destroy(self, s3: S3Client, name: str, version: str) -> tuple[int, int]:
+        """Delete a doomed version's Redis keys and S3 objects, then forget it."""
+        suffixes = await self._key_list(s3, name, version)
+        if suffixes is None:
+            # No key list (the publish died before writing it): find the keys by prefix.
+            keys = await self._delete_redis_prefix(self.keys.model(name, version, ""))
+        else:
+            keys = await self._unlink([self.keys.model(name, version, x) for x in suffixes])
+        objects = await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
+        await self.redis.srem(self.doomed_key(name), version)
+        return keys, objects
+
+    async def _key_list(self, s3: S3Client, name: str, version: str) -> list[str] | None:
+        key = self.s3_prefix(name, version) + REDIS_KEYS
+        try:
+            reply = await s3.get_object(Bucket=self.settings.bucket, Key=key)
+            async with reply["Body"] as body:
+                data = await body.read()
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise translate(
+                exc, f"reading s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        except BotoCoreError as exc:
+            raise translate(
+                exc, f"reading s3://{self.settings.bucket}/{key}", self.settings
+            ) from exc
+        return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line]
+
+    async def _delete_redis_prefix(self, prefix: str) -> int:
+        return await self._unlink(
+            [k async for k in self.redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000)]
+        )
+
+    async def _unlink(self, keys: Sequence[bytes | str]) -> int:
+        for i in range(0, len(keys), DELETE_BATCH):
+            await self.redis.unlink(*keys[i : i + DELETE_BATCH])
+        return len(keys)
+
+    async def _delete_s3_prefix(self, s3: S3Client, prefix: str) -> int:
+        deleted = 0
+        try:
+            paginator = s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.settings.bucket, Prefix=prefix):
+                objects = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if objects:
+                    await s3.delete_objects(
+                        Bucket=self.settings.bucket,
+                        Delete={"Objects": objects, "Quiet": True},  # type: ignore[typeddict-item]
+                    )
+                    deleted += len(objects)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(
+                exc, f"deleting s3://{self.settings.bucket}/{prefix}", self.settings
+            ) from exc
+        return deleted
+
+    async def _s3_versions(self, s3: S3Client, name: str) -> set[str]:
+        found: set[str] = set()
+        prefix = self.s3_prefix(name)
+        try:
+            paginator = s3.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(
+                Bucket=self.settings.bucket, Prefix=prefix, Delimiter="/"
+            ):
+                for common in page.get("CommonPrefixes", []):
+                    version = common.get("Prefix", "")[len(prefix) :].rstrip("/")
+                    if VERSION.match(version):
+                        found.add(version)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(
+                exc, f"listing s3://{self.settings.bucket}/{prefix}", self.settings
+            ) from exc
+        return found
+
+    async def gc(self, name: str, *, keep: int | None = None, sweep: bool = False) -> GcReport:
+        """Delete all but the newest ``keep`` complete versions (never the current one),
+        publishes whose lease lapsed, and S3 files that belong to no version.
+
+        Deleting a version reads its key list from S3, so collection never scans the
+        keyspace, except for a publish that died before writing that list. ``sweep`` also
+        scans every key under the model's prefix for keys that no version owns (there
+        should be none; `recstream models gc --sweep` is the tool for doubt).
+        """
+        s3 = self._need_s3()
+        check_name(name)
+        keep = self.settings.model_keep_versions if keep is None else keep
+        if keep < 1:
+            raise ConfigurationError("keep at least one version (RECSTREAM_MODEL_KEEP_VERSIONS)")
+        report = GcReport()
+        versions_key, pointer = self.versions_key(name), self.keys.model_pointer(name)
+        pending, doomed = self.pending_key(name), self.doomed_key(name)
+        try:
+            complete = sorted(_text(v) for v in await self.redis.hkeys(versions_key))
+            for version in complete[:-keep]:
+                if await run_lua(self.redis, _RETIRE, 3, versions_key, pointer, doomed, version):
+                    report.retired.append(version)
+            now = time.time()
+            leases = cast(
+                list[tuple[bytes, float]], await self.redis.zrange(pending, 0, -1, withscores=True)
+            )
+            for raw, deadline in leases:
+                if deadline < now and await run_lua(
+                    self.redis, _REAP, 2, pending, doomed, raw, now
+                ):
+                    report.abandoned.append(_text(raw))
+            for member in sorted(await self.redis.smembers(doomed)):
+                deleted, objects = await self._destroy(s3, name, _text(member))
+                report.redis_keys += deleted
+                report.s3_objects += objects
+            # List what exists *before* reading which versions are alive: a publish claims
+            # its lease before writing anything, so whatever the listing saw belongs to a
+            # version that the (later, atomic) read below reports, unless it is dead.
+            by_version: dict[str, list[bytes]] = {}
+            if sweep:
+                base = self._base(name)
+                async for raw_key in self.redis.scan_iter(
+                    match=_glob_escape(base) + "*", count=1000
+                ):
+                    head, sep, _ = raw_key[len(base) :].partition(b":")
+                    if sep:
+                        by_version.setdefault(head.decode(), []).append(raw_key)
+            in_s3 = await self._s3_versions(s3, name)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hkeys(versions_key)
+                pipe.zrange(pending, 0, -1)
+                pipe.smembers(doomed)
+                pipe.get(pointer)
+                alive_complete, alive_pending, dying, current = await pipe.execute()
+            alive = {_text(v) for v in [*alive_complete, *alive_pending, *dying]}
+            if current is not None:
+                alive.add(_text(current))
+            for version, found in by_version.items():
+                if version not in alive:
+                    report.redis_keys += await self._unlink(found)
+            for version in sorted(in_s3 - alive):
+                report.s3_objects += await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"collecting old versions of {name!r}") from exc
+        return report
+
+
+def _queue(pipe: Any, key: str, record: RedisRecord) -> int:
+    """Add one record's write to ``pipe``; returns how many members it carries."""
+    value = record.value
+    if record.kind == "string":
+        if not isinstance(value, bytes):
+            raise TypeError(
+                f"record {record.suffix!r} is a string record but its value is not bytes"
+            )
+        pipe.set(key, value)
+        return 1
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"record {record.suffix!r} is a {record.kind} but its value is not a mapping"
+        )
+    if not value:
+        return 0  # Redis has no empty zset or hash; a missing key reads as empty.
+    if record.kind == "zset":
+        pipe.zadd(key, {str(k): float(cast(float, v)) for k, v in value.items()})
+    elif record.kind == "hash":
+        pipe.hset(key, mapping=dict(value))
+    else:
+        raise TypeError(f"record {record.suffix!r} has unknown kind {record.kind!r}")
+    return len(value)
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+@asynccontextmanager
+async def open_registry(settings: Settings) -> AsyncIterator[ModelRegistry]:
+    """A `ModelRegistry` with its own Redis and S3 clients, closed on exit."""
+    redis = aioredis.from_url(settings.redis_url, socket_connect_timeout=5.0)
+    try:
+        async with async_client(settings, "s3") as s3:
+            yield ModelRegistry(redis, settings, s3)
+    finally:
+        await redis.aclose()
+
+
+def iter_summaries(infos: Iterable[VersionInfo]) -> Iterator[dict[str, Any]]:
+    """Versions as plain dicts (for `models list --json`)."""
+    for info in infos:
+        yield {
+            "name": info.name,
+            "version": info.version,
+            "created": info.created,
+            "current": info.current,
+            "data": info.data,
+            "metrics": info.metrics,
+            "records": info.records,
+            "code_version": info.code_version,
+        }
