@@ -248,7 +248,7 @@ class Consumer(base.Consumer):
                 await task
         # Commit what was acked while the leases are still ours ...
         await super().on_stop()
-        for partition in self._partitions.values():
+        for partition in list(self._partitions.values()):
             if partition.reader is not None:
                 await partition.reader.stop()
         # ... then hand the leases back so other workers take over at once.
@@ -443,9 +443,11 @@ class Consumer(base.Consumer):
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         offsets: dict[TP, int] = {}
-        for tp, partition in self._partitions.items():
+        for tp, partition in list(self._partitions.items()):
             if partition.reader is not None:
                 await partition.reader.stop()
+            if self._partitions.get(tp) is not partition:
+                continue  # revoked by a rebalance while we waited: do not read it again
             self._restart(partition, self._start_position(partition), partition.committed_offset)
             offsets[tp] = partition.committed_offset
         return offsets
