@@ -815,7 +815,9 @@ class Producer(base.Producer):
                     aggregate=self.transport.aggregate,
                     shard_map=shard_map,
                 )
-            except (RecstreamError, LookupError) as exc:
+            except Exception as exc:
+                # Whatever went wrong belongs to these messages' senders; the flusher must
+                # live on, or flush() and stop() would wait forever.
                 error = ProducerSendError(f"PutRecords to stream {topic!r} failed: {exc}")
                 for pending in items:
                     if not pending.future.done():

@@ -9,7 +9,7 @@ from collections import Counter
 
 import faust
 import pytest
-from faust.exceptions import ImproperlyConfigured
+from faust.exceptions import ImproperlyConfigured, ProducerSendError
 from prometheus_client import REGISTRY
 
 from recstream.settings import Settings
@@ -309,3 +309,17 @@ async def test_a_graceful_stop_hands_the_shards_over_without_repeats(
     # Only a message the first worker's agent was inside of when stopped (not yet acked)
     # may be processed again: at most one per agent.
     assert len(seen) - len(set(seen)) <= 1
+
+
+async def test_sending_to_a_missing_stream_fails_the_send_not_the_producer(
+    settings: Settings,
+) -> None:
+    app = make_app(settings, "test-missing")
+    missing = f"{settings.stream_name}-missing"
+    async with running(app):
+        producer = app.producer
+        with pytest.raises(ProducerSendError, match="not found"):
+            await producer.send_and_wait(missing, None, b"x", None, None, None)
+        # The producer lives on: the next send to an existing stream lands.
+        metadata = await producer.send_and_wait(settings.stream_name, b"k", b"y", None, None, None)
+        assert metadata.topic == settings.stream_name
