@@ -762,6 +762,13 @@ class ModelRegistry:
                 key_list = Path(tmp) / REDIS_KEYS
                 noop: Progress = lambda stage, advance, total: None  # noqa: E731
                 await self._write_records(name, version, model.redis_records(), noop, key_list)
+                # GC deletes by this list: make it describe the keys just written.
+                await self._put(
+                    s3,
+                    self.s3_prefix(name, version) + REDIS_KEYS,
+                    await asyncio.to_thread(key_list.read_bytes),
+                    "the list of Redis keys",
+                )
             summary = {k: v for k, v in manifest.items() if k not in ("files", "search")}
             completed = await run_lua(
                 self.redis,
