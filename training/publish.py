@@ -31,8 +31,10 @@ and deletes doomed versions' keys by their key list (no keyspace scan), then for
 Every key above is therefore bounded: records by the K kept versions, ``versions`` and
 ``doomed`` by GC, ``pending`` by lease expiry.
 
-Serving reads a model through `current_version` and `read_current`; the latter reads the
-pointer and the record in one atomic round trip.
+`ModelRegistry.restore` rebuilds a version's Redis records from its S3 artifacts after
+Redis lost them. Serving reads a model through `current_version`, `read_current` and
+`read_current_many`; the last two read the pointer and the records in one atomic round
+trip.
 """
 
 from __future__ import annotations
