@@ -275,6 +275,15 @@ async def test_train_publishes_the_real_models_from_a_personalize_csv(
     assert isinstance(top.value, list)
     assert len(top.value) == 3
 
+    # Redis loses the model; `models restore` rebuilds it from S3 with the real class
+    await redis_client.unlink(*[k async for k in redis_client.scan_iter(match=prefix + "*")])
+    await redis_client.hdel(registry.versions_key("item2item"), version)
+    assert await cli(["models", "restore", "item2item"], settings) == 0
+    assert f"restored {version}" in capsys.readouterr().out
+    again = await read_current(redis_client, keys, "item2item", "nbr:a1", limit=10)
+    assert again is not None
+    assert again.value == neighbours.value
+
     with pytest.raises(ConfigurationError, match="unknown model"):
         await cli([*argv, "--models", "nonsense"], settings)
     # with --every too: a wrong option stops the command instead of failing every run
