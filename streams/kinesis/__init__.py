@@ -2,7 +2,7 @@
 helpers (`make_app`, `running`, `run_worker`). See docs/streams.md."""
 
 from streams.kinesis.app import MANDATORY, consumer_of, make_app, run_worker, running
-from streams.kinesis.shards import ShardMap, list_shards, partition_of, shard_id_of
+from streams.kinesis.shards import ShardMap, list_shards, partition_of, shard_id_of, unpack
 
 __all__ = [
     "MANDATORY",
@@ -14,4 +14,5 @@ __all__ = [
     "run_worker",
     "running",
     "shard_id_of",
+    "unpack",
 ]

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any, Final
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recstream.aws import error_code
-from streams.envelope import EnvelopeError, decode
+from streams.envelope import EnvelopeError, Message, decode
 
 if TYPE_CHECKING:
     from types_aiobotocore_kinesis import KinesisClient
 
 __all__ = [
+    "AGGREGATED_HEADER",
     "MAX_BYTES_PER_SECOND",
     "MAX_CALLS_PER_SECOND",
     "KinesisRecord",
@@ -42,6 +43,7 @@ __all__ = [
     "list_shards",
     "partition_of",
     "shard_id_of",
+    "unpack",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ MAX_CALLS_PER_SECOND: Final = 5
 MAX_BYTES_PER_SECOND: Final = 2 * 1024 * 1024
 """... and 2 MB/s of reads per shard."""
 GET_RECORDS_LIMIT: Final = 10_000
+AGGREGATED_HEADER: Final = "recstream-aggregated"
+"""Header of a message that is a whole aggregated record (its value: count of messages)."""
 MAX_HASH_KEY: Final = 2**128 - 1
 _THROTTLED = {
     "ProvisionedThroughputExceededException",
@@ -99,6 +103,7 @@ class ShardMap:
 
     def __init__(self, stream: str, shards: Sequence[ShardInfo]) -> None:
         self.stream = stream
+        self.loaded_at = time.monotonic()
         self.shards = {s.shard_id: s for s in shards}
         self.open = sorted((s for s in shards if not s.closed), key=lambda s: s.start_hash)
 
@@ -157,6 +162,21 @@ async def list_shards(client: KinesisClient, stream: str) -> ShardMap:
         kwargs = {"NextToken": token}
 
 
+def unpack(
+    key: bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]] | None = None
+) -> list[Message]:
+    """The messages a faust message carries: itself, or, for a whole aggregated record
+    (``make_app(..., whole_records=True)``), every message inside it, in order.
+
+    An agent that reads a topic of such an app should iterate ``stream.events()`` and
+    ``unpack(event.key, event.value, event.headers)`` each event (raw serializers).
+    """
+    pairs = headers.items() if isinstance(headers, dict) else (headers or ())
+    if any(name == AGGREGATED_HEADER for name, _ in pairs):
+        return decode(value)
+    return [Message(key=key, value=value, headers=tuple(headers or ()))]
+
+
 @dataclass(slots=True)
 class KinesisRecord:
     """One message for faust: an inner message of a record, with its dense offset."""
@@ -210,6 +230,8 @@ class ReaderStats:
     calls: int = 0
     throttled: int = 0
     expired: int = 0
+    first_call: float = 0.0
+    """time.monotonic() of the first GetRecords call."""
     last_call: float = 0.0
 
 
@@ -228,6 +250,10 @@ class ShardReader:
     next_offset: int
     poll_interval_s: float
     max_buffered: int = 20_000
+    whole_records: bool = False
+    """Hand an aggregated record on as one message (see `unpack`), not one per message."""
+    calls_per_second: float = MAX_CALLS_PER_SECOND
+    """Kinesis's per-shard GetRecords limit; only an emulator-only bench may raise it."""
     on_end: Callable[[int], None] | None = None
     buffer: deque[KinesisRecord] = field(default_factory=deque)
     stats: ReaderStats = field(default_factory=ReaderStats)
@@ -280,7 +306,7 @@ class ShardReader:
         # 5 calls/s, and no more than 2 MB/s on average: after reading B bytes, the next
         # call waits B / 2 MB/s. When caught up there is nothing to hurry for, so the
         # configured poll interval applies.
-        gap = max(1.0 / MAX_CALLS_PER_SECOND, self._last_bytes / MAX_BYTES_PER_SECOND)
+        gap = max(1.0 / self.calls_per_second, self._last_bytes / MAX_BYTES_PER_SECOND)
         if caught_up:
             gap = max(gap, self.poll_interval_s)
         delay = self.stats.last_call + gap - time.monotonic()
@@ -288,6 +314,19 @@ class ShardReader:
             await asyncio.sleep(delay)
 
     async def _run(self) -> None:
+        # A bug or an unexpected reply must not silently stall the shard: log it, wait,
+        # and read on from the last record handed on.
+        while True:
+            try:
+                await self._read()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("reader of %s/%s failed; restarting it", self.stream, self.shard_id)
+                await asyncio.sleep(1.0)
+
+    async def _read(self) -> None:
         backoff = 0.0
         iterator: str | None = None
         caught_up = False
@@ -303,6 +342,8 @@ class ShardReader:
                         self._finish()
                         return
                 self.stats.last_call = time.monotonic()
+                if not self.stats.calls:
+                    self.stats.first_call = self.stats.last_call
                 self.stats.calls += 1
                 response = await self.client.get_records(
                     ShardIterator=iterator, Limit=GET_RECORDS_LIMIT
@@ -366,6 +407,14 @@ class ShardReader:
                         record["PartitionKey"].encode(), data, (), sequence_number, 0,
                         timestamp, len(data),
                     )  # fmt: skip
+            elif self.whole_records and len(messages) > 1 and skip_through < 0:
+                # One faust message for the whole aggregated record: faust's per-message
+                # cost is paid once per record. Its checkpoint covers every message in it.
+                self._append(
+                    record["PartitionKey"].encode(), data,
+                    ((AGGREGATED_HEADER, str(len(messages)).encode()),),
+                    sequence_number, len(messages) - 1, timestamp, len(data),
+                )  # fmt: skip
             else:
                 for index, message in enumerate(messages):
                     if index <= skip_through:

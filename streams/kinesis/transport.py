@@ -46,9 +46,16 @@ from faust.types.tuples import ConsumerMessage, RecordMetadata
 from yarl import URL
 
 from recstream.aws import async_client, translate
-from recstream.errors import RecstreamError
+from recstream.errors import RecstreamError, ResourceNotFound
 from recstream.settings import Settings
 from streams.envelope import Message
+from streams.kinesis.metrics import (
+    CHECKPOINTS,
+    MESSAGES,
+    MILLIS_BEHIND,
+    REBALANCES,
+    SHARDS_OWNED,
+)
 from streams.kinesis.shards import (
     KinesisRecord,
     Position,
@@ -74,6 +81,8 @@ log = logging.getLogger(__name__)
 SETTINGS_ATTRIBUTE = "_recstream_settings"
 LEASE_STORE_ATTRIBUTE = "_recstream_lease_store"
 MAX_RECORDS_PER_PARTITION_FETCH = 5000
+SHARD_MAP_TTL_S = 30.0
+"""How long the producer trusts its shard map before listing the shards again."""
 
 
 def settings_for(app: AppT) -> Settings:
@@ -124,7 +133,8 @@ class Transport(base.Transport):
     """Kinesis transport for faust (``broker="kinesis://"``).
 
     ``kinesis://?aggregate=true`` makes the producer pack the messages of each shard into
-    aggregated (v2) records.
+    aggregated (v2) records; ``kinesis://?whole_records=true`` makes the consumer hand an
+    aggregated record on as one message (see `streams.kinesis.shards.unpack`).
     """
 
     Consumer: ClassVar[type[Consumer]]
@@ -139,6 +149,7 @@ class Transport(base.Transport):
         self.settings = settings_for(app)
         query = url[0].query if url else {}
         self.aggregate = query.get("aggregate", "").lower() in ("1", "true", "yes")
+        self.whole_records = query.get("whole_records", "").lower() in ("1", "true", "yes")
         self.shard_maps: dict[str, ShardMap] = {}
 
     async def load_shard_map(self, client: KinesisClient, stream: str) -> ShardMap:
@@ -267,9 +278,17 @@ class Consumer(base.Consumer):
         interval = max(0.5, self.settings.lease_duration_s / 2)
         while not self._closing:
             self._subscribed.clear()
-            for topic in sorted(self._topics - set(self._coordinators)):
-                await self._start_coordinator(topic)
-            await self._reconcile()
+            try:
+                for topic in sorted(self._topics - set(self._coordinators)):
+                    await self._start_coordinator(topic)
+                await self._reconcile()
+            except ResourceNotFound as exc:
+                # A missing stream or lease table will not appear by waiting: stop the
+                # worker with the error, which says how to create it.
+                await self.crash(exc)
+                return
+            except RecstreamError as exc:
+                log.warning("kinesis worker %s: %s; retrying", self.worker_id, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._subscribed.wait(), interval)
 
@@ -288,8 +307,8 @@ class Consumer(base.Consumer):
             on_change=on_change,
             store=store,
         )
-        self._coordinators[stream] = coordinator
         await coordinator.start()
+        self._coordinators[stream] = coordinator
 
     async def _reconcile(self) -> None:
         """Make faust's assignment equal the leases held: revoke, then assign."""
@@ -331,6 +350,12 @@ class Consumer(base.Consumer):
                 await self.transport.load_shard_map(self._kinesis(), stream)
             self._generation += 1
             self.rebalances += 1
+            REBALANCES.inc()
+            for tp in revoked:
+                with contextlib.suppress(KeyError):
+                    MILLIS_BEHIND.remove(tp.topic, shard_id_of(tp.partition))
+            for stream in self._coordinators:
+                SHARDS_OWNED.labels(stream).set(sum(1 for tp in wanted if tp.topic == stream))
             # Must be set before on_partitions_assigned, or faust's recovery thinks
             # another rebalance started and never resumes the streams.
             self.app.consumer_generation_id = self._generation
@@ -410,6 +435,7 @@ class Consumer(base.Consumer):
             poll_interval_s=self.settings.poll_interval_s,
             on_end=on_end,
             wakeup=self._wakeup,
+            whole_records=self.transport.whole_records,
         )
         partition.reader = reader
         partition.end_offset = None
@@ -521,6 +547,10 @@ class Consumer(base.Consumer):
                     (r.offset, r.sequence_number, r.sub_sequence) for r in records
                 )
                 out[tp] = records
+                MESSAGES.labels(tp.topic).inc(len(records))
+                behind = partition.reader.stats.millis_behind
+                if behind is not None:
+                    MILLIS_BEHIND.labels(tp.topic, partition.shard_id).set(behind)
             if out:
                 return out
             remaining = deadline - time.monotonic()
@@ -571,12 +601,15 @@ class Consumer(base.Consumer):
                 # Another worker holds the shard now and resumes from the last accepted
                 # checkpoint; stop reading it. The coordinator revokes it next cycle.
                 self.refused_checkpoints += 1
+                CHECKPOINTS.labels(tp.topic, "refused").inc()
                 log.warning("%s", exc)
                 await self._lose(partition)
                 continue
             except RecstreamError as exc:
+                CHECKPOINTS.labels(tp.topic, "failed").inc()
                 log.warning("checkpoint of %s failed, retried at the next commit: %s", tp, exc)
                 continue
+            CHECKPOINTS.labels(tp.topic, "written").inc()
             while partition.handed and partition.handed[0][0] < offset:
                 partition.handed.popleft()
             partition.checkpoint = checkpoint
@@ -766,7 +799,11 @@ class Producer(base.Producer):
         for topic, items in by_topic.items():
             try:
                 shard_map = self.transport.shard_maps.get(topic)
-                if self.transport.aggregate and shard_map is None:
+                if self.transport.aggregate and (
+                    shard_map is None or time.monotonic() - shard_map.loaded_at > SHARD_MAP_TTL_S
+                ):
+                    # Aggregated records are routed by hash key to one shard, so after a
+                    # reshard the map must follow, or a record would mix two children's keys.
                     shard_map = await self.transport.load_shard_map(self._kinesis(), topic)
                 landed = await put_messages(
                     self._kinesis(),

@@ -6,8 +6,13 @@ with exponential backoff and full jitter until they land or the attempts run out
 
 With ``aggregate=True`` the messages bound for one shard are packed into v2 envelopes of
 up to ~1 MB (`streams.envelope.encode_aggregated`), each routed to its shard with the
-shard's starting ExplicitHashKey. That amortises both Kinesis's per-record limits and
-faust's per-message cost on the reading side.
+shard's starting ExplicitHashKey, and each call carries at most one record per shard, so
+a partial failure never reorders a key. That amortises Kinesis's per-record limits (and,
+with ``whole_records``, faust's per-message cost on the reading side).
+
+Without aggregation, a key with several records in one call can be reordered when only
+some of them fail and are retried; send one record per key per call where order matters
+(the collector's batches are what their clients sent).
 """
 
 from __future__ import annotations
@@ -128,11 +133,28 @@ async def put_messages(
             records.append((record, [index]))
 
     landed: list[Landed | None] = [None] * len(entries)
-    for batch in _batches([r for r, _ in records]):
-        await _put_batch(
-            client, settings, stream, [records[i] for i in batch], landed,
-            max_attempts, base_backoff, max_backoff,
-        )  # fmt: skip
+    if aggregate:
+        # One record per shard per call: a record that fails is retried before the
+        # shard's next one is sent, so the order of every key holds even when a call
+        # partially fails (each record is up to 1 MB, a shard's write limit per second).
+        rounds: list[list[int]] = []
+        by_shard_records: dict[str, list[int]] = {}
+        for index, (record, _) in enumerate(records):
+            by_shard_records.setdefault(record["ExplicitHashKey"], []).append(index)
+        for position in range(max(len(v) for v in by_shard_records.values())):
+            rounds.append([v[position] for v in by_shard_records.values() if position < len(v)])
+        for round_ in rounds:
+            for batch in _batches([records[i][0] for i in round_]):
+                await _put_batch(
+                    client, settings, stream, [records[round_[i]] for i in batch], landed,
+                    max_attempts, base_backoff, max_backoff,
+                )  # fmt: skip
+    else:
+        for batch in _batches([r for r, _ in records]):
+            await _put_batch(
+                client, settings, stream, [records[i] for i in batch], landed,
+                max_attempts, base_backoff, max_backoff,
+            )  # fmt: skip
     return [x for x in landed if x is not None]
 
 

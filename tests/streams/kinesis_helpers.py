@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 
 from recstream.aws import async_client
 from recstream.settings import Settings
 from streams.envelope import Message
 from streams.kinesis.shards import list_shards
-from streams.kinesis.writer import Entry, put_messages
+from streams.kinesis.writer import Entry, Landed, put_messages
 from streams.schema import Event
 
 
@@ -37,11 +36,13 @@ def entry_for(event: Event) -> Entry:
 
 async def put_events(
     settings: Settings, events: Sequence[Event], *, aggregate: bool = False
-) -> None:
+) -> list[Landed]:
+    """Put the events as the collector does; where each one landed, in order."""
+    landed: list[Landed] = []
     async with async_client(settings, "kinesis") as kinesis:
         shard_map = await list_shards(kinesis, settings.stream_name) if aggregate else None
         for start in range(0, len(events), 500):
-            await put_messages(
+            landed += await put_messages(
                 kinesis,
                 settings,
                 settings.stream_name,
@@ -49,6 +50,7 @@ async def put_events(
                 aggregate=aggregate,
                 shard_map=shard_map,
             )
+    return landed
 
 
 async def wait_until(
@@ -64,17 +66,3 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as RECSTREAM_* variables, for a subprocess or the CLI."""
-    env: dict[str, str] = {}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is None:
-            text = ""
-        elif isinstance(value, dict):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        env[f"RECSTREAM_{name.upper()}"] = text
-    return env

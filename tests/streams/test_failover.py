@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from recstream.settings import Settings
 from streams.leases import DynamoDBLeaseStore, LeaseInfo
 from tests.conftest import REPO, LocalStack, make_settings
-from tests.streams.kinesis_helpers import make_events, put_events, settings_env
+from tests.streams.kinesis_helpers import make_events, put_events
 from tests.streams.worker_apps import APP_ID, processed_key
 
 
@@ -34,7 +34,7 @@ class Workers:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, worker_id: str) -> None:
-        env = {**os.environ, **settings_env(self.settings), "RECSTREAM_WORKER_ID": worker_id}
+        env = {**os.environ, **self.settings.to_env(), "RECSTREAM_WORKER_ID": worker_id}
         with (self.logdir / f"{worker_id}.log").open("wb") as log:
             self.processes[worker_id] = subprocess.Popen(
                 [
@@ -44,8 +44,8 @@ class Workers:
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
 
-    def log(self, worker_id: str) -> str:
-        return (self.logdir / f"{worker_id}.log").read_text(errors="replace")[-3000:]
+    def log(self, worker_id: str, tail: int = 3000) -> str:
+        return (self.logdir / f"{worker_id}.log").read_text(errors="replace")[-tail:]
 
     def stop_all(self) -> None:
         for process in self.processes.values():
@@ -124,14 +124,23 @@ async def test_a_sigkilled_workers_shards_are_taken_over_without_loss(
         await _wait_async(settled, 60, lambda: "the leases to settle", workers)
 
         first = make_events(800, users=40, prefix="a")
-        await put_events(settings, first)
+        landed = await put_events(settings, first)
+        last_of_first: dict[str, int] = {}
+        for where in landed:
+            number = int(where.sequence_number)
+            last_of_first[where.shard_id] = max(number, last_of_first.get(where.shard_id, 0))
         rows: list[tuple[str, int, str]] = []
 
         async def first_processed_and_checkpointed() -> bool:
+            # Every shard's checkpoint is at (or past) the last record of the first batch.
             rows[:] = await processed()
-            leases = await leases_of(settings)
-            return {e for _, _, e in rows} >= {e.event_id for e in first} and all(
-                lease.checkpoint.sequence_number.isdigit() for lease in leases
+            return all(
+                lease.shard_id not in last_of_first
+                or (
+                    lease.checkpoint.sequence_number.isdigit()
+                    and int(lease.checkpoint.sequence_number) >= last_of_first[lease.shard_id]
+                )
+                for lease in await leases_of(settings)
             )
 
         await _wait_async(
@@ -169,7 +178,10 @@ async def test_a_sigkilled_workers_shards_are_taken_over_without_loss(
     assert set(counts) == sent
     duplicated = {event_id for event_id, n in counts.items() if n > 1}
     # What was checkpointed before the kill is never processed again ...
-    assert not {e for e in duplicated if e.startswith("a")}
+    repeated = Counter((w, p) for w, p, e in rows if e in duplicated and e.startswith("a"))
+    assert not repeated, f"checkpointed events processed again: {repeated}\n" + "\n".join(
+        f"--- {w}\n{workers.log(w)}" for w in workers.processes
+    )
     # The survivor never processes an event twice ...
     survivor = Counter(e for w, _, e in rows if w == "w2")
     assert max(survivor.values()) == 1
@@ -201,3 +213,19 @@ async def _wait_async(check: object, timeout: float, what: object, workers: Work
             logs = "\n".join(f"--- {w}\n{workers.log(w)}" for w in workers.processes)
             raise AssertionError(f"timed out waiting for {what()}\n{logs}")
         await asyncio.sleep(0.2)
+
+
+def test_a_worker_for_a_missing_stream_exits_saying_so(settings: Settings, tmp_path: Path) -> None:
+    missing = settings.model_copy(update={"stream_name": f"{settings.stream_name}-missing"})
+    result = subprocess.run(
+        [sys.executable, "-m", "streams.kinesis", "tests.streams.worker_apps:recording_app"],
+        cwd=REPO,
+        env={**os.environ, **missing.to_env(), "RECSTREAM_WORKER_ID": "w"},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    output = (result.stdout + result.stderr).decode(errors="replace")
+    assert result.returncode != 0, output
+    assert f"{missing.stream_name!r}" in output
+    assert "not found" in output

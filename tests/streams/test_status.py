@@ -10,7 +10,7 @@ from recstream.cli import main
 from recstream.settings import Settings
 from streams.kinesis import consumer_of, make_app, running
 from streams.kinesis.status import shard_status
-from tests.streams.kinesis_helpers import make_events, put_events, settings_env, wait_until
+from tests.streams.kinesis_helpers import make_events, put_events, wait_until
 
 
 async def test_status_shows_owner_checkpoint_lag_and_age(
@@ -45,7 +45,7 @@ async def test_status_shows_owner_checkpoint_lag_and_age(
     assert all(row.lease_age_s >= 0 and not row.expired for row in rows)
     assert all(isinstance(v, int) for v in lag.values())
 
-    for name, value in settings_env(settings).items():
+    for name, value in settings.to_env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("COLUMNS", "200")  # rich fits the table to the terminal width
     # The CLI runs its own event loop, so it runs on a thread here.
