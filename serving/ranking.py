@@ -128,7 +128,7 @@ class Ranker:
         if cached is not None and now - cached[0] < POPULAR_TTL:
             return cached[1]
         items = await self.hot.popular(namespace, pool)
-        if len(self._popular) > 10_000:  # bounded: namespaces × pool sizes
+        if len(self._popular) > 10_000:  # bounded: namespaces x pool sizes
             self._popular.clear()
         self._popular[(namespace, pool)] = (now, items)
         return items

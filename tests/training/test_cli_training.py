@@ -7,14 +7,12 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from recstream.aws import async_client
 from recstream.cli import build_parser
 from recstream.errors import ConfigurationError, ResourceNotFound
 from recstream.keys import Keys
@@ -107,14 +105,6 @@ def test_run_every_keeps_the_cadence_and_survives_failures() -> None:
     assert succeeded == 2
     # runs start at 1000, 1100, 1200; the third overran (200 s) so the fourth starts at once
     assert sleeps == [90.0, 95.0]
-
-
-@pytest.fixture
-async def registry(
-    settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[ModelRegistry]:
-    async with async_client(settings, "s3") as s3:
-        yield ModelRegistry(redis_client, settings, s3)
 
 
 def run_info(hr: float) -> RunInfo:

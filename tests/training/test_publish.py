@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -40,14 +39,6 @@ def run_info(**metrics: float) -> RunInfo:
         metrics=metrics or {"hr@10": 0.5},
         search={"trials": [{"alpha": 1.0, "hr@10": 0.4}], "best": {"alpha": 1.0}},
     )
-
-
-@pytest.fixture
-async def registry(
-    settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[ModelRegistry]:
-    async with async_client(settings, "s3") as s3:
-        yield ModelRegistry(redis_client, settings, s3)
 
 
 def s3_keys(settings: Settings, prefix: str = "models/") -> list[str]:
