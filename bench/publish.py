@@ -1,7 +1,7 @@
 """Publishing benchmark: how long a version takes to publish and to garbage-collect.
 
     python -m bench.publish [--items 20000] [--neighbours 50] [--repeat 3]
-                            [--background-keys 200000]
+                            [--background-keys 200000] [--reads 5000]
 
 A synthetic item-to-item-shaped model (one zset of ``--neighbours`` members per item, plus
 a hash of 64-float factors per item) is published ``--repeat`` times into a private
@@ -10,6 +10,8 @@ redis-server and moto server. It prints:
 - publish: p50 / p99 seconds, records/s and members/s, and the ratio to the reference,
   the same records written by a bare Redis pipeline in the same run (no S3, no lease, no
   key list, no switch): the ratio is the price of safe publishing;
+- serving's read of one record through the pointer (`read_current`, one Lua call) against
+  a bare ZREVRANGE of the same data;
 - GC of one retired version by its key list, against deleting the same version by a
   SCAN of the keyspace (what GC falls back to without a key list), with
   ``--background-keys`` unrelated keys in Redis, as user windows would be.
@@ -36,7 +38,7 @@ from recstream.aws import async_client
 from recstream.keys import Keys
 from recstream.settings import Settings
 from training.base import RedisRecord
-from training.publish import DataRange, ModelRegistry, RunInfo
+from training.publish import DataRange, ModelRegistry, RunInfo, read_current
 
 
 class SyntheticModel:
@@ -131,6 +133,21 @@ async def run(settings: Settings, args: argparse.Namespace) -> None:
                 await registry.publish(model, info, gc=False)
                 published.append(time.perf_counter() - started)
 
+            # serving's read: pointer + neighbours in one Lua call, against a bare ZREVRANGE
+            # of a known key (what a reader that cached the version would do)
+            current = await registry.current("synthetic")
+            assert current is not None
+            direct_key = keys.model("synthetic", current, "nbr:i1")
+            direct: list[float] = []
+            via_pointer: list[float] = []
+            for i in range(args.reads):
+                started = time.perf_counter()
+                await redis.zrevrange(direct_key, 0, 19, withscores=True)
+                direct.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                await read_current(redis, keys, "synthetic", f"nbr:i{i % args.items}", limit=20)
+                via_pointer.append((time.perf_counter() - started) * 1000)
+
             # GC by key list: retire the oldest version
             versions = [v.version for v in await registry.versions("synthetic")]
             started = time.perf_counter()
@@ -168,6 +185,17 @@ async def run(settings: Settings, args: argparse.Namespace) -> None:
         f"{'publish (S3 + Redis + switch)':<34}{p50:>9.3f}{p99:>9.3f}"
         f"{records / p50:>12,.0f}{members / p50:>12,.0f}{p50 / ref50:>8.2f}"
     )
+    title = f"serving read of 20 neighbours ({args.reads:,} reads)"
+    print(f"\n{title:<44}{'p50 ms':>9}{'p99 ms':>9}{'ratio':>8}")
+    d50 = pct(direct, 50)
+    print(
+        f"{'reference: ZREVRANGE of a known key':<44}{d50:>9.3f}{pct(direct, 99):>9.3f}{1.0:>8.2f}"
+    )
+    v50 = pct(via_pointer, 50)
+    print(
+        f"{'read_current (pointer + record, Lua)':<44}{v50:>9.3f}{pct(via_pointer, 99):>9.3f}"
+        f"{v50 / d50:>8.2f}\n"
+    )
     blank = f"{'':>9}{'':>12}{'':>12}"
     print(f"{'GC one version by SCAN (fallback)':<34}{by_scan:>9.3f}{blank}{1.0:>8.2f}")
     print(f"{'GC one version by key list':<34}{by_list:>9.3f}{blank}{by_list / by_scan:>8.2f}")
@@ -179,6 +207,7 @@ def main() -> None:
     parser.add_argument("--neighbours", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--background-keys", type=int, default=200_000)
+    parser.add_argument("--reads", type=int, default=5_000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="recstream-bench-") as tmp:
         work = Path(tmp)

@@ -97,6 +97,8 @@ class Replay:
     events: list[dict[str, Any]]
     titles: dict[str, str]
     live_clicks: tuple[str, ...]
+    path: Path | None = None
+    """The dataset file, for training (None: the bundled copy)."""
 
 
 def movielens(limit: int, data_dir: Path) -> Replay:
@@ -126,7 +128,7 @@ def yoochoose(limit: int, data_dir: Path) -> Replay:
         }
         for r in rows[-limit:]
     ]
-    return Replay("YooChoose", events, {}, _last_session_items(events, "session_id"))
+    return Replay("YooChoose", events, {}, _last_session_items(events, "session_id"), path)
 
 
 TAOBAO_TYPES = {"pv": "view", "cart": "add_to_cart", "fav": "like", "buy": "purchase"}
@@ -148,7 +150,7 @@ def taobao(limit: int, data_dir: Path) -> Replay:
         }
         for user, item, category, kind, ts in rows[-limit:]
     ]
-    return Replay("Taobao", events, {}, _last_session_items(events, "user_id"))
+    return Replay("Taobao", events, {}, _last_session_items(events, "user_id"), path)
 
 
 def _open_dataset(path: Path) -> Any:
@@ -240,14 +242,46 @@ def show(console: Console, title: str, payload: dict[str, Any], titles: dict[str
     table.add_column("movie" if titles else "item")
     table.add_column("score", justify="right")
     table.add_column("why")
+
+    def why(reason: str) -> str:
+        if reason.startswith("similar_to:"):
+            source = reason.removeprefix("similar_to:")
+            return f"similar to {titles.get(source, source)}"
+        return reason.replace("_", " ")
+
     for rank, item in enumerate(payload["items"], 1):
         table.add_row(
             str(rank),
             titles.get(item["item_id"], item["item_id"]),
             f"{item['score']:.3f}",
-            ", ".join(item["reasons"]),
+            ", ".join(why(r) for r in item["reasons"]),
         )
     console.print(table)
+
+
+def train_item2item(console: Console, settings: Settings, dataset: str, path: Path | None) -> None:
+    """Publish an item-to-item model for the dataset, unless one is already serving."""
+    with redis.Redis.from_url(settings.redis_url) as r:
+        if r.exists(Keys(settings.namespace).model_pointer("item2item")):
+            console.print("an item-to-item model is already serving; not retraining")
+            return
+    console.print(f"training item-to-item on {dataset} (first run only; about 30 s)…")
+    args = ["train", "--source", dataset, "--models", "item2item"]
+    if path is not None:
+        args += ["--path", str(path)]
+    started = time.monotonic()
+    log = settings.state_dir.resolve() / "train.log"
+    with log.open("ab") as out:
+        result = subprocess.run(
+            [sys.executable, "-m", "recstream.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **settings.to_env(), "COLUMNS": "120"},
+            check=False,
+        )
+    if result.returncode != 0:
+        raise StackError(f"training failed; see {log}")
+    console.print(f"item-to-item model published in {time.monotonic() - started:.0f}s")
 
 
 def run_demo(
@@ -290,6 +324,8 @@ def run_demo(
                 )
                 lag = wait_until_applied(settings, tail)
                 console.print(f"agents caught up {lag:.1f}s after the last batch was accepted")
+
+            train_item2item(console, settings, dataset, data.path)
 
             # A fresh visitor each run, so an earlier demo's clicks do not show up as history.
             visitor = f"{VISITOR}-{int(time.time())}"

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["NAMESPACE_PATTERN", "Settings"]
+__all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "Settings"]
 
 # Namespaces appear in Redis keys, DynamoDB partition keys and URL paths, so they are
 # restricted to characters that are safe in all three.
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {"view": 1.0, "click": 1.0, "like": 2.0, "share": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
+)
+"""Weight of each built-in event type: purchase > add_to_cart > like/share > view/click."""
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 
 
@@ -90,16 +96,7 @@ class Settings(BaseSettings):
     agent_batch_window_s: float = Field(0.05, gt=0)
     start_position: str = "trim_horizon"
     """Where a stream consumer with no checkpoint starts: trim_horizon, latest or unix seconds."""
-    event_weights: dict[str, float] = Field(
-        default_factory=lambda: {
-            "view": 1.0,
-            "click": 1.0,
-            "like": 2.0,
-            "share": 2.0,
-            "add_to_cart": 3.0,
-            "purchase": 5.0,
-        }
-    )
+    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     """Weight of each event type in counters and training; unknown custom types weigh 1."""
 
     # --- training (training/) --------------------------------------------------------

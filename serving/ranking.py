@@ -48,6 +48,7 @@ W_POPULAR = 0.3
 SIMILAR_SOURCES = 10
 HALF_LIFE = 5.0
 POPULAR_POOL = 200
+POPULAR_TTL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,20 @@ class Ranker:
         self.budget = settings.ranking_budget_ms / 1000
         self._misses = _RecentMisses()
         self._background: set[asyncio.Task[None]] = set()
+        # Popularity is the same for every actor and moves slowly: one read a second per
+        # namespace instead of one per request.
+        self._popular: dict[tuple[str, int], tuple[float, list[tuple[str, float]]]] = {}
+
+    async def _popular_items(self, namespace: str, pool: int) -> list[tuple[str, float]]:
+        now = time.monotonic()
+        cached = self._popular.get((namespace, pool))
+        if cached is not None and now - cached[0] < POPULAR_TTL:
+            return cached[1]
+        items = await self.hot.popular(namespace, pool)
+        if len(self._popular) > 10_000:  # bounded: namespaces x pool sizes
+            self._popular.clear()
+        self._popular[(namespace, pool)] = (now, items)
+        return items
 
     async def _bounded(
         self, name: str, call: Callable[[], Awaitable[T]], degraded: list[str], deadline: float
@@ -183,7 +198,7 @@ class Ranker:
         window, popular = await asyncio.gather(
             self._window(namespace, actor, degraded, deadline),
             self._bounded(
-                "popularity", lambda: self.hot.popular(namespace, pool), degraded, deadline
+                "popularity", lambda: self._popular_items(namespace, pool), degraded, deadline
             ),
         )
         scores: dict[str, float] = defaultdict(float)

@@ -6,6 +6,7 @@ recstream models show NAME [VERSION]
 recstream models promote NAME VERSION
 recstream models rollback NAME
 recstream models gc NAME [--keep K] [--sweep]
+recstream models restore NAME [VERSION] [--no-promote]
 recstream evaluate ...            (training/evaluate.py)
 
 This module only parses: the commands live in training/commands.py and are imported when
@@ -175,6 +176,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     rollback = actions.add_parser("rollback", help="serve the version before the current one")
     rollback.add_argument("name")
     rollback.set_defaults(handler=_lazy("cmd_models_rollback"))
+    restore = actions.add_parser(
+        "restore", help="rebuild a version's Redis data from S3 (e.g. after Redis lost it)"
+    )
+    restore.add_argument("name")
+    restore.add_argument("version", nargs="?", help="default: the newest in S3")
+    restore.add_argument(
+        "--no-promote", dest="promote", action="store_false", help="do not serve it"
+    )
+    restore.set_defaults(handler=_lazy("cmd_models_restore"))
     gc = actions.add_parser("gc", help="delete old versions now (publishing also does this)")
     gc.add_argument("name")
     gc.add_argument("--keep", type=int, default=None, help="default: model_keep_versions")

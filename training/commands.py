@@ -33,6 +33,7 @@ __all__ = [
     "cmd_models_gc",
     "cmd_models_list",
     "cmd_models_promote",
+    "cmd_models_restore",
     "cmd_models_rollback",
     "cmd_models_show",
     "cmd_train",
@@ -142,6 +143,17 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Settings) -> int:
 
     before, after = asyncio.run(run())
     print(f"{args.name}: rolled back from {before} to {after}")
+    return 0
+
+
+def cmd_models_restore(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> VersionInfo:
+        async with open_registry(settings) as registry:
+            return await registry.restore(args.name, args.version, promote=args.promote)
+
+    info = asyncio.run(run())
+    state = "now serving it" if info.current else "not serving it"
+    print(f"{args.name}: restored {info.version} ({info.records:,} records); {state}")
     return 0
 
 

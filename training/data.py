@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recstream.errors import RecstreamError
+from recstream.settings import DEFAULT_EVENT_WEIGHTS
 from streams.schema import Event, Interaction, Item, User
 
 __all__ = [
@@ -55,15 +56,8 @@ IntArray = npt.NDArray[np.int32]
 FloatArray = npt.NDArray[np.float64]
 
 DEFAULT_SESSION_GAP_S: Final = 1800.0
-DEFAULT_WEIGHTS: Final[Mapping[str, float]] = {
-    "view": 1.0,
-    "click": 1.0,
-    "like": 2.0,
-    "share": 2.0,
-    "add_to_cart": 3.0,
-    "purchase": 5.0,
-}
-"""Used when no `Settings.event_weights` is passed; the same defaults as Settings."""
+DEFAULT_WEIGHTS: Final[Mapping[str, float]] = DEFAULT_EVENT_WEIGHTS
+"""Used when no `Settings.event_weights` is passed: the same defaults as Settings."""
 
 TAOBAO_BEHAVIOURS: Final[Mapping[str, str]] = {
     "pv": "view",

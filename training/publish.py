@@ -31,8 +31,10 @@ and deletes doomed versions' keys by their key list (no keyspace scan), then for
 Every key above is therefore bounded: records by the K kept versions, ``versions`` and
 ``doomed`` by GC, ``pending`` by lease expiry.
 
-Serving reads a model through `current_version` and `read_current`; the latter reads the
-pointer and the record in one atomic round trip.
+`ModelRegistry.restore` rebuilds a version's Redis records from its S3 artifacts after
+Redis lost them. Serving reads a model through `current_version`, `read_current` and
+`read_current_many`; the last two read the pointer and the records in one atomic round
+trip.
 """
 
 from __future__ import annotations
@@ -696,6 +698,111 @@ class ModelRegistry:
         info = VersionInfo.from_summary(name, version, _dumps(summary), live)
         return info
 
+    async def restore(
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        promote: bool = True,
+        model_class: type[Model] | None = None,
+    ) -> VersionInfo:
+        try:
+            return await self._restore(name, version, promote, model_class)
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"restoring {name}") from exc
+
+    async def _restore(
+        self,
+        name: str,
+        version: str | None,
+        promote: bool,
+        model_class: type[Model] | None,
+    ) -> VersionInfo:
+        """Rebuild a version's Redis records from its S3 artifacts, e.g. after Redis lost
+        its data: download the files, load the model, write its records under the same
+        version id, mark it complete and (by default) promote it.
+
+        ``version`` defaults to the newest version in S3 with a manifest. The model class
+        comes from the manifest and must live in the ``training`` package, unless
+        ``model_class`` is given; every file is checked against its SHA-256.
+        """
+        s3 = self._need_s3()
+        check_name(name)
+        if version is None:
+            for candidate in sorted(await self._s3_versions(s3, name), reverse=True):
+                with contextlib.suppress(ResourceNotFound):
+                    await self.manifest(name, candidate)
+                    version = candidate
+                    break
+            if version is None:
+                raise ResourceNotFound(
+                    f"model {name!r} has no published version in s3://{self.settings.bucket}/"
+                    f"{self.s3_prefix(name)}; train it first (`recstream train`)"
+                )
+        manifest = await self.manifest(name, check_version(version))
+        if version in {_text(v) for v in await self.redis.hkeys(self.versions_key(name))}:
+            raise ConfigurationError(
+                f"model {name!r} version {version} is complete in Redis already; "
+                f"promote it with `recstream models promote {name} {version}`"
+            )
+        cls = model_class or _model_class(str(manifest.get("model_class", "")))
+        await self.redis.zadd(self.pending_key(name), {version: time.time() + LEASE_S})
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
+                directory = Path(tmp) / "model"
+                for entry in manifest.get("files", []):
+                    data = await self._get(s3, self.s3_prefix(name, version) + entry["path"])
+                    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                        raise ConfigurationError(
+                            f"s3 file {entry['path']} of {name} {version} does not match the "
+                            "SHA-256 in its manifest; restore another version"
+                        )
+                    target = directory / entry["path"]
+                    await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+                    await asyncio.to_thread(target.write_bytes, data)
+                model = await asyncio.to_thread(cls.load, directory)
+                key_list = Path(tmp) / REDIS_KEYS
+                noop: Progress = lambda stage, advance, total: None  # noqa: E731
+                await self._write_records(name, version, model.redis_records(), noop, key_list)
+                # GC deletes by this list: make it describe the keys just written.
+                await self._put(
+                    s3,
+                    self.s3_prefix(name, version) + REDIS_KEYS,
+                    await asyncio.to_thread(key_list.read_bytes),
+                    "the list of Redis keys",
+                )
+            summary = {k: v for k, v in manifest.items() if k not in ("files", "search")}
+            completed = await run_lua(
+                self.redis,
+                _COMPLETE,
+                2,
+                self.pending_key(name),
+                self.versions_key(name),
+                version,
+                _dumps(summary),
+            )
+            if not completed:
+                raise PublishError(f"restoring {name} {version} outlived its lease; run it again")
+        except BaseException:
+            # The S3 artifacts are the source of truth here: only the Redis side goes.
+            with contextlib.suppress(Exception):
+                await self._delete_redis_prefix(self.keys.model(name, version, ""))
+                await self.redis.zrem(self.pending_key(name), version)
+            raise
+        if promote:
+            await self.promote(name, version)
+        return VersionInfo.from_summary(
+            name, version, _dumps(summary), promote or await self.current(name) == version
+        )
+
+    async def _get(self, s3: S3Client, key: str) -> bytes:
+        try:
+            reply = await s3.get_object(Bucket=self.settings.bucket, Key=key)
+            async with reply["Body"] as body:
+                return await body.read()
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(exc, f"s3://{self.settings.bucket}/{key}", self.settings) from exc
+
     async def _upload_dir(
         self, s3: S3Client, name: str, version: str, directory: Path, report: Progress
     ) -> list[dict[str, Any]]:
@@ -959,6 +1066,27 @@ def _queue(pipe: Any, key: str, record: RedisRecord) -> int:
     else:
         raise TypeError(f"record {record.suffix!r} has unknown kind {record.kind!r}")
     return len(value)
+
+
+def _model_class(path: str) -> type[Model]:
+    """The class a manifest names; only from the training package, since the manifest
+    comes from a bucket and importing whatever it names would run whatever it says."""
+    module_name, _, attr = path.rpartition(".")
+    if not module_name.startswith("training.") or not attr:
+        raise ConfigurationError(
+            f"the manifest names model class {path!r}, which is not in the training package; "
+            "restore it from code that passes the class"
+        )
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"model class {path!r} of the manifest cannot be imported ({exc}); "
+            "is this the code version that trained it?"
+        ) from exc
+    return cast(type[Model], cls)
 
 
 def _files_under(directory: Path) -> list[Path]:

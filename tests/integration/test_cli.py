@@ -88,6 +88,7 @@ def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
         recstream(["down"], env)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "already replayed" in again.stdout
+    assert "already serving; not retraining" in again.stdout
     assert "changed recommendations in" in again.stdout
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -95,5 +96,6 @@ def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
     assert "after the clicks" in out
     after = out[out.index("after the clicks") :]
     assert "Toy Story (1995)" in after
-    assert "recently_interacted" in after
+    assert "recently interacted" in after
+    assert "similar to Toy Story" in after  # the item-to-item model the demo trained
     assert "changed recommendations in" in out

@@ -7,14 +7,12 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from recstream.aws import async_client
 from recstream.cli import build_parser
 from recstream.errors import ConfigurationError, ResourceNotFound
 from recstream.keys import Keys
@@ -107,14 +105,6 @@ def test_run_every_keeps_the_cadence_and_survives_failures() -> None:
     assert succeeded == 2
     # runs start at 1000, 1100, 1200; the third overran (200 s) so the fourth starts at once
     assert sleeps == [90.0, 95.0]
-
-
-@pytest.fixture
-async def registry(
-    settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[ModelRegistry]:
-    async with async_client(settings, "s3") as s3:
-        yield ModelRegistry(redis_client, settings, s3)
 
 
 def run_info(hr: float) -> RunInfo:
@@ -274,6 +264,15 @@ async def test_train_publishes_the_real_models_from_a_personalize_csv(
     assert top is not None
     assert isinstance(top.value, list)
     assert len(top.value) == 3
+
+    # Redis loses the model; `models restore` rebuilds it from S3 with the real class
+    await redis_client.unlink(*[k async for k in redis_client.scan_iter(match=prefix + "*")])
+    await redis_client.hdel(registry.versions_key("item2item"), version)
+    assert await cli(["models", "restore", "item2item"], settings) == 0
+    assert f"restored {version}" in capsys.readouterr().out
+    again = await read_current(redis_client, keys, "item2item", "nbr:a1", limit=10)
+    assert again is not None
+    assert again.value == neighbours.value
 
     with pytest.raises(ConfigurationError, match="unknown model"):
         await cli([*argv, "--models", "nonsense"], settings)

@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
@@ -40,14 +39,6 @@ def run_info(**metrics: float) -> RunInfo:
         metrics=metrics or {"hr@10": 0.5},
         search={"trials": [{"alpha": 1.0, "hr@10": 0.4}], "best": {"alpha": 1.0}},
     )
-
-
-@pytest.fixture
-async def registry(
-    settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[ModelRegistry]:
-    async with async_client(settings, "s3") as s3:
-        yield ModelRegistry(redis_client, settings, s3)
 
 
 def s3_keys(settings: Settings, prefix: str = "models/") -> list[str]:
@@ -447,3 +438,51 @@ async def test_cancelled_mid_publish_cleans_up(
     assert await registry.current("tiny") == v1.version
     assert await redis_keys(redis_client, f"{keys.prefix}*") == before
     assert all(k.startswith(f"models/tiny/{v1.version}/") for k in s3_keys(settings))
+
+
+async def test_restore_rebuilds_redis_from_s3_after_data_loss(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = Keys(settings.namespace)
+    with pytest.raises(ResourceNotFound, match="no published version"):
+        await registry.restore("tiny", model_class=TinyModel)
+    v1 = await registry.publish(TinyModel().fit(LOG), run_info(**{"hr@10": 0.1}))
+    v2 = await registry.publish(TinyModel().fit(LOG[:2]), run_info(**{"hr@10": 0.2}))
+    with pytest.raises(ConfigurationError, match="complete in Redis already"):
+        await registry.restore("tiny", v2.version, model_class=TinyModel)
+
+    # Redis loses everything of this namespace
+    await redis_client.unlink(*await redis_keys(redis_client, f"{keys.prefix}*"))
+    assert await read_current(redis_client, keys, "tiny", "top") is None
+
+    # the manifest names a class outside the training package: refused unless passed
+    with pytest.raises(ConfigurationError, match="not in the training package"):
+        await registry.restore("tiny")
+    restored = await registry.restore("tiny", model_class=TinyModel)
+    assert restored.version == v2.version  # the newest in S3
+    assert restored.current
+    assert restored.metrics == {"hr@10": 0.2}
+    top = await read_current(redis_client, keys, "tiny", "top")
+    assert top is not None
+    assert top.version == v2.version
+    assert sorted(cast(list[tuple[str, float]], top.value)) == [("a", 1.0), ("b", 1.0)]
+
+    older = await registry.restore("tiny", v1.version, promote=False, model_class=TinyModel)
+    assert not older.current
+    assert [i.version for i in await registry.versions("tiny")] == [v1.version, v2.version]
+    assert await registry.rollback("tiny") == v1.version
+    assert await redis_client.zcard(registry.pending_key("tiny")) == 0
+
+
+async def test_restore_refuses_a_tampered_file_and_leaves_nothing(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    keys = Keys(settings.namespace)
+    v1 = await registry.publish(TinyModel().fit(LOG), run_info())
+    await redis_client.unlink(*await redis_keys(redis_client, f"{keys.prefix}*"))
+    sync_client(settings, "s3").put_object(
+        Bucket=settings.bucket, Key=f"models/tiny/{v1.version}/counts.json", Body=b'{"z": 9}'
+    )
+    with pytest.raises(ConfigurationError, match="SHA-256"):
+        await registry.restore("tiny", model_class=TinyModel)
+    assert await redis_keys(redis_client, f"{keys.prefix}*") == []

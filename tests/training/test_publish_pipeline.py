@@ -3,14 +3,9 @@ against real Redis and the emulator's S3."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import pytest
-import redis.asyncio as aioredis
-
-from recstream.aws import async_client
-from recstream.settings import Settings
 from tests.training.tinymodel import Interaction, OtherTiny, TinyModel
 from training.base import Model
 from training.pipeline import DataPlan, ModelSpec, Reporter, Tuned, run_training
@@ -67,14 +62,6 @@ class Recorder(Reporter):
 
     def publish_progress(self, model: str) -> Any:
         return lambda stage, n, total: self.published.append((model, stage, n))
-
-
-@pytest.fixture
-async def registry(
-    settings: Settings, redis_client: aioredis.Redis
-) -> AsyncIterator[ModelRegistry]:
-    async with async_client(settings, "s3") as s3:
-        yield ModelRegistry(redis_client, settings, s3)
 
 
 def tiny(params: Mapping[str, Any]) -> Model:
