@@ -24,18 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from botocore.exceptions import BotoCoreError, ClientError
-
-from recstream.aws import async_client, translate
+from recstream.aws import async_client
 from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.settings import Settings
 from streams.envelope import Message, encode
+from streams.kinesis.writer import (
+    MAX_RECORD_BYTES,
+    MAX_RECORDS_PER_CALL,
+    Accepted,
+    put_records,
+)
 from streams.schema import Event
 
 if TYPE_CHECKING:
@@ -44,10 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["KinesisProducer", "PutResult"]
 
 log = logging.getLogger(__name__)
-
-MAX_RECORDS_PER_CALL = 500
-MAX_BYTES_PER_CALL = 5 * 1024 * 1024
-MAX_RECORD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,25 +71,6 @@ def record_for(event: Event) -> dict[str, Any]:
             f"event {event.event_id} encodes to {len(data)} bytes; Kinesis allows 1 MiB"
         )
     return {"Data": data, "PartitionKey": key}
-
-
-def _batches(records: Sequence[dict[str, Any]]) -> list[list[int]]:
-    """Indexes of records grouped into PutRecords calls (≤500 records and ≤5 MiB each)."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for index, record in enumerate(records):
-        record_size = len(record["Data"]) + len(record["PartitionKey"])
-        if current and (
-            len(current) == MAX_RECORDS_PER_CALL or size + record_size > MAX_BYTES_PER_CALL
-        ):
-            batches.append(current)
-            current, size = [], 0
-        current.append(index)
-        size += record_size
-    if current:
-        batches.append(current)
-    return batches
 
 
 class KinesisProducer:
@@ -166,77 +146,23 @@ class KinesisProducer:
         """Put every event on the stream now; one result per event, in the same order."""
         if not events:
             return []
-        records = [record_for(event) for event in events]
-        results: list[PutResult | None] = [None] * len(events)
-        for batch in _batches(records):
-            await self._put_batch(
-                [records[i] for i in batch], [events[i] for i in batch], batch, results
+        outcomes = await put_records(
+            self._require_client(),
+            self.settings,
+            self.stream,
+            [record_for(event) for event in events],
+            max_attempts=self.max_attempts,
+            base_backoff=self.base_backoff,
+            max_backoff=self.max_backoff,
+        )
+        return [
+            PutResult(event.event_id, True, outcome.shard_id, outcome.sequence_number)
+            if isinstance(outcome, Accepted)
+            else PutResult(
+                event.event_id, False, error=str(outcome.error), retriable=outcome.retriable
             )
-        return [r for r in results if r is not None]
-
-    async def _put_batch(
-        self,
-        records: list[dict[str, Any]],
-        events: list[Event],
-        positions: list[int],
-        results: list[PutResult | None],
-    ) -> None:
-        client = self._require_client()
-        pending = list(range(len(records)))
-        attempt = 0
-        last_error = ""
-        while pending:
-            attempt += 1
-            try:
-                response = await client.put_records(
-                    StreamName=self.stream,
-                    Records=[records[i] for i in pending],  # type: ignore[misc]
-                )
-            except (BotoCoreError, ClientError) as exc:
-                error = translate(
-                    exc, f"PutRecords to stream {self.stream!r}", self.settings, "kinesis"
-                )
-                if not error.retriable or attempt >= self.max_attempts:
-                    for index in pending:
-                        results[positions[index]] = PutResult(
-                            event_id=events[index].event_id,
-                            ok=False,
-                            error=str(error),
-                            retriable=error.retriable,
-                        )
-                    return
-                last_error = str(error)
-                await self._backoff(attempt)
-                continue
-            retry: list[int] = []
-            for index, outcome in zip(pending, response["Records"], strict=True):
-                if "SequenceNumber" in outcome and not outcome.get("ErrorCode"):
-                    results[positions[index]] = PutResult(
-                        event_id=events[index].event_id,
-                        ok=True,
-                        shard_id=outcome.get("ShardId"),
-                        sequence_number=outcome["SequenceNumber"],
-                    )
-                else:
-                    last_error = f"{outcome.get('ErrorCode')}: {outcome.get('ErrorMessage')}"
-                    retry.append(index)
-            if retry and attempt >= self.max_attempts:
-                for index in retry:
-                    results[positions[index]] = PutResult(
-                        event_id=events[index].event_id,
-                        ok=False,
-                        error=f"not accepted after {attempt} attempts ({last_error}); retry later",
-                    )
-                return
-            if retry:
-                log.debug("retrying %d of %d records (%s)", len(retry), len(pending), last_error)
-                await self._backoff(attempt)
-            pending = retry
-
-    async def _backoff(self, attempt: int) -> None:
-        # Full jitter keeps many producers from retrying in lock-step against one shard.
-        delay = min(self.max_backoff, self.base_backoff * 2 ** (attempt - 1))
-        await asyncio.sleep(random.uniform(0, delay))
+            for event, outcome in zip(events, outcomes, strict=True)
+        ]
 
     def _require_client(self) -> KinesisClient:
         if self._client is None:

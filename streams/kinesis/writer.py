@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recstream.aws import translate
-from recstream.errors import ThroughputExceeded
+from recstream.errors import RecstreamError, ThroughputExceeded
 from recstream.settings import Settings
 from streams.envelope import Message, chunk_by_size, encode, encode_aggregated
 from streams.kinesis.shards import ShardMap
@@ -35,7 +35,15 @@ from streams.kinesis.shards import ShardMap
 if TYPE_CHECKING:
     from types_aiobotocore_kinesis import KinesisClient
 
-__all__ = ["Entry", "Landed", "partition_key_for", "put_messages"]
+__all__ = [
+    "Accepted",
+    "Entry",
+    "Landed",
+    "Refused",
+    "partition_key_for",
+    "put_messages",
+    "put_records",
+]
 
 MAX_RECORDS_PER_CALL: Final = 500
 MAX_BYTES_PER_CALL: Final = 5 * 1024 * 1024
@@ -137,24 +145,25 @@ async def put_messages(
         # One record per shard per call: a record that fails is retried before the
         # shard's next one is sent, so the order of every key holds even when a call
         # partially fails (each record is up to 1 MB, a shard's write limit per second).
-        rounds: list[list[int]] = []
         by_shard_records: dict[str, list[int]] = {}
         for index, (record, _) in enumerate(records):
             by_shard_records.setdefault(record["ExplicitHashKey"], []).append(index)
-        for position in range(max(len(v) for v in by_shard_records.values())):
-            rounds.append([v[position] for v in by_shard_records.values() if position < len(v)])
-        for round_ in rounds:
-            for batch in _batches([records[i][0] for i in round_]):
-                await _put_batch(
-                    client, settings, stream, [records[round_[i]] for i in batch], landed,
-                    max_attempts, base_backoff, max_backoff,
-                )  # fmt: skip
+        rounds = [
+            [v[position] for v in by_shard_records.values() if position < len(v)]
+            for position in range(max(len(v) for v in by_shard_records.values()))
+        ]
     else:
-        for batch in _batches([r for r, _ in records]):
-            await _put_batch(
-                client, settings, stream, [records[i] for i in batch], landed,
-                max_attempts, base_backoff, max_backoff,
-            )  # fmt: skip
+        rounds = [list(range(len(records)))]
+    for round_ in rounds:
+        outcomes = await put_records(
+            client, settings, stream, [records[i][0] for i in round_],
+            max_attempts=max_attempts, base_backoff=base_backoff, max_backoff=max_backoff,
+        )  # fmt: skip
+        for index, outcome in zip(round_, outcomes, strict=True):
+            if isinstance(outcome, Refused):
+                raise outcome.error
+            for sub, member in enumerate(records[index][1]):
+                landed[member] = Landed(outcome.shard_id, outcome.sequence_number, sub)
     return [x for x in landed if x is not None]
 
 
@@ -176,17 +185,59 @@ def _batches(records: Sequence[dict[str, Any]]) -> list[list[int]]:
     return batches
 
 
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A record Kinesis accepted."""
+
+    shard_id: str
+    sequence_number: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A record still refused when the attempts ran out, or whose call kept failing."""
+
+    error: RecstreamError
+
+    @property
+    def retriable(self) -> bool:
+        return self.error.retriable
+
+
+async def put_records(
+    client: KinesisClient,
+    settings: Settings,
+    stream: str,
+    records: Sequence[dict[str, Any]],
+    *,
+    max_attempts: int = 10,
+    base_backoff: float = 0.05,
+    max_backoff: float = 2.0,
+) -> list[Accepted | Refused]:
+    """PutRecords for any number of records: calls of ≤500 records / 5 MiB, refused
+    records retried with backoff. One outcome per record, in order; never raises for an
+    AWS error, so a caller always knows which records landed. The collector's producer
+    and the transport's both send through here."""
+    outcomes: list[Accepted | Refused | None] = [None] * len(records)
+    for batch in _batches(records):
+        await _put_batch(
+            client, settings, stream, records, batch, outcomes,
+            max_attempts, base_backoff, max_backoff,
+        )  # fmt: skip
+    return [o for o in outcomes if o is not None]
+
+
 async def _put_batch(
     client: KinesisClient,
     settings: Settings,
     stream: str,
-    records: list[tuple[dict[str, Any], list[int]]],
-    landed: list[Landed | None],
+    records: Sequence[dict[str, Any]],
+    pending: list[int],
+    outcomes: list[Accepted | Refused | None],
     max_attempts: int,
     base_backoff: float,
     max_backoff: float,
 ) -> None:
-    pending = list(range(len(records)))
     attempt = 0
     last_error = ""
     while pending:
@@ -194,27 +245,31 @@ async def _put_batch(
         try:
             response = await client.put_records(
                 StreamName=stream,
-                Records=[records[i][0] for i in pending],  # type: ignore[misc]
+                Records=[records[i] for i in pending],  # type: ignore[misc]
             )
         except (BotoCoreError, ClientError) as exc:
-            error = translate(exc, f"PutRecords to stream {stream!r}", settings)
+            error = translate(exc, f"PutRecords to stream {stream!r}", settings, "kinesis")
             if not error.retriable or attempt >= max_attempts:
-                raise error from exc
+                for index in pending:
+                    outcomes[index] = Refused(error)
+                return
             await _backoff(attempt, base_backoff, max_backoff)
             continue
         retry: list[int] = []
         for index, outcome in zip(pending, response["Records"], strict=True):
             if "SequenceNumber" in outcome and not outcome.get("ErrorCode"):
-                for sub, member in enumerate(records[index][1]):
-                    landed[member] = Landed(outcome["ShardId"], outcome["SequenceNumber"], sub)
+                outcomes[index] = Accepted(outcome["ShardId"], outcome["SequenceNumber"])
             else:
                 last_error = f"{outcome.get('ErrorCode')}: {outcome.get('ErrorMessage')}"
                 retry.append(index)
         if retry and attempt >= max_attempts:
-            raise ThroughputExceeded(
+            refused = ThroughputExceeded(
                 f"{len(retry)} records to stream {stream!r} were refused {attempt} times "
-                f"({last_error}); add shards or slow the producer"
+                f"({last_error}); add shards or slow the producer, then resend them"
             )
+            for index in retry:
+                outcomes[index] = Refused(refused)
+            return
         if retry:
             await _backoff(attempt, base_backoff, max_backoff)
         pending = retry

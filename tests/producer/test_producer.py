@@ -115,7 +115,8 @@ async def test_events_that_never_land_are_reported_not_dropped(settings: Setting
     # 10 sent, 5 refused; 5 retried, 2 refused; 2 retried, 1 refused: attempts exhausted.
     failed = [r for r in results if not r.ok]
     assert len(failed) == 1
-    assert "retry" in (failed[0].error or "")
+    assert "resend" in (failed[0].error or "")
+    assert failed[0].retriable
     landed = {e.event_id for _, e in read_stream(settings)}
     assert landed == {r.event_id for r in results if r.ok}
     assert failed[0].event_id not in landed
