@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import start_http_server
+
 from agents.app import create_app
 from recstream.settings import Settings
 from streams.kinesis import run_worker
@@ -18,6 +20,8 @@ __all__ = ["run"]
 
 
 def run(settings: Settings) -> int:
+    if settings.agents_metrics_port is not None:
+        start_http_server(settings.agents_metrics_port, addr=settings.api_host)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     store_timeout_ms: float = Field(20.0, gt=0)
     """How long ranking waits for one store before it degrades to what it has."""
 
+    agents_metrics_port: int | None = Field(None, ge=1, le=65535)
+    """When set, `recstream agents` serves Prometheus metrics (lag, checkpoints, batches)
+    on this port. Off by default so several workers can share a host."""
+
     # --- agents and state -----------------------------------------------------------
     window_size: int = Field(50, ge=1, le=1000)
     """How many recent interactions each user's window keeps."""
@@ -104,7 +108,13 @@ class Settings(BaseSettings):
     """How many published versions of each model are kept; older ones are deleted."""
     # (training settings end here)
 
-    @field_validator("aws_endpoint_url", "kinesis_endpoint_url", "worker_id", mode="before")
+    @field_validator(
+        "aws_endpoint_url",
+        "kinesis_endpoint_url",
+        "worker_id",
+        "agents_metrics_port",
+        mode="before",
+    )
     @classmethod
     def _empty_means_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():

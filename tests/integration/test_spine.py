@@ -17,17 +17,21 @@ from typing import Any
 import httpx
 import pytest
 
+from recstream import stack
 from recstream.aws import sync_client
 from recstream.settings import Settings
 from tests.conftest import RunningApi
 
 
 @contextmanager
-def agent_worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def agent_worker(
+    settings: Settings, log: Path, metrics_port: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """`recstream agents` as a child process, exactly as a user runs it."""
     env = {
         **os.environ,
         **settings.to_env(),
+        "RECSTREAM_AGENTS_METRICS_PORT": str(metrics_port) if metrics_port else "",
         "RECSTREAM_STATE_DIR": str(log.parent),
         "RECSTREAM_POLL_INTERVAL_S": "0.05",
         "RECSTREAM_LEASE_DURATION_S": "5",
@@ -70,11 +74,12 @@ async def eventually(check: Any, what: str, log: Path, within: float = 60.0) -> 
 async def test_a_click_travels_the_whole_spine(api: RunningApi, tmp_path: Path) -> None:
     settings = api.settings
     log = tmp_path / "agents.log"
+    metrics_port = stack.free_port()
     crowd = [
         {"event_type": "view", "user_id": f"crowd{n}", "item_id": f"pop{n % 3}"} for n in range(40)
     ]
     async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
-        with agent_worker(settings, log):
+        with agent_worker(settings, log, metrics_port=metrics_port):
             assert (await client.post("/v1/events", json=crowd)).status_code == 202
 
             async def popular_known() -> bool:
@@ -94,6 +99,8 @@ async def test_a_click_travels_the_whole_spine(api: RunningApi, tmp_path: Path) 
                 return body if body["items"][0]["item_id"] == "niche" else None
 
             after = await eventually(niche_first, "alice's click changing her recommendations", log)
+            metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    assert "recstream_stream_" in metrics  # the worker's Prometheus endpoint
     assert "recently_interacted" in after["items"][0]["reasons"]
 
     # The durable copy of alice's window, written by the agent after Redis.
