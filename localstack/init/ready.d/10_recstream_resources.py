@@ -9,7 +9,7 @@ The same file runs unchanged in three places:
 * against real AWS: leave RECSTREAM_AWS_ENDPOINT_URL empty and run it with credentials.
 
 It imports nothing from recstream on purpose, so it works inside LocalStack's container.
-Its defaults must equal `recstream.settings.Settings`; tests/unit/test_init_script.py
+Its defaults must equal `recstream.settings.Settings`; tests/unit/test_settings.py
 checks that they do.
 """
 
