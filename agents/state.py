@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -369,21 +369,33 @@ class DynamoWindows:
             await self._batch_write(requests[start : start + 25])
 
     async def _batch_write(self, requests: list[dict[str, Any]]) -> None:
-        pending: dict[str, Any] = {self.table: requests}
+        async for _ in self._until_processed(
+            self.client.batch_write_item, {self.table: requests}, "UnprocessedItems", "writing"
+        ):
+            pass
+
+    async def _until_processed(
+        self,
+        call: Callable[..., Awaitable[Any]],
+        request: dict[str, Any],
+        unprocessed: str,
+        what: str,
+    ) -> AsyncIterator[Mapping[str, Any]]:
+        """Yield the responses of a batch call, resending what DynamoDB left unprocessed
+        (routine under throttling) with backoff."""
+        pending = request
         for attempt in range(10):
             try:
-                response = await self.client.batch_write_item(RequestItems=pending)
+                response = await call(RequestItems=pending)
             except (BotoCoreError, ClientError) as exc:
-                raise translate(
-                    exc, f"writing windows to table {self.table!r}", self.settings
-                ) from exc
-            pending = dict(response.get("UnprocessedItems") or {})
+                raise translate(exc, f"{what} windows in {self.table!r}", self.settings) from exc
+            yield response
+            pending = dict(response.get(unprocessed) or {})
             if not pending:
                 return
             await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
         raise StoreUnavailable(
-            f"DynamoDB kept {sum(len(v) for v in pending.values())} window writes unprocessed "
-            f"on {self.table!r}; raise the table's capacity"
+            f"DynamoDB kept {what} windows unprocessed on {self.table!r}; raise its capacity"
         )
 
     async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
@@ -408,29 +420,17 @@ class DynamoWindows:
         found: dict[Actor, list[WindowEntry]] = {}
         pks = list(by_pk)
         for start in range(0, len(pks), 100):
-            pending: dict[str, Any] = {
+            request = {
                 self.table: {
                     "Keys": [{"pk": {"S": pk}} for pk in pks[start : start + 100]],
                     "ConsistentRead": True,
                 }
             }
-            for attempt in range(10):
-                try:
-                    response = await self.client.batch_get_item(RequestItems=pending)
-                except (BotoCoreError, ClientError) as exc:
-                    raise translate(
-                        exc, f"reading windows from {self.table!r}", self.settings
-                    ) from exc
+            async for response in self._until_processed(
+                self.client.batch_get_item, request, "UnprocessedKeys", "reading"
+            ):
                 for item in response.get("Responses", {}).get(self.table, []):
                     found[by_pk[item["pk"]["S"]]] = self._entries(item)
-                pending = dict(response.get("UnprocessedKeys") or {})
-                if not pending:
-                    break
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-            else:
-                raise StoreUnavailable(
-                    f"DynamoDB kept window reads unprocessed on {self.table!r}; raise its capacity"
-                )
         return found
 
 
