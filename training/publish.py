@@ -280,6 +280,16 @@ async def run_lua(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Any) 
 
 # --- Lua scripts: the only writes to the bookkeeping keys once a publish has started ---
 
+# Claim a version's publish (or restore) lease, unless the id is in use anywhere: reusing
+# a live id would let the failure path delete the serving version's data.
+# KEYS: pending, versions, doomed  ARGV: version, lease deadline
+_CLAIM = Lua("""
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+""")
 # KEYS: pending, versions  ARGV: version, summary
 _COMPLETE = Lua("""
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
@@ -616,9 +626,14 @@ class ModelRegistry:
         report = progress or (lambda stage, advance, total: None)
         started = time.time()
         try:
-            await self.redis.zadd(self.pending_key(name), {version: started + LEASE_S})
+            claimed = await self._claim(name, version, started + LEASE_S)
         except RedisError as exc:
             raise self._redis_failed(exc, f"starting to publish {name}") from exc
+        if not claimed:
+            raise ConfigurationError(
+                f"version {version} of {name!r} exists already (published, in progress or "
+                "being deleted); publish without choosing a version id"
+            )
         try:
             with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
                 directory = Path(tmp) / "model"
@@ -746,7 +761,11 @@ class ModelRegistry:
                 f"promote it with `recstream models promote {name} {version}`"
             )
         cls = model_class or _model_class(str(manifest.get("model_class", "")))
-        await self.redis.zadd(self.pending_key(name), {version: time.time() + LEASE_S})
+        if not await self._claim(name, version, time.time() + LEASE_S):
+            raise ConfigurationError(
+                f"model {name!r} version {version} is being published, restored or deleted "
+                "right now; wait for that to finish, then restore again"
+            )
         try:
             with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
                 directory = Path(tmp) / "model"
@@ -900,15 +919,44 @@ class ModelRegistry:
         )
         await self._destroy(self._need_s3(), name, version)
 
-    async def _destroy(self, s3: S3Client, name: str, version: str) -> tuple[int, int]:
-        """Delete a doomed version's Redis keys and S3 objects, then forget it."""
+    async def _claim(self, name: str, version: str, deadline: float) -> bool:
+        return bool(
+            await run_lua(
+                self.redis,
+                _CLAIM,
+                3,
+                self.pending_key(name),
+                self.versions_key(name),
+                self.doomed_key(name),
+                version,
+                deadline,
+            )
+        )
+
+    async def _has_manifest(self, name: str, version: str) -> bool:
+        try:
+            await self.manifest(name, version)
+        except ResourceNotFound:
+            return False
+        return True
+
+    async def _destroy(
+        self, s3: S3Client, name: str, version: str, *, keep_restorable: bool = False
+    ) -> tuple[int, int]:
+        """Delete a doomed version's Redis keys and S3 objects, then forget it.
+
+        ``keep_restorable``: keep the S3 copy when it has a manifest (the manifest is
+        written after every file, so such a copy is whole and `models restore` can rebuild
+        Redis from it). Used for lapsed leases, which may be a slow or killed restore."""
         suffixes = await self._key_list(s3, name, version)
         if suffixes is None:
             # No key list (the publish died before writing it): find the keys by prefix.
             keys = await self._delete_redis_prefix(self.keys.model(name, version, ""))
         else:
             keys = await self._unlink([self.keys.model(name, version, x) for x in suffixes])
-        objects = await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
+        objects = 0
+        if not (keep_restorable and await self._has_manifest(name, version)):
+            objects = await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
         await self.redis.srem(self.doomed_key(name), version)
         return keys, objects
 
@@ -1008,7 +1056,9 @@ class ModelRegistry:
                 ):
                     report.abandoned.append(_text(raw))
             for member in sorted(await self.redis.smembers(doomed)):
-                deleted, objects = await self._destroy(s3, name, _text(member))
+                deleted, objects = await self._destroy(
+                    s3, name, _text(member), keep_restorable=_text(member) in report.abandoned
+                )
                 report.redis_keys += deleted
                 report.s3_objects += objects
             # List what exists *before* reading which versions are alive: a publish claims
@@ -1037,6 +1087,11 @@ class ModelRegistry:
                 if version not in alive:
                     report.redis_keys += await self._unlink(found)
             for version in sorted(in_s3 - alive):
+                # S3 is the durable copy: a version Redis no longer knows (Redis lost its
+                # data) stays restorable. Only a prefix with no manifest, older than any
+                # live lease, is debris of a publish that died.
+                if version_time(version) > now - LEASE_S or await self._has_manifest(name, version):
+                    continue
                 report.s3_objects += await self._delete_s3_prefix(s3, self.s3_prefix(name, version))
         except RedisError as exc:
             raise self._redis_failed(exc, f"collecting old versions of {name!r}") from exc

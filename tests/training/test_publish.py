@@ -355,8 +355,9 @@ async def test_gc_removes_a_publish_whose_process_died(
         await redis_client.zadd(keys.model("tiny", version, "top"), {"a": 1.0})
         await redis_client.set(keys.model("tiny", version, "blob"), b"x")
         s3.put_object(Bucket=settings.bucket, Key=f"models/tiny/{version}/counts.json", Body=b"{}")
-    # files no lease knows about (their publish could not delete them: S3 was down)
-    orphan = new_version()
+    # files no lease knows about, an hour old (their publish could not delete them: S3
+    # was down); a younger prefix might belong to a publish about to claim its lease
+    orphan = new_version(time.time() - 3600)
     s3.put_object(Bucket=settings.bucket, Key=f"models/tiny/{orphan}/counts.json", Body=b"{}")
 
     report = await registry.gc("tiny")
@@ -486,3 +487,27 @@ async def test_restore_refuses_a_tampered_file_and_leaves_nothing(
     with pytest.raises(ConfigurationError, match="SHA-256"):
         await registry.restore("tiny", model_class=TinyModel)
     assert await redis_keys(redis_client, f"{keys.prefix}*") == []
+
+
+async def test_gc_after_redis_lost_its_data_keeps_s3_restorable(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    v1 = (await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)).version
+    v2 = (await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)).version
+    prefix = Keys(settings.namespace).prefix
+    await redis_client.unlink(*await redis_keys(redis_client, prefix + "*"))  # Redis wiped
+    await registry.publish(TinyModel().fit(LOG), run_info())  # the next run's GC
+    for version in (v1, v2):
+        assert s3_keys(settings, f"models/tiny/{version}/"), f"{version}'s S3 copy was deleted"
+    restored = await registry.restore("tiny", v1, model_class=TinyModel)
+    assert restored.version == v1
+
+
+async def test_reusing_a_live_version_id_is_refused_and_harms_nothing(
+    registry: ModelRegistry, settings: Settings
+) -> None:
+    v1 = (await registry.publish(TinyModel().fit(LOG), run_info())).version
+    with pytest.raises(ConfigurationError, match="exists already"):
+        await registry.publish(TinyModel().fit(LOG), run_info(), version=v1)
+    assert await registry.current("tiny") == v1
+    assert s3_keys(settings, f"models/tiny/{v1}/")
