@@ -101,6 +101,15 @@ class Settings(BaseSettings):
     start_position: str = "trim_horizon"
     """Where a stream consumer with no checkpoint starts: trim_horizon, latest or unix seconds."""
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+
+    @field_validator("event_weights")
+    @classmethod
+    def _non_negative_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = {k: w for k, w in value.items() if w < 0}
+        if negative:
+            raise ValueError(f"event weights must be 0 or more; fix {negative}")
+        return value
+
     """Weight of each event type in counters and training; unknown custom types weigh 1."""
 
     # --- training (training/) --------------------------------------------------------

@@ -76,6 +76,6 @@ class PublishedModels:
                 item = raw.decode() if isinstance(raw, bytes) else str(raw)
                 contribution = weight * float(similarity)
                 scores[item] = scores.get(item, 0.0) + contribution
-                if contribution > best.get(item, (0.0, ""))[0]:
+                if item not in best or contribution > best[item][0]:
                     best[item] = (contribution, source)
         return [Neighbour(item, score, best[item][1]) for item, score in scores.items()]

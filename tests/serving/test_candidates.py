@@ -59,3 +59,14 @@ async def test_no_published_model_means_no_similar_candidates(settings: Settings
         assert await models.neighbours(settings.namespace, [("x", 1.0)]) == []
     finally:
         await client.aclose()
+
+
+async def test_a_zero_weight_source_is_explained_not_a_crash(settings: Settings) -> None:
+    keys = Keys(settings.namespace)
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        await publish_by_hand(client, keys, "v1", {"seen": {"other": 0.5}})
+        found = await PublishedModels(client).neighbours(settings.namespace, [("seen", 0.0)])
+    finally:
+        await client.aclose()
+    assert [(n.item_id, n.score, n.because) for n in found] == [("other", 0.0, "seen")]
