@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import logging
 import secrets
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -77,7 +78,13 @@ def encode_events(events: Iterable[Event]) -> bytes:
 def decode_events(blob: bytes, *, where: str = "archive object") -> Iterator[Event]:
     """The events of one archive object; an invalid line is logged and skipped (one bad
     producer must not stop training on the rest of the day)."""
-    for number, line in enumerate(gzip.decompress(blob).splitlines(), start=1):
+    try:
+        lines = gzip.decompress(blob).splitlines()
+    except (OSError, EOFError, zlib.error) as exc:
+        # A truncated or foreign object: skip it, say which, and train on the rest.
+        log.warning("%s is not a gzip file of events (%s); skipped", where, exc)
+        return
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:

@@ -776,7 +776,12 @@ class ModelRegistry:
                             f"s3 file {entry['path']} of {name} {version} does not match the "
                             "SHA-256 in its manifest; restore another version"
                         )
-                    target = directory / entry["path"]
+                    target = (directory / entry["path"]).resolve()
+                    if not target.is_relative_to(directory.resolve()):
+                        raise ConfigurationError(
+                            f"the manifest of {name} {version} names a file outside the "
+                            f"model folder ({entry['path']!r}); restore another version"
+                        )
                     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
                     await asyncio.to_thread(target.write_bytes, data)
                 model = await asyncio.to_thread(cls.load, directory)

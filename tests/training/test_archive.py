@@ -78,3 +78,10 @@ async def test_reading_a_missing_bucket_says_what_to_do(settings: Settings) -> N
     missing = settings.model_copy(update={"bucket": settings.bucket + "-gone"})
     with pytest.raises(ResourceNotFound, match="recstream up"):
         list(read_events(missing, T0, T0 + HOUR))
+
+
+def test_a_corrupt_archive_object_is_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    from training.archive import decode_events
+
+    assert list(decode_events(b"not gzip at all", where="s3://b/k")) == []
+    assert "s3://b/k" in caplog.text

@@ -289,3 +289,12 @@ def test_unfitted_and_misnamed_models_explain(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="popularity"):
         Trending.load(tmp_path)
     assert issubclass(Popularity, ItemScorer)
+
+
+def test_als_folds_in_users_who_have_no_training_rows() -> None:
+    log = clusters()
+    newcomer = list(log.user_ids).index("v0")
+    train = log.select(log.users != newcomer)  # v0 stays in the vocabulary, without rows
+    model = ALS(factors=8, regularization=0.01, iterations=10, alpha=5.0).fit(train)
+    recs = model.recommend(["b1", "b2"], 4, user_id="v0")
+    assert set(ids(recs)) == set(B)  # folded in from the history, not a zero vector

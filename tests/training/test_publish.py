@@ -511,3 +511,27 @@ async def test_reusing_a_live_version_id_is_refused_and_harms_nothing(
         await registry.publish(TinyModel().fit(LOG), run_info(), version=v1)
     assert await registry.current("tiny") == v1
     assert s3_keys(settings, f"models/tiny/{v1}/")
+
+
+async def test_restore_refuses_a_manifest_path_outside_the_model_folder(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    import hashlib
+
+    import orjson
+
+    v1 = (await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)).version
+    await redis_client.hdel(registry.versions_key("tiny"), v1)  # as if Redis lost it
+    s3 = sync_client(settings, "s3")
+    prefix = f"models/tiny/{v1}/"
+    manifest = orjson.loads(
+        s3.get_object(Bucket=settings.bucket, Key=prefix + "manifest.json")["Body"].read()
+    )
+    evil = b"written outside"
+    s3.put_object(Bucket=settings.bucket, Key=prefix + "../../evil", Body=evil)
+    manifest["files"].append(
+        {"path": "../../evil", "sha256": hashlib.sha256(evil).hexdigest(), "bytes": len(evil)}
+    )
+    s3.put_object(Bucket=settings.bucket, Key=prefix + "manifest.json", Body=orjson.dumps(manifest))
+    with pytest.raises(ConfigurationError, match="outside the model folder"):
+        await registry.restore("tiny", v1, model_class=TinyModel)

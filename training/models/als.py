@@ -90,6 +90,9 @@ class ALS(ItemScorer):
         self.item_factors: npt.NDArray[np.float32] = np.zeros((0, factors), np.float32)
         self.user_factors: npt.NDArray[np.float32] = np.zeros((0, factors), np.float32)
         self.seen: npt.NDArray[np.bool_] = np.zeros(0, bool)
+        self.user_seen: npt.NDArray[np.bool_] = np.zeros(0, bool)
+        """Users with training rows. Others (in the vocabulary only because a later part of
+        the log has them) have an all-zero factor row and must be folded in instead."""
         self._yty: FloatArray | None = None
 
     def _fit(self, log: InteractionLog) -> None:
@@ -111,6 +114,7 @@ class ALS(ItemScorer):
         self.item_factors = np.asarray(model.item_factors, dtype=np.float32)
         self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
         self.seen = np.bincount(log.items, minlength=log.n_items) > 0
+        self.user_seen = np.bincount(log.users, minlength=len(self.user_factors)) > 0
         self._yty = None
 
     @property
@@ -121,7 +125,12 @@ class ALS(ItemScorer):
         return self._yty
 
     def user_vector(self, history: IntArray, user: int | None) -> FloatArray:
-        if self.use_user_factors and user is not None and user < len(self.user_factors):
+        if (
+            self.use_user_factors
+            and user is not None
+            and user < len(self.user_seen)
+            and self.user_seen[user]
+        ):
             return np.asarray(self.user_factors[user], dtype=np.float64)
         recent = history[-self.history_len :] if self.history_len > 0 else history[:0]
         confidences = np.full(recent.size, self.alpha)
@@ -153,9 +162,14 @@ class ALS(ItemScorer):
             "item_factors": self.item_factors,
             "user_factors": self.user_factors,
             "seen": self.seen,
+            "user_seen": self.user_seen,
         }
 
     def _restore(self, state: Mapping[str, npt.NDArray[Any]]) -> None:
         self.item_factors = state["item_factors"]
         self.user_factors = state["user_factors"]
         self.seen = state["seen"]
+        # Versions saved before user_seen existed: a trained user has a non-zero row.
+        self.user_seen = (
+            state["user_seen"] if "user_seen" in state else np.any(self.user_factors != 0, axis=1)
+        )
