@@ -145,8 +145,9 @@ def training_setup(
             return read().between(start, end)
 
     def fit(model: Model, train: InteractionLog, held_out: InteractionLog) -> Model:
-        # As the harness does: causal models (popularity, trending) see both parts, as
-        # their live counters would at request time; the others only the training part.
+        # As the harness does: causal models (trending, which only counts events before
+        # each request's time) see both parts, as live counters would at request time;
+        # the others, popularity included, only the training part.
         if isinstance(model, ItemScorer):
             return fit_for(model, train, held_out)
         return model.fit(train)
