@@ -81,6 +81,11 @@ def make_app(
     ``lease_store`` replaces the DynamoDB lease table (an `InMemoryLeaseStore` for
     single-process use).
     """
+    if "#" in app_id or "#" in settings.stream_name:
+        raise ImproperlyConfigured(
+            f"app id {app_id!r} or stream {settings.stream_name!r} contains '#', the "
+            "separator of lease keys; rename it"
+        )
     for key, required in MANDATORY.items():
         if key in faust_kwargs and faust_kwargs[key] != required:
             raise ImproperlyConfigured(

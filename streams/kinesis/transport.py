@@ -244,7 +244,9 @@ class Consumer(base.Consumer):
         task, self._coordinate_task = self._coordinate_task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A coordinator that already failed crashed the app with its error; stopping
+            # must still commit and release the leases.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         # Commit what was acked while the leases are still ours ...
         await super().on_stop()
@@ -289,6 +291,14 @@ class Consumer(base.Consumer):
                 return
             except RecstreamError as exc:
                 log.warning("kinesis worker %s: %s; retrying", self.worker_id, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Never die silently: a dead coordinator would leave the worker hanging
+                # with its leases renewed and nothing read.
+                log.exception("kinesis worker %s: coordinator failed", self.worker_id)
+                await self.crash(exc)
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._subscribed.wait(), interval)
 
@@ -320,10 +330,20 @@ class Consumer(base.Consumer):
                 for stream, coordinator in self._coordinators.items()
                 for shard_id in coordinator.owned()
             }
-            if wanted == self._assignment and self._assigned_once:
+            # A shard whose lease was lost and taken back quickly is still "wanted" but
+            # no longer read: hand it to faust again as revoked plus assigned.
+            stale = {
+                tp
+                for tp in wanted & self._assignment
+                if (p := self._partitions.get(tp)) is not None and p.lost
+            }
+            if wanted == self._assignment and self._assigned_once and not stale:
                 return
-            revoked = self._assignment - wanted
-            added = wanted - self._assignment
+            revoked = (self._assignment - wanted) | stale
+            added = (wanted - self._assignment) | stale
+            # Until on_partitions_assigned returns, a failure must make the next reconcile
+            # redo the whole round (faust has paused everything by then).
+            self._assigned_once = False
             log.info(
                 "kinesis worker %s: rebalance, +%s -%s",
                 self.worker_id,
@@ -347,7 +367,11 @@ class Consumer(base.Consumer):
                 self._partitions[tp] = await self._new_partition(tp)
             self._assignment = wanted
             for stream in {tp.topic for tp in added}:
-                await self.transport.load_shard_map(self._kinesis(), stream)
+                try:
+                    await self.transport.load_shard_map(self._kinesis(), stream)
+                except RecstreamError as exc:
+                    # Only the producer's key routing uses the map; reading must go on.
+                    log.warning("refreshing the shard map of %s failed: %s", stream, exc)
             self._generation += 1
             self.rebalances += 1
             REBALANCES.inc()
@@ -359,8 +383,8 @@ class Consumer(base.Consumer):
             # Must be set before on_partitions_assigned, or faust's recovery thinks
             # another rebalance started and never resumes the streams.
             self.app.consumer_generation_id = self._generation
-            self._assigned_once = True
             await self.on_partitions_assigned(set(wanted), self._generation)
+            self._assigned_once = True
 
     async def _new_partition(self, tp: TP) -> _Partition:
         coordinator = self._coordinators[tp.topic]
@@ -609,7 +633,10 @@ class Consumer(base.Consumer):
                 continue
             except RecstreamError as exc:
                 CHECKPOINTS.labels(tp.topic, "failed").inc()
-                log.warning("checkpoint of %s failed, retried at the next commit: %s", tp, exc)
+                # faust counts this offset as committed and will not offer it again, so
+                # retry it ourselves: an idle or closed shard has no "next commit".
+                log.warning("checkpoint of %s failed, retrying in 1 s: %s", tp, exc)
+                self.add_future(self._retry_commit(tp, offset))
                 continue
             CHECKPOINTS.labels(tp.topic, "written").inc()
             while partition.handed and partition.handed[0][0] < offset:
@@ -620,6 +647,14 @@ class Consumer(base.Consumer):
             if partition.end_offset is not None and offset >= partition.end_offset:
                 await self._finish_shard(partition)
         return committed
+
+    async def _retry_commit(self, tp: TP, offset: int) -> None:
+        await asyncio.sleep(1.0)
+        partition = self._partitions.get(tp)
+        if self._closing or partition is None or partition.lost:
+            return
+        if offset > partition.committed_offset:
+            await self._commit({tp: offset})
 
     async def _lose(self, partition: _Partition) -> None:
         partition.lost = True

@@ -71,6 +71,8 @@ def test_unsupported_settings_are_refused(settings: Settings) -> None:
         make_app(settings, "bad", processing_guarantee="exactly_once")
     with pytest.raises(ImproperlyConfigured, match="table_standby_replicas"):
         make_app(settings, "bad", table_standby_replicas=1)
+    with pytest.raises(ImproperlyConfigured, match="separator"):
+        make_app(settings, "recs#v2")
 
 
 @pytest.mark.parametrize("aggregate", [False, True], ids=["single", "aggregated"])
