@@ -111,7 +111,10 @@ class ShardMap:
         return len(self.shards)
 
     def shard_for_key(self, partition_key: str | bytes) -> ShardInfo:
-        value = hash_key(partition_key)
+        return self.shard_for_hash(hash_key(partition_key))
+
+    def shard_for_hash(self, value: int) -> ShardInfo:
+        """The open shard whose hash-key range holds ``value`` (an ExplicitHashKey)."""
         for shard in self.open:
             if shard.start_hash <= value <= shard.end_hash:
                 return shard

@@ -110,7 +110,13 @@ async def put_messages(
             raise ValueError("aggregate=True needs the stream's ShardMap to route records")
         by_shard: dict[str, list[int]] = {}
         for index, entry in enumerate(entries):
-            shard = shard_map.shard_for_key(entry.partition_key)
+            # An explicit partition (ExplicitHashKey) wins over the key's hash, as it
+            # does for single records.
+            shard = (
+                shard_map.shard_for_hash(int(entry.explicit_hash_key))
+                if entry.explicit_hash_key is not None
+                else shard_map.shard_for_key(entry.partition_key)
+            )
             by_shard.setdefault(shard.shard_id, []).append(index)
         for shard_id, indexes in by_shard.items():
             shard = shard_map.shards[shard_id]

@@ -95,3 +95,21 @@ async def test_aggregated_records_keep_each_keys_order_through_partial_failures(
     for key, values in order.items():
         assert values == sorted(values), f"{key!r} reordered"
     assert sum(len(v) for v in order.values()) == 2000
+
+
+async def test_aggregated_records_honour_an_explicit_partition() -> None:
+    half = MAX_HASH_KEY // 2
+    shard_map = ShardMap(
+        "s",
+        [
+            ShardInfo("shardId-000000000000", (), 0, half, closed=False),
+            ShardInfo("shardId-000000000001", (), half + 1, MAX_HASH_KEY, closed=False),
+        ],
+    )
+    # Keys that hash to both shards, all asked for shard 0 explicitly.
+    wanted = [Entry(e.partition_key, e.message, explicit_hash_key="0") for e in entries(20, 9)]
+    kinesis = FlakyKinesis({})
+    await put_messages(
+        cast(Any, kinesis), Settings(), "s", wanted, aggregate=True, shard_map=shard_map
+    )
+    assert {r["ExplicitHashKey"] for r in kinesis.accepted} == {"0"}
