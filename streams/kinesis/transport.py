@@ -354,7 +354,10 @@ class Consumer(base.Consumer):
                 # faust forgets the acks of revoked partitions before its revoke callback
                 # commits, so checkpoint them first: a released lease then hands over
                 # without repeats, and a stolen one is refused (LeaseLost), as it must be.
+                # commit() does nothing when faust's timer is mid-commit (it waits for
+                # that one instead), so force what is still pending afterwards.
                 await self.commit(set(revoked))
+                await self.force_commit(set(revoked))
             self.app.on_rebalance_start()
             # faust pauses everything, waits for in-flight messages and commits the
             # partitions it keeps.
@@ -622,6 +625,10 @@ class Consumer(base.Consumer):
             checkpoint = Checkpoint(last[1], last[2])
             try:
                 async with partition.lock:
+                    # Re-checked under the lock: two commits racing must never move a
+                    # checkpoint backwards.
+                    if offset <= partition.committed_offset:
+                        continue
                     await partition.coordinator.checkpoint(partition.shard_id, checkpoint)
             except LeaseLost as exc:
                 # Another worker holds the shard now and resumes from the last accepted
