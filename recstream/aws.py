@@ -89,7 +89,7 @@ def async_client(settings: Settings, service: Service, **config: Any) -> Any:
     # Retries are ours to make (partial PutRecords failures, throttling), so botocore's
     # own retry is kept short to not stack delays on top of ours.
     aio_config = AioConfig(
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"max_attempts": config.pop("max_attempts", 3), "mode": "standard"},
         connect_timeout=config.pop("connect_timeout", 5),
         read_timeout=config.pop("read_timeout", 30),
         max_pool_connections=config.pop("max_pool_connections", 50),

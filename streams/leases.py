@@ -351,8 +351,18 @@ class DynamoDBLeaseStore:
             async with self._opening:
                 if self._client is None:
                     stack = AsyncExitStack()
+                    # A worker cut off from DynamoDB must learn it within about one lease
+                    # duration, not after botocore's default 30 s x 3 attempts: until
+                    # then it keeps reading shards others may have taken.
+                    timeout = max(2.0, self._settings.lease_duration_s / 2)
                     self._client = await stack.enter_async_context(
-                        async_client(self._settings, "dynamodb")
+                        async_client(
+                            self._settings,
+                            "dynamodb",
+                            connect_timeout=timeout,
+                            read_timeout=timeout,
+                            max_attempts=2,
+                        )
                     )
                     self._stack = stack
         return self._client
