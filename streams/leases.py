@@ -844,7 +844,7 @@ class LeaseCoordinator:
                 if new is not None or not await self._still_mine(shard_id, held):
                     break
             if new is None:
-                self._lose(shard_id)
+                self._lose(shard_id, held)
                 raise LeaseLost(
                     f"worker {self.worker_id!r} lost the lease of shard {shard_id!r} "
                     f"({self.scope}) to another worker; checkpoint {checkpoint} was refused"
@@ -945,8 +945,11 @@ class LeaseCoordinator:
         except Exception:
             log.exception("on_change(%s, %s) failed", sorted(assigned), sorted(revoked))
 
-    def _lose(self, shard_id: str) -> None:
-        if self._held.pop(shard_id, None) is not None:
+    def _lose(self, shard_id: str, held: _Held) -> None:
+        # Only the holding that failed: if the shard was taken again meanwhile (another
+        # task awaited), the new holding is ours and must stay.
+        if self._held.get(shard_id) is held:
+            del self._held[shard_id]
             log.info("worker %s lost the lease of %s", self.worker_id, shard_id)
             self._wake.set()
 
@@ -976,12 +979,12 @@ class LeaseCoordinator:
                     if now - held.renewed_at >= self.lease_duration:
                         # Others may already consider it expired: stop reading it.
                         log.warning("dropping lease %s, not renewed in time: %s", shard_id, exc)
-                        self._lose(shard_id)
+                        self._lose(shard_id, held)
                     else:
                         log.warning("renewing lease %s failed, will retry: %s", shard_id, exc)
                     continue
                 if new is None:
-                    self._lose(shard_id)
+                    self._lose(shard_id, held)
                 else:
                     held.counter = new.counter
                     held.renewed_at = now
@@ -1060,7 +1063,7 @@ class LeaseCoordinator:
                 self._seen[shard_id] = (lease.counter, now)
             held = self._held.get(shard_id)
             if held is not None and not held.finished and lease.owner != self.worker_id:
-                self._lose(shard_id)  # stolen; the renewer would find out at its next pass
+                self._lose(shard_id, held)  # stolen; the renewer would find out at its next pass
         for shard_id in set(self._seen) - set(leases):
             del self._seen[shard_id]
 
