@@ -152,7 +152,7 @@ async def run_worker(factory: Callable[[Settings], faust.App], settings: Setting
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with running(app):
-        log.info("worker %s of %s running", settings.worker_id, app.conf.id)
+        log.info("worker %s of %s running", consumer_of(app).worker_id, app.conf.id)
         # mode marks a crashed service (and its parents) through this event; it has no
         # public awaitable for it.
         crashed = asyncio.ensure_future(app._crashed.wait())

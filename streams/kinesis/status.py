@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from recstream.aws import async_client, translate
+from recstream.aws import async_client, error_code, translate
 from recstream.settings import Settings
 from streams.leases import SHARD_END, TRIM_HORIZON, DynamoDBLeaseStore, LeaseInfo
 
@@ -62,7 +62,9 @@ async def app_ids(settings: Settings) -> list[str]:
     return sorted(found)
 
 
-async def _lag(kinesis: KinesisClient, stream: str, lease: LeaseInfo) -> int | None:
+async def _lag(
+    kinesis: KinesisClient, stream: str, lease: LeaseInfo, settings: Settings
+) -> int | None:
     checkpoint = lease.checkpoint
     if checkpoint.sequence_number == SHARD_END:
         return None
@@ -77,9 +79,13 @@ async def _lag(kinesis: KinesisClient, stream: str, lease: LeaseInfo) -> int | N
             StreamName=stream, ShardId=lease.shard_id, **args
         )
         response = await kinesis.get_records(ShardIterator=iterator["ShardIterator"], Limit=1)
-    except ClientError:
-        # The shard aged out, or the checkpoint is older than the retention period.
-        return None
+    except ClientError as exc:
+        if error_code(exc) in ("ResourceNotFoundException", "InvalidArgumentException"):
+            # The shard aged out, or the checkpoint is older than the retention period.
+            return None
+        raise translate(exc, f"reading the lag of {lease.shard_id}", settings, "kinesis") from exc
+    except BotoCoreError as exc:
+        raise translate(exc, f"reading the lag of {lease.shard_id}", settings, "kinesis") from exc
     return response.get("MillisBehindLatest")
 
 
@@ -98,7 +104,7 @@ async def shard_status(settings: Settings, app_id: str | None = None) -> list[Sh
                         owner=lease.owner,
                         checkpoint=lease.checkpoint.sequence_number,
                         sub_sequence=lease.checkpoint.sub_sequence,
-                        lag_ms=await _lag(kinesis, settings.stream_name, lease),
+                        lag_ms=await _lag(kinesis, settings.stream_name, lease, settings),
                         lease_age_s=max(0.0, now - lease.last_renewed),
                         expired=lease.owner is None or now > lease.expires_at,
                         parents=lease.parent_shard_ids,
