@@ -2,8 +2,9 @@
 
 Training publishes each model version under ``rs:{ns}:model:{name}:{version}:…`` and
 then flips ``rs:{ns}:model:{name}:current`` (training/publish.py). Serving reads the
-pointer, caches it for a couple of seconds (a promote or rollback is seen within that),
-and reads the version's records in one pipelined round trip.
+pointer and the version's records in one Lua call (`training.publish.read_current_many`),
+so a request never mixes two versions nor reads one that garbage collection is deleting,
+and a promote or rollback is seen by the very next request.
 
 Item-to-item (``item2item``) publishes ``nbr:{item}``: a sorted set of the item's top-K
 neighbours by similarity.
@@ -11,13 +12,13 @@ neighbours by similarity.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from recstream.keys import Keys
+from training.publish import read_current_many
 
 __all__ = ["ITEM2ITEM", "Neighbour", "PublishedModels"]
 
@@ -33,21 +34,8 @@ class Neighbour:
 
 
 class PublishedModels:
-    def __init__(self, redis: aioredis.Redis, pointer_ttl: float = 2.0) -> None:
+    def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self.pointer_ttl = pointer_ttl
-        self._pointers: dict[tuple[str, str], tuple[float, str | None]] = {}
-
-    async def version(self, namespace: str, model: str) -> str | None:
-        key = (namespace, model)
-        cached = self._pointers.get(key)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < self.pointer_ttl:
-            return cached[1]
-        raw = await self.redis.get(Keys(namespace).model_pointer(model))
-        version = raw.decode() if isinstance(raw, bytes) else raw
-        self._pointers[key] = (now, version)
-        return version
 
     async def neighbours(
         self,
@@ -59,21 +47,22 @@ class PublishedModels:
         scored by the weighted sum of similarities; empty when no model is published."""
         if not sources:
             return []
-        version = await self.version(namespace, ITEM2ITEM)
-        if version is None:
+        found = await read_current_many(
+            self.redis,
+            Keys(namespace),
+            ITEM2ITEM,
+            [f"nbr:{item}" for item, _ in sources],
+            limit=per_item,
+        )
+        if found is None:
             return []
-        keys = Keys(namespace)
-        pipe = self.redis.pipeline(transaction=False)
-        for item, _ in sources:
-            pipe.zrevrange(
-                keys.model(ITEM2ITEM, version, f"nbr:{item}"), 0, per_item - 1, withscores=True
-            )
-        rows = await pipe.execute()
+        rows = [found[f"nbr:{item}"] for item, _ in sources]
         scores: dict[str, float] = {}
         best: dict[str, tuple[float, str]] = {}
-        for (source, weight), neighbours in zip(sources, rows, strict=True):
-            for raw, similarity in neighbours:
-                item = raw.decode() if isinstance(raw, bytes) else str(raw)
+        for (source, weight), record in zip(sources, rows, strict=True):
+            if record.kind != "zset" or not isinstance(record.value, list):
+                continue
+            for item, similarity in record.value:
                 contribution = weight * float(similarity)
                 scores[item] = scores.get(item, 0.0) + contribution
                 if item not in best or contribution > best[item][0]:

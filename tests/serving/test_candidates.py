@@ -25,9 +25,7 @@ async def test_neighbours_of_recent_items_are_recommended_and_explained(settings
     client = aioredis.from_url(settings.redis_url)
     try:
         hot = RedisHotStore(client, settings)
-        ranker = Ranker(
-            hot, MemoryDurableWindows(), settings, PublishedModels(client, pointer_ttl=0)
-        )
+        ranker = Ranker(hot, MemoryDurableWindows(), settings, PublishedModels(client))
         await publish_by_hand(
             client,
             keys,
