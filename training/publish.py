@@ -297,6 +297,16 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """)
+# Roll back: switch only if serving still points where the caller saw it, so a promote
+# that lands in between is not silently undone.
+# KEYS: versions, current  ARGV: target version, expected current ('' = none)
+_SWITCH_FROM = Lua("""
+local now = redis.call('GET', KEYS[2]) or ''
+if now ~= ARGV[2] then return 0 end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+""")
 # KEYS: versions, current  ARGV: version
 _PROMOTE = Lua("""
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -600,7 +610,23 @@ class ModelRegistry:
                 f"model {name!r} has no complete version {what} to roll back to; "
                 f"`recstream models list {name}` shows its versions"
             )
-        await self.promote(name, older[-1])
+        try:
+            switched = await run_lua(
+                self.redis,
+                _SWITCH_FROM,
+                2,
+                self.versions_key(name),
+                self.keys.model_pointer(name),
+                older[-1],
+                current or "",
+            )
+        except RedisError as exc:
+            raise self._redis_failed(exc, f"rolling back {name}") from exc
+        if not switched:
+            raise ConfigurationError(
+                f"model {name!r} changed while rolling back (promoted or collected "
+                f"meanwhile); check `recstream models list {name}` and roll back again"
+            )
         return older[-1]
 
     # --- publishing --------------------------------------------------------------------

@@ -535,3 +535,22 @@ async def test_restore_refuses_a_manifest_path_outside_the_model_folder(
     s3.put_object(Bucket=settings.bucket, Key=prefix + "manifest.json", Body=orjson.dumps(manifest))
     with pytest.raises(ConfigurationError, match="outside the model folder"):
         await registry.restore("tiny", v1, model_class=TinyModel)
+
+
+async def test_rollback_does_not_undo_a_promote_that_lands_meanwhile(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1 = (await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)).version
+    await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)
+    await registry.publish(TinyModel().fit(LOG), run_info(), gc=False)  # serving: v3
+    original = registry.versions
+
+    async def versions_then_promote(name: str) -> Any:
+        seen = await original(name)
+        await registry.promote(name, v1)  # someone promotes v1 after rollback read v3
+        return seen
+
+    monkeypatch.setattr(registry, "versions", versions_then_promote)
+    with pytest.raises(ConfigurationError, match="changed while rolling back"):
+        await registry.rollback("tiny")
+    assert await registry.current("tiny") == v1
