@@ -379,6 +379,11 @@ return out
 # --- serving's read side ---------------------------------------------------------------
 
 
+def _summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What `versions` keeps of a manifest: all but the file list and the search record."""
+    return {k: v for k, v in manifest.items() if k not in ("files", "search")}
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -666,15 +671,8 @@ class ModelRegistry:
                 directory.mkdir()
                 await asyncio.to_thread(model.save, directory)
                 files = await self._upload_dir(s3, name, version, directory, report)
-                key_list = Path(tmp) / REDIS_KEYS
-                records = await self._write_records(
-                    name, version, model.redis_records(), report, key_list
-                )
-                await self._put(
-                    s3,
-                    self.s3_prefix(name, version) + REDIS_KEYS,
-                    await asyncio.to_thread(key_list.read_bytes),
-                    "the list of Redis keys",
+                records = await self._write_listed_records(
+                    s3, name, version, model, report, Path(tmp) / REDIS_KEYS
                 )
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -700,17 +698,9 @@ class ModelRegistry:
             await self._put(
                 s3, self.s3_prefix(name, version) + MANIFEST, _dumps(manifest), "manifest"
             )
-            summary = {k: v for k, v in manifest.items() if k not in ("files", "search")}
+            summary = _summary(manifest)
             try:
-                completed = await run_lua(
-                    self.redis,
-                    _COMPLETE,
-                    2,
-                    self.pending_key(name),
-                    self.versions_key(name),
-                    version,
-                    _dumps(summary),
-                )
+                completed = await self._complete(name, version, summary)
             except RedisError as exc:
                 raise self._redis_failed(exc, f"completing {name} {version}") from exc
             if not completed:
@@ -771,8 +761,7 @@ class ModelRegistry:
         check_name(name)
         if version is None:
             for candidate in sorted(await self._s3_versions(s3, name), reverse=True):
-                with contextlib.suppress(ResourceNotFound):
-                    await self.manifest(name, candidate)
+                if await self._has_manifest(name, candidate):
                     version = candidate
                     break
             if version is None:
@@ -811,27 +800,12 @@ class ModelRegistry:
                     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
                     await asyncio.to_thread(target.write_bytes, data)
                 model = await asyncio.to_thread(cls.load, directory)
-                key_list = Path(tmp) / REDIS_KEYS
                 noop: Progress = lambda stage, advance, total: None  # noqa: E731
-                await self._write_records(name, version, model.redis_records(), noop, key_list)
-                # GC deletes by this list: make it describe the keys just written.
-                await self._put(
-                    s3,
-                    self.s3_prefix(name, version) + REDIS_KEYS,
-                    await asyncio.to_thread(key_list.read_bytes),
-                    "the list of Redis keys",
+                await self._write_listed_records(
+                    s3, name, version, model, noop, Path(tmp) / REDIS_KEYS
                 )
-            summary = {k: v for k, v in manifest.items() if k not in ("files", "search")}
-            completed = await run_lua(
-                self.redis,
-                _COMPLETE,
-                2,
-                self.pending_key(name),
-                self.versions_key(name),
-                version,
-                _dumps(summary),
-            )
-            if not completed:
+            summary = _summary(manifest)
+            if not await self._complete(name, version, summary):
                 raise PublishError(f"restoring {name} {version} outlived its lease; run it again")
         except BaseException:
             # The S3 artifacts are the source of truth here: only the Redis side goes.
@@ -949,6 +923,42 @@ class ModelRegistry:
             self.redis, _REAP, 2, self.pending_key(name), self.doomed_key(name), version, "inf"
         )
         await self._destroy(self._need_s3(), name, version)
+
+    async def _write_listed_records(
+        self,
+        s3: S3Client,
+        name: str,
+        version: str,
+        model: Model,
+        progress: Progress,
+        key_list: Path,
+    ) -> int:
+        """Write the model's records, then upload the list of keys written: GC deletes a
+        version by that list, so it must describe exactly these keys."""
+        records = await self._write_records(
+            name, version, model.redis_records(), progress, key_list
+        )
+        await self._put(
+            s3,
+            self.s3_prefix(name, version) + REDIS_KEYS,
+            await asyncio.to_thread(key_list.read_bytes),
+            "the list of Redis keys",
+        )
+        return records
+
+    async def _complete(self, name: str, version: str, summary: Mapping[str, Any]) -> bool:
+        """The completion marker (written last): pending -> versions, with the summary."""
+        return bool(
+            await run_lua(
+                self.redis,
+                _COMPLETE,
+                2,
+                self.pending_key(name),
+                self.versions_key(name),
+                version,
+                _dumps(summary),
+            )
+        )
 
     async def _claim(self, name: str, version: str, deadline: float) -> bool:
         return bool(
