@@ -101,8 +101,6 @@ class WindowEntry:
 class ApplyResult:
     applied: int
     duplicates: int
-    actors: frozenset[tuple[str, str]]
-    """(namespace, actor) pairs whose window changed."""
     fresh: frozenset[tuple[str, str]] = frozenset()
     """Actors whose window did not exist in the hot store before this batch: new actors,
     or actors whose window Redis lost (TTL, eviction, flush). Their durable copy must be
@@ -273,7 +271,6 @@ class RedisHotStore:
         return ApplyResult(
             applied=len(changed),
             duplicates=len(events) - len(changed),
-            actors=frozenset((e.namespace, e.actor) for e, _ in changed if e.item_id is not None),
             fresh=frozenset((e.namespace, e.actor) for e, o in changed if o == 2),
         )
 
@@ -450,7 +447,6 @@ class MemoryHotStore:
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
         applied = 0
-        actors: set[Actor] = set()
         fresh: set[Actor] = set()
         for event in events:
             key = (event.namespace, event.actor)
@@ -476,12 +472,8 @@ class MemoryHotStore:
             while len(touched) > self.settings.popularity_cap:
                 stale = min(touched, key=touched.__getitem__)
                 del touched[stale], counts[stale]
-            actors.add(key)
         return ApplyResult(
-            applied=applied,
-            duplicates=len(events) - applied,
-            actors=frozenset(actors),
-            fresh=frozenset(fresh),
+            applied=applied, duplicates=len(events) - applied, fresh=frozenset(fresh)
         )
 
     async def window(
