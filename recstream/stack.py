@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from recstream.errors import StackError
 from recstream.settings import Settings
@@ -212,12 +211,6 @@ def create_resources(settings: Settings) -> None:
         raise StackError(
             f"creating resources at {settings.aws_endpoint_url or 'AWS'} failed: {exc}"
         ) from exc
-
-
-def endpoint_port(url: str | None, default: int) -> int:
-    if not url:
-        return default
-    return urlsplit(url).port or default
 
 
 # --- daemons for `recstream up` / `recstream down` -------------------------------------
