@@ -7,8 +7,23 @@ surfaces, and every key has a cap or a TTL so memory stays bounded:
     rs:{ns}:seen:{actor}                ZSET  event ids applied (idempotence)      cap + TTL
     rs:{ns}:pop                         ZSET  item -> weighted interaction count  cap
     rs:{ns}:pop:touched                 ZSET  item -> last counted (evicts LRU)   cap
+    rs:{ns}:feat:{actor}                HASH  user feature vector (agents/features) TTL
+    rs:{ns}:emb:{actor}                 HASH  live embedding: decayed mean of item factors  TTL
+    rs:{ns}:pop:decayed                 ZSET  item -> forward-decayed weighted count  cap
+    rs:{ns}:pop:cat:{category}          ZSET  the same within one category         cap
+    rs:{ns}:cnt:{span}:{start}          ZSET  item -> weighted count in a time bucket   TTL
+    rs:{ns}:trend:{window}              ZSET  item -> trend score (materialized)   cap
+    rs:{ns}:trend:{window}:cat:{cat}    ZSET  the same within one category         cap
+    rs:{ns}:item:{item_id}              STR   catalog item (streams.schema.Item JSON)  catalog
+    rs:{ns}:user:{user_id}              STR   catalog user (streams.schema.User JSON)  catalog
+    rs:{ns}:served:{recommendation_id}  STR   what serving answered (JSON)          TTL
+    rs:{ns}:alias:{session_id}          STR   user id the session logged in as      TTL
+    rs:{ns}:attr:{strategy}             HASH  attributed impressions, clicks, ... revenue
     rs:{ns}:model:{name}:current        STR   serving version of a trained model  one per model
     rs:{ns}:model:{name}:{version}:...  *     that version's published data       last K versions
+
+docs/architecture.md gives each key's exact format and bound; the functions below are
+the only place key strings are built.
 
 ``actor`` is the user id, or ``session:{session_id}`` for anonymous visitors.
 """
@@ -42,6 +57,43 @@ class Keys:
     def popularity_touched(self) -> str:
         """item -> when last counted; the popularity cap evicts the least recent."""
         return f"{self.prefix}pop:touched"
+
+    def features(self, actor: str) -> str:
+        return f"{self.prefix}feat:{actor}"
+
+    def embedding(self, actor: str) -> str:
+        return f"{self.prefix}emb:{actor}"
+
+    @property
+    def popularity_decayed(self) -> str:
+        return f"{self.prefix}pop:decayed"
+
+    def popularity_category(self, category: str) -> str:
+        return f"{self.prefix}pop:cat:{category}"
+
+    def counts_bucket(self, span_s: int, start: int) -> str:
+        """Weighted counts of the events whose time falls in [start, start + span_s)."""
+        return f"{self.prefix}cnt:{span_s}:{start}"
+
+    def trending(self, window: str, category: str | None = None) -> str:
+        """``window`` is ``1h`` or ``24h``; the agents materialize these every few seconds."""
+        base = f"{self.prefix}trend:{window}"
+        return base if category is None else f"{base}:cat:{category}"
+
+    def item(self, item_id: str) -> str:
+        return f"{self.prefix}item:{item_id}"
+
+    def user(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}"
+
+    def served(self, recommendation_id: str) -> str:
+        return f"{self.prefix}served:{recommendation_id}"
+
+    def alias(self, session_id: str) -> str:
+        return f"{self.prefix}alias:{session_id}"
+
+    def attribution(self, strategy: str) -> str:
+        return f"{self.prefix}attr:{strategy}"
 
     def model_pointer(self, name: str) -> str:
         return f"{self.prefix}model:{name}:current"

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from recstream.scoring import trend_scores
 from training.base import RedisRecord
 from training.data import FloatArray, IntArray, InteractionLog
 from training.models.common import ItemScorer, zset_of
@@ -34,12 +35,6 @@ from training.models.common import ItemScorer, zset_of
 __all__ = ["Trending", "trend_scores"]
 
 TIE_BREAK = 1e-6
-
-
-def trend_scores(recent: FloatArray, previous: FloatArray, gamma: float) -> FloatArray:
-    """The trending formula on per-item window counts (``-inf`` where both are zero)."""
-    trend = recent + gamma * (recent - previous)
-    return np.where((recent > 0) | (previous > 0), trend, -np.inf)
 
 
 class Trending(ItemScorer):
