@@ -56,7 +56,8 @@ class Settings(BaseSettings):
 
     # --- stream runtime (streams/kinesis: the faust transport, leases, checkpoints) ---
     worker_id: str | None = None
-    """This worker's lease owner name; defaults to host:pid."""
+    """This worker's name in the lease table (defaults to host:pid); each process adds a
+    random suffix, so two processes given the same name still share the shards."""
     lease_duration_s: float = Field(10.0, gt=0)
     """A lease not renewed for this long may be taken by another worker."""
     poll_interval_s: float = Field(0.2, ge=0.0)

@@ -16,8 +16,9 @@ Every write is a conditional write on ``counter`` (and ``owner``), so of two wor
 race for a lease exactly one wins, and a worker whose lease was taken away learns it on
 its next renew or checkpoint. Expiry is judged the way KCL judges it: a worker remembers
 when it first saw each lease's counter, and a lease whose counter has not moved for the
-lease duration *on this worker's own clock* is expired. Clock skew between hosts therefore
-never expires a healthy lease; ``expires_at`` is only shown by `recstream streams status`.
+lease duration *on this worker's own monotonic clock* is expired. Clock skew between hosts
+therefore never expires a healthy lease, nor does a step of this host's wall clock (NTP, a
+suspended laptop's catch-up); ``expires_at`` is only shown by `recstream streams status`.
 
 The coordinator runs two tasks. The renewer renews held leases every lease duration / 3
 (a refused renew means the lease was taken: it is revoked). The coordinator task, every
@@ -684,7 +685,7 @@ class _Held:
 
     counter: int
     renewed_at: float
-    """This worker's clock at the last successful write."""
+    """This worker's monotonic timer at the last successful write."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     finished: bool = False
     """SHARD_END was checkpointed: release at the next cycle."""
@@ -698,8 +699,10 @@ class LeaseCoordinator:
     task only. ``checkpoint()`` may be called from any task of the same event loop.
 
     Beyond the lease contract, optional keyword arguments make it testable and tunable:
-    ``clock`` (unix seconds; expiry is judged on it), ``shard_source`` (defaults to
-    ListShards on the stream), ``renew_interval_s`` (default: lease duration / 3),
+    ``clock`` (unix seconds, written into the lease items for status), ``timer`` (the
+    monotonic clock that expiry, renewal deadlines and pacing are judged on; defaults to
+    ``time.monotonic``, or to ``clock`` when a test injects only that), ``shard_source``
+    (defaults to ListShards on the stream), ``renew_interval_s`` (default: lease duration / 3),
     ``take_interval_s`` (default: lease duration / 3; at most one steal per take),
     ``shard_sync_interval_s`` (ListShards; also after every SHARD_END and on
     `refresh_shards`) and ``rng`` (which expired lease to take first).
@@ -715,6 +718,7 @@ class LeaseCoordinator:
         on_change: OnChange,
         store: LeaseStore | None = None,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] | None = None,
         shard_source: ShardSource | None = None,
         renew_interval_s: float | None = None,
         take_interval_s: float | None = None,
@@ -732,6 +736,11 @@ class LeaseCoordinator:
         self._owns_store = store is None
         self._store: LeaseStore = store if store is not None else DynamoDBLeaseStore(settings)
         self._clock = clock
+        # Wall-clock time may jump (NTP steps, a resumed VM); judging expiry on it would
+        # steal healthy leases or keep dead ones. Only stored timestamps use `clock`.
+        self._timer = (
+            timer if timer is not None else (time.monotonic if clock is time.time else clock)
+        )
         self._shard_source: ShardSource = shard_source or KinesisShardSource(settings, stream_name)
         self.lease_duration = settings.lease_duration_s
         self.renew_interval = (
@@ -829,7 +838,7 @@ class LeaseCoordinator:
                 "accepted checkpoint"
             )
         async with held.lock:
-            now = self._clock()
+            now, tick = self._clock(), self._timer()
             new = None
             for _ in range(2):
                 new = await self._store.update_checkpoint(
@@ -850,7 +859,7 @@ class LeaseCoordinator:
                     f"({self.scope}) to another worker; checkpoint {checkpoint} was refused"
                 )
             held.counter = new.counter
-            held.renewed_at = now
+            held.renewed_at = tick
             if checkpoint.sequence_number == SHARD_END:
                 held.finished = True
                 self._next_sync = 0.0
@@ -882,7 +891,7 @@ class LeaseCoordinator:
         ``on_change``. The coordinator task calls this; tests may call it directly
         instead of `start()` to step a coordinator deterministically."""
         await self._renew()
-        now = self._clock()
+        now = self._timer()
         if now >= self._next_sync:
             await self._sync_shards()
         if now >= self._next_take:
@@ -895,13 +904,13 @@ class LeaseCoordinator:
         """The coordinator task: shard sync, taking, and every ``on_change`` call."""
         await self._report()
         while not self._stopped:
-            now = self._clock()
+            now = self._timer()
             due = min(self._next_take, self._next_sync) - now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, due))
             self._wake.clear()
             try:
-                now = self._clock()
+                now = self._timer()
                 if now >= self._next_sync:
                     await self._sync_shards()
                 if now >= self._next_take:
@@ -909,11 +918,11 @@ class LeaseCoordinator:
             except RecstreamError as exc:
                 # A store or Kinesis outage: retry at the next take interval. Held leases
                 # are dropped by the renewer once they may have expired for the others.
-                self._next_take = self._clock() + self.take_interval
+                self._next_take = self._timer() + self.take_interval
                 self._next_sync = min(self._next_sync, self._next_take)
                 log.warning("lease cycle of %s failed: %s", self.worker_id, exc)
             except Exception:
-                self._next_take = self._clock() + self.take_interval
+                self._next_take = self._timer() + self.take_interval
                 log.exception("lease cycle of %s failed", self.worker_id)
             await self._report()
 
@@ -958,7 +967,7 @@ class LeaseCoordinator:
             async with held.lock:
                 if self._held.get(shard_id) is not held:
                     continue
-                now = self._clock()
+                now, tick = self._clock(), self._timer()
                 if held.finished:
                     await self._release_finished(shard_id, held, now)
                     continue
@@ -976,7 +985,7 @@ class LeaseCoordinator:
                         if new is not None or not await self._still_mine(shard_id, held):
                             break
                 except RecstreamError as exc:
-                    if now - held.renewed_at >= self.lease_duration:
+                    if tick - held.renewed_at >= self.lease_duration:
                         # Others may already consider it expired: stop reading it.
                         log.warning("dropping lease %s, not renewed in time: %s", shard_id, exc)
                         self._lose(shard_id, held)
@@ -987,7 +996,7 @@ class LeaseCoordinator:
                     self._lose(shard_id, held)
                 else:
                     held.counter = new.counter
-                    held.renewed_at = now
+                    held.renewed_at = tick
 
     async def _still_mine(self, shard_id: str, held: _Held) -> bool:
         """After a refused write: is the lease still ours? Then adopt its counter.
@@ -1022,6 +1031,7 @@ class LeaseCoordinator:
     async def _sync_shards(self) -> None:
         """Create lease items for new shards; delete finished leases of aged-out shards."""
         now = self._clock()
+        tick = self._timer()
         shards = {s.shard_id: s for s in await self._shard_source()}
         existing = {lease.shard_id: lease for lease in await self._store.list_leases(self.scope)}
         for shard in shards.values():
@@ -1033,7 +1043,7 @@ class LeaseCoordinator:
             if shard_id not in shards and lease.checkpoint.sequence_number == SHARD_END:
                 await self._store.delete_lease(self.scope, shard_id)
         self._shards = shards
-        self._next_sync = now + self.shard_sync_interval
+        self._next_sync = tick + self.shard_sync_interval
 
     def _leasable(self, lease: LeaseInfo, leases: dict[str, LeaseInfo]) -> bool:
         if lease.checkpoint.sequence_number == SHARD_END:
@@ -1054,7 +1064,7 @@ class LeaseCoordinator:
         return now - since >= self.lease_duration
 
     async def _take(self) -> None:
-        now = self._clock()
+        now = self._timer()
         self._next_take = now + self.take_interval
         leases = {lease.shard_id: lease for lease in await self._store.list_leases(self.scope)}
         for shard_id, lease in leases.items():
@@ -1095,7 +1105,7 @@ class LeaseCoordinator:
                 to_take = [self._rng.choice(victim_leases)]
                 log.info("worker %s steals %s from %s", self.worker_id, to_take[0].shard_id, victim)
         for lease in to_take:
-            now = self._clock()
+            now, tick = self._clock(), self._timer()
             new = await self._store.take_lease(
                 self.scope,
                 lease.shard_id,
@@ -1106,5 +1116,5 @@ class LeaseCoordinator:
                 expires_at=now + self.lease_duration,
             )
             if new is not None:
-                self._held[lease.shard_id] = _Held(counter=new.counter, renewed_at=now)
-                self._seen[lease.shard_id] = (new.counter, now)
+                self._held[lease.shard_id] = _Held(counter=new.counter, renewed_at=tick)
+                self._seen[lease.shard_id] = (new.counter, tick)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections import deque
@@ -125,8 +126,13 @@ def check_app_settings(app: AppT) -> None:
         )
 
 
-def _worker_id(settings: Settings) -> str:
-    return settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(settings: Settings) -> str:
+    """This process's lease owner name: ``RECSTREAM_WORKER_ID`` (default host:pid) plus a
+    per-process suffix. Lease writes are conditional on the owner name, so two processes
+    sharing a name would each accept the other's renewals as their own and both read every
+    shard; the suffix makes a copied configuration harmless."""
+    base = settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+    return f"{base}~{secrets.token_hex(3)}"
 
 
 class Transport(base.Transport):
@@ -210,7 +216,7 @@ class Consumer(base.Consumer):
     def __init__(self, transport: Transport, **kwargs: Any) -> None:
         super().__init__(transport, **kwargs)
         self.settings = transport.settings
-        self.worker_id = _worker_id(self.settings)
+        self.worker_id = worker_id(self.settings)
         self._topics: set[str] = set()
         self._subscribed = asyncio.Event()
         self._assignment: set[TP] = set()

@@ -66,3 +66,9 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def owner_name(owner: str | None) -> str | None:
+    """A lease owner without the per-process suffix `streams.kinesis.transport.worker_id`
+    adds to RECSTREAM_WORKER_ID."""
+    return owner.rsplit("~", 1)[0] if owner is not None else None

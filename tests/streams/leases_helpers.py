@@ -72,6 +72,7 @@ def stepped(
     recorder: Recorder | None = None,
     app_id: str = "app",
     rng: random.Random | None = None,
+    timer: FakeClock | None = None,
 ) -> LeaseCoordinator:
     """A coordinator that a test drives with run_cycle(): it takes on every cycle.
 
@@ -84,6 +85,7 @@ def stepped(
         on_change=recorder or Recorder(),
         store=store,
         clock=clock,
+        timer=timer,
         shard_source=shards,
         take_interval_s=0.0,
         shard_sync_interval_s=0.0,

@@ -349,3 +349,43 @@ async def test_a_slow_on_change_does_not_stop_renewals() -> None:
     finally:
         release.set()
         await a.stop()
+
+
+async def test_a_wall_clock_step_does_not_expire_a_healthy_lease() -> None:
+    """Expiry is judged on the monotonic timer: an NTP step or a resumed VM moves the wall
+    clock, and a worker judging on it would steal a lease whose holder is alive."""
+    settings, store, shards = make_settings(), InMemoryLeaseStore(), StaticShards(flat(1))
+    a = stepped(settings, "a", store, FakeClock(), shards, timer=FakeClock(5.0))
+    b_wall, b_timer = FakeClock(), FakeClock(5.0)
+    b = stepped(settings, "b", store, b_wall, shards, timer=b_timer)
+    await a.run_cycle()
+    await b.run_cycle()  # observes a's lease counter
+    assert len(a.owned()) == 1
+    b_wall.advance(3 * DURATION)  # the wall clock jumps; no real time passed
+    await b.run_cycle()
+    assert b.owned() == frozenset()
+    # Real time passing without renewals still expires it, as before.
+    b_timer.advance(DURATION)
+    await b.run_cycle()
+    assert len(b.owned()) == 1
+
+
+async def test_two_processes_given_the_same_worker_id_split_the_shards() -> None:
+    """RECSTREAM_WORKER_ID copied into two processes: without a per-process owner name, each
+    accepts the other's renewals as its own (`_still_mine`) and both read every shard."""
+    from streams.kinesis.transport import worker_id
+
+    settings = Settings(lease_duration_s=DURATION, stream_name="events", worker_id="w")
+    store, clock, shards = InMemoryLeaseStore(), FakeClock(), StaticShards(flat(4))
+    first, second = worker_id(settings), worker_id(settings)
+    assert first != second
+    assert first.startswith("w~")
+    assert second.startswith("w~")
+    a = stepped(settings, first, store, clock, shards)
+    b = stepped(settings, second, store, clock, shards)
+    for _ in range(4):
+        await a.run_cycle()
+        await b.run_cycle()
+        clock.advance(1.0)
+    assert len(a.owned()) == len(b.owned()) == 2
+    assert not a.owned() & b.owned()
