@@ -757,6 +757,9 @@ class LeaseCoordinator:
         # lease counter -> when this worker first saw it (KCL's expiry by observation)
         self._seen: dict[str, tuple[int, float]] = {}
         self._shards: dict[str, ShardDescription] | None = None
+        # Parents found missing from a shard list fetched after they were first missed:
+        # really aged out of the stream, so their children need not wait for them.
+        self._gone: set[str] = set()
         self._next_take = 0.0
         self._next_sync = 0.0
         self._wake = asyncio.Event()
@@ -1052,10 +1055,32 @@ class LeaseCoordinator:
             parent = leases.get(parent_id)
             if parent is not None and parent.checkpoint.sequence_number == SHARD_END:
                 continue
-            if self._shards is not None and parent_id not in self._shards:
+            if parent_id in self._gone:
                 continue  # aged out of the stream: nothing left to read before the child
             return False
         return True
+
+    async def _confirm_aged_out(self, leases: dict[str, LeaseInfo]) -> None:
+        """Decide which missing parents have aged out, on a shard list fetched now.
+
+        The list kept between syncs may predate a reshard (two splits within one sync
+        interval): a parent absent from it may simply be newer than the list, and a child
+        leased on that evidence would be read before its parent, breaking per-key order.
+        """
+        known = self._shards or {}
+        referenced = {
+            parent
+            for lease in leases.values()
+            if lease.checkpoint.sequence_number != SHARD_END
+            for parent in lease.parent_shard_ids
+        }
+        self._gone &= referenced  # bounded by the parents still referenced
+        unsure = {p for p in referenced - self._gone if p not in known}
+        if not unsure:
+            return
+        await self._sync_shards()
+        fresh = self._shards or {}
+        self._gone |= {p for p in unsure if p not in fresh}
 
     def _expired(self, lease: LeaseInfo, now: float) -> bool:
         if lease.owner is None:
@@ -1076,6 +1101,7 @@ class LeaseCoordinator:
                 self._lose(shard_id, held)  # stolen; the renewer would find out at its next pass
         for shard_id in set(self._seen) - set(leases):
             del self._seen[shard_id]
+        await self._confirm_aged_out(leases)
 
         candidates = [lease for lease in leases.values() if self._leasable(lease, leases)]
         if not candidates:

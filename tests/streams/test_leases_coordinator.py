@@ -389,3 +389,44 @@ async def test_two_processes_given_the_same_worker_id_split_the_shards() -> None
         clock.advance(1.0)
     assert len(a.owned()) == len(b.owned()) == 2
     assert not a.owned() & b.owned()
+
+
+async def test_a_parent_missing_from_a_stale_shard_list_is_not_taken_for_aged_out() -> None:
+    """Two splits within one shard-sync interval: b's kept list predates parent "b1", which
+    is unfinished; b must look again before treating "b1" as aged out and taking its
+    children (that would read them before their parent)."""
+    settings, store, clock = make_settings(), InMemoryLeaseStore(), FakeClock()
+    shards = StaticShards([ShardDescription("a0")])
+    b = LeaseCoordinator(
+        settings,
+        app_id="app",
+        stream_name=settings.stream_name,
+        worker_id="b",
+        on_change=Recorder(),
+        store=store,
+        clock=clock,
+        shard_source=shards,
+        take_interval_s=0.0,
+        shard_sync_interval_s=3600.0,  # its list stays as it was at the first cycle
+    )
+    await b.run_cycle()
+    assert b.owned() == {"a0"}
+    await b.checkpoint("a0", Checkpoint(SHARD_END))
+    half = 2**127
+    shards.shards = [
+        ShardDescription("a0", closed=True),
+        ShardDescription("b1", ("a0",), 0, half - 1, closed=True),
+        ShardDescription("b2", ("a0",), half, 2**128 - 1),
+        ShardDescription("c1", ("b1",), 0, half // 2 - 1),
+        ShardDescription("c2", ("b1",), half // 2, half - 1),
+    ]
+    other = stepped(settings, "other", store, clock, shards)
+    await other.run_cycle()  # creates every lease from a fresh list
+    b._next_sync = float("inf")
+    await b.run_cycle()
+    await other.run_cycle()
+    held = b.owned() | other.owned()
+    assert "c1" not in held
+    assert "c2" not in held
+    await b.run_cycle()
+    assert not {"c1", "c2"} & (b.owned() | other.owned())
