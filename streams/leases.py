@@ -11,6 +11,10 @@ Every shard of a stream has one lease item per consuming application::
     parent_shard_ids   list of the shard's parents (after a split or merge)
     last_renewed       unix seconds of the last write by the holder (for status only)
     expires_at         last_renewed + lease duration (for status only)
+    created_at         unix seconds when the lease was created
+    start_here         true when the app met this shard with none of its parents leased
+                       (the app's first start, or parents that aged out unread): the
+                       app's start position applies to it, not TRIM_HORIZON
 
 Every write is a conditional write on ``counter`` (and ``owner``), so of two workers that
 race for a lease exactly one wins, and a worker whose lease was taken away learns it on
@@ -114,6 +118,11 @@ class LeaseInfo:
     """Unix seconds of the holder's last write."""
     expires_at: float
     """last_renewed + lease duration, as the holder saw it."""
+    created_at: float = 0.0
+    """Unix seconds when the lease was created."""
+    start_here: bool = False
+    """No lease of the shard's parents existed when its lease was created: the app never
+    read them, so the app's start position (not TRIM_HORIZON) applies to this shard."""
 
 
 OnChange = Callable[[frozenset[str], frozenset[str]], Awaitable[None]]
@@ -136,7 +145,13 @@ class LeaseStore(Protocol):
     async def get_lease(self, scope: str, shard_id: str) -> LeaseInfo | None: ...
 
     async def create_lease(
-        self, scope: str, shard_id: str, *, parent_shard_ids: tuple[str, ...], now: float
+        self,
+        scope: str,
+        shard_id: str,
+        *,
+        parent_shard_ids: tuple[str, ...],
+        now: float,
+        start_here: bool = False,
     ) -> bool:
         """Create an unowned lease at TRIM_HORIZON; False when it already exists."""
         ...
@@ -217,7 +232,13 @@ class InMemoryLeaseStore:
         return self._items.get((scope, shard_id))
 
     async def create_lease(
-        self, scope: str, shard_id: str, *, parent_shard_ids: tuple[str, ...], now: float
+        self,
+        scope: str,
+        shard_id: str,
+        *,
+        parent_shard_ids: tuple[str, ...],
+        now: float,
+        start_here: bool = False,
     ) -> bool:
         if (scope, shard_id) in self._items:
             return False
@@ -229,6 +250,8 @@ class InMemoryLeaseStore:
             parent_shard_ids=tuple(parent_shard_ids),
             last_renewed=now,
             expires_at=now,
+            created_at=now,
+            start_here=start_here,
         )
         return True
 
@@ -400,6 +423,8 @@ class DynamoDBLeaseStore:
             parent_shard_ids=tuple(p["S"] for p in parents),
             last_renewed=float(item["last_renewed"]["N"]),
             expires_at=float(item["expires_at"]["N"]),
+            created_at=float(item.get("created_at", {"N": "0"})["N"]),
+            start_here=bool(item.get("start_here", {"BOOL": False})["BOOL"]),
         )
 
     async def list_leases(self, scope: str) -> list[LeaseInfo]:
@@ -433,7 +458,13 @@ class DynamoDBLeaseStore:
         return None if item is None else self._parse(item)
 
     async def create_lease(
-        self, scope: str, shard_id: str, *, parent_shard_ids: tuple[str, ...], now: float
+        self,
+        scope: str,
+        shard_id: str,
+        *,
+        parent_shard_ids: tuple[str, ...],
+        now: float,
+        start_here: bool = False,
     ) -> bool:
         db = await self._db()
         item = {
@@ -446,6 +477,8 @@ class DynamoDBLeaseStore:
             "parent_shard_ids": {"L": [{"S": p} for p in parent_shard_ids]},
             "last_renewed": _n(now),
             "expires_at": _n(now),
+            "created_at": _n(now),
+            "start_here": {"BOOL": start_here},
         }
         try:
             await db.put_item(
@@ -879,6 +912,10 @@ class LeaseCoordinator:
         lease = await self._store.get_lease(self.scope, shard_id)
         return () if lease is None else lease.parent_shard_ids
 
+    async def lease(self, shard_id: str) -> LeaseInfo | None:
+        """The shard's lease as stored (None before it was created)."""
+        return await self._store.get_lease(self.scope, shard_id)
+
     async def snapshot(self) -> list[LeaseInfo]:
         """Every lease of this app and stream, sorted by shard id."""
         return await self._store.list_leases(self.scope)
@@ -1039,8 +1076,15 @@ class LeaseCoordinator:
         existing = {lease.shard_id: lease for lease in await self._store.list_leases(self.scope)}
         for shard in shards.values():
             if shard.shard_id not in existing:
+                # A child met together with its parents (the app's first start) or after
+                # they aged out unread follows the app's start position; a child of
+                # parents this app reads follows them from TRIM_HORIZON.
                 await self._store.create_lease(
-                    self.scope, shard.shard_id, parent_shard_ids=shard.parent_shard_ids, now=now
+                    self.scope,
+                    shard.shard_id,
+                    parent_shard_ids=shard.parent_shard_ids,
+                    now=now,
+                    start_here=not any(p in existing for p in shard.parent_shard_ids),
                 )
         for shard_id, lease in existing.items():
             if shard_id not in shards and lease.checkpoint.sequence_number == SHARD_END:

@@ -195,6 +195,11 @@ class _Partition:
     checkpoint: Checkpoint
     """The last checkpoint stored (where a restart resumes)."""
     has_parents: bool
+    follows_parents: bool
+    """A reshard child whose parents this app reads: it starts at TRIM_HORIZON, right
+    after them. Children the app met without their parents follow the start position."""
+    created_at: float
+    """When the shard's lease was created (unix seconds)."""
     committed_offset: int = 0
     """The dense offset that corresponds to ``checkpoint`` (the next one to read)."""
     reader: ShardReader | None = None
@@ -398,14 +403,18 @@ class Consumer(base.Consumer):
     async def _new_partition(self, tp: TP) -> _Partition:
         coordinator = self._coordinators[tp.topic]
         shard_id = shard_id_of(tp.partition)
-        checkpoint = await coordinator.get_checkpoint(shard_id)
-        parents = await coordinator.parent_shard_ids(shard_id)
+        lease = await coordinator.lease(shard_id)
+        checkpoint = Checkpoint(TRIM_HORIZON) if lease is None else lease.checkpoint
         return _Partition(
             tp=tp,
             shard_id=shard_id,
             coordinator=coordinator,
             checkpoint=checkpoint,
-            has_parents=bool(parents),
+            has_parents=lease is not None and bool(lease.parent_shard_ids),
+            follows_parents=lease is not None
+            and bool(lease.parent_shard_ids)
+            and not lease.start_here,
+            created_at=0.0 if lease is None else lease.created_at,
             finished=checkpoint.sequence_number == SHARD_END,
         )
 
@@ -432,13 +441,17 @@ class Consumer(base.Consumer):
         checkpoint = partition.checkpoint
         if checkpoint.sequence_number != TRIM_HORIZON:
             return Position.after_checkpoint(checkpoint.sequence_number, checkpoint.sub_sequence)
-        # A reshard child is always read from its start: its parents were read to the end.
-        if partition.has_parents:
+        # A reshard child of parents this app read is read from its start, right after them.
+        if partition.follows_parents:
             return Position("TRIM_HORIZON")
         start = self.settings.start_position.strip().lower()
         if start == "trim_horizon":
             return Position("TRIM_HORIZON")
         if start == "latest":
+            if partition.has_parents and partition.created_at:
+                # Its parents are read (from LATEST) first, which takes a moment; LATEST at
+                # that later time would skip what the child received meanwhile.
+                return Position("AT_TIMESTAMP", timestamp=partition.created_at)
             return Position("LATEST")
         try:
             return Position("AT_TIMESTAMP", timestamp=float(start))

@@ -42,6 +42,20 @@ async def test_create_is_unowned_at_trim_horizon_and_only_once(store: LeaseStore
     assert lease.checkpoint == Checkpoint(TRIM_HORIZON)
     assert lease.parent_shard_ids == ("p0", "p1")
     assert lease.last_renewed == 10.0
+    assert lease.created_at == 10.0
+    assert lease.start_here is False
+
+
+async def test_start_here_round_trips_and_survives_writes(store: LeaseStore) -> None:
+    assert await store.create_lease(SCOPE, "c", parent_shard_ids=("p",), now=5.0, start_here=True)
+    taken = await store.take_lease(
+        SCOPE, "c", owner="w", expected_owner=None, expected_counter=0, now=6.0, expires_at=9.0
+    )
+    assert taken is not None
+    lease = await store.get_lease(SCOPE, "c")
+    assert lease is not None
+    assert lease.start_here is True
+    assert lease.created_at == 5.0
 
 
 async def test_list_is_scoped_and_sorted(store: LeaseStore) -> None:

@@ -81,3 +81,56 @@ def _reshard(settings: Settings, target: int) -> None:
     kinesis.update_shard_count(
         StreamName=settings.stream_name, TargetShardCount=target, ScalingType="UNIFORM_SCALING"
     )
+
+
+async def test_a_new_app_at_latest_skips_what_reshard_children_already_hold(
+    kinesis_mock_settings: Settings,
+) -> None:
+    """RECSTREAM_START_POSITION=latest on a stream that was resharded before the app first
+    ran: the children are met together with their parents, so the start position applies
+    to them too. Reading them from TRIM_HORIZON (as children of parents the app reads)
+    would replay everything they received before the app started."""
+    settings = kinesis_mock_settings.model_copy(
+        update={"poll_interval_s": 0.05, "lease_duration_s": 3.0, "start_position": "latest"}
+    )
+    before = make_events(3 * USERS, users=USERS, prefix="old")
+    await put_events(settings, before[:USERS])
+    await asyncio.to_thread(_reshard, settings, 4)
+    await asyncio.to_thread(_wait_active, settings)
+    await put_events(settings, before[USERS:])  # lands in the open children
+    await asyncio.sleep(1.5)  # AT_TIMESTAMP has millisecond precision; keep "old" clear
+
+    app = make_app(settings, "test-reshard-latest")
+    seen: list[Event] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value))
+
+    after = make_events(2 * USERS, users=USERS, prefix="new")
+    async with running(app):
+        consumer = consumer_of(app)
+        # The closed parents are read (at LATEST: nothing) to SHARD_END, then the children.
+        await wait_until(
+            lambda: (
+                len(consumer.assignment()) >= 2
+                and all(tp.partition >= 2 for tp in consumer.assignment())
+            ),
+            timeout=60,
+            what="the children to be leased after their parents ended",
+        )
+        await put_events(settings, after)
+        await wait_until(
+            lambda: {e.event_id for e in seen} >= {e.event_id for e in after},
+            timeout=60,
+            what="the events put after the start",
+        )
+    old = {e.event_id for e in before} & {e.event_id for e in seen}
+    assert not old, f"{len(old)} events from before the start were replayed"
+
+
+def _wait_active(settings: Settings) -> None:
+    kinesis = sync_client(settings, "kinesis")
+    waiter = kinesis.get_waiter("stream_exists")
+    waiter.wait(StreamName=settings.stream_name, WaiterConfig={"Delay": 0.2, "MaxAttempts": 100})
