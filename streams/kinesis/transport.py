@@ -369,6 +369,16 @@ class Consumer(base.Consumer):
                 # that one instead), so force what is still pending afterwards.
                 await self.commit(set(revoked))
                 await self.force_commit(set(revoked))
+                # Stop reading them now: faust's revoke below waits for in-flight messages
+                # (seconds with a slow agent), and a reader left running meanwhile spends
+                # GetRecords calls (5/s per shard, shared with the new holder) on records
+                # nobody will process here. What it buffered is dropped; the new holder
+                # reads from the checkpoint just written.
+                for tp in revoked:
+                    partition = self._partitions.get(tp)
+                    if partition is not None and partition.reader is not None:
+                        await partition.reader.stop()
+                        partition.reader.buffer.clear()
             self.app.on_rebalance_start()
             # faust pauses everything, waits for in-flight messages and commits the
             # partitions it keeps.

@@ -134,3 +134,50 @@ async def test_a_rebalance_that_fails_midway_is_redone(
         await put_events(settings, make_events(40, prefix="b"))
         await wait_until(lambda: len(seen) >= 60, timeout=60, what="processing after the failure")
         assert consumer.flow_active
+
+
+async def test_a_revoked_shard_is_not_read_while_faust_revokes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """faust's revoke waits for in-flight messages; the revoked shard's reader must not go
+    on polling GetRecords meanwhile (each shard allows 5 calls/s, shared with its new
+    holder)."""
+    settings = settings.model_copy(
+        update={"lease_duration_s": 3.0, "poll_interval_s": 0.05, "worker_id": "w"}
+    )
+    app, seen = collecting_app(settings, "t-revoke")
+    scope = f"t-revoke#{settings.stream_name}"
+    calls_during: list[tuple[int, int]] = []
+    async with DynamoDBLeaseStore(settings) as store, running(app):
+        consumer = consumer_of(app)
+        await wait_until(lambda: len(consumer.assignment()) == 2, what="both shards")
+        await put_events(settings, make_events(20, prefix="a"))
+        await wait_until(lambda: len(seen) >= 20, what="the first events")
+        # Everything committed: the revoke's own commit then finds nothing to write, so no
+        # LeaseLost stops the reader early, and only the transport can.
+        await wait_until(
+            lambda: sum(p.committed_offset for p in consumer._partitions.values()) >= 20,
+            what="the first events committed",
+        )
+        [lease] = [x for x in await store.list_leases(scope) if x.shard_id.endswith("0")]
+        [tp] = [tp for tp in consumer.assignment() if tp.partition == 0]
+        reader = consumer.readers()[tp]
+        original = consumer.on_partitions_revoked
+
+        async def slow_revoke(revoked: set[Any]) -> None:
+            if tp in revoked:
+                before = reader.stats.calls
+                await asyncio.sleep(1.5)  # as while a slow agent finishes its batch
+                calls_during.append((before, reader.stats.calls))
+            await original(revoked)
+
+        monkeypatch.setattr(consumer, "on_partitions_revoked", slow_revoke)
+        now = time.time()
+        taken = await store.take_lease(
+            scope, lease.shard_id, owner="other", expected_owner=lease.owner,
+            expected_counter=lease.counter, now=now, expires_at=now + 30,
+        )  # fmt: skip
+        assert taken is not None
+        await wait_until(lambda: bool(calls_during), timeout=30, what="the revoke")
+    [(before, after)] = calls_during
+    assert after == before, f"the revoked reader made {after - before} GetRecords calls"
