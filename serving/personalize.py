@@ -610,12 +610,14 @@ async def _item_list(
     return out
 
 
-def _ok(payload: Mapping[str, Any]) -> Response:
-    return Response(
-        orjson.dumps(payload),
-        media_type="application/json",
-        headers={"x-amzn-RequestId": uuid.uuid4().hex},
-    )
+def _ok(payload: Mapping[str, Any], result: RankedList | None = None) -> Response:
+    headers = {"x-amzn-RequestId": uuid.uuid4().hex}
+    # Personalize's response has no member for it, so the stores that missed their
+    # deadline (the native API's "degraded") are named in a header boto3 ignores.
+    degraded = getattr(result, "degraded", None)
+    if degraded:
+        headers["x-recstream-degraded"] = ",".join(degraded)
+    return Response(orjson.dumps(payload), media_type="application/json", headers=headers)
 
 
 def _filter_name(settings: Settings, arn: str | None) -> str | None:
@@ -687,7 +689,8 @@ async def get_recommendations(request: Request) -> Response:
         {
             "itemList": await _item_list(request, namespace, ranked, columns),
             "recommendationId": result.recommendation_id,
-        }
+        },
+        result,
     )
 
 
@@ -724,7 +727,8 @@ async def get_personalized_ranking(request: Request) -> Response:
         {
             "personalizedRanking": await _item_list(request, namespace, ranked, columns),
             "recommendationId": result.recommendation_id,
-        }
+        },
+        result,
     )
 
 
