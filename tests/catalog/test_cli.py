@@ -1,0 +1,68 @@
+"""`recstream catalog load` as a user runs it, into real Redis and DynamoDB (moto)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Item
+from tests.conftest import REPO
+
+
+def load(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "recstream.cli", "catalog", "load", *args],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def hot_item(settings: Settings, namespace: str, item_id: str) -> Item | None:
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        raw = client.get(Keys(namespace).item(item_id))
+    finally:
+        client.close()
+    return None if raw is None else Item.model_validate_json(raw)
+
+
+def test_movielens_titles_and_genres(settings: Settings) -> None:
+    result = load(settings, "--movielens", str(REPO / "data/movielens-small/movies.csv"))
+    assert result.returncode == 0, result.stderr
+    assert "loaded 9742 items" in result.stdout
+    toy = hot_item(settings, settings.namespace, "1")
+    assert toy is not None
+    assert toy.title == "Toy Story (1995)"
+    assert toy.categories == ["Adventure", "Animation", "Children", "Comedy", "Fantasy"]
+
+
+def test_personalize_items_csv_names_ignored_columns(settings: Settings, tmp_path: Path) -> None:
+    items = tmp_path / "items.csv"
+    items.write_text("ITEM_ID,CATEGORY,price,COLOUR\nsku1,Shoes|Men,9.5,red\nsku2,,,\n")
+    result = load(settings, "--items", str(items), "--namespace", "shop")
+    assert result.returncode == 0, result.stderr
+    assert "COLOUR" in result.stderr
+    sku1 = hot_item(settings, "shop", "sku1")
+    assert sku1 is not None
+    assert (sku1.categories, sku1.price) == (["Shoes", "Men"], 9.5)
+    assert hot_item(settings, "shop", "sku2") is not None
+
+
+def test_a_bad_row_is_reported_with_its_line(settings: Settings, tmp_path: Path) -> None:
+    items = tmp_path / "items.csv"
+    items.write_text("ITEM_ID,PRICE\nsku1,1\nsku2,cheap\n")
+    result = load(settings, "--items", str(items))
+    assert result.returncode == 1
+    assert f"{items}:3" in result.stderr
+    missing = load(settings, "--items", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 1
+    assert "does not exist" in missing.stderr
