@@ -54,6 +54,8 @@ BATCH_GET_KEYS: Final = 100
 BATCH_WRITE_ITEMS: Final = 25
 """DynamoDB's BatchWriteItem limit."""
 MAX_BATCH_ATTEMPTS: Final = 10
+WRITE_CONCURRENCY: Final = 8
+"""BatchWriteItem calls in flight at once for one put."""
 
 Record = TypeVar("Record", Item, User)
 K = TypeVar("K")
@@ -334,24 +336,41 @@ class RedisDynamoCatalog:
             self.cache.put((namespace, kind.name, record_id), None)
 
     async def _batch_write(self, requests: Sequence[Mapping[str, Any]], what: str) -> None:
-        for start in range(0, len(requests), BATCH_WRITE_ITEMS):
-            pending: dict[str, Any] = {
-                self.table: list(requests[start : start + BATCH_WRITE_ITEMS])
-            }
-            for attempt in range(MAX_BATCH_ATTEMPTS):
-                try:
-                    response = await self.dynamodb.batch_write_item(RequestItems=pending)
-                except (BotoCoreError, ClientError) as exc:
-                    raise translate(exc, f"{what} in {self.table!r}", self.settings) from exc
-                pending = dict(response.get("UnprocessedItems") or {})
-                if not pending:
-                    break
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-            else:
-                raise StoreUnavailable(
-                    f"DynamoDB kept catalog writes unprocessed on {self.table!r} after "
-                    f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's write capacity"
-                )
+        chunks = [
+            list(requests[start : start + BATCH_WRITE_ITEMS])
+            for start in range(0, len(requests), BATCH_WRITE_ITEMS)
+        ]
+        # A bulk load is hundreds of calls; a few at a time keeps it from taking minutes
+        # without flooding a provisioned table (unprocessed items are retried anyway).
+        limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+        async def write(chunk: list[Mapping[str, Any]]) -> None:
+            async with limit:
+                await self._write_chunk(chunk, what)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for chunk in chunks:
+                    group.create_task(write(chunk))
+        except ExceptionGroup as errors:
+            # The caller handles one RecstreamError; the first failure says what to fix.
+            raise errors.exceptions[0] from None
+
+    async def _write_chunk(self, chunk: list[Mapping[str, Any]], what: str) -> None:
+        pending: dict[str, Any] = {self.table: chunk}
+        for attempt in range(MAX_BATCH_ATTEMPTS):
+            try:
+                response = await self.dynamodb.batch_write_item(RequestItems=pending)
+            except (BotoCoreError, ClientError) as exc:
+                raise translate(exc, f"{what} in {self.table!r}", self.settings) from exc
+            pending = dict(response.get("UnprocessedItems") or {})
+            if not pending:
+                return
+            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise StoreUnavailable(
+            f"DynamoDB kept catalog writes unprocessed on {self.table!r} after "
+            f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's write capacity"
+        )
 
 
 class MemoryCatalog:
