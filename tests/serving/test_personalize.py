@@ -35,6 +35,16 @@ def settings(local_stack: LocalStack) -> Settings:
     return make_settings(local_stack, store_timeout_ms=5000, ranking_budget_ms=10000)
 
 
+@pytest.fixture(scope="module")
+def shared_api(local_stack: LocalStack) -> Iterator[RunningApi]:
+    """One server for the tests whose requests all fail: nothing they send may land, so
+    they can share resources (and the suite saves a server start per case)."""
+    settings = make_settings(local_stack)
+    port = stack.free_port()
+    with serve_in_thread(create_app(settings), port):
+        yield RunningApi(url=f"http://127.0.0.1:{port}", settings=settings)
+
+
 def arn(resource: str) -> str:
     return f"arn:aws:personalize:{REGION}:{ACCOUNT}:{resource}"
 
@@ -197,12 +207,12 @@ async def test_metadata_columns_come_from_the_catalog(api: RunningApi) -> None:
     ],
 )
 def test_get_recommendations_errors_are_the_modelled_exceptions(
-    api: RunningApi, kwargs: dict[str, Any], error: str, words: str
+    shared_api: RunningApi, kwargs: dict[str, Any], error: str, words: str
 ) -> None:
-    client = runtime(api)
+    client = runtime(shared_api)
     request = {"userId": "alice", **kwargs}
     request = {
-        k: v.replace("{ns}", api.settings.namespace) if isinstance(v, str) else v
+        k: v.replace("{ns}", shared_api.settings.namespace) if isinstance(v, str) else v
         for k, v in request.items()
         if v is not None
     }
@@ -212,17 +222,19 @@ def test_get_recommendations_errors_are_the_modelled_exceptions(
     assert words in raised.value.response["Error"]["Message"]
 
 
-def test_errors_use_the_rest_json_error_format(api: RunningApi) -> None:
+def test_errors_use_the_rest_json_error_format(shared_api: RunningApi) -> None:
     response = httpx.post(
-        f"{api.url}/personalize-runtime/recommendations",
-        json={"campaignArn": arn(f"campaign/{api.settings.namespace}"), "numResults": -1},
+        f"{shared_api.url}/personalize-runtime/recommendations",
+        json={"campaignArn": arn(f"campaign/{shared_api.settings.namespace}"), "numResults": -1},
     )
     assert response.status_code == 400
     assert response.headers["x-amzn-ErrorType"] == "InvalidInputException"
     body = response.json()
     assert body["__type"] == "InvalidInputException"
     assert "numResults" in body["message"]
-    unknown = httpx.post(f"{api.url}/personalize-runtime/recommendations", json={"campaign": "x"})
+    unknown = httpx.post(
+        f"{shared_api.url}/personalize-runtime/recommendations", json={"campaign": "x"}
+    )
     assert unknown.status_code == 400
     assert "campaign" in unknown.json()["message"]
 
@@ -247,9 +259,9 @@ async def test_personalized_ranking_without_rerank_ranks_by_recommendations(
     assert response["recommendationId"]
 
 
-def test_personalized_ranking_errors(api: RunningApi) -> None:
-    client = runtime(api)
-    ns = api.settings.namespace
+def test_personalized_ranking_errors(shared_api: RunningApi) -> None:
+    client = runtime(shared_api)
+    ns = shared_api.settings.namespace
     with pytest.raises(client.exceptions.InvalidInputException, match="inputList"):
         client.get_personalized_ranking(
             campaignArn=arn(f"campaign/{ns}"), userId="u", inputList=[f"i{n}" for n in range(501)]
@@ -467,14 +479,14 @@ def test_put_events_without_ids_is_safe_to_retry(api: RunningApi) -> None:
     ],
 )
 def test_put_events_refuses_what_personalize_refuses(
-    api: RunningApi, events: list[dict[str, Any]], words: str
+    shared_api: RunningApi, events: list[dict[str, Any]], words: str
 ) -> None:
-    client = events_client(api)
+    client = events_client(shared_api)
     batch = [{"sentAt": time.time(), **e} for e in events]
     with pytest.raises(client.exceptions.InvalidInputException) as raised:
-        client.put_events(trackingId=api.settings.namespace, sessionId="s", eventList=batch)
+        client.put_events(trackingId=shared_api.settings.namespace, sessionId="s", eventList=batch)
     assert words in raised.value.response["Error"]["Message"]
-    assert read_stream(api.settings) == []  # all or nothing, as Personalize
+    assert read_stream(shared_api.settings) == []  # all or nothing, as Personalize
 
 
 # --- PutItems / PutUsers ---------------------------------------------------------------------
@@ -542,10 +554,10 @@ def test_put_items_and_users_reach_the_catalog(api: RunningApi) -> None:
     ],
 )
 def test_put_items_and_users_errors(
-    api: RunningApi, operation: str, kwargs: dict[str, Any], error: str, words: str
+    shared_api: RunningApi, operation: str, kwargs: dict[str, Any], error: str, words: str
 ) -> None:
-    ns = api.settings.namespace
-    client = events_client(api)
+    ns = shared_api.settings.namespace
+    client = events_client(shared_api)
     if operation == "put_items":
         request: dict[str, Any] = {"datasetArn": f"dataset/{ns}/ITEMS", "items": [{"itemId": "x"}]}
     else:
@@ -555,7 +567,7 @@ def test_put_items_and_users_errors(
     with pytest.raises(getattr(client.exceptions, f"{error}Exception")) as raised:
         getattr(client, operation)(**request)
     assert words in raised.value.response["Error"]["Message"]
-    assert httpx.get(f"{api.url}/v1/{ns}/items/x").status_code == 404
+    assert httpx.get(f"{shared_api.url}/v1/{ns}/items/x").status_code == 404
 
 
 # --- a deployment that lists its namespaces -----------------------------------------------------
