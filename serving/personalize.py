@@ -268,14 +268,24 @@ class PersonalizeRanker(Protocol):
     ) -> RankedList: ...
 
 
+_SIGNATURES: dict[Any, frozenset[str]] = {}
+
+
 def _accepts(method: Any, name: str) -> bool:
-    try:
-        parameters = inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
+    """Whether ``method`` takes keyword ``name``. Signatures are read once per function
+    (a bound method is a new object per access; its ``__func__`` is not)."""
+    function = getattr(method, "__func__", method)
+    names = _SIGNATURES.get(function)
+    if names is None:
+        try:
+            parameters = tuple(inspect.signature(method).parameters.values())
+        except (TypeError, ValueError):
+            parameters = ()
+        names = frozenset(
+            "**" if p.kind is inspect.Parameter.VAR_KEYWORD else p.name for p in parameters
+        )
+        _SIGNATURES[function] = names
+    return name in names or "**" in names
 
 
 def _ranker_kwargs(
