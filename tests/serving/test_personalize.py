@@ -12,10 +12,12 @@ import boto3
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from agents.state import RedisHotStore
 from recstream import stack
+from recstream.aws import sync_client
 from recstream.settings import Settings
 from serving.app import create_app
 from serving.personalize import rank_by_recommendations
@@ -59,13 +61,14 @@ def runtime(api: RunningApi) -> Any:
     )
 
 
-def events_client(api: RunningApi) -> Any:
+def events_client(api: RunningApi, **config: Any) -> Any:
     return boto3.client(
         "personalize-events",
         endpoint_url=f"{api.url}/personalize-events",
         region_name=REGION,
         aws_access_key_id="x",
         aws_secret_access_key="x",
+        config=Config(**config),
     )
 
 
@@ -599,3 +602,19 @@ def test_names_outside_the_served_namespaces(listed_api: RunningApi) -> None:
         )
     with pytest.raises(ClientError):
         ev.put_events(trackingId=ns, sessionId="s", eventList=[{"eventType": "view", "sentAt": 0}])
+
+
+def test_a_broken_deployment_is_an_internal_failure_not_a_missing_resource(
+    api: RunningApi,
+) -> None:
+    # ResourceNotFoundException would tell the client its ARN is wrong; a missing table
+    # is the operator's to fix.
+    sync_client(api.settings, "dynamodb").delete_table(TableName=api.settings.catalog_table)
+    client = events_client(api, retries={"total_max_attempts": 1})  # botocore retries 500s
+    with pytest.raises(ClientError) as raised:
+        client.put_items(
+            datasetArn=arn(f"dataset/{api.settings.namespace}/ITEMS"), items=[{"itemId": "x"}]
+        )
+    error = raised.value.response["Error"]
+    assert error["Code"] == "InternalFailure"
+    assert api.settings.catalog_table in error["Message"]
