@@ -164,10 +164,6 @@ class Settings(BaseSettings):
         return f"{self.table_prefix}-leases"
 
     @property
-    def catalog_table(self) -> str:
-        return f"{self.table_prefix}-catalog"
-
-    @property
     def kinesis_endpoint(self) -> str | None:
         return self.kinesis_endpoint_url or self.aws_endpoint_url
 
@@ -179,6 +175,10 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def catalog_table(self) -> str:
+        return f"{self.table_prefix}-catalog"
 
     def to_env(self) -> dict[str, str]:
         """These settings as RECSTREAM_* variables, for child processes."""
