@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     """How many published versions of each model are kept; older ones are deleted."""
     # (training settings end here)
 
+    # --- catalog (recstream/catalog.py, serving/catalog_routes.py, serving/personalize.py) ---
+    catalog_cache_size: int = Field(100_000, ge=0)
+    """How many catalog records (items and users, found or absent) each process caches."""
+    catalog_cache_ttl_s: float = Field(30.0, ge=0)
+    """How long a cached catalog record is trusted; a change made by another process is
+    seen after at most this long."""
+    catalog_max_batch: int = Field(500, ge=1, le=10_000)
+    """Largest batch `POST /v1/items` and `POST /v1/users` accept."""
+
     @field_validator(
         "aws_endpoint_url",
         "kinesis_endpoint_url",
@@ -167,6 +176,10 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def catalog_table(self) -> str:
+        return f"{self.table_prefix}-catalog"
 
     def to_env(self) -> dict[str, str]:
         """These settings as RECSTREAM_* variables, for child processes."""

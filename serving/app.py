@@ -27,6 +27,7 @@ from agents.state import DynamoWindows, RedisHotStore
 from recstream.errors import RecstreamError
 from recstream.settings import NAMESPACE_PATTERN, Settings
 from recstream.stores import open_stores
+from serving import catalog_routes, personalize
 from serving.candidates import PublishedModels
 from serving.collector import collect
 from serving.http import error_response, json_response
@@ -125,6 +126,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.redis = stores.redis
             app.state.producer = producer
             app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
+            await stack.enter_async_context(catalog_routes.catalog_state(app, settings, stores))
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -139,6 +141,8 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/{namespace}/recommendations", get_recommendations, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *catalog_routes.routes(),
+            *personalize.routes(),
         ],
         lifespan=lifespan,
         exception_handlers={RecstreamError: on_recstream_error},

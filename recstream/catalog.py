@@ -1,0 +1,410 @@
+"""The item and user catalog: a durable DynamoDB copy, a hot Redis copy, an in-process cache.
+
+Serving enriches responses and filters on item metadata, and agents read item attributes
+for user features, so the catalog lives here in the shared layer. Three tiers, each
+filled from the one below:
+
+    in-process TTL LRU    (namespace, kind, id) -> record or "absent"; bounded, per process
+         │ miss
+    Redis                 rs:{ns}:item:{id} / rs:{ns}:user:{id}: STRING, the record's JSON;
+         │ miss           one MGET per call
+    DynamoDB              table {prefix}-catalog: pk = {ns}#item#{id} / {ns}#user#{id},
+                          doc = the same JSON; BatchGetItem, 100 keys a call; the records
+                          found are written back to Redis (SET NX, so a newer put wins)
+
+Writes go to DynamoDB first (the durable copy), then Redis, then this process's cache.
+Other processes see a change once their cache entry expires (``catalog_cache_ttl_s``);
+a missing record is cached too, so ids that are not in the catalog (common before one is
+loaded) do not cost a DynamoDB read on every request.
+
+`MemoryCatalog` implements the same `CatalogStore` protocol in dicts, for unit tests;
+tests/unit/test_catalog.py runs one contract against both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from recstream.aws import translate
+from recstream.errors import StoreUnavailable
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Item, User
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+__all__ = ["CatalogStore", "MemoryCatalog", "RedisDynamoCatalog"]
+
+log = logging.getLogger(__name__)
+
+BATCH_GET_KEYS: Final = 100
+"""DynamoDB's BatchGetItem limit."""
+BATCH_WRITE_ITEMS: Final = 25
+"""DynamoDB's BatchWriteItem limit."""
+MAX_BATCH_ATTEMPTS: Final = 10
+WRITE_CONCURRENCY: Final = 8
+"""BatchWriteItem calls in flight at once for one put."""
+
+Record = TypeVar("Record", Item, User)
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class CatalogStore(Protocol):
+    """Items and users by id, per namespace. Reads return only the ids that exist."""
+
+    async def items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item]: ...
+
+    async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]: ...
+
+    async def put_items(self, namespace: str, items: Sequence[Item]) -> None: ...
+
+    async def put_users(self, namespace: str, users: Sequence[User]) -> None: ...
+
+    async def delete_items(self, namespace: str, ids: Iterable[str]) -> None: ...
+
+    async def delete_users(self, namespace: str, ids: Iterable[str]) -> None: ...
+
+
+def _unique(ids: Iterable[str]) -> list[str]:
+    # BatchGetItem refuses duplicate keys, and a caller may pass the same id twice.
+    return list(dict.fromkeys(ids))
+
+
+def _last_by_id(records: Sequence[Record], kind: _Kind[Record]) -> dict[str, Record]:
+    # BatchWriteItem refuses two writes to one key in a call; the last one wins, as it
+    # would had they been sent one by one.
+    return {kind.id_of(record): record for record in records}
+
+
+@dataclass(frozen=True, slots=True)
+class _Kind(Generic[Record]):
+    """What differs between items and users: the model, the key names, the id field."""
+
+    name: str
+    model: type[Record]
+
+    def id_of(self, record: Record) -> str:
+        return record.item_id if isinstance(record, Item) else record.user_id
+
+    def redis_key(self, namespace: str, record_id: str) -> str:
+        keys = Keys(namespace)
+        return keys.item(record_id) if self.name == "item" else keys.user(record_id)
+
+    def pk(self, namespace: str, record_id: str) -> str:
+        return f"{namespace}#{self.name}#{record_id}"
+
+    def parse(self, raw: bytes | str) -> Record:
+        return self.model.model_validate_json(raw)
+
+
+ITEMS: Final = _Kind("item", Item)
+USERS: Final = _Kind("user", User)
+
+
+class TtlLru(Generic[K, V]):
+    """A bounded cache whose entries also expire; the least recently used go first."""
+
+    def __init__(self, size: int, ttl_s: float) -> None:
+        self.size = size
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K) -> tuple[bool, V | None]:
+        """(found, value); an expired entry is not found."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if time.monotonic() - entry[0] >= self.ttl_s:
+            del self._entries[key]
+            return False, None
+        self._entries.move_to_end(key)
+        return True, entry[1]
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = (time.monotonic(), value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def discard(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RedisDynamoCatalog:
+    """`CatalogStore` on DynamoDB (durable), Redis (hot) and an in-process TTL LRU."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        dynamodb: DynamoDBClient,
+        settings: Settings,
+        *,
+        cache_size: int | None = None,
+        cache_ttl_s: float | None = None,
+    ) -> None:
+        self.redis = redis
+        self.dynamodb = dynamodb
+        self.settings = settings
+        self.table = settings.catalog_table
+        # Items and users share one cache; its key names the kind. A size of 0 turns the
+        # cache off (tools that write, and tests that watch the lower tiers).
+        size = settings.catalog_cache_size if cache_size is None else cache_size
+        ttl = settings.catalog_cache_ttl_s if cache_ttl_s is None else cache_ttl_s
+        self.cache: TtlLru[tuple[str, str, str], BaseModel | None] = TtlLru(size, ttl)
+
+    # --- reads ---------------------------------------------------------------------
+
+    async def items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item]:
+        return await self._read(ITEMS, namespace, ids)
+
+    async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]:
+        return await self._read(USERS, namespace, ids)
+
+    async def _read(
+        self, kind: _Kind[Record], namespace: str, ids: Iterable[str]
+    ) -> dict[str, Record]:
+        found: dict[str, Record] = {}
+        missing: list[str] = []
+        for record_id in _unique(ids):
+            hit, value = self.cache.get((namespace, kind.name, record_id))
+            if not hit:
+                missing.append(record_id)
+            elif value is not None:
+                found[record_id] = value  # type: ignore[assignment]
+        if not missing:
+            return found
+        hot, redis_ok = await self._read_redis(kind, namespace, missing)
+        cold_ids = [record_id for record_id in missing if record_id not in hot]
+        cold = await self._read_dynamodb(kind, namespace, cold_ids) if cold_ids else {}
+        if cold and redis_ok:
+            await self._write_back(kind, namespace, cold)
+        for record_id in missing:
+            record = hot.get(record_id) or cold.get(record_id)
+            self.cache.put((namespace, kind.name, record_id), record)
+            if record is not None:
+                found[record_id] = record
+        return found
+
+    async def _read_redis(
+        self, kind: _Kind[Record], namespace: str, ids: Sequence[str]
+    ) -> tuple[dict[str, Record], bool]:
+        """The records Redis holds, and whether Redis answered at all. When it did not,
+        DynamoDB answers for every id: a slow catalog beats a wrong one."""
+        try:
+            values = await self.redis.mget([kind.redis_key(namespace, i) for i in ids])
+        except (RedisError, OSError) as exc:
+            log.warning("catalog: Redis read failed (%s); reading DynamoDB instead", exc)
+            return {}, False
+        out: dict[str, Record] = {}
+        for record_id, raw in zip(ids, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                out[record_id] = kind.parse(raw)
+            except ValidationError:
+                # Not written by this module (or by an older schema): the durable copy
+                # decides, and its write-back repairs the hot copy.
+                log.warning("catalog: unreadable %s %r in Redis; re-reading", kind.name, record_id)
+        return out, True
+
+    async def _read_dynamodb(
+        self, kind: _Kind[Record], namespace: str, ids: Sequence[str]
+    ) -> dict[str, Record]:
+        out: dict[str, Record] = {}
+        for start in range(0, len(ids), BATCH_GET_KEYS):
+            chunk = ids[start : start + BATCH_GET_KEYS]
+            pending: dict[str, Any] = {
+                self.table: {
+                    "Keys": [{"pk": {"S": kind.pk(namespace, i)}} for i in chunk],
+                    "ProjectionExpression": "doc",
+                    "ConsistentRead": False,
+                }
+            }
+            for attempt in range(MAX_BATCH_ATTEMPTS):
+                try:
+                    response = await self.dynamodb.batch_get_item(RequestItems=pending)
+                except (BotoCoreError, ClientError) as exc:
+                    raise translate(
+                        exc, f"reading the catalog {self.table!r}", self.settings
+                    ) from exc
+                for row in response.get("Responses", {}).get(self.table, []):
+                    record = kind.parse(row["doc"]["S"])
+                    out[kind.id_of(record)] = record
+                pending = dict(response.get("UnprocessedKeys") or {})
+                if not pending:
+                    break
+                # Unprocessed keys are routine under throttling: back off, then resend them.
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+            else:
+                raise StoreUnavailable(
+                    f"DynamoDB kept catalog keys unprocessed on {self.table!r} after "
+                    f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's read capacity"
+                )
+        return out
+
+    async def _write_back(
+        self, kind: _Kind[Record], namespace: str, records: Mapping[str, Record]
+    ) -> None:
+        # NX: a put that landed between our DynamoDB read and now holds the newer record.
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for record_id, record in records.items():
+                    pipe.set(
+                        kind.redis_key(namespace, record_id), record.model_dump_json(), nx=True
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("catalog: could not restore %d records to Redis: %s", len(records), exc)
+
+    # --- writes --------------------------------------------------------------------
+
+    async def put_items(self, namespace: str, items: Sequence[Item]) -> None:
+        await self._put(ITEMS, namespace, items)
+
+    async def put_users(self, namespace: str, users: Sequence[User]) -> None:
+        await self._put(USERS, namespace, users)
+
+    async def _put(self, kind: _Kind[Record], namespace: str, records: Sequence[Record]) -> None:
+        latest = _last_by_id(records, kind)
+        now = repr(time.time())
+        requests = [
+            {
+                "PutRequest": {
+                    "Item": {
+                        "pk": {"S": kind.pk(namespace, record_id)},
+                        "doc": {"S": record.model_dump_json()},
+                        "updated_at": {"N": now},
+                    }
+                }
+            }
+            for record_id, record in latest.items()
+        ]
+        await self._batch_write(requests, f"writing {len(requests)} catalog {kind.name}s")
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for record_id, record in latest.items():
+                    pipe.set(kind.redis_key(namespace, record_id), record.model_dump_json())
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # DynamoDB has them, but Redis may still serve the old records: the caller must
+            # retry (puts are idempotent) rather than believe the update is live.
+            raise StoreUnavailable(
+                f"catalog {kind.name}s were stored in DynamoDB but not in Redis ({exc}); "
+                "retry the request once Redis is reachable"
+            ) from exc
+        for record_id, record in latest.items():
+            self.cache.put((namespace, kind.name, record_id), record)
+
+    async def delete_items(self, namespace: str, ids: Iterable[str]) -> None:
+        await self._delete(ITEMS, namespace, ids)
+
+    async def delete_users(self, namespace: str, ids: Iterable[str]) -> None:
+        await self._delete(USERS, namespace, ids)
+
+    async def _delete(self, kind: _Kind[Record], namespace: str, ids: Iterable[str]) -> None:
+        unique = _unique(ids)
+        if not unique:
+            return
+        requests = [
+            {"DeleteRequest": {"Key": {"pk": {"S": kind.pk(namespace, i)}}}} for i in unique
+        ]
+        await self._batch_write(requests, f"deleting {len(requests)} catalog {kind.name}s")
+        try:
+            await self.redis.delete(*(kind.redis_key(namespace, i) for i in unique))
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(
+                f"catalog {kind.name}s were deleted from DynamoDB but not from Redis ({exc}); "
+                "retry the request once Redis is reachable"
+            ) from exc
+        for record_id in unique:
+            self.cache.put((namespace, kind.name, record_id), None)
+
+    async def _batch_write(self, requests: Sequence[Mapping[str, Any]], what: str) -> None:
+        chunks = [
+            list(requests[start : start + BATCH_WRITE_ITEMS])
+            for start in range(0, len(requests), BATCH_WRITE_ITEMS)
+        ]
+        # A bulk load is hundreds of calls; a few at a time keeps it from taking minutes
+        # without flooding a provisioned table (unprocessed items are retried anyway).
+        limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+        async def write(chunk: list[Mapping[str, Any]]) -> None:
+            async with limit:
+                await self._write_chunk(chunk, what)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for chunk in chunks:
+                    group.create_task(write(chunk))
+        except ExceptionGroup as errors:
+            # The caller handles one RecstreamError; the first failure says what to fix.
+            raise errors.exceptions[0] from None
+
+    async def _write_chunk(self, chunk: list[Mapping[str, Any]], what: str) -> None:
+        pending: dict[str, Any] = {self.table: chunk}
+        for attempt in range(MAX_BATCH_ATTEMPTS):
+            try:
+                response = await self.dynamodb.batch_write_item(RequestItems=pending)
+            except (BotoCoreError, ClientError) as exc:
+                raise translate(exc, f"{what} in {self.table!r}", self.settings) from exc
+            pending = dict(response.get("UnprocessedItems") or {})
+            if not pending:
+                return
+            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise StoreUnavailable(
+            f"DynamoDB kept catalog writes unprocessed on {self.table!r} after "
+            f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's write capacity"
+        )
+
+
+class MemoryCatalog:
+    """`CatalogStore` in dicts: the same contract, for unit tests and tools."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str, str], BaseModel] = {}
+
+    async def items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item]:
+        return self._read(ITEMS, namespace, ids)
+
+    async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]:
+        return self._read(USERS, namespace, ids)
+
+    def _read(self, kind: _Kind[Record], namespace: str, ids: Iterable[str]) -> dict[str, Record]:
+        out: dict[str, Record] = {}
+        for record_id in _unique(ids):
+            record = self.records.get((namespace, kind.name, record_id))
+            if record is not None:
+                out[record_id] = record  # type: ignore[assignment]
+        return out
+
+    async def put_items(self, namespace: str, items: Sequence[Item]) -> None:
+        for record_id, item in _last_by_id(items, ITEMS).items():
+            self.records[(namespace, "item", record_id)] = item
+
+    async def put_users(self, namespace: str, users: Sequence[User]) -> None:
+        for record_id, user in _last_by_id(users, USERS).items():
+            self.records[(namespace, "user", record_id)] = user
+
+    async def delete_items(self, namespace: str, ids: Iterable[str]) -> None:
+        for record_id in _unique(ids):
+            self.records.pop((namespace, "item", record_id), None)
+
+    async def delete_users(self, namespace: str, ids: Iterable[str]) -> None:
+        for record_id in _unique(ids):
+            self.records.pop((namespace, "user", record_id), None)

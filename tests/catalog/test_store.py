@@ -1,0 +1,204 @@
+"""One contract for `CatalogStore`, run against Redis + DynamoDB (moto) and in memory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from recstream import stack
+from recstream.aws import async_client, sync_client
+from recstream.catalog import CatalogStore, MemoryCatalog, RedisDynamoCatalog
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Item, User
+
+
+def item(n: int | str, **kw: object) -> Item:
+    return Item.model_validate({"item_id": f"i{n}", **kw})
+
+
+@pytest.fixture(params=["redis+dynamodb", "memory"])
+async def catalog(
+    request: pytest.FixtureRequest, settings: Settings
+) -> AsyncIterator[CatalogStore]:
+    if request.param == "memory":
+        yield MemoryCatalog()
+        return
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            yield RedisDynamoCatalog(redis, dynamodb, settings)
+    finally:
+        await redis.aclose()
+
+
+async def test_items_round_trip_and_absent_ids_are_left_out(
+    catalog: CatalogStore, settings: Settings
+) -> None:
+    ns = settings.namespace
+    a = item(1, categories="Comedy|Drama", title="Toy Story (1995)", price=9.5)
+    b = item(2, brand="acme")
+    await catalog.put_items(ns, [a, b])
+    assert await catalog.items(ns, ["i1", "i2", "nope", "i1"]) == {"i1": a, "i2": b}
+    assert (await catalog.items(ns, ["i1"]))["i1"].categories == ["Comedy", "Drama"]
+    assert await catalog.items(ns, []) == {}
+
+
+async def test_users_round_trip(catalog: CatalogStore, settings: Settings) -> None:
+    ns = settings.namespace
+    u = User(user_id="u1", attributes={"membership": "gold"})
+    await catalog.put_users(ns, [u])
+    assert await catalog.users(ns, ["u1", "u2"]) == {"u1": u}
+    # Items and users are separate: an item with the same id is not a user.
+    assert await catalog.items(ns, ["u1"]) == {}
+
+
+async def test_a_later_put_replaces_and_the_last_in_a_batch_wins(
+    catalog: CatalogStore, settings: Settings
+) -> None:
+    ns = settings.namespace
+    await catalog.put_items(ns, [item(1, title="old")])
+    await catalog.put_items(ns, [item(1, title="first"), item(1, title="second")])
+    assert (await catalog.items(ns, ["i1"]))["i1"].title == "second"
+
+
+async def test_delete(catalog: CatalogStore, settings: Settings) -> None:
+    ns = settings.namespace
+    await catalog.put_items(ns, [item(1), item(2)])
+    await catalog.put_users(ns, [User(user_id="u1")])
+    await catalog.delete_items(ns, ["i1", "never-existed"])
+    await catalog.delete_users(ns, ["u1"])
+    assert set(await catalog.items(ns, ["i1", "i2"])) == {"i2"}
+    assert await catalog.users(ns, ["u1"]) == {}
+
+
+async def test_namespaces_are_isolated(catalog: CatalogStore, settings: Settings) -> None:
+    ns = settings.namespace
+    await catalog.put_items(f"{ns}-a", [item(1, title="a")])
+    await catalog.put_items(f"{ns}-b", [item(1, title="b")])
+    assert (await catalog.items(f"{ns}-a", ["i1"]))["i1"].title == "a"
+    assert (await catalog.items(f"{ns}-b", ["i1"]))["i1"].title == "b"
+    assert await catalog.items(ns, ["i1"]) == {}
+
+
+async def test_batches_larger_than_dynamodb_limits(
+    catalog: CatalogStore, settings: Settings
+) -> None:
+    # 260 puts = 11 BatchWriteItem calls; 260 reads = 3 BatchGetItem calls.
+    ns = settings.namespace
+    records = [item(n, title=f"t{n}") for n in range(260)]
+    await catalog.put_items(ns, records)
+    found = await catalog.items(ns, [r.item_id for r in records])
+    assert found == {r.item_id: r for r in records}
+
+
+# --- the real tiers -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def real(settings: Settings) -> AsyncIterator[tuple[aioredis.Redis, RedisDynamoCatalog]]:
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            # No process cache: these tests watch Redis and DynamoDB.
+            yield redis, RedisDynamoCatalog(redis, dynamodb, settings, cache_size=0)
+    finally:
+        await redis.aclose()
+
+
+async def test_hot_and_durable_copies_use_the_agreed_layout(
+    real: tuple[aioredis.Redis, RedisDynamoCatalog], settings: Settings
+) -> None:
+    redis, catalog = real
+    ns = settings.namespace
+    a = item(7, categories="Action", title="Heat")
+    await catalog.put_items(ns, [a])
+    await catalog.put_users(ns, [User(user_id="u7", attributes={"age": "30"})])
+    hot = await redis.get(Keys(ns).item("i7"))
+    assert hot is not None
+    assert Item.model_validate_json(hot) == a
+    assert orjson.loads(await redis.get(Keys(ns).user("u7")) or b"{}")["attributes"] == {
+        "age": "30"
+    }
+    dynamodb = sync_client(settings, "dynamodb")
+    row = dynamodb.get_item(TableName=settings.catalog_table, Key={"pk": {"S": f"{ns}#item#i7"}})
+    assert Item.model_validate_json(row["Item"]["doc"]["S"]) == a
+    row = dynamodb.get_item(TableName=settings.catalog_table, Key={"pk": {"S": f"{ns}#user#u7"}})
+    assert User.model_validate_json(row["Item"]["doc"]["S"]).user_id == "u7"
+
+
+async def test_a_redis_miss_is_read_from_dynamodb_and_restored(
+    real: tuple[aioredis.Redis, RedisDynamoCatalog], settings: Settings
+) -> None:
+    redis, catalog = real
+    ns = settings.namespace
+    records = [item(n, title=f"t{n}") for n in range(150)]
+    await catalog.put_items(ns, records)
+    lost = [Keys(ns).item(f"i{n}") for n in range(0, 150, 2)]
+    await redis.delete(*lost)  # Redis lost half of them (eviction, a restart without AOF)
+    found = await catalog.items(ns, [r.item_id for r in records])
+    assert found == {r.item_id: r for r in records}
+    assert await redis.exists(*lost) == len(lost)
+
+
+async def test_unreadable_hot_copy_falls_back_to_the_durable_copy(
+    real: tuple[aioredis.Redis, RedisDynamoCatalog], settings: Settings
+) -> None:
+    redis, catalog = real
+    ns = settings.namespace
+    await catalog.put_items(ns, [item(1, title="real")])
+    await redis.set(Keys(ns).item("i1"), b"not json")
+    assert (await catalog.items(ns, ["i1"]))["i1"].title == "real"
+
+
+async def test_redis_down_reads_dynamodb(settings: Settings) -> None:
+    ns = settings.namespace
+    good = aioredis.from_url(settings.redis_url)
+    dead = aioredis.from_url(f"redis://127.0.0.1:{stack.free_port()}/0", socket_connect_timeout=1)
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            await RedisDynamoCatalog(good, dynamodb, settings).put_items(ns, [item(1)])
+            catalog = RedisDynamoCatalog(dead, dynamodb, settings)
+            assert set(await catalog.items(ns, ["i1", "i2"])) == {"i1"}
+    finally:
+        await good.aclose()
+        await dead.aclose()
+
+
+async def test_the_process_cache_remembers_records_and_absences(settings: Settings) -> None:
+    ns = settings.namespace
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            reader = RedisDynamoCatalog(redis, dynamodb, settings, cache_ttl_s=3600)
+            writer = RedisDynamoCatalog(redis, dynamodb, settings, cache_size=0)
+            await writer.put_items(ns, [item(1, title="v1")])
+            assert (await reader.items(ns, ["i1", "i2"]))["i1"].title == "v1"
+            # Another process changes both; this one keeps serving its cached view until
+            # the TTL, without touching Redis or DynamoDB...
+            await writer.put_items(ns, [item(1, title="v2"), item(2)])
+            assert set(await reader.items(ns, ["i1", "i2"])) == {"i1"}
+            assert (await reader.items(ns, ["i1"]))["i1"].title == "v1"
+            # ...while its own writes are visible at once, and a fresh cache sees the rest.
+            await reader.put_items(ns, [item(3)])
+            assert set(await reader.items(ns, ["i3"])) == {"i3"}
+            fresh = RedisDynamoCatalog(redis, dynamodb, settings, cache_ttl_s=0)
+            assert (await fresh.items(ns, ["i1", "i2"]))["i1"].title == "v2"
+    finally:
+        await redis.aclose()
+
+
+def test_the_cache_is_bounded() -> None:
+    from recstream.catalog import TtlLru
+
+    cache: TtlLru[str, int] = TtlLru(size=2, ttl_s=60)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == (True, 1)  # a is now the most recent
+    cache.put("c", 3)
+    assert len(cache) == 2
+    assert cache.get("b") == (False, None)
+    assert cache.get("a") == (True, 1)
