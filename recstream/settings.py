@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     """How many published versions of each model are kept; older ones are deleted."""
     # (training settings end here)
 
+    # --- filters (serving/filters.py, serving/filter_store.py) -----------------------
+    filter_cache_ttl_s: float = Field(5.0, ge=0)
+    """How long the API keeps a compiled filter before reading it again from DynamoDB:
+    another API process's create or delete is seen within this time."""
+    filters_per_namespace: int = Field(100, ge=1)
+    """How many filters one namespace may hold (Personalize allows 10 per dataset group)."""
+
     @field_validator(
         "aws_endpoint_url",
         "kinesis_endpoint_url",
@@ -166,6 +173,10 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def filters_table(self) -> str:
+        return f"{self.table_prefix}-filters"
 
     def to_env(self) -> dict[str, str]:
         """These settings as RECSTREAM_* variables, for child processes."""

@@ -29,6 +29,10 @@ from recstream.settings import NAMESPACE_PATTERN, Settings
 from recstream.stores import open_stores
 from serving.candidates import PublishedModels
 from serving.collector import collect
+from serving.filter_routes import filter_error_handler
+from serving.filter_routes import routes as filter_routes
+from serving.filter_store import open_filters
+from serving.filters import FilterError
 from serving.http import error_response, json_response
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.ranking import Ranker
@@ -125,6 +129,9 @@ def create_app(settings: Settings) -> Starlette:
             app.state.redis = stores.redis
             app.state.producer = producer
             app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
+            app.state.filters = await stack.enter_async_context(
+                open_filters(settings, stores.dynamodb)
+            )
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -133,6 +140,7 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
+            *filter_routes(),  # before the {namespace} routes: a filter may be named "events"
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/{namespace}/events", post_events, methods=["POST"]),
             Route("/v1/recommendations", get_recommendations, methods=["GET"]),
@@ -141,7 +149,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,
-        exception_handlers={RecstreamError: on_recstream_error},
+        exception_handlers={RecstreamError: on_recstream_error, FilterError: filter_error_handler},
     )
     app.state.settings = settings
     return app
