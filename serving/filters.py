@@ -175,8 +175,11 @@ class Token:
     pos: int
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DIGITS = frozenset("0123456789")
+_WORD_START = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_WORD_CHARS = _WORD_START | _DIGITS
 _SINGLE = {"(": "LPAREN", ")": "RPAREN", ",": "COMMA", "|": "PIPE", ".": "DOT"}
 
 
@@ -209,7 +212,7 @@ def _tokenize(text: str, what: Callable[[int, str, str], Exception]) -> list[Tok
             raise what(i, "single-quoted string", 'quote values with double quotes: ("shoes")')
         elif ch == "$":
             m = _PARAM_NAME.match(text, i + 1)
-            if not m or (m.end() < n and (text[m.end()].isalnum() or text[m.end()] == "_")):
+            if not m or (m.end() < n and text[m.end()] in _WORD_CHARS):
                 raise what(
                     i,
                     "bad parameter name",
@@ -230,14 +233,14 @@ def _tokenize(text: str, what: Callable[[int, str, str], Exception]) -> list[Tok
             i += len(op)
         elif ch == "!":
             raise what(i, "'!' is not an operator", "use NOT IN (...) for inequality")
-        elif ch.isdigit() or (ch == "-" and i + 1 < n and text[i + 1].isdigit()):
+        elif ch in _DIGITS or (ch == "-" and i + 1 < n and text[i + 1] in _DIGITS):
             m = _NUMBER.match(text, i)
             assert m is not None
-            if m.end() < n and (text[m.end()].isalnum() or text[m.end()] == "_"):
+            if m.end() < n and text[m.end()] in _WORD_CHARS:
                 raise what(i, "malformed number", "write numbers like 20, 9.99 or -3")
             tokens.append(Token("NUMBER", m.group(), i))
             i = m.end()
-        elif ch.isalpha() or ch == "_":
+        elif ch in _WORD_START:
             m = _WORD.match(text, i)
             assert m is not None
             tokens.append(Token("WORD", m.group(), i))
@@ -946,11 +949,16 @@ def _bind_condition(
     if rhs is None:
         return False
     if cond.op in ("<", "<=", ">", ">=") and any(_as_number(r) is None for r in rhs):
-        name = cond.operand.name if isinstance(cond.operand, Param) else "the operand"
-        raise FilterValuesError(
-            f"{cond.dataset}.{cond.field} {cond.op} needs a number; {name} is {rhs!r}",
-            f'pass a number, e.g. {name}: "20"',
-        )
+        if isinstance(cond.operand, Param):  # the caller's mistake: say so
+            name = cond.operand.name
+            raise FilterValuesError(
+                f"{cond.dataset}.{cond.field} {cond.op} ${name} needs a number; got {rhs!r}",
+                f'pass a number, e.g. "{name}": "20"',
+            )
+        # A CurrentUser/CurrentItem field that is not a number compares with nothing.
+        rhs = tuple(r for r in rhs if _as_number(r) is not None)
+        if not rhs:
+            return False
     if cond.dataset == "Interactions":
         wanted = frozenset(str(r).lower() for r in rhs)
         if "*" in wanted:
