@@ -157,7 +157,22 @@ async def measure(
                 # interpreter's first calls.
                 load(url, paths, min(rate, 200.0), 1.0, work / "warm.json")
                 before = await redis_calls(settings)
+                spy = None
+                if args.profile and app == "real":
+                    # Sample the server under load: where its time goes (docs/serving-speed.md).
+                    out = args.profile.with_name(
+                        f"{args.profile.stem}-{variant.loop}-"
+                        f"{variant.http}-{variant.parser}-{rate:.0f}.txt"
+                    )
+                    spy = subprocess.Popen(  # noqa: ASYNC220 (nothing else runs on this loop)
+                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                         str(servers[app][1].pid), "--duration", str(int(args.duration)),
+                         "--format", "raw", "--rate", "250", "--nonblocking", "--output", str(out)],
+                        stdout=subprocess.DEVNULL,
+                    )  # fmt: skip
                 result = load(url, paths, rate, args.duration, work / f"{app}-{rate}.json")
+                if spy is not None:
+                    spy.wait(60)
                 after = await redis_calls(settings)
                 p50, p99, p999 = percentiles(result["latencies_ms"])
                 bad = sum(n for s, n in result["statuses"].items() if not s.startswith("2"))
@@ -244,6 +259,9 @@ def main() -> None:
     parser.add_argument("--parser", default="auto", choices=["auto", "python"])
     parser.add_argument("--variants", action="store_true", help="measure each part in turn")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy the app under load; collapsed stacks to PATH-*.txt"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -162,4 +162,13 @@ def app_from_env() -> Starlette:
 
 def run(settings: Settings, host: str, port: int) -> None:
     """Serve the API until interrupted (used by `recstream serve`)."""
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    # "auto" picks uvloop and httptools, project dependencies (docs/serving-speed.md).
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        loop="auto",
+        http="auto",
+    )
