@@ -15,8 +15,9 @@ separate load-generator process (bench/loadgen.py) sends ``GET /v1/recommendatio
 open-loop; latency counts from each request's due time. Printed per endpoint and rate:
 achieved throughput, p50, p99, p99.9 (of the answered requests), errors (failed or
 non-2xx), requests still unanswered 10 s after sending stopped, Redis commands per request
-(INFO commandstats, which counts the commands run inside Lua scripts too), and the p99
-ratio real / bare.
+(INFO commandstats, which counts the commands run inside Lua scripts too), the server
+process's CPU milliseconds per answered request (robust to other load on a shared machine),
+and the p99 ratio real / bare.
 
 ``--variants`` repeats the run for each server configuration, one part added at a time:
 pure-Python Redis parser + asyncio + h11, then hiredis, then uvloop, then httptools.
@@ -131,6 +132,13 @@ def load(url: str, paths: Path, rate: float, duration: float, out: Path) -> dict
     return result
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc): a cost per request that
+    other processes' load on a shared machine does not inflate, unlike latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
     if not samples:
         return (float("nan"),) * 3
@@ -157,6 +165,7 @@ async def measure(
                 # interpreter's first calls.
                 load(url, paths, min(rate, 200.0), 1.0, work / "warm.json")
                 before = await redis_calls(settings)
+                cpu_before = cpu_seconds(servers[app][1].pid)
                 spy = None
                 if args.profile and app == "real":
                     # Sample the server under load: where its time goes (docs/serving-speed.md).
@@ -173,6 +182,7 @@ async def measure(
                 result = load(url, paths, rate, args.duration, work / f"{app}-{rate}.json")
                 if spy is not None:
                     spy.wait(60)
+                cpu = cpu_seconds(servers[app][1].pid) - cpu_before
                 after = await redis_calls(settings)
                 p50, p99, p999 = percentiles(result["latencies_ms"])
                 bad = sum(n for s, n in result["statuses"].items() if not s.startswith("2"))
@@ -183,6 +193,7 @@ async def measure(
                     "errors": result["error_count"] + bad, "timed_out": result["timed_out"],
                     # INFO itself and our own reads count a few calls; negligible per request
                     "redis_per_request": (after - before) / max(1, result["completed"]),
+                    "cpu_ms_per_request": 1000 * cpu / max(1, result["completed"]),
                 })  # fmt: skip
     finally:
         for _, server in servers.values():
@@ -194,7 +205,8 @@ async def measure(
 def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     columns = ("variant", "endpoint", "rate", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
-               "errors", "timed out", "Redis cmds/req", "p99 real/bare")  # fmt: skip
+               "errors", "timed out", "Redis cmds/req", "server CPU ms/req",
+               "p99 real/bare")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     bare = {(r["variant"], r["rate"]): r for r in rows if r["endpoint"] == "bare"}
@@ -206,7 +218,8 @@ def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> Non
         table.add_row(
             r["variant"], r["endpoint"], f"{r['rate']:,.0f}", f"{r['achieved_rps']:,.0f}",
             f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}",
-            str(r["errors"]), str(r["timed_out"]), f"{r['redis_per_request']:.2f}", ratio,
+            str(r["errors"]), str(r["timed_out"]), f"{r['redis_per_request']:.2f}",
+            f"{r['cpu_ms_per_request']:.2f}", ratio,
         )  # fmt: skip
     console.print(table)
 
