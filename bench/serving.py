@@ -1,9 +1,26 @@
-"""Ranking latency over HTTP, with MovieLens windows and popularity loaded in Redis.
+"""Serving latency under open-loop load, MovieLens in real Redis, item-to-item published.
 
-    python -m bench.serving [--requests 5000] [--concurrency 8]
+    python -m bench.serving [--rates 500,1000,2000] [--duration 10] [--events 0]
+        [--loop auto] [--http auto] [--parser auto] [--variants] [--json out.json]
 
-Reference, measured in the same run: the API's /healthz (HTTP + one Redis PING), so the
-ratio shows what ranking adds on top of the HTTP round trip. Prints one table.
+Set-up: a private redis-server and moto server; every MovieLens rating applied to the
+live state through the agents' Redis store (``like`` for 4+ stars, else ``view``);
+item-to-item fitted on MovieLens and published through training's real publish path
+(S3 + versioned Redis records + pointer switch).
+
+Two endpoints run in their own processes (bench/serve_app.py), with the same uvicorn
+options: the app `serving.app.create_app` builds, and the reference, a bare ASGI endpoint
+making the same Redis round trips with no framework and no ranking. For each rate a
+separate load-generator process (bench/loadgen.py) sends ``GET /v1/recommendations``
+open-loop; latency counts from each request's due time. Printed per endpoint and rate:
+achieved throughput, p50, p99, p99.9 (of the answered requests), errors (failed or
+non-2xx), requests still unanswered 10 s after sending stopped, Redis commands per request
+(INFO commandstats, which counts the commands run inside Lua scripts too), the server
+process's CPU milliseconds per answered request (robust to other load on a shared machine),
+and the p99 ratio real / bare.
+
+``--variants`` repeats the run for each server configuration, one part added at a time:
+pure-Python Redis parser + asyncio + h11, then hiredis, then uvloop, then httptools.
 """
 
 from __future__ import annotations
@@ -11,26 +28,56 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import importlib.util
+import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import httpx
+import numpy as np
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
 from agents.state import RedisHotStore
-from bench.common import local_settings, start_api, summarize, wait_http
+from bench.common import local_settings, wait_http
 from recstream import stack
+from recstream.settings import Settings
 from streams.schema import Event
+from training.data import load_movielens
+from training.models import ItemToItem
+from training.publish import DataRange, RunInfo, open_registry
 
 ROOT = Path(__file__).resolve().parent.parent
+RATINGS = ROOT / "data" / "movielens-small" / "ratings.csv"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    loop: str
+    http: str
+    parser: str
+
+
+VARIANTS = [
+    Variant("asyncio + h11 + Python RESP parser", "asyncio", "h11", "python"),
+    Variant("+ hiredis", "asyncio", "h11", "auto"),
+    Variant("+ uvloop", "uvloop", "h11", "auto"),
+    Variant("+ httptools (= recstream serve)", "uvloop", "httptools", "auto"),
+]
 
 
 def movielens(limit: int) -> list[Event]:
-    with (ROOT / "data" / "movielens-small" / "ratings.csv").open(newline="") as handle:
-        rows = sorted(csv.DictReader(handle), key=lambda r: int(r["timestamp"]))[-limit:]
+    with RATINGS.open(newline="") as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda r: int(r["timestamp"]))
+    rows = rows[-limit:] if limit else rows
     return [
         Event(
             event_id=f"ml-{r['userId']}-{r['movieId']}",
@@ -43,98 +90,191 @@ def movielens(limit: int) -> list[Event]:
     ]
 
 
-async def hammer(url: str, paths: list[str], concurrency: int) -> tuple[list[float], float]:
-    latencies: list[float] = []
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for path in paths:
-        queue.put_nowait(path)
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not queue.empty():
-            path = queue.get_nowait()
-            started = time.perf_counter()
-            response = await client.get(path)
-            latencies.append((time.perf_counter() - started) * 1000)
-            response.raise_for_status()
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        await client.get(paths[0])  # warm the connection pool
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return latencies, len(paths) / elapsed
+async def load_state(settings: Settings, events: list[Event]) -> None:
+    client = aioredis.from_url(settings.redis_url)
+    store = RedisHotStore(client, settings)
+    for start in range(0, len(events), 1000):
+        await store.apply(events[start : start + 1000])
+    await client.aclose()
+    log = load_movielens(RATINGS)
+    model = ItemToItem().fit(log)
+    run = RunInfo(data=DataRange(source="movielens", start=log.start, end=log.end, rows=len(log)))
+    async with open_registry(settings) as registry:
+        await registry.publish(model, run)
 
 
-async def server_side(url: str, paths: list[str]) -> list[float]:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        return [float((await client.get(path)).json()["took_ms"]) for path in paths]
+async def redis_calls(settings: Settings) -> int:
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+
+
+def start_server(
+    settings: Settings, app: str, port: int, variant: Variant
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.serve_app", "--app", app, "--port", str(port),
+         "--loop", variant.loop, "--http", variant.http, "--parser", variant.parser],
+        env={**os.environ, **settings.to_env()}, cwd=ROOT,
+    )  # fmt: skip
+
+
+def load(url: str, paths: Path, rate: float, duration: float, out: Path) -> dict[str, Any]:
+    subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", "--url", url, "--paths", str(paths),
+         "--rate", str(rate), "--duration", str(duration), "--out", str(out)],
+        check=True, cwd=ROOT,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc): a cost per request that
+    other processes' load on a shared machine does not inflate, unlike latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    if not samples:
+        return (float("nan"),) * 3
+    p50, p99, p999 = np.percentile(np.asarray(samples), [50, 99, 99.9])
+    return float(p50), float(p99), float(p999)
+
+
+async def measure(
+    settings: Settings, variant: Variant, rates: list[float], args: argparse.Namespace,
+    paths: Path, work: Path,
+) -> list[dict[str, Any]]:  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    servers = {}
+    try:
+        for app in ("bare", "real"):
+            port = stack.free_port()
+            servers[app] = (port, start_server(settings, app, port, variant))
+        for port, server in servers.values():
+            await wait_http(f"http://127.0.0.1:{port}", server)
+        for rate in rates:
+            for app, (port, _) in servers.items():
+                url = f"http://127.0.0.1:{port}"
+                # A short warm-up at the same rate: caches, connections, the JIT-less
+                # interpreter's first calls.
+                load(url, paths, min(rate, 200.0), 1.0, work / "warm.json")
+                before = await redis_calls(settings)
+                cpu_before = cpu_seconds(servers[app][1].pid)
+                spy = None
+                if args.profile and app == "real":
+                    # Sample the server under load: where its time goes (docs/serving-speed.md).
+                    out = args.profile.with_name(
+                        f"{args.profile.stem}-{variant.loop}-"
+                        f"{variant.http}-{variant.parser}-{rate:.0f}.txt"
+                    )
+                    spy = subprocess.Popen(  # noqa: ASYNC220 (nothing else runs on this loop)
+                        [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+                         str(servers[app][1].pid), "--duration", str(int(args.duration)),
+                         "--format", "raw", "--rate", "250", "--nonblocking", "--output", str(out)],
+                        stdout=subprocess.DEVNULL,
+                    )  # fmt: skip
+                result = load(url, paths, rate, args.duration, work / f"{app}-{rate}.json")
+                if spy is not None:
+                    spy.wait(60)
+                cpu = cpu_seconds(servers[app][1].pid) - cpu_before
+                after = await redis_calls(settings)
+                p50, p99, p999 = percentiles(result["latencies_ms"])
+                bad = sum(n for s, n in result["statuses"].items() if not s.startswith("2"))
+                rows.append({
+                    "variant": variant.name, "endpoint": app, "rate": rate,
+                    "achieved_rps": result["achieved_rps"], "completed": result["completed"],
+                    "p50_ms": p50, "p99_ms": p99, "p999_ms": p999,
+                    "errors": result["error_count"] + bad, "timed_out": result["timed_out"],
+                    # INFO itself and our own reads count a few calls; negligible per request
+                    "redis_per_request": (after - before) / max(1, result["completed"]),
+                    "cpu_ms_per_request": 1000 * cpu / max(1, result["completed"]),
+                })  # fmt: skip
+    finally:
+        for _, server in servers.values():
+            server.terminate()
+            server.wait(10)
+    return rows
+
+
+def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title)
+    columns = ("variant", "endpoint", "rate", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
+               "errors", "timed out", "Redis cmds/req", "server CPU ms/req",
+               "p99 real/bare")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    bare = {(r["variant"], r["rate"]): r for r in rows if r["endpoint"] == "bare"}
+    for r in rows:
+        ratio = ""
+        if r["endpoint"] == "real":
+            ref = bare[(r["variant"], r["rate"])]
+            ratio = f"{r['p99_ms'] / ref['p99_ms']:.2f}"
+        table.add_row(
+            r["variant"], r["endpoint"], f"{r['rate']:,.0f}", f"{r['achieved_rps']:,.0f}",
+            f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}",
+            str(r["errors"]), str(r["timed_out"]), f"{r['redis_per_request']:.2f}",
+            f"{r['cpu_ms_per_request']:.2f}", ratio,
+        )  # fmt: skip
+    console.print(table)
 
 
 async def main_async(args: argparse.Namespace) -> None:
     console = Console()
-    with local_settings() as settings:
+    rates = [float(r) for r in args.rates.split(",")]
+    variants = (
+        VARIANTS if args.variants else [Variant("as given", args.loop, args.http, args.parser)]
+    )
+    if importlib.util.find_spec("hiredis") is None:
+        console.print("[yellow]hiredis is not installed: 'auto' parser is the Python one")
+    with local_settings() as settings, tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
         events = movielens(args.events)
-        client = aioredis.from_url(settings.redis_url)
-        store = RedisHotStore(client, settings)
-        for start in range(0, len(events), 1000):
-            await store.apply(events[start : start + 1000])
-        await client.aclose()
+        started = time.perf_counter()
+        await load_state(settings, events)
+        console.print(
+            f"loaded {len(events):,} MovieLens events and published item2item "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
         users = sorted({e.user_id for e in events if e.user_id})
         rng = random.Random(7)
-        paths = [
-            f"/v1/recommendations?user_id={rng.choice([*users, 'new-visitor'])}&num_results=20"
-            for _ in range(args.requests)
-        ]
-        port = stack.free_port()
-        # The API runs in its own process, as in production, so the load generator does
-        # not share its interpreter.
-        server = start_api(settings, port)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            await wait_http(url, server)
-            ref, ref_rps = await hammer(url, ["/healthz"] * args.requests, args.concurrency)
-            rank, rank_rps = await hammer(url, paths, args.concurrency)
-            took = await server_side(url, paths[: min(len(paths), 2000)])
-        finally:
-            server.terminate()
-            server.wait(10)
-    table = Table(
-        title=f"ranking over HTTP, {len(events)} MovieLens events in Redis, "
-        f"concurrency {args.concurrency}"
-    )
-    for column in ("endpoint", "requests", "p50 ms", "p99 ms", "req/s", "p50 ratio"):
-        table.add_column(column, justify="right")
-    r, k = summarize(ref), summarize(rank)
-    table.add_row(
-        "/healthz (reference)",
-        str(len(ref)),
-        f"{r['p50']:.2f}",
-        f"{r['p99']:.2f}",
-        f"{ref_rps:,.0f}",
-        "1.00",
-    )
-    table.add_row(
-        "/v1/recommendations",
-        str(len(rank)),
-        f"{k['p50']:.2f}",
-        f"{k['p99']:.2f}",
-        f"{rank_rps:,.0f}",
-        f"{k['p50'] / r['p50']:.2f}",
-    )
-    console.print(table)
-    t = summarize(took)
-    console.print(
-        f"server-side ranking time (took_ms, sequential requests): p50 {t['p50']:.2f} ms, "
-        f"p99 {t['p99']:.2f} ms"
-    )
+        paths = work / "paths.txt"
+        paths.write_text(
+            "\n".join(
+                f"/v1/recommendations?user_id={rng.choice(users)}&num_results=20"
+                for _ in range(20_000)
+            )
+        )
+        rows: list[dict[str, Any]] = []
+        for variant in variants:
+            rows += await measure(settings, variant, rates, args, paths, work)
+    print_table(
+        console, rows,
+        f"GET /v1/recommendations, open loop, {args.duration:.0f} s per rate, "
+        f"{len(events):,} MovieLens events in Redis, item2item published",
+    )  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--rates", default="500,1000,2000")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--events", type=int, default=0, help="newest N ratings; 0 = all")
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    parser.add_argument("--parser", default="auto", choices=["auto", "python"])
+    parser.add_argument("--variants", action="store_true", help="measure each part in turn")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--profile", type=Path, help="py-spy the app under load; collapsed stacks to PATH-*.txt"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

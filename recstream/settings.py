@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     seen after at most this long."""
     catalog_max_batch: int = Field(500, ge=1, le=10_000)
     """Largest batch `POST /v1/items` and `POST /v1/users` accept."""
+    # --- filters (serving/filters.py, serving/filter_store.py) -----------------------
+    filter_cache_ttl_s: float = Field(5.0, ge=0)
+    """How long the API keeps a compiled filter before reading it again from DynamoDB:
+    another API process's create or delete is seen within this time."""
+    filters_per_namespace: int = Field(100, ge=1)
+    """How many filters one namespace may hold (Personalize allows 10 per dataset group)."""
 
     @field_validator(
         "aws_endpoint_url",
@@ -180,6 +186,10 @@ class Settings(BaseSettings):
     @property
     def catalog_table(self) -> str:
         return f"{self.table_prefix}-catalog"
+
+    @property
+    def filters_table(self) -> str:
+        return f"{self.table_prefix}-filters"
 
     def to_env(self) -> dict[str, str]:
         """These settings as RECSTREAM_* variables, for child processes."""

@@ -30,6 +30,10 @@ from recstream.stores import open_stores
 from serving import catalog_routes, personalize
 from serving.candidates import PublishedModels
 from serving.collector import collect
+from serving.filter_routes import filter_error_handler
+from serving.filter_routes import routes as filter_routes
+from serving.filter_store import open_filters
+from serving.filters import FilterError
 from serving.http import error_response, json_response
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.ranking import Ranker
@@ -127,6 +131,9 @@ def create_app(settings: Settings) -> Starlette:
             app.state.producer = producer
             app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
             await stack.enter_async_context(catalog_routes.catalog_state(app, settings, stores))
+            app.state.filters = await stack.enter_async_context(
+                open_filters(settings, stores.dynamodb)
+            )
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -135,17 +142,19 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[
+            # Before the {namespace} routes: a filter or an item may be named "events".
+            *filter_routes(),
+            *catalog_routes.routes(),
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/{namespace}/events", post_events, methods=["POST"]),
             Route("/v1/recommendations", get_recommendations, methods=["GET"]),
             Route("/v1/{namespace}/recommendations", get_recommendations, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
-            *catalog_routes.routes(),
             *personalize.routes(),
         ],
         lifespan=lifespan,
-        exception_handlers={RecstreamError: on_recstream_error},
+        exception_handlers={RecstreamError: on_recstream_error, FilterError: filter_error_handler},
     )
     app.state.settings = settings
     return app
@@ -158,4 +167,13 @@ def app_from_env() -> Starlette:
 
 def run(settings: Settings, host: str, port: int) -> None:
     """Serve the API until interrupted (used by `recstream serve`)."""
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    # "auto" picks uvloop and httptools, project dependencies (docs/serving-speed.md).
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        loop="auto",
+        http="auto",
+    )

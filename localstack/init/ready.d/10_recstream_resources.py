@@ -143,6 +143,8 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     create_table(dynamodb, f"{prefix}-leases", "lease_key", ttl_attribute=None)
     # The item/user catalog (recstream/catalog.py): pk = {ns}#item#{id} / {ns}#user#{id}.
     create_table(dynamodb, f"{prefix}-catalog", "pk", ttl_attribute=None)
+    # Named recommendation filters (serving/filter_store.py): pk "{namespace}#{name}".
+    create_table(dynamodb, f"{prefix}-filters", "pk", ttl_attribute=None)
     create_bucket(client("s3", endpoint, region), setting("RECSTREAM_BUCKET"), region)
     create_queue(client("sqs", endpoint, region), setting("RECSTREAM_DLQ_NAME"))
     print(f"recstream init: resources ready at {endpoint or 'AWS ' + region}")

@@ -1,0 +1,152 @@
+"""One API process for bench/serving.py: the real app, or the bare reference endpoint.
+
+    python -m bench.serve_app --app real|bare --port 8000 [--loop asyncio|uvloop|auto]
+        [--http h11|httptools|auto] [--parser python|auto]
+
+Settings come from the RECSTREAM_* environment, as for `recstream serve`.
+
+``bare`` is the reference: a raw ASGI callable (no framework, no ranking) that makes the
+same Redis round trips a recommendation makes today, through the same store classes: the
+actor's window (one LRANGE), the published item-to-item neighbours of the ten most recent
+items (the one Lua call, ``read_current_many``) and the popular items (one ZREVRANGE,
+cached for a second as the ranker does). It answers a fixed small JSON body. When the
+pipeline changes what a request reads, change `bare_app` to match; bench/serving.py prints
+the Redis commands per request of both, measured from Redis's INFO commandstats, so a
+mismatch shows.
+
+``--parser python`` forces redis-py's pure-Python RESP parser even when hiredis is
+installed, so the effect of hiredis can be measured in one environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import orjson
+import uvicorn
+from redis.exceptions import RedisError
+
+from agents.state import RedisHotStore
+from recstream.errors import RecstreamError
+from recstream.settings import Settings
+from recstream.stores import open_redis
+from serving.candidates import PublishedModels
+
+__all__ = ["bare_app", "main"]
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def bare_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    state: dict[str, Any] = {}
+    popular_cache: dict[str, tuple[float, list[tuple[str, float]]]] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    redis = open_redis(settings)
+                    state["redis"] = redis
+                    state["hot"] = RedisHotStore(redis, settings)
+                    state["models"] = PublishedModels(redis)
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await state["redis"].aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        query = parse_qs(scope["query_string"].decode())
+        namespace = settings.namespace
+        hot: RedisHotStore = state["hot"]
+        body: bytes
+        status = 200
+        try:
+            body = await answer(scope["path"], query, namespace, hot)
+        except (RecstreamError, RedisError) as exc:  # overload: counted as errors, as 503s
+            status, body = 503, orjson.dumps({"error": str(exc)})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def answer(
+        path: str, query: dict[str, list[str]], namespace: str, hot: RedisHotStore
+    ) -> bytes:
+        if path == "/healthz":
+            await state["redis"].ping()
+            return b'{"ok":true}'
+        actor = query.get("user_id", ["anonymous"])[0]
+        now = time.monotonic()
+        cached = popular_cache.get(namespace)
+        if cached is None or now - cached[0] >= 1.0:  # as the ranker: concurrently
+            window, popular = await asyncio.gather(
+                hot.window(namespace, actor), hot.popular(namespace, 200)
+            )
+            popular_cache[namespace] = (now, popular)
+        else:
+            window = await hot.window(namespace, actor)
+        recent: dict[str, float] = {}
+        for position, entry in enumerate(window):
+            recent[entry.item_id] = recent.get(entry.item_id, 0.0) + 0.5 ** (position / 5)
+        sources = sorted(recent.items(), key=lambda kv: -kv[1])[:10]
+        neighbours = await state["models"].neighbours(namespace, sources)
+        return orjson.dumps({"window": len(window), "neighbours": len(neighbours)})
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--app", choices=["real", "bare"], required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
+    parser.add_argument("--parser", default="auto", choices=["auto", "python"])
+    args = parser.parse_args()
+    if args.parser == "python":
+        # open_redis calls redis.asyncio.from_url at call time: give it the pure-Python
+        # RESP3 parser, as when hiredis is not installed.
+        import redis.asyncio
+        from redis._parsers import _AsyncRESP3Parser
+
+        original = redis.asyncio.from_url
+
+        def from_url(url: str, **kwargs: Any) -> Any:
+            return original(url, parser_class=_AsyncRESP3Parser, **kwargs)
+
+        redis.asyncio.from_url = from_url
+    settings = Settings()
+    if args.app == "real":
+        from serving.app import create_app
+
+        app: Any = create_app(settings)
+    else:
+        app = bare_app(settings)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop=args.loop,
+        http=args.http,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    main()
