@@ -84,7 +84,9 @@ async def test_events_naming_a_recommendation_count_for_its_strategy(
     # The day bucket (UTC day of the event) holds the same, and DynamoDB a copy of both.
     day = time.strftime("%Y%m%d", time.gmtime(NOW))
     daily = await agent.redis.hgetall(Keys(ns).attribution_day("ranker", day))
-    assert {k.decode(): float(v) for k, v in daily.items()} == expected
+    assert {
+        (k.decode() if isinstance(k, bytes) else k): float(v) for k, v in daily.items()
+    } == expected
     assert await agent.redis.ttl(Keys(ns).attribution_day("ranker", day)) > 0
     total = durable_item(settings, Keys(ns).attribution("ranker"))
     assert {k: float(total[k]["N"]) for k in expected} == expected
