@@ -10,7 +10,8 @@ actor ``session:{session_id}``. An event that carries both ``session_id`` and ``
   logins of the same session find nothing left to move and cost one small call;
 * when the alias was new, the session's durable window (DynamoDB) is merged in as well,
   so a session window Redis lost still reaches the user; the user's merged window is
-  then written to DynamoDB by the windows agent, so the merge survives a Redis loss.
+  then written to DynamoDB, and only then the session's durable copy emptied, so the
+  merge survives a Redis loss and a later login of the session does not repeat it.
 
 Later anonymous events of that session are *resolved* before the windows agent applies
 them (`IdentityStitcher.resolve`): they carry the user id from then on, so they land in
@@ -39,7 +40,13 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.state import Actor, DurableWindows, HotStore, recover_lost_windows
+from agents.state import (
+    Actor,
+    DurableWindows,
+    HotStore,
+    persist_windows,
+    recover_lost_windows,
+)
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -181,7 +188,7 @@ class IdentityStitcher:
 
     async def stitch(self, events: Sequence[Event], resolution: Resolution) -> set[Actor]:
         """Stitch the logins of the batch and re-check its anonymous sessions; returns the
-        users whose window changed (their durable copy must be written)."""
+        users whose window changed (their durable copy is written here)."""
         logins: dict[tuple[str, str], str] = {}
         for event in events:
             if event.user_id is not None and event.session_id is not None:
@@ -246,6 +253,16 @@ class IdentityStitcher:
             # or one whose window Redis lost. Bring back the durable copy before the merged
             # window overwrites it.
             await recover_lost_windows(self.hot, self.durable, changed & missing_user)
+        if changed:
+            # Durable in this order: the user's merged window first, then the session's
+            # durable copy emptied (so a later login of the session, as another user, does
+            # not receive it again). A crash in between leaves the session's copy, which
+            # the next new alias merges by union: nothing lost, nothing doubled.
+            await persist_windows(self.hot, self.durable, changed)
+            emptied = {
+                (ns, session_actor(sid)) for ns, sid, user in stitched if (ns, user) in changed
+            }
+            await self.durable.put({key: [] for key in emptied})
         for namespace, session_id, user in sorted(stitched):
             log.info("stitched session %r into user %r (%s)", session_id, user, namespace)
             for hook in self.merge_hooks:

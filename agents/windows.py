@@ -98,8 +98,8 @@ class WindowAgent:
             # durable copy must still catch up.
             actors = {(e.namespace, e.actor) for e in applied if e.item_id is not None}
             if self.identity and resolution:
-                # Logins move the session's window into the user's; those users too.
-                actors |= await self.identity.stitch(events, resolution)
+                # Logins move the session's window into the user's (written durably there).
+                await self.identity.stitch(events, resolution)
             stats.windows_persisted = await persist_windows(self.hot, self.durable, actors)
         for name in ("received", "applied", "duplicates", "dead_lettered", "windows_persisted"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))

@@ -93,6 +93,7 @@ async def test_anonymous_history_joins_the_user_at_login(
     assert await items(agent, "alice") == expected
     assert await durable_items(agent, "alice") == expected  # survives a Redis loss
     assert await items(agent, "session:s1") == []  # moved, not copied
+    assert await durable_items(agent, "session:s1") == []  # emptied after alice's was written
     redis = agent.identity.redis if agent.identity else None
     assert redis is not None
     assert await redis.get(Keys(settings.namespace).alias("s1")) == b"alice"
@@ -213,3 +214,8 @@ async def test_merge_hooks_run_for_each_stitch(agent: WindowAgent, settings: Set
         (settings.namespace, "session:s1", "alice"),
         (settings.namespace, "session:s1", "bob"),
     ]
+    # The shared device's earlier visitor stays alice's: bob gets only what follows.
+    assert await items(agent, "alice") == ["anon1"]
+    assert await items(agent, "bob") == []
+    await agent.process([anon(settings, 200)])
+    assert await items(agent, "bob") == ["anon200"]
