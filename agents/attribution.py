@@ -217,25 +217,40 @@ return 1
 """
 )
 
-# KEYS: 1 the actor's attributed event ids, 2 dirty notes, 3.. counters.
-# ARGV: 1 event id, 2 id cap, 3 id ttl, 4 counter field, 5 revenue ('' = none),
-#       6 number of counters, 7.. (note, ttl) per counter.
-# Returns 1 if counted now, 0 if this event was attributed before.
+# Many events in one call. ARGV: 1 id cap, 2 id ttl, then per event: event id, counter
+# field, revenue ('' = none), number of counters n, then (note, ttl) per counter.
+# KEYS per event: the actor's attributed event ids, the dirty notes, then its n counters.
+# Returns per event 1 if counted now, 0 if it was attributed before.
 _ATTRIBUTE = (
     _COUNT
     + """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
--- Ranked by arrival, not event time, as the windows agent's seen set (agents/state.py).
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-local arrival = 1
-if last[2] then arrival = tonumber(last[2]) + 1 end
-redis.call('ZADD', KEYS[1], arrival, ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-count(3, 7, tonumber(ARGV[6]), ARGV[4], 1, ARGV[5], KEYS[2])
-return 1
+local cap, ttl = tonumber(ARGV[1]), ARGV[2]
+local k, a = 1, 3
+local counted = {}
+while a <= #ARGV do
+  local seen, dirty = KEYS[k], KEYS[k + 1]
+  local id, fieldname, revenue, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  k, a = k + 2, a + 4
+  if redis.call('ZSCORE', seen, id) then
+    counted[#counted + 1] = 0
+  else
+    -- Ranked by arrival, not event time, as the windows agent's seen set (agents/state.py).
+    local last = redis.call('ZRANGE', seen, -1, -1, 'WITHSCORES')
+    local arrival = 1
+    if last[2] then arrival = tonumber(last[2]) + 1 end
+    redis.call('ZADD', seen, arrival, id)
+    redis.call('ZREMRANGEBYRANK', seen, 0, -cap - 1)
+    redis.call('EXPIRE', seen, ttl)
+    count(k, a, n, fieldname, 1, revenue, dirty)
+    counted[#counted + 1] = 1
+  end
+  k, a = k + n, a + 2 * n
+end
+return counted
 """
 )
+ATTRIBUTE_CHUNK: Final = 100
+"""Events per attribution call: one round trip for many, short enough not to stall Redis."""
 
 # KEYS: 1 counter. ARGV: (field, durable value) pairs. Adds the durable copy once.
 _RESTORE = """
@@ -455,7 +470,7 @@ class AttributionAgent:
         candidates = [e for e in events if e.event_type in ATTRIBUTED]
         stats = AttributionStats(candidates=len(candidates))
         try:
-            matches = await self.match(candidates)
+            matches = await self.match(candidates) if candidates else []
             if matches:
                 stats.attributed = await self.count(matches)
                 stats.duplicates = len(matches) - stats.attributed
@@ -475,11 +490,11 @@ class AttributionAgent:
 
     async def _records(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Served]:
         """Served records by (namespace, recommendation id); missing or malformed left out."""
-        pipe = self.redis.pipeline(transaction=False)
-        for namespace, rid in ids:
-            pipe.get(Keys(namespace).served(rid))
+        if not ids:
+            return {}
         found: dict[tuple[str, str], Served] = {}
-        for key, raw in zip(ids, await pipe.execute(), strict=True):
+        raws = await self.redis.mget([Keys(namespace).served(rid) for namespace, rid in ids])
+        for key, raw in zip(ids, raws, strict=True):
             if raw is None:
                 continue
             try:
@@ -522,9 +537,10 @@ class AttributionAgent:
             for e, user in zip(anonymous, await pipe.execute(), strict=True)
             if user is not None
         }
-        # 2. The recommendations served to the event's actors within the window.
+        # 2. The recommendations served to the event's actors within the window: each
+        # actor's index read once for the batch, then filtered per event by served time.
         window = self.settings.attribution_window_s
-        asks: list[tuple[int, str]] = []
+        wanted: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for n, event in events:
             actors = {event.actor}
             if event.session_id is not None:
@@ -532,16 +548,25 @@ class AttributionAgent:
                 alias = aliases.get((event.namespace, event.session_id))
                 if alias is not None:
                     actors.add(alias)
-            for actor in sorted(actors):
-                pipe.zrangebyscore(
-                    Keys(event.namespace).served_to(actor),
-                    event.timestamp - window,
-                    event.timestamp + CLOCK_SKEW_S,
-                )
-                asks.append((n, event.namespace))
+            for actor in actors:
+                wanted.setdefault((event.namespace, actor), []).append((n, event.timestamp))
+        for (namespace, actor), asks in wanted.items():
+            times = [ts for _, ts in asks]
+            pipe.zrangebyscore(
+                Keys(namespace).served_to(actor),
+                min(times) - window,
+                max(times) + CLOCK_SKEW_S,
+                withscores=True,
+            )
         candidates: dict[int, set[tuple[str, str]]] = {}
-        for (n, namespace), rids in zip(asks, await pipe.execute(), strict=True):
-            candidates.setdefault(n, set()).update((namespace, _text(r)) for r in rids)
+        rows = await pipe.execute() if wanted else []
+        for ((namespace, _), asks), row in zip(wanted.items(), rows, strict=True):
+            for n, ts in asks:
+                candidates.setdefault(n, set()).update(
+                    (namespace, _text(rid))
+                    for rid, served_at in row
+                    if ts - window <= served_at <= ts + CLOCK_SKEW_S
+                )
         # 3. Their records; the newest one that served the item wins (last touch).
         records = await self._records(sorted(set().union(*candidates.values())))
         for n, event in events:
@@ -556,36 +581,28 @@ class AttributionAgent:
         """Count each match once; returns how many were counted now (not replays)."""
         s = self.settings
         pipe = self.redis.pipeline(transaction=False)
-        for event, served in matches:
-            keys = Keys(event.namespace)
-            targets = _counter_targets(
-                s, event.namespace, served.strategy, served.variant, event.timestamp
-            )
-            revenue = (
-                repr(event.event_value)
-                if event.event_type == "purchase" and event.event_value is not None
-                else ""
-            )
-            args: list[Any] = [
-                event.event_id,
-                s.dedup_per_actor,
-                s.dedup_ttl_s,
-                ATTRIBUTED[event.event_type],
-                revenue,
-                len(targets),
-            ]
-            for _, note, ttl in targets:
-                args += [note, ttl]
-            await self._attribute(
-                keys=[
-                    keys.attribution_seen(event.actor),
-                    keys.attribution_dirty,
+        for start in range(0, len(matches), ATTRIBUTE_CHUNK):
+            keys: list[str] = []
+            args: list[Any] = [s.dedup_per_actor, s.dedup_ttl_s]
+            for event, served in matches[start : start + ATTRIBUTE_CHUNK]:
+                targets = _counter_targets(
+                    s, event.namespace, served.strategy, served.variant, event.timestamp
+                )
+                revenue = (
+                    repr(event.event_value)
+                    if event.event_type == "purchase" and event.event_value is not None
+                    else ""
+                )
+                keys += [
+                    Keys(event.namespace).attribution_seen(event.actor),
+                    Keys(event.namespace).attribution_dirty,
                     *[key for key, _, _ in targets],
-                ],
-                args=args,
-                client=pipe,
-            )
-        return sum(1 for done in await pipe.execute() if done)
+                ]
+                args += [event.event_id, ATTRIBUTED[event.event_type], revenue, len(targets)]
+                for _, note, ttl in targets:
+                    args += [note, ttl]
+            await self._attribute(keys=keys, args=args, client=pipe)
+        return sum(sum(chunk) for chunk in await pipe.execute())
 
     async def persist(self, namespaces: Sequence[str]) -> int:
         """Copy the counters noted dirty in ``namespaces`` to DynamoDB; returns how many."""
