@@ -252,6 +252,16 @@ return counted
 ATTRIBUTE_CHUNK: Final = 100
 """Events per attribution call: one round trip for many, short enough not to stall Redis."""
 
+# KEYS: the actors' served indexes. ARGV: (min, max) served time per key. Returns per key
+# a flat list of recommendation id, served time: one round trip instead of one per actor.
+_RANGES = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('ZRANGEBYSCORE', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i], 'WITHSCORES')
+end
+return out
+"""
+
 # KEYS: 1 counter. ARGV: (field, durable value) pairs. Adds the durable copy once.
 _RESTORE = """
 if redis.call('HEXISTS', KEYS[1], 'restore_pending') == 0 then return 0 end
@@ -455,6 +465,7 @@ class AttributionAgent:
         self.durable = durable
         self.settings = settings
         self._attribute = redis.register_script(_ATTRIBUTE)
+        self._ranges = redis.register_script(_RANGES)
         self._restore = redis.register_script(_RESTORE)
         self._clean = redis.register_script(_CLEAN)
         self.totals = AttributionStats()
@@ -550,21 +561,20 @@ class AttributionAgent:
                     actors.add(alias)
             for actor in actors:
                 wanted.setdefault((event.namespace, actor), []).append((n, event.timestamp))
+        keys: list[str] = []
+        bounds: list[float] = []
         for (namespace, actor), asks in wanted.items():
             times = [ts for _, ts in asks]
-            pipe.zrangebyscore(
-                Keys(namespace).served_to(actor),
-                min(times) - window,
-                max(times) + CLOCK_SKEW_S,
-                withscores=True,
-            )
+            keys.append(Keys(namespace).served_to(actor))
+            bounds += [min(times) - window, max(times) + CLOCK_SKEW_S]
+        rows = await self._ranges(keys=keys, args=bounds) if keys else []
         candidates: dict[int, set[tuple[str, str]]] = {}
-        rows = await pipe.execute() if wanted else []
         for ((namespace, _), asks), row in zip(wanted.items(), rows, strict=True):
+            served = [(_text(row[i]), float(row[i + 1])) for i in range(0, len(row), 2)]
             for n, ts in asks:
                 candidates.setdefault(n, set()).update(
-                    (namespace, _text(rid))
-                    for rid, served_at in row
+                    (namespace, rid)
+                    for rid, served_at in served
                     if ts - window <= served_at <= ts + CLOCK_SKEW_S
                 )
         # 3. Their records; the newest one that served the item wins (last touch).
