@@ -14,7 +14,9 @@ from typing import Any
 
 import faust
 
+from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
+from agents.identity import IdentityStitcher
 from agents.state import DynamoWindows, RedisHotStore
 from agents.windows import WindowAgent
 from recstream.errors import RecstreamError
@@ -68,10 +70,28 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
     @app.agent(topic, name="windows")
     async def windows(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async with open_stores(settings) as stores:
-            agent = WindowAgent(
+            hot, durable = (
                 RedisHotStore(stores.redis, settings),
                 DynamoWindows(stores.dynamodb, settings),
+            )
+            agent = WindowAgent(
+                hot,
+                durable,
                 SqsDeadLetters(stores.sqs, settings, stores.s3),
+                identity=IdentityStitcher(stores.redis, hot, durable, settings),
+            )
+            async for values in stream.take(
+                settings.agent_batch_size, within=settings.agent_batch_window_s
+            ):
+                await until_done(agent.process, values, settings.stream_name)
+                yield None
+
+    @app.agent(topic, name="attribution")
+    async def attribution(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        """Counts clicks, carts, purchases and revenue per strategy (agents/attribution.py)."""
+        async with open_stores(settings) as stores:
+            agent = AttributionAgent(
+                stores.redis, DynamoCounters(stores.dynamodb, settings), settings
             )
             async for values in stream.take(
                 settings.agent_batch_size, within=settings.agent_batch_window_s

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import ConfigDict, ValidationError
 
 from agents.deadletter import DeadLetter, DeadLetters
+from agents.identity import IdentityStitcher
 from agents.state import DurableWindows, HotStore, persist_windows, recover_lost_windows
 from streams.schema import Event
 
@@ -43,10 +44,17 @@ class BatchStats:
 
 
 class WindowAgent:
-    def __init__(self, hot: HotStore, durable: DurableWindows, dead_letters: DeadLetters) -> None:
+    def __init__(
+        self,
+        hot: HotStore,
+        durable: DurableWindows,
+        dead_letters: DeadLetters,
+        identity: IdentityStitcher | None = None,
+    ) -> None:
         self.hot = hot
         self.durable = durable
         self.dead_letters = dead_letters
+        self.identity = identity
         self.totals = BatchStats()
 
     @staticmethod
@@ -70,8 +78,13 @@ class WindowAgent:
             log.warning("dead-lettering %d malformed records from %s", len(bad), source)
             await self.dead_letters.send(bad)
         if events:
-            result = await self.hot.apply(events)
+            # Identity stitching (agents/identity.py): anonymous events of a session that
+            # logged in are given its user id here, before anything keyed by the actor.
+            resolution = await self.identity.resolve(events) if self.identity else None
+            applied = resolution.events if resolution else events
+            result = await self.hot.apply(applied)
             stats.applied, stats.duplicates = result.applied, result.duplicates
+            stats.duplicates += resolution.skipped if resolution else 0
             if result.duplicates:
                 # Expected after a crash or a lease handover: the batch since the last
                 # checkpoint is delivered again, and the ids say it was applied.
@@ -83,7 +96,10 @@ class WindowAgent:
             # Every actor of the batch, not only those changed now: after a crash between
             # the hot and the durable write, the replay finds only duplicates, and the
             # durable copy must still catch up.
-            actors = {(e.namespace, e.actor) for e in events if e.item_id is not None}
+            actors = {(e.namespace, e.actor) for e in applied if e.item_id is not None}
+            if self.identity and resolution:
+                # Logins move the session's window into the user's (written durably there).
+                await self.identity.stitch(events, resolution)
             stats.windows_persisted = await persist_windows(self.hot, self.durable, actors)
         for name in ("received", "applied", "duplicates", "dead_lettered", "windows_persisted"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))

@@ -19,6 +19,11 @@ surfaces, and every key has a cap or a TTL so memory stays bounded:
     rs:{ns}:served:{recommendation_id}  STR   what serving answered (JSON)          TTL
     rs:{ns}:alias:{session_id}          STR   user id the session logged in as      TTL
     rs:{ns}:attr:{strategy}             HASH  attributed impressions, clicks, ... revenue
+    rs:{ns}:attr_day:{day}:{strategy}   HASH  the same for one UTC day (YYYYMMDD)     TTL
+    rs:{ns}:attr_var:{strategy}:{variant} HASH the same per experiment variant    one per variant
+    rs:{ns}:attr_dirty                  HASH  counter changed since its DynamoDB copy  emptied
+    rs:{ns}:attr_seen:{actor}           ZSET  event ids attributed (idempotence)   cap + TTL
+    rs:{ns}:served_to:{actor}           ZSET  recommendation id -> served time     cap + TTL
     rs:{ns}:model:{name}:current        STR   serving version of a trained model  one per model
     rs:{ns}:model:{name}:{version}:...  *     that version's published data       last K versions
 
@@ -94,6 +99,27 @@ class Keys:
 
     def attribution(self, strategy: str) -> str:
         return f"{self.prefix}attr:{strategy}"
+
+    # --- attribution (agents/attribution.py); see docs/agents-attribution.md ---
+    def attribution_day(self, strategy: str, day: str) -> str:
+        """The strategy's counters for one UTC day, ``day`` = ``YYYYMMDD``."""
+        return f"{self.prefix}attr_day:{day}:{strategy}"
+
+    def attribution_variant(self, strategy: str, variant: str) -> str:
+        return f"{self.prefix}attr_var:{strategy}:{variant}"
+
+    @property
+    def attribution_dirty(self) -> str:
+        """Counter key -> changes not yet copied to DynamoDB."""
+        return f"{self.prefix}attr_dirty"
+
+    def attribution_seen(self, actor: str) -> str:
+        """The actor's event ids already attributed, so a replay attributes nothing twice."""
+        return f"{self.prefix}attr_seen:{actor}"
+
+    def served_to(self, actor: str) -> str:
+        """The actor's latest recommendation ids -> when served (matches un-tagged clicks)."""
+        return f"{self.prefix}served_to:{actor}"
 
     def model_pointer(self, name: str) -> str:
         return f"{self.prefix}model:{name}:current"

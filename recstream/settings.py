@@ -132,6 +132,16 @@ class Settings(BaseSettings):
     another API process's create or delete is seen within this time."""
     filters_per_namespace: int = Field(100, ge=1)
     """How many filters one namespace may hold (Personalize allows 10 per dataset group)."""
+    # --- attribution and identity stitching (agents/attribution.py, agents/identity.py) ---
+    attribution_window_s: int = Field(3600, ge=60)
+    """How long after serving a recommendation an event can be attributed to it; also
+    the TTL of the served log (``rs:{ns}:served:{id}``). Memory is about request rate times
+    this window times ~300 bytes, so raise it with care."""
+    attribution_per_actor: int = Field(20, ge=1, le=1000)
+    """How many of an actor's latest served recommendation ids are kept to match a click
+    on a served item that carries no recommendation_id."""
+    attribution_day_ttl_s: int = Field(400 * 86400, ge=86400)
+    """How long the per-day attribution counters (Redis and DynamoDB) are kept."""
 
     @field_validator(
         "aws_endpoint_url",
@@ -169,6 +179,10 @@ class Settings(BaseSettings):
     @property
     def leases_table(self) -> str:
         return f"{self.table_prefix}-leases"
+
+    @property
+    def attribution_table(self) -> str:
+        return f"{self.table_prefix}-attribution"
 
     @property
     def kinesis_endpoint(self) -> str | None:

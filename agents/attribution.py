@@ -1,0 +1,667 @@
+"""The attribution agent: which strategy's recommendations led to clicks, carts and purchases.
+
+Serving logs every answer it gives with `ServedLog.log` (or `log_served`): the record
+``rs:{ns}:served:{recommendation_id}`` (JSON ``{"actor","strategy","variant","items",
+"ts","context"}``, TTL ``attribution_window_s``), the actor's index of recent
+recommendation ids, and the strategy's ``impressions`` (the number of items served),
+all in one Lua call that does nothing if the id was logged before, so a recommendation's
+impressions count once however often serving retries.
+
+For every batch of stream records the agent then finds, for each ``click``,
+``add_to_cart`` and ``purchase``:
+
+1. the recommendation its ``recommendation_id`` names, if that is still in the served
+   log and the event happened within the window after it; otherwise
+2. the newest recommendation served to the same actor (the user, the session of the
+   event, or the user the session logged in as) within the window whose items include
+   the event's item (last touch);
+
+and counts it for that recommendation's strategy (and experiment variant, when serving
+named one): ``clicks``, ``add_to_carts`` or ``purchases`` plus one, and for purchases
+``revenue`` plus the event's ``event_value`` (no value adds nothing to revenue). The
+event id is recorded in the actor's capped id set inside the same Lua call, so a replayed
+batch (at-least-once delivery) attributes nothing twice.
+
+Counters: ``rs:{ns}:attr:{strategy}`` (all time), ``rs:{ns}:attr_day:{YYYYMMDD}:{strategy}``
+(UTC day of the event, or of the serving for impressions; TTL ``attribution_day_ttl_s``)
+and ``rs:{ns}:attr_var:{strategy}:{variant}``. Each counter change is also noted in
+``rs:{ns}:attr_dirty``; after every batch the agent copies the noted counters whole to
+DynamoDB (``{prefix}-attribution``, idempotent puts) and clears exactly the notes it
+copied. A counter Redis lost is recreated with a ``restore_pending`` field, and the
+agent adds the durable copy back before it next writes that counter to DynamoDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from agents.windows import StoredEvent
+from recstream.aws import translate
+from recstream.errors import StoreUnavailable
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Event
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+__all__ = [
+    "ATTRIBUTED",
+    "CLOCK_SKEW_S",
+    "COUNTER_FIELDS",
+    "AttributionAgent",
+    "AttributionStats",
+    "DynamoCounters",
+    "Served",
+    "ServedLog",
+    "log_served",
+    "served_record",
+]
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTED: Final[Mapping[str, str]] = {
+    "click": "clicks",
+    "add_to_cart": "add_to_carts",
+    "purchase": "purchases",
+}
+"""Event type -> the counter it adds one to."""
+COUNTER_FIELDS: Final = ("impressions", "clicks", "add_to_carts", "purchases", "revenue")
+CLOCK_SKEW_S: Final = 60.0
+"""An event timestamped up to this long before the serving still counts: event times come
+from the producer's clock, the served time from the API's."""
+RESTORE_PENDING: Final = "restore_pending"
+MAX_SERVED_ITEMS: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What serving answered under one recommendation id (the served log's value)."""
+
+    actor: str
+    strategy: str
+    items: tuple[str, ...]
+    ts: float
+    variant: str | None = None
+    context: Mapping[str, str] = field(default_factory=dict)
+
+    def dumps(self) -> bytes:
+        return orjson.dumps(
+            {
+                "actor": self.actor,
+                "strategy": self.strategy,
+                "variant": self.variant,
+                "items": list(self.items),
+                "ts": self.ts,
+                "context": dict(self.context),
+            }
+        )
+
+    @classmethod
+    def loads(cls, raw: bytes | str) -> Served:
+        """Parse a served-log value; `ValueError` names what is wrong."""
+        try:
+            doc = orjson.loads(raw)
+            items = doc["items"]
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError("items must be a list of item ids")
+            strategy = doc["strategy"]
+            if not isinstance(strategy, str) or not strategy:
+                raise ValueError("strategy must be a non-empty string")
+            return cls(
+                actor=str(doc["actor"]),
+                strategy=strategy,
+                items=tuple(items),
+                ts=float(doc["ts"]),
+                variant=doc.get("variant") or None,
+                context=doc.get("context") or {},
+            )
+        except (KeyError, TypeError, orjson.JSONDecodeError) as exc:
+            raise ValueError(f"not a served-log record ({exc!r})") from exc
+
+
+def served_record(
+    actor: str,
+    strategy: str,
+    items: Sequence[str],
+    *,
+    variant: str | None = None,
+    context: Mapping[str, str] | None = None,
+    ts: float | None = None,
+) -> Served:
+    """The record serving logs for one answer; ``ts`` defaults to now."""
+    if not strategy:
+        raise ValueError("served_record: strategy must be a non-empty name, e.g. 'ranker'")
+    if len(items) > MAX_SERVED_ITEMS:
+        raise ValueError(f"served_record: at most {MAX_SERVED_ITEMS} items, got {len(items)}")
+    return Served(
+        actor=actor,
+        strategy=strategy,
+        items=tuple(items),
+        ts=time.time() if ts is None else ts,
+        variant=variant or None,
+        context=dict(context or {}),
+    )
+
+
+def _day(ts: float) -> str:
+    return time.strftime("%Y%m%d", time.gmtime(ts))
+
+
+def _counter_targets(
+    settings: Settings, namespace: str, strategy: str, variant: str | None, ts: float
+) -> list[tuple[str, bytes, int]]:
+    """(Redis key, dirty-note descriptor, TTL or 0) of every counter one count touches."""
+    keys = Keys(namespace)
+    day = _day(ts)
+
+    def note(key: str, kind: str, **extra: str) -> bytes:
+        doc = {"k": key, "ns": namespace, "s": strategy, "kind": kind, **extra}
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+
+    total = keys.attribution(strategy)
+    daily = keys.attribution_day(strategy, day)
+    targets = [
+        (total, note(total, "total"), 0),
+        (daily, note(daily, "day", d=day), settings.attribution_day_ttl_s),
+    ]
+    if variant:
+        per_variant = keys.attribution_variant(strategy, variant)
+        targets.append((per_variant, note(per_variant, "variant", v=variant), 0))
+    return targets
+
+
+# Shared by the two counting scripts. Counters are created with a restore_pending field,
+# so a counter Redis lost is restored from DynamoDB before DynamoDB is overwritten.
+_COUNT = """
+local function count(first_key, first_arg, n, fieldname, amount, revenue, dirty)
+  for i = 0, n - 1 do
+    local key = KEYS[first_key + i]
+    local note = ARGV[first_arg + 2 * i]
+    local ttl = tonumber(ARGV[first_arg + 2 * i + 1])
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('HSET', key, 'restore_pending', '1')
+    end
+    redis.call('HINCRBY', key, fieldname, amount)
+    if revenue ~= '' then redis.call('HINCRBYFLOAT', key, 'revenue', revenue) end
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+    redis.call('HINCRBY', dirty, note, 1)
+  end
+end
+"""
+
+# KEYS: 1 served record, 2 the actor's served index, 3 dirty notes, 4.. counters.
+# ARGV: 1 record JSON, 2 ttl, 3 recommendation id, 4 served time, 5 index cap,
+#       6 items served, 7 number of counters, 8.. (note, ttl) per counter.
+# Returns 1 if logged now, 0 if the id was logged before (nothing counted again).
+_LOG_SERVED = (
+    _COUNT
+    + """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[5]) - 1)
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+count(4, 8, tonumber(ARGV[7]), 'impressions', tonumber(ARGV[6]), '', KEYS[3])
+return 1
+"""
+)
+
+# Many events in one call. ARGV: 1 id cap, 2 id ttl, then per event: event id, counter
+# field, revenue ('' = none), number of counters n, then (note, ttl) per counter.
+# KEYS per event: the actor's attributed event ids, the dirty notes, then its n counters.
+# Returns per event 1 if counted now, 0 if it was attributed before.
+_ATTRIBUTE = (
+    _COUNT
+    + """
+local cap, ttl = tonumber(ARGV[1]), ARGV[2]
+local k, a = 1, 3
+local counted = {}
+while a <= #ARGV do
+  local seen, dirty = KEYS[k], KEYS[k + 1]
+  local id, fieldname, revenue, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  k, a = k + 2, a + 4
+  if redis.call('ZSCORE', seen, id) then
+    counted[#counted + 1] = 0
+  else
+    -- Ranked by arrival, not event time, as the windows agent's seen set (agents/state.py).
+    local last = redis.call('ZRANGE', seen, -1, -1, 'WITHSCORES')
+    local arrival = 1
+    if last[2] then arrival = tonumber(last[2]) + 1 end
+    redis.call('ZADD', seen, arrival, id)
+    redis.call('ZREMRANGEBYRANK', seen, 0, -cap - 1)
+    redis.call('EXPIRE', seen, ttl)
+    count(k, a, n, fieldname, 1, revenue, dirty)
+    counted[#counted + 1] = 1
+  end
+  k, a = k + n, a + 2 * n
+end
+return counted
+"""
+)
+ATTRIBUTE_CHUNK: Final = 100
+"""Events per attribution call: one round trip for many, short enough not to stall Redis."""
+
+# KEYS: the actors' served indexes. ARGV: (min, max) served time per key. Returns per key
+# a flat list of recommendation id, served time: one round trip instead of one per actor.
+_RANGES = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('ZRANGEBYSCORE', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i], 'WITHSCORES')
+end
+return out
+"""
+
+# KEYS: 1 counter. ARGV: (field, durable value) pairs. Adds the durable copy once.
+_RESTORE = """
+if redis.call('HEXISTS', KEYS[1], 'restore_pending') == 0 then return 0 end
+for i = 1, #ARGV, 2 do
+  if ARGV[i] == 'revenue' then
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('HDEL', KEYS[1], 'restore_pending')
+return 1
+"""
+
+# KEYS: 1 dirty notes. ARGV: (note, count seen when copied) pairs. A note changed since
+# it was read stays, so its newer value is copied next time.
+_CLEAN = """
+local cleared = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    cleared = cleared + 1
+  end
+end
+return cleared
+"""
+
+
+class ServedLog:
+    """The served log: what serving answered under each recommendation id.
+
+    Serving calls `log` once per answer; the attribution agent reads it back."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self._log = redis.register_script(_LOG_SERVED)
+
+    async def log(
+        self,
+        namespace: str,
+        recommendation_id: str,
+        served: Served,
+        client: aioredis.Redis | None = None,
+    ) -> bool:
+        """Record ``served`` and count its impressions; False if the id was logged before.
+
+        Pass a pipeline as ``client`` to batch it with other commands (the result is
+        then that pipeline's)."""
+        if not recommendation_id:
+            raise ValueError("log_served: recommendation_id must be non-empty")
+        s = self.settings
+        keys = Keys(namespace)
+        targets = _counter_targets(s, namespace, served.strategy, served.variant, served.ts)
+        args: list[Any] = [
+            served.dumps(),
+            s.attribution_window_s,
+            recommendation_id,
+            repr(served.ts),
+            s.attribution_per_actor,
+            len(served.items),
+            len(targets),
+        ]
+        for _, note, ttl in targets:
+            args += [note, ttl]
+        try:
+            done = await self._log(
+                keys=[
+                    keys.served(recommendation_id),
+                    keys.served_to(served.actor),
+                    keys.attribution_dirty,
+                    *[key for key, _, _ in targets],
+                ],
+                args=args,
+                client=client,
+            )
+        except RedisError as exc:
+            raise StoreUnavailable(
+                f"logging recommendation {recommendation_id!r} failed: {exc}"
+            ) from exc
+        return bool(done)
+
+    async def get(self, namespace: str, recommendation_id: str) -> Served | None:
+        raw = await self.redis.get(Keys(namespace).served(recommendation_id))
+        return None if raw is None else Served.loads(raw)
+
+
+async def log_served(
+    redis: aioredis.Redis,
+    settings: Settings,
+    namespace: str,
+    recommendation_id: str,
+    served: Served,
+) -> bool:
+    """One-off `ServedLog.log` (keep a `ServedLog` to log many)."""
+    return await ServedLog(redis, settings).log(namespace, recommendation_id, served)
+
+
+# --- the durable copy -------------------------------------------------------------------
+
+
+class DynamoCounters:
+    """Durable attribution counters in ``{prefix}-attribution``.
+
+    Item: ``pk`` = the Redis key (``rs:{ns}:attr:…``), ``namespace``, ``kind`` (total, day
+    or variant), ``strategy``, ``day`` / ``variant`` where they apply, one number per
+    counter field, ``updated_at``, and ``expires_at`` (the table's TTL) on day counters.
+    A put writes the whole counter, so writing it again is harmless."""
+
+    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.table = settings.attribution_table
+
+    async def put(self, rows: Sequence[tuple[Mapping[str, str], Mapping[str, str]]]) -> None:
+        """Write (note, counter fields) rows."""
+        now = time.time()
+        requests: list[dict[str, Any]] = []
+        for note, fields in rows:
+            item: dict[str, Any] = {
+                "pk": {"S": note["k"]},
+                "namespace": {"S": note["ns"]},
+                "kind": {"S": note["kind"]},
+                "strategy": {"S": note["s"]},
+                "updated_at": {"N": repr(now)},
+            }
+            if "d" in note:
+                item["day"] = {"S": note["d"]}
+                item["expires_at"] = {"N": str(int(now + self.settings.attribution_day_ttl_s))}
+            if "v" in note:
+                item["variant"] = {"S": note["v"]}
+            for name in COUNTER_FIELDS:
+                if name in fields:
+                    item[name] = {"N": fields[name]}
+            requests.append({"PutRequest": {"Item": item}})
+        for start in range(0, len(requests), 25):
+            pending: dict[str, Any] = {self.table: requests[start : start + 25]}
+            await self._call("batch_write_item", pending, "UnprocessedItems", "writing")
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Counter fields by Redis key; absent counters are left out."""
+        found: dict[str, dict[str, str]] = {}
+        for start in range(0, len(keys), 100):
+            request = {
+                self.table: {
+                    "Keys": [{"pk": {"S": k}} for k in keys[start : start + 100]],
+                    "ConsistentRead": True,
+                }
+            }
+            for response in await self._call(
+                "batch_get_item", request, "UnprocessedKeys", "reading"
+            ):
+                for item in response.get("Responses", {}).get(self.table, []):
+                    found[item["pk"]["S"]] = {
+                        name: item[name]["N"] for name in COUNTER_FIELDS if name in item
+                    }
+        return found
+
+    async def _call(
+        self, method: str, request: dict[str, Any], unprocessed: str, what: str
+    ) -> list[Mapping[str, Any]]:
+        """Call a batch API, resending what DynamoDB left unprocessed (throttling)."""
+        responses: list[Mapping[str, Any]] = []
+        pending = request
+        for attempt in range(10):
+            try:
+                response = await getattr(self.client, method)(RequestItems=pending)
+            except (BotoCoreError, ClientError) as exc:
+                raise translate(
+                    exc, f"{what} attribution counters in {self.table!r}", self.settings
+                ) from exc
+            responses.append(response)
+            pending = dict(response.get(unprocessed) or {})
+            if not pending:
+                return responses
+            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise StoreUnavailable(
+            f"DynamoDB kept {what} attribution counters unprocessed on {self.table!r}; "
+            "raise its capacity"
+        )
+
+
+# --- the agent -----------------------------------------------------------------------------
+
+
+@dataclass
+class AttributionStats:
+    candidates: int = 0
+    """Clicks, add-to-carts and purchases in the batch."""
+    attributed: int = 0
+    """Counted now."""
+    duplicates: int = 0
+    """Matched, but attributed before (a replay)."""
+    persisted: int = 0
+    """Counters copied to DynamoDB."""
+
+
+class AttributionAgent:
+    def __init__(self, redis: aioredis.Redis, durable: DynamoCounters, settings: Settings) -> None:
+        self.redis = redis
+        self.durable = durable
+        self.settings = settings
+        self._attribute = redis.register_script(_ATTRIBUTE)
+        self._ranges = redis.register_script(_RANGES)
+        self._restore = redis.register_script(_RESTORE)
+        self._clean = redis.register_script(_CLEAN)
+        self.totals = AttributionStats()
+
+    async def process(self, records: Sequence[bytes], source: str = "stream") -> AttributionStats:
+        events: list[Event] = []
+        for raw in records:
+            try:
+                events.append(StoredEvent.from_json(raw))
+            except ValidationError:
+                # The windows agent dead-letters it, with the reason; once is enough.
+                continue
+        candidates = [e for e in events if e.event_type in ATTRIBUTED]
+        stats = AttributionStats(candidates=len(candidates))
+        try:
+            matches = await self.match(candidates) if candidates else []
+            if matches:
+                stats.attributed = await self.count(matches)
+                stats.duplicates = len(matches) - stats.attributed
+            namespaces = {e.namespace for e in events} | {self.settings.namespace}
+            stats.persisted = await self.persist(sorted(namespaces))
+        except RedisError as exc:
+            raise StoreUnavailable(f"attributing {len(candidates)} events failed: {exc}") from exc
+        if stats.duplicates:
+            log.info("%d events from %s were attributed before", stats.duplicates, source)
+        for name in ("candidates", "attributed", "duplicates", "persisted"):
+            setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))
+        return stats
+
+    def _in_window(self, served: Served, event: Event) -> bool:
+        delay = event.timestamp - served.ts
+        return -CLOCK_SKEW_S <= delay <= self.settings.attribution_window_s
+
+    async def _records(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Served]:
+        """Served records by (namespace, recommendation id); missing or malformed left out."""
+        if not ids:
+            return {}
+        found: dict[tuple[str, str], Served] = {}
+        raws = await self.redis.mget([Keys(namespace).served(rid) for namespace, rid in ids])
+        for key, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                found[key] = Served.loads(raw)
+            except ValueError as exc:
+                log.warning(
+                    "served log %s is malformed, not attributing to it: %s",
+                    Keys(key[0]).served(key[1]), exc,
+                )  # fmt: skip
+        return found
+
+    async def match(self, events: Sequence[Event]) -> list[tuple[Event, Served]]:
+        """Each event with the recommendation it is attributed to (unmatched left out)."""
+        # 1. The recommendations named by the events, and the users sessions logged in as.
+        named = await self._records(
+            sorted({(e.namespace, e.recommendation_id) for e in events if e.recommendation_id})
+        )
+        matched: dict[int, Served] = {}
+        rest: list[tuple[int, Event]] = []
+        for n, event in enumerate(events):
+            served = named.get((event.namespace, event.recommendation_id or ""))
+            if served is not None and self._in_window(served, event):
+                matched[n] = served
+            elif event.item_id is not None:
+                rest.append((n, event))
+        if rest:
+            await self._match_by_item(rest, matched)
+        return [(events[n], matched[n]) for n in sorted(matched)]
+
+    async def _match_by_item(
+        self, events: Sequence[tuple[int, Event]], matched: dict[int, Served]
+    ) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        anonymous = [e for _, e in events if e.user_id is None and e.session_id is not None]
+        for event in anonymous:
+            assert event.session_id is not None
+            pipe.get(Keys(event.namespace).alias(event.session_id))
+        aliases = {
+            (e.namespace, e.session_id): _text(user)
+            for e, user in zip(anonymous, await pipe.execute(), strict=True)
+            if user is not None
+        }
+        # 2. The recommendations served to the event's actors within the window: each
+        # actor's index read once for the batch, then filtered per event by served time.
+        window = self.settings.attribution_window_s
+        wanted: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for n, event in events:
+            actors = {event.actor}
+            if event.session_id is not None:
+                actors.add(f"session:{event.session_id}")
+                alias = aliases.get((event.namespace, event.session_id))
+                if alias is not None:
+                    actors.add(alias)
+            for actor in actors:
+                wanted.setdefault((event.namespace, actor), []).append((n, event.timestamp))
+        keys: list[str] = []
+        bounds: list[float] = []
+        for (namespace, actor), asks in wanted.items():
+            times = [ts for _, ts in asks]
+            keys.append(Keys(namespace).served_to(actor))
+            bounds += [min(times) - window, max(times) + CLOCK_SKEW_S]
+        rows = await self._ranges(keys=keys, args=bounds) if keys else []
+        candidates: dict[int, set[tuple[str, str]]] = {}
+        for ((namespace, _), asks), row in zip(wanted.items(), rows, strict=True):
+            served = [(_text(row[i]), float(row[i + 1])) for i in range(0, len(row), 2)]
+            for n, ts in asks:
+                candidates.setdefault(n, set()).update(
+                    (namespace, rid)
+                    for rid, served_at in served
+                    if ts - window <= served_at <= ts + CLOCK_SKEW_S
+                )
+        # 3. Their records; the newest one that served the item wins (last touch).
+        records = await self._records(sorted(set().union(*candidates.values())))
+        for n, event in events:
+            served_here = [records[c] for c in candidates.get(n, ()) if c in records]
+            hits = [
+                s for s in served_here if event.item_id in s.items and self._in_window(s, event)
+            ]
+            if hits:
+                matched[n] = max(hits, key=lambda s: s.ts)
+
+    async def count(self, matches: Sequence[tuple[Event, Served]]) -> int:
+        """Count each match once; returns how many were counted now (not replays)."""
+        s = self.settings
+        pipe = self.redis.pipeline(transaction=False)
+        for start in range(0, len(matches), ATTRIBUTE_CHUNK):
+            keys: list[str] = []
+            args: list[Any] = [s.dedup_per_actor, s.dedup_ttl_s]
+            for event, served in matches[start : start + ATTRIBUTE_CHUNK]:
+                targets = _counter_targets(
+                    s, event.namespace, served.strategy, served.variant, event.timestamp
+                )
+                revenue = (
+                    repr(event.event_value)
+                    if event.event_type == "purchase" and event.event_value is not None
+                    else ""
+                )
+                keys += [
+                    Keys(event.namespace).attribution_seen(event.actor),
+                    Keys(event.namespace).attribution_dirty,
+                    *[key for key, _, _ in targets],
+                ]
+                args += [event.event_id, ATTRIBUTED[event.event_type], revenue, len(targets)]
+                for _, note, ttl in targets:
+                    args += [note, ttl]
+            await self._attribute(keys=keys, args=args, client=pipe)
+        return sum(sum(chunk) for chunk in await pipe.execute())
+
+    async def persist(self, namespaces: Sequence[str]) -> int:
+        """Copy the counters noted dirty in ``namespaces`` to DynamoDB; returns how many."""
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace in namespaces:
+            pipe.hgetall(Keys(namespace).attribution_dirty)
+        notes: list[tuple[str, bytes, bytes]] = []  # (namespace, note, change count)
+        for namespace, dirty in zip(namespaces, await pipe.execute(), strict=True):
+            notes += [(namespace, note, n) for note, n in dirty.items()]
+        if not notes:
+            return 0
+        parsed = [orjson.loads(note) for _, note, _ in notes]
+        counters = await self._read([p["k"] for p in parsed])
+        lost = [
+            p["k"] for p, fields in zip(parsed, counters, strict=True) if RESTORE_PENDING in fields
+        ]
+        if lost:
+            # Redis lost these counters and recreated them: add the durable copy back
+            # before the durable copy is overwritten with the smaller numbers.
+            durable = await self.durable.get_many(lost)
+            pipe = self.redis.pipeline(transaction=False)
+            for key in lost:
+                args = [x for name, value in durable.get(key, {}).items() for x in (name, value)]
+                await self._restore(keys=[key], args=args, client=pipe)
+            await pipe.execute()
+            counters = await self._read([p["k"] for p in parsed])
+        await self.durable.put(
+            [(p, fields) for p, fields in zip(parsed, counters, strict=True) if fields]
+        )
+        pipe = self.redis.pipeline(transaction=False)
+        for namespace in namespaces:
+            seen = [x for ns, note, n in notes if ns == namespace for x in (note, n)]
+            if seen:
+                await self._clean(keys=[Keys(namespace).attribution_dirty], args=seen, client=pipe)
+        await pipe.execute()
+        return len(notes)
+
+    async def _read(self, keys: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return [{_text(k): _text(v) for k, v in fields.items()} for fields in await pipe.execute()]
+
+    async def counters(self, namespace: str, strategy: str) -> dict[str, float]:
+        """A strategy's all-time counters (absent fields are 0)."""
+        fields = await self.redis.hgetall(Keys(namespace).attribution(strategy))
+        found = {_text(k): float(v) for k, v in fields.items() if _text(k) in COUNTER_FIELDS}
+        return {name: found.get(name, 0.0) for name in COUNTER_FIELDS}
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
