@@ -292,7 +292,7 @@ async def open_personalize(settings: Settings) -> AsyncIterator[Any]:
         if _LOOPBACK.match(urlsplit(endpoint).hostname or ""):
             kwargs.update(aws_access_key_id="test", aws_secret_access_key="test")
     config = AioConfig(
-        retries={"max_attempts": 1, "mode": "standard"},
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=5,
         read_timeout=15,
         max_pool_connections=32,
