@@ -262,8 +262,13 @@ async def run_archive(app: faust.App, stream: faust.StreamT[bytes], settings: Se
             interval = min(0.25, settings.archive_flush_s / 4)
             while True:
                 await asyncio.sleep(interval)
-                if buffer.due() or (buffer.pending and not app.flow_control.is_active()):
-                    await flush()
+                try:
+                    if buffer.due() or (buffer.pending and not app.flow_control.is_active()):
+                        await flush()
+                except Exception:
+                    # flush() retries S3 itself; anything else must not end the ticker,
+                    # or the buffer would wait for the size limit alone.
+                    log.exception("archive: the age flush failed; trying again")
 
         ticker = asyncio.create_task(tick(), name="archive-flush")
         try:

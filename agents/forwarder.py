@@ -39,7 +39,8 @@ from urllib.parse import urlsplit
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import ValidationError
 
 from agents.deadletter import DeadLetter, DeadLetters
@@ -153,8 +154,9 @@ def _retriable(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         return error_code(exc) in _THROTTLED or status >= 500 or status == 429
-    # Connection refused, timeouts, a dropped connection: the tracker may come back.
-    return isinstance(exc, BotoCoreError | OSError | TimeoutError)
+    # Connection refused, timeouts, a dropped connection: the tracker may come back. Other
+    # botocore errors (a parameter the model refuses, no credentials) will not go away.
+    return isinstance(exc, HTTPClientError | BotoConnectionError | OSError | TimeoutError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -250,3 +250,16 @@ def test_dlq_replay_command_keeps_what_fails_again(
     assert "replayed and deleted 12" in capsys.readouterr().out
     assert server.event_ids() == {e.event_id: 1 for e in events}
     assert dlq_bodies(settings) == []
+
+
+async def test_an_unreachable_tracker_is_retried_then_reported(settings: Settings) -> None:
+    from recstream import stack
+
+    settings = tracked(
+        settings, f"http://127.0.0.1:{stack.free_port()}", personalize_max_attempts=3
+    )
+    async with open_personalize(settings) as client:
+        result = await Forwarder(client, settings).send([event(1)])
+    assert result.retries == 2
+    assert [e.event_id for e, _ in result.failed] == ["e1"]
+    assert "after 3 attempts" in result.failed[0][1]
