@@ -72,6 +72,9 @@ def recstream(settings: Settings, *argv: str, cwd: Path) -> subprocess.Completed
     )
 
 
+# Three processes start (two workers, `recstream train` with every model), so this test
+# gets more than the suite's 120 s per test.
+@pytest.mark.timeout(300)
 async def test_sigkill_before_the_flush_then_restart_archives_each_event_once_and_trains(
     local_stack: LocalStack, tmp_path: Path
 ) -> None:
