@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from recstream import stack
 from recstream.aws import sync_client
@@ -42,6 +43,7 @@ def archived_ids(settings: Settings) -> list[str]:
     return ids
 
 
+@pytest.mark.timeout(240)  # a worker, the API and a `recstream dlq replay` process
 async def test_tracker_outage_dead_letters_and_replay_delivers_each_event_once(
     local_stack: LocalStack, tmp_path: Path
 ) -> None:
