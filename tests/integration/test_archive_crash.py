@@ -107,7 +107,9 @@ async def test_sigkill_before_the_flush_then_restart_archives_each_event_once_an
                 async def all_buffered() -> bool:
                     return await buffered(metrics_url) >= EVENTS
 
-                await eventually(all_buffered, "the archive agent buffering every event", log_a)
+                await eventually(
+                    all_buffered, "the archive agent buffering every event", log_a, 120
+                )
                 assert archived_lines(settings) == []  # between buffer and flush
                 doomed.send_signal(signal.SIGKILL)
                 doomed.wait(10)

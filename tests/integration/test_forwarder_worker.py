@@ -43,7 +43,7 @@ def archived_ids(settings: Settings) -> list[str]:
     return ids
 
 
-@pytest.mark.timeout(240)  # a worker, the API and a `recstream dlq replay` process
+@pytest.mark.timeout(300)  # a worker, the API and a `recstream dlq replay` process
 async def test_tracker_outage_dead_letters_and_replay_delivers_each_event_once(
     local_stack: LocalStack, tmp_path: Path
 ) -> None:
@@ -83,7 +83,7 @@ async def test_tracker_outage_dead_letters_and_replay_delivers_each_event_once(
                     async def dead_lettered() -> bool:
                         return personalize_letters(settings) >= FIRST
 
-                    await eventually(dead_lettered, "the failed events reaching the DLQ", log)
+                    await eventually(dead_lettered, "the failed events reaching the DLQ", log, 120)
                     assert tracker.event_ids() == {}
                     tracker.recover()
                     response = await http.post("/v1/events", json=events[FIRST:])
@@ -92,7 +92,7 @@ async def test_tracker_outage_dead_letters_and_replay_delivers_each_event_once(
                     async def forwarded() -> bool:
                         return len(tracker.event_ids()) >= SECOND
 
-                    await eventually(forwarded, "the recovered tracker receiving events", log)
+                    await eventually(forwarded, "the recovered tracker receiving events", log, 120)
                     assert archived_ids(settings) == []  # an hour's age: still buffered
                     worker.terminate()
                     worker.wait(20)
