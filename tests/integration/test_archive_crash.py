@@ -31,7 +31,7 @@ from streams.schema import Event
 from tests.conftest import LocalStack, make_settings, serve_in_thread
 from tests.integration.test_spine import agent_worker, eventually, tail
 
-USERS, ITEMS, EVENTS = 30, 20, 600
+USERS, ITEMS, EVENTS = 30, 20, 300
 
 
 def archived_lines(settings: Settings) -> list[Event]:
