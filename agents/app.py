@@ -14,8 +14,10 @@ from typing import Any
 
 import faust
 
+from agents.archive import run_archive
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
+from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.state import DynamoWindows, RedisHotStore
 from agents.windows import WindowAgent
@@ -98,5 +100,24 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
             ):
                 await until_done(agent.process, values, settings.stream_name)
                 yield None
+
+    if settings.archive_enabled:
+
+        @app.agent(topic, name="archive")
+        async def archive(stream: faust.StreamT[bytes]) -> None:
+            await run_archive(app, stream, settings)
+
+    if settings.personalize_tracking_id:
+
+        @app.agent(topic, name="personalize")
+        async def personalize(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+            async with open_stores(settings) as stores, open_personalize(settings) as client:
+                dead_letters = SqsDeadLetters(stores.sqs, settings, stores.s3)
+                forwarder = Forwarder(client, settings, dead_letters)
+                async for values in stream.take(
+                    settings.agent_batch_size, within=settings.agent_batch_window_s
+                ):
+                    await until_done(forwarder.process, values, settings.stream_name)
+                    yield None
 
     return app

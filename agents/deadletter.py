@@ -37,9 +37,14 @@ class DeadLetter:
     reason: str
     source: str
     """Where the record came from: the stream's name."""
+    kind: str = "parse"
+    """Why it is here: ``parse`` (the record is not a valid event; replaying cannot fix
+    it) or ``personalize`` (the tracker did not take the event; `recstream dlq replay`
+    sends it again)."""
 
     def body(self, raw_s3_uri: str | None = None) -> str:
         doc: dict[str, object] = {
+            "kind": self.kind,
             "reason": self.reason,
             "source": self.source,
             "raw_bytes": len(self.raw),

@@ -152,29 +152,38 @@ def read_events(
     client: Any = None,
 ) -> Iterator[Event]:
     """Every archived event with ``start <= timestamp < end``, partition by partition in
-    time order (within a partition, in key order then line order)."""
+    time order (within a partition, in key order then line order), each event id once:
+    the archive is written at least once, and a replay may store an event twice."""
     if end <= start:
         return
     namespace = namespace or settings.namespace
     s3 = client if client is not None else sync_client(settings, "s3")
-    for hour in _hours(start, end):
-        prefix = f"{ARCHIVE_PREFIX}/{namespace}/dt={hour:%Y-%m-%d}/hour={hour:%H}/"
+    wanted = {partition_prefix(namespace, hour.timestamp()) for hour in _hours(start, end)}
+    # One listing per day rather than per hour: 30 calls, not 720, for a month.
+    days = sorted({prefix.rsplit("hour=", 1)[0] for prefix in wanted})
+    for day in days:
         try:
-            pages = s3.get_paginator("list_objects_v2").paginate(
-                Bucket=settings.bucket, Prefix=prefix
-            )
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=settings.bucket, Prefix=day)
             keys = sorted(
                 obj["Key"]
                 for page in pages
                 for obj in page.get("Contents", ())
                 if obj["Key"].endswith(SUFFIX)
             )
+            by_hour: dict[str, list[str]] = defaultdict(list)
             for key in keys:
-                blob = s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
-                for event in decode_events(blob, where=f"s3://{settings.bucket}/{key}"):
-                    if start <= event.timestamp < end:
-                        yield event
+                prefix = key.rsplit("/", 1)[0] + "/"
+                if prefix in wanted:
+                    by_hour[prefix].append(key)
+            for hour_prefix in sorted(by_hour):
+                # A replayed event has its original timestamp, so all its copies share one
+                # partition: remembering one hour's ids drops every duplicate.
+                seen: set[str] = set()
+                for key in by_hour[hour_prefix]:
+                    blob = s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read()
+                    for event in decode_events(blob, where=f"s3://{settings.bucket}/{key}"):
+                        if start <= event.timestamp < end and event.event_id not in seen:
+                            seen.add(event.event_id)
+                            yield event
         except (BotoCoreError, ClientError) as exc:
-            raise translate(
-                exc, f"archive read of s3://{settings.bucket}/{prefix}", settings
-            ) from exc
+            raise translate(exc, f"archive read of s3://{settings.bucket}/{day}", settings) from exc

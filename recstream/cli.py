@@ -7,6 +7,7 @@
     recstream streams status       per-shard owner, checkpoint, lag and lease age
     recstream train | evaluate | models ...   offline training (see training/cli.py)
     recstream catalog load         fill the item/user catalog from CSV (recstream/catalog_cli.py)
+    recstream archive export | dlq replay     the S3 archive, the dead-letter queue
 
 Each package adds its own subcommands through a ``register(subparsers)`` function, so
 this module only wires them together.
@@ -28,11 +29,18 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     # Imported lazily so that `recstream up` does not pay for faust's or numpy's import.
+    from agents import cli as agents_cli
     from recstream import catalog_cli, commands
     from streams import cli as streams_cli
     from training import cli as training_cli
 
-    return [commands.register, streams_cli.register, training_cli.register, catalog_cli.register]
+    return [
+        commands.register,
+        streams_cli.register,
+        training_cli.register,
+        catalog_cli.register,
+        agents_cli.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

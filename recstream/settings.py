@@ -142,12 +142,33 @@ class Settings(BaseSettings):
     on a served item that carries no recommendation_id."""
     attribution_day_ttl_s: int = Field(400 * 86400, ge=86400)
     """How long the per-day attribution counters (Redis and DynamoDB) are kept."""
+    # --- archive and Personalize forwarder (agents/archive.py, agents/forwarder.py) ---
+    archive_enabled: bool = True
+    """Run the archive agent in `recstream agents` (raw events to S3, for training)."""
+    archive_flush_bytes: int = Field(5 * 1024 * 1024, ge=1)
+    """The archive agent writes its buffer once it holds this many bytes of JSON lines."""
+    archive_flush_s: float = Field(60.0, gt=0)
+    """... or once its oldest buffered event waited this long (Firehose-style)."""
+    personalize_tracking_id: str | None = None
+    """Amazon Personalize event tracker; when set, the forwarder agent sends every event
+    to it with PutEvents. Unset: no forwarding."""
+    personalize_endpoint_url: str | None = None
+    """Personalize Events endpoint. Unset means real AWS, whatever aws_endpoint_url says:
+    the emulator has no Personalize (tests point this at their own server)."""
+    personalize_max_attempts: int = Field(6, ge=1)
+    """PutEvents attempts per call on throttling and 5xx before dead-lettering the events."""
+    personalize_retry_base_s: float = Field(0.2, gt=0)
+    personalize_retry_max_s: float = Field(10.0, gt=0)
+    """Full-jitter exponential backoff between PutEvents attempts: base * 2^n, capped."""
+    # (archive and forwarder settings end here)
 
     @field_validator(
         "aws_endpoint_url",
         "kinesis_endpoint_url",
         "worker_id",
         "agents_metrics_port",
+        "personalize_tracking_id",
+        "personalize_endpoint_url",
         mode="before",
     )
     @classmethod

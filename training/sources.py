@@ -78,6 +78,22 @@ def _describe(source: str) -> Callable[[InteractionLog], DataRange]:
     return describe
 
 
+class _YoungLogNextView(NextView):
+    """NextView for the archive of a stack that may be young: a log spanning less than
+    two test periods (a stack up for hours) holds out its last half instead of leaving
+    nothing to train on, as `NextView.validation_split` does for tuning."""
+
+    def split(
+        self, log: InteractionLog, test_start: float | None = None
+    ) -> tuple[InteractionLog, InteractionLog]:
+        if test_start is None and len(log):
+            span = float(log.timestamps.max() - log.timestamps.min())
+            if span < 2 * self.test_days * 86400:
+                short = NextView(test_days=span / 2 / 86400, target_types=self.target_types)
+                return short.split(log)
+        return super().split(log, test_start)
+
+
 def _day(unix: float) -> str:
     return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%d %H:%M")
 
@@ -102,7 +118,7 @@ def training_setup(
         def load() -> InteractionLog:
             return load_archive(settings, window[0], window[1])
 
-        protocol = NextView(target_types=("view", "click"))
+        protocol = _YoungLogNextView(target_types=("view", "click"))
     elif source == "csv":
         if path is None:
             raise ConfigurationError(
