@@ -2,7 +2,7 @@
 
 Training publishes each model version under ``rs:{ns}:model:{name}:{version}:…`` and
 then flips ``rs:{ns}:model:{name}:current`` (training/publish.py). Serving reads the
-pointer and the version's records in one Lua call (`training.publish.read_current_many`),
+pointer and the version's records in one Lua call (`recstream.published.read_current_many`),
 so a request never mixes two versions nor reads one that garbage collection is deleting,
 and a promote or rollback is seen by the very next request.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from recstream.keys import Keys
-from training.publish import read_current_many
+from recstream.published import read_current_many
 
 __all__ = ["ITEM2ITEM", "Neighbour", "PublishedModels"]
 
