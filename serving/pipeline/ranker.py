@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 import uuid
@@ -113,6 +114,8 @@ class _Request:
         began = time.perf_counter()
         try:
             if self.left(until) <= 0:
+                if inspect.iscoroutine(call):
+                    call.close()  # never started: nothing to cancel, nothing to warn about
                 raise TimeoutError
             async with asyncio.timeout_at(until):
                 return await call
@@ -186,7 +189,7 @@ class Ranker:
     # --- stage 1: state -------------------------------------------------------------------
     async def _state(self, req: _Request, namespace: str, actor: str | None) -> UserState:
         state = await req.bounded(
-            "window",
+            "window" if actor is not None else "models",
             read_state(self.redis, namespace, actor, self.settings.window_size),
             req.start + min(self.store_timeout, STATE_SHARE * self.budget),
         )
