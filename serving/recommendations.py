@@ -19,6 +19,8 @@ the fix; a store that fails degrades the answer (``degraded``), it never fails i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +29,7 @@ from typing import Annotated, Any, Protocol
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -329,7 +332,18 @@ async def open_ranker(app: Any, stores: Stores, settings: Settings) -> AsyncIter
     app.state.ranker = ranker
     if not hasattr(app.state, "filter_resolver"):
         app.state.filter_resolver = None
+
+    async def warm() -> None:
+        # Load the default namespace's models now rather than on the first requests;
+        # best effort: nothing published, or Redis down, only means a cold first request.
+        with contextlib.suppress(RecstreamError, RedisError, OSError):
+            await ranker.warm(settings.namespace)
+
+    warming = asyncio.create_task(warm())
     try:
         yield ranker
     finally:
+        warming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warming
         await ranker.aclose()
