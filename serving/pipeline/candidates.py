@@ -160,7 +160,9 @@ class Sources:
         out = SourceOutput("item2item", origin=f"published:{version}")
         if version is None or not history:
             return out
-        params = model.params if model is not None and model.version == version else {}
+        # a just-promoted version's params load in the background: meanwhile the previous
+        # version's are closer than the defaults
+        params = model.params if model is not None else {}
         history_len = int(params.get("history_len", 10))
         recency = bool(params.get("recency", True))
         recent = list(history[-history_len:]) if history_len > 0 else []
