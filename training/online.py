@@ -127,10 +127,12 @@ class _Replay:
                 )
 
     async def applied(self, last: Mapping[str, str], within: float = APPLY_TIMEOUT_S) -> None:
-        """Wait until the agents applied each actor's given event."""
+        """Wait until the agents applied each actor's given event; give up only when
+        ``within`` seconds pass without progress (a bulk replay takes a while)."""
         pending = dict(last)
         deadline = time.monotonic() + within
         while pending:
+            before = len(pending)
             pipe = self.redis.pipeline(transaction=False)
             actors = list(pending)
             for actor in actors:
@@ -140,9 +142,11 @@ class _Replay:
                     del pending[actor]
             if not pending:
                 return
-            if time.monotonic() > deadline:
+            if len(pending) < before:
+                deadline = time.monotonic() + within
+            elif time.monotonic() > deadline:
                 raise ConfigurationError(
-                    f"the agents did not apply {len(pending)} events within {within:.0f}s; "
+                    f"the agents applied none of {len(pending)} events for {within:.0f}s; "
                     "is `recstream agents` running on the same settings?"
                 )
             await asyncio.sleep(0.02)
