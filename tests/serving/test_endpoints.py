@@ -228,7 +228,7 @@ async def test_a_paused_redis_gives_a_degraded_answer_not_a_hang(api: RunningApi
     ns = api.settings.namespace
     await apply(api.settings, [event(1, "patient", "p1", ns)])
     assert (await get(api.url, "/v1/recommendations", user_id="patient")).status_code == 200
-    blocker = asyncio.create_task(block_redis(api.settings.redis_url, 3.0))
+    blocker = asyncio.create_task(block_redis(api.settings.redis_url, 4.0))
     await asyncio.sleep(0.2)  # the script is running
     try:
         responses = [
