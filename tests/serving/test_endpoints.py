@@ -212,7 +212,7 @@ async def block_redis(url: str, seconds: float) -> None:
     blocks the server exactly like ``DEBUG SLEEP``, which Redis 7 disables by default;
     after ``lua-time-limit`` (5 s) other clients get BUSY errors instead of waiting, which
     the API must degrade on just the same."""
-    client = aioredis.from_url(url)
+    client = aioredis.from_url(url, socket_timeout=seconds + 30)
     try:
         await client.eval(
             "local s = redis.call('TIME') local t0 = s[1] + s[2] / 1e6 "
