@@ -21,8 +21,6 @@ installed, so the effect of hiredis can be measured in one environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -35,7 +33,7 @@ from agents.state import RedisHotStore
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import open_redis
-from serving.candidates import PublishedModels
+from serving.pipeline.state import read_state
 
 __all__ = ["bare_app", "main"]
 
@@ -46,7 +44,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 def bare_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     state: dict[str, Any] = {}
-    popular_cache: dict[str, tuple[float, list[tuple[str, float]]]] = {}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -56,7 +53,6 @@ def bare_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[N
                     redis = open_redis(settings)
                     state["redis"] = redis
                     state["hot"] = RedisHotStore(redis, settings)
-                    state["models"] = PublishedModels(redis)
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
                     await state["redis"].aclose()
@@ -90,21 +86,11 @@ def bare_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[N
             await state["redis"].ping()
             return b'{"ok":true}'
         actor = query.get("user_id", ["anonymous"])[0]
-        now = time.monotonic()
-        cached = popular_cache.get(namespace)
-        if cached is None or now - cached[0] >= 1.0:  # as the ranker: concurrently
-            window, popular = await asyncio.gather(
-                hot.window(namespace, actor), hot.popular(namespace, 200)
-            )
-            popular_cache[namespace] = (now, popular)
-        else:
-            window = await hot.window(namespace, actor)
-        recent: dict[str, float] = {}
-        for position, entry in enumerate(window):
-            recent[entry.item_id] = recent.get(entry.item_id, 0.0) + 0.5 ** (position / 5)
-        sources = sorted(recent.items(), key=lambda kv: -kv[1])[:10]
-        neighbours = await state["models"].neighbours(namespace, sources)
-        return orjson.dumps({"window": len(window), "neighbours": len(neighbours)})
+        # The pipeline's one round trip per request (window, features, embedding, model
+        # pointers); item-level data (neighbours, popularity, trending) it caches in-process
+        # for item_cache_ttl_s, so a steady load costs it no other Redis reads.
+        live = await read_state(state["redis"], namespace, actor, settings.window_size)
+        return orjson.dumps({"window": len(live.window), "versions": len(live.versions)})
 
     return app
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "Settings"]
+__all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "SeenPolicy", "Settings"]
 
 # Namespaces appear in Redis keys, DynamoDB partition keys and URL paths, so they are
 # restricted to characters that are safe in all three.
@@ -27,6 +27,14 @@ DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = MappingProxyType(
     {"view": 1.0, "click": 1.0, "like": 2.0, "share": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
 )
 """Weight of each built-in event type: purchase > add_to_cart > like/share > view/click."""
+SeenPolicy = Literal["keep", "demote", "exclude"]
+"""What serving does with items the user already interacted with (serving/pipeline/seen)."""
+
+
+def _keep_seen_items() -> dict[str, SeenPolicy]:
+    return {"default": "keep"}
+
+
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 
 
@@ -161,6 +169,32 @@ class Settings(BaseSettings):
     personalize_retry_max_s: float = Field(10.0, gt=0)
     """Full-jitter exponential backoff between PutEvents attempts: base * 2^n, capped."""
     # (archive and forwarder settings end here)
+    # --- ranking pipeline (serving/pipeline) ------------------------------------------
+    seen_policy: dict[str, SeenPolicy] = Field(default_factory=_keep_seen_items)
+    """What happens to items the user already interacted with, per namespace (JSON object
+    namespace → keep | demote | exclude; the "default" entry covers the others). keep suits
+    e-commerce (re-views convert), exclude suits films already watched."""
+    source_timeout_ms: float = Field(15.0, gt=0)
+    """Each candidate source's own deadline, inside what is left of the request budget."""
+    candidates_per_source: int = Field(200, ge=1, le=5000)
+    """How many candidates each source contributes at most."""
+    item_cache_ttl_s: float = Field(5.0, ge=0)
+    """How long item-level data (neighbour lists, popularity, trending) is cached in-process."""
+    diversity_category_cap: int | None = Field(None, ge=1)
+    """At most this many items of one category in a response (needs the catalog); off when
+    unset."""
+    diversity_mmr_lambda: float | None = Field(None, ge=0.0, le=1.0)
+    """Maximal marginal relevance on category overlap: 1 = pure relevance; off when unset."""
+    freshness_actors: int = Field(100_000, ge=1)
+    """How many actors the freshness metric remembers (least recently served evicted)."""
+    # (ranking pipeline settings end here)
+
+    @field_validator("seen_policy")
+    @classmethod
+    def _seen_policy_default(cls, value: dict[str, SeenPolicy]) -> dict[str, SeenPolicy]:
+        if "default" not in value:
+            return {**value, "default": "keep"}
+        return value
 
     @field_validator(
         "aws_endpoint_url",
@@ -169,6 +203,8 @@ class Settings(BaseSettings):
         "agents_metrics_port",
         "personalize_tracking_id",
         "personalize_endpoint_url",
+        "diversity_category_cap",
+        "diversity_mmr_lambda",
         mode="before",
     )
     @classmethod

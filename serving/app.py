@@ -3,8 +3,8 @@
 Routes (``{namespace}`` defaults to ``default`` on the short forms):
 
     POST /v1/events                         /v1/{namespace}/events
-    GET  /v1/recommendations?user_id=…      /v1/{namespace}/recommendations
-         (or session_id=…; num_results=1..500, default 25; exclude=id,id,…)
+    GET|POST /v1/recommendations, GET /v1/related-items, POST /v1/personalized-ranking,
+    GET /v1/trending (and their /v1/{namespace}/… forms): serving/recommendations.py
     GET  /healthz                           Redis reachable
     GET  /metrics                           Prometheus
 """
@@ -12,7 +12,6 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -23,26 +22,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from agents.state import DynamoWindows, RedisHotStore
 from recstream.errors import RecstreamError
 from recstream.settings import NAMESPACE_PATTERN, Settings
 from recstream.stores import open_stores
 from serving import catalog_routes, personalize
-from serving.candidates import PublishedModels
 from serving.collector import collect
 from serving.filter_routes import filter_error_handler
 from serving.filter_routes import routes as filter_routes
 from serving.filter_store import open_filters
 from serving.filters import FilterError
 from serving.http import error_response, json_response
-from serving.metrics import RANK_DEGRADED, RANK_LATENCY
-from serving.ranking import Ranker
+from serving.recommendations import open_ranker
+from serving.recommendations import routes as recommendation_routes
 from streams.producer import KinesisProducer
 
 __all__ = ["app_from_env", "create_app", "run"]
 
 _NAMESPACE = re.compile(NAMESPACE_PATTERN)
-MAX_RESULTS = 500
 
 
 def _namespace(request: Request) -> str | Response:
@@ -68,41 +64,6 @@ async def post_events(request: Request) -> Response:
     return await collect(request, namespace, request.app.state.producer)
 
 
-async def get_recommendations(request: Request) -> Response:
-    started = time.perf_counter()
-    namespace = _namespace(request)
-    if isinstance(namespace, Response):
-        return namespace
-    params = request.query_params
-    user_id, session_id = params.get("user_id"), params.get("session_id")
-    if not user_id and not session_id:
-        return error_response(
-            422, "missing_user_id", "pass ?user_id=… (or ?session_id=… for an anonymous visitor)"
-        )
-    try:
-        num_results = int(params.get("num_results", "25"))
-    except ValueError:
-        return error_response(
-            422, "bad_num_results", f"num_results must be an integer from 1 to {MAX_RESULTS}"
-        )
-    if not 1 <= num_results <= MAX_RESULTS:
-        return error_response(
-            422, "bad_num_results", f"num_results must be an integer from 1 to {MAX_RESULTS}"
-        )
-    actor = user_id if user_id else f"session:{session_id}"
-    ranker: Ranker = request.app.state.ranker
-    exclude = frozenset(i for i in params.get("exclude", "").split(",") if i)
-    if len(exclude) > MAX_RESULTS:
-        return error_response(
-            422, "bad_exclude", f"exclude at most {MAX_RESULTS} comma-separated item ids"
-        )
-    result = await ranker.recommend(namespace, actor, num_results, exclude)
-    for store in result.degraded:
-        RANK_DEGRADED.labels(store=store).inc()
-    RANK_LATENCY.observe(time.perf_counter() - started)
-    return json_response(result.as_json())
-
-
 async def healthz(request: Request) -> Response:
     checks: dict[str, str] = {}
     try:
@@ -124,16 +85,16 @@ def create_app(settings: Settings) -> Starlette:
         async with AsyncExitStack() as stack:
             stores = await stack.enter_async_context(open_stores(settings))
             producer = await stack.enter_async_context(KinesisProducer(settings))
-            hot = RedisHotStore(stores.redis, settings)
-            durable = DynamoWindows(stores.dynamodb, settings)
             app.state.settings = settings
             app.state.redis = stores.redis
             app.state.producer = producer
-            app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
+            # The catalog and the filters first: the ranker uses both.
             await stack.enter_async_context(catalog_routes.catalog_state(app, settings, stores))
             app.state.filters = await stack.enter_async_context(
                 open_filters(settings, stores.dynamodb)
             )
+            app.state.filter_resolver = app.state.filters
+            await stack.enter_async_context(open_ranker(app, stores, settings))
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -147,8 +108,7 @@ def create_app(settings: Settings) -> Starlette:
             *catalog_routes.routes(),
             Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/{namespace}/events", post_events, methods=["POST"]),
-            Route("/v1/recommendations", get_recommendations, methods=["GET"]),
-            Route("/v1/{namespace}/recommendations", get_recommendations, methods=["GET"]),
+            *recommendation_routes(),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *personalize.routes(),

@@ -271,6 +271,10 @@ class FilterRegistry:
     def _put(self, namespace: str, name: str, compiled: CompiledFilter | None) -> None:
         self._cache[(namespace, name)] = _Cached(time.monotonic() + self.ttl, compiled)
 
+    async def resolve(self, namespace: str, name: str) -> CompiledFilter:
+        """`compiled`, under the name the recommendation routes' resolver protocol uses."""
+        return await self.compiled(namespace, name)
+
     async def compiled(self, namespace: str, ref: str) -> CompiledFilter:
         """The compiled filter named by ``ref`` (a name or a filter ARN); `FilterNotFound`."""
         name = filter_name_from(ref)

@@ -313,6 +313,19 @@ def _ranker_kwargs(
     return kwargs
 
 
+async def _resolve_filter(request: Request, namespace: str, kwargs: dict[str, Any]) -> None:
+    """Replace the filter's name in ``kwargs`` by the rule the ranker applies, through the
+    app's filter store (``app.state.filter_resolver``); an unknown name raises the
+    store's not-found error (ResourceNotFoundException)."""
+    name = kwargs.get("item_filter")
+    if not isinstance(name, str):
+        return
+    resolver = getattr(request.app.state, "filter_resolver", None)
+    if resolver is None:
+        raise invalid("filterArn: this deployment has no filter store; leave filterArn out")
+    kwargs["item_filter"] = await resolver.resolve(namespace, name)
+
+
 # --- requests ----------------------------------------------------------------------------
 
 ArnStr = Annotated[
@@ -693,6 +706,7 @@ async def get_recommendations(request: Request) -> Response:
         return _ok({"itemList": [], "recommendationId": f"RID-{uuid.uuid4()}"})
     ranker: PersonalizeRanker = request.app.state.ranker
     kwargs = _ranker_kwargs(ranker.recommend, body.context, filter_name, body.filterValues)
+    await _resolve_filter(request, namespace, kwargs)
     result = await ranker.recommend(namespace, actor, body.numResults, frozenset(), **kwargs)
     ranked = [(r.item_id, r.score, r.reasons) for r in result.items[: body.numResults]]
     return _ok(
@@ -722,6 +736,7 @@ async def get_personalized_ranking(request: Request) -> Response:
     rerank = getattr(ranker, "rerank", None)
     if rerank is not None:
         kwargs = _ranker_kwargs(rerank, body.context, filter_name, body.filterValues)
+        await _resolve_filter(request, namespace, kwargs)
         result = await rerank(namespace, actor, given, **kwargs)
         ranked = _rerank_result(result, given, filtered=filter_name is not None)
     else:

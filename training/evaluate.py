@@ -515,6 +515,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--no-tune", dest="tune", action="store_false", help="use default hyper-parameters"
     )
+    online = parser.add_argument_group(
+        "online", "replay the protocol through the running API and agents (training/online.py)"
+    )
+    online.add_argument(
+        "--online",
+        action="store_true",
+        help="post the clicks to the API one at a time and rank what it serves (yoochoose)",
+    )
+    online.add_argument("--api", default=None, help="the API's URL (default: api_host:api_port)")
+    online.add_argument(
+        "--sessions", type=int, default=None, help="replay only the first N test sessions"
+    )
+    online.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="a `recstream evaluate --json` report: serve its tuned blend (default: defaults)",
+    )
     parser.set_defaults(handler=cmd_evaluate)
 
 
@@ -542,6 +560,10 @@ def results_table(report: EvaluationReport) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.online:
+        from training.online import cmd_evaluate_online
+
+        return cmd_evaluate_online(args, settings)
     from rich.console import Console
 
     console = Console()

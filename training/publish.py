@@ -34,7 +34,8 @@ Every key above is therefore bounded: records by the K kept versions, ``versions
 `ModelRegistry.restore` rebuilds a version's Redis records from its S3 artifacts after
 Redis lost them. Serving reads a model through `current_version`, `read_current` and
 `read_current_many`; the last two read the pointer and the records in one atomic round
-trip.
+trip. They live in `recstream.published` (serving must not import training) and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -56,12 +57,12 @@ from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from recstream.aws import async_client, error_code, translate
 from recstream.errors import (
@@ -71,6 +72,15 @@ from recstream.errors import (
     StoreUnavailable,
 )
 from recstream.keys import Keys
+from recstream.published import (
+    CurrentRecord,
+    Lua,
+    as_text,
+    current_version,
+    read_current,
+    read_current_many,
+    run_lua,
+)
 from recstream.settings import Settings
 from training.base import Model, RedisRecord
 
@@ -259,25 +269,6 @@ class GcReport:
     s3_objects: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Lua:
-    """A Lua script, run by its SHA1 so the hot path does not resend its text."""
-
-    text: str
-    sha: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
-
-
-async def run_lua(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Any) -> Any:
-    """EVALSHA, falling back to EVAL (which caches the script) on a fresh server."""
-    try:
-        return await redis.evalsha(script.sha, numkeys, *args)
-    except NoScriptError:
-        return await redis.eval(script.text, numkeys, *args)
-
-
 # --- Lua scripts: the only writes to the bookkeeping keys once a publish has started ---
 
 # Claim a version's publish (or restore) lease, unless the id is in use anywhere: reusing
@@ -334,144 +325,11 @@ if deadline and tonumber(deadline) < tonumber(ARGV[2]) then
 end
 return 0
 """)
-# Reads the pointer and the record it points at in one atomic step, so a reader never
-# mixes versions and never sees a version that GC is deleting.
-# KEYS: current  ARGV: key prefix up to the version, suffix, limit (-1 = all), fields...
-_READ = Lua("""
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local key = ARGV[1] .. v .. ':' .. ARGV[2]
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'zset' then
-  return {v, kind, redis.call('ZREVRANGE', key, 0, tonumber(ARGV[3]), 'WITHSCORES')}
-elseif kind == 'hash' then
-  if #ARGV > 3 then
-    return {v, kind, redis.call('HMGET', key, unpack(ARGV, 4))}
-  end
-  return {v, kind, redis.call('HGETALL', key)}
-elseif kind == 'string' then
-  return {v, kind, {redis.call('GET', key)}}
-end
-return {v, 'none', {}}
-""")
-
-# KEYS: current  ARGV: key prefix up to the version, limit (-1 = all), suffixes...
-_READ_MANY = Lua("""
-local v = redis.call('GET', KEYS[1])
-if not v then return false end
-local out = {v}
-for i = 3, #ARGV do
-  local key = ARGV[1] .. v .. ':' .. ARGV[i]
-  local kind = redis.call('TYPE', key)['ok']
-  if kind == 'zset' then
-    out[#out + 1] = {kind, redis.call('ZREVRANGE', key, 0, tonumber(ARGV[2]), 'WITHSCORES')}
-  elseif kind == 'hash' then
-    out[#out + 1] = {kind, redis.call('HGETALL', key)}
-  elseif kind == 'string' then
-    out[#out + 1] = {kind, {redis.call('GET', key)}}
-  else
-    out[#out + 1] = {'none', {}}
-  end
-end
-return out
-""")
-
-# --- serving's read side ---------------------------------------------------------------
 
 
 def _summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What `versions` keeps of a manifest: all but the file list and the search record."""
     return {k: v for k, v in manifest.items() if k not in ("files", "search")}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-async def current_version(redis: aioredis.Redis, keys: Keys, name: str) -> str | None:
-    """The version of model ``name`` that serving should read, or None if none is live."""
-    raw = await redis.get(keys.model_pointer(name))
-    return None if raw is None else _text(raw)
-
-
-@dataclass(frozen=True, slots=True)
-class CurrentRecord:
-    """One record of the serving version. ``value`` depends on ``kind``:
-    zset → [(member, score), ...] highest first; hash → {field: bytes} (only the fields
-    asked for that exist); string → bytes; none → None (the version has no such record)."""
-
-    version: str
-    kind: Literal["zset", "hash", "string", "none"]
-    value: list[tuple[str, float]] | dict[str, bytes] | bytes | None
-
-
-def _count(limit: int | None) -> int:
-    if limit is None:
-        return -1
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
-    return limit - 1
-
-
-def _record(version: str, kind: str, body: list[Any], fields: Sequence[str] = ()) -> CurrentRecord:
-    if kind == "zset":
-        pairs = [(_text(body[i]), float(body[i + 1])) for i in range(0, len(body), 2)]
-        return CurrentRecord(version, "zset", pairs)
-    if kind == "hash":
-        if fields:
-            found = {f: v for f, v in zip(fields, body, strict=True) if v is not None}
-        else:
-            found = {_text(body[i]): body[i + 1] for i in range(0, len(body), 2)}
-        return CurrentRecord(version, "hash", found)
-    if kind == "string":
-        return CurrentRecord(version, "string", body[0])
-    return CurrentRecord(version, "none", None)
-
-
-async def read_current(
-    redis: aioredis.Redis,
-    keys: Keys,
-    name: str,
-    suffix: str,
-    *,
-    limit: int | None = None,
-    fields: Sequence[str] = (),
-) -> CurrentRecord | None:
-    """Read record ``suffix`` of model ``name``'s serving version in one round trip.
-
-    Returns None when the model has no serving version. ``limit`` caps a zset's members
-    (highest scores first); ``fields`` selects hash fields (all when empty).
-    """
-    prefix = keys.model(name, "", "")[:-1]  # "rs:{ns}:model:{name}:"
-    reply = await run_lua(
-        redis, _READ, 1, keys.model_pointer(name), prefix, suffix, _count(limit), *fields
-    )
-    if reply is None:
-        return None
-    return _record(_text(reply[0]), _text(reply[1]), reply[2], fields)
-
-
-async def read_current_many(
-    redis: aioredis.Redis,
-    keys: Keys,
-    name: str,
-    suffixes: Sequence[str],
-    *,
-    limit: int | None = None,
-) -> dict[str, CurrentRecord] | None:
-    """Several records of the serving version (e.g. the neighbours of each item in a
-    history) in one round trip, all from the same version. None when nothing serves."""
-    prefix = keys.model(name, "", "")[:-1]
-    reply = await run_lua(
-        redis, _READ_MANY, 1, keys.model_pointer(name), prefix, _count(limit), *suffixes
-    )
-    if reply is None:
-        return None
-    version = _text(reply[0])
-    return {
-        suffix: _record(version, _text(kind), body)
-        for suffix, (kind, body) in zip(suffixes, reply[1:], strict=True)
-    }
 
 
 # --- the registry -------------------------------------------------------------------------
@@ -527,7 +385,7 @@ class ModelRegistry:
         found: set[str] = set()
         try:
             async for raw in self.redis.scan_iter(match=pattern, count=1000):
-                middle = _text(raw)[len(self.keys.prefix) + len("model:") : -len(":versions")]
+                middle = as_text(raw)[len(self.keys.prefix) + len("model:") : -len(":versions")]
                 if MODEL_NAME.match(middle):
                     found.add(middle)
         except RedisError as exc:
@@ -550,9 +408,9 @@ class ModelRegistry:
                 summaries, current = await pipe.execute()
         except RedisError as exc:
             raise self._redis_failed(exc, f"listing versions of {name!r}") from exc
-        live = None if current is None else _text(current)
+        live = None if current is None else as_text(current)
         infos = [
-            VersionInfo.from_summary(name, _text(v), raw, _text(v) == live)
+            VersionInfo.from_summary(name, as_text(v), raw, as_text(v) == live)
             for v, raw in summaries.items()
         ]
         return sorted(infos, key=lambda info: info.version)
@@ -770,7 +628,7 @@ class ModelRegistry:
                     f"{self.s3_prefix(name)}; train it first (`recstream train`)"
                 )
         manifest = await self.manifest(name, check_version(version))
-        if version in {_text(v) for v in await self.redis.hkeys(self.versions_key(name))}:
+        if version in {as_text(v) for v in await self.redis.hkeys(self.versions_key(name))}:
             raise ConfigurationError(
                 f"model {name!r} version {version} is complete in Redis already; "
                 f"promote it with `recstream models promote {name} {version}`"
@@ -1083,7 +941,7 @@ class ModelRegistry:
         versions_key, pointer = self.versions_key(name), self.keys.model_pointer(name)
         pending, doomed = self.pending_key(name), self.doomed_key(name)
         try:
-            complete = sorted(_text(v) for v in await self.redis.hkeys(versions_key))
+            complete = sorted(as_text(v) for v in await self.redis.hkeys(versions_key))
             for version in complete[:-keep]:
                 if await run_lua(self.redis, _RETIRE, 3, versions_key, pointer, doomed, version):
                     report.retired.append(version)
@@ -1095,10 +953,10 @@ class ModelRegistry:
                 if deadline < now and await run_lua(
                     self.redis, _REAP, 2, pending, doomed, raw, now
                 ):
-                    report.abandoned.append(_text(raw))
+                    report.abandoned.append(as_text(raw))
             for member in sorted(await self.redis.smembers(doomed)):
                 deleted, objects = await self._destroy(
-                    s3, name, _text(member), keep_restorable=_text(member) in report.abandoned
+                    s3, name, as_text(member), keep_restorable=as_text(member) in report.abandoned
                 )
                 report.redis_keys += deleted
                 report.s3_objects += objects
@@ -1121,9 +979,9 @@ class ModelRegistry:
                 pipe.smembers(doomed)
                 pipe.get(pointer)
                 alive_complete, alive_pending, dying, current = await pipe.execute()
-            alive = {_text(v) for v in [*alive_complete, *alive_pending, *dying]}
+            alive = {as_text(v) for v in [*alive_complete, *alive_pending, *dying]}
             if current is not None:
-                alive.add(_text(current))
+                alive.add(as_text(current))
             for version, found in by_version.items():
                 if version not in alive:
                     report.redis_keys += await self._unlink(found)

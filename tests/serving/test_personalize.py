@@ -21,7 +21,7 @@ from recstream.aws import sync_client
 from recstream.settings import Settings
 from serving.app import create_app
 from serving.personalize import rank_by_recommendations
-from serving.ranking import Recommendation, Recommendations
+from serving.pipeline.result import Recommendation, Recommendations
 from streams.schema import Event
 from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_thread
 from tests.serving.test_collector import read_stream
@@ -304,8 +304,8 @@ def test_rank_by_recommendations_keeps_each_given_item_once() -> None:
 
 
 class PipelineLikeRanker:
-    """The real ranker behind the interface the ranking pipeline adds (filters, context,
-    rerank), recording what this API passes it."""
+    """The real ranker, recording what this API passes it; filters reach it resolved (the
+    real compiled filter from the filter store) and are applied by the real pipeline."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -319,16 +319,26 @@ class PipelineLikeRanker:
         exclude: frozenset[str] = frozenset(),
         *,
         context: dict[str, str] | None = None,
-        item_filter: str | None = None,
+        item_filter: Any = None,
         filter_values: dict[str, str] | None = None,
     ) -> Recommendations:
         self.calls.append(
-            {"op": "recommend", "context": context, "filter": item_filter, "values": filter_values}
+            {
+                "op": "recommend",
+                "context": context,
+                "filter": getattr(item_filter, "expression", None),
+                "values": filter_values,
+            }
         )
-        result: Recommendations = await self.inner.recommend(namespace, actor, 500, exclude)
-        if item_filter == "no-pop":
-            result.items = [r for r in result.items if not r.item_id.startswith("pop")]
-        result.items = result.items[:num_results]
+        result: Recommendations = await self.inner.recommend(
+            namespace,
+            actor,
+            num_results,
+            exclude,
+            context=context,
+            item_filter=item_filter,
+            filter_values=filter_values,
+        )
         return result
 
     async def rerank(
@@ -338,14 +348,28 @@ class PipelineLikeRanker:
         item_ids: list[str],
         *,
         context: dict[str, str] | None = None,
-        item_filter: str | None = None,
+        item_filter: Any = None,
         filter_values: dict[str, str] | None = None,
     ) -> Recommendations:
-        self.calls.append({"op": "rerank", "items": item_ids, "filter": item_filter})
-        # Reverse order, dropping what the filter removes: easy to recognise.
-        kept = [i for i in item_ids if item_filter != "no-pop" or not i.startswith("pop")]
-        items = [Recommendation(i, float(n), ("reranked",)) for n, i in enumerate(kept)][::-1]
-        return Recommendations("rerank-id", namespace, actor, items)
+        self.calls.append(
+            {
+                "op": "rerank",
+                "items": item_ids,
+                "filter": getattr(item_filter, "expression", None),
+            }
+        )
+        result: Recommendations = await self.inner.rerank(
+            namespace,
+            actor,
+            item_ids,
+            context=context,
+            item_filter=item_filter,
+            filter_values=filter_values,
+        )
+        return result
+
+
+NO_POP = 'EXCLUDE ItemID WHERE Items.ITEM_ID IN ("pop0", "pop1", "pop2", "pop3")'
 
 
 @pytest.fixture
@@ -355,6 +379,11 @@ def pipeline_api(settings: Settings) -> Iterator[tuple[RunningApi, PipelineLikeR
     with serve_in_thread(app, port):
         ranker = PipelineLikeRanker(app.state.ranker)
         app.state.ranker = ranker
+        created = httpx.post(
+            f"http://127.0.0.1:{port}/v1/{settings.namespace}/filters",
+            json={"name": "no-pop", "filter_expression": NO_POP},
+        )
+        assert created.status_code == 201, created.text
         yield RunningApi(url=f"http://127.0.0.1:{port}", settings=settings), ranker
 
 
@@ -377,7 +406,7 @@ async def test_filters_and_context_are_passed_to_the_ranker(
         {
             "op": "recommend",
             "context": {"DEVICE": "mobile"},
-            "filter": "no-pop",
+            "filter": NO_POP,
             "values": {"CATEGORY": '"shoes"'},
         }
     ]
@@ -392,8 +421,8 @@ async def test_personalized_ranking_uses_rerank_when_the_ranker_has_it(
     response = client.get_personalized_ranking(
         campaignArn=arn(f"campaign/{ns}"), userId="alice", inputList=["a", "b", "a", "c"]
     )
-    assert [i["itemId"] for i in response["personalizedRanking"]] == ["c", "b", "a"]
-    assert response["recommendationId"] == "rerank-id"
+    # Each given item exactly once (the real ranker knows none of them: any order).
+    assert sorted(i["itemId"] for i in response["personalizedRanking"]) == ["a", "b", "c"]
     assert ranker.calls[-1] == {"op": "rerank", "items": ["a", "b", "c"], "filter": None}
     filtered = client.get_personalized_ranking(
         campaignArn=arn(f"campaign/{ns}"),
@@ -401,7 +430,8 @@ async def test_personalized_ranking_uses_rerank_when_the_ranker_has_it(
         inputList=["pop1", "a", "pop2", "b"],
         filterArn=arn("filter/no-pop"),
     )
-    assert [i["itemId"] for i in filtered["personalizedRanking"]] == ["b", "a"]
+    assert sorted(i["itemId"] for i in filtered["personalizedRanking"]) == ["a", "b"]
+    assert ranker.calls[-1]["filter"] == NO_POP
 
 
 # --- PutEvents -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import redis
 import redis.asyncio as aioredis
 from botocore.exceptions import ClientError
 
+from recstream import published
 from recstream.aws import async_client, sync_client
 from recstream.errors import ConfigurationError, ResourceNotFound
 from recstream.keys import Keys
@@ -118,7 +119,7 @@ async def test_read_current_reads_the_serving_version_in_one_call(
     await redis_client.script_flush()
     top = await read_current(redis_client, keys, "tiny", "top", limit=1)
     assert top is not None
-    assert (await redis_client.script_exists(publish._READ.sha)) == [True]
+    assert (await redis_client.script_exists(published._READ.sha)) == [True]
     assert (top.version, top.kind, top.value) == (info.version, "zset", [("a", 2.0)])
     full = await read_current(redis_client, keys, "tiny", "top")
     assert full is not None

@@ -4,7 +4,8 @@ The user x item matrix holds each pair's summed event weights; `implicit` uses
 ``alpha x weight`` as the confidence of a positive. Known users are scored with their
 fitted factors. Anyone else (a brand-new user, an anonymous session, or a user whose live
 window serving has) is *folded in*: `fold_in` solves the user's least-squares step
-against the fixed item factors, exactly the step ALS itself makes for a user:
+against the fixed item factors, exactly the step ALS itself makes for a user
+(`recstream.scoring.fold_in`, shared with serving):
 
     x = (YᵀY + λI + Σ_i (c_i - 1) y_i y_iᵀ)⁻¹ Σ_i c_i y_i,   c_i = alpha x weight_i
 
@@ -27,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from recstream.scoring import fold_in
 from training.base import RedisRecord
 from training.data import FloatArray, IntArray, InteractionLog
 from training.models.common import ItemScorer
@@ -34,28 +36,6 @@ from training.models.common import ItemScorer
 __all__ = ["ALS", "fold_in"]
 
 log = logging.getLogger(__name__)
-
-
-def fold_in(
-    item_factors: npt.NDArray[np.floating[Any]],
-    items: IntArray,
-    confidences: npt.NDArray[np.floating[Any]],
-    regularization: float,
-    yty: npt.NDArray[np.floating[Any]] | None = None,
-) -> FloatArray:
-    """A user's factor vector from the items they touched and each item's confidence
-    (``alpha x weight``), against fixed item factors; zeros for an empty history."""
-    y = np.asarray(item_factors, dtype=np.float64)
-    f = y.shape[1]
-    if items.size == 0:
-        return np.zeros(f)
-    gram = y.T @ y if yty is None else np.asarray(yty, dtype=np.float64)
-    codes, inverse = np.unique(items, return_inverse=True)
-    conf = np.bincount(inverse, weights=np.asarray(confidences, np.float64))
-    yi = y[codes]
-    a = gram + regularization * np.eye(f) + (yi.T * (conf - 1.0)) @ yi
-    b = yi.T @ conf
-    return np.asarray(np.linalg.solve(a, b), dtype=np.float64)
 
 
 class ALS(ItemScorer):

@@ -19,27 +19,13 @@ import numpy.typing as npt
 import orjson
 
 from recstream.errors import ConfigurationError
+from recstream.scoring import top_k
 from training.base import RedisRecord
 from training.data import FloatArray, IntArray, InteractionLog
 
 __all__ = ["NOT_FITTED", "ItemScorer", "top_k", "zset_of"]
 
 NOT_FITTED = "the model is not fitted; call fit(log) or load(directory) first"
-
-
-def top_k(scores: FloatArray, k: int) -> npt.NDArray[np.int64]:
-    """Indices of the ``k`` highest finite scores, best first, ties by lower index."""
-    finite = np.flatnonzero(np.isfinite(scores))
-    if k <= 0 or finite.size == 0:
-        return np.zeros(0, np.int64)
-    values = scores[finite]
-    if finite.size > k:
-        # the k-th largest value; keep everything >= it so ties are resolved by index
-        threshold = np.partition(values, finite.size - k)[finite.size - k]
-        keep = values >= threshold
-        finite, values = finite[keep], values[keep]
-    order = np.lexsort((finite, -values))[:k]
-    return finite[order].astype(np.int64)
 
 
 def zset_of(ids: npt.NDArray[np.object_], scores: FloatArray, n: int) -> dict[str, float]:

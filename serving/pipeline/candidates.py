@@ -1,0 +1,435 @@
+"""Stage 2: candidates from every source training and the agents publish.
+
+Each source scores exactly as its offline model does (training/models/*.py, with the
+published ``params``), so the blend of their scores matches the offline blend:
+
+============================  ==========================================================
+source (blend component)      request-time computation
+============================  ==========================================================
+``recently_viewed``           Σ decay^age over the last ``history_len`` window items;
+                              the newest item x ``last_weight`` (training.models.repeat)
+``item2item``                 Σ_j w_j · sim(h_j, i) over the last ``history_len`` items,
+                              w_j = j/m (``recency``) else 1; the ``nbr:{item}`` rows of
+                              the serving version, cached per version
+``sknn``                      `recstream.scoring.knn_scores` on the published index
+                              (loaded once per version) with its ``params``
+``als``                       `recstream.scoring.fold_in` of the last ``history_len``
+                              window items (confidence ``alpha``) onto the published
+                              ``factors``/``yty``; scores = factors · x. The live
+                              embedding (``rs:{ns}:emb:{actor}``) when the window has
+                              no known item
+``trending``                  ``rs:{ns}:trend:{24h|1h}`` (agents/trending), else the
+                              published ``trending`` ``top``
+``popularity``                ``rs:{ns}:pop:decayed``, else ``rs:{ns}:pop``, else the
+                              published ``popularity`` ``top``
+``category_popularity``       affinity(c) = Σ decay^age of recent items of category c
+                              (catalog), or the decayed ``a:cat:{c}`` affinities of the
+                              feature hash; score = affinity(c)·(1 + s(i)/(max s + 1))
+                              over ``rs:{ns}:pop:cat:{c}``, else the published
+                              ``popularity`` ``top:cat:{c}``
+============================  ==========================================================
+
+Every source is bounded (``Settings.candidates_per_source``) and the ones that read
+Redis run under their own deadline (serving/pipeline/ranker.py); the CPU-only ones work
+on data already in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from recstream.errors import StoreUnavailable
+from recstream.keys import Keys
+from recstream.published import as_text, read_current_many
+from recstream.scoring import fold_in, knn_scores, top_k
+from serving.pipeline.cache import TTLCache
+from serving.pipeline.models import Published
+
+__all__ = ["LIVE_TTL_S", "SourceOutput", "Sources", "best"]
+
+LIVE_TTL_S = 1.0
+"""Live lists (popularity, trending) move every event: re-read at most once a second."""
+AFFINITY_HALF_LIFE_S = 86400.0
+"""Half-life used to bring the feature hash's ``a:cat:*`` affinities to the same instant
+(only their ratios matter here)."""
+MAX_CATEGORIES = 5
+"""Category popularity reads the lists of the user's top few categories only."""
+
+
+@dataclass(slots=True)
+class SourceOutput:
+    name: str
+    scores: dict[str, float] = field(default_factory=dict)
+    because: dict[str, str] = field(default_factory=dict)
+    """item2item: the history item that contributed most to each score."""
+    category: dict[str, str] = field(default_factory=dict)
+    """category_popularity: the category whose list proposed each item."""
+    origin: str = ""
+    """Where the data came from (e.g. ``live`` or ``published``), for the debug view."""
+
+
+def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
+    """The ``n`` highest scores, ties by item id (deterministic)."""
+    if len(scores) <= n:
+        return dict(scores)
+    return dict(sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
+
+def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) -> dict[str, float]:
+    if restrict is not None:
+        return {i: s for i, s in scores.items() if i in restrict}
+    return best(scores, n)
+
+
+def _pairs(raw: Sequence[tuple[bytes | str, float]]) -> list[tuple[str, float]]:
+    return [(as_text(member), float(score)) for member, score in raw]
+
+
+class Sources:
+    """The candidate sources of one process, with their in-process caches."""
+
+    def __init__(self, redis: aioredis.Redis, item_cache_ttl_s: float) -> None:
+        self.redis = redis
+        self.neighbours: TTLCache[tuple[str, str, str], list[tuple[str, float]]] = TTLCache(
+            item_cache_ttl_s
+        )
+        self.lists: TTLCache[tuple[str, int], list[tuple[str, float]]] = TTLCache(
+            LIVE_TTL_S, size=10_000
+        )
+        self.category_lists: TTLCache[tuple[str, str, str], list[tuple[str, float]]] = TTLCache(
+            item_cache_ttl_s, size=10_000
+        )
+
+    # --- live sorted sets written by the agents, cached for a second ------------------
+    async def zsets(self, keys: Sequence[str], n: int) -> list[list[tuple[str, float]]]:
+        """Top ``n`` of each sorted set, uncached ones read in one round trip."""
+        found: dict[str, list[tuple[str, float]]] = {}
+        missing: list[str] = []
+        for key in keys:
+            cached = self.lists.get((key, n))
+            if cached is None:
+                missing.append(key)
+            else:
+                found[key] = cached
+        if missing:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in missing:
+                pipe.zrevrange(key, 0, n - 1, withscores=True)
+            try:
+                replies = await pipe.execute()
+            except RedisError as exc:
+                raise StoreUnavailable(f"reading {missing} failed: {exc}") from exc
+            for key, reply in zip(missing, replies, strict=True):
+                found[key] = _pairs(reply)
+                self.lists.put((key, n), found[key])
+        return [found[key] for key in keys]
+
+    # --- recently viewed ----------------------------------------------------------------
+    @staticmethod
+    def repeat(history: Sequence[str], model: Published | None) -> SourceOutput:
+        params = model.params if model is not None else {}
+        decay = float(params.get("decay", 0.8))
+        history_len = int(params.get("history_len", 50))
+        last_weight = float(params.get("last_weight", 1.0))
+        out = SourceOutput("recently_viewed", origin="window")
+        recent = list(history[-history_len:]) if history_len > 0 else []
+        for position, item in enumerate(recent):
+            age = len(recent) - 1 - position
+            out.scores[item] = out.scores.get(item, 0.0) + decay**age
+        if recent:
+            out.scores[recent[-1]] *= last_weight
+        return out
+
+    # --- item-to-item -------------------------------------------------------------------
+    async def item2item(
+        self,
+        namespace: str,
+        history: Sequence[str],
+        version: str | None,
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput:
+        out = SourceOutput("item2item", origin=f"published:{version}")
+        if version is None or not history:
+            return out
+        # a just-promoted version's params load in the background: meanwhile the previous
+        # version's are closer than the defaults
+        params = model.params if model is not None else {}
+        history_len = int(params.get("history_len", 10))
+        recency = bool(params.get("recency", True))
+        recent = list(history[-history_len:]) if history_len > 0 else []
+        rows = await self.neighbour_rows(namespace, version, recent)
+        best_of: dict[str, float] = {}
+        for position, item in enumerate(recent):
+            weight = (position + 1) / len(recent) if recency else 1.0
+            for neighbour, similarity in rows.get(item, ()):
+                contribution = weight * similarity
+                out.scores[neighbour] = out.scores.get(neighbour, 0.0) + contribution
+                if contribution > best_of.get(neighbour, -math.inf):
+                    best_of[neighbour] = contribution
+                    out.because[neighbour] = item
+        out.scores = _keep({i: s for i, s in out.scores.items() if s > 0}, restrict, n)
+        out.because = {i: out.because[i] for i in out.scores}
+        return out
+
+    async def neighbour_rows(
+        self, namespace: str, version: str, items: Sequence[str]
+    ) -> dict[str, list[tuple[str, float]]]:
+        """``nbr:{item}`` of each item, cached per version; the uncached ones are read in
+        one call through the pointer (so never from a version being deleted)."""
+        rows: dict[str, list[tuple[str, float]]] = {}
+        missing = []
+        for item in dict.fromkeys(items):
+            cached = self.neighbours.get((namespace, version, item))
+            if cached is None:
+                missing.append(item)
+            else:
+                rows[item] = cached
+        if missing:
+            found = await read_current_many(
+                self.redis, Keys(namespace), "item2item", [f"nbr:{i}" for i in missing]
+            )
+            if found is not None:
+                for item in missing:
+                    record = found[f"nbr:{item}"]
+                    row = record.value if isinstance(record.value, list) else []
+                    rows[item] = row
+                    self.neighbours.put((namespace, record.version, item), row)
+        return rows
+
+    # --- session kNN --------------------------------------------------------------------
+    @staticmethod
+    def sknn(
+        history: Sequence[str], model: Published | None, restrict: Collection[str] | None, n: int
+    ) -> SourceOutput:
+        out = SourceOutput("sknn", origin=f"published:{model.version if model else None}")
+        if model is None or model.index is None or not history:
+            return out
+        lookup = model.lookup
+        query = np.array([lookup[i] for i in history if i in lookup], dtype=np.int32)
+        scores = knn_scores(
+            model.index,
+            query,
+            k=int(model.param("k", 100)),
+            last_n=int(model.param("last_n", 10)),
+            normalize=bool(model.param("normalize", False)),
+            idf_weight=float(model.param("idf_weight", 0.0)),
+        )
+        out.scores = _pick(scores, model.item_ids, lookup, restrict, n)
+        return out
+
+    # --- ALS fold-in --------------------------------------------------------------------
+    @staticmethod
+    def als(
+        history: Sequence[str],
+        embedding: Mapping[str, bytes],
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput:
+        out = SourceOutput("als", origin=f"published:{model.version if model else None}")
+        if model is None or model.factors is None or model.yty is None:
+            return out
+        history_len = int(model.param("history_len", 50))
+        known = [model.lookup[i] for i in history if i in model.lookup]
+        recent = np.array(known[-history_len:] if history_len > 0 else [], dtype=np.int32)
+        if recent.size:
+            alpha = float(model.param("alpha", 1.0))
+            vector = fold_in(
+                model.factors,
+                recent,
+                np.full(recent.size, alpha),
+                float(model.param("regularization", 0.1)),
+                model.yty,
+            )
+            out.origin += ",window"
+        elif embedding.get("v") == model.version.encode() and "x" in embedding:
+            # No known item in the window (e.g. it expired): the agents' live embedding,
+            # a decayed mean of the touched items' factors, from this very version.
+            vector = np.frombuffer(embedding["x"], dtype="<f4").astype(np.float64)
+            out.origin += ",embedding"
+            if vector.shape[0] != model.factors.shape[1]:
+                return out
+        else:
+            return out
+        if not vector.any():
+            return out
+        scores = model.factors @ vector
+        out.scores = _pick(scores, model.item_ids, model.lookup, restrict, n)
+        return out
+
+    # --- popularity and trending ----------------------------------------------------------
+    async def popular(
+        self,
+        namespace: str,
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput:
+        keys = Keys(namespace)
+        decayed, counted = await self.zsets([keys.popularity_decayed, keys.popularity], n)
+        out = SourceOutput("popularity")
+        if decayed:
+            out.origin, rows = "live:pop:decayed", decayed
+        elif counted:
+            out.origin, rows = "live:pop", counted
+        elif model is not None and model.top:
+            out.origin, rows = f"published:{model.version}", model.top
+        else:
+            return out
+        out.scores = _keep(dict(rows), restrict, n)
+        return out
+
+    async def trending(
+        self,
+        namespace: str,
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+        window: str | None = None,
+        category: str | None = None,
+    ) -> SourceOutput:
+        keys = Keys(namespace)
+        if window is None:
+            # the agents' window closest to the one training tuned (default 24 h)
+            span = float(model.param("window_s", 86400.0)) if model is not None else 86400.0
+            window = "1h" if span <= 3600 else "24h"
+        order = [window, "24h" if window == "1h" else "1h"]
+        lists = await self.zsets([keys.trending(w, category) for w in order], n)
+        out = SourceOutput("trending")
+        for name, rows in zip(order, lists, strict=True):
+            if rows:
+                out.origin = f"live:trend:{name}"
+                out.scores = _keep(dict(rows), restrict, n)
+                return out
+        if category is None and model is not None and model.top:
+            out.origin = f"published:{model.version}"
+            out.scores = _keep(dict(model.top), restrict, n)
+        return out
+
+    # --- category popularity --------------------------------------------------------------
+    @staticmethod
+    def affinities(
+        history: Sequence[str],
+        categories: Mapping[str, str],
+        features: Mapping[str, str],
+        model: Published | None,
+        now: float,
+    ) -> dict[str, float]:
+        """affinity(c) as training's CategoryPopularity computes it from the history and
+        the catalog; else the feature hash's decayed ``a:cat:*`` affinities."""
+        decay = float(model.param("decay", 0.8)) if model is not None else 0.8
+        history_len = int(model.param("history_len", 20)) if model is not None else 20
+        recent = list(history[-history_len:]) if history_len > 0 else []
+        affinity: dict[str, float] = {}
+        for position, item in enumerate(recent):
+            category = categories.get(item)
+            if category is not None:
+                age = len(recent) - 1 - position
+                affinity[category] = affinity.get(category, 0.0) + decay**age
+        if affinity:
+            return affinity
+        for name, value in features.items():
+            if not name.startswith("a:cat:"):
+                continue
+            score, _, ts = value.partition("@")
+            try:
+                decayed = float(score) * 2 ** (-(now - float(ts or now)) / AFFINITY_HALF_LIFE_S)
+            except ValueError:
+                continue
+            if decayed > 0:
+                affinity[name[len("a:cat:") :]] = decayed
+        return affinity
+
+    async def category_popularity(
+        self,
+        namespace: str,
+        affinity: Mapping[str, float],
+        popularity: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput:
+        out = SourceOutput("category_popularity")
+        chosen = sorted(affinity, key=lambda c: (-affinity[c], c))[:MAX_CATEGORIES]
+        if not chosen:
+            return out
+        keys = Keys(namespace)
+        live = await self.zsets([keys.popularity_category(c) for c in chosen], n)
+        lists: dict[str, list[tuple[str, float]]] = {}
+        missing = []
+        for category, rows in zip(chosen, live, strict=True):
+            if rows:
+                lists[category] = rows
+            elif popularity is not None:
+                missing.append(category)
+        if missing and popularity is not None:
+            lists.update(await self._published_category_lists(namespace, popularity, missing, n))
+        if not lists:
+            return out
+        # training's share: count / (max count + 1), the max over every item
+        top = max(
+            [s for rows in lists.values() for _, s in rows[:1]]
+            + ([popularity.top[0][1]] if popularity is not None and popularity.top else [])
+        )
+        for category, rows in lists.items():
+            for item, count in rows:
+                score = affinity[category] * (1.0 + count / (top + 1.0))
+                if score > out.scores.get(item, -math.inf):
+                    out.scores[item] = score
+                    out.category[item] = category
+        out.origin = "live+published" if missing else "live"
+        out.scores = _keep(out.scores, restrict, n)
+        out.category = {i: out.category[i] for i in out.scores}
+        return out
+
+    async def _published_category_lists(
+        self, namespace: str, popularity: Published, categories: Sequence[str], n: int
+    ) -> dict[str, list[tuple[str, float]]]:
+        lists: dict[str, list[tuple[str, float]]] = {}
+        missing = []
+        for category in categories:
+            cached = self.category_lists.get((namespace, popularity.version, category))
+            if cached is None:
+                missing.append(category)
+            else:
+                lists[category] = cached
+        if missing:
+            found = await read_current_many(
+                self.redis,
+                Keys(namespace),
+                "popularity",
+                [f"top:cat:{c}" for c in missing],
+                limit=n,
+            )
+            if found is not None:
+                for category in missing:
+                    record = found[f"top:cat:{category}"]
+                    rows = record.value if isinstance(record.value, list) else []
+                    lists[category] = rows
+                    self.category_lists.put((namespace, record.version, category), rows)
+        return {c: rows for c, rows in lists.items() if rows}
+
+
+def _pick(
+    scores: np.ndarray[Any, Any],
+    item_ids: Sequence[str],
+    lookup: Mapping[str, int],
+    restrict: Collection[str] | None,
+    n: int,
+) -> dict[str, float]:
+    """Finite scores as {item: score}: the top ``n``, or those of ``restrict``."""
+    if restrict is not None:
+        return {
+            item: float(scores[lookup[item]])
+            for item in restrict
+            if item in lookup and np.isfinite(scores[lookup[item]])
+        }
+    return {item_ids[i]: float(scores[i]) for i in top_k(scores, n)}

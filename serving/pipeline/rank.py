@@ -1,0 +1,63 @@
+"""Stage 4: one score per candidate. `LinearBlend` is the default `Scorer`.
+
+    score(i) = Σ_c w_c · s_c(i) / max_j |s_c(j)|
+
+over the sources c, the maximum taken over this request's candidates of c; a source that
+did not propose or score i adds 0. This is training's `Blend` (training/models/blend.py)
+term for term: each source's top candidate is in its list, so the per-request maximum is
+the one the offline blend divides by, and with the published ``blend`` ``weights`` the
+served order matches the offline blend's on the same history.
+
+Without a published blend, `DEFAULT_WEIGHTS` apply: training's defaults
+(recently_viewed 1, item2item 1, sknn 1, als 0.5, popularity 0.1) plus small weights for
+the sources training's default blend leaves out (trending 0.05, category_popularity 0.05),
+so a fresh install still shows what is trending and popular in the user's categories.
+
+A learned ranker (e.g. LightGBM lambdarank over ``Candidate.features``) implements the
+same `Scorer` protocol and replaces this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+from serving.pipeline.types import Candidate
+
+__all__ = ["DEFAULT_WEIGHTS", "LinearBlend"]
+
+DEFAULT_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {
+        "recently_viewed": 1.0,
+        "item2item": 1.0,
+        "sknn": 1.0,
+        "als": 0.5,
+        "popularity": 0.1,
+        "trending": 0.05,
+        "category_popularity": 0.05,
+    }
+)
+
+
+class LinearBlend:
+    """Training's blend formula over the request's candidates."""
+
+    name = "blend"
+
+    def score(self, candidates: Sequence[Candidate], weights: Mapping[str, float]) -> None:
+        scale: dict[str, float] = {}
+        for candidate in candidates:
+            for source, value in candidate.sources.items():
+                scale[source] = max(scale.get(source, 0.0), abs(value))
+        for candidate in candidates:
+            total = 0.0
+            contributions: dict[str, float] = {}
+            for source, value in candidate.sources.items():
+                weight = weights.get(source, 0.0)
+                if weight == 0:
+                    continue
+                part = weight * value / (scale[source] or 1.0)
+                contributions[source] = part
+                total += part
+            candidate.score = total
+            candidate.contributions = contributions

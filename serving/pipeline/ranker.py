@@ -1,0 +1,685 @@
+"""The ranking pipeline: one request through every stage, inside its deadline.
+
+    state → candidates → features → filter → rank → seen → diversity → explain → log
+
+The request budget (``Settings.ranking_budget_ms``, 50 ms by default) is split:
+
+- state (one Redis round trip): at most ``store_timeout_ms`` and 40% of the budget;
+- candidate sources: all run concurrently, each until ``source_timeout_ms`` from its
+  start or 80% of the budget, whichever comes first (the DynamoDB window fallback shares
+  that deadline); a source that misses it or fails is skipped and named in ``degraded``;
+- the catalog (item metadata): until 90% of the budget;
+- features, rank, seen, diversity and explanations are CPU over at most a few thousand
+  candidates, and the served log is written in the background.
+
+Zero data is a valid state: with nothing in Redis and nothing published the answer is an
+empty list, never an error. A brand-new actor (no window anywhere) is not degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from agents.state import DurableWindows, RedisHotStore, WindowEntry
+from recstream.errors import RecstreamError
+from recstream.settings import Settings
+from serving.metrics import SOURCE_LATENCY
+from serving.pipeline.candidates import SourceOutput, Sources, best
+from serving.pipeline.diversity import category_cap, mmr
+from serving.pipeline.explain import debug_view, explain
+from serving.pipeline.features import assemble
+from serving.pipeline.freshness import FreshnessTracker
+from serving.pipeline.log import ServedLog
+from serving.pipeline.models import ModelCache, Published
+from serving.pipeline.rank import DEFAULT_WEIGHTS, LinearBlend
+from serving.pipeline.result import Recommendation, Recommendations
+from serving.pipeline.seen import apply_seen, policy_for
+from serving.pipeline.state import RecentMisses, read_state
+from serving.pipeline.types import (
+    Candidate,
+    CandidateFilter,
+    ItemCatalog,
+    RankContext,
+    Scorer,
+    UserState,
+)
+from streams.schema import Item
+
+__all__ = ["Ranker"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STATE_SHARE = 0.4
+SOURCES_SHARE = 0.8
+CATALOG_SHARE = 0.9
+DEBUG_CANDIDATES = 200
+SOURCE_NAMES = (
+    "recently_viewed",
+    "item2item",
+    "sknn",
+    "als",
+    "trending",
+    "popularity",
+    "category_popularity",
+)
+RELATED_WEIGHTS: Mapping[str, float] = {"item2item": 1.0, "sknn": 1.0, "als": 0.5}
+"""Related items blend these by default (the published blend's weights when present)."""
+_ERRORS = (TimeoutError, RecstreamError, RedisError, OSError)
+
+
+def _hour(values: Mapping[str, str]) -> int:
+    raw = values.get("hour")
+    if raw is not None and raw.isdigit() and 0 <= int(raw) <= 23:
+        return int(raw)
+    return datetime.now(UTC).hour
+
+
+class _Request:
+    """The per-request bookkeeping: deadlines, degraded stores, stage timings."""
+
+    def __init__(self, budget: float, debug: bool) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.start = self.loop.time()
+        self.started = time.perf_counter()
+        self.budget = budget
+        self.degraded: list[str] = []
+        self.debug = debug
+        self.sources: dict[str, dict[str, Any]] = {}
+
+    def at(self, share: float) -> float:
+        return self.start + share * self.budget
+
+    def left(self, until: float) -> float:
+        return until - self.loop.time()
+
+    def degrade(self, name: str) -> None:
+        if name not in self.degraded:
+            self.degraded.append(name)
+
+    async def bounded(self, name: str, call: Awaitable[T], until: float) -> T | None:
+        """``call`` until the loop time ``until``; a miss or a store failure is named in
+        ``degraded`` and answered with None."""
+        began = time.perf_counter()
+        try:
+            if self.left(until) <= 0:
+                if inspect.iscoroutine(call):
+                    call.close()  # never started: nothing to cancel, nothing to warn about
+                raise TimeoutError
+            async with asyncio.timeout_at(until):
+                return await call
+        except _ERRORS as exc:
+            if not isinstance(exc, TimeoutError):
+                log.debug("%s failed: %s", name, exc)
+            self.degrade(name)
+            return None
+        finally:
+            SOURCE_LATENCY.labels(source=name).observe(time.perf_counter() - began)
+            if isinstance(call, asyncio.Task | asyncio.Future) and not call.done():
+                call.cancel()
+
+    def took_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+class Ranker:
+    """The pipeline of one process: its caches, hooks and background work.
+
+    ``catalog`` (item metadata) and the per-call ``item_filter`` are optional hooks
+    (serving/pipeline/types.py); ``scorer`` defaults to the linear blend."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        durable: DurableWindows,
+        settings: Settings,
+        *,
+        catalog: ItemCatalog | None = None,
+        scorer: Scorer | None = None,
+    ) -> None:
+        self.redis = redis
+        self.durable = durable
+        self.settings = settings
+        self.catalog = catalog
+        self.scorer: Scorer = scorer or LinearBlend()
+        self.hot = RedisHotStore(redis, settings)
+        self.models = ModelCache(redis)
+        self.sources = Sources(redis, settings.item_cache_ttl_s)
+        self.served = ServedLog(redis, settings)
+        self.freshness = FreshnessTracker(settings.freshness_actors)
+        self.budget = settings.ranking_budget_ms / 1000
+        self.store_timeout = settings.store_timeout_ms / 1000
+        self.source_timeout = settings.source_timeout_ms / 1000
+        self._misses = RecentMisses()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def warm(self, namespace: str, wait_s: float = 30.0) -> None:
+        """Load every published model of ``namespace`` now (startup, tests), instead of
+        on the first requests."""
+        versions = (await read_state(self.redis, namespace, None, 1)).versions
+        await asyncio.gather(
+            *(self.models.get(namespace, name, versions.get(name), wait_s) for name in versions)
+        )
+
+    async def aclose(self) -> None:
+        await self.served.drain()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.models.aclose()
+
+    def _in_background(self, call: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # --- stage 1: state -------------------------------------------------------------------
+    async def _state(self, req: _Request, namespace: str, actor: str | None) -> UserState:
+        state = await req.bounded(
+            "window" if actor is not None else "models",
+            read_state(self.redis, namespace, actor, self.settings.window_size),
+            req.start + min(self.store_timeout, STATE_SHARE * self.budget),
+        )
+        if state is None:
+            # Redis did not answer: keep serving the model versions already in memory.
+            return UserState([], {}, {}, self.models.loaded_versions(namespace))
+        return state
+
+    async def _durable_window(
+        self, req: _Request, namespace: str, actor: str, until: float
+    ) -> list[WindowEntry]:
+        key = (namespace, actor)
+        if key in self._misses:
+            return []
+        task = self._in_background(self.durable.get(namespace, actor))
+
+        def remember(t: asyncio.Task[Any]) -> None:
+            # Finishes even after the request gave up waiting, so the next request knows.
+            if t.cancelled() or t.exception() is not None:
+                return
+            found = t.result()
+            if found:
+                self._misses.discard(key)
+                self._in_background(self._restore(namespace, actor, found))
+            else:
+                self._misses.add(key)
+
+        task.add_done_callback(remember)
+        try:
+            async with asyncio.timeout_at(until):
+                found = await asyncio.shield(task)
+        except _ERRORS:
+            req.degrade("durable_window")
+            return []
+        return list(found or [])
+
+    async def _restore(self, namespace: str, actor: str, entries: list[WindowEntry]) -> None:
+        # Off the request path: the answer does not wait for Redis to be repaired.
+        with contextlib.suppress(*_ERRORS):
+            async with asyncio.timeout(1.0):
+                await self.hot.merge_window(namespace, actor, entries)
+
+    # --- stage 2: candidates --------------------------------------------------------------
+    def _weights(self, blend: Published | None) -> dict[str, float]:
+        if blend is not None and blend.weights:
+            return dict(blend.weights)
+        return dict(DEFAULT_WEIGHTS)
+
+    async def _model(
+        self, req: _Request, namespace: str, state: UserState, name: str, until: float
+    ) -> Published | None:
+        return await self.models.get(namespace, name, state.versions.get(name), req.left(until))
+
+    async def _categories(
+        self, req: _Request, namespace: str, item_ids: Sequence[str], until: float
+    ) -> dict[str, Item]:
+        if self.catalog is None or not item_ids:
+            return {}
+        found = await req.bounded(
+            "catalog", self.catalog.items(namespace, list(dict.fromkeys(item_ids))), until
+        )
+        return dict(found or {})
+
+    async def _candidates(
+        self,
+        req: _Request,
+        namespace: str,
+        state: UserState,
+        history: Callable[[], Awaitable[list[str]]],
+        weights: Mapping[str, float],
+        restrict: Collection[str] | None,
+    ) -> list[SourceOutput]:
+        """Every source with a non-zero weight, plus popularity (the fallback of every
+        list), concurrently, each within its own deadline."""
+        until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
+        n = self.settings.candidates_per_source
+        src = self.sources
+
+        async def recently_viewed() -> SourceOutput:
+            items = await history()
+            return src.repeat(
+                items, await self._model(req, namespace, state, "recently_viewed", until)
+            )
+
+        async def item2item() -> SourceOutput:
+            items = await history()
+            model = await self._model(req, namespace, state, "item2item", until)
+            version = state.versions.get("item2item")
+            return await src.item2item(namespace, items, version, model, restrict, n)
+
+        async def sknn() -> SourceOutput:
+            items = await history()
+            return src.sknn(
+                items, await self._model(req, namespace, state, "sknn", until), restrict, n
+            )
+
+        async def als() -> SourceOutput:
+            items = await history()
+            model = await self._model(req, namespace, state, "als", until)
+            return src.als(items, state.embedding, model, restrict, n)
+
+        async def trending() -> SourceOutput:
+            model = await self._model(req, namespace, state, "trending", until)
+            return await src.trending(namespace, model, restrict, n)
+
+        async def popularity() -> SourceOutput:
+            model = await self._model(req, namespace, state, "popularity", until)
+            return await src.popular(namespace, model, restrict, n)
+
+        async def category_popularity() -> SourceOutput:
+            items = await history()
+            popular, params = await asyncio.gather(
+                self._model(req, namespace, state, "popularity", until),
+                self._model(req, namespace, state, "category_popularity", until),
+            )
+            catalog = await self._categories(req, namespace, items[-50:], until)
+            categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
+            affinity = src.affinities(items, categories, state.features, params, time.time())
+            return await src.category_popularity(namespace, affinity, popular, restrict, n)
+
+        makers: dict[str, Callable[[], Awaitable[SourceOutput]]] = {
+            "recently_viewed": recently_viewed,
+            "item2item": item2item,
+            "sknn": sknn,
+            "als": als,
+            "trending": trending,
+            "popularity": popularity,
+            "category_popularity": category_popularity,
+        }
+        chosen = [s for s in SOURCE_NAMES if weights.get(s, 0.0) != 0 or s == "popularity"]
+
+        async def timed(name: str) -> SourceOutput | None:
+            began = time.perf_counter()
+            out = await req.bounded(name, makers[name](), until)
+            if req.debug:
+                req.sources[name] = {
+                    "origin": out.origin if out is not None else "degraded",
+                    "candidates": len(out.scores) if out is not None else 0,
+                    "ms": round((time.perf_counter() - began) * 1000, 3),
+                }
+            return out
+
+        outputs = await asyncio.gather(*(timed(name) for name in chosen))
+        return [out for out in outputs if out is not None]
+
+    @staticmethod
+    def _merge(outputs: Sequence[SourceOutput], order: Sequence[str] = ()) -> list[Candidate]:
+        pool: dict[str, Candidate] = {item: Candidate(item) for item in order}
+        for out in outputs:
+            for item, score in out.scores.items():
+                candidate = pool.get(item)
+                if candidate is None:
+                    if order:
+                        continue  # re-ranking: only the given items
+                    candidate = pool[item] = Candidate(item)
+                candidate.sources[out.name] = score
+                if item in out.because:
+                    candidate.because = out.because[item]
+                if item in out.category:
+                    candidate.category = out.category[item]
+        return list(pool.values())
+
+    # --- the recommendation request --------------------------------------------------------
+    async def recommend(
+        self,
+        namespace: str,
+        actor: str,
+        num_results: int,
+        exclude: Collection[str] = frozenset(),
+        *,
+        context: Mapping[str, str] | None = None,
+        item_filter: CandidateFilter | None = None,
+        filter_values: Mapping[str, str] | None = None,
+        debug: bool = False,
+    ) -> Recommendations:
+        """The top ``num_results`` items for ``actor`` (a user id, or ``session:{id}``),
+        never one in ``exclude`` (e.g. what the page already shows) nor one
+        ``item_filter`` refuses."""
+        return await self._rank(
+            namespace,
+            actor,
+            num_results,
+            exclude=exclude,
+            context=context,
+            item_filter=item_filter,
+            filter_values=filter_values,
+            debug=debug,
+            given=None,
+        )
+
+    async def rerank(
+        self,
+        namespace: str,
+        actor: str,
+        item_ids: Sequence[str],
+        *,
+        context: Mapping[str, str] | None = None,
+        item_filter: CandidateFilter | None = None,
+        filter_values: Mapping[str, str] | None = None,
+        debug: bool = False,
+    ) -> Recommendations:
+        """``item_ids`` ordered for ``actor``: every given item exactly once (duplicates
+        folded), best first; items no source scores keep their given order at the end.
+        A seen item is demoted (never dropped) under the demote and exclude policies; an
+        ``item_filter`` removes the items it refuses, as Personalize's does."""
+        given = list(dict.fromkeys(item_ids))
+        return await self._rank(
+            namespace,
+            actor,
+            len(given),
+            exclude=frozenset(),
+            context=context,
+            item_filter=item_filter,
+            filter_values=filter_values,
+            debug=debug,
+            given=given,
+        )
+
+    async def _rank(
+        self,
+        namespace: str,
+        actor: str,
+        num_results: int,
+        *,
+        exclude: Collection[str],
+        context: Mapping[str, str] | None,
+        item_filter: CandidateFilter | None,
+        filter_values: Mapping[str, str] | None,
+        debug: bool,
+        given: list[str] | None,
+    ) -> Recommendations:
+        req = _Request(self.budget, debug)
+        values = dict(context or {})
+        rank_context = RankContext(values, _hour(values))
+        state = await self._state(req, namespace, actor)
+        sources_until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
+        window_task: asyncio.Task[list[WindowEntry]] | None = None
+        if not state.window and "window" not in req.degraded:
+            window_task = asyncio.ensure_future(
+                self._durable_window(req, namespace, actor, sources_until)
+            )
+
+        async def history() -> list[str]:
+            if window_task is not None and not state.window:
+                state.window = await asyncio.shield(window_task)
+            return state.history
+
+        blend = await self._model(req, namespace, state, "blend", sources_until)
+        weights = self._weights(blend)
+        outputs = await self._candidates(req, namespace, state, history, weights, given)
+        if window_task is not None:
+            await history()
+        window = state.window
+        if window:
+            self.freshness.observe(namespace, actor, window)
+        candidates = self._merge(outputs, given or ())
+
+        # item metadata: filters, diversity and the response need it
+        items = await self._categories(
+            req, namespace, [c.item_id for c in candidates], req.at(CATALOG_SHARE)
+        )
+        for candidate in candidates:
+            candidate.item = items.get(candidate.item_id)
+        assemble(candidates, window, rank_context, self.settings.weight, time.time())
+        self.scorer.score(candidates, weights)
+
+        if item_filter is not None:
+            fvalues = dict(filter_values or {})
+            candidates = [
+                c for c in candidates if item_filter.allows(c.item_id, c.item, window, fvalues)
+            ]
+        if given is not None:
+            position = {item: i for i, item in enumerate(given)}
+            ranked = sorted(
+                candidates, key=lambda c: (-bool(c.contributions), -c.score, position[c.item_id])
+            )
+        else:
+            ranked = sorted(candidates, key=_order)
+        policy = policy_for(self.settings.seen_policy, namespace)
+        if given is not None and policy == "exclude":
+            policy = "demote"  # re-ranking returns every given item
+        ranked = apply_seen(ranked, policy, exclude)
+        if given is None:
+            ranked = self._diversify(ranked, num_results)
+        shown = ranked[:num_results]
+        explain(shown)
+        result = Recommendations(
+            recommendation_id=uuid.uuid4().hex,
+            namespace=namespace,
+            actor=actor,
+            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
+            degraded=req.degraded,
+        )
+        strategy = "personalized_ranking" if given is not None else "recommendations"
+        variant = f"{self.scorer.name}@{blend.version if blend else 'default'}"
+        self.served.record(
+            namespace,
+            result.recommendation_id,
+            actor=actor,
+            strategy=strategy,
+            variant=variant,
+            items=[r.item_id for r in result.items],
+            context=values,
+        )
+        if debug:
+            explain(ranked[num_results:DEBUG_CANDIDATES])
+            result.debug = {
+                "scorer": variant,
+                "weights": weights,
+                "versions": state.versions,
+                "seen_policy": policy,
+                "context": {"values": values, "hour": rank_context.hour},
+                "window": [e.item_id for e in window],
+                "sources": req.sources,
+                "candidates": [debug_view(c) for c in ranked[:DEBUG_CANDIDATES]],
+            }
+        result.took_ms = req.took_ms()
+        return result
+
+    def _diversify(self, ranked: list[Candidate], n: int) -> list[Candidate]:
+        if self.settings.diversity_category_cap is not None:
+            ranked = category_cap(ranked, self.settings.diversity_category_cap)
+        if self.settings.diversity_mmr_lambda is not None:
+            ranked = mmr(ranked, self.settings.diversity_mmr_lambda, n)
+        return ranked
+
+    # --- related items (SIMS) ----------------------------------------------------------------
+    async def related(
+        self,
+        namespace: str,
+        item_id: str,
+        num_results: int,
+        *,
+        exclude: Collection[str] = frozenset(),
+        item_filter: CandidateFilter | None = None,
+        filter_values: Mapping[str, str] | None = None,
+        debug: bool = False,
+    ) -> Recommendations:
+        """Items like ``item_id``: its item2item neighbours, the sessions that hold it
+        (session kNN) and its nearest ALS factors; popular items fill up, and are all an
+        unknown item gets."""
+        req = _Request(self.budget, debug)
+        state = await self._state(req, namespace, None)
+        until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
+        n = self.settings.candidates_per_source
+        blend = await self._model(req, namespace, state, "blend", until)
+        weights = {
+            name: (blend.weights.get(name, 0.0) if blend and blend.weights else w)
+            for name, w in RELATED_WEIGHTS.items()
+        }
+
+        async def item2item() -> SourceOutput:
+            version = state.versions.get("item2item")
+            out = SourceOutput("item2item", origin=f"published:{version}")
+            if version is not None:
+                rows = await self.sources.neighbour_rows(namespace, version, [item_id])
+                out.scores = dict(rows.get(item_id, [])[:n])
+                out.because = dict.fromkeys(out.scores, item_id)
+            return out
+
+        async def sknn() -> SourceOutput:
+            model = await self._model(req, namespace, state, "sknn", until)
+            return self.sources.sknn([item_id], model, None, n)
+
+        async def als() -> SourceOutput:
+            model = await self._model(req, namespace, state, "als", until)
+            out = SourceOutput("als")
+            if model is None or model.unit_factors is None or item_id not in model.lookup:
+                return out
+            out.origin = f"published:{model.version}"
+            sims = model.unit_factors @ model.unit_factors[model.lookup[item_id]]
+            out.scores = best({model.item_ids[i]: float(s) for i, s in enumerate(sims) if s > 0}, n)
+            return out
+
+        async def popularity() -> SourceOutput:
+            model = await self._model(req, namespace, state, "popularity", until)
+            return await self.sources.popular(namespace, model, None, n)
+
+        makers = {"item2item": item2item, "sknn": sknn, "als": als, "popularity": popularity}
+        outputs = [
+            out
+            for out in await asyncio.gather(
+                *(req.bounded(name, make(), until) for name, make in makers.items())
+            )
+            if out is not None
+        ]
+        candidates = [c for c in self._merge(outputs) if c.item_id != item_id]
+        items = await self._categories(
+            req, namespace, [c.item_id for c in candidates], req.at(CATALOG_SHARE)
+        )
+        for candidate in candidates:
+            candidate.item = items.get(candidate.item_id)
+        assemble(candidates, [], RankContext(), self.settings.weight, time.time())
+        self.scorer.score(candidates, weights)
+        if item_filter is not None:
+            fvalues = dict(filter_values or {})
+            candidates = [
+                c for c in candidates if item_filter.allows(c.item_id, c.item, [], fvalues)
+            ]
+        ranked = [c for c in sorted(candidates, key=_order) if c.item_id not in exclude]
+        shown = ranked[:num_results]
+        explain(shown)
+        result = Recommendations(
+            recommendation_id=uuid.uuid4().hex,
+            namespace=namespace,
+            actor=None,
+            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
+            degraded=req.degraded,
+        )
+        self.served.record(
+            namespace,
+            result.recommendation_id,
+            actor=None,
+            strategy="related_items",
+            variant=f"{self.scorer.name}@{blend.version if blend else 'default'}",
+            items=[r.item_id for r in result.items],
+            context={"item_id": item_id},
+        )
+        if debug:
+            explain(ranked[num_results:DEBUG_CANDIDATES])
+            result.debug = {
+                "weights": weights,
+                "versions": state.versions,
+                "candidates": [debug_view(c) for c in ranked[:DEBUG_CANDIDATES]],
+            }
+        result.took_ms = req.took_ms()
+        return result
+
+    # --- trending -----------------------------------------------------------------------------
+    async def trending(
+        self, namespace: str, window: str, category: str | None, num_results: int
+    ) -> Recommendations:
+        """What is trending in ``window`` (1h or 24h), overall or in ``category``: the
+        agents' materialized lists, else the published trending model (overall) or the
+        category's popularity list; popular items when nothing trends yet."""
+        req = _Request(self.budget, False)
+        state = await self._state(req, namespace, None)
+        until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
+        n = max(num_results, 1)
+
+        async def trend() -> SourceOutput:
+            model = await self._model(req, namespace, state, "trending", until)
+            return await self.sources.trending(namespace, model, None, n, window, category)
+
+        async def fallback() -> SourceOutput:
+            model = await self._model(req, namespace, state, "popularity", until)
+            if category is None:
+                return await self.sources.popular(namespace, model, None, n)
+            return await self.sources.category_popularity(
+                namespace, {category: 1.0}, model, None, n
+            )
+
+        out = await req.bounded("trending", trend(), until)
+        if out is None or not out.scores:
+            out = await req.bounded("popularity", fallback(), until)
+        candidates = self._merge([out] if out is not None else [])
+        items = await self._categories(
+            req, namespace, [c.item_id for c in candidates], req.at(CATALOG_SHARE)
+        )
+        for c in candidates:
+            c.item = items.get(c.item_id)
+            c.score = next(iter(c.sources.values()))
+            c.contributions = dict(c.sources)
+        shown = sorted(candidates, key=lambda c: (-c.score, c.item_id))[:num_results]
+        explain(shown)
+        result = Recommendations(
+            recommendation_id=uuid.uuid4().hex,
+            namespace=namespace,
+            actor=None,
+            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
+            degraded=req.degraded,
+        )
+        self.served.record(
+            namespace,
+            result.recommendation_id,
+            actor=None,
+            strategy="trending",
+            variant=f"{window}:{out.origin if out else 'none'}",
+            items=[r.item_id for r in result.items],
+            context={"window": window, **({"category": category} if category else {})},
+        )
+        result.took_ms = req.took_ms()
+        return result
+
+
+def _order(candidate: Candidate) -> tuple[bool, float, float, str]:
+    """Blend candidates by score; items only the fallback proposed follow by popularity."""
+    return (
+        not candidate.contributions,
+        -candidate.score,
+        -candidate.sources.get("popularity", 0.0),
+        candidate.item_id,
+    )

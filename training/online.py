@@ -1,0 +1,283 @@
+"""`recstream evaluate --online`: the session protocol replayed through the running API.
+
+    recstream evaluate --online --dataset yoochoose --train FILE [--test FILE]
+                       [--params OFFLINE.json] [--sessions N] [--api URL]
+
+Needs the API (`recstream serve`) and at least one agent worker (`recstream agents`)
+running on the same settings. Steps:
+
+1. split the file with the dataset's protocol (YooChoose's `SessionNextClick`);
+2. post every training click to ``POST /v1/{ns}/events`` (the collector), and wait until
+   the agents applied each session's last click (its id in ``rs:{ns}:seen:{actor}``);
+3. fit the blend (parameters from ``--params``: a ``recstream evaluate --json`` report,
+   else the defaults) and each of its components on the training part, and publish them
+   all through training's publish path, so serving reads them;
+4. for each test session (the first ``--sessions``), post its clicks one at a time; after
+   each, once the agents applied it, ask ``GET /v1/{ns}/recommendations`` for 20 items
+   and rank the session's next click in that list.
+
+It reports the harness's metrics (HR@10, NDCG@10, HR@20, MRR@20) of what was served, and,
+on exactly the same targets, of the same fitted blend offline. Only the session protocol
+is supported: it is the one whose history is exactly what the API sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import redis.asyncio as aioredis
+
+from recstream.errors import ConfigurationError
+from recstream.keys import Keys
+from recstream.settings import Settings
+from training.data import InteractionLog
+from training.evaluate import (
+    Query,
+    SessionNextClick,
+    evaluate_model,
+    load_split,
+    metrics_from_ranks,
+)
+from training.models import Blend
+from training.publish import DataRange, RunInfo, open_registry
+
+__all__ = ["OnlineReport", "cmd_evaluate_online", "run_online"]
+
+K = 20
+BATCH = 500
+APPLY_TIMEOUT_S = 60.0
+
+
+@dataclass
+class OnlineReport:
+    dataset: str
+    sessions: int
+    targets: int
+    served: dict[str, float]
+    offline: dict[str, float]
+    degraded: int
+    """Responses that named a degraded store or source."""
+    params: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "sessions": self.sessions,
+            "targets": self.targets,
+            "served": self.served,
+            "offline_same_targets": self.offline,
+            "degraded_responses": self.degraded,
+            "blend_params": self.params,
+        }
+
+
+def blend_params(report: Path | None, name: str = "blend") -> dict[str, Any]:
+    """The tuned parameters of entry ``name`` in a `recstream evaluate --json` report."""
+    if report is None:
+        return {}
+    doc = json.loads(report.read_text())
+    for model in doc.get("models", []):
+        if model.get("name") == name:
+            return dict(model["params"])
+    raise ConfigurationError(
+        f"{report} has no {name!r} entry; run `recstream evaluate --json` with it first"
+    )
+
+
+def _events(log: InteractionLog, rows: Sequence[int], prefix: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_id": f"{prefix}-{int(log.row[r])}",
+            "event_type": log.event_type_names[int(log.event_types[r])],
+            "user_id": str(log.user_ids[int(log.users[r])]),
+            "item_id": str(log.item_ids[int(log.items[r])]),
+            "timestamp": float(log.timestamps[r]),
+        }
+        for r in rows
+    ]
+
+
+class _Replay:
+    def __init__(self, settings: Settings, api: str, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.api = api
+        self.client = client
+        self.redis = aioredis.from_url(settings.redis_url)
+
+    async def post(self, events: list[dict[str, Any]]) -> None:
+        for start in range(0, len(events), BATCH):
+            chunk = events[start : start + BATCH]
+            response = await self.client.post(
+                f"/v1/{self.settings.namespace}/events", json={"events": chunk}
+            )
+            if response.status_code != 202 or response.json().get("rejected"):
+                raise ConfigurationError(
+                    f"the collector refused the replay ({response.status_code}): "
+                    f"{response.text[:500]}"
+                )
+
+    async def applied(self, last: Mapping[str, str], within: float = APPLY_TIMEOUT_S) -> None:
+        """Wait until the agents applied each actor's given event; give up only when
+        ``within`` seconds pass without progress (a bulk replay takes a while)."""
+        pending = dict(last)
+        deadline = time.monotonic() + within
+        while pending:
+            before = len(pending)
+            pipe = self.redis.pipeline(transaction=False)
+            actors = list(pending)
+            for actor in actors:
+                pipe.zscore(self.keys.seen(actor), pending[actor])
+            for actor, score in zip(actors, await pipe.execute(), strict=True):
+                if score is not None:
+                    del pending[actor]
+            if not pending:
+                return
+            if len(pending) < before:
+                deadline = time.monotonic() + within
+            elif time.monotonic() > deadline:
+                raise ConfigurationError(
+                    f"the agents applied none of {len(pending)} events for {within:.0f}s; "
+                    "is `recstream agents` running on the same settings?"
+                )
+            await asyncio.sleep(0.02)
+
+    async def recommend(self, actor: str) -> tuple[list[str], bool]:
+        response = await self.client.get(
+            f"/v1/{self.settings.namespace}/recommendations",
+            params={"user_id": actor, "num_results": str(K)},
+        )
+        response.raise_for_status()
+        body = response.json()
+        return [item["item_id"] for item in body["items"]], bool(body["degraded"])
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+
+def _test_sessions(train: InteractionLog, test: InteractionLog) -> list[np.ndarray[Any, Any]]:
+    """Each test session's rows (time order), clicks on unseen items dropped, >= 2 left:
+    the rows `SessionNextClick.queries` builds its prefixes from."""
+    seen = np.bincount(train.items, minlength=test.n_items) > 0
+    keep = np.flatnonzero(seen[test.items])
+    sub = test.select(keep)
+    order, starts = sub.groups(sub.sessions)
+    out = []
+    for g in range(len(starts) - 1):
+        rows = order[starts[g] : starts[g + 1]]
+        if len(rows) >= 2:
+            out.append(keep[rows])
+    return out
+
+
+async def run_online(
+    settings: Settings,
+    dataset: str,
+    train_path: Path,
+    test_path: Path | None = None,
+    *,
+    api: str | None = None,
+    sessions: int | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> OnlineReport:
+    if dataset != "yoochoose":
+        raise ConfigurationError(
+            f"--online replays the session protocol (yoochoose) only, not {dataset!r}"
+        )
+    protocol, train, test = load_split(dataset, train_path, test_path)
+    assert isinstance(protocol, SessionNextClick)
+    blend = Blend(**dict(params or {})).fit(train)
+    replays = _test_sessions(train, test)[:sessions]
+
+    async with httpx.AsyncClient(base_url=api or settings.api_url, timeout=30) as client:
+        replay = _Replay(settings, api or settings.api_url, client)
+        try:
+            order = np.lexsort((train.row, train.timestamps))
+            events = _events(train, order.tolist(), "train")
+            await replay.post(events)
+            await replay.applied({e["user_id"]: e["event_id"] for e in events})
+
+            run = RunInfo(
+                data=DataRange(
+                    source=str(train_path), start=train.start, end=train.end, rows=len(train)
+                )
+            )
+            async with open_registry(settings) as registry:
+                for model in blend.models.values():
+                    await registry.publish(model, run)
+                await registry.publish(blend, run)
+
+            ranks: list[int | None] = []
+            queries: list[Query] = []
+            degraded = 0
+            for rows in replays:
+                clicks = _events(test, rows.tolist(), "test")
+                items = test.items[rows]
+                for t in range(1, len(rows)):
+                    await replay.post([clicks[t - 1]])
+                    await replay.applied({clicks[t - 1]["user_id"]: clicks[t - 1]["event_id"]})
+                    served, was_degraded = await replay.recommend(clicks[t - 1]["user_id"])
+                    degraded += was_degraded
+                    target = clicks[t]["item_id"]
+                    ranks.append(served.index(target) + 1 if target in served else None)
+                    queries.append(
+                        Query(items[:t], int(items[t]), None, float(test.timestamps[rows[t - 1]]))
+                    )
+        finally:
+            await replay.aclose()
+    offline = evaluate_model(blend, queries)
+    return OnlineReport(
+        dataset=dataset,
+        sessions=len(replays),
+        targets=len(ranks),
+        served={**metrics_from_ranks(ranks), "targets": float(len(ranks))},
+        offline=offline,
+        degraded=degraded,
+        params=blend.params(),
+    )
+
+
+def cmd_evaluate_online(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    with console.status("replaying through the API"):
+        report = asyncio.run(
+            run_online(
+                settings,
+                args.dataset,
+                args.train,
+                args.test,
+                api=args.api,
+                sessions=args.sessions,
+                params=blend_params(args.params),
+            )
+        )
+    table = Table(
+        title=f"{report.dataset}: served vs offline blend on the same {report.targets:,} "
+        f"targets ({report.sessions:,} sessions)",
+        title_justify="left",
+    )
+    table.add_column("")
+    for name in ("HR@10", "NDCG@10", "HR@20", "MRR@20"):
+        table.add_column(name, justify="right")
+    for label, metrics in (("served (API)", report.served), ("offline blend", report.offline)):
+        table.add_row(
+            label, *(f"{metrics[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "mrr@20"))
+        )
+    console.print(table)
+    console.print(f"degraded responses: {report.degraded}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
