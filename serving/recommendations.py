@@ -194,7 +194,8 @@ async def _filter(
     try:
         return await resolver.resolve(namespace, name)
     except RecstreamError as exc:
-        status = 503 if exc.retriable else 404 if exc.code == "not_found" else 400
+        # The filter store's errors carry their HTTP status (404 unknown filter).
+        status = 503 if exc.retriable else int(getattr(exc, "status", 400))
         return error_response(status, exc.code, str(exc))
 
 

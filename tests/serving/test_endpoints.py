@@ -202,9 +202,9 @@ async def test_bad_requests_say_what_to_fix(roomy_api: RunningApi) -> None:
         garbage = await client.post("/v1/recommendations", content=b"{not json")
     assert garbage.status_code == 422
     assert garbage.json()["error"]["code"] == "malformed_body"
-    unfiltered = await get(url, "/v1/recommendations", user_id="u", filter="no-filters-here")
-    assert unfiltered.status_code == 400
-    assert unfiltered.json()["error"]["code"] == "filters_unavailable"
+    unknown = await get(url, "/v1/recommendations", user_id="u", filter="no-such-filter")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "filter_not_found"
 
 
 async def block_redis(url: str, seconds: float) -> None:
