@@ -7,76 +7,91 @@ per message, so per-batch store round-trips are what keep one process fast.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import faust
+from faust.types import EventT
 
 from agents.deadletter import SqsDeadLetters
-from agents.state import DynamoWindows, RedisHotStore
-from agents.windows import WindowAgent
-from recstream.errors import RecstreamError
+from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
+from agents.state import DynamoWindows, RedisHotStore, WindowsPart
+from agents.trending import TrendingPart, materialize
+from agents.windows import StreamRecord, WindowAgent, deliver
 from recstream.settings import Settings
-from recstream.stores import open_stores
+from recstream.stores import open_redis, open_stores
 from streams.kinesis import make_app
 
-__all__ = ["APP_ID", "create_app", "until_done"]
+__all__ = ["APP_ID", "create_app", "stream_records"]
 
 APP_ID = "recstream-agents"
 
 log = logging.getLogger(__name__)
 
 
-async def until_done(
-    process: Callable[[Sequence[bytes], str], Awaitable[object]],
-    values: Sequence[bytes],
-    source: str,
-    max_delay: float = 5.0,
-) -> None:
-    """Process a batch, retrying with backoff until it succeeds.
-
-    A failed batch must neither be skipped (events lost) nor crash the agent: faust
-    would restart it without re-reading the un-acked messages, and the checkpoint would
-    stall behind them. Retrying holds the stream back instead (back-pressure) and is
-    safe because processing is idempotent.
-    """
-    attempt = 0
-    while True:
-        try:
-            await process(values, source)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            attempt += 1
-            delay = min(max_delay, 0.1 * 2 ** min(attempt, 10))
-            hint = "" if isinstance(exc, RecstreamError) else " (unexpected; please report it)"
-            log.error(
-                "a batch of %d records failed (attempt %d), retrying in %.1fs: %s%s",
-                len(values), attempt, delay, exc, hint,
-            )  # fmt: skip
-            await asyncio.sleep(delay)
+def stream_records(app: faust.App, events: Sequence[EventT[bytes]]) -> list[StreamRecord]:
+    """The batch's values with the shard and sequence number each was read at (from the
+    Kinesis consumer; None with another transport)."""
+    position = getattr(app.consumer, "record_position", None)
+    records: list[StreamRecord] = []
+    for event in events:
+        message = event.message
+        where = position(message.tp, message.offset) if position is not None else None
+        value = message.value if isinstance(message.value, bytes) else bytes(event.value)
+        if where is None:
+            records.append(StreamRecord(value))
+        else:
+            records.append(StreamRecord(value, where[0], where[1], where[2]))
+    return records
 
 
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
     faust_kwargs.setdefault("datadir", str(settings.state_dir.resolve() / "faust"))
     app: faust.App = make_app(settings, app_id, **faust_kwargs)
     topic = app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw")
+    namespaces: set[str] = {settings.namespace, *settings.namespaces}
+    """Namespaces whose trends this worker materializes: configured and seen."""
 
     @app.agent(topic, name="windows")
     async def windows(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async with open_stores(settings) as stores:
+            hot = RedisHotStore(
+                stores.redis,
+                settings,
+                parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
+            )
             agent = WindowAgent(
-                RedisHotStore(stores.redis, settings),
+                hot,
                 DynamoWindows(stores.dynamodb, settings),
                 SqsDeadLetters(stores.sqs, settings, stores.s3),
+                stages=[
+                    FeatureStage(stores.redis, DynamoFeatures(stores.dynamodb, settings), settings)
+                ],
             )
-            async for values in stream.take(
+            # take_events, not take: each value's message says where it was read
+            async for events in stream.take_events(  # type: ignore[attr-defined]
                 settings.agent_batch_size, within=settings.agent_batch_window_s
             ):
-                await until_done(agent.process, values, settings.stream_name)
+                await deliver(
+                    agent,
+                    stream_records(app, events),
+                    settings.stream_name,
+                    max_attempts=settings.agent_max_attempts,
+                )
+                namespaces.update(agent.namespaces)
                 yield None
+
+    trend_redis = open_redis(settings)
+
+    @app.timer(settings.trend_interval_s, name="trends")  # type: ignore[untyped-decorator]
+    async def trends() -> None:
+        # Every worker ticks; a short lock in Redis lets one of them do each namespace's
+        # work, and the work is idempotent anyway.
+        for namespace in sorted(namespaces):
+            try:
+                await materialize(trend_redis, settings, namespace)
+            except Exception as exc:  # the next tick retries
+                log.warning("materializing the trends of %s failed: %s", namespace, exc)
 
     return app
