@@ -294,6 +294,14 @@ local parts = {}
 
 _SEEN = """
 if redis.call('ZSCORE', KEYS[1], ev['id']) then return 0 end
+"""
+
+# The id is recorded after every part ran: a script that fails midway (Redis does not
+# roll a script back) is then retried rather than taken for applied. A broken key of the
+# first part (the window) fails its first command, before any write; a failure inside a
+# later part repeats the earlier parts' effects on each attempt (at most
+# agent_max_attempts) before the record is dead-lettered (docs/agents.md).
+_MARK = """
 -- Ids are ranked by arrival (a per-actor counter), not by event time, so a late event
 -- with an old timestamp is not the first one forgotten.
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
@@ -317,7 +325,6 @@ for p = 1, #parts do
   at = at + n
   if parts[p](K, ev, ARGV) == 1 then result = result + 2 ^ p end
 end
-return result
 """
 
 
@@ -330,7 +337,7 @@ def compose(parts: Sequence[LuaPart], *, dedup: bool = True) -> str:
         body.append(f"-- part {part.name}\nparts[#parts + 1] = function(K, ev, ARGV)\n")
         body.append(part.lua)
         body.append("\nend\n")
-    body.append(_RUN)
+    body += [_RUN, _MARK if dedup else "", "return result\n"]
     return "".join(body)
 
 
