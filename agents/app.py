@@ -20,10 +20,10 @@ from agents.state import DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, materialize
 from agents.windows import StreamRecord, WindowAgent, deliver
 from recstream.settings import Settings
-from recstream.stores import open_redis, open_stores
+from recstream.stores import Stores, open_redis, open_stores
 from streams.kinesis import make_app
 
-__all__ = ["APP_ID", "create_app", "stream_records"]
+__all__ = ["APP_ID", "build_agent", "create_app", "stream_records"]
 
 APP_ID = "recstream-agents"
 
@@ -46,6 +46,21 @@ def stream_records(app: faust.App, events: Sequence[EventT[bytes]]) -> list[Stre
     return records
 
 
+def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
+    """The stream agent with every part on: windows, feature vectors, trending."""
+    hot = RedisHotStore(
+        stores.redis,
+        settings,
+        parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
+    )
+    return WindowAgent(
+        hot,
+        DynamoWindows(stores.dynamodb, settings),
+        SqsDeadLetters(stores.sqs, settings, stores.s3),
+        stages=[FeatureStage(stores.redis, DynamoFeatures(stores.dynamodb, settings), settings)],
+    )
+
+
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
     faust_kwargs.setdefault("datadir", str(settings.state_dir.resolve() / "faust"))
     app: faust.App = make_app(settings, app_id, **faust_kwargs)
@@ -56,19 +71,7 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
     @app.agent(topic, name="windows")
     async def windows(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async with open_stores(settings) as stores:
-            hot = RedisHotStore(
-                stores.redis,
-                settings,
-                parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
-            )
-            agent = WindowAgent(
-                hot,
-                DynamoWindows(stores.dynamodb, settings),
-                SqsDeadLetters(stores.sqs, settings, stores.s3),
-                stages=[
-                    FeatureStage(stores.redis, DynamoFeatures(stores.dynamodb, settings), settings)
-                ],
-            )
+            agent = build_agent(stores, settings)
             # take_events, not take: each value's message says where it was read
             async for events in stream.take_events(  # type: ignore[attr-defined]
                 settings.agent_batch_size, within=settings.agent_batch_window_s
