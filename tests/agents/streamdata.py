@@ -10,6 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -88,7 +89,8 @@ async def publish_als(
     redis: aioredis.Redis, namespace: str, version: str, factors: Mapping[str, bytes]
 ) -> None:
     keys = Keys(namespace)
-    await redis.hset(keys.model("als", version, "factors"), mapping=dict(factors))
+    mapping: dict[Any, Any] = dict(factors)
+    await redis.hset(keys.model("als", version, "factors"), mapping=mapping)
     await redis.set(keys.model_pointer("als"), version)
 
 
@@ -186,11 +188,14 @@ def recompute(
                 same = [k for k in f.affinity if k[0] == attr]
                 if len(same) > s.feature_cap:
                     # evict the weakest as of this event (ties: the smallest field name)
-                    def strength(k: tuple[str, str]) -> tuple[float, str]:
-                        score, at = f.affinity[k]
-                        return abs(score * 2 ** (-max(0.0, ts - at) / hl)), f"a:{k[0]}:{k[1]}"
-
-                    del f.affinity[min(same, key=strength)]
+                    strength = {
+                        k: (
+                            abs(f.affinity[k][0] * 2 ** (-max(0.0, ts - f.affinity[k][1]) / hl)),
+                            f"a:{k[0]}:{k[1]}",
+                        )
+                        for k in same
+                    }
+                    del f.affinity[min(same, key=strength.__getitem__)]
                 continue
             score, at = f.affinity[(attr, value)]
             if ts >= at:
@@ -198,7 +203,7 @@ def recompute(
             else:
                 f.affinity[(attr, value)] = (score + delta * 2 ** (-(at - ts) / hl), at)
         # embedding: decayed mean of the factors of positively weighted touches
-        if factors is not None and w > 0 and event.item_id in factors:
+        if factors is not None and w > 0 and event.item_id is not None and event.item_id in factors:
             y = np.frombuffer(factors[event.item_id], "<f4").astype(np.float64)
             hl = s.embedding_half_life_s
             if f.emb is None:
@@ -268,8 +273,8 @@ async def snapshot(redis: aioredis.Redis, namespace: str) -> dict[str, object]:
     prefix = Keys(namespace).prefix
     out: dict[str, object] = {}
     async for raw in redis.scan_iter(match=f"{prefix}*", count=1000):
-        key = raw.decode()
-        kind = (await redis.type(key)).decode()
+        key = text(raw)
+        kind = text(await redis.type(key))
         name = key[len(prefix) :]
         if kind == "string":
             out[name] = await redis.get(key)
@@ -279,8 +284,22 @@ async def snapshot(redis: aioredis.Redis, namespace: str) -> dict[str, object]:
             out[name] = await redis.hgetall(key)
         elif kind == "zset":
             # members may be keys of the namespace (the bucket index): compare them bare
-            pairs = await redis.zrange(key, 0, -1, withscores=True)
-            out[name] = {m.decode().removeprefix(prefix): v for m, v in pairs}
+            out[name] = {m.removeprefix(prefix): v for m, v in (await zscores(redis, key)).items()}
         elif kind == "set":
             out[name] = await redis.smembers(key)
     return out
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def zscores(redis: aioredis.Redis, key: str) -> dict[str, float]:
+    """A sorted set as member -> score."""
+    pairs: list[Any] = await redis.zrange(key, 0, -1, withscores=True)
+    return {text(member): float(score) for member, score in pairs}
+
+
+async def hash_of(redis: aioredis.Redis, key: str) -> dict[str, str]:
+    raw: dict[Any, Any] = await redis.hgetall(key)
+    return {text(k): text(v) for k, v in raw.items()}

@@ -3,9 +3,8 @@ the real agent into real Redis and DynamoDB (moto), against a recomputation."""
 
 from __future__ import annotations
 
-import math
-from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +24,17 @@ from tests.agents.streamdata import (
     Expected,
     expected_trend,
     factors_of,
+    hash_of,
     publish_als,
     recompute,
     snapshot,
     taobao,
     write_catalog,
+    zscores,
 )
 from tests.conftest import LocalStack, make_settings
 
-APPROX = {"rel": 1e-9, "abs": 1e-12}
+REL, ABS = 1e-9, 1e-12
 
 
 @pytest.fixture
@@ -62,9 +63,7 @@ async def check_against(
     assert expected.features
     for actor, f in expected.features.items():
         state = await read_user_state(redis, settings, ns, actor, now=expected.clock)
-        raw = {
-            k.decode(): v.decode() for k, v in (await redis.hgetall(keys.features(actor))).items()
-        }
+        raw = await hash_of(redis, keys.features(actor))
         assert state.events == f.n
         assert dict(state.counts) == dict(f.counts)
         assert (state.first_ts, state.last_ts) == (f.first, f.last)
@@ -82,13 +81,13 @@ async def check_against(
         assert set(stored) == set(f.affinity), actor
         for key, (score, at) in f.affinity.items():
             assert stored[key][1] == at
-            assert stored[key][0] == pytest.approx(score, **APPROX)
-            decayed = score * 2 ** (-(expected.clock - at) / settings.half_life(key[0]))
-            assert state.affinities[key[0]][key[1]] == pytest.approx(decayed, **APPROX)
+            assert stored[key][0] == pytest.approx(score, rel=REL, abs=ABS)
+            now = score * 2 ** (-(expected.clock - at) / settings.half_life(key[0]))
+            assert state.affinities[key[0]][key[1]] == pytest.approx(now, rel=REL, abs=ABS)
         # the window: newest first, with context and impression
-        window = expected.windows.get(actor, [])
-        assert [e.event_id for e in state.window] == [e.event_id for e in window]
-        for entry, event in zip(state.window, window, strict=True):
+        entries = expected.windows.get(actor, [])
+        assert [e.event_id for e in state.window] == [e.event_id for e in entries]
+        for entry, event in zip(state.window, entries, strict=True):
             assert entry.impression == (tuple(event.impression) or None)
             assert entry.context == (dict(event.context) or None)
         if embedding and f.emb is not None:
@@ -98,22 +97,22 @@ async def check_against(
         elif embedding:
             assert state.embedding is None
     # popularity: all-time, forward-decayed, per category
-    pop = dict(await redis.zrange(keys.popularity, 0, -1, withscores=True))
-    assert {k.decode(): v for k, v in pop.items()} == pytest.approx(dict(expected.popularity))
-    decayed = await redis.zrange(keys.popularity_decayed, 0, -1, withscores=True)
-    assert {k.decode(): v for k, v in decayed} == pytest.approx(dict(expected.decayed), **APPROX)
-    for category, counts in expected.decayed_cat.items():
-        got = await redis.zrange(keys.popularity_category(category), 0, -1, withscores=True)
-        assert {k.decode(): v for k, v in got} == pytest.approx(dict(counts), **APPROX)
+    pop = await zscores(redis, keys.popularity)
+    assert pop == pytest.approx(dict(expected.popularity))
+    decayed = await zscores(redis, keys.popularity_decayed)
+    assert decayed == pytest.approx(dict(expected.decayed), rel=REL, abs=ABS)
+    for main, counts in expected.decayed_cat.items():
+        got = await zscores(redis, keys.popularity_category(main))
+        assert got == pytest.approx(dict(counts), rel=REL, abs=ABS)
     # time buckets and the clock
-    assert float(await redis.hget(keys.trend_clock, "t")) == expected.clock
-    for (span, start, category), counts in expected.buckets.items():
-        got = await redis.zrange(keys.counts_bucket(span, start, category), 0, -1, withscores=True)
-        window_s = dict((s, w) for w, s in SPANS)[span]
-        if expected.clock >= start + 2 * window_s:
-            assert got == []  # swept: no window reads it any more
+    assert float((await hash_of(redis, keys.trend_clock))["t"]) == expected.clock
+    window_of = {span: length for length, span in SPANS}
+    for (span, start, cat), counts in expected.buckets.items():
+        got = await zscores(redis, keys.counts_bucket(span, start, cat))
+        if expected.clock >= start + 2 * window_of[span]:
+            assert got == {}  # swept: no window reads it any more
         else:
-            assert {k.decode(): v for k, v in got} == pytest.approx(dict(counts))
+            assert got == pytest.approx(dict(counts))
     # the materialized trends
     for window in WINDOWS:
         for category in [None, *expected.decayed_cat]:
@@ -122,8 +121,8 @@ async def check_against(
             )
             ranked = sorted(everything.items(), key=lambda kv: (-kv[1], kv[0]))
             want = dict(ranked[: settings.trend_cap])
-            got = await redis.zrange(keys.trending(window.name, category), 0, -1, withscores=True)
-            assert {k.decode(): v for k, v in got} == pytest.approx(want), (window, category)
+            got = await zscores(redis, keys.trending(window.name, category))
+            assert got == pytest.approx(want), (window, category)
 
 
 async def test_every_piece_of_state_equals_a_recomputation(
@@ -170,21 +169,17 @@ async def test_live_trending_is_training_s_trending(roomy: Settings, shared_data
         for window in WINDOWS:
             offline = Trending(window_s=window.length_s, gamma=roomy.trend_gamma).fit(log)
             scores = offline.score_items(np.zeros(0, np.int32), now=window.end(clock))
-            live = await redis.zrange(
-                Keys(roomy.namespace).trending(window.name), 0, -1, withscores=True
-            )
+            live = await zscores(redis, Keys(roomy.namespace).trending(window.name))
             assert live
-            for item, score in live:
-                code = int(np.flatnonzero(log.item_ids == item.decode())[0])
+            for item, score in live.items():
+                code = int(np.flatnonzero(log.item_ids == item)[0])
                 # training adds a tie-break of at most 1e-6
                 assert scores[code] == pytest.approx(score, abs=2e-6)
         popularity = Popularity(half_life_days=roomy.popularity_half_life_s / 86400).fit(log)
         scale = 2 ** ((clock - roomy.popularity_epoch_s) / roomy.popularity_half_life_s)
-        live_pop = await redis.zrange(
-            Keys(roomy.namespace).popularity_decayed, 0, -1, withscores=True
-        )
-        for item, score in live_pop:
-            code = int(np.flatnonzero(log.item_ids == item.decode())[0])
+        live_pop = await zscores(redis, Keys(roomy.namespace).popularity_decayed)
+        for item, score in live_pop.items():
+            code = int(np.flatnonzero(log.item_ids == item)[0])
             assert popularity.counts[code] * scale == pytest.approx(score, rel=1e-6)
 
 
@@ -279,8 +274,8 @@ async def test_capped_affinities_and_counts_equal_a_recomputation(
         assert any(sum(k[0] == "cat" for k in f.affinity) == 3 for f in expected.features.values())
         await check_against(redis, settings, expected, embedding=False)
         for actor in expected.features:
-            raw = await redis.hgetall(Keys(settings.namespace).features(actor))
+            raw = await hash_of(redis, Keys(settings.namespace).features(actor))
             for attr in ("cat", "brand", "type"):
-                values = [k for k in raw if k.startswith(f"a:{attr}:".encode())]
+                values = [k for k in raw if k.startswith(f"a:{attr}:")]
                 assert len(values) <= 3
-                assert int(raw.get(f"k:{attr}".encode(), 0)) == len(values)
+                assert int(raw.get(f"k:{attr}", 0)) == len(values)
