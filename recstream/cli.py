@@ -6,6 +6,7 @@
     recstream demo                 everything above, then replay a real dataset
     recstream streams status       per-shard owner, checkpoint, lag and lease age
     recstream train | evaluate | models ...   offline training (see training/cli.py)
+    recstream trending rebuild     popularity and trend lists from the S3 archive
 
 Each package adds its own subcommands through a ``register(subparsers)`` function, so
 this module only wires them together.
@@ -27,11 +28,12 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     # Imported lazily so that `recstream up` does not pay for faust's or numpy's import.
+    from agents import trending_cli
     from recstream import commands
     from streams import cli as streams_cli
     from training import cli as training_cli
 
-    return [commands.register, streams_cli.register, training_cli.register]
+    return [commands.register, streams_cli.register, training_cli.register, trending_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
