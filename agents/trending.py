@@ -205,17 +205,31 @@ def scores_of(
     return dict(ranked[:cap])
 
 
-async def _evict_categories(redis: aioredis.Redis, settings: Settings, keys: Keys) -> None:
+async def _evict_categories(
+    redis: aioredis.Redis, settings: Settings, keys: Keys, clock: float
+) -> None:
+    """Drop the least recent categories beyond ``category_cap``: their lists, and the time
+    buckets still alive for them (a replay through thousands of categories would keep
+    two days of buckets for each otherwise)."""
     stale = await redis.zrange(keys.categories, 0, -settings.category_cap - 1)
     if not stale:
         return
     pipe = redis.pipeline(transaction=False)
     for raw in stale:
         category = _str(raw)
+        buckets = [
+            keys.counts_bucket(w.span_s, start, category)
+            for w in WINDOWS
+            for start in range(
+                w.bucket(clock - 2 * w.length_s), w.bucket(clock) + w.span_s, w.span_s
+            )
+        ]
         pipe.delete(
             keys.popularity_category(category),
             *(keys.trending(w.name, category) for w in WINDOWS),
+            *buckets,
         )
+        pipe.zrem(keys.counts_index, *buckets)
         pipe.zrem(keys.categories, category)
     await pipe.execute()
 
@@ -239,7 +253,7 @@ async def materialize(
         if raw_clock is None:
             return False
         clock = float(raw_clock)
-        await _evict_categories(redis, settings, keys)
+        await _evict_categories(redis, settings, keys, clock)
         categories: list[str | None] = [None]
         categories += [_str(c) for c in await redis.zrevrange(keys.categories, 0, -1)]
         pipe = redis.pipeline(transaction=False)

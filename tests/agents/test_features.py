@@ -128,7 +128,7 @@ async def check_against(
 async def test_every_piece_of_state_equals_a_recomputation(
     roomy: Settings, shared_data: Path
 ) -> None:
-    events, catalog = taobao(shared_data, roomy.namespace, 3000)
+    events, catalog = taobao(shared_data, roomy.namespace, 1500)
     factors = factors_of([i.item_id for i in catalog])
     async with agent_of(roomy) as (agent, redis):
         await write_catalog(redis, roomy.namespace, catalog)
@@ -155,7 +155,7 @@ async def test_live_trending_is_training_s_trending(roomy: Settings, shared_data
     from training.models.popularity import Popularity
     from training.models.trending import Trending
 
-    events, catalog = taobao(shared_data, roomy.namespace, 3000)
+    events, catalog = taobao(shared_data, roomy.namespace, 1500)
     async with agent_of(roomy) as (agent, redis):
         await write_catalog(redis, roomy.namespace, catalog)
         await feed(agent, events, 500)
@@ -191,8 +191,8 @@ async def test_sparse_live_traffic_equals_bulk_replay(
     bulk = make_settings(local_stack, feature_cap=4)
     live = make_settings(local_stack, feature_cap=4)
     results = []
-    for settings, batch in ((bulk, 250), (live, 1)):
-        events, catalog = taobao(shared_data, settings.namespace, 250)
+    for settings, batch in ((bulk, 80), (live, 1)):
+        events, catalog = taobao(shared_data, settings.namespace, 80)
         async with agent_of(settings) as (agent, redis):
             await write_catalog(redis, settings.namespace, catalog)
             await publish_als(
@@ -200,7 +200,7 @@ async def test_sparse_live_traffic_equals_bulk_replay(
             )
             for start in range(0, len(events), batch):
                 await feed(agent, events[start : start + batch], batch)
-                if start % 40 == 0:
+                if start % 20 == 0:
                     await materialize(redis, settings, settings.namespace, lock=False)
             await materialize(redis, settings, settings.namespace, lock=False)
             state = await snapshot(redis, settings.namespace)
@@ -213,18 +213,18 @@ async def test_sparse_live_traffic_equals_bulk_replay(
 
 
 async def test_a_replayed_batch_changes_nothing(roomy: Settings, shared_data: Path) -> None:
-    events, catalog = taobao(shared_data, roomy.namespace, 600)
+    events, catalog = taobao(shared_data, roomy.namespace, 400)
     async with agent_of(roomy) as (agent, redis):
         await write_catalog(redis, roomy.namespace, catalog)
         await publish_als(redis, roomy.namespace, "v1", factors_of([i.item_id for i in catalog]))
         await feed(agent, events, 300)
         await materialize(redis, roomy, roomy.namespace, lock=False)
         before = await snapshot(redis, roomy.namespace)
-        await feed(agent, events[100:400], 300)  # a crash replays from the last checkpoint
+        await feed(agent, events[100:300], 200)  # a crash replays from the last checkpoint
         await feed(agent, events, 600)
         await materialize(redis, roomy, roomy.namespace, lock=False)
         assert await snapshot(redis, roomy.namespace) == before
-        assert agent.totals.duplicates == 300 + len(events)
+        assert agent.totals.duplicates == 200 + len(events)
 
 
 async def test_features_redis_lost_are_merged_back_from_dynamodb(
@@ -264,7 +264,7 @@ async def test_capped_affinities_and_counts_equal_a_recomputation(
     """With a cap of 3 values per attribute (and 3 event types), what stays is what the
     recomputation keeps: the weakest value as of each new one is evicted."""
     settings = make_settings(local_stack, feature_cap=3, window_size=20)
-    events, catalog = taobao(shared_data, settings.namespace, 1500)
+    events, catalog = taobao(shared_data, settings.namespace, 1000)
     async with agent_of(settings) as (agent, redis):
         await write_catalog(redis, settings.namespace, catalog)
         await feed(agent, events, 500)
