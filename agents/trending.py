@@ -116,8 +116,11 @@ local function buckets(first)
     if clock < dead then
       local key = K[first + i - 1]
       bump(key, r['pw'], r['bcap'])
-      redis.call('EXPIRE', key, math.ceil(dead - clock + span))
-      redis.call('ZADD', K[3], dead, key)
+      -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
+      if redis.call('ZADD', K[3], 'NX', dead, key) == 1 then
+        redis.call('EXPIRE', key, math.ceil(dead - clock + span))
+        redis.call('EXPIRE', K[3], r['ittl'])
+      end
     end
   end
 end
@@ -128,7 +131,6 @@ if r['cat'] then
   redis.call('ZADD', K[at + 1], 'GT', ts, r['cat'])
   buckets(at + 2)
 end
-redis.call('EXPIRE', K[3], r['ittl'])
 return 0
 """
 
