@@ -128,7 +128,7 @@ async def check_against(
 async def test_every_piece_of_state_equals_a_recomputation(
     roomy: Settings, shared_data: Path
 ) -> None:
-    events, catalog = taobao(shared_data, roomy.namespace, 1500)
+    events, catalog = taobao(shared_data, roomy.namespace, 1000)
     factors = factors_of([i.item_id for i in catalog])
     async with agent_of(roomy) as (agent, redis):
         await write_catalog(redis, roomy.namespace, catalog)
@@ -155,7 +155,7 @@ async def test_live_trending_is_training_s_trending(roomy: Settings, shared_data
     from training.models.popularity import Popularity
     from training.models.trending import Trending
 
-    events, catalog = taobao(shared_data, roomy.namespace, 1500)
+    events, catalog = taobao(shared_data, roomy.namespace, 1000)
     async with agent_of(roomy) as (agent, redis):
         await write_catalog(redis, roomy.namespace, catalog)
         await feed(agent, events, 500)
@@ -230,20 +230,20 @@ async def test_a_replayed_batch_changes_nothing(roomy: Settings, shared_data: Pa
 async def test_features_redis_lost_are_merged_back_from_dynamodb(
     roomy: Settings, shared_data: Path
 ) -> None:
-    events, catalog = taobao(shared_data, roomy.namespace, 1200)
+    events, catalog = taobao(shared_data, roomy.namespace, 900)
     events.sort(key=lambda e: e.timestamp)  # users interleave: most act before and after
     factors = factors_of([i.item_id for i in catalog])
     async with agent_of(roomy) as (agent, redis):
         await write_catalog(redis, roomy.namespace, catalog)
         await publish_als(redis, roomy.namespace, "v1", factors)
-        await feed(agent, events[:700], 350)
-        both = {e.actor for e in events[:700]} & {e.actor for e in events[700:]}
+        await feed(agent, events[:500], 250)
+        both = {e.actor for e in events[:500]} & {e.actor for e in events[500:]}
         lost = sorted(both)[::2]
         assert len(lost) > 10
         keys = Keys(roomy.namespace)
         for actor in lost:  # a TTL, an eviction, a failover to a stale replica
             await redis.delete(keys.features(actor), keys.embedding(actor), keys.window(actor))
-        await feed(agent, events[700:], 250)
+        await feed(agent, events[500:], 250)
         expected = recompute(events, {i.item_id: i for i in catalog}, roomy, factors)
         for actor in lost:
             f = expected.features[actor]

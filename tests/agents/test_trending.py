@@ -55,17 +55,17 @@ def own_db(local_stack: LocalStack) -> Settings:
 
 async def test_after_a_flush_everything_comes_back(own_db: Settings, shared_data: Path) -> None:
     settings, ns = own_db, own_db.namespace
-    events, catalog = taobao(shared_data, ns, 1600)
-    # the slice's last two days (a few stray rows reach months back: hours of archive)
+    events, catalog = taobao(shared_data, ns, 1000)
+    # the slice's last day (a few stray rows reach months back: hours of archive)
     newest = max(e.timestamp for e in events)
     events = sorted(
         (e for e in events if e.timestamp > newest - 2 * 86400), key=lambda e: e.timestamp
     )
-    early, late = events[:-300], events[-300:]
+    early, late = events[:-200], events[-200:]
     factors = factors_of([i.item_id for i in catalog])
     # the archive holds what the stream carried, some of it twice (at-least-once writer)
     await write_events(settings, early)
-    await write_events(settings, early[:200])
+    await write_events(settings, early[:100])
     async with agent_of(settings) as (agent, redis):
         await write_catalog(redis, ns, catalog)
         await publish_als(redis, ns, "v1", factors)
@@ -82,11 +82,11 @@ async def test_after_a_flush_everything_comes_back(own_db: Settings, shared_data
         archived = read_events(settings, start, end, namespace=ns)
         stats = await asyncio.to_thread(list, archived)
         result = await rebuild(redis, settings, ns, stats)
-        assert (result.events, result.duplicates) == (len(early), 200)
+        assert (result.events, result.duplicates) == (len(early), 100)
         assert_same(before, trending_part(await snapshot(redis, ns)))
 
         # windows and feature vectors come back from DynamoDB with the actors' next events
-        await feed(agent, late, 200)
+        await feed(agent, late, 100)
         expected = recompute(events, {i.item_id: i for i in catalog}, settings, factors)
         returning = {e.actor for e in late} & {e.actor for e in early}
         assert len(returning) > 5
