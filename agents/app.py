@@ -13,24 +13,60 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
+from faust.types import EventT
 
 from agents.archive import run_archive
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
+from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
-from agents.state import DynamoWindows, RedisHotStore
-from agents.windows import WindowAgent
+from agents.state import DynamoWindows, RedisHotStore, WindowsPart
+from agents.trending import TrendingPart, materialize
+from agents.windows import StreamRecord, WindowAgent, deliver
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
-from recstream.stores import open_stores
+from recstream.stores import Stores, open_redis, open_stores
 from streams.kinesis import make_app
 
-__all__ = ["APP_ID", "create_app", "until_done"]
+__all__ = ["APP_ID", "build_agent", "create_app", "stream_records", "until_done"]
 
 APP_ID = "recstream-agents"
 
 log = logging.getLogger(__name__)
+
+
+def stream_records(app: faust.App, events: Sequence[EventT[bytes]]) -> list[StreamRecord]:
+    """The batch's values with the shard and sequence number each was read at (from the
+    Kinesis consumer; None with another transport)."""
+    position = getattr(app.consumer, "record_position", None)
+    records: list[StreamRecord] = []
+    for event in events:
+        message = event.message
+        where = position(message.tp, message.offset) if position is not None else None
+        value = message.value if isinstance(message.value, bytes) else bytes(event.value)
+        if where is None:
+            records.append(StreamRecord(value))
+        else:
+            records.append(StreamRecord(value, where[0], where[1], where[2]))
+    return records
+
+
+def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
+    """The stream agent with every part on: windows, feature vectors, trending."""
+    hot = RedisHotStore(
+        stores.redis,
+        settings,
+        parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
+    )
+    durable = DynamoWindows(stores.dynamodb, settings)
+    return WindowAgent(
+        hot,
+        durable,
+        SqsDeadLetters(stores.sqs, settings, stores.s3),
+        stages=[FeatureStage(stores.redis, DynamoFeatures(stores.dynamodb, settings), settings)],
+        identity=IdentityStitcher(stores.redis, hot, durable, settings),
+    )
 
 
 async def until_done(
@@ -39,12 +75,14 @@ async def until_done(
     source: str,
     max_delay: float = 5.0,
 ) -> None:
-    """Process a batch, retrying with backoff until it succeeds.
+    """Process a batch of the side agents (attribution, forwarder), retrying with backoff
+    until it succeeds.
 
     A failed batch must neither be skipped (events lost) nor crash the agent: faust
     would restart it without re-reading the un-acked messages, and the checkpoint would
     stall behind them. Retrying holds the stream back instead (back-pressure) and is
-    safe because processing is idempotent.
+    safe because processing is idempotent. (The windows agent uses `deliver`, which also
+    dead-letters records that fail deterministically.)
     """
     attempt = 0
     while True:
@@ -68,24 +106,24 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
     faust_kwargs.setdefault("datadir", str(settings.state_dir.resolve() / "faust"))
     app: faust.App = make_app(settings, app_id, **faust_kwargs)
     topic = app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw")
+    namespaces: set[str] = {settings.namespace, *settings.namespaces}
+    """Namespaces whose trends this worker materializes: configured and seen."""
 
     @app.agent(topic, name="windows")
     async def windows(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         async with open_stores(settings) as stores:
-            hot, durable = (
-                RedisHotStore(stores.redis, settings),
-                DynamoWindows(stores.dynamodb, settings),
-            )
-            agent = WindowAgent(
-                hot,
-                durable,
-                SqsDeadLetters(stores.sqs, settings, stores.s3),
-                identity=IdentityStitcher(stores.redis, hot, durable, settings),
-            )
-            async for values in stream.take(
+            agent = build_agent(stores, settings)
+            # take_events, not take: each value's message says where it was read
+            async for events in stream.take_events(  # type: ignore[attr-defined]
                 settings.agent_batch_size, within=settings.agent_batch_window_s
             ):
-                await until_done(agent.process, values, settings.stream_name)
+                await deliver(
+                    agent,
+                    stream_records(app, events),
+                    settings.stream_name,
+                    max_attempts=settings.agent_max_attempts,
+                )
+                namespaces.update(agent.namespaces)
                 yield None
 
     @app.agent(topic, name="attribution")
@@ -119,5 +157,17 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                 ):
                     await until_done(forwarder.process, values, settings.stream_name)
                     yield None
+
+    trend_redis = open_redis(settings)
+
+    @app.timer(settings.trend_interval_s, name="trends")  # type: ignore[untyped-decorator]
+    async def trends() -> None:
+        # Every worker ticks; a short lock in Redis lets one of them do each namespace's
+        # work, and the work is idempotent anyway.
+        for namespace in sorted(namespaces):
+            try:
+                await materialize(trend_redis, settings, namespace)
+            except Exception as exc:  # the next tick retries
+                log.warning("materializing the trends of %s failed: %s", namespace, exc)
 
     return app

@@ -1,7 +1,9 @@
-"""The dead-letter queue: records the agents cannot parse go here, never to /dev/null.
+"""The dead-letter queue: records the agents cannot parse, or whose processing fails the
+same way every time, go here, never to /dev/null.
 
-Each message carries the raw record (base64), where it came from and why it failed, so an
-operator can fix the producer and replay it. The SQS queue is ``Settings.dlq_name``.
+Each message carries the raw record (base64), where it came from (stream, shard, sequence
+number) and why it failed, so an operator can fix the producer or the bug and replay it.
+The SQS queue is ``Settings.dlq_name``.
 
 SQS messages are limited in size (256 KiB a message and a batch), while a Kinesis record
 may be 1 MiB: a record too large to travel inline is stored in the bucket under
@@ -41,15 +43,32 @@ class DeadLetter:
     """Why it is here: ``parse`` (the record is not a valid event; replaying cannot fix
     it) or ``personalize`` (the tracker did not take the event; `recstream dlq replay`
     sends it again)."""
+    shard: str | None = None
+    """The Kinesis shard the record was read from (None when not read from a stream)."""
+    sequence_number: str | None = None
+    """Its Kinesis sequence number (with ``sub_sequence`` inside an aggregated record):
+    where to find it again with GetShardIterator AT_SEQUENCE_NUMBER."""
+    sub_sequence: int | None = None
+    attempts: int = 1
+    """How many times processing it failed before it was set aside (1 for a parse error)."""
+    error: str = "parse"
+    """``parse`` (it does not parse or validate), or the failure's exception class."""
 
     def body(self, raw_s3_uri: str | None = None) -> str:
         doc: dict[str, object] = {
             "kind": self.kind,
             "reason": self.reason,
             "source": self.source,
+            "error": self.error,
+            "attempts": self.attempts,
             "raw_bytes": len(self.raw),
             "dead_lettered_at": time.time(),
         }
+        if self.shard is not None:
+            doc["shard"] = self.shard
+        if self.sequence_number is not None:
+            doc["sequence_number"] = self.sequence_number
+            doc["sub_sequence"] = self.sub_sequence or 0
         if raw_s3_uri is None:
             doc["raw_base64"] = base64.b64encode(self.raw).decode()
         else:

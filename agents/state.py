@@ -19,16 +19,17 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
+from agents.catalog import BatchContext, load_context
 from recstream.aws import translate
-from recstream.errors import StoreUnavailable
+from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
 from streams.schema import Event
@@ -58,18 +59,40 @@ class WindowEntry:
     event_id: str
     event_value: float | None = None
     recommendation_id: str | None = None
+    context: Mapping[str, str] | None = None
+    """The event's request context (device, page...), trimmed to fit the entry budget."""
+    impression: tuple[str, ...] | None = None
+    """What was shown alongside the item, trimmed to fit the entry budget."""
 
     @classmethod
-    def of(cls, event: Event) -> WindowEntry:
+    def of(cls, event: Event, max_bytes: int | None = None) -> WindowEntry:
+        """The entry of ``event``; with ``max_bytes``, its context and impression are
+        trimmed (the impression's tail first, then context keys in reverse order) until
+        the entry's JSON fits, so one chatty producer cannot bloat every window."""
         assert event.item_id is not None
-        return cls(
+        entry = cls(
             item_id=event.item_id,
             event_type=event.event_type,
             timestamp=event.timestamp,
             event_id=event.event_id,
             event_value=event.event_value,
             recommendation_id=event.recommendation_id,
+            context=dict(event.context) or None,
+            impression=tuple(event.impression) or None,
         )
+        if max_bytes is None or len(entry.dumps()) <= max_bytes:
+            return entry
+        context = dict(event.context)
+        impression = list(event.impression)
+        while impression or context:
+            if impression:
+                impression.pop()
+            else:
+                context.pop(next(reversed(context)))
+            entry = replace(entry, context=context or None, impression=tuple(impression) or None)
+            if len(entry.dumps()) <= max_bytes:
+                break
+        return entry
 
     def dumps(self) -> bytes:
         doc: dict[str, Any] = {
@@ -82,11 +105,16 @@ class WindowEntry:
             doc["v"] = self.event_value
         if self.recommendation_id is not None:
             doc["r"] = self.recommendation_id
+        if self.context:
+            doc["c"] = self.context
+        if self.impression:
+            doc["m"] = self.impression
         return orjson.dumps(doc)
 
     @classmethod
     def loads(cls, raw: bytes | str) -> WindowEntry:
         doc = orjson.loads(raw)
+        impression = doc.get("m")
         return cls(
             item_id=doc["i"],
             event_type=doc["t"],
@@ -94,6 +122,8 @@ class WindowEntry:
             event_id=doc["e"],
             event_value=doc.get("v"),
             recommendation_id=doc.get("r"),
+            context=doc.get("c"),
+            impression=tuple(impression) if impression else None,
         )
 
 
@@ -105,6 +135,8 @@ class ApplyResult:
     """Actors whose window did not exist in the hot store before this batch: new actors,
     or actors whose window Redis lost (TTL, eviction, flush). Their durable copy must be
     merged back before it is overwritten."""
+    created: Mapping[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
+    """Per part name: actors whose key of that part had to be created (as ``fresh``)."""
 
 
 Actor = tuple[str, str]
@@ -129,6 +161,19 @@ class DurableWindows(Protocol):
     async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]: ...
 
 
+# Server replies that say "not now" rather than "never": retried like an outage.
+_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOSCRIPT")
+
+
+def redis_failure(what: str, exc: RedisError) -> RecstreamError:
+    """A Redis error as a recstream error: a script that fails on its input (a bug, or a
+    value Lua cannot handle) fails again on a retry, so it is `RequestRefused`; lost
+    connections, timeouts and a busy or loading server are `StoreUnavailable` (retried)."""
+    if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT_REPLIES):
+        return RequestRefused(f"{what} was refused by Redis: {exc}")
+    return StoreUnavailable(f"{what} failed: {exc}; is Redis up? (`recstream up` starts it)")
+
+
 def merge_entries(
     current: Sequence[WindowEntry], other: Sequence[WindowEntry], size: int
 ) -> list[WindowEntry]:
@@ -141,64 +186,160 @@ def merge_entries(
 
 # --- Redis -------------------------------------------------------------------------------
 
-# KEYS: seen, window, popularity, popularity last-touched.
-# ARGV: 1 dedup ttl, 2 entry ('' = none), 3 window size, 4 window ttl, 5 item ('' = none),
-#       6 weight, 7 popularity cap, 8 event id, 9 seen cap, 10 event time.
-# Returns 0 if the event id was already applied, 1 if applied, 2 if applied and the
-# window key had to be created (new actor, or a window Redis lost).
-_APPLY = """
-if redis.call('ZSCORE', KEYS[1], ARGV[8]) then return 0 end
+
+class LuaPart(Protocol):
+    """One agent's share of the per-event Redis script.
+
+    The hot store composes every part into ONE script that first records the event id
+    in the actor's ``seen`` set and returns at once if it was there: each part's effects
+    happen exactly once, atomically with the others (docs/agents.md says why one script
+    rather than a dedup per agent). ``lua`` is the body of ``function(K, ev, ARGV)``: ``K``
+    is the part's own keys, ``ev`` the decoded event document (``ev[name]`` is what
+    `encode` returned); it returns 1 to raise the part's flag in the result, else 0.
+    """
+
+    name: str
+    lua: str
+
+    def encode(
+        self, event: Event, context: BatchContext
+    ) -> tuple[list[str], dict[str, Any] | None]: ...
+
+
+# The windows part. K: window, popularity, popularity last-touched.
+# ev.w: entry (JSON string) or absent, size, ttl, pw (positive weight), cap.
+# Flag: the window key had to be created (new actor, or a window Redis lost).
+_WINDOWS_LUA = """
+local w = ev['w']
+if not w then return 0 end
+local created = 0
+local ts = ev['ts']
+local head = redis.call('LINDEX', K[1], 0)
+if not head then created = 1 end
+if (not head) or cjson.decode(head)['ts'] <= ts then
+  redis.call('LPUSH', K[1], w['entry'])
+else
+  -- Out of order (PutRecords retries, several devices): keep the window sorted by
+  -- event time, newest first.
+  local items = redis.call('LRANGE', K[1], 1, -1)
+  local placed = false
+  for i = 1, #items do
+    if cjson.decode(items[i])['ts'] <= ts then
+      redis.call('LINSERT', K[1], 'BEFORE', items[i], w['entry'])
+      placed = true
+      break
+    end
+  end
+  if not placed then redis.call('RPUSH', K[1], w['entry']) end
+end
+redis.call('LTRIM', K[1], 0, w['size'] - 1)
+redis.call('EXPIRE', K[1], w['ttl'])
+if w['pw'] > 0 then
+  redis.call('ZINCRBY', K[2], w['pw'], ev['item'])
+  -- Evict the least recently touched items, not the lowest counts: a new item starts
+  -- at the bottom and must get the chance to climb.
+  local now = redis.call('TIME')
+  redis.call('ZADD', K[3], tonumber(now[1]) + tonumber(now[2]) / 1000000, ev['item'])
+  local cap = w['cap']
+  local n = redis.call('ZCARD', K[3])
+  if n > cap then
+    local victims = redis.call('ZRANGE', K[3], 0, n - cap - 1)
+    redis.call('ZREM', K[2], unpack(victims))
+    redis.call('ZREMRANGEBYRANK', K[3], 0, n - cap - 1)
+  end
+end
+return created
+"""
+
+
+class WindowsPart:
+    """The window list and the all-time popularity counter (``rs:{ns}:pop``)."""
+
+    name = "w"
+    lua = _WINDOWS_LUA
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def encode(
+        self, event: Event, context: BatchContext
+    ) -> tuple[list[str], dict[str, Any] | None]:
+        if event.item_id is None:
+            return [], None
+        s = self.settings
+        keys = Keys(event.namespace)
+        entry = WindowEntry.of(event, s.window_entry_max_bytes).dumps().decode()
+        return (
+            [keys.window(event.actor), keys.popularity, keys.popularity_touched],
+            {
+                "entry": entry,
+                "size": s.window_size,
+                "ttl": s.window_ttl_s,
+                # Negative feedback lowers affinities, never a popularity count.
+                "pw": max(0.0, s.weight(event.event_type)),
+                "cap": s.popularity_cap,
+            },
+        )
+
+
+# The composed script. KEYS[1]: the actor's seen set; then each part's keys in order,
+# ev._k[p] of them for part p. ARGV[1]: the event document (JSON); ARGV[2]: the event
+# weights (JSON, decoded only by a part that needs them).
+# Returns 0 if the event id was already applied, else 1 + 2 * (bit p-1 = part p's flag).
+_DECODE = """
+local ev = cjson.decode(ARGV[1])
+local function fmt(x) return string.format('%.17g', x) end
+local parts = {}
+"""
+
+_SEEN = """
+if redis.call('ZSCORE', KEYS[1], ev['id']) then return 0 end
+"""
+
+# The id is recorded after every part ran: a script that fails midway (Redis does not
+# roll a script back) is then retried rather than taken for applied. A broken key of the
+# first part (the window) fails its first command, before any write; a failure inside a
+# later part repeats the earlier parts' effects on each attempt (at most
+# agent_max_attempts) before the record is dead-lettered (docs/agents.md).
+_MARK = """
 -- Ids are ranked by arrival (a per-actor counter), not by event time, so a late event
 -- with an old timestamp is not the first one forgotten.
 local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
 local arrival = 1
 if last[2] then arrival = tonumber(last[2]) + 1 end
-redis.call('ZADD', KEYS[1], arrival, ARGV[8])
-local seen_cap = tonumber(ARGV[9])
+redis.call('ZADD', KEYS[1], arrival, ev['id'])
+local seen_cap = ev['seen_cap']
 if redis.call('ZCARD', KEYS[1]) > seen_cap then
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -seen_cap - 1)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-local result = 1
-if ARGV[2] ~= '' then
-  local ts = tonumber(ARGV[10])
-  local head = redis.call('LINDEX', KEYS[2], 0)
-  if not head then result = 2 end
-  if (not head) or cjson.decode(head)['ts'] <= ts then
-    redis.call('LPUSH', KEYS[2], ARGV[2])
-  else
-    -- Out of order (PutRecords retries, several devices): keep the window sorted by
-    -- event time, newest first.
-    local items = redis.call('LRANGE', KEYS[2], 1, -1)
-    local placed = false
-    for i = 1, #items do
-      if cjson.decode(items[i])['ts'] <= ts then
-        redis.call('LINSERT', KEYS[2], 'BEFORE', items[i], ARGV[2])
-        placed = true
-        break
-      end
-    end
-    if not placed then redis.call('RPUSH', KEYS[2], ARGV[2]) end
-  end
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-end
-if ARGV[5] ~= '' then
-  redis.call('ZINCRBY', KEYS[3], ARGV[6], ARGV[5])
-  -- Evict the least recently touched items, not the lowest counts: a new item starts
-  -- at the bottom and must get the chance to climb.
-  local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[4], tonumber(now[1]) + tonumber(now[2]) / 1000000, ARGV[5])
-  local cap = tonumber(ARGV[7])
-  local n = redis.call('ZCARD', KEYS[4])
-  if n > cap then
-    local victims = redis.call('ZRANGE', KEYS[4], 0, n - cap - 1)
-    redis.call('ZREM', KEYS[3], unpack(victims))
-    redis.call('ZREMRANGEBYRANK', KEYS[4], 0, n - cap - 1)
-  end
-end
-return result
+redis.call('EXPIRE', KEYS[1], ev['seen_ttl'])
 """
+
+_RUN = """
+local result = 1
+local at = 2
+for p = 1, #parts do
+  local n = ev['_k'][p]
+  local K = {}
+  for i = 1, n do K[i] = KEYS[at + i - 1] end
+  at = at + n
+  if parts[p](K, ev, ARGV) == 1 then result = result + 2 ^ p end
+end
+"""
+
+
+def compose(parts: Sequence[LuaPart], *, dedup: bool = True) -> str:
+    """The per-event script of ``parts`` (each part's effects, once per event id).
+    ``dedup=False`` leaves the seen set alone (KEYS[1] is then unused): for rebuilds that
+    deduplicate ids themselves."""
+    body = [_DECODE, _SEEN if dedup else ""]
+    for part in parts:
+        body.append(f"-- part {part.name}\nparts[#parts + 1] = function(K, ev, ARGV)\n")
+        body.append(part.lua)
+        body.append("\nend\n")
+    body += [_RUN, _MARK if dedup else "", "return result\n"]
+    return "".join(body)
+
 
 # KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
 # Union by event id, sorted newest first by event time, capped, rewritten atomically, so
@@ -228,50 +369,63 @@ return size
 
 
 class RedisHotStore:
-    """`HotStore` on Redis. Every key it writes has a cap or a TTL."""
+    """`HotStore` on Redis. Every key it writes has a cap or a TTL.
 
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+    ``parts`` are the agents applied per event (default: the window and the all-time
+    popularity only, which is what serving needs to read windows)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: Settings,
+        parts: Sequence[LuaPart] | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
-        self._apply = redis.register_script(_APPLY)
+        self.parts: tuple[LuaPart, ...] = (
+            tuple(parts) if parts is not None else (WindowsPart(settings),)
+        )
+        self._apply = redis.register_script(compose(self.parts))
         self._merge = redis.register_script(_MERGE)
+        self._weights = orjson.dumps(settings.event_weights)
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
         s = self.settings
+        context = await load_context(self.redis, events, s) if events else BatchContext()
         pipe = self.redis.pipeline(transaction=False)
         for event in events:
-            keys = Keys(event.namespace)
-            entry = WindowEntry.of(event).dumps() if event.item_id is not None else b""
-            await self._apply(
-                keys=[
-                    keys.seen(event.actor),
-                    keys.window(event.actor),
-                    keys.popularity,
-                    keys.popularity_touched,
-                ],
-                args=[
-                    s.dedup_ttl_s,
-                    entry,
-                    s.window_size,
-                    s.window_ttl_s,
-                    event.item_id or "",
-                    s.weight(event.event_type),
-                    s.popularity_cap,
-                    event.event_id,
-                    s.dedup_per_actor,
-                    repr(event.timestamp),
-                ],
-                client=pipe,
-            )
+            keys = [Keys(event.namespace).seen(event.actor)]
+            doc: dict[str, Any] = {
+                "id": event.event_id,
+                "ts": event.timestamp,
+                "item": event.item_id or "",
+                "seen_cap": s.dedup_per_actor,
+                "seen_ttl": s.dedup_ttl_s,
+            }
+            counts: list[int] = []
+            for part in self.parts:
+                part_keys, args = part.encode(event, context)
+                keys += part_keys
+                counts.append(len(part_keys))
+                if args is not None:
+                    doc[part.name] = args
+            doc["_k"] = counts
+            await self._apply(keys=keys, args=[orjson.dumps(doc), self._weights], client=pipe)
         try:
             outcomes = await pipe.execute()
         except RedisError as exc:
-            raise StoreUnavailable(f"applying {len(events)} events to Redis failed: {exc}") from exc
-        changed = [(e, o) for e, o in zip(events, outcomes, strict=True) if o in (1, 2)]
+            raise redis_failure(f"applying {len(events)} events to Redis", exc) from exc
+        changed = [(e, int(o)) for e, o in zip(events, outcomes, strict=True) if int(o) > 0]
+        flagged: dict[str, set[Actor]] = {part.name: set() for part in self.parts}
+        for event, outcome in changed:
+            for bit, part in enumerate(self.parts, start=1):
+                if outcome >> bit & 1:
+                    flagged[part.name].add((event.namespace, event.actor))
         return ApplyResult(
             applied=len(changed),
             duplicates=len(events) - len(changed),
-            fresh=frozenset((e.namespace, e.actor) for e, o in changed if o == 2),
+            fresh=frozenset(flagged.get(WindowsPart.name, ())),
+            created={name: frozenset(actors) for name, actors in flagged.items()},
         )
 
     async def window(
@@ -328,6 +482,24 @@ def _text(value: object) -> str:
 # --- DynamoDB ------------------------------------------------------------------------------
 
 
+DURABLE_ITEM_BYTES = 300 * 1024
+"""Budget of one durable JSON document. DynamoDB refuses items over 400 KB, and a refused
+item would fail its whole batch again on every retry; keys and other attributes fit in
+what is left."""
+
+
+def bounded_json_list(docs: Sequence[bytes], limit: int) -> bytes:
+    """The JSON list of ``docs`` (newest first), without the oldest ones beyond ``limit``
+    bytes: a durable window keeps as many of its newest entries as fit."""
+    size, kept = 2, 0
+    for doc in docs:
+        if size + len(doc) + 1 > limit:
+            break
+        size += len(doc) + 1
+        kept += 1
+    return b"[" + b",".join(docs[:kept]) + b"]"
+
+
 class DynamoWindows:
     """`DurableWindows` on DynamoDB table ``{prefix}-windows``.
 
@@ -349,7 +521,7 @@ class DynamoWindows:
         now = time.time()
         requests: list[dict[str, Any]] = []
         for (namespace, actor), entries in windows.items():
-            body = b"[" + b",".join(e.dumps() for e in entries) + b"]"
+            body = bounded_json_list([e.dumps() for e in entries], DURABLE_ITEM_BYTES)
             requests.append(
                 {
                     "PutRequest": {
@@ -461,12 +633,15 @@ class MemoryHotStore:
             if not self.hot.get(key):
                 fresh.add(key)
             self.hot[key] = merge_entries(
-                [WindowEntry.of(event)], self.hot.get(key, []), self.settings.window_size
+                [WindowEntry.of(event, self.settings.window_entry_max_bytes)],
+                self.hot.get(key, []),
+                self.settings.window_size,
             )
+            weight = self.settings.weight(event.event_type)
+            if weight <= 0:
+                continue  # negative feedback never lowers a popularity count
             counts, touched = self.popularity[event.namespace], self.touched[event.namespace]
-            counts[event.item_id] = counts.get(event.item_id, 0.0) + self.settings.weight(
-                event.event_type
-            )
+            counts[event.item_id] = counts.get(event.item_id, 0.0) + weight
             self._clock += 1
             touched[event.item_id] = self._clock
             while len(touched) > self.settings.popularity_cap:

@@ -144,7 +144,7 @@ async def run(settings: Settings, n: int, batch: int, users: int) -> None:
             s = settings.model_copy(update={"namespace": f"{ns}-{int(on)}"})
             hot, durable = RedisHotStore(redis, s), DynamoWindows(stores.dynamodb, s)
             identity = IdentityStitcher(redis, hot, durable, s) if on else None
-            windows = WindowAgent(hot, durable, MemoryDeadLetters(), identity)
+            windows = WindowAgent(hot, durable, MemoryDeadLetters(), identity=identity)
             results[name] = await rate(windows.process, mixed(n, users, s.namespace), batch)
             print(f"{name:<34} {results[name]:,.0f} events/s")
         ratio = results["windows + identity"] / results["windows alone"]

@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from recstream.errors import (
     RecstreamError,
+    RequestRefused,
     ResourceNotFound,
     StoreUnavailable,
     ThroughputExceeded,
@@ -42,6 +43,10 @@ _THROTTLED = {
     "RequestLimitExceeded",
 }
 _MISSING = {"ResourceNotFoundException", "NoSuchBucket", "AWS.SimpleQueueService.NonExistentQueue"}
+# The request itself is invalid (DynamoDB: an item over 400 KB, a malformed value): only
+# these are deterministic. Credentials or permissions errors are not in the set, because
+# they are the deployment's fault, not the record's, and must not dead-letter records.
+_REFUSED = {"ValidationException", "SerializationException"}
 
 
 def endpoint_for(settings: Settings, service: Service) -> str | None:
@@ -139,6 +144,11 @@ def translate(
     if code in _MISSING:
         hint = "run `recstream up`" if settings.local else "create it (localstack/init scripts)"
         return ResourceNotFound(f"{what} not found at {where}; {hint}")
+    if code in _REFUSED:
+        return RequestRefused(
+            f"{what} was refused by {where} as invalid ({code}: {exc}); the same request "
+            "will fail again, so fix its content"
+        )
     if isinstance(exc, (BotoCoreError, ClientError, OSError)):
         return StoreUnavailable(
             f"{what} failed at {where}: {exc}; is the endpoint up? (`recstream up` starts "

@@ -8,6 +8,7 @@
     recstream train | evaluate | models ...   offline training (see training/cli.py)
     recstream catalog load         fill the item/user catalog from CSV (recstream/catalog_cli.py)
     recstream archive export | dlq replay     the S3 archive, the dead-letter queue
+    recstream trending rebuild     popularity and trend lists from the S3 archive
 
 Each package adds its own subcommands through a ``register(subparsers)`` function, so
 this module only wires them together.
@@ -30,6 +31,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     # Imported lazily so that `recstream up` does not pay for faust's or numpy's import.
     from agents import cli as agents_cli
+    from agents import trending_cli
     from recstream import catalog_cli, commands
     from streams import cli as streams_cli
     from training import cli as training_cli
@@ -40,6 +42,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
         training_cli.register,
         catalog_cli.register,
         agents_cli.register,
+        trending_cli.register,
     ]
 
 

@@ -6,6 +6,8 @@
     │   └── ResourceNotFound      a stream, table or bucket is missing; run `recstream up`
     ├── ThroughputExceeded        AWS throttled us                         (retriable)
     ├── ValidationFailed          an event or request is malformed; carries every problem
+    ├── RequestRefused            a store refused one request as invalid (e.g. a DynamoDB
+    │                             item over 400 KB): retrying the same request cannot help
     └── StackError                `recstream up` could not start a local server
 
 Botocore and redis errors are translated at the store boundary with ``raise ... from exc``,
@@ -20,6 +22,7 @@ __all__ = [
     "ConfigurationError",
     "FieldProblem",
     "RecstreamError",
+    "RequestRefused",
     "ResourceNotFound",
     "StackError",
     "StoreUnavailable",
@@ -52,6 +55,13 @@ class ResourceNotFound(StoreUnavailable):
 class ThroughputExceeded(RecstreamError):
     retriable = True
     code = "throughput_exceeded"
+
+
+class RequestRefused(RecstreamError):
+    """Deterministic: the same request fails the same way, so the agents dead-letter the
+    record that causes it instead of retrying it forever."""
+
+    code = "request_refused"
 
 
 class StackError(RecstreamError):

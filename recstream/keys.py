@@ -12,6 +12,11 @@ surfaces, and every key has a cap or a TTL so memory stays bounded:
     rs:{ns}:pop:decayed                 ZSET  item -> forward-decayed weighted count  cap
     rs:{ns}:pop:cat:{category}          ZSET  the same within one category         cap
     rs:{ns}:cnt:{span}:{start}          ZSET  item -> weighted count in a time bucket   TTL
+    rs:{ns}:cnt:{span}:{start}:cat:{c}  ZSET  the same within one category         TTL
+    rs:{ns}:cnt:index                   ZSET  bucket key -> event time it expires  swept
+    rs:{ns}:cats                        ZSET  category -> last event time          cap
+    rs:{ns}:trend:clock                 HASH  t: newest event time applied (trend "now")
+    rs:{ns}:trend:lock                  STR   materializer lock (one worker a tick) TTL
     rs:{ns}:trend:{window}              ZSET  item -> trend score (materialized)   cap
     rs:{ns}:trend:{window}:cat:{cat}    ZSET  the same within one category         cap
     rs:{ns}:item:{item_id}              STR   catalog item (streams.schema.Item JSON)  catalog
@@ -76,9 +81,30 @@ class Keys:
     def popularity_category(self, category: str) -> str:
         return f"{self.prefix}pop:cat:{category}"
 
-    def counts_bucket(self, span_s: int, start: int) -> str:
-        """Weighted counts of the events whose time falls in [start, start + span_s)."""
-        return f"{self.prefix}cnt:{span_s}:{start}"
+    def counts_bucket(self, span_s: int, start: int, category: str | None = None) -> str:
+        """Weighted counts of the events whose time falls in [start, start + span_s),
+        of all items or of one category's."""
+        base = f"{self.prefix}cnt:{span_s}:{start}"
+        return base if category is None else f"{base}:cat:{category}"
+
+    @property
+    def counts_index(self) -> str:
+        """bucket key -> the event time after which no trend window reads it (swept then)."""
+        return f"{self.prefix}cnt:index"
+
+    @property
+    def categories(self) -> str:
+        """category -> newest event time: which per-category lists exist (capped)."""
+        return f"{self.prefix}cats"
+
+    @property
+    def trend_clock(self) -> str:
+        """HASH ``t``: the newest event time applied, the "now" of the trend windows."""
+        return f"{self.prefix}trend:clock"
+
+    @property
+    def trend_lock(self) -> str:
+        return f"{self.prefix}trend:lock"
 
     def trending(self, window: str, category: str | None = None) -> str:
         """``window`` is ``1h`` or ``24h``; the agents materialize these every few seconds."""

@@ -8,6 +8,7 @@ code base reads the environment. The defaults point at the embedded local stack 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,7 +25,16 @@ __all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "SeenPolicy", "Settings
 # restricted to characters that are safe in all three.
 NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = MappingProxyType(
-    {"view": 1.0, "click": 1.0, "like": 2.0, "share": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
+    {
+        "view": 1.0,
+        "click": 1.0,
+        "like": 2.0,
+        "share": 2.0,
+        "add_to_cart": 3.0,
+        "purchase": 5.0,
+        "dislike": -2.0,
+        "hide": -3.0,
+    }
 )
 """Weight of each built-in event type: purchase > add_to_cart > like/share > view/click."""
 SeenPolicy = Literal["keep", "demote", "exclude"]
@@ -35,6 +45,8 @@ def _keep_seen_items() -> dict[str, SeenPolicy]:
     return {"default": "keep"}
 
 
+"""Weight of each event type: purchase > add_to_cart > like/share > view/click, and the
+explicit negatives hide < dislike < 0 (custom types; they lower a user's affinities)."""
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 
 
@@ -110,16 +122,18 @@ class Settings(BaseSettings):
     start_position: str = "trim_horizon"
     """Where a stream consumer with no checkpoint starts: trim_horizon, latest or unix seconds."""
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    """Weight of each event type in affinities, counters and training; unknown custom types
+    weigh 1. Negative weights are explicit negative feedback (``dislike``, ``hide``): they
+    lower affinities, count 0 in popularity and trending, and reach training as negative
+    confidence (docs/agents.md)."""
 
     @field_validator("event_weights")
     @classmethod
-    def _non_negative_weights(cls, value: dict[str, float]) -> dict[str, float]:
-        negative = {k: w for k, w in value.items() if w < 0}
-        if negative:
-            raise ValueError(f"event weights must be 0 or more; fix {negative}")
+    def _finite_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        broken = {k: w for k, w in value.items() if not math.isfinite(w)}
+        if broken:
+            raise ValueError(f"event weights must be finite numbers; fix {broken}")
         return value
-
-    """Weight of each event type in counters and training; unknown custom types weigh 1."""
 
     # --- training (training/) --------------------------------------------------------
     model_keep_versions: int = Field(5, ge=1)
@@ -196,6 +210,56 @@ class Settings(BaseSettings):
             return {**value, "default": "keep"}
         return value
 
+    # --- user features and trending (agents/features.py, agents/trending.py) ----------
+    window_entry_max_bytes: int = Field(2048, ge=1024, le=16384)
+    """Largest JSON of one window entry: an event's context and impression list are
+    trimmed to fit (impression first), so a window stays small in Redis and DynamoDB."""
+    affinity_half_life_s: dict[str, float] = Field(
+        default_factory=lambda: {"type": 3 * 86400.0, "cat": 7 * 86400.0, "brand": 14 * 86400.0}
+    )
+    """Half-life of each affinity attribute (``type``, ``cat``, ``brand``, or an event
+    property's name, which then becomes an attribute too)."""
+    affinity_default_half_life_s: float = Field(7 * 86400.0, gt=0)
+    """Half-life of an attribute not listed in affinity_half_life_s."""
+    feature_cap: int = Field(32, ge=1, le=1000)
+    """How many values each affinity attribute keeps per user (smallest |score| evicted)."""
+    impression_weight: float = Field(-0.1, le=0)
+    """Affinity weight of an impressed item that was not the one acted on (implicit
+    negative); 0 turns implicit negatives off. Popularity never counts impressions."""
+    session_gap_s: float = Field(1800.0, gt=0)
+    """Inactivity that starts a new session when events carry no session_id (training's
+    rule too)."""
+    embedding_half_life_s: float = Field(7 * 86400.0, gt=0)
+    """Half-life of a touched item's factors in the user's live embedding."""
+    popularity_half_life_s: float = Field(30 * 86400.0, gt=0)
+    """Half-life of the decayed popularity (training's Popularity default: 30 days)."""
+    popularity_epoch_s: float = Field(1_700_000_000.0)
+    """Reference time of the forward-decayed popularity scores; scores stay finite for
+    about 1000 half-lives either side (82 years with the 30-day default)."""
+    trend_gamma: float = Field(0.5, ge=0)
+    """Trend velocity weight (recstream.scoring.trend_scores; training's Trending default)."""
+    trend_cap: int = Field(1000, ge=10)
+    """How many items each materialized trend list keeps."""
+    trend_interval_s: float = Field(2.0, gt=0)
+    """How often a worker materializes the trend lists (one worker per namespace at a time)."""
+    bucket_cap: int = Field(10_000, ge=10)
+    """How many items one time bucket of counts keeps (smallest counts evicted)."""
+    category_cap: int = Field(1000, ge=1)
+    """How many categories get their own popularity and trend lists (least recent evicted)."""
+    agent_max_attempts: int = Field(3, ge=1)
+    """Attempts at a batch failing deterministically before its records are isolated one by
+    one and the failing ones dead-lettered; transient failures retry without a limit."""
+
+    @field_validator("affinity_half_life_s")
+    @classmethod
+    def _positive_half_lives(cls, value: dict[str, float]) -> dict[str, float]:
+        broken = {k: h for k, h in value.items() if not (math.isfinite(h) and h > 0)}
+        if broken:
+            raise ValueError(f"affinity half-lives must be positive seconds; fix {broken}")
+        return value
+
+    # (features and trending settings end here)
+
     @field_validator(
         "aws_endpoint_url",
         "kinesis_endpoint_url",
@@ -242,6 +306,10 @@ class Settings(BaseSettings):
         return f"{self.table_prefix}-attribution"
 
     @property
+    def features_table(self) -> str:
+        return f"{self.table_prefix}-features"
+
+    @property
     def kinesis_endpoint(self) -> str | None:
         return self.kinesis_endpoint_url or self.aws_endpoint_url
 
@@ -277,3 +345,7 @@ class Settings(BaseSettings):
 
     def weight(self, event_type: str) -> float:
         return self.event_weights.get(event_type, 1.0)
+
+    def half_life(self, attribute: str) -> float:
+        """Half-life in seconds of an affinity attribute (``type``, ``cat``, ``brand``...)."""
+        return self.affinity_half_life_s.get(attribute, self.affinity_default_half_life_s)

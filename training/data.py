@@ -204,14 +204,23 @@ class InteractionLog:
         return replace(self, weights=per_type[self.event_types])
 
     def user_item_matrix(self, *, binary: bool = False) -> Any:
-        """users x items CSR of summed weights (or 1 where any interaction)."""
+        """users x items CSR of summed weights (or 1 where any positive interaction).
+
+        Summed weights may be negative (``dislike``, ``hide``): `implicit`'s ALS reads a
+        negative entry as negative feedback (preference 0 with confidence ``|x|``). The
+        binary matrix (co-occurrence) leaves negative rows out: a dislike says nothing
+        about what goes together."""
         from scipy import sparse
 
-        data = np.ones(len(self), np.float32) if binary else self.weights.astype(np.float32)
-        matrix = sparse.csr_matrix(
-            (data, (self.users, self.items)), shape=(self.n_users, self.n_items)
-        )
+        if binary:
+            keep = self.weights > 0
+            data = np.ones(int(keep.sum()), np.float32)
+            users, items = self.users[keep], self.items[keep]
+        else:
+            data, users, items = self.weights.astype(np.float32), self.users, self.items
+        matrix = sparse.csr_matrix((data, (users, items)), shape=(self.n_users, self.n_items))
         matrix.sum_duplicates()
+        matrix.eliminate_zeros()  # a like cancelled by a dislike is no interaction
         if binary:
             matrix.data[:] = 1.0
         return matrix

@@ -617,6 +617,23 @@ class Consumer(base.Consumer):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
 
+    def record_position(self, tp: TP, offset: int) -> tuple[str, str, int] | None:
+        """(shard id, sequence number, sub-sequence) of a message handed to faust and not
+        yet committed, e.g. for a dead letter to name where its record came from; None
+        when the shard is no longer held here."""
+        partition = self._partitions.get(tp)
+        if partition is None or not partition.handed:
+            return None
+        handed = partition.handed
+        # Offsets are dense, so the message is usually at offset - first; scan otherwise.
+        index = offset - handed[0][0]
+        if 0 <= index < len(handed) and handed[index][0] == offset:
+            return partition.shard_id, handed[index][1], handed[index][2]
+        for handed_offset, sequence_number, sub_sequence in handed:
+            if handed_offset == offset:
+                return partition.shard_id, sequence_number, sub_sequence
+        return None
+
     def _to_message(self, tp: TP, record: KinesisRecord) -> ConsumerMessage:
         return ConsumerMessage(
             record.topic,

@@ -30,7 +30,9 @@ async def agent(settings: Settings) -> AsyncIterator[WindowAgent]:
             DynamoWindows(stores.dynamodb, settings),
         )
         identity = IdentityStitcher(stores.redis, hot, durable, settings)
-        yield WindowAgent(hot, durable, SqsDeadLetters(stores.sqs, settings, stores.s3), identity)
+        yield WindowAgent(
+            hot, durable, SqsDeadLetters(stores.sqs, settings, stores.s3), identity=identity
+        )
 
 
 def anon(settings: Settings, n: int, session: str = "s1", **fields: Any) -> bytes:
@@ -126,7 +128,7 @@ async def test_both_orders_give_the_same_window(settings: Settings) -> None:
                 hot,
                 durable,
                 SqsDeadLetters(stores.sqs, s),
-                IdentityStitcher(stores.redis, hot, durable, s),
+                identity=IdentityStitcher(stores.redis, hot, durable, s),
             )
             batches = [[anon(s, n) for n in range(4)], [login(s, 1), own(s, 1)]]
             for batch in batches if order == "anonymous first" else batches[::-1]:

@@ -76,21 +76,26 @@ async def test_malformed_records_go_to_the_real_dead_letter_queue(settings: Sett
 
 
 async def test_a_failing_batch_is_retried_not_skipped(settings: Settings) -> None:
-    from agents.app import until_done
+    from agents.windows import deliver
     from recstream.errors import StoreUnavailable
 
-    hot, durable = MemoryHotStore(settings), MemoryDurableWindows()
-    agent = WindowAgent(hot, durable, MemoryDeadLetters())
-    failures = [StoreUnavailable("redis is restarting"), RuntimeError("bug")]
+    hot, durable, dlq = MemoryHotStore(settings), MemoryDurableWindows(), MemoryDeadLetters()
+    agent = WindowAgent(hot, durable, dlq)
+    # transient failures beyond the attempt limit, then one unexpected failure
+    failures: list[Exception] = [StoreUnavailable("redis is restarting")] * 5
+    failures.append(RuntimeError("bug"))
+    apply = agent.apply
 
-    async def flaky(values: Sequence[bytes], source: str) -> object:
+    async def flaky(events: Sequence[Event], source: str = "stream") -> object:
         if failures:
             raise failures.pop(0)
-        return await agent.process(values, source)
+        return await apply(events, source)
 
+    agent.apply = flaky  # type: ignore[method-assign,assignment]
     batch = [raw(n, "u1", settings.namespace) for n in range(3)]
-    await until_done(flaky, batch, "stream", max_delay=0.01)
+    await deliver(agent, batch, "stream", max_attempts=2, max_delay=0.01)
     assert failures == []
+    assert dlq.letters == []
     assert len(await hot.window(settings.namespace, "u1")) == 3
 
 

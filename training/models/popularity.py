@@ -51,7 +51,8 @@ class Popularity(ItemScorer):
         self.category_ids: npt.NDArray[np.object_] = np.zeros(0, dtype=object)
 
     def _fit(self, log: InteractionLog) -> None:
-        weights = log.weights.astype(np.float64)
+        # negative feedback lowers no count (the live agents do the same)
+        weights = np.maximum(log.weights, 0).astype(np.float64)
         if self.half_life_days is not None:
             age = float(log.timestamps.max()) - log.timestamps
             weights = weights * np.exp2(-age / (self.half_life_days * DAY))
@@ -131,7 +132,7 @@ class CategoryPopularity(ItemScorer):
         self.categories: IntArray = np.zeros(0, np.int32)
 
     def _fit(self, log: InteractionLog) -> None:
-        counts = np.bincount(log.items, weights=log.weights, minlength=log.n_items)
+        counts = np.bincount(log.items, weights=np.maximum(log.weights, 0), minlength=log.n_items)
         self.share = counts.astype(np.float64) / (float(counts.max()) + 1.0)
         self.categories = log.category_of()
 

@@ -56,7 +56,8 @@ class Trending(ItemScorer):
         order = log.time_order()
         self.times = log.timestamps[order]
         self.items = log.items[order]
-        self.weights = log.weights[order]
+        # negative feedback never counts as trending (the live agents do the same)
+        self.weights = np.maximum(log.weights[order], 0)
 
     def window_counts(self, start: float, end: float) -> FloatArray:
         lo, hi = np.searchsorted(self.times, [start, end], side="left")

@@ -147,6 +147,8 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     create_table(dynamodb, f"{prefix}-filters", "pk", ttl_attribute=None)
     # agents/attribution.py: durable copy of the attribution counters (pk = Redis key).
     create_table(dynamodb, f"{prefix}-attribution", "pk", ttl_attribute="expires_at")
+    # user feature vectors (agents/features.py), expiring like windows
+    create_table(dynamodb, f"{prefix}-features", "pk", ttl_attribute="expires_at")
     create_bucket(client("s3", endpoint, region), setting("RECSTREAM_BUCKET"), region)
     create_queue(client("sqs", endpoint, region), setting("RECSTREAM_DLQ_NAME"))
     print(f"recstream init: resources ready at {endpoint or 'AWS ' + region}")

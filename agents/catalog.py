@@ -1,0 +1,126 @@
+"""What the agents know about the items of a batch, read once per batch.
+
+An item's category and brand come from the event's own properties (``category``,
+``brand``) when the producer sends them, else from the catalog's hot copy in Redis
+(``rs:{ns}:item:{id}``, `streams.schema.Item` JSON, written by the catalog). An item the
+catalog does not know simply has no category: that is normal, not an error. The published
+ALS version (``rs:{ns}:model:als:current``) is read in the same round trip, so the live
+embedding uses the factors serving uses.
+
+Every event property other than ``category`` and ``brand`` that has a half-life in
+`Settings.affinity_half_life_s` becomes an affinity attribute too (e.g. ``color``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from recstream.errors import StoreUnavailable
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Event, Item
+
+__all__ = ["ALS_MODEL", "BatchContext", "ItemFacts", "load_context"]
+
+log = logging.getLogger(__name__)
+
+ALS_MODEL = "als"
+"""The published model whose item factors make the live embedding."""
+MAX_CATEGORIES = 4
+"""Categories of one item that receive affinity (the first one also gets its own
+popularity and trend lists, as training's per-category popularity does)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFacts:
+    """The attributes of one item that affinities and per-category lists use."""
+
+    categories: tuple[str, ...] = ()
+    brand: str | None = None
+
+    @property
+    def category(self) -> str | None:
+        """The item's main (first) category: the one its per-category lists use."""
+        return self.categories[0] if self.categories else None
+
+
+@dataclass
+class BatchContext:
+    """Catalog facts and published model versions for one batch of events."""
+
+    items: dict[tuple[str, str], ItemFacts] = field(default_factory=dict)
+    als_version: dict[str, str | None] = field(default_factory=dict)
+
+    def facts(self, event: Event, item_id: str | None = None) -> ItemFacts:
+        """Facts about ``item_id`` (default: the event's item); the event's properties win
+        for its own item."""
+        item_id = item_id or event.item_id
+        if item_id is None:
+            return ItemFacts()
+        known = self.items.get((event.namespace, item_id), ItemFacts())
+        if item_id != event.item_id:
+            return known
+        category = event.properties.get("category")
+        brand = event.properties.get("brand")
+        return ItemFacts(
+            categories=(str(category),) if category not in (None, "") else known.categories,
+            brand=str(brand) if brand not in (None, "") else known.brand,
+        )
+
+
+def _facts(raw: bytes | None, where: str) -> ItemFacts:
+    if raw is None:
+        return ItemFacts()
+    try:
+        item = Item.model_validate_json(raw)
+    except ValidationError as exc:
+        # A broken catalog entry must not stop the stream: the item is treated as
+        # unknown, and the log names the key so the catalog can be fixed.
+        log.warning("catalog entry %s is not a valid Item, ignored: %s", where, exc)
+        return ItemFacts()
+    cats = tuple(c for c in item.categories if c)[:MAX_CATEGORIES]
+    return ItemFacts(categories=cats, brand=item.brand or None)
+
+
+async def load_context(
+    redis: aioredis.Redis, events: Sequence[Event], settings: Settings
+) -> BatchContext:
+    """One round trip: the catalog entries of the batch's items (and, when implicit
+    negatives are on, of their impressions) and each namespace's published ALS version."""
+    wanted: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for event in events:
+        ids = [event.item_id] if event.item_id is not None else []
+        if event.item_id is not None and settings.impression_weight != 0:
+            ids += [i for i in event.impression if i != event.item_id]
+        for item_id in ids:
+            key = (event.namespace, item_id)
+            if key not in seen:
+                seen.add(key)
+                wanted.append(key)
+    namespaces = sorted({e.namespace for e in events})
+    pipe = redis.pipeline(transaction=False)
+    if wanted:
+        pipe.mget([Keys(ns).item(item) for ns, item in wanted])
+    for ns in namespaces:
+        pipe.get(Keys(ns).model_pointer(ALS_MODEL))
+    try:
+        replies = await pipe.execute()
+    except RedisError as exc:
+        raise StoreUnavailable(
+            f"reading the catalog of {len(events)} events failed: {exc}"
+        ) from exc
+    context = BatchContext()
+    if wanted:
+        rows = replies.pop(0)
+        for (ns, item), raw in zip(wanted, rows, strict=True):
+            context.items[(ns, item)] = _facts(raw, Keys(ns).item(item))
+    for ns, version in zip(namespaces, replies, strict=True):
+        context.als_version[ns] = version.decode() if isinstance(version, bytes) else version
+    return context

@@ -1,0 +1,684 @@
+"""The user feature vector: counts, session, decayed affinities and a live embedding.
+
+Per actor, in Redis (docs/architecture.md, "The live-state layout"):
+
+* ``rs:{ns}:feat:{actor}`` HASH: ``n`` events applied, ``n:{event_type}`` per type (at
+  most ``feature_cap`` types, the rest under ``n:_other``), ``first_ts``/``last_ts``
+  (event time), the session (``sess``, ``sess_ts``, ``sess_n``), and decayed affinities
+  ``a:{attr}:{value}`` = ``"{score}@{ts}"``: the score as of event time ``ts``, which a
+  reader decays to ``now`` by ``2^(-(now - ts) / half_life(attr))``. ``k:{attr}``
+  counts an attribute's values so the cap (``feature_cap``, smallest ``|score|``
+  evicted) costs nothing until it is reached.
+* ``rs:{ns}:emb:{actor}`` HASH: the decayed mean of the published ALS factors of the
+  items the actor touched with a positive weight (``v`` version, ``w`` weight, ``ts``,
+  ``x`` float32 little-endian). A newly published version rebuilds it from the window.
+
+What moves an affinity: an event adds its type's weight (`Settings.event_weights`,
+negative for ``dislike``/``hide``) to its item's categories, brand and configured
+property attributes, and 1 to ``a:type:{event_type}`` (a decayed rate of that type: the
+type *is* the feedback, so its weight would say nothing more). An impressed item that was
+not the one acted on adds ``impression_weight`` (a small negative) to its own categories
+and brand: shown, not taken.
+
+Updates run inside the one per-event script of the hot store (`agents.state`), after its
+``seen`` check, so each event changes a feature vector exactly once. Updating a decayed
+score is order-independent: an event older than the stored ``ts`` is decayed into it
+instead of decaying the score forward.
+
+Durable copy: DynamoDB ``{prefix}-features`` (pk ``{ns}#{actor}``), written after Redis
+for every actor of a batch, merged back into Redis when Redis lost the hash (as windows).
+Serving reads a user's window, features and embedding in one round trip with
+`read_user_state`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import redis.asyncio as aioredis
+from botocore.exceptions import BotoCoreError, ClientError
+from redis.exceptions import RedisError, WatchError
+
+from agents.catalog import ALS_MODEL, BatchContext
+from agents.state import DURABLE_ITEM_BYTES, Actor, ApplyResult, WindowEntry, redis_failure
+from recstream.aws import translate
+from recstream.errors import StoreUnavailable
+from recstream.keys import Keys
+from recstream.settings import Settings
+from streams.schema import Event
+
+if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
+
+__all__ = [
+    "DynamoFeatures",
+    "FeatureStage",
+    "FeaturesPart",
+    "Session",
+    "UserState",
+    "merge_embeddings",
+    "merge_features",
+    "persist_features",
+    "read_user_state",
+    "recover_lost_features",
+]
+
+MAX_VALUE_CHARS = 128
+"""Longest attribute value kept in a field name (longer ones are cut)."""
+RESERVED_ATTRIBUTES = frozenset({"type", "cat", "brand", "category"})
+
+# The features part. K: feat, and when the embedding applies: emb, factors, window.
+# ev.f: t type, s session id (or absent), actor, gap, ttl, cap, a [[attr, value, delta,
+# half-life]...], e {v, hl, w} (embedding: version, half-life, weight) or absent.
+# Flag: the feature hash had to be created (new actor, or a hash Redis lost).
+_FEATURES_LUA = """
+local f = ev['f']
+local key = K[1]
+local ts = ev['ts']
+local created = 0
+if redis.call('EXISTS', key) == 0 then created = 1 end
+redis.call('HINCRBY', key, 'n', 1)
+local tfield = 'n:' .. f['t']
+if redis.call('HEXISTS', key, tfield) == 0 then
+  if tonumber(redis.call('HGET', key, 'k:n') or '0') >= f['cap'] then
+    tfield = 'n:_other'
+  else
+    redis.call('HINCRBY', key, 'k:n', 1)
+  end
+end
+redis.call('HINCRBY', key, tfield, 1)
+local first = tonumber(redis.call('HGET', key, 'first_ts'))
+if (not first) or ts < first then redis.call('HSET', key, 'first_ts', fmt(ts)) end
+local last = tonumber(redis.call('HGET', key, 'last_ts'))
+local sess = f['s']
+if sess then
+  local cur = redis.call('HGET', key, 'sess')
+  local cur_ts = tonumber(redis.call('HGET', key, 'sess_ts'))
+  if cur == sess then
+    redis.call('HINCRBY', key, 'sess_n', 1)
+    if ts < cur_ts then redis.call('HSET', key, 'sess_ts', fmt(ts)) end
+  elseif (not cur_ts) or ts >= cur_ts then
+    redis.call('HSET', key, 'sess', sess, 'sess_ts', fmt(ts), 'sess_n', 1)
+  end
+  -- (a late event of an older session leaves the current one alone)
+elseif (not last) or ts - last > f['gap'] then
+  -- No session id: inactivity longer than the gap starts a session, named as training
+  -- names derived sessions ("{actor}#{first second}").
+  redis.call('HSET', key, 'sess', f['actor'] .. '#' .. string.format('%d', math.floor(ts)),
+             'sess_ts', fmt(ts), 'sess_n', 1)
+else
+  redis.call('HINCRBY', key, 'sess_n', 1)
+end
+if (not last) or ts > last then redis.call('HSET', key, 'last_ts', fmt(ts)) end
+for _, a in ipairs(f['a']) do
+  local attr, delta, hl = a[1], a[3], a[4]
+  local fld = 'a:' .. attr .. ':' .. a[2]
+  local cur = redis.call('HGET', key, fld)
+  if cur then
+    local s, t0 = string.match(cur, '^(.-)@(.*)$')
+    s, t0 = tonumber(s), tonumber(t0)
+    if ts >= t0 then
+      redis.call('HSET', key, fld, fmt(s * 2 ^ (-(ts - t0) / hl) + delta) .. '@' .. fmt(ts))
+    else
+      redis.call('HSET', key, fld, fmt(s + delta * 2 ^ (-(t0 - ts) / hl)) .. '@' .. fmt(t0))
+    end
+  else
+    redis.call('HSET', key, fld, fmt(delta) .. '@' .. fmt(ts))
+    if redis.call('HINCRBY', key, 'k:' .. attr, 1) > f['cap'] then
+      -- Over the cap: evict the value with the smallest |score| as of now (ties: the
+      -- smallest name), which may be the new one when it is the weakest.
+      local prefix = 'a:' .. attr .. ':'
+      local all = redis.call('HGETALL', key)
+      local worst, worst_score = nil, nil
+      for i = 1, #all, 2 do
+        local name = all[i]
+        if string.sub(name, 1, #prefix) == prefix then
+          local s, t0 = string.match(all[i + 1], '^(.-)@(.*)$')
+          local v = math.abs(tonumber(s) * 2 ^ (-math.max(0, ts - tonumber(t0)) / hl))
+          if (not worst) or v < worst_score or (v == worst_score and name < worst) then
+            worst, worst_score = name, v
+          end
+        end
+      end
+      redis.call('HDEL', key, worst)
+      redis.call('HINCRBY', key, 'k:' .. attr, -1)
+    end
+  end
+end
+redis.call('EXPIRE', key, f['ttl'])
+local e = f['e']
+if e then
+  local raw = redis.call('HGET', K[3], ev['item'])
+  if raw and #raw > 0 and #raw % 4 == 0 then
+    local n = #raw / 4
+    local layout = '<' .. string.rep('f', n)
+    local cur = redis.call('HMGET', K[2], 'v', 'w', 'ts', 'x')
+    local x, W, at
+    local function add(y, w, t)
+      -- decayed running mean: the newest time is the reference, older touches decay in
+      if not x then
+        x, W, at = {}, w, t
+        for i = 1, n do x[i] = y[i] end
+        return
+      end
+      local g, f0 = w, 1
+      if t >= at then
+        f0 = 2 ^ (-(t - at) / e['hl'])
+        at = t
+      else
+        g = w * 2 ^ (-(at - t) / e['hl'])
+      end
+      local W2 = W * f0 + g
+      for i = 1, n do x[i] = (x[i] * W * f0 + g * y[i]) / W2 end
+      W = W2
+    end
+    if cur[1] == e['v'] and cur[4] and #cur[4] == #raw then
+      x, W, at = {struct.unpack(layout, cur[4])}, tonumber(cur[2]), tonumber(cur[3])
+      x[n + 1] = nil
+      add({struct.unpack(layout, raw)}, e['w'], ts)
+    else
+      -- A new model version (or the first): rebuild from the window, oldest first, in the
+      -- new factor space (the old vector is not comparable).
+      local weights = cjson.decode(ARGV[2])
+      local entries = redis.call('LRANGE', K[4], 0, -1)
+      for i = #entries, 1, -1 do
+        local doc = cjson.decode(entries[i])
+        local w = weights[doc['t']] or 1
+        if w > 0 then
+          local y = redis.call('HGET', K[3], doc['i'])
+          if y and #y == #raw then add({struct.unpack(layout, y)}, w, doc['ts']) end
+        end
+      end
+    end
+    if x then
+      redis.call('HSET', K[2], 'v', e['v'], 'w', fmt(W), 'ts', fmt(at),
+                 'x', struct.pack(layout, unpack(x, 1, n)))
+      redis.call('EXPIRE', K[2], f['ttl'])
+    end
+  end
+end
+return created
+"""
+
+
+def _value(text: object) -> str:
+    return str(text)[:MAX_VALUE_CHARS]
+
+
+class FeaturesPart:
+    """The feature-vector share of the per-event script (see the module docstring)."""
+
+    name = "f"
+    lua = _FEATURES_LUA
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Event properties that are affinity attributes: the configured names that are
+        # not built in; a ':' would make the field name ambiguous, so such names are left.
+        self.property_attributes = tuple(
+            a
+            for a in settings.affinity_half_life_s
+            if a not in RESERVED_ATTRIBUTES and ":" not in a
+        )
+
+    def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
+        """What ``event`` adds to each affinity ``(attr, value)``, summed."""
+        s = self.settings
+        out: dict[tuple[str, str], float] = {("type", event.event_type): 1.0}
+
+        def add(attr: str, value: object, delta: float) -> None:
+            key = (attr, _value(value))
+            out[key] = out.get(key, 0.0) + delta
+
+        if event.item_id is None:
+            return out
+        weight = s.weight(event.event_type)
+        facts = context.facts(event)
+        for category in facts.categories:
+            add("cat", category, weight)
+        if facts.brand is not None:
+            add("brand", facts.brand, weight)
+        for attr in self.property_attributes:
+            if attr in event.properties:
+                add(attr, event.properties[attr], weight)
+        if s.impression_weight != 0 and weight > 0:
+            for other in dict.fromkeys(event.impression):
+                if other == event.item_id:
+                    continue
+                shown = context.facts(event, other)
+                for category in shown.categories:
+                    add("cat", category, s.impression_weight)
+                if shown.brand is not None:
+                    add("brand", shown.brand, s.impression_weight)
+        return out
+
+    def encode(
+        self, event: Event, context: BatchContext
+    ) -> tuple[list[str], dict[str, Any] | None]:
+        s = self.settings
+        keys = Keys(event.namespace)
+        doc: dict[str, Any] = {
+            "t": event.event_type,
+            "actor": event.actor,
+            "gap": s.session_gap_s,
+            "ttl": s.window_ttl_s,
+            "cap": s.feature_cap,
+            "a": [
+                [attr, value, delta, s.half_life(attr)]
+                for (attr, value), delta in self.deltas(event, context).items()
+            ],
+        }
+        if event.session_id is not None:
+            doc["s"] = event.session_id
+        out = [keys.features(event.actor)]
+        version = context.als_version.get(event.namespace)
+        weight = s.weight(event.event_type)
+        if version is not None and event.item_id is not None and weight > 0:
+            doc["e"] = {"v": version, "hl": s.embedding_half_life_s, "w": weight}
+            out += [
+                keys.embedding(event.actor),
+                keys.model(ALS_MODEL, version, "factors"),
+                keys.window(event.actor),
+            ]
+        return out, doc
+
+
+# --- reading (serving) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: str
+    started: float
+    events: int
+
+
+@dataclass(frozen=True)
+class UserState:
+    """Everything the agents keep about one actor, as of ``now``."""
+
+    window: list[WindowEntry]
+    events: int = 0
+    counts: Mapping[str, int] = field(default_factory=dict)
+    """Events per type (``_other`` beyond the cap)."""
+    first_ts: float | None = None
+    last_ts: float | None = None
+    session: Session | None = None
+    affinities: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    """attr -> value -> score decayed to ``now`` (negative: the actor turns it down)."""
+    embedding: npt.NDArray[np.float32] | None = None
+    embedding_version: str | None = None
+    embedding_weight: float = 0.0
+
+    def top(self, attr: str, k: int = 10) -> list[tuple[str, float]]:
+        """The ``k`` strongest values of ``attr``, best first."""
+        values = self.affinities.get(attr, {})
+        return sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def parse_score(raw: str) -> tuple[float, float]:
+    """``"{score}@{ts}"`` -> (score, ts)."""
+    score, _, ts = raw.rpartition("@")
+    return float(score), float(ts)
+
+
+def decayed(raw: str, half_life: float, now: float) -> float:
+    score, ts = parse_score(raw)
+    return float(score * 2.0 ** (-max(0.0, now - ts) / half_life))
+
+
+def state_from(
+    window: Sequence[bytes],
+    feat: Mapping[bytes, bytes],
+    emb: Mapping[bytes, bytes],
+    settings: Settings,
+    now: float,
+) -> UserState:
+    fields = {_text(k): _text(v) for k, v in feat.items() if k != b"x"}
+    counts: dict[str, int] = {}
+    affinities: dict[str, dict[str, float]] = {}
+    for name, value in fields.items():
+        if name.startswith("n:"):
+            counts[name[2:]] = int(value)
+        elif name.startswith("a:"):
+            _, attr, item = name.split(":", 2)
+            affinities.setdefault(attr, {})[item] = decayed(value, settings.half_life(attr), now)
+    session = None
+    if "sess" in fields:
+        session = Session(fields["sess"], float(fields["sess_ts"]), int(fields.get("sess_n", 0)))
+    vector = None
+    version = None
+    weight = 0.0
+    if b"x" in emb and b"v" in emb:
+        vector = np.frombuffer(emb[b"x"], dtype="<f4").astype(np.float32)
+        version = _text(emb[b"v"])
+        weight = float(emb[b"w"]) * 2.0 ** (
+            -max(0.0, now - float(emb[b"ts"])) / settings.embedding_half_life_s
+        )
+    return UserState(
+        window=[WindowEntry.loads(raw) for raw in window],
+        events=int(fields.get("n", 0)),
+        counts=counts,
+        first_ts=float(fields["first_ts"]) if "first_ts" in fields else None,
+        last_ts=float(fields["last_ts"]) if "last_ts" in fields else None,
+        session=session,
+        affinities=affinities,
+        embedding=vector,
+        embedding_version=version,
+        embedding_weight=weight,
+    )
+
+
+async def read_user_state(
+    redis: aioredis.Redis,
+    settings: Settings,
+    namespace: str,
+    actor: str,
+    now: float | None = None,
+) -> UserState:
+    """One actor's window, feature vector and live embedding in ONE Redis round trip,
+    with affinities decayed to ``now`` (default: the wall clock)."""
+    keys = Keys(namespace)
+    pipe = redis.pipeline(transaction=False)
+    pipe.lrange(keys.window(actor), 0, settings.window_size - 1)
+    pipe.hgetall(keys.features(actor))
+    pipe.hgetall(keys.embedding(actor))
+    try:
+        window, feat, emb = await pipe.execute()
+    except RedisError as exc:
+        raise redis_failure(f"reading the state of {actor!r}", exc) from exc
+    return state_from(window, feat, emb, settings, time.time() if now is None else now)
+
+
+# --- merging a durable copy back (Redis lost the hash) ---------------------------------
+
+
+def _combine(a: str, b: str, half_life: float) -> str:
+    sa, ta = parse_score(a)
+    sb, tb = parse_score(b)
+    at = max(ta, tb)
+    score = sa * 2.0 ** (-(at - ta) / half_life) + sb * 2.0 ** (-(at - tb) / half_life)
+    return f"{score!r}@{at!r}"
+
+
+def merge_features(
+    hot: Mapping[str, str], durable: Mapping[str, str], settings: Settings
+) -> dict[str, str]:
+    """The union of a hash Redis rebuilt from new events (``hot``) and its durable copy
+    from before the loss: counts add, times widen, the later session wins, affinities
+    combine with their decay and are capped again."""
+    out: dict[str, str] = {}
+    for name in set(hot) | set(durable):
+        h, d = hot.get(name), durable.get(name)
+        if h is None or d is None:
+            out[name] = h if h is not None else d  # type: ignore[assignment]
+        elif name == "n" or name.startswith("n:"):
+            out[name] = str(int(h) + int(d))
+        elif name == "first_ts":
+            out[name] = repr(min(float(h), float(d)))
+        elif name == "last_ts":
+            out[name] = repr(max(float(h), float(d)))
+        elif name.startswith("a:"):
+            out[name] = _combine(h, d, settings.half_life(name.split(":", 2)[1]))
+        else:
+            out[name] = h
+    if "sess" in hot and "sess" in durable:
+        newer = hot if float(hot["sess_ts"]) >= float(durable["sess_ts"]) else durable
+        for name in ("sess", "sess_ts", "sess_n"):
+            out[name] = newer[name]
+        if hot["sess"] == durable["sess"]:
+            out["sess_n"] = str(int(hot["sess_n"]) + int(durable["sess_n"]))
+            out["sess_ts"] = repr(min(float(hot["sess_ts"]), float(durable["sess_ts"])))
+    # caps again, and the counters of what is kept
+    by_attr: dict[str, list[str]] = {}
+    for name in out:
+        if name.startswith("a:"):
+            by_attr.setdefault(name.split(":", 2)[1], []).append(name)
+    for name in [n for n in out if n.startswith("k:")]:
+        del out[name]
+    for attr, names in by_attr.items():
+        if len(names) > settings.feature_cap:
+            newest = max(parse_score(out[n])[1] for n in names)
+            names.sort(key=lambda n: (-abs(decayed(out[n], settings.half_life(attr), newest)), n))
+            for name in names[settings.feature_cap :]:
+                del out[name]
+            names = names[: settings.feature_cap]
+        out[f"k:{attr}"] = str(len(names))
+    types = [n for n in out if n.startswith("n:") and n != "n:_other"]
+    out["k:n"] = str(len(types))
+    return out
+
+
+def merge_embeddings(
+    hot: Mapping[str, bytes], durable: Mapping[str, bytes], half_life: float
+) -> dict[str, bytes]:
+    """Two embeddings of one actor: weighted by their decayed weights when they come from
+    the same model version, else the hot (newer) one."""
+    if not durable:
+        return dict(hot)
+    if not hot or hot.get("v") != durable.get("v"):
+        return dict(hot or durable)
+    wa, ta = float(hot["w"]), float(hot["ts"])
+    wb, tb = float(durable["w"]), float(durable["ts"])
+    at = max(ta, tb)
+    ga, gb = wa * 2.0 ** (-(at - ta) / half_life), wb * 2.0 ** (-(at - tb) / half_life)
+    xa = np.frombuffer(hot["x"], "<f4").astype(np.float64)
+    xb = np.frombuffer(durable["x"], "<f4").astype(np.float64)
+    x = (xa * ga + xb * gb) / (ga + gb)
+    return {
+        "v": hot["v"],
+        "w": repr(ga + gb).encode(),
+        "ts": repr(at).encode(),
+        "x": x.astype("<f4").tobytes(),
+    }
+
+
+# --- DynamoDB ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureCopy:
+    """What the durable store holds for one actor."""
+
+    features: dict[str, str]
+    embedding: dict[str, bytes]
+
+
+def _bounded(features: dict[str, str], settings: Settings) -> bytes:
+    """The features as JSON, without the weakest affinities beyond the item budget (the
+    caps keep a hash far below it; this is the last guard against a refused item)."""
+    body = orjson.dumps(features)
+    if len(body) <= DURABLE_ITEM_BYTES:
+        return body
+    kept = dict(features)
+    names = sorted(
+        (n for n in kept if n.startswith("a:")),
+        key=lambda n: abs(parse_score(kept[n])[0]),
+    )
+    while len(body) > DURABLE_ITEM_BYTES and names:
+        del kept[names.pop(0)]
+        body = orjson.dumps(kept)
+    return body
+
+
+class DynamoFeatures:
+    """Durable feature vectors on ``{prefix}-features``: ``pk`` = ``{ns}#{actor}``,
+    ``features`` (JSON of the hash), ``embedding`` (JSON, vector base64) when there is
+    one, ``updated_at``, ``expires_at`` (the table's TTL attribute)."""
+
+    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.table = settings.features_table
+
+    @staticmethod
+    def pk(namespace: str, actor: str) -> str:
+        return f"{namespace}#{actor}"
+
+    async def put(self, copies: Mapping[Actor, FeatureCopy]) -> None:
+        now = time.time()
+        requests: list[dict[str, Any]] = []
+        for (namespace, actor), copy in copies.items():
+            if not copy.features:
+                continue
+            item: dict[str, Any] = {
+                "pk": {"S": self.pk(namespace, actor)},
+                "features": {"S": _bounded(copy.features, self.settings).decode()},
+                "updated_at": {"N": repr(now)},
+                "expires_at": {"N": str(int(now + self.settings.window_ttl_s))},
+            }
+            if copy.embedding:
+                doc = {k: base64.b64encode(v).decode() for k, v in copy.embedding.items()}
+                item["embedding"] = {"S": orjson.dumps(doc).decode()}
+            requests.append({"PutRequest": {"Item": item}})
+        for start in range(0, len(requests), 25):
+            await self._call("batch_write_item", {self.table: requests[start : start + 25]})
+
+    async def _call(self, method: str, request: dict[str, Any]) -> list[Mapping[str, Any]]:
+        """A batch call, resending what DynamoDB left unprocessed with backoff."""
+        unprocessed = "UnprocessedItems" if method == "batch_write_item" else "UnprocessedKeys"
+        responses: list[Mapping[str, Any]] = []
+        pending = request
+        for attempt in range(10):
+            try:
+                response = await getattr(self.client, method)(RequestItems=pending)
+            except (BotoCoreError, ClientError) as exc:
+                raise translate(exc, f"{method} on {self.table!r}", self.settings) from exc
+            responses.append(response)
+            pending = dict(response.get(unprocessed) or {})
+            if not pending:
+                return responses
+            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise StoreUnavailable(
+            f"DynamoDB kept feature vectors unprocessed on {self.table!r}; raise its capacity"
+        )
+
+    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, FeatureCopy]:
+        by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
+        found: dict[Actor, FeatureCopy] = {}
+        pks = list(by_pk)
+        for start in range(0, len(pks), 100):
+            request = {
+                self.table: {
+                    "Keys": [{"pk": {"S": pk}} for pk in pks[start : start + 100]],
+                    "ConsistentRead": True,
+                }
+            }
+            for response in await self._call("batch_get_item", request):
+                for item in response.get("Responses", {}).get(self.table, []):
+                    embedding = {}
+                    if "embedding" in item:
+                        doc = orjson.loads(item["embedding"]["S"])
+                        embedding = {k: base64.b64decode(v) for k, v in doc.items()}
+                    found[by_pk[item["pk"]["S"]]] = FeatureCopy(
+                        orjson.loads(item["features"]["S"]), embedding
+                    )
+        return found
+
+
+async def _hashes(
+    redis: aioredis.Redis, actors: Sequence[Actor]
+) -> list[tuple[dict[str, str], dict[str, bytes]]]:
+    pipe = redis.pipeline(transaction=False)
+    for namespace, actor in actors:
+        pipe.hgetall(Keys(namespace).features(actor))
+        pipe.hgetall(Keys(namespace).embedding(actor))
+    try:
+        rows = await pipe.execute()
+    except RedisError as exc:
+        raise redis_failure(f"reading {len(actors)} feature vectors", exc) from exc
+    return [
+        (
+            {_text(k): _text(v) for k, v in rows[i].items()},
+            {_text(k): _bytes(v) for k, v in rows[i + 1].items()},
+        )
+        for i in range(0, len(rows), 2)
+    ]
+
+
+async def persist_features(
+    redis: aioredis.Redis, durable: DynamoFeatures, actors: Iterable[Actor]
+) -> int:
+    """Copy the current feature vectors of ``actors`` to DynamoDB; returns how many."""
+    actors = list(actors)
+    if not actors:
+        return 0
+    rows = await _hashes(redis, actors)
+    await durable.put({a: FeatureCopy(f, e) for a, (f, e) in zip(actors, rows, strict=True) if f})
+    return len(actors)
+
+
+async def recover_lost_features(
+    redis: aioredis.Redis, durable: DynamoFeatures, fresh: Iterable[Actor], settings: Settings
+) -> int:
+    """Merge the durable copy into hashes the hot store had to create, so a feature vector
+    Redis lost continues from where it was; returns how many were merged."""
+    found = await durable.get_many(list(fresh))
+    for (namespace, actor), copy in found.items():
+        keys = Keys(namespace)
+        feat_key, emb_key = keys.features(actor), keys.embedding(actor)
+        for _ in range(10):
+            try:
+                async with redis.pipeline(transaction=True) as pipe:
+                    # WATCH: an event applied meanwhile makes EXEC fail, and the merge is
+                    # redone on what it wrote.
+                    await pipe.watch(feat_key, emb_key)
+                    raw_f = await pipe.hgetall(feat_key)
+                    raw_e = await pipe.hgetall(emb_key)
+                    hot_f = {_text(k): _text(v) for k, v in raw_f.items()}
+                    hot_e = {_text(k): _bytes(v) for k, v in raw_e.items()}
+                    merged = merge_features(hot_f, copy.features, settings)
+                    embedding = merge_embeddings(
+                        hot_e, copy.embedding, settings.embedding_half_life_s
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(feat_key, emb_key)
+                    pipe.hset(feat_key, mapping=merged)  # type: ignore[arg-type]
+                    pipe.expire(feat_key, settings.window_ttl_s)
+                    if embedding:
+                        pipe.hset(emb_key, mapping=embedding)  # type: ignore[arg-type]
+                        pipe.expire(emb_key, settings.window_ttl_s)
+                    await pipe.execute()
+                break
+            except WatchError:
+                continue
+            except RedisError as exc:
+                raise redis_failure(f"merging the feature vector of {actor!r}", exc) from exc
+        else:
+            raise StoreUnavailable(
+                f"the feature vector of {actor!r} kept changing while being restored; retry"
+            )
+    return len(found)
+
+
+class FeatureStage:
+    """After a batch: merge back feature vectors Redis lost, then copy every touched one
+    to DynamoDB (all actors of the batch, so a replay after a crash between the two
+    writes still brings the durable copy up to date)."""
+
+    def __init__(self, redis: aioredis.Redis, durable: DynamoFeatures, settings: Settings) -> None:
+        self.redis = redis
+        self.durable = durable
+        self.settings = settings
+
+    async def after(self, events: Sequence[Event], result: ApplyResult) -> None:
+        fresh = result.created.get(FeaturesPart.name, frozenset())
+        if fresh:
+            await recover_lost_features(self.redis, self.durable, fresh, self.settings)
+        await persist_features(self.redis, self.durable, {(e.namespace, e.actor) for e in events})

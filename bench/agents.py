@@ -1,0 +1,362 @@
+"""Benchmark of the stream agent (windows + feature vectors + trending); prints tables.
+
+    python -m bench.agents [--events 20000] [--batch 500] [--samples 100] [--users 10000]
+
+* **throughput**: events/s of one agent process applying real events (Taobao
+  UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
+  whole agent (parse, Redis, DynamoDB copies on moto) and its Redis part alone, each as a
+  ratio to a bare loop sending the same Redis writes as plain pipelined commands (no Lua,
+  no dedup, no parsing), in the same run;
+* **dedup design**: the composed per-event script (one seen check for all parts) against
+  one script and one seen set per part, events/s and bytes per active user;
+* **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
+  has changed the user's feature vector (polled with `read_user_state`), p50/p95, against
+  the transport's poll interval;
+* **memory**: Redis bytes per active user (window, seen ids, features, embedding) and
+  per 100k active users.
+
+Servers (redis, moto) are started on free ports for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from agents.app import build_agent
+from agents.catalog import ALS_MODEL
+from agents.features import FeaturesPart, read_user_state
+from agents.state import RedisHotStore, WindowsPart
+from agents.trending import WINDOWS, TrendingPart
+from agents.windows import deliver
+from bench.common import local_settings, summarize
+from recstream.aws import sync_client
+from recstream.keys import Keys
+from recstream.settings import Settings
+from recstream.stores import open_stores
+from streams.envelope import Message, encode
+from streams.schema import Event, Item
+
+TYPES = {"pv": "view", "cart": "add_to_cart", "buy": "purchase", "fav": "like"}
+DATA = (
+    Path(__file__).resolve().parent.parent.parent / "shared" / "data",
+    Path("/work/shared/data"),
+)
+
+
+def taobao_rows(limit: int) -> list[list[str]]:
+    for root in DATA:
+        path = root / "taobao-userbehavior-head-dev" / "UserBehavior_head_dev.csv"
+        if path.is_file():
+            with path.open() as handle:
+                return [row for _, row in zip(range(limit), csv.reader(handle), strict=False)]
+    raise SystemExit(f"the Taobao slice is missing; looked in {DATA}")
+
+
+def events_of(rows: Sequence[list[str]], namespace: str, copies: int = 1) -> list[Event]:
+    """The rows as events; ``copies`` > 1 repeats them under other user ids (more users)."""
+    out: list[Event] = []
+    for copy in range(copies):
+        for n, (user, item, category, behavior, ts) in enumerate(rows):
+            out.append(
+                Event(
+                    event_id=f"{copy}-{n}",
+                    event_type=TYPES[behavior],
+                    user_id=f"u{user}-{copy}",
+                    item_id=item,
+                    timestamp=float(ts),
+                    properties={"category": f"c{category}"},
+                    impression=[r[1] for r in rows[n : n + 4]] if n % 5 == 0 else [],
+                    namespace=namespace,
+                )
+            )
+    return out
+
+
+async def prepare(redis: aioredis.Redis, namespace: str, rows: Sequence[list[str]]) -> None:
+    """The catalog's hot copy and a published 64-factor ALS model, as in production."""
+    keys = Keys(namespace)
+    items = sorted({r[1] for r in rows})
+    await redis.mset(
+        {
+            keys.item(i): Item(
+                item_id=i, categories=[f"c{c}"], brand=f"b{int(i) % 97}"
+            ).model_dump_json()
+            for i, c in {r[1]: r[2] for r in rows}.items()
+        }
+    )
+    rng = np.random.default_rng(1)
+    factors: dict[Any, Any] = {i: rng.normal(size=64).astype("<f4").tobytes() for i in items}
+    await redis.hset(keys.model(ALS_MODEL, "v1", "factors"), mapping=factors)
+    await redis.set(keys.model_pointer(ALS_MODEL), "v1")
+
+
+# --- the bare reference ----------------------------------------------------------------------
+
+
+async def bare_loop(
+    redis: aioredis.Redis, settings: Settings, events: Sequence[Event], batch: int
+) -> float:
+    """The same Redis writes as plain pipelined commands, one pipeline per batch; events/s."""
+    started = time.perf_counter()
+    for start in range(0, len(events), batch):
+        chunk = events[start : start + batch]
+        pipe = redis.pipeline(transaction=False)
+        for e in chunk:
+            keys = Keys(e.namespace)
+            actor, item, ts = e.actor, e.item_id or "", e.timestamp
+            cat = str(e.properties.get("category", ""))
+            pipe.zadd(keys.seen(actor), {e.event_id: ts})
+            pipe.lpush(keys.window(actor), e.to_json())
+            pipe.ltrim(keys.window(actor), 0, settings.window_size - 1)
+            pipe.zincrby(keys.popularity, 1, item)
+            feat = keys.features(actor)
+            pipe.hincrby(feat, "n", 1)
+            pipe.hincrby(feat, f"n:{e.event_type}", 1)
+            pipe.hset(
+                feat,
+                mapping={
+                    "last_ts": ts,
+                    f"a:cat:{cat}": f"1@{ts}",
+                    f"a:type:{e.event_type}": f"1@{ts}",
+                },
+            )
+            pipe.expire(feat, settings.window_ttl_s)
+            pipe.zincrby(keys.popularity_decayed, 1.0, item)
+            pipe.zincrby(keys.popularity_category(cat), 1.0, item)
+            for w in WINDOWS:
+                bucket = keys.counts_bucket(w.span_s, w.bucket(ts))
+                pipe.zincrby(bucket, 1, item)
+                pipe.zincrby(keys.counts_bucket(w.span_s, w.bucket(ts), cat), 1, item)
+            pipe.hset(keys.trend_clock, "t", ts)
+        await pipe.execute()
+    return len(events) / (time.perf_counter() - started)
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+async def _server_cpu(redis: aioredis.Redis) -> float:
+    info: dict[str, Any] = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
+    """Wall-clock events/s, plus the CPU each event costs this process and redis-server:
+    on a shared, loaded machine the CPU figures say what one free core would do."""
+    async with open_stores(settings) as stores:
+        redis = stores.redis
+        table: list[tuple[str, float, float, float]] = []
+        for label in ("bare", "redis", "agent"):
+            ns = f"{label}-{os.getpid()}"
+            await prepare(redis, ns, rows)
+            events = events_of(rows, ns)
+            wall, cpu, server = time.perf_counter(), time.process_time(), await _server_cpu(redis)
+            if label == "bare":
+                await bare_loop(redis, settings, events, batch)
+            elif label == "redis":
+                hot = build_agent(stores, settings).hot
+                for start in range(0, len(events), batch):
+                    await hot.apply(events[start : start + batch])
+            else:
+                agent = build_agent(stores, settings)
+                raw = [e.to_json() for e in events]
+                for start in range(0, len(raw), batch):
+                    await deliver(agent, raw[start : start + batch], "bench")
+            n = len(events)
+            table.append(
+                (
+                    label,
+                    n / (time.perf_counter() - wall),
+                    (time.process_time() - cpu) / n * 1e6,
+                    (await _server_cpu(redis) - server) / n * 1e6,
+                )
+            )
+    bare = table[0][1]
+    print(f"\nthroughput, {len(rows)} Taobao events, batches of {batch}, one process")
+    print(
+        f"{'run':<44}{'events/s':>10}{'ratio':>7}{'client us/ev':>14}{'redis us/ev':>13}"
+        f"{'ev/s per client core':>22}"
+    )
+    names = {
+        "bare": "bare loop: same Redis writes, plain pipeline",
+        "redis": "agent, Redis part (one Lua call per event)",
+        "agent": "agent, whole (parse + Redis + DynamoDB)",
+    }
+    for label, rate, client_us, server_us in table:
+        print(
+            f"{names[label]:<44}{rate:>10,.0f}{rate / bare:>7.2f}{client_us:>14.0f}"
+            f"{server_us:>13.0f}{1e6 / client_us:>22,.0f}"
+        )
+
+
+async def dedup_designs(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
+    """One composed script vs one script and seen set per part (separate Redis dbs)."""
+    base = settings.redis_url.rsplit("/", 1)[0]
+    results: list[tuple[str, float, float]] = []
+    for label, layout in (
+        ("composed: one script, one seen set", [(0, None)]),
+        ("separate: a script and seen set per part", [(1, "w"), (2, "f"), (3, "r")]),
+    ):
+        clients = [aioredis.from_url(f"{base}/{db}") for db, _ in layout]
+        try:
+            stores = []
+            for client, (_, part) in zip(clients, layout, strict=True):
+                await client.flushdb()
+                await prepare(client, "d", rows)
+                parts = {
+                    "w": WindowsPart(settings),
+                    "f": FeaturesPart(settings),
+                    "r": TrendingPart(settings),
+                }
+                chosen = list(parts.values()) if part is None else [parts[part]]
+                stores.append(RedisHotStore(client, settings, parts=chosen))  # type: ignore[arg-type]
+            events = events_of(rows, "d")
+            started = time.perf_counter()
+            for start in range(0, len(events), batch):
+                chunk = events[start : start + batch]
+                # each part's agent would read the catalog itself
+                await asyncio.gather(*(s.apply(chunk) for s in stores))
+            rate = len(events) / (time.perf_counter() - started)
+            actors = sorted({e.actor for e in events})
+            seen_bytes = 0
+            for client in clients:
+                pipe = client.pipeline(transaction=False)
+                for actor in actors:
+                    pipe.memory_usage(Keys("d").seen(actor))
+                seen_bytes += sum(int(x or 0) for x in await pipe.execute())
+            results.append((label, rate, seen_bytes / len(actors)))
+        finally:
+            for client in clients:
+                await client.flushdb()
+                await client.aclose()
+    print(f"\nexactly-once design, Redis part only, {len(rows)} events")
+    print(f"{'design':<44}{'events/s':>12}{'seen bytes/user':>18}")
+    for label, rate, per_user in results:
+        print(f"{label:<44}{rate:>12,.0f}{per_user:>18,.0f}")
+
+
+async def click_latency(settings: Settings, samples: int) -> None:
+    """Kinesis put -> a `recstream agents` worker -> the feature vector changed."""
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "RECSTREAM_POLL_INTERVAL_S": str(settings.poll_interval_s),
+        "RECSTREAM_AGENT_BATCH_WINDOW_S": "0.02",
+    }
+    log = settings.state_dir / "bench-agents.log"
+    with log.open("wb") as out:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "recstream.cli", "agents",
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    kinesis = sync_client(settings, "kinesis")
+    redis = aioredis.from_url(settings.redis_url)
+    latencies: list[float] = []
+    try:
+        ns = settings.namespace
+        for n in range(samples + 5):
+            event = Event(
+                event_type="click", user_id="clicker", item_id=f"item{n % 50}", namespace=ns
+            )
+            before = (await read_user_state(redis, settings, ns, "clicker")).events
+            started = time.perf_counter()
+            await asyncio.to_thread(
+                kinesis.put_record,
+                StreamName=settings.stream_name,
+                Data=encode(Message(key=b"clicker", value=event.to_json())),
+                PartitionKey="clicker",
+            )
+            # the first clicks wait for the worker to start and take its leases
+            deadline = started + (300 if n < 5 else 60)
+            while (await read_user_state(redis, settings, ns, "clicker")).events == before:
+                if time.perf_counter() > deadline:
+                    raise SystemExit(
+                        f"no feature change within {deadline - started:.0f} s; see {log}"
+                    )
+                await asyncio.sleep(0.002)
+            if n >= 5:
+                latencies.append((time.perf_counter() - started) * 1000)
+    finally:
+        await redis.aclose()
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), 30)
+    cut = np.percentile(latencies, [50, 95])
+    stats = summarize(latencies)
+    print(f"\nclick -> changed feature vector, {len(latencies)} clicks, one worker, moto Kinesis")
+    print(f"{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}{'poll interval ms':>20}")
+    poll = settings.poll_interval_s * 1000
+    print(f"{cut[0]:>10.0f}{cut[1]:>10.0f}{stats['p99']:>10.0f}{poll:>20.0f}")
+
+
+async def memory(settings: Settings, rows: Sequence[list[str]], users: int) -> None:
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        ns = "mem"
+        await prepare(redis, ns, rows)
+        base_users = len({r[0] for r in rows})
+        copies = max(1, users // base_users)
+        events = events_of(rows, ns, copies)
+        hot = RedisHotStore(
+            redis,
+            settings,
+            parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
+        )
+        for start in range(0, len(events), 1000):
+            await hot.apply(events[start : start + 1000])
+        actors = sorted({e.actor for e in events})
+        keys = Keys(ns)
+        totals = dict.fromkeys(("win", "seen", "feat", "emb"), 0)
+        for family, make in (
+            ("win", keys.window),
+            ("seen", keys.seen),
+            ("feat", keys.features),
+            ("emb", keys.embedding),
+        ):
+            pipe = redis.pipeline(transaction=False)
+            for actor in actors:
+                pipe.memory_usage(make(actor))
+            totals[family] = sum(int(x or 0) for x in await pipe.execute())
+        per_user = sum(totals.values()) / len(actors)
+        print(
+            f"\nRedis memory per active user, {len(actors):,} users, {len(events):,} events "
+            f"({len(events) / len(actors):.1f} per user), window {settings.window_size}"
+        )
+        print(f"{'key':<10}{'bytes/user':>12}{'MB per 100k users':>20}")
+        for family, total in totals.items():
+            mean = total / len(actors)
+            print(f"{family:<10}{mean:>12,.0f}{mean * 1e5 / 2**20:>20,.1f}")
+        print(f"{'total':<10}{per_user:>12,.0f}{per_user * 1e5 / 2**20:>20,.1f}")
+    finally:
+        await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=100, help="clicks timed end to end")
+    parser.add_argument("--users", type=int, default=10000, help="active users for memory")
+    args = parser.parse_args()
+    rows = taobao_rows(args.events)
+    with local_settings(namespace="bench", poll_interval_s=0.05) as settings:
+        asyncio.run(throughput(settings, rows, args.batch))
+        asyncio.run(dedup_designs(settings, rows, args.batch))
+        asyncio.run(memory(settings, rows, args.users))
+        if args.samples:
+            asyncio.run(click_latency(settings, args.samples))
+
+
+if __name__ == "__main__":
+    main()
