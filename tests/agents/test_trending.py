@@ -82,7 +82,9 @@ async def test_after_a_flush_everything_comes_back(own_db: Settings, shared_data
         archived = read_events(settings, start, end, namespace=ns)
         stats = await asyncio.to_thread(list, archived)
         result = await rebuild(redis, settings, ns, stats)
-        assert (result.events, result.duplicates) == (len(early), 100)
+        # recstream.archive.read_events already drops the repeated ids; the rebuild's own
+        # check finds none left, and the state must equal the single-pass one regardless
+        assert (result.events, result.duplicates) == (len(early), 0)
         assert_same(before, trending_part(await snapshot(redis, ns)))
 
         # windows and feature vectors come back from DynamoDB with the actors' next events
