@@ -150,8 +150,22 @@ def start_redis(port: int, workdir: Path) -> Server:
     return wait_for_port(_spawn("redis-server", argv, port, workdir / "redis.log"))
 
 
-def start_moto(port: int, workdir: Path) -> Server:
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+def start_moto(
+    port: int,
+    workdir: Path,
+    *,
+    state_dir: Path | None = None,
+    snapshot_every_s: float = 10.0,
+    max_records_per_shard: int = 500_000,
+) -> Server:
+    """moto's server through `recstream.emulator` (O(1) Kinesis, retention trim); with a
+    ``state_dir`` its state is saved there and loaded back at the next start."""
+    argv = [
+        sys.executable, "-m", "recstream.emulator", "-H", "127.0.0.1", "-p", str(port),
+        "--snapshot-every", str(snapshot_every_s), "--max-records", str(max_records_per_shard),
+    ]  # fmt: skip
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
     return wait_for_port(_spawn("moto server", argv, port, workdir / "moto.log"), timeout=60)
 
 
