@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copyreg
+import functools
 import io
 import logging
 import os
@@ -44,7 +45,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SNAPSHOT_NAME", "main", "patch_kinesis"]
+__all__ = ["SNAPSHOT_NAME", "main", "patch_dispatch", "patch_kinesis"]
 
 log = logging.getLogger("recstream.emulator")
 
@@ -103,7 +104,7 @@ def patch_kinesis(max_records_per_shard: int) -> None:
         # An iterator older than the trim horizon reads from the oldest record kept, as
         # on AWS once records aged out.
         number = max(after + 1, next(iter(records)))
-        results = []
+        results: list[Any] = []
         wanted = limit or 10_000
         while number <= newest and len(results) < wanted:
             record = records.get(number)
@@ -118,7 +119,7 @@ def patch_kinesis(max_records_per_shard: int) -> None:
     def shard_getstate(self: Any) -> dict[str, Any]:
         # Records as plain tuples: pickling a million tuples of str/int/float takes a
         # fraction of the time a million objects would.
-        state = self.__dict__.copy()
+        state: dict[str, Any] = dict(self.__dict__)
         state["records"] = [
             (r.sequence_number, r.partition_key, r.data, r.explicit_hash_key, r.created_at)
             for r in self.records.values()
@@ -154,6 +155,26 @@ def _utc(timestamp: float) -> Any:
     return datetime.fromtimestamp(timestamp, tz=UTC).replace(tzinfo=None)
 
 
+# --- per-request overhead --------------------------------------------------------------
+
+
+def patch_dispatch() -> None:
+    """Cache what moto recomputes on every request: the list of its service modules (a
+    listdir and ~175 stat calls: a third of a PutRecords' CPU) and each response class's
+    method names."""
+    from moto import backends
+    from moto.core import responses
+
+    modules = frozenset(backends.list_of_moto_modules())
+    backends.list_of_moto_modules = lambda: modules
+    # inspect.getmembers over the response class, on every request, for the same answer.
+    responses.method_names_from_class = functools.cache(  # type: ignore[attr-defined]
+        responses.method_names_from_class  # type: ignore[attr-defined]
+    )
+    # One log line per request would write a gigabyte a day at 1,000 events/s.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
 # --- snapshots of every backend in use ----------------------------------------------------
 
 
@@ -161,7 +182,8 @@ def _backends() -> Iterable[tuple[str, str, str, Any]]:
     """(backend dict class, account, region, backend) of every moto backend in use."""
     from moto.core.base_backend import BackendDict
 
-    for backend_dict in list(BackendDict._instances):
+    instances: list[Any] = list(BackendDict._instances)  # type: ignore[misc]
+    for backend_dict in instances:
         for account, per_account in list(backend_dict.items()):
             for region, backend in list(per_account.items()):
                 yield backend_dict.service_name, account, region, backend
@@ -177,8 +199,10 @@ def _lock_reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[()]]]]:
 def dump_state() -> bytes:
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = {**copyreg.dispatch_table, **_lock_reducers()}  # type: ignore[dict-item]
-    pickler.dump([(service, account, region, b.__dict__) for service, account, region, b in _backends()])
+    pickler.dispatch_table = {**copyreg.dispatch_table, **_lock_reducers()}
+    pickler.dump(
+        [(service, account, region, b.__dict__) for service, account, region, b in _backends()]
+    )
     return buffer.getvalue()
 
 
@@ -302,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     from werkzeug.serving import make_server
 
     patch_kinesis(args.max_records)
+    patch_dispatch()
     gate = Gate(DomainDispatcherApplication(create_backend_app))
     snapshots = None
     if args.state_dir is not None:
