@@ -30,6 +30,7 @@ __all__ = [
     "free_port",
     "read_pidfile",
     "start_kinesis_mock",
+    "start_localstack",
     "start_moto",
     "start_redis",
     "stop_pidfile",
@@ -214,6 +215,37 @@ def start_kinesis_mock(
         cwd=package_dir, env=env,
     )  # fmt: skip
     return wait_for_port(server, timeout=60)
+
+
+def start_localstack(port: int, workdir: Path, settings: Settings) -> Server:
+    """LocalStack in host mode, from its own virtualenv (`./dev localstack-setup`).
+
+    Its ready hooks are our init folder, as in localstack/docker-compose.yml, so the
+    start also proves the init script works as a LocalStack ready hook."""
+    python = settings.localstack_venv.resolve() / "bin" / "python"
+    if not python.is_file():
+        raise StackError(
+            f"LocalStack is not installed at {settings.localstack_venv}; "
+            "run `./dev localstack-setup`"
+        )
+    root = workdir / "localstack"
+    init = root / "etc" / "localstack" / "init"
+    init.mkdir(parents=True, exist_ok=True)
+    if not (init / "ready.d").exists():
+        (init / "ready.d").symlink_to(INIT_SCRIPT.parent)
+    env = {
+        "OVERRIDE_IN_DOCKER": "0",
+        "FILESYSTEM_ROOT": str(root),
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+        "SERVICES": "kinesis,dynamodb,s3,sqs",
+        # what the ready hook reads (LocalStack passes its environment to hooks)
+        **resource_env(settings),
+        "RECSTREAM_AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "RECSTREAM_KINESIS_ENDPOINT_URL": "",
+    }
+    argv = [str(python), str(ROOT / "localstack" / "host.py"), str(settings.dynamodb_local_dir)]
+    server = _spawn("localstack", argv, port, workdir / "localstack.log", env=env)
+    return wait_for_port(server, timeout=180)
 
 
 def resource_env(settings: Settings) -> dict[str, str]:
