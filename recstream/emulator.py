@@ -189,17 +189,39 @@ def _backends() -> Iterable[tuple[str, str, str, Any]]:
                 yield backend_dict.service_name, account, region, backend
 
 
-def _lock_reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[()]]]]:
+def _raw_dict(
+    cls: type[dict[Any, Any]], items: list[tuple[Any, Any]], attrs: dict[str, Any]
+) -> Any:
+    """Rebuild a dict subclass without its ``__setitem__`` (see `_reducers`)."""
+    obj = cls()
+    for key, value in items:
+        dict.__setitem__(obj, key, value)
+    obj.__dict__.update(attrs)
+    return obj
+
+
+def _reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[Any, ...]]]]:
+    from moto.s3.utils import _VersionedKeyStore
+
     # Locks cannot be pickled (moto's SQS queues hold some); a restored backend gets
     # fresh, unlocked ones, which is what a fresh process would have.
     lock, rlock = threading.Lock, threading.RLock
-    return {type(lock()): lambda _: (lock, ()), type(rlock()): lambda _: (rlock, ())}
+    return {
+        type(lock()): lambda _: (lock, ()),
+        type(rlock()): lambda _: (rlock, ()),
+        # S3 keeps each bucket's objects in a dict whose __setitem__ appends a version;
+        # pickle's default rebuild goes through __setitem__ and would nest every list.
+        _VersionedKeyStore: lambda store: (
+            _raw_dict,
+            (type(store), list(dict.items(store)), dict(vars(store))),
+        ),
+    }
 
 
 def dump_state() -> bytes:
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.dispatch_table = {**copyreg.dispatch_table, **_lock_reducers()}
+    pickler.dispatch_table = {**copyreg.dispatch_table, **_reducers()}
     pickler.dump(
         [(service, account, region, b.__dict__) for service, account, region, b in _backends()]
     )
