@@ -234,8 +234,13 @@ def load_state(blob: bytes) -> int:
 
     saved = pickle.loads(blob)
     for service, account, region, state in saved:
-        backend = get_backend(service)[account][region]
-        backend.__dict__.update(state)
+        backends: Any = get_backend(service)
+        backends[account][region].__dict__.update(state)
+        if service == "s3":
+            # S3 also names each bucket's owner in a registry beside the backends; without
+            # it CreateBucket would replace a restored bucket with an empty one.
+            for name in state.get("buckets", {}):
+                backends.bucket_accounts[name] = (region, account)
     return len(saved)
 
 

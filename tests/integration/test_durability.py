@@ -281,6 +281,7 @@ def test_the_emulator_keeps_objects_messages_items_and_records_across_a_restart(
         server.stop()
     server = start()
     try:
+        stack.create_resources(settings)  # as `recstream up` does: must not empty anything
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]]
         assert keys == ["archive/k0", "archive/k1", "archive/k2"]
         assert s3.get_object(Bucket=settings.bucket, Key="archive/k2")["Body"].read() == b"xxx"
