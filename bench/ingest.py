@@ -1,0 +1,333 @@
+"""Sustained ingestion: 64 clients post single events while `recstream agents` consume.
+
+    python -m bench.ingest [--events 1000000] [--clients 64] [--kinesis embedded|kinesis-mock]
+
+Each client posts one event per request through ``POST /v1/events`` and waits for the
+answer before the next (so each client's events reach the stream in order), with its own
+users. The API and one agents worker run as their own processes, as in production, on a
+private embedded stack (`recstream.stack`, the code `recstream up` runs). The program
+prints accepted events/s per window of ``--window`` events, the agents' lag (the largest
+MillisBehindLatest after a shard's checkpoint, from `recstream streams status`'
+machinery, sampled every ``--lag-every`` seconds) and the emulator's memory, then one
+table comparing the last window with the first (the reference, measured in the same run).
+The issue's target: ≥ 1,000 events/s for 1,000,000 events, last 100k ≥ 0.8 x the first
+100k, lag < 1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from bench.common import start_api, summarize, wait_http
+from recstream import stack
+from recstream.settings import Settings
+from streams.kinesis.status import shard_status
+
+
+@dataclass
+class Progress:
+    accepted_at: list[float] = field(default_factory=list)
+    """perf_counter() of every accepted event, in order of acceptance."""
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    lag_samples: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds since start, worst lag in ms) pairs."""
+    rss_samples: list[tuple[float, int]] = field(default_factory=list)
+    """(seconds since start, emulator processes' resident memory in bytes)."""
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children (kinesis-mock runs under node)."""
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids.extend(int(child) for child in children)
+    for one in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+async def client(
+    index: int,
+    session: aiohttp.ClientSession,
+    url: str,
+    quota: int,
+    progress: Progress,
+    stop: asyncio.Event,
+) -> None:
+    rng = random.Random(index)
+    users = [f"c{index}-u{u}" for u in range(40)]
+    for n in range(quota):
+        if stop.is_set():
+            return
+        body = orjson.dumps(
+            {
+                "event_id": f"c{index}-{n}",
+                "event_type": rng.choice(("view", "view", "view", "click", "add_to_cart")),
+                "user_id": users[n % len(users)],
+                "item_id": f"i{int(rng.paretovariate(1.2)) % 5000}",
+            }
+        )
+        started = time.perf_counter()
+        try:
+            async with session.post(
+                url, data=body, headers={"content-type": "application/json"}
+            ) as response:
+                payload = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            key = type(exc).__name__
+            progress.errors[key] = progress.errors.get(key, 0) + 1
+            await asyncio.sleep(0.1)
+            continue
+        done = time.perf_counter()
+        if status == 202 and orjson.loads(payload)["accepted"]:
+            progress.accepted_at.append(done)
+            progress.latencies_ms.append((done - started) * 1000)
+        else:
+            key = f"HTTP {status}"
+            progress.errors[key] = progress.errors.get(key, 0) + 1
+
+
+async def worst_lag(settings: Settings) -> int | None:
+    rows = await shard_status(settings)
+    lags = [row.lag_ms for row in rows if row.lag_ms is not None]
+    return max(lags) if lags else None
+
+
+async def monitor(
+    settings: Settings,
+    progress: Progress,
+    start: float,
+    emulator_pid: int,
+    every: float,
+    stop: asyncio.Event,
+    console: Console,
+) -> None:
+    last_count, last_time = 0, start
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+        now = time.perf_counter()
+        lag = await worst_lag(settings)
+        if lag is not None:
+            progress.lag_samples.append((now - start, lag))
+        rss = rss_bytes(emulator_pid)
+        progress.rss_samples.append((now - start, rss))
+        count = len(progress.accepted_at)
+        rate = (count - last_count) / (now - last_time)
+        console.print(
+            f"{now - start:7.0f}s  {count:>9,} accepted  {rate:7.0f} events/s  "
+            f"lag {lag if lag is not None else '-':>6} ms  emulator RSS {rss / 2**20:6.0f} MiB"
+        )
+        last_count, last_time = count, now
+
+
+@contextlib.asynccontextmanager
+async def agents(settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
+    log = (settings.state_dir / "agents.log").open("ab")
+    worker = subprocess.Popen(  # noqa: ASYNC220 (started once, before the load)
+        [sys.executable, "-m", "recstream.cli", "agents"],
+        env={**os.environ, **settings.to_env()},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield worker
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+
+
+def window_rate(times: list[float], first: int, last: int) -> float:
+    """Events/s between the ``first``-th and ``last``-th accepted events (0-based)."""
+    span = times[last] - times[first]
+    return (last - first) / span if span > 0 else float("inf")
+
+
+async def drain(settings: Settings, within_s: float) -> float | None:
+    """Seconds until every shard's lag is 0 after the load stops (None: not within timeout)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < within_s:
+        if (await worst_lag(settings)) == 0:
+            return time.perf_counter() - started
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def run(args: argparse.Namespace, settings: Settings, servers: dict[str, int]) -> None:
+    emulator_pid = servers["stream engine"]
+    console = Console()
+    port = stack.free_port()
+    api = start_api(settings, port)
+    progress = Progress()
+    try:
+        await wait_http(f"http://127.0.0.1:{port}", api)
+        async with agents(settings) as worker:
+            pids = {**servers, "API": api.pid, "agents": worker.pid, "load generator": os.getpid()}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            stop = asyncio.Event()
+            connector = aiohttp.TCPConnector(limit=args.clients)
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                quota = -(-args.events // args.clients)
+                url = f"http://127.0.0.1:{port}/v1/events"
+                start = time.perf_counter()
+                watcher = asyncio.create_task(
+                    monitor(settings, progress, start, emulator_pid, args.lag_every, stop, console)
+                )
+                deadline = asyncio.get_running_loop().call_later(args.max_seconds, stop.set)
+                await asyncio.gather(
+                    *(client(i, session, url, quota, progress, stop) for i in range(args.clients))
+                )
+                deadline.cancel()
+                elapsed = time.perf_counter() - start
+                cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+                stop.set()
+                await watcher
+            drained = await drain(settings, within_s=120)
+    finally:
+        api.terminate()
+        api.wait(30)
+    report(args, progress, elapsed, drained, cpu, console)
+
+
+def report(
+    args: argparse.Namespace,
+    progress: Progress,
+    elapsed: float,
+    drained: float | None,
+    cpu: dict[str, float],
+    console: Console,
+) -> None:
+    times = progress.accepted_at
+    total = len(times)
+    window = min(args.window, total // 2)
+    table = Table(title=f"{args.clients} clients, single events, Kinesis on {args.kinesis}")
+    for column in ("measure", "value"):
+        table.add_column(column)
+    table.add_row("events accepted", f"{total:,} in {elapsed:.0f} s")
+    table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in progress.errors.items()) or "none")
+    table.add_row("overall events/s", f"{total / elapsed:,.0f}")
+    if window >= 2:
+        first = window_rate(times, 0, window - 1)
+        last = window_rate(times, total - window, total - 1)
+        table.add_row(f"first {window:,} events/s (reference)", f"{first:,.0f}")
+        table.add_row(f"last {window:,} events/s", f"{last:,.0f}")
+        table.add_row("ratio last / first", f"{last / first:.2f} (target ≥ 0.80)")
+    if progress.latencies_ms:
+        stats = summarize(progress.latencies_ms)
+        table.add_row("POST latency p50 / p99", f"{stats['p50']:.1f} / {stats['p99']:.1f} ms")
+    if progress.lag_samples:
+        lags = [lag for _, lag in progress.lag_samples]
+        table.add_row(
+            "agent lag median / max",
+            f"{statistics.median(lags):,.0f} / {max(lags):,} ms "
+            f"({len(lags)} samples; target < 1000)",
+        )
+    table.add_row("drain after load", "not within 120 s" if drained is None else f"{drained:.1f} s")
+    if progress.rss_samples:
+        table.add_row(
+            "emulator RSS first / last sample",
+            f"{progress.rss_samples[0][1] / 2**20:,.0f} / "
+            f"{progress.rss_samples[-1][1] / 2**20:,.0f} MiB",
+        )
+    if total:
+        # CPU per event does not depend on what else shares the machine, unlike events/s:
+        # it says what the same stack would sustain on idle cores.
+        per_event = {name: seconds * 1000 / total for name, seconds in cpu.items()}
+        for name, ms in per_event.items():
+            table.add_row(f"CPU per event: {name}", f"{ms:.2f} ms")
+        whole = sum(per_event.values())
+        table.add_row(
+            "CPU per event: all",
+            f"{whole:.2f} ms (≈ {os.cpu_count() or 1} cores → "
+            f"{(os.cpu_count() or 1) * 1000 / whole:,.0f} events/s if idle)",
+        )
+    console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--window", type=int, default=100_000, help="events per compared window")
+    parser.add_argument(
+        "--kinesis",
+        choices=["embedded", "kinesis-mock"],
+        default="embedded",
+        help="where the stream lives: the embedded emulator (default) or kinesis-mock",
+    )
+    parser.add_argument("--lag-every", type=float, default=5.0, help="seconds between samples")
+    parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop the load then")
+    args = parser.parse_args()
+    # `timeout` and Ctrl-C alike stop the servers through the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with tempfile.TemporaryDirectory(prefix="recstream-ingest-") as tmp:
+        work = Path(tmp)
+        servers: list[stack.Server] = []
+        try:
+            servers.append(stack.start_redis(stack.free_port(), work / "redis"))
+            servers.append(stack.start_moto(stack.free_port(), work))
+            kinesis_url = None
+            if args.kinesis == "kinesis-mock":
+                servers.append(
+                    stack.start_kinesis_mock(
+                        stack.free_port(), work, Settings().kinesis_mock_dir.resolve()
+                    )
+                )
+                kinesis_url = servers[-1].url
+            settings = Settings(
+                aws_endpoint_url=servers[1].url,
+                kinesis_endpoint_url=kinesis_url,
+                redis_url=f"redis://127.0.0.1:{servers[0].port}/0",
+                state_dir=work,
+            )
+            stack.create_resources(settings)
+            # The engine that holds the stream is the one whose speed and memory matter.
+            pids = {"redis": servers[0].process.pid, "stream engine": servers[-1].process.pid}
+            if len(servers) == 3:
+                pids["moto (DynamoDB, S3, SQS)"] = servers[1].process.pid
+            asyncio.run(run(args, settings, pids))
+        finally:
+            for server in reversed(servers):
+                server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""The embedded AWS emulator: moto's server, fixed for a day of traffic, with its state on disk.
+
+    python -m recstream.emulator --port 4566 --state-dir .recstream/moto
+
+`recstream up` and the test suite start this module instead of ``python -m moto.server``.
+It patches moto in this process only (site-packages stay untouched), then serves moto's
+own WSGI application:
+
+* **Kinesis in O(1) per record.** moto's ``Shard.put_record`` asks
+  ``get_max_sequence_number``, which builds ``list(self.records.keys())`` on every put,
+  and ``Shard.get_records`` walks the shard from its first record to find the iterator's
+  position: both cost O(records in the shard), so ingestion slowed from 383 to 122
+  events/s within 70,000 events. moto numbers a shard's records 1, 2, 3, … without gaps,
+  so a record is found by its number and the newest is the dict's last key.
+* **A retention trim.** moto never drops a record; real Kinesis drops them after the
+  retention period. We drop them after the retention period too, and also beyond
+  ``--max-records`` per shard, so memory stays bounded at any event rate (the oldest
+  records go first, exactly as they would age out on AWS).
+* **State that survives a restart.** Every ``--snapshot-every`` seconds in which a request
+  arrived, and on SIGTERM/SIGINT, the state of every moto backend in use (streams and
+  their records, tables, buckets and objects, queues and messages) is pickled to
+  ``<state-dir>/moto-state.pickle`` (written beside it, then renamed, so a crash never
+  leaves half a file). At start-up the file is loaded back. A snapshot waits for the
+  requests in flight and holds new ones for its duration, so it is consistent.
+
+The trade-off of snapshots: a hard crash (power loss, SIGKILL) loses at most the last
+interval; a clean stop or reboot (SIGTERM) loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copyreg
+import functools
+import io
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SNAPSHOT_NAME", "main", "patch_dispatch", "patch_kinesis"]
+
+log = logging.getLogger("recstream.emulator")
+
+SNAPSHOT_NAME = "moto-state.pickle"
+_PUT_LOCK = threading.Lock()
+"""moto's put_record says it is "not safe for concurrency"; the server is threaded."""
+
+
+# --- Kinesis: O(1) puts and reads, and a retention trim ---------------------------------
+
+
+def patch_kinesis(max_records_per_shard: int) -> None:
+    """Replace the O(n) methods of moto's Kinesis ``Shard`` in this process."""
+    from moto.kinesis import models
+
+    shard_class: Any = models.Shard
+    record_class: Any = models.Record
+
+    def last_sequence(shard: Any) -> int:
+        # Remembered apart from the records so that numbering continues after a trim or
+        # a reshard emptied the dict (a repeated number would break every checkpoint).
+        if shard.records:
+            return int(next(reversed(shard.records)))
+        return int(getattr(shard, "recstream_last_sequence", 0))
+
+    def put_record(self: Any, partition_key: str, data: str, explicit_hash_key: str) -> str:
+        with _PUT_LOCK:
+            sequence_number = last_sequence(self) + 1
+            self.records[sequence_number] = record_class(
+                partition_key, data, sequence_number, explicit_hash_key
+            )
+            self.recstream_last_sequence = sequence_number
+            trim(self, retention_hours=getattr(self, "recstream_retention_hours", 24))
+        return str(sequence_number)
+
+    def trim(shard: Any, retention_hours: float) -> None:
+        records: OrderedDict[int, Any] = shard.records
+        while len(records) > max_records_per_shard:
+            records.popitem(last=False)
+        oldest_allowed = time.time() - retention_hours * 3600
+        while records and records[next(iter(records))].created_at < oldest_allowed:
+            records.popitem(last=False)
+
+    def get_min_sequence_number(self: Any) -> int:
+        return int(next(iter(self.records))) if self.records else 0
+
+    def get_max_sequence_number(self: Any) -> int:
+        return last_sequence(self)
+
+    def get_records(self: Any, last_sequence_id: str, limit: int | None) -> tuple[Any, int, int]:
+        after = int(last_sequence_id)
+        records = self.records
+        if not records:
+            return [], after, 0
+        newest = next(reversed(records))
+        # An iterator older than the trim horizon reads from the oldest record kept, as
+        # on AWS once records aged out.
+        number = max(after + 1, next(iter(records)))
+        results: list[Any] = []
+        wanted = limit or 10_000
+        while number <= newest and len(results) < wanted:
+            record = records.get(number)
+            if record is not None:
+                results.append(record)
+            number += 1
+        if not results:
+            return [], after, 0
+        behind = records[newest].created_at - results[-1].created_at
+        return results, results[-1].sequence_number, int(behind * 1000)
+
+    def shard_getstate(self: Any) -> dict[str, Any]:
+        # Records as plain tuples: pickling a million tuples of str/int/float takes a
+        # fraction of the time a million objects would.
+        state: dict[str, Any] = dict(self.__dict__)
+        state["records"] = [
+            (r.sequence_number, r.partition_key, r.data, r.explicit_hash_key, r.created_at)
+            for r in self.records.values()
+        ]
+        return state
+
+    def shard_setstate(self: Any, state: dict[str, Any]) -> None:
+        rows = state.pop("records")
+        self.__dict__.update(state)
+        self.records = OrderedDict()
+        for sequence_number, partition_key, data, explicit_hash_key, created_at in rows:
+            record = record_class.__new__(record_class)
+            record.partition_key = partition_key
+            record.data = data
+            record.sequence_number = sequence_number
+            record.explicit_hash_key = explicit_hash_key
+            record.created_at = created_at
+            record.created_at_datetime = _utc(created_at)
+            self.records[sequence_number] = record
+
+    shard_class.put_record = put_record
+    shard_class.get_min_sequence_number = get_min_sequence_number
+    shard_class.get_max_sequence_number = get_max_sequence_number
+    shard_class.get_records = get_records
+    shard_class.__getstate__ = shard_getstate
+    shard_class.__setstate__ = shard_setstate
+
+
+def _utc(timestamp: float) -> Any:
+    # moto's records carry a naive UTC datetime (moto.core.utils.utcnow).
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, tz=UTC).replace(tzinfo=None)
+
+
+# --- per-request overhead --------------------------------------------------------------
+
+
+def patch_dispatch() -> None:
+    """Cache what moto recomputes on every request: the list of its service modules (a
+    listdir and ~175 stat calls: a third of a PutRecords' CPU) and each response class's
+    method names."""
+    from moto import backends
+    from moto.core import responses
+
+    modules = frozenset(backends.list_of_moto_modules())
+    backends.list_of_moto_modules = lambda: modules
+    # inspect.getmembers over the response class, on every request, for the same answer.
+    responses.method_names_from_class = functools.cache(  # type: ignore[attr-defined]
+        responses.method_names_from_class  # type: ignore[attr-defined]
+    )
+    # One log line per request would write a gigabyte a day at 1,000 events/s.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+# --- snapshots of every backend in use ----------------------------------------------------
+
+
+def _backends() -> Iterable[tuple[str, str, str, Any]]:
+    """(backend dict class, account, region, backend) of every moto backend in use."""
+    from moto.core.base_backend import BackendDict
+
+    instances: list[Any] = list(BackendDict._instances)  # type: ignore[misc]
+    for backend_dict in instances:
+        for account, per_account in list(backend_dict.items()):
+            for region, backend in list(per_account.items()):
+                yield backend_dict.service_name, account, region, backend
+
+
+def _raw_dict(
+    cls: type[dict[Any, Any]], items: list[tuple[Any, Any]], attrs: dict[str, Any]
+) -> Any:
+    """Rebuild a dict subclass without its ``__setitem__`` (see `_reducers`)."""
+    obj = cls()
+    for key, value in items:
+        dict.__setitem__(obj, key, value)
+    obj.__dict__.update(attrs)
+    return obj
+
+
+def _reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[Any, ...]]]]:
+    from moto.s3.utils import _VersionedKeyStore
+
+    # Locks cannot be pickled (moto's SQS queues hold some); a restored backend gets
+    # fresh, unlocked ones, which is what a fresh process would have.
+    lock, rlock = threading.Lock, threading.RLock
+    return {
+        type(lock()): lambda _: (lock, ()),
+        type(rlock()): lambda _: (rlock, ()),
+        # S3 keeps each bucket's objects in a dict whose __setitem__ appends a version;
+        # pickle's default rebuild goes through __setitem__ and would nest every list.
+        _VersionedKeyStore: lambda store: (
+            _raw_dict,
+            (type(store), list(dict.items(store)), dict(vars(store))),
+        ),
+    }
+
+
+def dump_state() -> bytes:
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, **_reducers()}
+    pickler.dump(
+        [(service, account, region, b.__dict__) for service, account, region, b in _backends()]
+    )
+    return buffer.getvalue()
+
+
+def load_state(blob: bytes) -> int:
+    """Put saved backends back; returns how many were restored."""
+    from moto.backends import get_backend
+
+    saved = pickle.loads(blob)
+    for service, account, region, state in saved:
+        backends: Any = get_backend(service)
+        backends[account][region].__dict__.update(state)
+        if service == "s3":
+            # S3 also names each bucket's owner in a registry beside the backends; without
+            # it CreateBucket would replace a restored bucket with an empty one.
+            for name in state.get("buckets", {}):
+                backends.bucket_accounts[name] = (region, account)
+    return len(saved)
+
+
+class Gate:
+    """WSGI middleware that lets a snapshot wait for requests in flight and hold new ones."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.condition = threading.Condition()
+        self.active = 0
+        self.closed = False
+        self.touched = False
+        """A request arrived since the last snapshot."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        with self.condition:
+            while self.closed:
+                self.condition.wait()
+            self.active += 1
+            self.touched = True
+        try:
+            # moto builds whole responses (no streaming), so the list is cheap.
+            return list(self.app(environ, start_response))
+        finally:
+            with self.condition:
+                self.active -= 1
+                self.condition.notify_all()
+
+    def exclusive(self, action: Callable[[], None], wait_s: float = 5.0) -> None:
+        """Run ``action`` with no request in flight (or after ``wait_s``, e.g. a long poll)."""
+        with self.condition:
+            self.closed = True
+            deadline = time.monotonic() + wait_s
+            while self.active and time.monotonic() < deadline:
+                self.condition.wait(deadline - time.monotonic())
+            try:
+                action()
+            finally:
+                self.closed = False
+                self.condition.notify_all()
+
+
+class Snapshots:
+    """The state file: load at start, save periodically and at exit."""
+
+    def __init__(self, state_dir: Path, gate: Gate) -> None:
+        self.path = state_dir / SNAPSHOT_NAME
+        self.gate = gate
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        if not self.path.exists():
+            return
+        started = time.monotonic()
+        count = load_state(self.path.read_bytes())
+        log.warning(
+            "restored %d moto backends from %s in %.1f s",
+            count, self.path, time.monotonic() - started,
+        )  # fmt: skip
+
+    def save(self) -> None:
+        with self.lock:
+            blob: list[bytes] = []
+
+            def dump() -> None:
+                for attempt in range(3):
+                    try:
+                        blob.append(dump_state())
+                        return
+                    except RuntimeError:
+                        # A long poll still ran and changed a dict; try again.
+                        if attempt == 2:
+                            raise
+
+            self.gate.exclusive(dump)
+            self.gate.touched = False
+            temporary = self.path.with_suffix(".tmp")
+            with temporary.open("wb") as out:
+                out.write(blob[0])
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.path)
+
+    def every(self, seconds: float) -> None:
+        while True:
+            time.sleep(seconds)
+            if self.gate.touched:
+                try:
+                    self.save()
+                except Exception:
+                    log.exception("snapshot to %s failed; the next one retries", self.path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="recstream's embedded AWS emulator (moto)")
+    parser.add_argument("-H", "--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=4566)
+    parser.add_argument("--state-dir", type=Path, default=None, help="omit: keep nothing")
+    parser.add_argument("--snapshot-every", type=float, default=10.0, help="seconds")
+    parser.add_argument("--max-records", type=int, default=500_000, help="per Kinesis shard")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds some URLs from it
+
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    patch_kinesis(args.max_records)
+    patch_dispatch()
+    gate = Gate(DomainDispatcherApplication(create_backend_app))
+    snapshots = None
+    if args.state_dir is not None:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        snapshots = Snapshots(args.state_dir, gate)
+        snapshots.load()
+        threading.Thread(
+            target=snapshots.every, args=(args.snapshot_every,), name="snapshots", daemon=True
+        ).start()
+    server = make_server(
+        args.host, args.port, gate, threaded=True, request_handler=MotoRequestHandler
+    )
+
+    def stop(signum: int, frame: object) -> None:
+        # shutdown() waits for serve_forever to return, so it runs on another thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever()
+    finally:
+        if snapshots is not None:
+            snapshots.save()
+            log.warning("saved the emulator's state to %s", snapshots.path)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
