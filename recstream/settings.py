@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "Settings"]
@@ -27,6 +27,13 @@ DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = MappingProxyType(
     {"view": 1.0, "click": 1.0, "like": 2.0, "share": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
 )
 """Weight of each built-in event type: purchase > add_to_cart > like/share > view/click."""
+# Worst case of one window entry as JSON (agents/state.py WindowEntry): three ids of 256
+# control characters, each escaped to 6 bytes, plus the type, time and value;
+# tests/reliability/test_limits.py measures it.
+WORST_WINDOW_ENTRY_BYTES = 4_800
+# DynamoDB's 400 KB item limit, less the key, attribute names and the other attributes.
+DYNAMODB_ITEM_BUDGET = 400 * 1024 - 4_096
+_DEFAULT_PASSWORDS = frozenset({"test", "password", "redis", "secret", "changeme", "admin"})
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 
 
@@ -117,6 +124,44 @@ class Settings(BaseSettings):
     """How many published versions of each model are kept; older ones are deleted."""
     # (training settings end here)
 
+    # --- reliability and security (serving/auth.py, ratelimit.py, middleware.py; docs/security.md)
+    require_api_keys: bool | None = None
+    """Whether every route but the probes needs an API key. Unset: required in production,
+    open in local mode (the API logs a warning at start-up when it is open)."""
+    apikey_cache_ttl_s: float = Field(30.0, ge=0.0)
+    """How long a verified key is trusted without reading DynamoDB again: a revoked key
+    stops working within this many seconds on every API process."""
+    apikey_cache_size: int = Field(10_000, ge=1)
+    apikey_sigv4_secret: SecretStr | None = None
+    """Server secret from which each key's SigV4 secret access key is derived (HMAC of the
+    key id), so unchanged boto3 clients can sign Personalize-compatible calls. Unset: SigV4
+    is refused. Changing it invalidates every SigV4 credential (bearer keys keep working)."""
+    ops_routes_open: bool = True
+    """/healthz, /readyz and /metrics need no key (load balancers and scrapers); false
+    makes them need an `admin` key."""
+    rate_limit_enabled: bool = True
+    rate_limits: dict[str, float] = Field(
+        default_factory=lambda: {
+            "events:write": 500.0,
+            "recommendations:read": 200.0,
+            "admin": 20.0,
+        }
+    )
+    """Requests per second allowed to one API key, by the scope its route needs (GCRA)."""
+    rate_limit_ip: float = Field(50.0, gt=0)
+    """Requests per second allowed to one client IP address (before any key is checked)."""
+    rate_limit_burst_s: float = Field(2.0, gt=0)
+    """Burst allowance, in seconds of the rate: a limit of 100/s with 2 s admits 200 at once."""
+    rate_limit_fail: Literal["open", "closed"] = "open"
+    """When Redis is down: admit requests unlimited (open) or refuse them with 503 (closed)."""
+    trust_forwarded_for: bool = False
+    """Take the client IP from X-Forwarded-For (only behind a proxy that sets it)."""
+    max_body_bytes: int = Field(6 * 1024 * 1024, ge=1024)
+    """Largest request body any route reads; bigger bodies get 413 before they are read."""
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    # (reliability and security settings end here)
+
     @field_validator(
         "aws_endpoint_url",
         "kinesis_endpoint_url",
@@ -145,6 +190,53 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _production_and_limits(self) -> Settings:
+        # DynamoDB refuses a whole BatchWriteItem when one item is over 400 KB, so a window
+        # of valid events with long ids must fit: see WORST_WINDOW_ENTRY_BYTES.
+        if self.window_size * WORST_WINDOW_ENTRY_BYTES > DYNAMODB_ITEM_BUDGET:
+            raise ValueError(
+                f"RECSTREAM_WINDOW_SIZE={self.window_size} can exceed DynamoDB's 400 KB item "
+                f"limit with valid events (up to {WORST_WINDOW_ENTRY_BYTES} bytes each); use "
+                f"at most {DYNAMODB_ITEM_BUDGET // WORST_WINDOW_ENTRY_BYTES}"
+            )
+        if self.env != "production":
+            return self
+        problems: list[str] = []
+        if self.require_api_keys is False:
+            problems.append("RECSTREAM_REQUIRE_API_KEYS=false (production always needs keys)")
+        if urlsplit(self.redis_url).scheme != "rediss":
+            problems.append("RECSTREAM_REDIS_URL must use rediss:// (TLS)")
+        password = urlsplit(self.redis_url).password
+        if password is not None and password.lower() in _DEFAULT_PASSWORDS:
+            problems.append("RECSTREAM_REDIS_URL carries a default password; set a real one")
+        if self.aws_endpoint_url is not None or self.kinesis_endpoint_url is not None:
+            # recstream/aws.py signs calls to a custom endpoint with the emulator's dummy
+            # credentials ("test"), which must never reach a real deployment.
+            problems.append(
+                "RECSTREAM_AWS_ENDPOINT_URL / RECSTREAM_KINESIS_ENDPOINT_URL are set; a custom "
+                "endpoint is used with the emulator's default credentials, so leave them unset"
+            )
+        secret = self.apikey_sigv4_secret
+        if secret is not None and (
+            len(secret.get_secret_value()) < 32
+            or secret.get_secret_value().lower() in _DEFAULT_PASSWORDS
+        ):
+            problems.append(
+                "RECSTREAM_APIKEY_SIGV4_SECRET must be at least 32 random characters "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if problems:
+            raise ValueError("RECSTREAM_ENV=production refuses: " + "; ".join(problems))
+        return self
+
+    @property
+    def api_keys_required(self) -> bool:
+        """Keys are required in production, and wherever RECSTREAM_REQUIRE_API_KEYS=true."""
+        if self.require_api_keys is None:
+            return self.env == "production"
+        return self.require_api_keys
+
     # --- derived names ---------------------------------------------------------------
     @property
     def windows_table(self) -> str:
@@ -153,6 +245,10 @@ class Settings(BaseSettings):
     @property
     def leases_table(self) -> str:
         return f"{self.table_prefix}-leases"
+
+    @property
+    def apikeys_table(self) -> str:
+        return f"{self.table_prefix}-apikeys"
 
     @property
     def kinesis_endpoint(self) -> str | None:
