@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "Settings"]
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     """How long a verified key is trusted without reading DynamoDB again: a revoked key
     stops working within this many seconds on every API process."""
     apikey_cache_size: int = Field(10_000, ge=1)
-    apikey_sigv4_secret: SecretStr | None = None
+    apikey_sigv4_secret: str | None = Field(None, repr=False)
     """Server secret from which each key's SigV4 secret access key is derived (HMAC of the
     key id), so unchanged boto3 clients can sign Personalize-compatible calls. Unset: SigV4
     is refused. Changing it invalidates every SigV4 credential (bearer keys keep working)."""
@@ -160,6 +160,11 @@ class Settings(BaseSettings):
     """Largest request body any route reads; bigger bodies get 413 before they are read."""
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
+
+    @field_validator("apikey_sigv4_secret", mode="before")
+    @classmethod
+    def _empty_secret_means_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
     # (reliability and security settings end here)
 
     @field_validator(
@@ -218,10 +223,7 @@ class Settings(BaseSettings):
                 "endpoint is used with the emulator's default credentials, so leave them unset"
             )
         secret = self.apikey_sigv4_secret
-        if secret is not None and (
-            len(secret.get_secret_value()) < 32
-            or secret.get_secret_value().lower() in _DEFAULT_PASSWORDS
-        ):
+        if secret is not None and (len(secret) < 32 or secret.lower() in _DEFAULT_PASSWORDS):
             problems.append(
                 "RECSTREAM_APIKEY_SIGV4_SECRET must be at least 32 random characters "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"

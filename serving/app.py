@@ -6,6 +6,7 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
     GET  /v1/recommendations?user_id=…      /v1/{namespace}/recommendations
          (or session_id=…; num_results=1..500, default 25; exclude=id,id,…)
     GET  /healthz                           Redis reachable
+    GET  /readyz                            every dependency reachable (serving/ops.py)
     GET  /metrics                           Prometheus
 """
 
@@ -31,6 +32,8 @@ from serving.candidates import PublishedModels
 from serving.collector import collect
 from serving.http import error_response, json_response
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
+from serving.middleware import open_security, security_middleware
+from serving.ops import routes as ops_routes
 from serving.ranking import Ranker
 from streams.producer import KinesisProducer
 
@@ -125,6 +128,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.redis = stores.redis
             app.state.producer = producer
             app.state.ranker = Ranker(hot, durable, settings, PublishedModels(stores.redis))
+            app.state.security = await stack.enter_async_context(open_security(settings, stores))
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -139,7 +143,9 @@ def create_app(settings: Settings) -> Starlette:
             Route("/v1/{namespace}/recommendations", get_recommendations, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *ops_routes(),
         ],
+        middleware=security_middleware(settings),
         lifespan=lifespan,
         exception_handlers={RecstreamError: on_recstream_error},
     )

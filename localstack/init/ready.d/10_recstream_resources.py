@@ -141,6 +141,8 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     dynamodb = client("dynamodb", endpoint, region)
     create_table(dynamodb, f"{prefix}-windows", "pk", ttl_attribute="expires_at")
     create_table(dynamodb, f"{prefix}-leases", "lease_key", ttl_attribute=None)
+    # API keys (recstream/apikeys.py): salted hashes only, one item per key id.
+    create_table(dynamodb, f"{prefix}-apikeys", "key_id", ttl_attribute=None)
     create_bucket(client("s3", endpoint, region), setting("RECSTREAM_BUCKET"), region)
     create_queue(client("sqs", endpoint, region), setting("RECSTREAM_DLQ_NAME"))
     print(f"recstream init: resources ready at {endpoint or 'AWS ' + region}")
