@@ -165,6 +165,7 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_means_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
     # (reliability and security settings end here)
 
     @field_validator(
