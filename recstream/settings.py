@@ -139,7 +139,9 @@ class Settings(BaseSettings):
     ops_routes_open: bool = True
     """/healthz, /readyz and /metrics need no key (load balancers and scrapers); false
     makes them need an `admin` key."""
-    rate_limit_enabled: bool = True
+    rate_limit_enabled: bool | None = None
+    """Unset: limits apply wherever API keys are required (production), not in the open
+    local mode (whose tests and demos post as fast as they can from one address)."""
     rate_limits: dict[str, float] = Field(
         default_factory=lambda: {
             "events:write": 500.0,
@@ -232,6 +234,12 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("RECSTREAM_ENV=production refuses: " + "; ".join(problems))
         return self
+
+    @property
+    def rate_limiting(self) -> bool:
+        if self.rate_limit_enabled is None:
+            return self.api_keys_required
+        return self.rate_limit_enabled
 
     @property
     def api_keys_required(self) -> bool:

@@ -145,7 +145,7 @@ class RateLimitMiddleware:
         return f"key:{key.key_id}:{need}", rate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.settings.rate_limit_enabled:
+        if scope["type"] != "http" or not self.settings.rate_limiting:
             await self.app(scope, receive, send)
             return
         limit = self._limit(scope)
