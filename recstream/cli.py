@@ -6,7 +6,7 @@
     recstream demo                 everything above, then replay a real dataset
     recstream streams status       per-shard owner, checkpoint, lag and lease age
     recstream train | evaluate | models ...   offline training (see training/cli.py)
-    recstream keys create | list | revoke     API keys (see recstream/apikeys.py)
+    recstream keys create | list | revoke     API keys (see docs/security.md)
 
 Each package adds its own subcommands through a ``register(subparsers)`` function, so
 this module only wires them together.
@@ -28,11 +28,11 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     # Imported lazily so that `recstream up` does not pay for faust's or numpy's import.
-    from recstream import apikeys, commands
+    from recstream import apikeys_cli, commands
     from streams import cli as streams_cli
     from training import cli as training_cli
 
-    return [commands.register, streams_cli.register, training_cli.register, apikeys.register]
+    return [commands.register, streams_cli.register, training_cli.register, apikeys_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -163,9 +163,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
-    @field_validator("apikey_sigv4_secret", mode="before")
+    @field_validator("apikey_sigv4_secret", "require_api_keys", "rate_limit_enabled", mode="before")
     @classmethod
-    def _empty_secret_means_none(cls, value: object) -> object:
+    def _empty_security_means_none(cls, value: object) -> object:
+        # `to_env` writes None as an empty variable; read it back as unset.
         return None if isinstance(value, str) and not value.strip() else value
 
     # (reliability and security settings end here)

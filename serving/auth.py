@@ -105,7 +105,10 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         need = "admin" if rule.need == "ops" else rule.need
-        if namespace is None and rule.path.pattern.startswith("^/v1"):
+        if namespace is None:
+            # Routes without a namespace in the path (the short forms, the Personalize-
+            # compatible ones, /admin) serve the default namespace: a key limited to
+            # other namespaces must not reach it through them.
             namespace = self.settings.namespace
         headers = Headers(scope=scope)
         store: ApiKeyStore = scope["app"].state.security.keys

@@ -14,7 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from recstream.apikeys import ApiKeyStore, KeyCache, access_key_id, parse_key, sigv4_secret
+from recstream.apikeys import (
+    SCOPES,
+    ApiKeyStore,
+    KeyCache,
+    access_key_id,
+    parse_key,
+    sigv4_secret,
+)
+from recstream.apikeys_cli import SCOPE_CHOICES
 from recstream.aws import async_client
 from recstream.cli import main
 from serving.app import create_app
@@ -129,6 +137,10 @@ async def test_only_a_salted_hash_is_stored(secure_api: SecureApi) -> None:
     for plaintext in (one, two):
         assert plaintext.split("_", 2)[2].encode() not in stored
     assert len({bytes(item["salt"]["B"]) for item in items}) == len(items)
+
+
+def test_the_cli_offers_every_scope() -> None:
+    assert SCOPE_CHOICES == SCOPES
 
 
 def test_the_cache_is_bounded() -> None:

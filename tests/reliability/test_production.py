@@ -104,3 +104,13 @@ async def test_local_mode_keeps_the_hints(local_stack: LocalStack) -> None:
             response = await client.post("/v1/events", json=[click("u1")])
     assert response.status_code == 500
     assert "recstream up" in response.text
+
+
+def test_security_settings_survive_to_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Child processes get settings through `to_env`; unset values come back unset."""
+    for name, value in Settings().to_env().items():
+        monkeypatch.setenv(name, value)
+    again = Settings()
+    assert again.require_api_keys is None
+    assert again.rate_limit_enabled is None
+    assert again.apikey_sigv4_secret is None
