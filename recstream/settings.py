@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     """Take the client IP from X-Forwarded-For (only behind a proxy that sets it)."""
     max_body_bytes: int = Field(6 * 1024 * 1024, ge=1024)
     """Largest request body any route reads; bigger bodies get 413 before they are read."""
+    ready_timeout_s: float = Field(2.0, gt=0)
+    """How long /readyz waits for each dependency before calling it unreachable."""
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 

@@ -1,7 +1,7 @@
 """``GET /readyz``: every dependency reachable (``/healthz`` stays the liveness probe).
 
 Checks Redis, the DynamoDB tables the API reads, the Kinesis stream it writes and the S3
-bucket, concurrently, each within ``READY_TIMEOUT_S``. ``200 {"ok": true, ...}`` when all
+bucket, concurrently, each within ``Settings.ready_timeout_s``. ``200 {"ok": true, ...}`` when all
 answer; ``503`` naming each one that failed. In production the answer says only which
 failed; the reason goes to the log (it names endpoints).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,17 +19,18 @@ from starlette.routing import BaseRoute, Route
 from recstream.settings import Settings
 from serving.http import json_response
 
-__all__ = ["READY_TIMEOUT_S", "readyz", "routes"]
+__all__ = ["readyz", "routes"]
 
 log = logging.getLogger(__name__)
-READY_TIMEOUT_S: Final = 2.0
 
 
-async def _check(name: str, probe: Callable[[], Awaitable[object]]) -> tuple[str, str]:
+async def _check(
+    name: str, probe: Callable[[], Awaitable[object]], budget_s: float
+) -> tuple[str, str]:
     try:
-        await asyncio.wait_for(probe(), READY_TIMEOUT_S)
+        await asyncio.wait_for(probe(), budget_s)
     except TimeoutError:
-        return name, f"no answer within {READY_TIMEOUT_S:g}s"
+        return name, f"no answer within {budget_s:g}s"
     except Exception as exc:  # report every failure: this is the readiness endpoint
         return name, f"{type(exc).__name__}: {exc}"
     return name, "ok"
@@ -55,7 +55,8 @@ async def readyz(request: Request) -> Response:
         )
     )
     probes.append((f"s3:{settings.bucket}", lambda: clients.s3.head_bucket(Bucket=settings.bucket)))
-    results = dict(await asyncio.gather(*(_check(name, probe) for name, probe in probes)))
+    timeout = settings.ready_timeout_s
+    results = dict(await asyncio.gather(*(_check(name, probe, timeout) for name, probe in probes)))
     ok = all(v == "ok" for v in results.values())
     if not ok:
         log.warning("not ready: %s", {k: v for k, v in results.items() if v != "ok"})

@@ -35,7 +35,8 @@ class Lines(logging.Handler):
 
 @pytest.fixture
 def open_settings(local_stack: LocalStack) -> Settings:
-    return make_settings(local_stack, rate_limit_enabled=False)
+    # A generous readiness budget: a loaded CI machine is not an unready dependency.
+    return make_settings(local_stack, rate_limit_enabled=False, ready_timeout_s=60.0)
 
 
 async def test_readyz_checks_every_dependency(open_settings: Settings) -> None:
