@@ -25,12 +25,13 @@ async def post(url: str, key: str | None = None) -> httpx.Response:
 async def test_a_key_over_its_limit_gets_429_with_headers_then_recovers(
     local_stack: LocalStack,
 ) -> None:
-    # 1 request/s with a 3-request burst for events:write; the per-IP limit stays out of the way.
+    # One request per 5 s with a 3-request burst for events:write (slow enough that even a
+    # loaded machine sends faster than it refills); the per-IP limit stays out of the way.
     settings = secure_settings(
         local_stack,
         rate_limit_enabled=True,
-        rate_limits={"events:write": 1.0, "recommendations:read": 1.0, "admin": 1.0},
-        rate_limit_burst_s=3.0,
+        rate_limits={"events:write": 0.2, "recommendations:read": 1.0, "admin": 1.0},
+        rate_limit_burst_s=15.0,
         rate_limit_ip=1000.0,
     )
     with running(settings) as api:
