@@ -9,6 +9,7 @@
     recstream catalog load         fill the item/user catalog from CSV (recstream/catalog_cli.py)
     recstream archive export | dlq replay     the S3 archive, the dead-letter queue
     recstream trending rebuild     popularity and trend lists from the S3 archive
+    recstream keys create | list | revoke     API keys (see docs/security.md)
 
 Each package adds its own subcommands through a ``register(subparsers)`` function, so
 this module only wires them together.
@@ -32,7 +33,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
     # Imported lazily so that `recstream up` does not pay for faust's or numpy's import.
     from agents import cli as agents_cli
     from agents import trending_cli
-    from recstream import catalog_cli, commands
+    from recstream import apikeys_cli, catalog_cli, commands
     from streams import cli as streams_cli
     from training import cli as training_cli
 
@@ -43,6 +44,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
         catalog_cli.register,
         agents_cli.register,
         trending_cli.register,
+        apikeys_cli.register,
     ]
 
 

@@ -31,6 +31,7 @@ surfaces, and every key has a cap or a TTL so memory stays bounded:
     rs:{ns}:served_to:{actor}           ZSET  recommendation id -> served time     cap + TTL
     rs:{ns}:model:{name}:current        STR   serving version of a trained model  one per model
     rs:{ns}:model:{name}:{version}:...  *     that version's published data       last K versions
+    rs:_rl:{subject}                    STR   rate-limit TAT (serving/ratelimit.py)  TTL
 
 docs/architecture.md gives each key's exact format and bound; the functions below are
 the only place key strings are built.
@@ -152,3 +153,9 @@ class Keys:
 
     def model(self, name: str, version: str, suffix: str) -> str:
         return f"{self.prefix}model:{name}:{version}:{suffix}"
+
+    @staticmethod
+    def rate_limit(subject: str) -> str:
+        """GCRA state of one client (``ip:…`` or ``key:{id}:{scope}``), across namespaces;
+        ``_`` cannot start a namespace, so this never collides with one."""
+        return f"rs:_rl:{subject}"

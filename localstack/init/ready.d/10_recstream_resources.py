@@ -87,6 +87,8 @@ def create_table(dynamodb: Any, name: str, key: str, ttl_attribute: str | None) 
             KeySchema=[{"AttributeName": key, "KeyType": "HASH"}],
             AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"}],
             BillingMode="PAY_PER_REQUEST",
+            # Encrypted at rest with the AWS-managed KMS key (docs/security.md).
+            SSESpecification={"Enabled": True, "SSEType": "KMS"},
         )
         print(f"recstream init: created DynamoDB table {name}")
     except ClientError as exc:
@@ -120,6 +122,22 @@ def create_bucket(s3: Any, name: str, region: str) -> None:
             raise
 
 
+def encrypt_bucket(s3: Any, name: str) -> None:
+    # Default encryption: every object put without its own ServerSideEncryption (the
+    # archive, models, dead letters) is stored encrypted (SSE-S3). Idempotent.
+    s3.put_bucket_encryption(
+        Bucket=name,
+        ServerSideEncryptionConfiguration={
+            "Rules": [
+                {
+                    "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"},
+                    "BucketKeyEnabled": True,
+                }
+            ]
+        },
+    )
+
+
 def create_queue(sqs: Any, name: str) -> None:
     # CreateQueue is idempotent when the attributes match.
     sqs.create_queue(QueueName=name, Attributes={"MessageRetentionPeriod": "1209600"})
@@ -150,6 +168,11 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     # user feature vectors (agents/features.py), expiring like windows
     create_table(dynamodb, f"{prefix}-features", "pk", ttl_attribute="expires_at")
     create_bucket(client("s3", endpoint, region), setting("RECSTREAM_BUCKET"), region)
+    # API keys (recstream/apikeys.py): salted hashes only, one item per key id.
+    create_table(dynamodb, f"{prefix}-apikeys", "key_id", ttl_attribute=None)
+    s3 = client("s3", endpoint, region)
+    create_bucket(s3, setting("RECSTREAM_BUCKET"), region)
+    encrypt_bucket(s3, setting("RECSTREAM_BUCKET"))
     create_queue(client("sqs", endpoint, region), setting("RECSTREAM_DLQ_NAME"))
     print(f"recstream init: resources ready at {endpoint or 'AWS ' + region}")
 
