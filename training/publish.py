@@ -527,7 +527,8 @@ class ModelRegistry:
             with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
                 directory = Path(tmp) / "model"
                 directory.mkdir()
-                await asyncio.to_thread(model.save, directory)
+                async with self._kept_alive(name, version):
+                    await asyncio.to_thread(model.save, directory)
                 files = await self._upload_dir(s3, name, version, directory, report)
                 records = await self._write_listed_records(
                     s3, name, version, model, report, Path(tmp) / REDIS_KEYS
@@ -657,7 +658,8 @@ class ModelRegistry:
                         )
                     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
                     await asyncio.to_thread(target.write_bytes, data)
-                model = await asyncio.to_thread(cls.load, directory)
+                async with self._kept_alive(name, version):
+                    model = await asyncio.to_thread(cls.load, directory)
                 noop: Progress = lambda stage, advance, total: None  # noqa: E731
                 await self._write_listed_records(
                     s3, name, version, model, noop, Path(tmp) / REDIS_KEYS
@@ -754,6 +756,27 @@ class ModelRegistry:
         except RedisError as exc:
             raise self._redis_failed(exc, f"writing {name} {version}'s records") from exc
         return count
+
+    @contextlib.asynccontextmanager
+    async def _kept_alive(self, name: str, version: str) -> AsyncIterator[None]:
+        """Renew the lease while a long step that cannot renew it runs (a model's own
+        ``save`` or ``load`` in a thread: an ALS or session-kNN model can take minutes),
+        so GC never collects a publish that is alive. A failed renewal is retried at the
+        next tick; the completion step still refuses a version whose lease lapsed."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(LEASE_S / 4)
+                with contextlib.suppress(StoreUnavailable):
+                    await self._renew(name, version)
+
+        task = asyncio.create_task(renew(), name=f"lease[{name} {version}]")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _renew(self, name: str, version: str) -> None:
         try:

@@ -555,3 +555,29 @@ async def test_rollback_does_not_undo_a_promote_that_lands_meanwhile(
     with pytest.raises(ConfigurationError, match="changed while rolling back"):
         await registry.rollback("tiny")
     assert await registry.current("tiny") == v1
+
+
+class SlowSave(TinyModel):
+    """A model whose own ``save`` outlasts the publish lease (an ALS or session-kNN model
+    writing a large file takes minutes; here the lease is shortened instead)."""
+
+    def save(self, directory: Any) -> None:
+        time.sleep(2.5)
+        super().save(directory)
+
+
+async def test_a_publish_is_kept_alive_while_the_model_saves_itself(
+    registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GC runs while a model's ``save`` (in a thread, not renewing anything itself) takes
+    longer than the lease: the publish must not be collected as abandoned."""
+    monkeypatch.setattr(publish, "LEASE_S", 1.0)
+    model = SlowSave().fit(LOG)
+    publishing = asyncio.create_task(registry.publish(model, run_info()))
+    collected: list[str] = []
+    while not publishing.done():
+        await asyncio.sleep(0.3)
+        collected += (await registry.gc("tiny")).abandoned
+    info = await publishing
+    assert collected == []
+    assert await registry.current("tiny") == info.version
