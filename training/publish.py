@@ -1020,15 +1020,27 @@ class ModelRegistry:
         return report
 
 
+MEMBERS_PER_COMMAND = 1_000
+"""Most members one ZADD or HSET carries: a model's record may hold hundreds of thousands
+(ALS factors of every item), and one command that large blocks Redis for every client
+while it runs (and can pass its query-buffer limit)."""
+BYTES_PER_COMMAND = 512 * 1024
+"""Largest piece of a string record one SET or APPEND carries, for the same reason."""
+
+
 def _queue(pipe: Any, key: str, record: RedisRecord) -> int:
-    """Add one record's write to ``pipe``; returns how many members it carries."""
+    """Add one record's writes to ``pipe`` (in bounded commands: the key is a version's,
+    which nothing reads before the pointer switch, so the pieces need no atomicity);
+    returns how many members it carries."""
     value = record.value
     if record.kind == "string":
         if not isinstance(value, bytes):
             raise TypeError(
                 f"record {record.suffix!r} is a string record but its value is not bytes"
             )
-        pipe.set(key, value)
+        pipe.set(key, value[:BYTES_PER_COMMAND])
+        for start in range(BYTES_PER_COMMAND, len(value), BYTES_PER_COMMAND):
+            pipe.append(key, value[start : start + BYTES_PER_COMMAND])
         return 1
     if not isinstance(value, Mapping):
         raise TypeError(
@@ -1036,12 +1048,15 @@ def _queue(pipe: Any, key: str, record: RedisRecord) -> int:
         )
     if not value:
         return 0  # Redis has no empty zset or hash; a missing key reads as empty.
-    if record.kind == "zset":
-        pipe.zadd(key, {str(k): float(cast(float, v)) for k, v in value.items()})
-    elif record.kind == "hash":
-        pipe.hset(key, mapping=dict(value))
-    else:
+    if record.kind not in ("zset", "hash"):
         raise TypeError(f"record {record.suffix!r} has unknown kind {record.kind!r}")
+    items = list(value.items())
+    for start in range(0, len(items), MEMBERS_PER_COMMAND):
+        piece = items[start : start + MEMBERS_PER_COMMAND]
+        if record.kind == "zset":
+            pipe.zadd(key, {str(k): float(cast(float, v)) for k, v in piece})
+        else:
+            pipe.hset(key, mapping=dict(piece))
     return len(value)
 
 

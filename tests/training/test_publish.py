@@ -20,6 +20,7 @@ from recstream.keys import Keys
 from recstream.settings import Settings
 from tests.training.tinymodel import Crash, OtherTiny, TinyModel
 from training import publish
+from training.base import RedisRecord
 from training.publish import (
     DataRange,
     ModelRegistry,
@@ -581,3 +582,65 @@ async def test_a_publish_is_kept_alive_while_the_model_saves_itself(
     info = await publishing
     assert collected == []
     assert await registry.current("tiny") == info.version
+
+
+class Recorder:
+    """A stand-in pipeline that records the commands `_queue` adds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def set(self, key: str, value: bytes) -> None:
+        self.calls.append(("set", len(value)))
+
+    def append(self, key: str, value: bytes) -> None:
+        self.calls.append(("append", len(value)))
+
+    def zadd(self, key: str, mapping: dict[str, float]) -> None:
+        self.calls.append(("zadd", len(mapping)))
+
+    def hset(self, key: str, mapping: dict[str, bytes]) -> None:
+        self.calls.append(("hset", len(mapping)))
+
+
+def test_large_records_are_written_in_bounded_commands() -> None:
+    pipe = Recorder()
+    scores = {f"i{n}": float(n) for n in range(2_500)}
+    publish._queue(pipe, "k", RedisRecord("top", "zset", scores))
+    assert pipe.calls == [("zadd", 1_000), ("zadd", 1_000), ("zadd", 500)]
+    pipe.calls.clear()
+    publish._queue(pipe, "k", RedisRecord("factors", "hash", {f"i{n}": b"x" for n in range(1_001)}))
+    assert pipe.calls == [("hset", 1_000), ("hset", 1)]
+    pipe.calls.clear()
+    blob = b"x" * (publish.BYTES_PER_COMMAND * 2 + 10)
+    publish._queue(pipe, "k", RedisRecord("index", "string", blob))
+    assert pipe.calls == [
+        ("set", publish.BYTES_PER_COMMAND),
+        ("append", publish.BYTES_PER_COMMAND),
+        ("append", 10),
+    ]
+
+
+async def test_a_large_record_reads_back_whole(
+    registry: ModelRegistry, settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """Written in pieces, read back as one: the string (SET then APPENDs) and the zset."""
+    model = TinyModel(extra=1).fit(LOG)
+    blob = bytes(range(256)) * (publish.BYTES_PER_COMMAND // 128 + 3)
+    big = {f"i{n}": float(n) for n in range(2_345)}
+    original = model.redis_records
+
+    def records() -> Any:
+        yield from original()
+        yield RedisRecord("big", "zset", big)
+        yield RedisRecord("bigblob", "string", blob)
+
+    model.redis_records = records  # type: ignore[method-assign]
+    info = await registry.publish(model, run_info())
+    keys = Keys(settings.namespace)
+    assert await redis_client.get(keys.model("tiny", info.version, "bigblob")) == blob
+    key = keys.model("tiny", info.version, "big")
+    stored = cast(
+        "list[tuple[bytes, float]]", await redis_client.zrange(key, 0, -1, withscores=True)
+    )
+    assert {k.decode(): v for k, v in stored} == big
