@@ -12,7 +12,6 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -24,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from recstream.errors import RecstreamError
-from recstream.settings import NAMESPACE_PATTERN, Settings
+from recstream.settings import Settings
 from recstream.stores import open_stores
 from serving import catalog_routes, personalize
 from serving.collector import collect
@@ -32,7 +31,7 @@ from serving.filter_routes import filter_error_handler
 from serving.filter_routes import routes as filter_routes
 from serving.filter_store import open_filters
 from serving.filters import FilterError
-from serving.http import error_response, json_response
+from serving.http import error_response, json_response, request_namespace
 from serving.middleware import open_security, security_middleware
 from serving.ops import routes as ops_routes
 from serving.recommendations import open_ranker
@@ -41,27 +40,9 @@ from streams.producer import KinesisProducer
 
 __all__ = ["app_from_env", "create_app", "run"]
 
-_NAMESPACE = re.compile(NAMESPACE_PATTERN)
-
-
-def _namespace(request: Request) -> str | Response:
-    settings: Settings = request.app.state.settings
-    namespace = request.path_params.get("namespace", settings.namespace)
-    if not _NAMESPACE.fullmatch(namespace):
-        return error_response(
-            404, "bad_namespace", f"namespace {namespace!r} must match {NAMESPACE_PATTERN}"
-        )
-    if settings.namespaces and namespace not in settings.namespaces:
-        return error_response(
-            404,
-            "unknown_namespace",
-            f"namespace {namespace!r} is not served here; use one of {settings.namespaces}",
-        )
-    return str(namespace)
-
 
 async def post_events(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     return await collect(request, namespace, request.app.state.producer)

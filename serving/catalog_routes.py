@@ -37,7 +37,7 @@ from recstream.errors import FieldProblem
 from recstream.settings import Settings
 from recstream.stores import Stores
 from serving.collector import MAX_BODY_BYTES, read_capped
-from serving.http import error_response, json_response
+from serving.http import error_response, json_response, request_namespace
 from streams.schema import Item, User, problems_from
 
 __all__ = ["catalog_state", "parse_records", "records_of", "routes", "validate_record"]
@@ -52,14 +52,6 @@ async def catalog_state(
     catalog = RedisDynamoCatalog(stores.redis, stores.dynamodb, settings)
     app.state.catalog = catalog
     yield catalog
-
-
-def _namespace(request: Request) -> str | Response:
-    # The one namespace check lives in serving.app (its routes came first); imported here
-    # rather than at the top because serving.app imports this module.
-    from serving.app import _namespace as check
-
-    return check(request)
 
 
 def validate_record(
@@ -112,7 +104,7 @@ def parse_records(
 
 
 async def _post(request: Request, model: type[BaseModel], plural: str) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     settings: Settings = request.app.state.settings
@@ -178,7 +170,7 @@ async def post_users(request: Request) -> Response:
 
 
 async def get_item(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     item_id = request.path_params["item_id"]
@@ -195,7 +187,7 @@ async def get_item(request: Request) -> Response:
 
 
 async def get_user(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     user_id = request.path_params["user_id"]

@@ -17,7 +17,6 @@ pipeline.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import orjson
@@ -25,7 +24,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from recstream.settings import NAMESPACE_PATTERN, Settings
 from serving.filter_store import FilterRegistry
 from serving.filters import (
     CompiledFilter,
@@ -35,7 +33,7 @@ from serving.filters import (
     FilterValuesError,
     validate_filter_values,
 )
-from serving.http import error_response, json_response
+from serving.http import error_response, json_response, request_namespace
 
 __all__ = [
     "filter_error_handler",
@@ -44,8 +42,6 @@ __all__ = [
     "resolve_filter",
     "routes",
 ]
-
-_NAMESPACE = re.compile(NAMESPACE_PATTERN)
 
 
 def filter_error_response(exc: FilterError) -> Response:
@@ -91,30 +87,13 @@ def filter_values_from(raw: object) -> dict[str, str]:
     return validate_filter_values(raw)
 
 
-def _namespace(request: Request) -> str | Response:
-    # The same check as serving.app's; repeated here because app.py imports this module.
-    settings: Settings = request.app.state.settings
-    namespace = str(request.path_params.get("namespace", settings.namespace))
-    if not _NAMESPACE.fullmatch(namespace):
-        return error_response(
-            404, "bad_namespace", f"namespace {namespace!r} must match {NAMESPACE_PATTERN}"
-        )
-    if settings.namespaces and namespace not in settings.namespaces:
-        return error_response(
-            404,
-            "unknown_namespace",
-            f"namespace {namespace!r} is not served here; use one of {settings.namespaces}",
-        )
-    return namespace
-
-
 def _registry(request: Request) -> FilterRegistry:
     registry: FilterRegistry = request.app.state.filters
     return registry
 
 
 async def create_filter(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     try:
@@ -145,7 +124,7 @@ async def create_filter(request: Request) -> Response:
 
 
 async def list_filters(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     records = await _registry(request).list(namespace)
@@ -153,7 +132,7 @@ async def list_filters(request: Request) -> Response:
 
 
 async def get_filter(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     name = request.path_params["name"]
@@ -166,7 +145,7 @@ async def get_filter(request: Request) -> Response:
 
 
 async def delete_filter(request: Request) -> Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     name = request.path_params["name"]

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
@@ -36,10 +35,10 @@ from starlette.routing import BaseRoute, Route
 
 from agents.state import DynamoWindows
 from recstream.errors import RecstreamError
-from recstream.settings import NAMESPACE_PATTERN, Settings
+from recstream.settings import Settings
 from recstream.stores import Stores
 from serving.collector import read_capped
-from serving.http import error_response, json_response
+from serving.http import error_response, json_response, request_namespace
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.pipeline import CandidateFilter, ItemCatalog, Ranker, Recommendations
 
@@ -47,7 +46,6 @@ __all__ = ["FilterResolver", "open_ranker", "routes"]
 
 MAX_RESULTS = 500
 MAX_BODY_BYTES = 1024 * 1024
-_NAMESPACE = re.compile(NAMESPACE_PATTERN)
 Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 Short = Annotated[str, StringConstraints(max_length=256)]
 
@@ -89,6 +87,9 @@ class RelatedQuery(_Common):
     item_id: Id
     num_results: int = Field(25, ge=1, le=MAX_RESULTS)
     exclude: list[Id] = Field(default_factory=list, max_length=MAX_RESULTS)
+
+
+_Q = TypeVar("_Q", RecommendationsQuery, RankingQuery)
 
 
 class TrendingQuery(BaseModel):
@@ -152,22 +153,6 @@ async def _body(request: Request) -> dict[str, Any] | Response:
     return body
 
 
-def _namespace(request: Request) -> str | Response:
-    settings: Settings = request.app.state.settings
-    namespace = str(request.path_params.get("namespace", settings.namespace))
-    if not _NAMESPACE.fullmatch(namespace):
-        return error_response(
-            404, "bad_namespace", f"namespace {namespace!r} must match {NAMESPACE_PATTERN}"
-        )
-    if settings.namespaces and namespace not in settings.namespaces:
-        return error_response(
-            404,
-            "unknown_namespace",
-            f"namespace {namespace!r} is not served here; use one of {settings.namespaces}",
-        )
-    return namespace
-
-
 def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
     if query.user_id:
         return query.user_id
@@ -209,7 +194,7 @@ def _answer(result: Recommendations, started: float) -> Response:
 async def _parse(
     request: Request, model: type[BaseModel], lists: tuple[str, ...]
 ) -> tuple[str, Any] | Response:
-    namespace = _namespace(request)
+    namespace = request_namespace(request)
     if isinstance(namespace, Response):
         return namespace
     if request.method == "POST":
@@ -224,9 +209,12 @@ async def _parse(
         return _problem(exc)
 
 
-async def recommendations(request: Request) -> Response:
-    started = time.perf_counter()
-    parsed = await _parse(request, RecommendationsQuery, ("exclude",))
+async def _personal(
+    request: Request, model: type[_Q], lists: tuple[str, ...]
+) -> tuple[str, _Q, str, CandidateFilter | None] | Response:
+    """What a request about one user needs: its namespace, parameters, actor and filter
+    (or the error response that says what to fix)."""
+    parsed = await _parse(request, model, lists)
     if isinstance(parsed, Response):
         return parsed
     namespace, query = parsed
@@ -236,6 +224,15 @@ async def recommendations(request: Request) -> Response:
     item_filter = await _filter(request, namespace, query.filter)
     if isinstance(item_filter, Response):
         return item_filter
+    return namespace, query, actor, item_filter
+
+
+async def recommendations(request: Request) -> Response:
+    started = time.perf_counter()
+    parsed = await _personal(request, RecommendationsQuery, ("exclude",))
+    if isinstance(parsed, Response):
+        return parsed
+    namespace, query, actor, item_filter = parsed
     ranker: Ranker = request.app.state.ranker
     result = await ranker.recommend(
         namespace,
@@ -252,16 +249,10 @@ async def recommendations(request: Request) -> Response:
 
 async def personalized_ranking(request: Request) -> Response:
     started = time.perf_counter()
-    parsed = await _parse(request, RankingQuery, ("item_ids",))
+    parsed = await _personal(request, RankingQuery, ("item_ids",))
     if isinstance(parsed, Response):
         return parsed
-    namespace, query = parsed
-    actor = _actor(query)
-    if isinstance(actor, Response):
-        return actor
-    item_filter = await _filter(request, namespace, query.filter)
-    if isinstance(item_filter, Response):
-        return item_filter
+    namespace, query, actor, item_filter = parsed
     ranker: Ranker = request.app.state.ranker
     result = await ranker.rerank(
         namespace,
