@@ -200,7 +200,26 @@ def _raw_dict(
     return obj
 
 
+def _pem_private_key(pem: bytes) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    return load_pem_private_key(pem, password=None)
+
+
+def _key_reducer(key: Any) -> tuple[Any, tuple[Any, ...]]:
+    from cryptography.hazmat.primitives import serialization
+
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return _pem_private_key, (pem,)
+
+
+@functools.cache
 def _reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[Any, ...]]]]:
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from moto.s3.utils import _VersionedKeyStore
 
     # Locks cannot be pickled (moto's SQS queues hold some); a restored backend gets
@@ -215,6 +234,15 @@ def _reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[Any, ...]]]]:
             _raw_dict,
             (type(store), list(dict.items(store)), dict(vars(store))),
         ),
+        # KMS keys (moto makes one when a table or bucket asks for server-side encryption,
+        # as the init script does) hold private keys that pickle cannot take: keep them as PEM.
+        **{
+            type(key): _key_reducer
+            for key in (
+                rsa.generate_private_key(public_exponent=65537, key_size=1024),
+                ec.generate_private_key(ec.SECP256R1()),
+            )
+        },
     }
 
 

@@ -200,6 +200,9 @@ def start_kinesis_mock(
         "SPLIT_SHARD_DURATION": "200ms",
         "MERGE_SHARDS_DURATION": "200ms",
         "UPDATE_SHARD_COUNT_DURATION": "200ms",
+        # Real accounts start at 500 (200 in some regions); kinesis-mock's default of 50 is
+        # reached by one test session's streams, each test having its own.
+        "SHARD_LIMIT": "2000",
     }
     if persist_dir is not None:
         persist_dir.mkdir(parents=True, exist_ok=True)

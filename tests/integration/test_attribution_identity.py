@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import redis.asyncio as aioredis
 
-from agents.attribution import log_served, served_record
 from recstream.aws import sync_client
 from recstream.keys import Keys
 from tests.conftest import RunningApi
@@ -66,12 +66,17 @@ async def test_a_visitor_keeps_context_across_login_and_clicks_are_attributed(
                     lambda: carol_sees("gloves", "boots", "scarf"), "a post-login click", log
                 )
 
-                # Serving logs what it answered (as the serving pipeline will), then carol
-                # clicks one of them with its id and buys another without it.
+                # Serving logged what it answered (serving/pipeline/log, in the background),
+                # then carol clicks one of them with its id and buys another without it.
                 rid = body["recommendation_id"]
                 served = [i["item_id"] for i in body["items"]]
-                record = served_record("carol", "ranker", served)
-                assert await log_served(redis, settings, ns, rid, record)
+
+                async def logged() -> Any:
+                    return await redis.get(Keys(ns).served(rid))
+
+                assert (
+                    orjson.loads(await eventually(logged, "the served log", log))["items"] == served
+                )
                 click = {
                     "event_type": "click",
                     "user_id": "carol",
@@ -88,7 +93,7 @@ async def test_a_visitor_keeps_context_across_login_and_clicks_are_attributed(
                 assert (await client.post("/v1/events", json=[click, purchase])).status_code == 202
 
                 async def attributed() -> dict[Any, Any] | None:
-                    counters = await redis.hgetall(Keys(ns).attribution("ranker"))
+                    counters = await redis.hgetall(Keys(ns).attribution("recommendations"))
                     return counters if counters.get(b"purchases") == b"1" else None
 
                 counters = await eventually(attributed, "the click and purchase attributed", log)
@@ -103,7 +108,7 @@ async def test_a_visitor_keeps_context_across_login_and_clicks_are_attributed(
                     ).get("Item", {})
                     item = dynamodb.get_item(
                         TableName=settings.attribution_table,
-                        Key={"pk": {"S": Keys(ns).attribution("ranker")}},
+                        Key={"pk": {"S": Keys(ns).attribution("recommendations")}},
                         ConsistentRead=True,
                     ).get("Item", {})
                     done = '"gloves"' in window.get("window", {}).get("S", "") and item.get(
@@ -114,7 +119,8 @@ async def test_a_visitor_keeps_context_across_login_and_clicks_are_attributed(
                 window, item = await eventually(durable, "the durable copies", log)
         finally:
             await redis.aclose()
-    assert counters[b"impressions"] == str(len(served)).encode()
+    # Every answer carol was given counted its items (the polls above asked several times).
+    assert int(counters[b"impressions"]) >= len(served)
     assert (counters[b"clicks"], float(counters[b"revenue"])) == (b"1", 42.5)
     assert all(f'"{name}"' in window for name in ("boots", "scarf", "gloves"))
     assert (item["clicks"]["N"], item["revenue"]["N"]) == ("1", "42.5")

@@ -141,6 +141,7 @@ async def test_down_and_up_keep_everything_and_wipe_starts_clean(tmp_path: Path)
         # Durability, not latency, is under test: on a loaded machine the default 20 ms
         # store deadline would degrade answers to nothing.
         store_timeout_ms=5000,
+        source_timeout_ms=5000,
         ranking_budget_ms=10000,
     )
     log = tmp_path / "agents.log"
