@@ -7,7 +7,6 @@ per message, so per-batch store round-trips are what keep one process fast.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -21,10 +20,10 @@ from agents.deadletter import SqsDeadLetters
 from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
+from agents.retry import until_succeeds
 from agents.state import DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, materialize
 from agents.windows import StreamRecord, WindowAgent, deliver
-from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
 from streams.kinesis import make_app
@@ -76,30 +75,11 @@ async def until_done(
     max_delay: float = 5.0,
 ) -> None:
     """Process a batch of the side agents (attribution, forwarder), retrying with backoff
-    until it succeeds.
-
-    A failed batch must neither be skipped (events lost) nor crash the agent: faust
-    would restart it without re-reading the un-acked messages, and the checkpoint would
-    stall behind them. Retrying holds the stream back instead (back-pressure) and is
-    safe because processing is idempotent. (The windows agent uses `deliver`, which also
-    dead-letters records that fail deterministically.)
-    """
-    attempt = 0
-    while True:
-        try:
-            await process(values, source)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            attempt += 1
-            delay = min(max_delay, 0.1 * 2 ** min(attempt, 10))
-            hint = "" if isinstance(exc, RecstreamError) else " (unexpected; please report it)"
-            log.error(
-                "a batch of %d records failed (attempt %d), retrying in %.1fs: %s%s",
-                len(values), attempt, delay, exc, hint,
-            )  # fmt: skip
-            await asyncio.sleep(delay)
+    until it succeeds (`agents.retry`). (The windows agent uses `deliver`, which also
+    dead-letters records that fail deterministically.)"""
+    await until_succeeds(
+        lambda: process(values, source), f"a batch of {len(values)} records", max_delay
+    )
 
 
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:

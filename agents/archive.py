@@ -44,10 +44,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
+from agents.retry import until_succeeds
 from agents.windows import StoredEvent
 from recstream.archive import encode_events, object_key, partition_prefix, read_events
 from recstream.aws import async_client, sync_client, translate
-from recstream.errors import ConfigurationError, RecstreamError
+from recstream.errors import ConfigurationError
 from recstream.settings import Settings
 from streams.schema import Event
 
@@ -225,21 +226,9 @@ class ArchiveBuffer(Generic[T]):
 async def flush_until_done(buffer: ArchiveBuffer[T], max_delay: float = 5.0) -> list[T]:
     """Flush, retrying with backoff until S3 takes it. The acks wait, so the checkpoint
     waits too: back-pressure rather than a skipped or a lost batch."""
-    attempt = 0
-    while True:
-        try:
-            return await buffer.flush()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            attempt += 1
-            delay = min(max_delay, 0.1 * 2 ** min(attempt, 10))
-            hint = "" if isinstance(exc, RecstreamError) else " (unexpected; please report it)"
-            log.error(
-                "archive flush of %d events failed (attempt %d), retrying in %.1fs: %s%s",
-                len(buffer.events), attempt, delay, exc, hint,
-            )  # fmt: skip
-            await asyncio.sleep(delay)
+    return await until_succeeds(
+        buffer.flush, f"archive flush of {len(buffer.events)} events", max_delay
+    )
 
 
 async def run_archive(app: faust.App, stream: faust.StreamT[bytes], settings: Settings) -> None:
