@@ -474,25 +474,10 @@ class Ranker:
         ranked = apply_seen(ranked, policy, exclude)
         if given is None:
             ranked = self._diversify(ranked, num_results)
-        shown = ranked[:num_results]
-        explain(shown)
-        result = Recommendations(
-            recommendation_id=uuid.uuid4().hex,
-            namespace=namespace,
-            actor=actor,
-            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
-            degraded=req.degraded,
-        )
         strategy = "personalized_ranking" if given is not None else "recommendations"
         variant = f"{self.scorer.name}@{blend.version if blend else 'default'}"
-        self.served.record(
-            namespace,
-            result.recommendation_id,
-            actor=actor,
-            strategy=strategy,
-            variant=variant,
-            items=[r.item_id for r in result.items],
-            context=values,
+        result = self._answer(
+            req, namespace, actor, ranked[:num_results], strategy, variant, values
         )
         if debug:
             explain(ranked[num_results:DEBUG_CANDIDATES])
@@ -590,23 +575,14 @@ class Ranker:
                 c for c in candidates if item_filter.allows(c.item_id, c.item, [], fvalues)
             ]
         ranked = [c for c in sorted(candidates, key=_order) if c.item_id not in exclude]
-        shown = ranked[:num_results]
-        explain(shown)
-        result = Recommendations(
-            recommendation_id=uuid.uuid4().hex,
-            namespace=namespace,
-            actor=None,
-            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
-            degraded=req.degraded,
-        )
-        self.served.record(
+        result = self._answer(
+            req,
             namespace,
-            result.recommendation_id,
-            actor=None,
-            strategy="related_items",
-            variant=f"{self.scorer.name}@{blend.version if blend else 'default'}",
-            items=[r.item_id for r in result.items],
-            context={"item_id": item_id},
+            None,
+            ranked[:num_results],
+            "related_items",
+            f"{self.scorer.name}@{blend.version if blend else 'default'}",
+            {"item_id": item_id},
         )
         if debug:
             explain(ranked[num_results:DEBUG_CANDIDATES])
@@ -616,6 +592,36 @@ class Ranker:
                 "candidates": [debug_view(c) for c in ranked[:DEBUG_CANDIDATES]],
             }
         result.took_ms = req.took_ms()
+        return result
+
+    def _answer(
+        self,
+        req: _Request,
+        namespace: str,
+        actor: str | None,
+        shown: list[Candidate],
+        strategy: str,
+        variant: str,
+        context: Mapping[str, str],
+    ) -> Recommendations:
+        """The answer of the items shown, explained, and logged for attribution."""
+        explain(shown)
+        result = Recommendations(
+            recommendation_id=uuid.uuid4().hex,
+            namespace=namespace,
+            actor=actor,
+            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
+            degraded=req.degraded,
+        )
+        self.served.record(
+            namespace,
+            result.recommendation_id,
+            actor=actor,
+            strategy=strategy,
+            variant=variant,
+            items=[r.item_id for r in result.items],
+            context=context,
+        )
         return result
 
     # --- trending -----------------------------------------------------------------------------
@@ -654,22 +660,14 @@ class Ranker:
             c.score = next(iter(c.sources.values()))
             c.contributions = dict(c.sources)
         shown = sorted(candidates, key=lambda c: (-c.score, c.item_id))[:num_results]
-        explain(shown)
-        result = Recommendations(
-            recommendation_id=uuid.uuid4().hex,
-            namespace=namespace,
-            actor=None,
-            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
-            degraded=req.degraded,
-        )
-        self.served.record(
+        result = self._answer(
+            req,
             namespace,
-            result.recommendation_id,
-            actor=None,
-            strategy="trending",
-            variant=f"{window}:{out.origin if out else 'none'}",
-            items=[r.item_id for r in result.items],
-            context={"window": window, **({"category": category} if category else {})},
+            None,
+            shown,
+            "trending",
+            f"{window}:{out.origin if out else 'none'}",
+            {"window": window, **({"category": category} if category else {})},
         )
         result.took_ms = req.took_ms()
         return result
