@@ -21,6 +21,7 @@ installed, so the effect of hiredis can be measured in one environment.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     parser.add_argument("--parser", default="auto", choices=["auto", "python"])
     args = parser.parse_args()
+    # faust reads ``--loop``/``-L`` from sys.argv at import (it would try to load a loop
+    # named "auto"): the app's own modules must not see this script's options.
+    sys.argv = sys.argv[:1]
     if args.parser == "python":
         # open_redis calls redis.asyncio.from_url at call time: give it the pure-Python
         # RESP3 parser, as when hiredis is not installed.

@@ -146,6 +146,10 @@ class Settings(BaseSettings):
     catalog_cache_ttl_s: float = Field(30.0, ge=0)
     """How long a cached catalog record is trusted; a change made by another process is
     seen after at most this long."""
+    catalog_absent_ttl_s: float = Field(3600.0, ge=1)
+    """How long Redis remembers that an id is not in the catalog (an empty marker), so no
+    process reads DynamoDB for it again meanwhile. Writes through the API replace the marker
+    at once; only an item put into DynamoDB behind the API's back waits this long."""
     catalog_max_batch: int = Field(500, ge=1, le=10_000)
     """Largest batch `POST /v1/items` and `POST /v1/users` accept."""
     # --- filters (serving/filters.py, serving/filter_store.py) -----------------------
@@ -192,6 +196,11 @@ class Settings(BaseSettings):
     """Each candidate source's own deadline, inside what is left of the request budget."""
     candidates_per_source: int = Field(200, ge=1, le=5000)
     """How many candidates each source contributes at most."""
+    rank_pool: int = Field(100, ge=1, le=5000)
+    """How many candidates (besides the ones the user already interacted with) the cheap
+    first cut keeps for the catalog, features and the scorer (serving/pipeline/shortlist.py).
+    The linear blend serves the same list with any value; a learned scorer re-ranks only
+    these."""
     item_cache_ttl_s: float = Field(5.0, ge=0)
     """How long item-level data (neighbour lists, popularity, trending) is cached in-process."""
     diversity_category_cap: int | None = Field(None, ge=1)

@@ -50,6 +50,7 @@ from recstream.keys import Keys
 from recstream.published import as_text, read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
+from serving.pipeline.detach import detached
 from serving.pipeline.models import Published
 
 __all__ = ["LIVE_TTL_S", "SourceOutput", "Sources", "best"]
@@ -123,7 +124,7 @@ class Sources:
             for key in missing:
                 pipe.zrevrange(key, 0, n - 1, withscores=True)
             try:
-                replies = await pipe.execute()
+                replies = await detached(pipe.execute())
             except RedisError as exc:
                 raise StoreUnavailable(f"reading {missing} failed: {exc}") from exc
             for key, reply in zip(missing, replies, strict=True):
@@ -194,8 +195,10 @@ class Sources:
             else:
                 rows[item] = cached
         if missing:
-            found = await read_current_many(
-                self.redis, Keys(namespace), "item2item", [f"nbr:{i}" for i in missing]
+            found = await detached(
+                read_current_many(
+                    self.redis, Keys(namespace), "item2item", [f"nbr:{i}" for i in missing]
+                )
             )
             if found is not None:
                 for item in missing:
@@ -402,12 +405,14 @@ class Sources:
             else:
                 lists[category] = cached
         if missing:
-            found = await read_current_many(
-                self.redis,
-                Keys(namespace),
-                "popularity",
-                [f"top:cat:{c}" for c in missing],
-                limit=n,
+            found = await detached(
+                read_current_many(
+                    self.redis,
+                    Keys(namespace),
+                    "popularity",
+                    [f"top:cat:{c}" for c in missing],
+                    limit=n,
+                )
             )
             if found is not None:
                 for category in missing:
