@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.pipeline.candidates import SourceOutput
+from serving.pipeline.candidates import SourceOutput, best
 from serving.pipeline.rank import LinearBlend
 from serving.pipeline.ranker import Ranker, _order
 from serving.pipeline.shortlist import shortlist
@@ -47,3 +47,17 @@ def test_the_blend_serves_the_same_top_items_from_the_shortlist(
 def test_a_small_pool_is_left_alone() -> None:
     outputs = [SourceOutput("item2item", {"a": 1.0, "b": 0.5})]
     assert shortlist(outputs, {"item2item": 1.0}, 5, set()) == outputs
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scores=st.dictionaries(items, st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.25]), max_size=60),
+    n=st.integers(1, 70),
+)
+def test_best_keeps_the_top_n_by_score_then_id(scores: dict[str, float], n: int) -> None:
+    # many ties on purpose: the ids must decide, also across the cut
+    got = best(scores, n)
+    if len(scores) <= n:
+        assert got == scores
+    else:
+        assert list(got.items()) == sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
