@@ -37,9 +37,9 @@ on data already in memory.
 from __future__ import annotations
 
 import math
-from operator import itemgetter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
