@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from agents.identity import resolve_actor
 from agents.state import DynamoWindows
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
@@ -41,6 +42,7 @@ from serving.collector import read_capped
 from serving.http import error_response, json_response, request_namespace
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.pipeline import CandidateFilter, ItemCatalog, Ranker, Recommendations
+from serving.pipeline.detach import detached
 
 __all__ = ["FilterResolver", "open_ranker", "routes"]
 
@@ -163,6 +165,18 @@ def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
     )
 
 
+async def _logged_in_as(request: Request, namespace: str, session_id: str, actor: str) -> str:
+    """The user a session logged in as (the agents' identity stitching moved its history
+    there, and keep applying its events there), else the session's own actor. A slow or
+    failed lookup keeps the session's actor: its window is still a fair answer."""
+    ranker: Ranker = request.app.state.ranker
+    try:
+        async with asyncio.timeout(ranker.settings.store_timeout_ms / 1000):
+            return await detached(resolve_actor(ranker.redis, namespace, session_id))
+    except (TimeoutError, RedisError, OSError):
+        return actor
+
+
 async def _filter(
     request: Request, namespace: str, name: str | None
 ) -> CandidateFilter | Response | None:
@@ -221,6 +235,8 @@ async def _personal(
     actor = _actor(query)
     if isinstance(actor, Response):
         return actor
+    if not query.user_id and query.session_id:
+        actor = await _logged_in_as(request, namespace, query.session_id, actor)
     item_filter = await _filter(request, namespace, query.filter)
     if isinstance(item_filter, Response):
         return item_filter
