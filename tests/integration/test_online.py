@@ -85,7 +85,7 @@ async def test_online_replay_of_the_next_view_protocol(api: RunningApi, tmp_path
             raise
     assert report.sessions == 3
     # the three users' test views, each asked for before it was posted
-    mine = sorted({q.user for q in expected})[:3]
+    mine = sorted({q.user for q in expected if q.user is not None})[:3]
     assert report.targets == sum(1 for q in expected if q.user in mine) > 0
     assert report.served["targets"] == report.offline["targets"] == report.targets
     assert report.served["hr@20"] > 0
