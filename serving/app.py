@@ -12,11 +12,14 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -40,6 +43,8 @@ from streams.producer import KinesisProducer
 
 __all__ = ["app_from_env", "create_app", "run"]
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 
 async def post_events(request: Request) -> Response:
     namespace = request_namespace(request)
@@ -60,6 +65,12 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    if os.environ.get(MULTIPROC_ENV):
+        # Several worker processes (`api_workers` > 1): any one of them answers for all,
+        # from the files prometheus-client's multiprocess mode keeps per process.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -112,15 +123,28 @@ def app_from_env() -> Starlette:
     return create_app(Settings())
 
 
-def run(settings: Settings, host: str, port: int) -> None:
-    """Serve the API until interrupted (used by `recstream serve`)."""
+def run(settings: Settings, host: str, port: int, workers: int | None = None) -> None:
+    """Serve the API until interrupted (used by `recstream serve`).
+
+    With more than one worker (``api_workers``), uvicorn starts that many processes on one
+    socket; each builds its app from the environment, so the settings are exported first,
+    and metrics go through prometheus-client's multiprocess directory."""
+    workers = settings.api_workers if workers is None else workers
     # "auto" picks uvloop and httptools, project dependencies (docs/serving-speed.md).
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="info",
-        access_log=False,
-        loop="auto",
-        http="auto",
-    )
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "access_log": False,
+        "loop": "auto",
+        "http": "auto",
+    }
+    if workers <= 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    os.environ.update(settings.to_env())
+    metrics_dir = (settings.state_dir / "metrics" / str(port)).resolve()
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # the last run's processes are gone
+    metrics_dir.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
