@@ -54,7 +54,7 @@ from training.evaluate import (
 from training.models import Blend
 from training.publish import DataRange, RunInfo, open_registry
 
-__all__ = ["OnlineReport", "cmd_evaluate_online", "run_online"]
+__all__ = ["OnlineReport", "cmd_evaluate_online", "report_table", "run_online"]
 
 K = 20
 BATCH = 500
@@ -297,9 +297,27 @@ async def run_online(
     )
 
 
+def report_table(report: OnlineReport) -> Any:
+    """The served and offline metrics side by side (a rich Table)."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"{report.dataset}: served vs offline blend on the same {report.targets:,} "
+        f"targets ({report.sessions:,} sessions or users)",
+        title_justify="left",
+    )
+    table.add_column("")
+    for name in ("HR@10", "NDCG@10", "HR@20", "MRR@20"):
+        table.add_column(name, justify="right")
+    for label, metrics in (("served (API)", report.served), ("offline blend", report.offline)):
+        table.add_row(
+            label, *(f"{metrics[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "mrr@20"))
+        )
+    return table
+
+
 def cmd_evaluate_online(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     with console.status("replaying through the API"):
@@ -314,19 +332,7 @@ def cmd_evaluate_online(args: argparse.Namespace, settings: Settings) -> int:
                 params=blend_params(args.params),
             )
         )
-    table = Table(
-        title=f"{report.dataset}: served vs offline blend on the same {report.targets:,} "
-        f"targets ({report.sessions:,} sessions)",
-        title_justify="left",
-    )
-    table.add_column("")
-    for name in ("HR@10", "NDCG@10", "HR@20", "MRR@20"):
-        table.add_column(name, justify="right")
-    for label, metrics in (("served (API)", report.served), ("offline blend", report.offline)):
-        table.add_row(
-            label, *(f"{metrics[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "mrr@20"))
-        )
-    console.print(table)
+    console.print(report_table(report))
     console.print(f"degraded responses: {report.degraded}")
     if args.json is not None:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))
