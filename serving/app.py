@@ -7,11 +7,18 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
     GET /v1/trending (and their /v1/{namespace}/… forms): serving/recommendations.py
     GET  /healthz                           Redis reachable
     GET  /readyz                            every dependency reachable (serving/ops.py)
-    GET  /metrics                           Prometheus
+    GET  /metrics                           Prometheus (serving/metrics.py)
+    GET  /openapi.json, /docs               the API's contract (serving/openapi.py)
+
+The catalog, filter and Personalize-compatible routes are in their own modules.
+Observability (docs/observability.md): every Redis and AWS client the app opens is
+instrumented (recstream/tracing.py), spans are exported when an OTLP endpoint is set,
+and the agents' positions are read for /metrics in the background.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -22,16 +29,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from recstream import tracing
+from recstream.aws import async_client
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import open_stores
-from serving import catalog_routes, personalize
+from serving import catalog_routes, openapi, personalize
 from serving.collector import collect
 from serving.filter_routes import filter_error_handler
 from serving.filter_routes import routes as filter_routes
 from serving.filter_store import open_filters
 from serving.filters import FilterError
 from serving.http import error_response, json_response, request_namespace
+from serving.metrics import ModelVersions, stream_positions, watch_models
 from serving.middleware import open_security, security_middleware
 from serving.ops import routes as ops_routes
 from serving.recommendations import open_ranker
@@ -67,8 +77,19 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            provider = tracing.configure(settings, "recstream-api")
+            # Registered first, so it runs last: the spans of the shutdown are sent too.
+            stack.push_async_callback(asyncio.to_thread, tracing.shutdown, provider)
             stores = await stack.enter_async_context(open_stores(settings))
-            producer = await stack.enter_async_context(KinesisProducer(settings))
+            # Every client the app uses is timed per call (and traced when tracing is
+            # on); the clients stay the ones `open_stores` owns and closes.
+            tracing.instrument_redis(stores.redis)
+            for client in (stores.dynamodb, stores.s3, stores.sqs):
+                tracing.instrument_aws(client)
+            kinesis = tracing.instrument_aws(
+                await stack.enter_async_context(async_client(settings, "kinesis"))
+            )
+            producer = await stack.enter_async_context(KinesisProducer(settings, client=kinesis))
             app.state.settings = settings
             app.state.redis = stores.redis
             app.state.producer = producer
@@ -78,8 +99,14 @@ def create_app(settings: Settings) -> Starlette:
                 open_filters(settings, stores.dynamodb)
             )
             app.state.filter_resolver = app.state.filters
-            await stack.enter_async_context(open_ranker(app, stores, settings))
+            ranker = await stack.enter_async_context(open_ranker(app, stores, settings))
+            app.state.model_versions = ModelVersions(ranker.models, settings)
+            watch_models(app.state.model_versions)
             app.state.security = await stack.enter_async_context(open_security(settings, stores))
+            tracing.instrument_aws(app.state.security.clients.kinesis)
+            app.state.stream_positions = await stack.enter_async_context(
+                stream_positions(settings, kinesis)
+            )
             yield
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
@@ -98,6 +125,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             *personalize.routes(),
             *ops_routes(),
+            *openapi.routes(settings),
         ],
         middleware=security_middleware(settings),
         lifespan=lifespan,
