@@ -37,6 +37,8 @@ from recstream.settings import NAMESPACE_PATTERN, Settings
 from serving import personalize
 from serving.filter_store import NAME_PATTERN
 from serving.recommendations import (
+    BLANK,
+    NON_BLANK,
     RankingQuery,
     RecommendationsQuery,
     RelatedQuery,
@@ -111,7 +113,14 @@ class CollectorAnswer(_Answer):
 class EventBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    events: list[Event]
+    events: list[Event] = Field(min_length=1)
+
+
+class CollectorQuery(BaseModel):
+    """The collector's query (serving/collector.py reads it)."""
+
+    atomic: bool = False
+    """Refuse the whole batch when any event is invalid (nothing goes on the stream)."""
 
 
 class AcceptedRecord(_Answer):
@@ -199,7 +208,9 @@ class PersonalizeErrorAnswer(_Answer):
 
 # --- operations ------------------------------------------------------------------------------
 
-Body = type[BaseModel] | Callable[[Callable[[type[BaseModel]], dict[str, Any]]], dict[str, Any]]
+Answer = type[BaseModel] | tuple[type[BaseModel], ...] | None
+Ref = Callable[[type[BaseModel]], dict[str, Any]]
+Body = type[BaseModel] | Callable[[Ref, Settings], dict[str, Any]]
 """A request body: a model, or a function building a schema from model references."""
 
 
@@ -219,8 +230,9 @@ class Operation:
     query_lists: tuple[str, ...] = ()
     """Fields sent comma-separated (``exclude=a,b``)."""
     body: Body | None = None
-    responses: Mapping[int, tuple[str, type[BaseModel] | None]] = field(default_factory=dict)
-    """status: (description, model of the JSON body, or None for no JSON body)."""
+    responses: Mapping[int, tuple[str, Answer]] = field(default_factory=dict)
+    """status: (description, model of the JSON body (or models, any of which), or None
+    for no JSON body)."""
     media_type: str = "application/json"
     """Of the 200 answer when it has no model (the metrics' text format, the docs' HTML)."""
     external_docs: str | None = None
@@ -232,12 +244,12 @@ def _both(path: str) -> tuple[str, ...]:
 
 
 _REFUSED = "the request names a bad field; the message says which and how to fix it"
-_ERRORS: Final[dict[int, tuple[str, type[BaseModel] | None]]] = {
+_ERRORS: Final[dict[int, tuple[str, Answer]]] = {
     404: ("unknown or malformed namespace", ErrorAnswer),
     422: (_REFUSED, ErrorAnswer),
     413: ("the body is over the size limit", ErrorAnswer),
 }
-_RANKING_ERRORS: Final[dict[int, tuple[str, type[BaseModel] | None]]] = {
+_RANKING_ERRORS: Final[dict[int, tuple[str, Answer]]] = {
     **_ERRORS,
     400: ("`filter` cannot be applied, or its values are wrong", ErrorAnswer),
     503: ("the filter store is unreachable", ErrorAnswer),
@@ -246,7 +258,7 @@ _RANKING_OK: Final = (
     "the ranked items; `degraded` names any store that missed its deadline",
     RecommendationsAnswer,
 )
-_PERSONALIZE_ERRORS: Final[dict[int, tuple[str, type[BaseModel] | None]]] = {
+_PERSONALIZE_ERRORS: Final[dict[int, tuple[str, Answer]]] = {
     400: ("InvalidInputException: the message names the member", PersonalizeErrorAnswer),
     404: ("ResourceNotFoundException: unknown namespace, strategy or filter", None),
     500: ("InternalFailure: the deployment needs fixing (a missing stream)", None),
@@ -254,26 +266,32 @@ _PERSONALIZE_ERRORS: Final[dict[int, tuple[str, type[BaseModel] | None]]] = {
 }
 
 
-def _events_body(ref: Callable[[type[BaseModel]], dict[str, Any]]) -> dict[str, Any]:
+def _events_body(ref: Ref, settings: Settings) -> dict[str, Any]:
+    max_batch = settings.max_batch
     return {
         "description": 'One event, an array of events, or {"events": [...]}; the route '
         "sets `namespace` (an event that names another one is rejected).",
         "anyOf": [
             ref(Event),
-            {"type": "array", "items": ref(Event), "minItems": 1},
+            {"type": "array", "items": ref(Event), "minItems": 1, "maxItems": max_batch},
             ref(EventBatch),
         ],
     }
 
 
 def _records_body(model: type[BaseModel], plural: str) -> Body:
-    def body(ref: Callable[[type[BaseModel]], dict[str, Any]]) -> dict[str, Any]:
+    def body(ref: Ref, settings: Settings) -> dict[str, Any]:
         return {
             "description": f'One record, an array, or {{"{plural}": [...]}}; a put replaces '
             "the whole record",
             "anyOf": [
                 ref(model),
-                {"type": "array", "items": ref(model), "minItems": 1},
+                {
+                    "type": "array",
+                    "items": ref(model),
+                    "minItems": 1,
+                    "maxItems": settings.catalog_max_batch,
+                },
                 {
                     "type": "object",
                     "properties": {plural: {"type": "array", "items": ref(model), "minItems": 1}},
@@ -321,13 +339,16 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         "Every valid event goes on Kinesis; `202` lists each input index in exactly one of "
         "`accepted`, `rejected` (each bad field and its fix) and `failed` (resend those). "
         "`?atomic=true` refuses the whole batch when any event is invalid.",
-        query=None,
+        query=CollectorQuery,
         body=_events_body,
         responses={
             202: ("the valid events are on the stream", CollectorAnswer),
             413: ("too many events, or a body over 5 MiB", ErrorAnswer),
             404: _ERRORS[404],
-            422: ("nothing valid (or any invalid event with atomic=true)", CollectorAnswer),
+            422: (
+                "nothing valid (or any invalid event with atomic=true), or no events at all",
+                (CollectorAnswer, ErrorAnswer),
+            ),
             500: ("the deployment is broken (e.g. no stream); `failed` lists the ids", None),
             503: ("Kinesis refused some events even after retries; resend `failed`", None),
         },
@@ -393,7 +414,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         body=_records_body(Item, "items"),
         responses={
             200: ("every valid item is stored; `rejected` lists the others", CatalogAnswer),
-            422: ("nothing valid", CatalogAnswer),
+            422: ("nothing valid, or no records at all", (CatalogAnswer, ErrorAnswer)),
             413: _ERRORS[413],
             404: _ERRORS[404],
             503: ("a store is unreachable; retry (puts are idempotent)", ErrorAnswer),
@@ -420,7 +441,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         body=_records_body(User, "users"),
         responses={
             200: ("every valid user is stored; `rejected` lists the others", CatalogAnswer),
-            422: ("nothing valid", CatalogAnswer),
+            422: ("nothing valid, or no records at all", (CatalogAnswer, ErrorAnswer)),
             413: _ERRORS[413],
             404: _ERRORS[404],
             503: ("a store is unreachable; retry (puts are idempotent)", ErrorAnswer),
@@ -543,22 +564,38 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
 # --- building the document ---------------------------------------------------------------------
 
 
+def _non_blank(node: Any) -> None:
+    """`Event` strips every string before checking it (``str_strip_whitespace``), so a
+    string that must not be empty must hold a non-blank character, and a pattern may be
+    surrounded by blanks."""
+    if isinstance(node, dict):
+        if node.get("minLength", 0) >= 1 and "pattern" not in node:
+            node["pattern"] = NON_BLANK
+        elif isinstance(node.get("pattern"), str) and node["pattern"].startswith("^"):
+            node["pattern"] = f"^{BLANK}*" + node["pattern"][1:-1] + f"{BLANK}*$"
+            node.pop("maxLength", None)  # (counted after stripping; the pattern bounds it)
+        for value in node.values():
+            _non_blank(value)
+    elif isinstance(node, list):
+        for value in node:
+            _non_blank(value)
+
+
 def _event_rules(schema: dict[str, Any], now: float) -> None:
     """What `Event`'s validators enforce beyond its field types, in JSON Schema: who
     (``_who_and_what``), the item of built-in types, and the timestamp's bounds
     (``_sane_timestamp``; the upper bound is the document's build time, which the
     server's "a day ahead of now" always exceeds)."""
+    _non_blank(schema["properties"])
     props = schema["properties"]
+    # The route decides the namespace; a body may repeat it but not choose it, which a
+    # schema shared by every route cannot say: the field is left out (docs/serving.md).
+    del props["namespace"]
     user = copy.deepcopy(props["user_id"]["anyOf"][0])
     # "session:" prefixes anonymous actors; a user id with it is refused.
     user["not"] = {"pattern": r"^\s*session:"}
     props["user_id"]["anyOf"][0] = user
-    string_user = {"properties": {"user_id": {"type": "string"}}, "required": ["user_id"]}
-    string_session = {
-        "properties": {"session_id": {"type": "string"}},
-        "required": ["session_id"],
-    }
-    schema["anyOf"] = [string_user, string_session]
+    schema["anyOf"] = _ONE_ACTOR
     schema["if"] = {
         "properties": {"event_type": {"enum": sorted(ITEM_EVENT_TYPES)}},
         "required": ["event_type"],
@@ -579,6 +616,24 @@ def _event_rules(schema: dict[str, Any], now: float) -> None:
         "description",
         "Exactly one of user_id or session_id is needed at least; built-in types need item_id.",
     )
+
+
+_ONE_ACTOR: Final = [
+    {"properties": {"user_id": {"type": "string"}}, "required": ["user_id"]},
+    {"properties": {"session_id": {"type": "string"}}, "required": ["session_id"]},
+]
+
+
+def _catalog_rules(schemas: dict[str, dict[str, Any]]) -> None:
+    """`serving.catalog_routes.validate_record` refuses fields the models do not have
+    (they would ignore them: a typo would be lost), and `Item` takes its categories as a
+    list or as Personalize's ``"A|B"`` string."""
+    for name in ("Item", "User"):
+        schemas[name]["additionalProperties"] = False
+    categories = schemas["Item"]["properties"]["categories"]
+    schemas["Item"]["properties"]["categories"] = {
+        "anyOf": [categories, {"type": "string", "description": '"A|B": pipe-separated'}]
+    }
 
 
 def _strip_titles(node: Any) -> Any:
@@ -662,13 +717,19 @@ def build_spec(settings: Settings, now: float | None = None) -> dict[str, Any]:
             inputs.append(operation.body)
         if operation.query is not None:
             inputs.append(operation.query)
-        outputs += [m for _, m in operation.responses.values() if m is not None]
+        for _, declared in operation.responses.values():
+            outputs += declared if isinstance(declared, tuple) else [declared] if declared else []
     pairs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         (m, "validation") for m in dict.fromkeys(inputs)
     ] + [(m, "serialization") for m in dict.fromkeys(outputs)]
     keys, defs = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
     schemas: dict[str, dict[str, Any]] = _strip_titles(defs.get("$defs", {}))
     _event_rules(schemas["Event"], time.time() if now is None else now)
+    _catalog_rules(schemas)
+    schemas["EventBatch"]["properties"]["events"]["maxItems"] = settings.max_batch
+    for name in ("RecommendationsQuery", "RankingQuery"):
+        # `_actor`: a user, or an anonymous session (a query cannot say this; a body can).
+        schemas[name]["anyOf"] = _ONE_ACTOR
 
     def ref(model: type[BaseModel], mode: str = "validation") -> dict[str, Any]:
         return dict(keys[(model, mode)])  # type: ignore[index]
@@ -690,15 +751,23 @@ def build_spec(settings: Settings, now: float | None = None) -> dict[str, Any]:
                 entry["externalDocs"] = {"url": operation.external_docs}
             if operation.body is not None:
                 body = (
-                    ref(operation.body) if isinstance(operation.body, type) else operation.body(ref)
+                    ref(operation.body)
+                    if isinstance(operation.body, type)
+                    else operation.body(ref, settings)
                 )
                 entry["requestBody"] = {
-                    "required": operation.body is not RecommendationsQuery,
+                    "required": True,
                     "content": {"application/json": {"schema": body}},
                 }
             for status, (description, model) in sorted(operation.responses.items()):
                 answer: dict[str, Any] = {"description": description}
-                if model is not None:
+                if isinstance(model, tuple):
+                    answer["content"] = {
+                        "application/json": {
+                            "schema": {"anyOf": [ref(m, "serialization") for m in model]}
+                        }
+                    }
+                elif model is not None:
                     answer["content"] = {
                         "application/json": {"schema": ref(model, "serialization")}
                     }

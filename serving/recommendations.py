@@ -46,7 +46,16 @@ __all__ = ["FilterResolver", "open_ranker", "routes"]
 
 MAX_RESULTS = 500
 MAX_BODY_BYTES = 1024 * 1024
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+BLANK = r"[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+r"""The characters pydantic strips (Rust's White_Space), spelled out: ``\s`` means three
+different sets in Rust, Python and JSON Schema's ECMA-262 regexes."""
+NON_BLANK = "[^" + BLANK[1:]
+# The pattern is implied by stripping then min_length (so no request changes fate); it
+# is stated so that the JSON Schema (serving/openapi.py) says what the server accepts.
+Id = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=NON_BLANK),
+]
 Short = Annotated[str, StringConstraints(max_length=256)]
 
 
