@@ -25,6 +25,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -109,6 +110,24 @@ def create_app(settings: Settings) -> Starlette:
             )
             yield
 
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        # The router's own 404 and 405, in the API's error shape (a client parses one
+        # format), with the route list's address.
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error_response(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.url.path}; see /docs",
+                headers=exc.headers,
+            )
+        return error_response(
+            exc.status_code,
+            "not_found" if exc.status_code == 404 else "http_error",
+            f"no route for {request.method} {request.url.path}; the routes are listed at /docs",
+            headers=exc.headers,
+        )
+
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RecstreamError)
         return error_response(503 if exc.retriable else 500, exc.code, str(exc))
@@ -129,7 +148,11 @@ def create_app(settings: Settings) -> Starlette:
         ],
         middleware=security_middleware(settings),
         lifespan=lifespan,
-        exception_handlers={RecstreamError: on_recstream_error, FilterError: filter_error_handler},
+        exception_handlers={
+            HTTPException: on_http_error,
+            RecstreamError: on_recstream_error,
+            FilterError: filter_error_handler,
+        },
     )
     app.state.settings = settings
     return app

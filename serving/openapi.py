@@ -49,6 +49,8 @@ from streams.schema import ITEM_EVENT_TYPES, MIN_TIMESTAMP, Event, Item, User
 __all__ = ["OPERATIONS", "Operation", "build_spec", "routes"]
 
 BOTOCORE_MODELS: Final = "https://github.com/boto/botocore/tree/develop/botocore/data"
+MAX_REQUEST_LINE: Final = 64 * 1024
+"""About where uvicorn's HTTP parser (httptools) refuses a request line, before the app."""
 SPEC_PATH: Final = "/openapi.json"
 DOCS_PATH: Final = "/docs"
 
@@ -680,8 +682,14 @@ def _query_parameters(
         }
         if name in operation.query_lists:
             parameter.update(style="form", explode=False)
-            # a comma would split one id in two
-            parameter["schema"]["items"] = {**prop["items"], "pattern": "^[^,]*$"}
+            # A comma would split one id in two; blank entries (`exclude=` or `a,,b`) are
+            # dropped rather than refused, so the empty list needs no special spelling.
+            parameter["schema"]["items"] = {
+                "type": "string",
+                "maxLength": prop["items"].get("maxLength", 256),
+                "pattern": "^[^,]*$",
+            }
+            parameter["description"] = "comma-separated; blank entries are ignored"
         out.append(parameter)
     return out
 
@@ -699,6 +707,7 @@ def _path_parameters(path: str) -> list[dict[str, Any]]:
             }
         )
     for name, schema in (
+        # (an id holding a line feed is stored, but no route template matches it: 404)
         ("item_id", {"type": "string", "minLength": 1}),
         ("user_id", {"type": "string", "minLength": 1}),
         ("name", {"type": "string", "pattern": NAME_PATTERN}),
@@ -759,7 +768,10 @@ def build_spec(settings: Settings, now: float | None = None) -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": body}},
                 }
-            for status, (description, model) in sorted(operation.responses.items()):
+            responses = dict(operation.responses)
+            if operation.method == "get" and operation.query is not None:
+                responses.setdefault(400, ("", None))
+            for status, (description, model) in sorted(responses.items()):
                 answer: dict[str, Any] = {"description": description}
                 if isinstance(model, tuple):
                     answer["content"] = {
@@ -773,6 +785,15 @@ def build_spec(settings: Settings, now: float | None = None) -> dict[str, Any]:
                     }
                 elif status == 200:
                     answer["content"] = {operation.media_type: {"schema": {}}}
+                if status == 400 and operation.method == "get" and operation.query is not None:
+                    refusal = (
+                        f"as text/plain, the HTTP server's refusal of a request line over "
+                        f"{MAX_REQUEST_LINE // 1024} KiB (send long lists in a POST body)"
+                    )
+                    answer["description"] = (
+                        f"{description}; or, {refusal}" if description else f"Sent {refusal}"
+                    )
+                    answer.setdefault("content", {})["text/plain"] = {"schema": {"type": "string"}}
                 entry["responses"][str(status)] = answer
             paths.setdefault(path, {})[operation.method] = entry
     # Open (local) mode: no key needed, which OpenAPI writes as one empty requirement.

@@ -213,7 +213,9 @@ async def _parse(
     else:
         fields = _query_fields(request, lists)
     try:
-        return namespace, model.model_validate(fields)
+        # A query's values are all strings, read leniently ("5", "true"); a JSON body's
+        # types are what they say: `"debug": 1` or `"num_results": true` are refused.
+        return namespace, model.model_validate(fields, strict=request.method == "POST")
     except ValidationError as exc:
         return _problem(exc)
 

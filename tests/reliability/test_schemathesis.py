@@ -8,6 +8,7 @@ requests every run, so a failure reproduces), each request with a timeout.
 
 from __future__ import annotations
 
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from recstream.settings import Settings
+from serving.openapi import MAX_REQUEST_LINE
 from tests.conftest import LocalStack, make_settings
 from tests.reliability.conftest import running
 
@@ -91,11 +93,31 @@ def _sent_names(case: Any) -> set[str]:
     return names
 
 
+def refused_by_the_http_server(response: Any) -> bool:
+    """uvicorn's parser refuses a request line over about 64 KiB before the app sees it
+    (documented as a text/plain 400 on the GET operations): not the app's answer."""
+    return (
+        response.status_code == 400
+        and response.headers.get("content-type", [""])[0].startswith("text/plain")
+        and len(response.request.url) > MAX_REQUEST_LINE - 8192
+    )
+
+
+def accepted_unless_too_long(ctx: Any, response: Any, case: Any) -> bool | None:
+    """schemathesis's positive_data_acceptance, except for a URL the HTTP server refuses
+    for its length (a valid 500-id `exclude` can be that long: POST carries it)."""
+    if refused_by_the_http_server(response):
+        return None
+    return positive_data_acceptance(ctx, response, case)
+
+
 def rejection_names_the_field(ctx: Any, response: Any, case: Any) -> bool | None:
     """A 4xx about the request says, in words, what is wrong and where: a field or
     parameter the request sent (or left out), or the body as a whole when it is not the
     JSON value the operation takes."""
     if not 400 <= response.status_code < 500 or response.status_code in _NOT_ABOUT_A_FIELD:
+        return None
+    if refused_by_the_http_server(response):
         return None
     try:
         body = orjson.loads(response.content)
@@ -199,7 +221,7 @@ def actor_rule_only(ctx: Any, response: Any, case: Any) -> bool | None:
     if response.status_code == 422 and not ({"user_id", "session_id"} & set(query)):
         assert orjson.loads(response.content)["error"]["code"] == "missing_user_id"
         return None
-    return positive_data_acceptance(ctx, response, case)
+    return accepted_unless_too_long(ctx, response, case)
 
 
 @dataclass
@@ -213,13 +235,12 @@ class Outcome:
 
 def _exercise(operation: Any, mode: GenerationMode, outcome: Outcome, spec: Any) -> None:
     label = f"{operation.method.upper()} {operation.path}"
-    excluded: list[Any] = []
+    excluded: list[Any] = [positive_data_acceptance]
     extra: list[Any] = [rejection_names_the_field]
-    if label in _GRAMMAR_NOT_IN_THE_SCHEMA:
-        excluded = [positive_data_acceptance]
-    elif label in _ONE_OF_TWO_PARAMETERS:
-        excluded = [positive_data_acceptance]
+    if label in _ONE_OF_TWO_PARAMETERS:
         extra.append(actor_rule_only)
+    elif label not in _GRAMMAR_NOT_IN_THE_SCHEMA:
+        extra.append(accepted_unless_too_long)
     elif label.endswith(("/events", "/items", "/users")) and label.startswith("POST /v1"):
         # a 2xx is right for a batch with invalid members: they are listed as rejected
         excluded = [negative_data_rejection]
@@ -253,7 +274,8 @@ def _exercise(operation: Any, mode: GenerationMode, outcome: Outcome, spec: Any)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # every operation's failures, reported together
-        outcome.failures[f"{label} ({mode.value})"] = f"{type(exc).__name__}: {exc}"[:3000]
+        report = "".join(traceback.format_exception(exc))
+        outcome.failures[f"{label} ({mode.value})"] = report[-4000:]
 
 
 def test_the_api_keeps_its_openapi_contract(open_api: str) -> None:
