@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Final
 
@@ -246,7 +246,7 @@ def envelope_headers() -> tuple[tuple[str, bytes], ...]:
 @contextmanager
 def consuming(
     name: str,
-    messages: Sequence[Sequence[tuple[str, bytes]]],
+    messages: Sequence[Sequence[tuple[str, bytes]] | Mapping[str, bytes]],
     attributes: dict[str, Any] | None = None,
 ) -> Iterator[None]:
     """Around the processing of a batch: one CONSUMER span per message whose headers
@@ -258,7 +258,9 @@ def consuming(
         yield
         return
     spans: list[Span] = []
-    for headers in messages:
+    for raw in messages:
+        # (faust hands a list of pairs; other transports may hand a mapping)
+        headers = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
         if not any(key.lower() == "traceparent" for key, _ in headers):
             continue
         spans.append(

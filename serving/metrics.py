@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EVENTS",
     "FRESHNESS",
+    "LIVE",
     "RANK_DEGRADED",
     "RANK_LATENCY",
     "SERVED_LOG_DROPPED",
@@ -50,6 +51,8 @@ __all__ = [
     "ModelVersions",
     "ShardPosition",
     "StreamPositions",
+    "stream_positions",
+    "watch_models",
 ]
 
 log = logging.getLogger(__name__)
@@ -292,7 +295,9 @@ def watch_models(versions: ModelVersions) -> None:
 
 
 @contextlib.asynccontextmanager
-async def stream_positions(settings: Settings, kinesis: KinesisClient) -> Any:
+async def stream_positions(
+    settings: Settings, kinesis: KinesisClient
+) -> AsyncIterator[StreamPositions | None]:
     """Read the agents' positions in the background for the app's lifetime (nothing when
     ``stream_status_interval_s`` is 0)."""
     if settings.stream_status_interval_s <= 0:

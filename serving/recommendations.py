@@ -143,7 +143,11 @@ def _query_fields(request: Request, lists: tuple[str, ...]) -> dict[str, Any]:
         if dot and head in ("context", "filter_values"):
             fields.setdefault(head, {})[tail] = value
         elif key in lists:
-            fields[key] = [v for v in value.split(",") if v.strip()]
+            # Blank entries (`exclude=`, `a,,b`) are dropped, but still count towards the
+            # limit: 100,000 commas are not a short list.
+            entries = value.split(",")
+            kept = [v for v in entries if v.strip()]
+            fields[key] = kept if len(entries) <= MAX_RESULTS else entries
         else:
             fields[key] = value
     return fields
@@ -159,7 +163,15 @@ async def _body(request: Request) -> dict[str, Any] | Response:
         return error_response(422, "malformed_body", f"the body is not valid JSON ({exc})")
     if not isinstance(body, dict):
         return error_response(422, "malformed_body", "send a JSON object with the parameters")
-    return body
+    return {key: _integral(value) for key, value in body.items()}
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 25.0 is an integer to JSON Schema (and to the document),
+    # while the strict validation of bodies would refuse it for num_results.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
