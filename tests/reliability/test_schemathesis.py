@@ -126,10 +126,11 @@ def rejection_names_the_field(ctx: Any, response: Any, case: Any) -> bool | None
     messages = _messages(body)
     assert messages, f"no message in {body}"
     assert all(m.strip() for m in messages), f"an empty message in {body}"
-    text = " ".join(messages).replace("_", " ")
+    raw = " ".join(messages)
+    text = raw.replace("_", " ")  # "filter expression" names filter_expression
     names = _sent_names(case) | DOCUMENTED_NAMES.get(_label(case), set())
     # (names are quoted with repr() in messages: compare that spelling too)
-    named = [n for n in names if n.replace("_", " ") in text or repr(n)[1:-1] in text]
+    named = [n for n in names if n.replace("_", " ") in text or repr(n)[1:-1] in raw]
     whole_body = any(w in text for w in ("body", "JSON", "request"))
     assert named or whole_body, f"the answer names no field of the request: {text}"
     return None
