@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "SeenPolicy", "Settings"]
@@ -53,7 +53,11 @@ _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 class Settings(BaseSettings):
     """Every endpoint, resource name, port and budget recstream uses."""
 
-    model_config = SettingsConfigDict(env_prefix="RECSTREAM_", frozen=True, extra="ignore")
+    # validate_by_name: `otlp_endpoint` is read from two variables (its aliases), and code
+    # and tests still pass it by its name.
+    model_config = SettingsConfigDict(
+        env_prefix="RECSTREAM_", frozen=True, extra="ignore", validate_by_name=True
+    )
 
     env: Literal["local", "production"] = "local"
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
@@ -326,6 +330,19 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
+    # --- observability (docs/observability.md) -----------------------------------------
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RECSTREAM_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
+    """Base URL of an OTLP/HTTP collector (``/v1/traces`` is appended, as for the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT, which is read too). Unset: no tracing at all."""
+    trace_sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded; a trace started upstream keeps its caller's decision."""
+    stream_status_interval_s: float = Field(30.0, ge=0.0)
+    """How often the API reads the agents' positions (lease table, and one Kinesis read per
+    shard) for /metrics; 0 turns it off. Each read counts against the shard's 5 reads/s."""
+
     @field_validator("apikey_sigv4_secret", "require_api_keys", "rate_limit_enabled", mode="before")
     @classmethod
     def _empty_security_means_none(cls, value: object) -> object:
@@ -343,6 +360,7 @@ class Settings(BaseSettings):
         "personalize_endpoint_url",
         "diversity_category_cap",
         "diversity_mmr_lambda",
+        "otlp_endpoint",
         mode="before",
     )
     @classmethod

@@ -48,7 +48,16 @@ __all__ = ["FilterResolver", "open_ranker", "routes"]
 
 MAX_RESULTS = 500
 MAX_BODY_BYTES = 1024 * 1024
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+BLANK = r"[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+r"""The characters pydantic strips (Rust's White_Space), spelled out: ``\s`` means three
+different sets in Rust, Python and JSON Schema's ECMA-262 regexes."""
+NON_BLANK = "[^" + BLANK[1:]
+# The pattern is implied by stripping then min_length (so no request changes fate); it
+# is stated so that the JSON Schema (serving/openapi.py) says what the server accepts.
+Id = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=NON_BLANK),
+]
 Short = Annotated[str, StringConstraints(max_length=256)]
 
 
@@ -136,7 +145,11 @@ def _query_fields(request: Request, lists: tuple[str, ...]) -> dict[str, Any]:
         if dot and head in ("context", "filter_values"):
             fields.setdefault(head, {})[tail] = value
         elif key in lists:
-            fields[key] = [v for v in value.split(",") if v.strip()]
+            # Blank entries (`exclude=`, `a,,b`) are dropped, but still count towards the
+            # limit: 100,000 commas are not a short list.
+            entries = value.split(",")
+            kept = [v for v in entries if v.strip()]
+            fields[key] = kept if len(entries) <= MAX_RESULTS else entries
         else:
             fields[key] = value
     return fields
@@ -152,7 +165,15 @@ async def _body(request: Request) -> dict[str, Any] | Response:
         return error_response(422, "malformed_body", f"the body is not valid JSON ({exc})")
     if not isinstance(body, dict):
         return error_response(422, "malformed_body", "send a JSON object with the parameters")
-    return body
+    return {key: _integral(value) for key, value in body.items()}
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 25.0 is an integer to JSON Schema (and to the document),
+    # while the strict validation of bodies would refuse it for num_results.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
@@ -218,7 +239,9 @@ async def _parse(
     else:
         fields = _query_fields(request, lists)
     try:
-        return namespace, model.model_validate(fields)
+        # A query's values are all strings, read leniently ("5", "true"); a JSON body's
+        # types are what they say: `"debug": 1` or `"num_results": true` are refused.
+        return namespace, model.model_validate(fields, strict=request.method == "POST")
     except ValidationError as exc:
         return _problem(exc)
 
