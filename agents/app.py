@@ -20,6 +20,7 @@ from agents.deadletter import SqsDeadLetters
 from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
+from agents.redrive import redrive_personalize
 from agents.retry import until_succeeds
 from agents.state import DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, materialize
@@ -137,6 +138,14 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                 ):
                     await until_done(forwarder.process, values, settings.stream_name)
                     yield None
+
+        @app.timer(settings.personalize_redrive_s, name="personalize-redrive")  # type: ignore[untyped-decorator]
+        async def personalize_redrive() -> None:
+            # What the tracker did not take went to the DLQ; send it again (agents/redrive.py).
+            try:
+                await redrive_personalize(settings)
+            except Exception as exc:  # the next tick retries
+                log.warning("re-driving Personalize dead letters failed: %s", exc)
 
     trend_redis = open_redis(settings)
 

@@ -24,11 +24,13 @@ import redis.asyncio as aioredis
 from recstream import stack
 from recstream.keys import Keys
 from recstream.settings import Settings
-from tests.conftest import unique
+from tests.conftest import REPO, unique
+from tests.integration.test_spine import agent_worker
 
 T = TypeVar("T")
 
 __all__ = [
+    "agents",
     "applied_ids",
     "drill_settings",
     "paused",
@@ -77,6 +79,27 @@ def paused(server: stack.Server) -> Iterator[None]:
         yield
     finally:
         os.killpg(server.process.pid, signal.SIGCONT)
+
+
+@contextmanager
+def agents(settings: Settings, log: Path) -> Iterator[Any]:
+    """`recstream agents` (tests.integration.test_spine.agent_worker) running the code of
+    this checkout: the child starts in another directory, where an editable install
+    would otherwise import the package from wherever it was installed."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([previous] if previous else [])])
+    try:
+        starting = agent_worker(settings, log)
+        process = starting.__enter__()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    try:
+        yield process
+    finally:
+        starting.__exit__(None, None, None)
 
 
 def drill_settings(redis_url: str, moto_url: str, **overrides: Any) -> Settings:

@@ -25,8 +25,8 @@ import redis.asyncio as aioredis
 from recstream import stack
 from serving.app import create_app
 from tests.conftest import serve_in_thread
-from tests.integration.test_spine import agent_worker
 from tests.reliability.drillkit import (
+    agents,
     applied_ids,
     drill_settings,
     private_moto,
@@ -97,7 +97,7 @@ async def test_an_emulator_restart_answers_503_and_loses_no_acknowledged_event(
         poster = Poster(f"http://127.0.0.1:{api_port}")
         actors = [f"u{n}" for n in range(USERS)]
         try:
-            with serve_in_thread(create_app(settings), api_port), agent_worker(settings, log):
+            with serve_in_thread(create_app(settings), api_port), agents(settings, log):
                 posting = asyncio.create_task(poster.run())
 
                 async def accepted_at_least(n: int) -> bool:
