@@ -2,8 +2,8 @@
 
 Publishing keeps two durable copies in S3 (docs/publishing.md): every version's records
 (``models/{name}/{version}/redis-records.jsonl.gz``, exactly what it wrote to Redis) and
-each namespace's serving pointer (``models/_serving/{namespace}/{name}.json``, written by
-promote and rollback). When serving reads a model pointer and finds none, a
+each namespace's serving pointer (``model-pointers/{namespace}/{name}.json``, written
+by promote and rollback). When serving reads a model pointer and finds none, a
 `RegistryRestorer` checks S3 in the background (once per namespace at a time, at most
 every ``recheck_s``) and, for every model whose pointer S3 has and Redis has not, writes
 the version's records back under the same version id, marks it complete and points

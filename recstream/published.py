@@ -10,7 +10,7 @@ training; training re-exports these names from `training.publish`.
 It also holds what serving needs to rebuild the registry after Redis lost it
 (`recstream.model_restore`) without training's code: the format of a version's record
 dump in S3 (``redis-records.jsonl.gz``, the exact records publishing wrote), the durable
-copy of each namespace's serving pointer (``models/_serving/{namespace}/{name}.json``),
+copy of each namespace's serving pointer (``model-pointers/{namespace}/{name}.json``),
 and the registry's bookkeeping scripts (claim, complete, promote).
 """
 
@@ -208,7 +208,7 @@ async def read_current_many(
 REDIS_RECORDS = "redis-records.jsonl.gz"
 """Beside a version's manifest: every record it wrote to Redis, one JSON line each
 (`encode_record`), so the registry can be rebuilt without loading the model."""
-SERVING_PREFIX = "models/_serving/"
+SERVING_PREFIX = "model-pointers/"
 """S3 prefix of the durable serving pointers (model names start with a letter or a digit,
 so no model's own prefix can collide with it)."""
 

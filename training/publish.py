@@ -541,7 +541,7 @@ class ModelRegistry:
                 async with self._kept_alive(name, version):
                     await asyncio.to_thread(model.save, directory)
                 files = await self._upload_dir(s3, name, version, directory, report)
-                records = await self._write_listed_records(
+                records, dump_sha256 = await self._write_listed_records(
                     s3, name, version, model, report, Path(tmp) / REDIS_KEYS
                 )
             manifest = {
@@ -563,6 +563,8 @@ class ModelRegistry:
                     "records": records,
                     "prefix": self.keys.model(name, version, ""),
                     "key_list": REDIS_KEYS,
+                    "dump": REDIS_RECORDS,
+                    "dump_sha256": dump_sha256,
                 },
             }
             await self._put(
