@@ -112,7 +112,7 @@ async def test_an_emulator_restart_answers_503_and_loses_no_acknowledged_event(
                 async def refused_while_down() -> bool:
                     if posting.done():
                         posting.result()
-                    return poster.refusals() >= refusals_before + 2
+                    return poster.refusals() >= refusals_before + 1
 
                 await wait_for(refused_while_down, "503s while the emulator is down", 120, log)
                 accepted_during_outage = len(poster.accepted)
