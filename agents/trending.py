@@ -347,9 +347,11 @@ async def trending_keys(redis: aioredis.Redis, namespace: str) -> list[str]:
     return found
 
 
-REBUILD_LEASE_S = 900.0
-"""How long one worker's automatic rebuild may hold the namespace before another may
-take over (a worker that died mid-rebuild)."""
+REBUILD_LEASE_S = 60.0
+"""The rebuild lease, renewed with every batch replayed: a worker that died mid-rebuild
+hands the namespace to another within this long."""
+RETRY_AFTER_S = 30.0
+"""A failed automatic rebuild (S3 or Redis down) is tried again after this long."""
 
 
 @dataclass(frozen=True)
@@ -461,6 +463,7 @@ async def rebuild(
         it = iter(events)
         while batch := list(itertools.islice(it, batch_size)):
             await replay.apply(batch)
+            await redis.pexpire(lock, int(REBUILD_LEASE_S * 1000))
         await materialize(redis, settings, namespace, lock=False)
     finally:
         with contextlib.suppress(RedisError, OSError):
@@ -486,6 +489,7 @@ class TrendKeeper:
         self.settings = settings
         self.rebuilt: dict[str, RebuildStats] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retry_at: dict[str, float] = {}
 
     async def tick(self, namespace: str) -> None:
         keys = Keys(namespace)
@@ -493,7 +497,11 @@ class TrendKeeper:
         if since is None and t is not None:
             # Counts built before `since` existed (an upgrade): they are what they are.
             await self.redis.hsetnx(keys.trend_clock, "since", 0)
-        elif (since is None or float(since) > 0) and namespace not in self._tasks:
+        elif (
+            (since is None or float(since) > 0)
+            and namespace not in self._tasks
+            and time.monotonic() >= self._retry_at.get(namespace, 0.0)
+        ):
             task = asyncio.create_task(self._recover(namespace), name=f"trends[{namespace}]")
             self._tasks[namespace] = task
             task.add_done_callback(lambda _: self._tasks.pop(namespace, None))
@@ -540,6 +548,7 @@ class TrendKeeper:
                 events = read_events(s, start, end, namespace=namespace)
                 while batch := await asyncio.to_thread(_take, events, 1000):
                     await replay.apply(batch)
+                    await self.redis.pexpire(keys.trend_rebuild, int(REBUILD_LEASE_S * 1000))
                 self.rebuilt[namespace] = replay.stats()
                 log.warning(
                     "the trends of %s were incomplete (Redis lost them?); replayed %d archived "
@@ -549,9 +558,11 @@ class TrendKeeper:
             await self.redis.hset(keys.trend_clock, "since", 0)
             await materialize(self.redis, s, namespace, lock=False)
         except (RecstreamError, RedisError, OSError) as exc:
+            self._retry_at[namespace] = time.monotonic() + RETRY_AFTER_S
             log.warning(
-                "rebuilding the trends of %s failed; the next tick retries: %s", namespace, exc
-            )
+                "rebuilding the trends of %s failed, retrying in %.0f s: %s",
+                namespace, RETRY_AFTER_S, exc,
+            )  # fmt: skip
         finally:
             with contextlib.suppress(RedisError, OSError):
                 if _str(await self.redis.get(keys.trend_rebuild) or b"") == token:
