@@ -4,9 +4,10 @@ One place decides endpoints and credentials, so real AWS versus the emulator is 
 matter of configuration. Credentials always come from botocore's normal chain (env,
 profile, SSO, container or instance role); only when a custom endpoint is set (the
 emulator) *and* that chain finds nothing do we pass the emulator's dummy credentials
-(``test``/``test``), so configured credentials are never replaced. Production mode never
-gets dummy credentials. For a loopback endpoint the chain skips the container and instance
-role lookups (network calls that time out off AWS): a local emulator needs no role.
+(``test``/``test``), so configured credentials are never replaced (production mode refuses
+custom endpoints, so it always uses the chain). For a loopback endpoint the chain skips
+the container and instance role lookups (network calls that time out off AWS): a local
+emulator needs no role.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def has_configured_credentials(remote_lookups: bool = True) -> bool:
 def credentials_kwargs(settings: Settings, endpoint: str | None) -> dict[str, str]:
     """Credentials to pass to a client of ``endpoint``: none (botocore's chain decides),
     except the emulator's dummy ones for a custom endpoint when the chain finds none."""
-    if endpoint is None or settings.env == "production":
+    if endpoint is None:
         return {}
     loopback = bool(_LOOPBACK.match(urlsplit(endpoint).hostname or ""))
     if has_configured_credentials(remote_lookups=not loopback):

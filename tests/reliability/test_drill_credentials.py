@@ -117,12 +117,10 @@ def test_production_and_real_aws_never_get_dummy_credentials(no_credentials: Non
         redis_url="rediss://:a-real-password@redis.internal:6380/0",
         apikey_sigv4_secret="x" * 40,
     )
+    # production has no custom endpoint (refused), so it always signs with the chain
     assert production.aws_endpoint_url is None
+    assert production.kinesis_endpoint is None
     assert credentials_kwargs(production, None) == {}
-    # even if a custom endpoint reached the client builder, production signs with the chain
-    assert (
-        credentials_kwargs(production, "https://vpce-1.kinesis.us-east-1.vpce.amazonaws.com") == {}
-    )
     assert credentials_kwargs(Settings(aws_endpoint_url=None), None) == {}
     # local mode, custom endpoint, nothing configured: the emulator's dummy credentials
     assert credentials_kwargs(Settings(), "http://127.0.0.1:4566") == {
