@@ -20,9 +20,10 @@ from agents.deadletter import SqsDeadLetters
 from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
+from agents.redrive import redrive_personalize
 from agents.retry import until_succeeds
 from agents.state import DynamoWindows, RedisHotStore, WindowsPart
-from agents.trending import TrendingPart, materialize
+from agents.trending import TrendingPart, TrendKeeper
 from agents.windows import StreamRecord, WindowAgent, deliver
 from recstream import tracing
 from recstream.settings import Settings
@@ -145,15 +146,24 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                     await until_done(forwarder.process, values, settings.stream_name)
                     yield None
 
-    trend_redis = open_redis(settings)
+        @app.timer(settings.personalize_redrive_s, name="personalize-redrive")  # type: ignore[untyped-decorator]
+        async def personalize_redrive() -> None:
+            # What the tracker did not take went to the DLQ; send it again (agents/redrive.py).
+            try:
+                await redrive_personalize(settings)
+            except Exception as exc:  # the next tick retries
+                log.warning("re-driving Personalize dead letters failed: %s", exc)
+
+    keeper = TrendKeeper(open_redis(settings), settings)
 
     @app.timer(settings.trend_interval_s, name="trends")  # type: ignore[untyped-decorator]
     async def trends() -> None:
         # Every worker ticks; a short lock in Redis lets one of them do each namespace's
-        # work, and the work is idempotent anyway.
+        # work, and the work is idempotent anyway. The keeper also rebuilds the trends
+        # from the archive after a Redis loss (agents/trending.py).
         for namespace in sorted(namespaces):
             try:
-                await materialize(trend_redis, settings, namespace)
+                await keeper.tick(namespace)
             except Exception as exc:  # the next tick retries
                 log.warning("materializing the trends of %s failed: %s", namespace, exc)
 

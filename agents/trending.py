@@ -25,32 +25,56 @@ guarded by a short lock so one worker does the work) writes
 the score `recstream.scoring.trend_scores` (training's `Trending` at ``now = E``), top
 ``trend_cap`` items.
 
-Durability: these keys are rebuilt from the S3 archive (`rebuild`, ``recstream trending
-rebuild``): the archive holds every event, so nothing else needs a durable copy.
+Durability: these keys are rebuilt from the S3 archive: the archive holds every event,
+so nothing else needs a durable copy. By hand with ``recstream trending rebuild``
+(`rebuild`), and by themselves (`TrendKeeper`, on every worker's materializer tick):
+``trend:clock`` also keeps ``since``, the event time from which the counts are complete.
+The script sets it to the first event's time when it creates the clock, which happens
+only in an empty Redis (a new namespace, or Redis lost its data); the keeper then replays
+the archived events before ``since`` that are not in their actor's ``seen`` set (applied
+since the loss), and sets ``since`` to 0: complete.
 """
 
 from __future__ import annotations
 
+import asyncio
+import calendar
+import contextlib
+import itertools
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 import redis.asyncio as aioredis
+from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from agents.catalog import BatchContext, load_context
 from agents.state import compose, redis_failure
+from recstream.archive import ARCHIVE_PREFIX, read_events
+from recstream.aws import async_client, translate
+from recstream.errors import ConfigurationError, RecstreamError
 from recstream.keys import Keys
 from recstream.scoring import trend_scores
 from recstream.settings import Settings
 from streams.schema import Event
 
-__all__ = ["WINDOWS", "TrendWindow", "TrendingPart", "materialize", "rebuild"]
+__all__ = [
+    "WINDOWS",
+    "RebuildStats",
+    "TrendKeeper",
+    "TrendWindow",
+    "TrendingPart",
+    "materialize",
+    "rebuild",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +121,8 @@ local ts = ev['ts']
 local clock = tonumber(redis.call('HGET', K[1], 't'))
 if (not clock) or ts > clock then
   redis.call('HSET', K[1], 't', fmt(ts))
+  -- a new clock: this Redis has no counts from before this event (TrendKeeper)
+  if not clock then redis.call('HSETNX', K[1], 'since', fmt(ts)) end
   clock = ts
 end
 if r['pw'] <= 0 then return 0 end
@@ -321,10 +347,93 @@ async def trending_keys(redis: aioredis.Redis, namespace: str) -> list[str]:
     return found
 
 
+REBUILD_LEASE_S = 60.0
+"""The rebuild lease, renewed with every batch replayed: a worker that died mid-rebuild
+hands the namespace to another within this long."""
+RETRY_AFTER_S = 30.0
+"""A failed automatic rebuild (S3 or Redis down) is tried again after this long."""
+
+
 @dataclass(frozen=True)
 class RebuildStats:
     events: int
     duplicates: int
+    skipped: int = 0
+    """Events already applied since the loss (in their actor's ``seen`` set)."""
+
+
+class _Replay:
+    """Archived events through the trending part, with the archive's ids counted once
+    and, with ``skip_applied``, without the events the agents applied since the loss."""
+
+    def __init__(
+        self, redis: aioredis.Redis, settings: Settings, namespace: str, skip_applied: bool
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.namespace = namespace
+        self.skip_applied = skip_applied
+        self.part = TrendingPart(settings)
+        # The same part, without the seen check: ids are deduplicated here, and the
+        # agents' seen sets are left alone.
+        self.script = redis.register_script(compose([self.part], dedup=False))
+        self.ids: set[str] = set()
+        self.applied = self.duplicates = self.skipped = 0
+
+    async def _already_applied(self, batch: Sequence[Event]) -> list[bool]:
+        """Whether each event is in its actor's seen set: the agents applied it since the
+        loss. An anonymous event of a session that logged in counts under the user."""
+        keys = Keys(self.namespace)
+        sessions = [e.session_id for e in batch if e.user_id is None and e.session_id]
+        aliases: dict[str, str] = {}
+        if sessions:
+            found = await self.redis.mget([keys.alias(s) for s in sessions])
+            aliases = {s: _str(u) for s, u in zip(sessions, found, strict=True) if u}
+        pipe = self.redis.pipeline(transaction=False)
+        for event in batch:
+            pipe.zscore(keys.seen(event.actor), event.event_id)
+            user = aliases.get(event.session_id or "") if event.user_id is None else None
+            pipe.zscore(keys.seen(user) if user else keys.seen(event.actor), event.event_id)
+        scores = await pipe.execute()
+        return [
+            scores[2 * i] is not None or scores[2 * i + 1] is not None for i in range(len(batch))
+        ]
+
+    async def apply(self, events: Iterable[Event]) -> None:
+        batch: list[Event] = []
+        for event in events:
+            if event.namespace != self.namespace:
+                continue
+            if event.event_id in self.ids:
+                self.duplicates += 1
+                continue
+            self.ids.add(event.event_id)
+            batch.append(event)
+        if not batch:
+            return
+        try:
+            if self.skip_applied:
+                done = await self._already_applied(batch)
+                self.skipped += sum(done)
+                batch = [e for e, d in zip(batch, done, strict=True) if not d]
+            if not batch:
+                return
+            context = await load_context(self.redis, batch, self.settings)
+            pipe = self.redis.pipeline(transaction=False)
+            for event in batch:
+                part_keys, doc = self.part.encode(event, context)
+                body = {"id": event.event_id, "ts": event.timestamp, "item": event.item_id or ""}
+                body.update({"r": doc, "_k": [len(part_keys)]})
+                await self.script(
+                    keys=[part_keys[0], *part_keys], args=[orjson.dumps(body), b"{}"], client=pipe
+                )
+            await pipe.execute()
+        except RedisError as exc:
+            raise redis_failure(f"rebuilding the trends of {self.namespace!r}", exc) from exc
+        self.applied += len(batch)
+
+    def stats(self) -> RebuildStats:
+        return RebuildStats(events=self.applied, duplicates=self.duplicates, skipped=self.skipped)
 
 
 async def rebuild(
@@ -337,48 +446,131 @@ async def rebuild(
     """Replace the popularity and trending state of ``namespace`` with what ``events``
     (e.g. `recstream.archive.read_events` over the popularity horizon) make of it, then
     materialize. Duplicates in ``events`` (an at-least-once archive) count once."""
-    part = TrendingPart(settings)
-    # The same part, without the seen check: the archive's ids are deduplicated here,
-    # and the agents' seen sets are left alone.
-    script = redis.register_script(compose([part], dedup=False))
+    replay = _Replay(redis, settings, namespace, skip_applied=False)
+    lock, token = Keys(namespace).trend_rebuild, f"cli-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+        if not await redis.set(lock, token, nx=True, px=int(REBUILD_LEASE_S * 1000)):
+            raise ConfigurationError(
+                f"the trends of {namespace!r} are being rebuilt already (a worker does it by "
+                "itself after a Redis loss); wait for it to finish"
+            )
         stale = await trending_keys(redis, namespace)
         if stale:
             await redis.delete(*stale)
     except RedisError as exc:
         raise redis_failure(f"clearing the trends of {namespace!r}", exc) from exc
-    ids: set[str] = set()
-    applied = duplicates = 0
-    batch: list[Event] = []
+    try:
+        it = iter(events)
+        while batch := list(itertools.islice(it, batch_size)):
+            await replay.apply(batch)
+            await redis.pexpire(lock, int(REBUILD_LEASE_S * 1000))
+        await materialize(redis, settings, namespace, lock=False)
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            if _str(await redis.get(lock) or b"") == token:
+                await redis.delete(lock)
+    return replay.stats()
 
-    async def flush() -> None:
-        context = await load_context(redis, batch, settings)
-        pipe = redis.pipeline(transaction=False)
-        for event in batch:
-            part_keys, doc = part.encode(event, context)
-            body = {"id": event.event_id, "ts": event.timestamp, "item": event.item_id or ""}
-            body.update({"r": doc, "_k": [len(part_keys)]})
-            await script(
-                keys=[part_keys[0], *part_keys], args=[orjson.dumps(body), b"{}"], client=pipe
-            )
+
+# --- noticing a Redis loss and rebuilding by itself ------------------------------------------
+
+
+def _take(events: Iterator[Event], n: int) -> list[Event]:
+    return list(itertools.islice(events, n))
+
+
+class TrendKeeper:
+    """One worker's trend upkeep: `tick` materializes a namespace, and when its counts
+    are incomplete (``since`` > 0 or absent: Redis lost them) rebuilds them from the S3
+    archive in the background, once per namespace at a time across workers (a lease)."""
+
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.rebuilt: dict[str, RebuildStats] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retry_at: dict[str, float] = {}
+
+    async def tick(self, namespace: str) -> None:
+        keys = Keys(namespace)
+        t, since = await self.redis.hmget(keys.trend_clock, ["t", "since"])
+        if since is None and t is not None:
+            # Counts built before `since` existed (an upgrade): they are what they are.
+            await self.redis.hsetnx(keys.trend_clock, "since", 0)
+        elif (
+            (since is None or float(since) > 0)
+            and namespace not in self._tasks
+            and time.monotonic() >= self._retry_at.get(namespace, 0.0)
+        ):
+            task = asyncio.create_task(self._recover(namespace), name=f"trends[{namespace}]")
+            self._tasks[namespace] = task
+            task.add_done_callback(lambda _: self._tasks.pop(namespace, None))
+        await materialize(self.redis, self.settings, namespace)
+
+    async def _archive_days(self, namespace: str) -> list[str]:
+        """The archive's day prefixes of ``namespace`` (``…/dt=YYYY-MM-DD/``), oldest first."""
+        prefix = f"{ARCHIVE_PREFIX}/{namespace}/"
+        days: list[str] = []
         try:
-            await pipe.execute()
-        except RedisError as exc:
-            raise redis_failure(f"rebuilding the trends of {namespace!r}", exc) from exc
-        batch.clear()
+            async with async_client(self.settings, "s3") as s3:
+                pages = s3.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.settings.bucket, Prefix=prefix, Delimiter="/"
+                )
+                async for page in pages:
+                    days += [c["Prefix"] for c in page.get("CommonPrefixes", []) if "Prefix" in c]
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(
+                exc, f"listing s3://{self.settings.bucket}/{prefix}", self.settings
+            ) from exc
+        return sorted(days)
 
-    for event in events:
-        if event.namespace != namespace:
-            continue
-        if event.event_id in ids:
-            duplicates += 1
-            continue
-        ids.add(event.event_id)
-        batch.append(event)
-        applied += 1
-        if len(batch) >= batch_size:
-            await flush()
-    if batch:
-        await flush()
-    await materialize(redis, settings, namespace, lock=False)
-    return RebuildStats(events=applied, duplicates=duplicates)
+    async def _recover(self, namespace: str) -> None:
+        keys = Keys(namespace)
+        s = self.settings
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        grace = s.archive_flush_s + 2 * s.trend_interval_s
+        try:
+            if not await self.redis.set(
+                keys.trend_rebuild, token, nx=True, px=int((grace + REBUILD_LEASE_S) * 1000)
+            ):
+                return  # another worker rebuilds it
+            days = await self._archive_days(namespace)
+            if days:
+                # What was applied just before the loss may still be in an archive
+                # agent's buffer: let it reach S3 first.
+                await asyncio.sleep(grace)
+                since = await self.redis.hget(keys.trend_clock, "since")
+                end = float(since) if since is not None else time.time() + 86400
+                horizon = end - 86400 - 20 * s.popularity_half_life_s
+                first = days[0].rsplit("dt=", 1)[1].rstrip("/")
+                start = max(horizon, calendar.timegm(time.strptime(first, "%Y-%m-%d")))
+                replay = _Replay(self.redis, s, namespace, skip_applied=True)
+                events = read_events(s, start, end, namespace=namespace)
+                while batch := await asyncio.to_thread(_take, events, 1000):
+                    await replay.apply(batch)
+                    await self.redis.pexpire(keys.trend_rebuild, int(REBUILD_LEASE_S * 1000))
+                self.rebuilt[namespace] = replay.stats()
+                log.warning(
+                    "the trends of %s were incomplete (Redis lost them?); replayed %d archived "
+                    "events before %s from s3://%s (%d applied since, skipped)",
+                    namespace, replay.applied, since, s.bucket, replay.skipped,
+                )  # fmt: skip
+            await self.redis.hset(keys.trend_clock, "since", 0)
+            await materialize(self.redis, s, namespace, lock=False)
+        except (RecstreamError, RedisError, OSError) as exc:
+            self._retry_at[namespace] = time.monotonic() + RETRY_AFTER_S
+            log.warning(
+                "rebuilding the trends of %s failed, retrying in %.0f s: %s",
+                namespace, RETRY_AFTER_S, exc,
+            )  # fmt: skip
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                if _str(await self.redis.get(keys.trend_rebuild) or b"") == token:
+                    await self.redis.delete(keys.trend_rebuild)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        for task in list(self._tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

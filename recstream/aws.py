@@ -1,16 +1,24 @@
 """AWS clients built from `Settings`: async (aiobotocore) for the hot paths, sync for tools.
 
 One place decides endpoints and credentials, so real AWS versus the emulator is purely a
-matter of configuration. Against an emulator we pass dummy credentials; against real AWS
-we pass none and let botocore's normal chain (env, profile, instance role) decide.
+matter of configuration. Credentials always come from botocore's normal chain (env,
+profile, SSO, container or instance role); only when a custom endpoint is set (the
+emulator) *and* that chain finds nothing do we pass the emulator's dummy credentials
+(``test``/``test``), so configured credentials are never replaced (production mode refuses
+custom endpoints, so it always uses the chain). For a loopback endpoint the chain skips
+the container and instance role lookups (network calls that time out off AWS): a local
+emulator needs no role.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import urlsplit
 
+import botocore.session
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
@@ -31,7 +39,15 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
 
-__all__ = ["async_client", "error_code", "sync_client", "translate"]
+__all__ = [
+    "async_client",
+    "credentials_kwargs",
+    "error_code",
+    "forget_credentials",
+    "has_configured_credentials",
+    "sync_client",
+    "translate",
+]
 
 Service = Literal["kinesis", "dynamodb", "s3", "sqs"]
 
@@ -53,12 +69,46 @@ def endpoint_for(settings: Settings, service: Service) -> str | None:
     return settings.kinesis_endpoint if service == "kinesis" else settings.aws_endpoint_url
 
 
+_LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|::1)$")
+_REMOTE_PROVIDERS = ("container-role", "iam-role")
+"""botocore's credential providers that ask a metadata endpoint over the network."""
+
+
+@functools.cache
+def has_configured_credentials(remote_lookups: bool = True) -> bool:
+    """Whether botocore's credential chain finds credentials in this process (cached:
+    the chain reads files and may ask a metadata endpoint). ``remote_lookups=False``
+    leaves out the container and instance role providers."""
+    session = botocore.session.get_session()
+    resolver = session.get_component("credential_provider")
+    if not remote_lookups:
+        for name in _REMOTE_PROVIDERS:
+            resolver.remove(name)
+    try:
+        return resolver.load_credentials() is not None
+    except BotoCoreError:
+        # Something is configured but broken (an unknown AWS_PROFILE, a bad file): never
+        # paper over it with dummy credentials; botocore reports it on the first call.
+        return True
+
+
+def credentials_kwargs(settings: Settings, endpoint: str | None) -> dict[str, str]:
+    """Credentials to pass to a client of ``endpoint``: none (botocore's chain decides),
+    except the emulator's dummy ones for a custom endpoint when the chain finds none."""
+    if endpoint is None:
+        return {}
+    loopback = bool(_LOOPBACK.match(urlsplit(endpoint).hostname or ""))
+    if has_configured_credentials(remote_lookups=not loopback):
+        return {}
+    return dict(_DUMMY_CREDENTIALS)
+
+
 def _client_kwargs(settings: Settings, service: Service) -> dict[str, Any]:
     endpoint = endpoint_for(settings, service)
     kwargs: dict[str, Any] = {"region_name": settings.aws_region}
     if endpoint is not None:
         kwargs["endpoint_url"] = endpoint
-        kwargs.update(_DUMMY_CREDENTIALS)
+    kwargs.update(credentials_kwargs(settings, endpoint))
     return kwargs
 
 
@@ -105,23 +155,24 @@ def async_client(settings: Settings, service: Service, **config: Any) -> Any:
     )
 
 
+def forget_credentials() -> None:
+    """Resolve credentials afresh on the next client (after the environment's credentials
+    changed: a test, a rotated profile). Processes otherwise resolve them once."""
+    global _session
+    import boto3
+
+    has_configured_credentials.cache_clear()
+    _session = None
+    boto3.DEFAULT_SESSION = None
+
+
 def sync_client(settings: Settings, service: Service) -> Any:
-    """A synchronous boto3 client, for init scripts, the CLI and tests.
+    """A synchronous boto3 client, for init scripts, the CLI and tests, with the same
+    endpoint and credentials as `async_client`."""
+    import boto3
 
-    Against an emulator it comes from localstack-client, which pins the endpoint and
-    dummy credentials for every service; against real AWS it is a plain boto3 client.
-    """
-    endpoint = endpoint_for(settings, service)
     config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5)
-    if endpoint is None:
-        import boto3
-
-        return boto3.client(service, region_name=settings.aws_region, config=config)
-    from localstack_client.session import Session
-
-    parts = urlsplit(endpoint)
-    session = Session(localstack_host=parts.netloc, region_name=settings.aws_region)
-    return session.client(service, config=config)
+    return boto3.client(service, config=config, **_client_kwargs(settings, service))
 
 
 def error_code(exc: BaseException) -> str:

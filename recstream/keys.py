@@ -100,12 +100,19 @@ class Keys:
 
     @property
     def trend_clock(self) -> str:
-        """HASH ``t``: the newest event time applied, the "now" of the trend windows."""
+        """HASH ``t``: the newest event time applied, the "now" of the trend windows;
+        ``since``: from which event time the counts are complete (0: all of the archive;
+        set to the first event's time when the hash is created, i.e. after a Redis loss)."""
         return f"{self.prefix}trend:clock"
 
     @property
     def trend_lock(self) -> str:
         return f"{self.prefix}trend:lock"
+
+    @property
+    def trend_rebuild(self) -> str:
+        """STRING: the worker rebuilding the trends from the archive after a Redis loss."""
+        return f"{self.prefix}trend:rebuild"
 
     def trending(self, window: str, category: str | None = None) -> str:
         """``window`` is ``1h`` or ``24h``; the agents materialize these every few seconds."""

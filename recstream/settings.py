@@ -194,6 +194,9 @@ class Settings(BaseSettings):
     personalize_retry_base_s: float = Field(0.2, gt=0)
     personalize_retry_max_s: float = Field(10.0, gt=0)
     """Full-jitter exponential backoff between PutEvents attempts: base * 2^n, capped."""
+    personalize_redrive_s: float = Field(30.0, gt=0)
+    """How often each worker re-drives the forwarder's dead letters (events the tracker
+    did not take) to the tracker, so an outage of Personalize needs no operator."""
     # (archive and forwarder settings end here)
     # --- ranking pipeline (serving/pipeline) ------------------------------------------
     seen_policy: dict[str, SeenPolicy] = Field(default_factory=_keep_seen_items)

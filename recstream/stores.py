@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from recstream.aws import async_client
 from recstream.settings import Settings
@@ -28,6 +31,13 @@ def open_redis(settings: Settings) -> aioredis.Redis:
         socket_timeout=5.0,
         health_check_interval=30,
         max_connections=200,
+        # After redis-server restarts, every pooled connection is dead: without one retry
+        # on a fresh connection, the first command on each failed (the first request after
+        # a restart was answered degraded; tests/reliability/test_drill_redis_loss.py).
+        # Every write recstream sends is idempotent (event ids, SET NX), so resending one
+        # whose reply was lost is safe.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
     )
 
 

@@ -33,9 +33,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from agents.features import DynamoFeatures
 from agents.identity import resolve_actor
 from agents.state import DynamoWindows
 from recstream.errors import RecstreamError
+from recstream.model_restore import RegistryRestorer
 from recstream.settings import Settings
 from recstream.stores import Stores
 from serving.collector import read_capped
@@ -43,6 +45,7 @@ from serving.http import error_response, json_response, request_namespace
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.pipeline import CandidateFilter, ItemCatalog, Ranker, Recommendations
 from serving.pipeline.detach import detached
+from serving.pipeline.state import DurableActorState
 
 __all__ = ["FilterResolver", "open_ranker", "routes"]
 
@@ -357,9 +360,17 @@ async def open_ranker(app: Any, stores: Stores, settings: Settings) -> AsyncIter
     ``filter_resolver`` slot the filter store fills). Uses ``app.state.catalog`` when an
     earlier part of the lifespan set one."""
     catalog: ItemCatalog | None = getattr(app.state, "catalog", None)
-    ranker = Ranker(
-        stores.redis, DynamoWindows(stores.dynamodb, settings), settings, catalog=catalog
+    # The durable fallback of an actor Redis lost: its window, and its feature vector put
+    # back in Redis beside it (serving/pipeline/state.py).
+    durable = DurableActorState(
+        DynamoWindows(stores.dynamodb, settings),
+        DynamoFeatures(stores.dynamodb, settings),
+        stores.redis,
+        settings,
     )
+    ranker = Ranker(stores.redis, durable, settings, catalog=catalog)
+    # Redis lost the model pointers: restore what served from S3 (recstream.model_restore).
+    ranker.models.restorer = RegistryRestorer(stores.redis, stores.s3, settings)
     app.state.ranker = ranker
     if not hasattr(app.state, "filter_resolver"):
         app.state.filter_resolver = None

@@ -73,14 +73,23 @@ from recstream.errors import (
 )
 from recstream.keys import Keys
 from recstream.published import (
+    BYTES_PER_COMMAND,
+    MEMBERS_PER_COMMAND,
+    REDIS_RECORDS,
     CurrentRecord,
     Lua,
     as_text,
     current_version,
+    encode_record,
+    queue_record,
     read_current,
     read_current_many,
     run_lua,
+    serving_pointer_key,
 )
+from recstream.published import CLAIM as _CLAIM
+from recstream.published import COMPLETE as _COMPLETE
+from recstream.published import PROMOTE as _PROMOTE
 from recstream.settings import Settings
 from training.base import Model, RedisRecord
 
@@ -88,6 +97,8 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 __all__ = [
+    "BYTES_PER_COMMAND",
+    "MEMBERS_PER_COMMAND",
     "CurrentRecord",
     "DataRange",
     "GcReport",
@@ -112,7 +123,7 @@ MANIFEST = "manifest.json"
 REDIS_KEYS = "redis-keys.jsonl.gz"
 """Beside the manifest: every record suffix the version wrote (one JSON string a line),
 so garbage collection deletes exactly those keys instead of scanning the keyspace."""
-RESERVED = (MANIFEST, REDIS_KEYS)
+RESERVED = (MANIFEST, REDIS_KEYS, REDIS_RECORDS)
 MANIFEST_FORMAT = 1
 LEASE_S = 600.0
 """A publish that has not renewed its lease for this long is presumed dead and collected."""
@@ -270,36 +281,15 @@ class GcReport:
 
 
 # --- Lua scripts: the only writes to the bookkeeping keys once a publish has started ---
+# (claim, complete and promote live in recstream.published: serving's automatic restore
+# runs them too)
 
-# Claim a version's publish (or restore) lease, unless the id is in use anywhere: reusing
-# a live id would let the failure path delete the serving version's data.
-# KEYS: pending, versions, doomed  ARGV: version, lease deadline
-_CLAIM = Lua("""
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
-if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return 1
-""")
-# KEYS: pending, versions  ARGV: version, summary
-_COMPLETE = Lua("""
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-""")
 # Roll back: switch only if serving still points where the caller saw it, so a promote
 # that lands in between is not silently undone.
 # KEYS: versions, current  ARGV: target version, expected current ('' = none)
 _SWITCH_FROM = Lua("""
 local now = redis.call('GET', KEYS[2]) or ''
 if now ~= ARGV[2] then return 0 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[1])
-return 1
-""")
-# KEYS: versions, current  ARGV: version
-_PROMOTE = Lua("""
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
@@ -461,6 +451,26 @@ class ModelRegistry:
                 f"model {name!r} has no complete version {version!r} (unfinished, failed or "
                 f"garbage-collected); `recstream models list {name}` shows the ones to promote"
             )
+        await self._remember_serving(name, version)
+
+    async def _remember_serving(self, name: str, version: str) -> None:
+        """The durable copy of the serving pointer, so serving can restore what served
+        after Redis lost it (recstream.model_restore). Without an S3 client (a registry
+        that only promotes), the copy is left as it was."""
+        if self.s3 is None:
+            log.warning("no S3 client: the durable pointer of %s stays as it was", name)
+            return
+        key = serving_pointer_key(self.keys.namespace, name)
+        body = _dumps({"namespace": self.keys.namespace, "name": name, "version": version})
+        try:
+            await self._put(self.s3, key, body, f"the serving pointer of {name}")
+        except RecstreamError as exc:
+            raise StoreUnavailable(
+                f"{name} {version} serves, but its durable pointer "
+                f"s3://{self.settings.bucket}/{key} was not written ({exc}); after a Redis "
+                f"loss the previous version would be restored: run `recstream models "
+                f"promote {name} {version}` again"
+            ) from exc
 
     async def rollback(self, name: str) -> str:
         """Point serving at the newest complete version older than the current one."""
@@ -490,6 +500,7 @@ class ModelRegistry:
                 f"model {name!r} changed while rolling back (promoted or collected "
                 f"meanwhile); check `recstream models list {name}` and roll back again"
             )
+        await self._remember_serving(name, older[-1])
         return older[-1]
 
     # --- publishing --------------------------------------------------------------------
@@ -530,7 +541,7 @@ class ModelRegistry:
                 async with self._kept_alive(name, version):
                     await asyncio.to_thread(model.save, directory)
                 files = await self._upload_dir(s3, name, version, directory, report)
-                records = await self._write_listed_records(
+                records, dump_sha256 = await self._write_listed_records(
                     s3, name, version, model, report, Path(tmp) / REDIS_KEYS
                 )
             manifest = {
@@ -552,6 +563,8 @@ class ModelRegistry:
                     "records": records,
                     "prefix": self.keys.model(name, version, ""),
                     "key_list": REDIS_KEYS,
+                    "dump": REDIS_RECORDS,
+                    "dump_sha256": dump_sha256,
                 },
             }
             await self._put(
@@ -612,12 +625,18 @@ class ModelRegistry:
         its data: download the files, load the model, write its records under the same
         version id, mark it complete and (by default) promote it.
 
-        ``version`` defaults to the newest version in S3 with a manifest. The model class
-        comes from the manifest and must live in the ``training`` package, unless
-        ``model_class`` is given; every file is checked against its SHA-256.
+        ``version`` defaults to the version that served in this namespace (the durable
+        pointer promote writes to S3), else the newest version in S3 with a manifest. The
+        model class comes from the manifest and must live in the ``training`` package,
+        unless ``model_class`` is given; every file is checked against its SHA-256.
         """
         s3 = self._need_s3()
         check_name(name)
+        if version is None:
+            # What served in this namespace (the durable pointer), else the newest.
+            pointer = await self._get_optional(s3, serving_pointer_key(self.keys.namespace, name))
+            if pointer is not None:
+                version = str(orjson.loads(pointer)["version"])
         if version is None:
             for candidate in sorted(await self._s3_versions(s3, name), reverse=True):
                 if await self._has_manifest(name, candidate):
@@ -634,36 +653,15 @@ class ModelRegistry:
                 f"model {name!r} version {version} is complete in Redis already; "
                 f"promote it with `recstream models promote {name} {version}`"
             )
-        cls = model_class or _model_class(str(manifest.get("model_class", "")))
         if not await self._claim(name, version, time.time() + LEASE_S):
             raise ConfigurationError(
                 f"model {name!r} version {version} is being published, restored or deleted "
                 "right now; wait for that to finish, then restore again"
             )
         try:
-            with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
-                directory = Path(tmp) / "model"
-                for entry in manifest.get("files", []):
-                    data = await self._get(s3, self.s3_prefix(name, version) + entry["path"])
-                    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                        raise ConfigurationError(
-                            f"s3 file {entry['path']} of {name} {version} does not match the "
-                            "SHA-256 in its manifest; restore another version"
-                        )
-                    target = (directory / entry["path"]).resolve()
-                    if not target.is_relative_to(directory.resolve()):
-                        raise ConfigurationError(
-                            f"the manifest of {name} {version} names a file outside the "
-                            f"model folder ({entry['path']!r}); restore another version"
-                        )
-                    await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-                    await asyncio.to_thread(target.write_bytes, data)
-                async with self._kept_alive(name, version):
-                    model = await asyncio.to_thread(cls.load, directory)
-                noop: Progress = lambda stage, advance, total: None  # noqa: E731
-                await self._write_listed_records(
-                    s3, name, version, model, noop, Path(tmp) / REDIS_KEYS
-                )
+            # The operator's restore reloads the model and checks every file; serving's
+            # automatic one (recstream.model_restore) copies the record dump instead.
+            await self._restore_by_loading(s3, name, version, manifest, model_class)
             summary = _summary(manifest)
             if not await self._complete(name, version, summary):
                 raise PublishError(f"restoring {name} {version} outlived its lease; run it again")
@@ -678,6 +676,52 @@ class ModelRegistry:
         return VersionInfo.from_summary(
             name, version, _dumps(summary), promote or await self.current(name) == version
         )
+
+    async def _get_optional(self, s3: S3Client, key: str) -> bytes | None:
+        try:
+            reply = await s3.get_object(Bucket=self.settings.bucket, Key=key)
+            async with reply["Body"] as body:
+                return await body.read()
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchKey", "404"):
+                return None
+            raise translate(exc, f"s3://{self.settings.bucket}/{key}", self.settings) from exc
+        except BotoCoreError as exc:
+            raise translate(exc, f"s3://{self.settings.bucket}/{key}", self.settings) from exc
+
+    async def _restore_by_loading(
+        self,
+        s3: S3Client,
+        name: str,
+        version: str,
+        manifest: Mapping[str, Any],
+        model_class: type[Model] | None,
+    ) -> None:
+        """A version published before record dumps: load the model and write its records."""
+        cls = model_class or _model_class(str(manifest.get("model_class", "")))
+        with tempfile.TemporaryDirectory(prefix=f"recstream-{name}-") as tmp:
+            directory = Path(tmp) / "model"
+            for entry in manifest.get("files", []):
+                data = await self._get(s3, self.s3_prefix(name, version) + entry["path"])
+                if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                    raise ConfigurationError(
+                        f"s3 file {entry['path']} of {name} {version} does not match the "
+                        "SHA-256 in its manifest; restore another version"
+                    )
+                target = (directory / entry["path"]).resolve()
+                if not target.is_relative_to(directory.resolve()):
+                    raise ConfigurationError(
+                        f"the manifest of {name} {version} names a file outside the "
+                        f"model folder ({entry['path']!r}); restore another version"
+                    )
+                await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+                await asyncio.to_thread(target.write_bytes, data)
+            async with self._kept_alive(name, version):
+                model = await asyncio.to_thread(cls.load, directory)
+            noop: Progress = lambda stage, advance, total: None  # noqa: E731
+            await self._write_listed_records(
+                s3, name, version, model, noop, Path(tmp) / REDIS_KEYS, upload_dump=False
+            )
 
     async def _get(self, s3: S3Client, key: str) -> bytes:
         try:
@@ -738,11 +782,15 @@ class ModelRegistry:
         renew_by = time.monotonic() + LEASE_S / 4
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                with gzip.open(key_list, "wb") as suffixes:
+                with (
+                    gzip.open(key_list, "wb") as suffixes,
+                    gzip.open(key_list.with_name(REDIS_RECORDS), "wb") as dump,
+                ):
                     for record in records:
                         key = self.keys.model(name, version, record.suffix)
                         members += _queue(pipe, key, record)
                         suffixes.write(orjson.dumps(record.suffix) + b"\n")
+                        dump.write(encode_record(record.suffix, record.kind, record.value))
                         count += 1
                         # Flush by size, and by time so that a model that computes its
                         # records slowly still renews its lease.
@@ -813,19 +861,28 @@ class ModelRegistry:
         model: Model,
         progress: Progress,
         key_list: Path,
-    ) -> int:
-        """Write the model's records, then upload the list of keys written: GC deletes a
-        version by that list, so it must describe exactly these keys."""
+        *,
+        upload_dump: bool = True,
+    ) -> tuple[int, str]:
+        """Write the model's records, then upload the list of keys written (GC deletes a
+        version by that list, so it must describe exactly these keys) and the records
+        themselves (serving restores them after a Redis loss without loading the model:
+        recstream.model_restore); returns the count and the dump's SHA-256."""
         records = await self._write_records(
             name, version, model.redis_records(), progress, key_list
         )
+        dump = await asyncio.to_thread(key_list.with_name(REDIS_RECORDS).read_bytes)
+        if upload_dump:
+            await self._put(
+                s3, self.s3_prefix(name, version) + REDIS_RECORDS, dump, "the Redis records"
+            )
         await self._put(
             s3,
             self.s3_prefix(name, version) + REDIS_KEYS,
             await asyncio.to_thread(key_list.read_bytes),
             "the list of Redis keys",
         )
-        return records
+        return records, hashlib.sha256(dump).hexdigest()
 
     async def _complete(self, name: str, version: str, summary: Mapping[str, Any]) -> bool:
         """The completion marker (written last): pending -> versions, with the summary."""
@@ -1020,44 +1077,9 @@ class ModelRegistry:
         return report
 
 
-MEMBERS_PER_COMMAND = 1_000
-"""Most members one ZADD or HSET carries: a model's record may hold hundreds of thousands
-(ALS factors of every item), and one command that large blocks Redis for every client
-while it runs (and can pass its query-buffer limit)."""
-BYTES_PER_COMMAND = 512 * 1024
-"""Largest piece of a string record one SET or APPEND carries, for the same reason."""
-
-
 def _queue(pipe: Any, key: str, record: RedisRecord) -> int:
-    """Add one record's writes to ``pipe`` (in bounded commands: the key is a version's,
-    which nothing reads before the pointer switch, so the pieces need no atomicity);
-    returns how many members it carries."""
-    value = record.value
-    if record.kind == "string":
-        if not isinstance(value, bytes):
-            raise TypeError(
-                f"record {record.suffix!r} is a string record but its value is not bytes"
-            )
-        pipe.set(key, value[:BYTES_PER_COMMAND])
-        for start in range(BYTES_PER_COMMAND, len(value), BYTES_PER_COMMAND):
-            pipe.append(key, value[start : start + BYTES_PER_COMMAND])
-        return 1
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"record {record.suffix!r} is a {record.kind} but its value is not a mapping"
-        )
-    if not value:
-        return 0  # Redis has no empty zset or hash; a missing key reads as empty.
-    if record.kind not in ("zset", "hash"):
-        raise TypeError(f"record {record.suffix!r} has unknown kind {record.kind!r}")
-    items = list(value.items())
-    for start in range(0, len(items), MEMBERS_PER_COMMAND):
-        piece = items[start : start + MEMBERS_PER_COMMAND]
-        if record.kind == "zset":
-            pipe.zadd(key, {str(k): float(cast(float, v)) for k, v in piece})
-        else:
-            pipe.hset(key, mapping=dict(piece))
-    return len(value)
+    """Add one record's writes to ``pipe`` in bounded commands (`queue_record`)."""
+    return queue_record(pipe, key, record.suffix, record.kind, record.value)
 
 
 def _model_class(path: str) -> type[Model]:

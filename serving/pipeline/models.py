@@ -10,6 +10,10 @@ serving; a model seen for the first time is waited for within the caller's deadl
 
 Per-request records (item2item's ``nbr:{item}`` rows) are not loaded here: the sources
 read them through the pointer and cache them per version (serving/pipeline/candidates.py).
+
+A pointer that is missing may mean Redis lost its data: with a ``restorer``
+(`recstream.model_restore.RegistryRestorer`, wired by the app) every miss is reported to
+it, and it restores from S3, in the background, what served before.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from redis.exceptions import RedisError
 
 from recstream.errors import RecstreamError
 from recstream.keys import Keys
+from recstream.model_restore import RegistryRestorer
 from recstream.published import CurrentRecord, read_current_many
 from recstream.scoring import SessionIndex
 
@@ -120,8 +125,10 @@ def _decode(name: str, version: str, records: Mapping[str, CurrentRecord]) -> Pu
 class ModelCache:
     """Per (namespace, model): the newest loaded version, and the load in progress."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, restorer: RegistryRestorer | None = None) -> None:
         self.redis = redis
+        self.restorer = restorer
+        """Told about every missing pointer (it restores lost models from S3)."""
         self._loaded: dict[tuple[str, str], Published] = {}
         self._loading: dict[tuple[str, str, str], asyncio.Task[Published | None]] = {}
         self._failed: dict[tuple[str, str, str], float] = {}
@@ -168,6 +175,8 @@ class ModelCache:
         when no version at all is loaded yet."""
         if version is None:
             self._loaded.pop((namespace, name), None)
+            if self.restorer is not None:
+                self.restorer.notice(namespace)
             return None
         current = self._loaded.get((namespace, name))
         if current is not None and current.version == version:
@@ -188,6 +197,8 @@ class ModelCache:
         return {name: m.version for (ns, name), m in self._loaded.items() if ns == namespace}
 
     async def aclose(self) -> None:
+        if self.restorer is not None:
+            await self.restorer.aclose()
         for task in list(self._loading.values()):
             task.cancel()
         for task in list(self._loading.values()):

@@ -9,25 +9,110 @@ versions to use without another trip.
 When Redis holds no window, the durable copy in DynamoDB tells a new actor from one whose
 window Redis lost; a found window is merged back into Redis off the request path.
 `RecentMisses` remembers actors found in neither store, so a stream of requests from new
-visitors does not cost a DynamoDB read each.
+visitors does not cost a DynamoDB read each. `DurableActorState` is that durable store as
+serving uses it: it reads the actor's feature vector's copy (agents/features) beside the
+window, and puts the vector back in Redis when Redis lost it, so an actor whose state
+Redis lost gets back the affinities and live embedding the agents had built, without
+waiting for their next event.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.state import WindowEntry
-from recstream.errors import StoreUnavailable
+from agents.features import DynamoFeatures, FeatureCopy
+from agents.state import Actor, DurableWindows, WindowEntry
+from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.keys import Keys
-from recstream.published import as_text
+from recstream.published import Lua, as_text, run_lua
+from recstream.settings import Settings
 from serving.pipeline.models import MODEL_NAMES
 from serving.pipeline.types import UserState
 
-__all__ = ["RecentMisses", "read_state", "read_versions"]
+__all__ = ["DurableActorState", "RecentMisses", "read_state", "read_versions", "restore_features"]
+
+log = logging.getLogger(__name__)
+
+# Put a feature vector's durable copy back, only where Redis has none: if the agents
+# created the hash meanwhile (an event arrived), they merge the copy themselves
+# (agents.features.recover_lost_features), and writing it here too would count it twice.
+# KEYS: feat, emb  ARGV: ttl, n feature fields, fields and values..., embedding fields...
+_RESTORE_FEATURES = Lua("""
+local n = tonumber(ARGV[2])
+local wrote = 0
+if n > 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3, 2 + 2 * n))
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
+  wrote = 1
+end
+if #ARGV > 2 + 2 * n and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3 + 2 * n))
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  wrote = wrote + 2
+end
+return wrote
+""")
+
+
+async def restore_features(
+    redis: aioredis.Redis, settings: Settings, namespace: str, actor: str, copy: FeatureCopy
+) -> bool:
+    """Write ``copy`` back as the actor's ``feat``/``emb`` hashes where Redis has none."""
+    keys = Keys(namespace)
+    args: list[str | bytes | int] = [settings.window_ttl_s, len(copy.features)]
+    for field, value in copy.features.items():
+        args += [field, value]
+    for field, raw in copy.embedding.items():
+        args += [field, raw]
+    written = await run_lua(
+        redis, _RESTORE_FEATURES, 2, keys.features(actor), keys.embedding(actor), *args
+    )
+    return bool(written)
+
+
+class DurableActorState:
+    """The durable copies of an actor, as serving falls back on them (`DurableWindows`):
+    the window, and beside it the feature vector, put back in Redis when Redis lost it."""
+
+    def __init__(
+        self,
+        windows: DurableWindows,
+        features: DynamoFeatures,
+        redis: aioredis.Redis,
+        settings: Settings,
+    ) -> None:
+        self.windows = windows
+        self.features = features
+        self.redis = redis
+        self.settings = settings
+
+    async def put(self, windows: Mapping[Actor, Sequence[WindowEntry]]) -> None:
+        await self.windows.put(windows)
+
+    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]:
+        return await self.windows.get_many(actors)
+
+    async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
+        window, _ = await asyncio.gather(
+            self.windows.get(namespace, actor), self._features(namespace, actor)
+        )
+        return window
+
+    async def _features(self, namespace: str, actor: str) -> None:
+        # Best effort: the window is what the request waits for.
+        try:
+            copy = (await self.features.get_many([(namespace, actor)])).get((namespace, actor))
+            if copy is not None and copy.features:
+                await restore_features(self.redis, self.settings, namespace, actor, copy)
+        except (RecstreamError, RedisError, OSError) as exc:
+            log.warning("restoring the features of %s/%s failed: %s", namespace, actor, exc)
 
 
 class RecentMisses:

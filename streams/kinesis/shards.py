@@ -193,7 +193,17 @@ class KinesisRecord:
     headers: Sequence[tuple[str, bytes]]
     sequence_number: str
     sub_sequence: int
+    """Index inside its record of the (last) inner message this message carries: what a
+    checkpoint after it names."""
     size: int
+    first_sub_sequence: int | None = None
+    """Index of the first inner message it carries when that differs from
+    ``sub_sequence``: a whole aggregated record (``whole_records``) carries 0 to n-1, so
+    seeking back to it must resume at 0, not after n-2."""
+
+    @property
+    def first(self) -> int:
+        return self.sub_sequence if self.first_sub_sequence is None else self.first_sub_sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +426,7 @@ class ShardReader:
                 self._append(
                     record["PartitionKey"].encode(), data,
                     ((AGGREGATED_HEADER, str(len(messages)).encode()),),
-                    sequence_number, len(messages) - 1, timestamp, len(data),
+                    sequence_number, len(messages) - 1, timestamp, len(data), first=0,
                 )  # fmt: skip
             else:
                 for index, message in enumerate(messages):
@@ -442,6 +452,7 @@ class ShardReader:
         sub_sequence: int,
         timestamp: float,
         size: int,
+        first: int | None = None,
     ) -> None:
         self.buffer.append(
             KinesisRecord(
@@ -455,6 +466,7 @@ class ShardReader:
                 sequence_number=sequence_number,
                 sub_sequence=sub_sequence,
                 size=size,
+                first_sub_sequence=first,
             )
         )
         self.next_offset += 1

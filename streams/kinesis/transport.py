@@ -203,8 +203,10 @@ class _Partition:
     committed_offset: int = 0
     """The dense offset that corresponds to ``checkpoint`` (the next one to read)."""
     reader: ShardReader | None = None
-    handed: deque[tuple[int, str, int]] = field(default_factory=deque)
-    """(offset, sequence number, sub-sequence) of messages handed to faust, uncommitted."""
+    handed: deque[tuple[int, str, int, int]] = field(default_factory=deque)
+    """(offset, sequence number, sub-sequence, first sub-sequence) of messages handed to
+    faust, uncommitted: a checkpoint after one names its sub-sequence (its last inner
+    message), a seek back to it resumes at its first (`KinesisRecord.first`)."""
     end_offset: int | None = None
     """Set when the shard is closed and read to its end: the offset after the last one."""
     finished: bool = False
@@ -514,11 +516,11 @@ class Consumer(base.Consumer):
             return
         if state.reader is not None:
             await state.reader.stop()
-        for handed_offset, sequence_number, sub_sequence in state.handed:
+        for handed_offset, sequence_number, _, first in state.handed:
             if handed_offset == offset:
-                position = Position(
-                    "AT_SEQUENCE_NUMBER", sequence_number, skip_through=sub_sequence - 1
-                )
+                # Resume at the message's first inner message: for a whole aggregated
+                # record that is 0, not its last sub-sequence (which lost all but one).
+                position = Position("AT_SEQUENCE_NUMBER", sequence_number, skip_through=first - 1)
                 self._restart(state, position, offset)
                 return
         if offset != state.committed_offset:
@@ -602,7 +604,7 @@ class Consumer(base.Consumer):
                     continue
                 records = partition.reader.drain(MAX_RECORDS_PER_PARTITION_FETCH)
                 partition.handed.extend(
-                    (r.offset, r.sequence_number, r.sub_sequence) for r in records
+                    (r.offset, r.sequence_number, r.sub_sequence, r.first) for r in records
                 )
                 out[tp] = records
                 MESSAGES.labels(tp.topic).inc(len(records))
@@ -629,7 +631,7 @@ class Consumer(base.Consumer):
         index = offset - handed[0][0]
         if 0 <= index < len(handed) and handed[index][0] == offset:
             return partition.shard_id, handed[index][1], handed[index][2]
-        for handed_offset, sequence_number, sub_sequence in handed:
+        for handed_offset, sequence_number, sub_sequence, _ in handed:
             if handed_offset == offset:
                 return partition.shard_id, sequence_number, sub_sequence
         return None
@@ -660,7 +662,7 @@ class Consumer(base.Consumer):
             partition = self._partitions.get(tp)
             if partition is None or partition.lost or offset <= partition.committed_offset:
                 continue
-            last: tuple[int, str, int] | None = None
+            last: tuple[int, str, int, int] | None = None
             for entry in partition.handed:
                 if entry[0] >= offset:
                     break

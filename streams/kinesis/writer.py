@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recstream.aws import translate
-from recstream.errors import RecstreamError, ThroughputExceeded
+from recstream.errors import RecstreamError, StoreUnavailable, ThroughputExceeded
 from recstream.settings import Settings
 from streams.envelope import Message, chunk_by_size, encode, encode_aggregated
 from streams.kinesis.shards import ShardMap
@@ -229,16 +229,24 @@ async def put_records(
     max_attempts: int = 10,
     base_backoff: float = 0.05,
     max_backoff: float = 2.0,
+    max_wait_s: float | None = None,
 ) -> list[Accepted | Refused]:
     """PutRecords for any number of records: calls of ≤500 records / 5 MiB, refused
     records retried with backoff. One outcome per record, in order; never raises for an
     AWS error, so a caller always knows which records landed. The collector's producer
-    and the transport's both send through here."""
+    and the transport's both send through here.
+
+    ``max_wait_s`` bounds the whole call, retries and backoff included: what has not
+    landed by then is refused (retriable), so a caller that must answer someone (the
+    collector) answers in time even when Kinesis does not answer at all. A call cut off
+    may still have landed; its records are reported refused, and resending them only
+    repeats event ids the agents apply once."""
     outcomes: list[Accepted | Refused | None] = [None] * len(records)
+    deadline = None if max_wait_s is None else asyncio.get_running_loop().time() + max_wait_s
     for batch in _batches(records):
         await _put_batch(
             client, settings, stream, records, batch, outcomes,
-            max_attempts, base_backoff, max_backoff,
+            max_attempts, base_backoff, max_backoff, deadline,
         )  # fmt: skip
     return [o for o in outcomes if o is not None]
 
@@ -253,23 +261,33 @@ async def _put_batch(
     max_attempts: int,
     base_backoff: float,
     max_backoff: float,
+    deadline: float | None = None,
 ) -> None:
+    loop = asyncio.get_running_loop()
     attempt = 0
     last_error = ""
     while pending:
         attempt += 1
+        if deadline is not None and loop.time() >= deadline:
+            _give_up(pending, outcomes, stream, last_error or "no answer")
+            return
         try:
-            response = await client.put_records(
-                StreamName=stream,
-                Records=[records[i] for i in pending],  # type: ignore[misc]
-            )
+            async with asyncio.timeout_at(deadline):
+                response = await client.put_records(
+                    StreamName=stream,
+                    Records=[records[i] for i in pending],  # type: ignore[misc]
+                )
+        except TimeoutError:
+            _give_up(pending, outcomes, stream, "the call did not return in time")
+            return
         except (BotoCoreError, ClientError) as exc:
             error = translate(exc, f"PutRecords to stream {stream!r}", settings, "kinesis")
             if not error.retriable or attempt >= max_attempts:
                 for index in pending:
                     outcomes[index] = Refused(error)
                 return
-            await _backoff(attempt, base_backoff, max_backoff)
+            last_error = str(error)
+            await _backoff(attempt, base_backoff, max_backoff, deadline)
             continue
         retry: list[int] = []
         for index, outcome in zip(pending, response["Records"], strict=True):
@@ -287,10 +305,24 @@ async def _put_batch(
                 outcomes[index] = Refused(refused)
             return
         if retry:
-            await _backoff(attempt, base_backoff, max_backoff)
+            await _backoff(attempt, base_backoff, max_backoff, deadline)
         pending = retry
 
 
-async def _backoff(attempt: int, base: float, cap: float) -> None:
+def _give_up(
+    pending: Sequence[int], outcomes: list[Accepted | Refused | None], stream: str, last: str
+) -> None:
+    error = StoreUnavailable(
+        f"PutRecords to stream {stream!r} did not succeed within the time allowed ({last}); "
+        "the events were not acknowledged, resend them"
+    )
+    for index in pending:
+        outcomes[index] = Refused(error)
+
+
+async def _backoff(attempt: int, base: float, cap: float, deadline: float | None = None) -> None:
     # Full jitter keeps producers from retrying in lock-step against one hot shard.
-    await asyncio.sleep(random.uniform(0, min(cap, base * 2 ** (attempt - 1))))
+    delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    if deadline is not None:
+        delay = max(0.0, min(delay, deadline - asyncio.get_running_loop().time()))
+    await asyncio.sleep(delay)

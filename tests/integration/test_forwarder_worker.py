@@ -71,6 +71,8 @@ async def test_tracker_outage_dead_letters_and_replay_delivers_each_event_once(
             personalize_retry_base_s=0.01,
             personalize_retry_max_s=0.05,
             archive_flush_s=3600.0,
+            # the manual `recstream dlq replay` is under test, not the worker's re-drive
+            personalize_redrive_s=3600.0,
         )
         port = stack.free_port()
         with serve_in_thread(create_app(settings), port):

@@ -68,6 +68,7 @@ async def test_publish_writes_artifacts_manifest_records_and_switches(
         prefix + "manifest.json",
         prefix + "nested/params.json",
         prefix + "redis-keys.jsonl.gz",
+        prefix + "redis-records.jsonl.gz",  # the record dump serving restores from
     ]
     listed = sync_client(settings, "s3").get_object(
         Bucket=settings.bucket, Key=prefix + "redis-keys.jsonl.gz"
@@ -216,7 +217,7 @@ async def test_gc_keeps_last_k_and_never_the_current_one(
 
     assert sorted(report.retired) == [versions[1], versions[2]]
     assert report.redis_keys == 2 * 3
-    assert report.s3_objects == 2 * 4
+    assert report.s3_objects == 2 * 5
     kept = [versions[0], versions[3], versions[4]]
     assert [i.version for i in await registry.versions("tiny")] == kept
     assert await registry.current("tiny") == versions[0]
@@ -225,7 +226,7 @@ async def test_gc_keeps_last_k_and_never_the_current_one(
         files = s3_keys(settings, f"models/tiny/{version}/")
         if version in kept:
             assert len(present) == 3
-            assert len(files) == 4
+            assert len(files) == 5
         else:
             assert present == []
             assert files == []
@@ -247,7 +248,7 @@ async def test_publish_collects_with_model_keep_versions(
     assert [i.version for i in await registry.versions("tiny")] == [
         p.version for p in published[-2:]
     ]
-    assert len(s3_keys(settings)) == 2 * 4
+    assert len(s3_keys(settings)) == 2 * 5
 
 
 async def test_crash_in_records_leaves_old_version_serving_and_cleans_up(
@@ -269,7 +270,13 @@ async def test_crash_in_records_leaves_old_version_serving_and_cleans_up(
     assert await redis_keys(redis_client, f"{keys.prefix}*") == before
     assert s3_keys(settings) == sorted(
         f"models/tiny/{v1.version}/{f}"
-        for f in ("counts.json", "manifest.json", "nested/params.json", "redis-keys.jsonl.gz")
+        for f in (
+            "counts.json",
+            "manifest.json",
+            "nested/params.json",
+            "redis-keys.jsonl.gz",
+            "redis-records.jsonl.gz",
+        )
     )
     top = await read_current(redis_client, keys, "tiny", "top")
     assert top is not None
@@ -398,7 +405,7 @@ async def test_gc_deletes_by_key_list_finishes_interrupted_deletes_and_sweeps(
 
     assert report.retired == [v1]
     assert report.redis_keys == 2 * 3
-    assert report.s3_objects == 2 * 4
+    assert report.s3_objects == 2 * 5
     assert [i.version for i in await registry.versions("tiny")] == [v3]
     assert await redis_keys(redis_client, keys.model("tiny", v2, "*")) == []
     assert await redis_keys(redis_client, keys.model("tiny", v1, "*")) == [stray]

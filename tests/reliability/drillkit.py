@@ -1,0 +1,153 @@
+"""What the fault drills share: private servers to break, settings, and polling.
+
+A drill breaks a server (flushes, pauses or restarts it), so it never breaks the session's
+shared ones: each drill starts its own redis-server and, when it restarts the emulator,
+its own moto with a state directory (as `recstream up` runs it), and stops them by the
+process it started. Waiting is always on a condition with a generous deadline, never on
+a sleep of a guessed length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis.asyncio as aioredis
+
+from recstream import stack
+from recstream.keys import Keys
+from recstream.settings import Settings
+from tests.conftest import REPO, unique
+from tests.integration.test_spine import agent_worker
+
+T = TypeVar("T")
+
+__all__ = [
+    "agents",
+    "applied_ids",
+    "drill_settings",
+    "paused",
+    "private_moto",
+    "private_redis",
+    "wait_for",
+]
+
+
+@contextmanager
+def private_redis(workdir: Path, port: int | None = None) -> Iterator[stack.Server]:
+    """A redis-server of this drill only (nothing persisted: a restart comes back empty)."""
+    server = stack.start_redis(port or stack.free_port(), workdir / "redis")
+    try:
+        yield server
+    finally:
+        resume(server)
+        server.stop()
+
+
+@contextmanager
+def private_moto(workdir: Path, port: int | None = None) -> Iterator[stack.Server]:
+    """moto through `recstream.emulator` with its state in ``workdir/moto-state``, as
+    `recstream up` runs it: a SIGTERM saves the state and a restart loads it back."""
+    server = stack.start_moto(
+        port or stack.free_port(), workdir, state_dir=workdir / "moto-state", snapshot_every_s=1
+    )
+    try:
+        yield server
+    finally:
+        resume(server)
+        server.stop()
+
+
+def resume(server: stack.Server) -> None:
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGCONT)
+
+
+@contextmanager
+def paused(server: stack.Server) -> Iterator[None]:
+    """SIGSTOP the server (and its process group) for the block: its sockets stay open
+    and accept connections, but nothing answers, like a store stuck on a slow disk."""
+    os.killpg(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(server.process.pid, signal.SIGCONT)
+
+
+@contextmanager
+def agents(settings: Settings, log: Path) -> Iterator[Any]:
+    """`recstream agents` (tests.integration.test_spine.agent_worker) running the code of
+    this checkout: the child starts in another directory, where an editable install
+    would otherwise import the package from wherever it was installed."""
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([previous] if previous else [])])
+    try:
+        starting = agent_worker(settings, log)
+        process = starting.__enter__()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    try:
+        yield process
+    finally:
+        starting.__exit__(None, None, None)
+
+
+def drill_settings(redis_url: str, moto_url: str, **overrides: Any) -> Settings:
+    """Fresh resource names on the given servers; the resources are created here."""
+    name = unique("drill")
+    values: dict[str, Any] = {
+        "aws_endpoint_url": moto_url,
+        "kinesis_endpoint_url": None,
+        "redis_url": redis_url,
+        "namespace": name,
+        "stream_name": f"{name}-events",
+        "table_prefix": name,
+        "bucket": f"{name}-archive",
+        "dlq_name": f"{name}-dlq",
+        **overrides,
+    }
+    settings = Settings(**values)
+    stack.create_resources(settings)
+    return settings
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T]], what: str, within: float = 60.0, log: Path | None = None
+) -> T:
+    """Poll ``check`` until it returns something truthy; fail after ``within`` seconds
+    (a deadline for a stuck drill, never a measurement)."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            tail = await asyncio.to_thread(_tail, log)
+            pytest.fail(f"{what} did not happen within {within:.0f}s\n{tail}")
+        await asyncio.sleep(0.1)
+
+
+def _tail(log: Path | None) -> str:
+    return log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+
+
+async def applied_ids(client: aioredis.Redis, namespace: str, actors: list[str]) -> set[str]:
+    """Every event id the agents applied for ``actors`` (their ``seen`` sets)."""
+    keys = Keys(namespace)
+    pipe = client.pipeline(transaction=False)
+    for actor in actors:
+        pipe.zrange(keys.seen(actor), 0, -1)
+    found: set[str] = set()
+    for members in await pipe.execute():
+        found.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    return found
