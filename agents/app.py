@@ -17,7 +17,7 @@ from faust.types import EventT
 from agents.archive import run_archive
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
-from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
+from agents.features import DynamoFeatures, FeaturesPart, FeatureStage, SessionFeatures
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.retry import until_succeeds
@@ -59,12 +59,19 @@ def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
         parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
     )
     durable = DynamoWindows(stores.dynamodb, settings)
+    features = DynamoFeatures(stores.dynamodb, settings)
     return WindowAgent(
         hot,
         durable,
         SqsDeadLetters(stores.sqs, settings, stores.s3),
-        stages=[FeatureStage(stores.redis, DynamoFeatures(stores.dynamodb, settings), settings)],
-        identity=IdentityStitcher(stores.redis, hot, durable, settings),
+        stages=[FeatureStage(stores.redis, features, settings)],
+        identity=IdentityStitcher(
+            stores.redis,
+            hot,
+            durable,
+            settings,
+            features=SessionFeatures(stores.redis, features, settings),
+        ),
     )
 
 
