@@ -89,38 +89,81 @@ RESERVED_ATTRIBUTES = frozenset({"type", "cat", "brand", "category"})
 # e {v, w} (embedding: version, weight) or absent. H: fcap, gap, fttl, ehl, wsize.
 # Flag: the feature hash had to be created (new actor, or a hash Redis lost).
 #
-# Within a chunk the fields a part read or wrote are kept in Lua (F[key].v: field ->
-# value, false when absent), so an actor's next event reads only what is new (one HMGET)
-# and every changed field is written once, at the end of the chunk (one HSET per hash).
-# The embedding is kept in the same way (E[key]) and written once at the end.
+# Within a chunk an actor's fields are kept in Lua, parsed (F[key]: counters and times as
+# numbers, affinities as score and time), so the actor's next event reads only fields it
+# has not seen yet (one HMGET) and every changed field is formatted and written once, at
+# the end of the chunk (one HSET per hash). The embedding is kept the same way (E[key]).
 _FEATURES_PRELUDE = """
 local F = {}
 local E = {}
 local FACTORS = {}
 local WEIGHTS = nil
-local function f_load(c, key, names)
+local F_FIXED = {'n', 'k:n', 'n:_other', 'first_ts', 'last_ts', 'sess', 'sess_ts', 'sess_n'}
+local F_TIMES = {first_ts = true, last_ts = true, sess_ts = true}
+-- c.v[name]: the field's value (a number, or sess's string; false: absent); c.s/c.t[name]:
+-- an affinity's score and time; c.d[name]: changed since read.
+local function f_parse(c, name, raw)
+  if not raw then
+    c.v[name] = false
+  elseif string.sub(name, 1, 2) == 'a:' then
+    local s, t0 = string.match(raw, '^(.-)@(.*)$')
+    c.v[name] = true
+    c.s[name] = tonumber(s)
+    c.t[name] = tonumber(t0)
+  elseif name == 'sess' then
+    c.v[name] = raw
+  else
+    c.v[name] = tonumber(raw)
+  end
+end
+local function f_load(c, key, names, count)
   local missing = {}
-  for _, name in ipairs(names) do
+  for i = 1, count do
+    local name = names[i]
     if c.v[name] == nil then
       if c.empty then c.v[name] = false else missing[#missing + 1] = name end
     end
   end
   if #missing > 0 then
     local got = redis.call('HMGET', key, unpack(missing))
-    for i, name in ipairs(missing) do c.v[name] = got[i] or false end
+    for i, name in ipairs(missing) do f_parse(c, name, got[i]) end
   end
+end
+local function f_num(c, name)
+  local value = c.v[name]
+  if value then return value end
+  return 0
+end
+local function f_set(c, name, value)
+  c.v[name] = value
+  c.d[name] = true
+end
+local function f_aff(c, name, s, t)
+  c.v[name] = true
+  c.s[name] = s
+  c.t[name] = t
+  c.d[name] = true
 end
 local function f_flush(key, c)
   local args = {}
-  for name in pairs(c.dirty) do
+  local n = 0
+  for name in pairs(c.d) do
     local value = c.v[name]
     if value then
-      args[#args + 1] = name
-      args[#args + 1] = value
+      if value == true then
+        value = fmt(c.s[name]) .. '@' .. fmt(c.t[name])
+      elseif F_TIMES[name] then
+        value = fmt(value)
+      elseif name ~= 'sess' then
+        value = string.format('%d', value)
+      end
+      args[n + 1] = name
+      args[n + 2] = value
+      n = n + 2
     end
   end
-  if #args > 0 then redis.call('HSET', key, unpack(args)) end
-  c.dirty = {}
+  if n > 0 then redis.call('HSET', key, unpack(args)) end
+  c.d = {}
 end
 local function factor(key, item)
   local known = FACTORS[key]
@@ -145,7 +188,7 @@ local cap = H['fcap']
 local created = 0
 local c = F[key]
 if not c then
-  c = {v = {}, dirty = {}, empty = false}
+  c = {v = {}, s = {}, t = {}, d = {}, empty = false}
   if redis.call('EXISTS', key) == 0 then
     created = 1
     c.empty = true
@@ -154,75 +197,75 @@ if not c then
 end
 local V = c.v
 local tfield = 'n:' .. f['t']
-local names = {'n', tfield, 'k:n', 'n:_other', 'first_ts', 'last_ts', 'sess', 'sess_ts',
-               'sess_n'}
-for _, a in ipairs(f['a']) do
-  names[#names + 1] = 'a:' .. a[1] .. ':' .. a[2]
-  names[#names + 1] = 'k:' .. a[1]
+local aff = f['a']
+local names = {tfield}
+local count = 1
+if not c.fixed then
+  for i = 1, #F_FIXED do names[count + i] = F_FIXED[i] end
+  count = count + #F_FIXED
+  c.fixed = true
 end
-f_load(c, key, names)
-local function num(name)
-  local value = V[name]
-  if value then return tonumber(value) end
-  return nil
-end
-local function set(name, value)
-  V[name] = value
-  c.dirty[name] = true
-end
-local function int(x) return string.format('%d', x) end
-set('n', int((num('n') or 0) + 1))
-if not V[tfield] then
-  if (num('k:n') or 0) >= cap then
-    tfield = 'n:_other'
-  else
-    set('k:n', int((num('k:n') or 0) + 1))
+for i = 1, #aff do
+  local a = aff[i]
+  local fld = 'a:' .. a[1] .. ':' .. a[2]
+  a[5] = fld
+  if V[fld] == nil then
+    names[count + 1] = fld
+    names[count + 2] = 'k:' .. a[1]
+    count = count + 2
   end
 end
-set(tfield, int((num(tfield) or 0) + 1))
-local first = num('first_ts')
-if (not first) or ts < first then set('first_ts', fmt(ts)) end
-local last = num('last_ts')
+f_load(c, key, names, count)
+f_set(c, 'n', f_num(c, 'n') + 1)
+if not V[tfield] then
+  if f_num(c, 'k:n') >= cap then
+    tfield = 'n:_other'
+  else
+    f_set(c, 'k:n', f_num(c, 'k:n') + 1)
+  end
+end
+f_set(c, tfield, f_num(c, tfield) + 1)
+local first = V['first_ts']
+if (not first) or ts < first then f_set(c, 'first_ts', ts) end
+local last = V['last_ts']
 local sess = f['s']
 if sess then
   local cur = V['sess']
-  local cur_ts = num('sess_ts')
+  local cur_ts = V['sess_ts']
   if cur == sess then
-    set('sess_n', int((num('sess_n') or 0) + 1))
-    if ts < cur_ts then set('sess_ts', fmt(ts)) end
+    f_set(c, 'sess_n', f_num(c, 'sess_n') + 1)
+    if ts < cur_ts then f_set(c, 'sess_ts', ts) end
   elseif (not cur_ts) or ts >= cur_ts then
-    set('sess', sess)
-    set('sess_ts', fmt(ts))
-    set('sess_n', '1')
+    f_set(c, 'sess', sess)
+    f_set(c, 'sess_ts', ts)
+    f_set(c, 'sess_n', 1)
   end
   -- (a late event of an older session leaves the current one alone)
 elseif (not last) or ts - last > H['gap'] then
   -- No session id: inactivity longer than the gap starts a session, named as training
   -- names derived sessions ("{actor}#{first second}").
-  set('sess', f['actor'] .. '#' .. string.format('%d', math.floor(ts)))
-  set('sess_ts', fmt(ts))
-  set('sess_n', '1')
+  f_set(c, 'sess', f['actor'] .. '#' .. string.format('%d', math.floor(ts)))
+  f_set(c, 'sess_ts', ts)
+  f_set(c, 'sess_n', 1)
 else
-  set('sess_n', int((num('sess_n') or 0) + 1))
+  f_set(c, 'sess_n', f_num(c, 'sess_n') + 1)
 end
-if (not last) or ts > last then set('last_ts', fmt(ts)) end
-for _, a in ipairs(f['a']) do
-  local attr, delta, hl = a[1], a[3], a[4]
-  local fld = 'a:' .. attr .. ':' .. a[2]
-  local cur = V[fld]
-  if cur then
-    local s, t0 = string.match(cur, '^(.-)@(.*)$')
-    s, t0 = tonumber(s), tonumber(t0)
+if (not last) or ts > last then f_set(c, 'last_ts', ts) end
+for i = 1, #aff do
+  local a = aff[i]
+  local attr, delta, hl, fld = a[1], a[3], a[4], a[5]
+  if V[fld] then
+    local s, t0 = c.s[fld], c.t[fld]
     if ts >= t0 then
-      set(fld, fmt(s * 2 ^ (-(ts - t0) / hl) + delta) .. '@' .. fmt(ts))
+      f_aff(c, fld, s * 2 ^ (-(ts - t0) / hl) + delta, ts)
     else
-      set(fld, fmt(s + delta * 2 ^ (-(t0 - ts) / hl)) .. '@' .. fmt(t0))
+      f_aff(c, fld, s + delta * 2 ^ (-(t0 - ts) / hl), t0)
     end
   else
-    set(fld, fmt(delta) .. '@' .. fmt(ts))
+    f_aff(c, fld, delta, ts)
     local kname = 'k:' .. attr
-    local k = (num(kname) or 0) + 1
-    set(kname, int(k))
+    local k = f_num(c, kname) + 1
+    f_set(c, kname, k)
     if k > cap then
       -- Over the cap: evict the value with the smallest |score| as of now (ties: the
       -- smallest name), which may be the new one when it is the weakest.
@@ -230,10 +273,10 @@ for _, a in ipairs(f['a']) do
       local prefix = 'a:' .. attr .. ':'
       local all = redis.call('HGETALL', key)
       local worst, worst_score = nil, nil
-      for i = 1, #all, 2 do
-        local name = all[i]
+      for j = 1, #all, 2 do
+        local name = all[j]
         if string.sub(name, 1, #prefix) == prefix then
-          local s, t0 = string.match(all[i + 1], '^(.-)@(.*)$')
+          local s, t0 = string.match(all[j + 1], '^(.-)@(.*)$')
           local v = math.abs(tonumber(s) * 2 ^ (-math.max(0, ts - tonumber(t0)) / hl))
           if (not worst) or v < worst_score or (v == worst_score and name < worst) then
             worst, worst_score = name, v
@@ -242,7 +285,7 @@ for _, a in ipairs(f['a']) do
       end
       redis.call('HDEL', key, worst)
       V[worst] = false
-      set(kname, int(k - 1))
+      f_set(c, kname, k - 1)
     end
   end
 end
@@ -260,6 +303,7 @@ if e then
       E[K[2]] = st
     end
     local x, W, at
+    local hl = H['ehl']
     local function add(y, w, t)
       -- decayed running mean: the newest time is the reference, older touches decay in
       if not x then
@@ -269,10 +313,10 @@ if e then
       end
       local g, f0 = w, 1
       if t >= at then
-        f0 = 2 ^ (-(t - at) / H['ehl'])
+        f0 = 2 ^ (-(t - at) / hl)
         at = t
       else
-        g = w * 2 ^ (-(at - t) / H['ehl'])
+        g = w * 2 ^ (-(at - t) / hl)
       end
       local W2 = W * f0 + g
       for i = 1, n do x[i] = (x[i] * W * f0 + g * y[i]) / W2 end
@@ -340,6 +384,7 @@ class FeaturesPart:
             "wsize": settings.window_size,
         }
         self._half_life = {attr: settings.half_life(attr) for attr in ("type", "cat", "brand")}
+        self._weights = dict(settings.event_weights)
         # Event properties that are affinity attributes: the configured names that are
         # not built in; a ':' would make the field name ambiguous, so such names are left.
         self.property_attributes = tuple(
@@ -350,33 +395,33 @@ class FeaturesPart:
 
     def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
         """What ``event`` adds to each affinity ``(attr, value)``, summed."""
-        s = self.settings
         out: dict[tuple[str, str], float] = {("type", event.event_type): 1.0}
-
-        def add(attr: str, value: object, delta: float) -> None:
-            key = (attr, _value(value))
-            out[key] = out.get(key, 0.0) + delta
-
         if event.item_id is None:
             return out
-        weight = s.weight(event.event_type)
+        weight = self._weights.get(event.event_type, 1.0)
         facts = context.facts(event)
         for category in facts.categories:
-            add("cat", category, weight)
+            key = ("cat", _value(category))
+            out[key] = out.get(key, 0.0) + weight
         if facts.brand is not None:
-            add("brand", facts.brand, weight)
+            key = ("brand", _value(facts.brand))
+            out[key] = out.get(key, 0.0) + weight
         for attr in self.property_attributes:
             if attr in event.properties:
-                add(attr, event.properties[attr], weight)
-        if s.impression_weight != 0 and weight > 0:
+                key = (attr, _value(event.properties[attr]))
+                out[key] = out.get(key, 0.0) + weight
+        shown_weight = self.settings.impression_weight
+        if event.impression and shown_weight != 0 and weight > 0:
             for other in dict.fromkeys(event.impression):
                 if other == event.item_id:
                     continue
                 shown = context.facts(event, other)
                 for category in shown.categories:
-                    add("cat", category, s.impression_weight)
+                    key = ("cat", _value(category))
+                    out[key] = out.get(key, 0.0) + shown_weight
                 if shown.brand is not None:
-                    add("brand", shown.brand, s.impression_weight)
+                    key = ("brand", _value(shown.brand))
+                    out[key] = out.get(key, 0.0) + shown_weight
         return out
 
     def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]:
@@ -396,7 +441,7 @@ class FeaturesPart:
         out = [keys.features(event.actor)]
         version = context.als_version.get(event.namespace)
         if version is not None and event.item_id is not None:
-            weight = s.weight(event.event_type)
+            weight = self._weights.get(event.event_type, 1.0)
             if weight > 0:
                 doc["e"] = {"v": version, "w": weight}
                 out += [

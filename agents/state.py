@@ -18,14 +18,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agents.catalog import BatchContext, load_context
 from agents.retry import RecordsRefused
@@ -550,6 +558,7 @@ class RedisHotStore:
             tuple(parts) if parts is not None else (WindowsPart(settings),)
         )
         self._apply = redis.register_script(compose_chunk(self.parts))
+        self._loaded = False
         self._merge = redis.register_script(_MERGE)
         self._weights = orjson.dumps(settings.event_weights)
         header: dict[str, Any] = {
@@ -560,13 +569,10 @@ class RedisHotStore:
             header.update(getattr(part, "header", {}))
         self._header = orjson.dumps(header)
 
-    async def apply(self, events: Sequence[Event]) -> ApplyResult:
-        """Apply ``events`` (each once per id), in chunks of `APPLY_CHUNK` per script
-        call, all in one round trip. Raises `RecordsRefused` naming the events whose
-        script failed (the others are applied), `StoreUnavailable` for an outage."""
-        s = self.settings
-        context = await load_context(self.redis, events, s) if events else BatchContext()
-        pipe = self.redis.pipeline(transaction=False)
+    def _chunks(
+        self, events: Sequence[Event], context: BatchContext
+    ) -> Iterator[tuple[list[str], list[bytes]]]:
+        """The (keys, args) of each script call, encoded as they are asked for."""
         parts = self.parts
         for start in range(0, len(events), APPLY_CHUNK):
             index: dict[str, int] = {}
@@ -587,12 +593,60 @@ class RedisHotStore:
                         doc[part.name] = args
                 doc["k"] = lists
                 docs.append(doc)
-            args = [orjson.dumps(docs), self._weights, self._header]
-            await self._apply(keys=list(index), args=args, client=pipe)
+            yield list(index), [orjson.dumps(docs), self._weights, self._header]
+
+    async def _send(self, chunks: Iterator[tuple[list[str], list[bytes]]]) -> list[Any]:
+        """Send every chunk's call on ONE connection as soon as it is encoded, then read
+        the replies: Redis runs a chunk while the next one is encoded (two cores at
+        work instead of one after the other), and in the order sent."""
+        sha = self._apply.sha
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            replies = await pipe.execute()
-        except RedisError as exc:
-            raise redis_failure(f"applying {len(events)} events to Redis", exc) from exc
+            sent = 0
+            for keys, args in chunks:
+                command = connection.pack_command("EVALSHA", sha, len(keys), *keys, *args)
+                await connection.send_packed_command(command, check_health=sent == 0)
+                sent += 1
+            replies: list[Any] = []
+            error: ResponseError | None = None
+            for _ in range(sent):
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # read the others, then raise the first
+                    error = error or exc
+            if error is not None:
+                raise error
+            return replies
+        except (RedisError, OSError, asyncio.CancelledError):
+            # replies may be left unread: the connection cannot be reused
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+
+    async def apply(self, events: Sequence[Event]) -> ApplyResult:
+        """Apply ``events`` (each once per id), in chunks of `APPLY_CHUNK` per script
+        call, sent back to back on one connection. Raises `RecordsRefused` naming the
+        events whose script failed (the others are applied), `StoreUnavailable` for an
+        outage."""
+        s = self.settings
+        context = await load_context(self.redis, events, s) if events else BatchContext()
+        try:
+            if not self._loaded:
+                await self.redis.script_load(self._apply.script)
+                self._loaded = True
+            try:
+                replies = await self._send(self._chunks(events, context))
+            except NoScriptError:
+                # Redis restarted or flushed its scripts: load it and apply again (the
+                # events applied before the error are found applied).
+                await self.redis.script_load(self._apply.script)
+                replies = await self._send(self._chunks(events, context))
+        except (RedisError, OSError) as exc:
+            if isinstance(exc, RedisError):
+                raise redis_failure(f"applying {len(events)} events to Redis", exc) from exc
+            raise StoreUnavailable(f"applying {len(events)} events to Redis: {exc}") from exc
         outcomes: list[int | str] = [
             o if isinstance(o, int) else _text(o) for reply in replies for o in reply
         ]
@@ -609,9 +663,9 @@ class RedisHotStore:
                 reasons,
             )
         changed = [(e, o) for e, o in zip(events, outcomes, strict=True) if int(o) > 0]
-        flagged: dict[str, set[Actor]] = {part.name: set() for part in parts}
+        flagged: dict[str, set[Actor]] = {part.name: set() for part in self.parts}
         for event, outcome in changed:
-            for bit, part in enumerate(parts, start=1):
+            for bit, part in enumerate(self.parts, start=1):
                 if int(outcome) >> bit & 1:
                     flagged[part.name].add((event.namespace, event.actor))
         return ApplyResult(
@@ -633,6 +687,10 @@ class RedisHotStore:
 
     async def windows(self, actors: Sequence[Actor]) -> list[list[WindowEntry]]:
         """Many windows in one round trip (one connection, however many actors)."""
+        return [[WindowEntry.loads(item) for item in row] for row in await self.raw_windows(actors)]
+
+    async def raw_windows(self, actors: Sequence[Actor]) -> list[list[bytes]]:
+        """`windows`, each entry as the JSON Redis holds."""
         pipe = self.redis.pipeline(transaction=False)
         for namespace, actor in actors:
             pipe.lrange(Keys(namespace).window(actor), 0, self.settings.window_size - 1)
@@ -642,7 +700,7 @@ class RedisHotStore:
             raise StoreUnavailable(
                 f"reading {len(actors)} windows from Redis failed: {exc}"
             ) from exc
-        return [[WindowEntry.loads(item) for item in row] for row in rows]
+        return [list(row) for row in rows]
 
     async def merge_window(
         self, namespace: str, actor: str, entries: Sequence[WindowEntry]
@@ -711,10 +769,16 @@ class DynamoWindows:
         return f"{namespace}#{actor}"
 
     async def put(self, windows: Mapping[tuple[str, str], Sequence[WindowEntry]]) -> None:
+        await self.put_raw(
+            {actor: [e.dumps() for e in entries] for actor, entries in windows.items()}
+        )
+
+    async def put_raw(self, windows: Mapping[tuple[str, str], Sequence[bytes]]) -> None:
+        """`put`, each entry given as its JSON."""
         now = time.time()
         requests: list[dict[str, Any]] = []
         for (namespace, actor), entries in windows.items():
-            body = bounded_json_list([e.dumps() for e in entries], DURABLE_ITEM_BYTES)
+            body = bounded_json_list(entries, DURABLE_ITEM_BYTES)
             requests.append(
                 {
                     "PutRequest": {
@@ -900,6 +964,12 @@ async def persist_windows(hot: HotStore, durable: DurableWindows, actors: Iterab
     actors = list(actors)
     if not actors:
         return 0
+    if isinstance(hot, RedisHotStore) and isinstance(durable, DynamoWindows):
+        # Redis holds each entry as its JSON already: copied as is, not parsed and
+        # encoded again (the agent's hot path).
+        raw = await hot.raw_windows(actors)
+        await durable.put_raw(dict(zip(actors, raw, strict=True)))
+        return len(actors)
     windows = await hot.windows(actors)
     await durable.put(dict(zip(actors, windows, strict=True)))
     return len(actors)
