@@ -2,17 +2,17 @@
 
 For every batch of records it (1) parses them with the one `Event` schema, sending what
 does not parse to the dead-letter queue, (2) applies the events to the hot store, whose
-one per-event script skips any event id it has already applied and runs every part
-(window, features, trending) atomically, and (3) writes the touched windows and feature
-vectors to their durable stores. Only then does the batch return, and only then does the
-transport checkpoint it, so a crash anywhere loses nothing and a replay double-counts
-nothing.
+script (one call per chunk of events) skips any event id it has already applied and runs
+every part (window, features, trending) of each event atomically, and (3) writes the
+touched windows and feature vectors to their durable stores. Only then does the batch
+return, and only then does the transport checkpoint it, so a crash anywhere loses
+nothing and a replay double-counts nothing.
 
-`deliver` wraps one batch in the retry policy: transient failures (an outage,
-throttling: ``RecstreamError.retriable``) are retried without limit, which holds the
-shard back (back-pressure); anything else is retried a bounded number of times, then
-the batch is bisected down to the records that fail on their own, which are
-dead-lettered with the reason, shard and sequence number, and the rest is applied.
+`deliver` runs one batch under the agents' one failure policy (`agents.retry`):
+transient failures (an outage, throttling) are retried without limit, which holds the
+shard back (back-pressure); deterministic ones a bounded number of times, then the
+records that fail on their own are dead-lettered (kind ``windows``) with the reason,
+shard and sequence number, and the rest is applied.
 """
 
 from __future__ import annotations
