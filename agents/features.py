@@ -20,13 +20,15 @@ type *is* the feedback, so its weight would say nothing more). An impressed item
 not the one acted on adds ``impression_weight`` (a small negative) to its own categories
 and brand: shown, not taken.
 
-Updates run inside the one per-event script of the hot store (`agents.state`), after its
+Updates run inside the one script of the hot store (`agents.state`), after each event's
 ``seen`` check, so each event changes a feature vector exactly once. Updating a decayed
 score is order-independent: an event older than the stored ``ts`` is decayed into it
 instead of decaying the score forward.
 
 Durable copy: DynamoDB ``{prefix}-features`` (pk ``{ns}#{actor}``), written after Redis
 for every actor of a batch, merged back into Redis when Redis lost the hash (as windows).
+At login an anonymous session's vector moves into its user's (`SessionFeatures`, called
+by the identity stage), idempotently, in Redis and DynamoDB.
 Serving reads a user's window, features and embedding in one round trip with
 `read_user_state`.
 """
@@ -367,7 +369,7 @@ def _value(text: object) -> str:
 
 
 class FeaturesPart:
-    """The feature-vector share of the per-event script (see the module docstring)."""
+    """The feature-vector share of the hot store's script (see the module docstring)."""
 
     name = "f"
     lua = _FEATURES_LUA

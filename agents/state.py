@@ -2,10 +2,11 @@
 
 Two stores, one interface each, with real and in-memory implementations:
 
-* `HotStore` (Redis): the window list and the popularity counter, updated with one Lua
-  script per event that first records the event id in the actor's capped id set. A
-  replayed event (at-least-once delivery after a crash) finds its id and changes
-  nothing, so every effect happens exactly once while the id is remembered
+* `HotStore` (Redis): the window list and the popularity counter (and whatever other
+  parts it is given), updated by one Lua script called once per chunk of events, which
+  for each event checks the event id in the actor's capped id set, runs the parts, and
+  records the id. A replayed event (at-least-once delivery after a crash) finds its id
+  and changes nothing, so every effect happens exactly once while the id is remembered
   (``Settings.dedup_per_actor`` newest ids per actor, ``Settings.dedup_ttl_s``).
 * `DurableWindows` (DynamoDB): a durable copy of each touched window, written after the
   hot store. Putting a whole window is idempotent, so a replay rewrites the same item.
