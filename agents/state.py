@@ -619,8 +619,9 @@ class RedisHotStore:
             if error is not None:
                 raise error
             return replies
-        except (RedisError, OSError, asyncio.CancelledError):
-            # replies may be left unread: the connection cannot be reused
+        except BaseException:
+            # Replies may be left unread (an error, a failed encoding, a cancellation):
+            # the connection cannot be reused.
             await connection.disconnect()
             raise
         finally:
