@@ -8,49 +8,31 @@ per message, so per-batch store round-trips are what keep one process fast.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
-from faust.types import EventT
 
 from agents.archive import run_archive
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
-from agents.features import DynamoFeatures, FeaturesPart, FeatureStage
+from agents.features import DynamoFeatures, FeaturesPart, FeatureStage, SessionFeatures
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.redrive import redrive_personalize
-from agents.retry import until_succeeds
 from agents.state import DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, TrendKeeper
-from agents.windows import StreamRecord, WindowAgent, deliver
+from agents.windows import WindowAgent, deliver, stream_records
 from recstream import tracing
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
 from streams.kinesis import make_app
 
-__all__ = ["APP_ID", "build_agent", "create_app", "stream_records", "until_done"]
+__all__ = ["APP_ID", "build_agent", "create_app", "stream_records"]
 
 APP_ID = "recstream-agents"
 
 log = logging.getLogger(__name__)
-
-
-def stream_records(app: faust.App, events: Sequence[EventT[bytes]]) -> list[StreamRecord]:
-    """The batch's values with the shard and sequence number each was read at (from the
-    Kinesis consumer; None with another transport)."""
-    position = getattr(app.consumer, "record_position", None)
-    records: list[StreamRecord] = []
-    for event in events:
-        message = event.message
-        where = position(message.tp, message.offset) if position is not None else None
-        value = message.value if isinstance(message.value, bytes) else bytes(event.value)
-        if where is None:
-            records.append(StreamRecord(value))
-        else:
-            records.append(StreamRecord(value, where[0], where[1], where[2]))
-    return records
 
 
 def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
@@ -61,26 +43,19 @@ def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
         parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
     )
     durable = DynamoWindows(stores.dynamodb, settings)
+    features = DynamoFeatures(stores.dynamodb, settings)
     return WindowAgent(
         hot,
         durable,
         SqsDeadLetters(stores.sqs, settings, stores.s3),
-        stages=[FeatureStage(stores.redis, DynamoFeatures(stores.dynamodb, settings), settings)],
-        identity=IdentityStitcher(stores.redis, hot, durable, settings),
-    )
-
-
-async def until_done(
-    process: Callable[[Sequence[bytes], str], Awaitable[object]],
-    values: Sequence[bytes],
-    source: str,
-    max_delay: float = 5.0,
-) -> None:
-    """Process a batch of the side agents (attribution, forwarder), retrying with backoff
-    until it succeeds (`agents.retry`). (The windows agent uses `deliver`, which also
-    dead-letters records that fail deterministically.)"""
-    await until_succeeds(
-        lambda: process(values, source), f"a batch of {len(values)} records", max_delay
+        stages=[FeatureStage(stores.redis, features, settings)],
+        identity=IdentityStitcher(
+            stores.redis,
+            hot,
+            durable,
+            settings,
+            features=SessionFeatures(stores.redis, features, settings),
+        ),
     )
 
 
@@ -114,24 +89,31 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                 namespaces.update(agent.namespaces)
                 yield None
 
+    # Every agent runs its batches under the one failure policy (agents/retry.py):
+    # transient failures wait, deterministic ones dead-letter the records at fault.
     @app.agent(topic, name="attribution")
     async def attribution(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         """Counts clicks, carts, purchases and revenue per strategy (agents/attribution.py)."""
         async with open_stores(settings) as stores:
             agent = AttributionAgent(
-                stores.redis, DynamoCounters(stores.dynamodb, settings), settings
+                stores.redis,
+                DynamoCounters(stores.dynamodb, settings),
+                settings,
+                SqsDeadLetters(stores.sqs, settings, stores.s3),
             )
-            async for values in stream.take(
+            async for events in stream.take_events(  # type: ignore[attr-defined]
                 settings.agent_batch_size, within=settings.agent_batch_window_s
             ):
-                await until_done(agent.process, values, settings.stream_name)
+                await agent.process(stream_records(app, events), settings.stream_name)
                 yield None
 
     if settings.archive_enabled:
 
         @app.agent(topic, name="archive")
         async def archive(stream: faust.StreamT[bytes]) -> None:
-            await run_archive(app, stream, settings)
+            async with open_stores(settings) as stores:
+                dead_letters = SqsDeadLetters(stores.sqs, settings, stores.s3)
+                await run_archive(app, stream, settings, dead_letters)
 
     if settings.personalize_tracking_id:
 
@@ -140,10 +122,10 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
             async with open_stores(settings) as stores, open_personalize(settings) as client:
                 dead_letters = SqsDeadLetters(stores.sqs, settings, stores.s3)
                 forwarder = Forwarder(client, settings, dead_letters)
-                async for values in stream.take(
+                async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.agent_batch_size, within=settings.agent_batch_window_s
                 ):
-                    await until_done(forwarder.process, values, settings.stream_name)
+                    await forwarder.process(stream_records(app, events), settings.stream_name)
                     yield None
 
         @app.timer(settings.personalize_redrive_s, name="personalize-redrive")  # type: ignore[untyped-decorator]

@@ -22,6 +22,12 @@ drop those by event id (`recstream.archive.read_events`).
 
 Records that do not parse are acked with the batch and not archived: the windows agent
 sends them to the dead-letter queue with the reason.
+
+A flush runs under the agents' failure policy (`agents.retry`): S3 unavailable or
+throttling is retried without limit (the acks, so the checkpoint, wait); a write S3
+refuses the same way every time is retried a bounded number of times, then the buffer is
+written in halves down to the events that fail on their own, which are dead-lettered
+(kind ``archive``; `recstream dlq replay` writes them later), and everything is acked.
 """
 
 from __future__ import annotations
@@ -42,10 +48,10 @@ from typing import IO, TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 from prometheus_client import Counter, Gauge
-from pydantic import ValidationError
 
-from agents.retry import until_succeeds
-from agents.windows import StoredEvent
+from agents.deadletter import DeadLetters, send_until_done
+from agents.retry import Failure, RetryPolicy, process_bounded
+from agents.windows import StreamRecord, parse_event, stream_records
 from recstream.archive import encode_events, object_key, partition_prefix, read_events
 from recstream.aws import async_client, sync_client, translate
 from recstream.errors import ConfigurationError
@@ -59,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INTERACTION_COLUMNS",
+    "KIND",
     "ArchiveBuffer",
     "ArchiveSink",
     "ExportStats",
@@ -72,6 +79,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+KIND = "archive"
+"""The dead-letter kind of events S3 refused to archive (agents/deadletter.py)."""
 
 T = TypeVar("T")
 
@@ -149,6 +159,8 @@ class ArchiveBuffer(Generic[T]):
     clock: Callable[[], float] = time.monotonic
     events: dict[str, Event] = field(default_factory=dict)
     """Buffered events by id (a record delivered twice within one buffer is kept once)."""
+    records: dict[str, StreamRecord] = field(default_factory=dict)
+    """Where each buffered event was read (for a dead letter)."""
     tokens: list[T] = field(default_factory=list)
     size: int = 0
     since: float | None = None
@@ -159,21 +171,22 @@ class ArchiveBuffer(Generic[T]):
     def of(cls, sink: ArchiveSink, settings: Settings) -> ArchiveBuffer[T]:
         return cls(sink, settings.archive_flush_bytes, settings.archive_flush_s)
 
-    def add(self, records: Iterable[tuple[bytes, T]]) -> None:
+    def add(self, records: Iterable[tuple[bytes | StreamRecord, T]]) -> None:
         for raw, token in records:
             if self.since is None:
                 self.since = self.clock()
             self.tokens.append(token)
-            try:
-                event = StoredEvent.from_json(raw)
-            except ValidationError:
+            record = raw if isinstance(raw, StreamRecord) else StreamRecord(raw)
+            event = parse_event(record.value)
+            if isinstance(event, str):
                 # The windows agent dead-letters it with the reason; archiving it would
                 # only make training skip it later.
                 self.invalid += 1
                 continue
             if event.event_id not in self.events:
                 self.events[event.event_id] = event
-                self.size += len(raw) + 1
+                self.records[event.event_id] = record
+                self.size += len(record.value) + 1
         BUFFERED.set(len(self.tokens))
 
     @property
@@ -190,58 +203,106 @@ class ArchiveBuffer(Generic[T]):
             return False
         return self.full or self.clock() - self.since >= self.flush_s
 
-    def batches(self) -> dict[str, list[Event]]:
-        """The objects a flush writes now: key -> events sorted by (time, id)."""
+    def batches(self, events: Iterable[Event] | None = None) -> dict[str, list[Event]]:
+        """The objects a flush writes now (or of ``events``): key -> events sorted by
+        (time, id)."""
         groups: dict[tuple[str, str], list[Event]] = {}
-        for event in self.events.values():
+        for event in self.events.values() if events is None else events:
             prefix = partition_prefix(event.namespace, event.timestamp)
             groups.setdefault((event.namespace, prefix), []).append(event)
         out: dict[str, list[Event]] = {}
-        for (namespace, _), events in sorted(groups.items()):
-            events.sort(key=lambda e: (e.timestamp, e.event_id))
-            out[batch_key(namespace, events)] = events
+        for (namespace, _), group in sorted(groups.items()):
+            group.sort(key=lambda e: (e.timestamp, e.event_id))
+            out[batch_key(namespace, group)] = group
         return out
 
-    async def flush(self) -> list[T]:
-        """Write every buffered event, then empty the buffer; return what to ack."""
-        if not self.tokens:
-            return []
-        batches = self.batches()
-        for key, events in batches.items():
-            await self.sink.put(key, encode_events(events))
-        tokens = self.tokens
-        written = len(self.events)
-        ARCHIVED.inc(written)
+    async def write(self, events: Sequence[Event]) -> int:
+        """Write the objects of ``events`` (named after their content); how many."""
+        batches = self.batches(events)
+        for key, group in batches.items():
+            await self.sink.put(key, encode_events(group))
         OBJECTS.inc(len(batches))
+        return len(batches)
+
+    def clear(self) -> list[T]:
+        """Empty the buffer; return what to ack."""
+        tokens = self.tokens
         if self.invalid:
             log.info(
                 "archive: %d records did not parse; the dead-letter queue has them", self.invalid
             )
-        log.debug("archive: wrote %d events in %d objects", written, len(batches))
-        self.events, self.tokens, self.size, self.since, self.invalid = {}, [], 0, None, 0
+        ARCHIVED.inc(len(self.events))
+        self.events, self.records, self.tokens = {}, {}, []
+        self.size, self.since, self.invalid = 0, None, 0
         BUFFERED.set(0)
         return tokens
 
+    def ordered(self) -> list[Event]:
+        """The buffered events in the order of their objects (for halving a flush)."""
+        return [event for group in self.batches().values() for event in group]
 
-async def flush_until_done(buffer: ArchiveBuffer[T], max_delay: float = 5.0) -> list[T]:
-    """Flush, retrying with backoff until S3 takes it. The acks wait, so the checkpoint
-    waits too: back-pressure rather than a skipped or a lost batch."""
-    return await until_succeeds(
-        buffer.flush, f"archive flush of {len(buffer.events)} events", max_delay
-    )
+    async def flush(self) -> list[T]:
+        """Write every buffered event (one attempt), then empty the buffer; return what to
+        ack. A failed flush keeps the buffer whole."""
+        if not self.tokens:
+            return []
+        written = len(self.events)
+        objects = await self.write(list(self.events.values()))
+        log.debug("archive: wrote %d events in %d objects", written, objects)
+        return self.clear()
 
 
-async def run_archive(app: faust.App, stream: faust.StreamT[bytes], settings: Settings) -> None:
+async def flush_until_done(
+    buffer: ArchiveBuffer[T],
+    max_delay: float = 5.0,
+    *,
+    policy: RetryPolicy | None = None,
+    dead_letters: DeadLetters | None = None,
+    source: str = "stream",
+) -> list[T]:
+    """Flush under the agents' failure policy (see the module docstring): transient
+    failures are retried until S3 takes the objects (the acks wait, so the checkpoint
+    waits too: back-pressure rather than a skipped or lost batch); events S3 refuses
+    deterministically are dead-lettered (to ``dead_letters``; without one, the error is
+    raised). Returns what to ack."""
+    if not buffer.tokens:
+        return []
+    policy = policy or RetryPolicy(max_delay=max_delay)
+
+    async def give_up(failures: Sequence[Failure[Event]]) -> None:
+        if dead_letters is None:
+            raise failures[0].error
+        letters = []
+        for f in failures:
+            record = buffer.records.get(f.item.event_id) or StreamRecord(f.item.to_json())
+            letters.append(
+                record.letter(f.reason, source, attempts=f.attempts, error=f.error_name, kind=KIND)
+            )
+        await send_until_done(dead_letters, letters, policy.max_delay)
+
+    await process_bounded(buffer.ordered(), buffer.write, give_up, policy, "archived events")
+    return buffer.clear()
+
+
+async def run_archive(
+    app: faust.App,
+    stream: faust.StreamT[bytes],
+    settings: Settings,
+    dead_letters: DeadLetters | None = None,
+) -> None:
     """The body of the ``archive`` faust agent (see the module docstring)."""
     async with async_client(settings, "s3") as s3:
         buffer: ArchiveBuffer[EventT[bytes]] = ArchiveBuffer.of(
             S3ArchiveSink(s3, settings), settings
         )
         lock = asyncio.Lock()
+        policy = RetryPolicy.of(settings)
 
         async def flush() -> None:
             async with lock:
-                events = await flush_until_done(buffer)
+                events = await flush_until_done(
+                    buffer, policy=policy, dead_letters=dead_letters, source=settings.stream_name
+                )
                 for event in events:
                     await stream.ack(event)
 
@@ -268,7 +329,7 @@ async def run_archive(app: faust.App, stream: faust.StreamT[bytes], settings: Se
             )
             async for events in batches:
                 async with lock:
-                    buffer.add((event.value, event) for event in events)
+                    buffer.add(zip(stream_records(app, events), events, strict=True))
                 if buffer.full:
                     await flush()
         finally:

@@ -43,10 +43,12 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from agents.windows import StoredEvent
+from agents.deadletter import DeadLetters, send_until_done
+from agents.retry import Failure, RecordsRefused, RetryPolicy, process_bounded
+from agents.state import redis_failure
+from agents.windows import StreamRecord, parse_event
 from recstream.aws import translate
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
@@ -60,6 +62,7 @@ __all__ = [
     "ATTRIBUTED",
     "CLOCK_SKEW_S",
     "COUNTER_FIELDS",
+    "KIND",
     "AttributionAgent",
     "AttributionStats",
     "DynamoCounters",
@@ -71,6 +74,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+KIND = "attribution"
+"""The dead-letter kind of records whose attribution failed (agents/deadletter.py)."""
 ATTRIBUTED: Final[Mapping[str, str]] = {
     "click": "clicks",
     "add_to_cart": "add_to_carts",
@@ -220,29 +225,37 @@ return 1
 # Many events in one call. ARGV: 1 id cap, 2 id ttl, then per event: event id, counter
 # field, revenue ('' = none), number of counters n, then (note, ttl) per counter.
 # KEYS per event: the actor's attributed event ids, the dirty notes, then its n counters.
-# Returns per event 1 if counted now, 0 if it was attributed before.
+# Returns per event 1 if counted now, 0 if it was attributed before, "!{error}" if its
+# keys refused it (e.g. one of the wrong type): the others are counted all the same.
 _ATTRIBUTE = (
     _COUNT
     + """
 local cap, ttl = tonumber(ARGV[1]), ARGV[2]
+local function one(seen, dirty, id, fieldname, revenue, n, k, a)
+  if redis.call('ZSCORE', seen, id) then return 0 end
+  -- Ranked by arrival, not event time, as the windows agent's seen set (agents/state.py).
+  local last = redis.call('ZRANGE', seen, -1, -1, 'WITHSCORES')
+  local arrival = 1
+  if last[2] then arrival = tonumber(last[2]) + 1 end
+  count(k, a, n, fieldname, 1, revenue, dirty)
+  -- recorded last: an event that failed midway is retried, not taken for counted
+  redis.call('ZADD', seen, arrival, id)
+  redis.call('ZREMRANGEBYRANK', seen, 0, -cap - 1)
+  redis.call('EXPIRE', seen, ttl)
+  return 1
+end
 local k, a = 1, 3
 local counted = {}
 while a <= #ARGV do
   local seen, dirty = KEYS[k], KEYS[k + 1]
   local id, fieldname, revenue, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   k, a = k + 2, a + 4
-  if redis.call('ZSCORE', seen, id) then
-    counted[#counted + 1] = 0
+  local ok, result = pcall(one, seen, dirty, id, fieldname, revenue, n, k, a)
+  if ok then
+    counted[#counted + 1] = result
   else
-    -- Ranked by arrival, not event time, as the windows agent's seen set (agents/state.py).
-    local last = redis.call('ZRANGE', seen, -1, -1, 'WITHSCORES')
-    local arrival = 1
-    if last[2] then arrival = tonumber(last[2]) + 1 end
-    redis.call('ZADD', seen, arrival, id)
-    redis.call('ZREMRANGEBYRANK', seen, 0, -cap - 1)
-    redis.call('EXPIRE', seen, ttl)
-    count(k, a, n, fieldname, 1, revenue, dirty)
-    counted[#counted + 1] = 1
+    if type(result) == 'table' then result = result['err'] end
+    counted[#counted + 1] = '!' .. tostring(result)
   end
   k, a = k + n, a + 2 * n
 end
@@ -457,42 +470,105 @@ class AttributionStats:
     """Matched, but attributed before (a replay)."""
     persisted: int = 0
     """Counters copied to DynamoDB."""
+    dead_lettered: int = 0
+    """Records set aside: their attribution failed deterministically."""
+
+    def add(self, other: AttributionStats) -> None:
+        for name in ("candidates", "attributed", "duplicates", "persisted", "dead_lettered"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class AttributionAgent:
-    def __init__(self, redis: aioredis.Redis, durable: DynamoCounters, settings: Settings) -> None:
+    """Attributes a stream's clicks, carts and purchases (see the module docstring).
+
+    `process` runs a batch under the agents' failure policy (`agents.retry`): records that
+    do not parse are skipped (the windows agent dead-letters them, once); transient
+    failures are retried without limit; a record whose attribution fails
+    deterministically (e.g. an actor's key of the wrong type) is retried a bounded number
+    of times, then dead-lettered (kind ``attribution``), and the rest is counted."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        durable: DynamoCounters,
+        settings: Settings,
+        dead_letters: DeadLetters | None = None,
+        policy: RetryPolicy | None = None,
+    ) -> None:
         self.redis = redis
         self.durable = durable
         self.settings = settings
+        self.dead_letters = dead_letters
+        self.policy = policy or RetryPolicy.of(settings)
         self._attribute = redis.register_script(_ATTRIBUTE)
         self._ranges = redis.register_script(_RANGES)
         self._restore = redis.register_script(_RESTORE)
         self._clean = redis.register_script(_CLEAN)
         self.totals = AttributionStats()
 
-    async def process(self, records: Sequence[bytes], source: str = "stream") -> AttributionStats:
-        events: list[Event] = []
-        for raw in records:
-            try:
-                events.append(StoredEvent.from_json(raw))
-            except ValidationError:
-                # The windows agent dead-letters it, with the reason; once is enough.
-                continue
-        candidates = [e for e in events if e.event_type in ATTRIBUTED]
+    async def process(
+        self, records: Sequence[bytes | StreamRecord], source: str = "stream"
+    ) -> AttributionStats:
+        """Attribute a batch until every record is counted, skipped or dead-lettered."""
+        parsed: list[tuple[StreamRecord, Event]] = []
+        for record in records:
+            where = record if isinstance(record, StreamRecord) else StreamRecord(record)
+            event = parse_event(where.value)
+            if not isinstance(event, str):
+                parsed.append((where, event))
+        total = AttributionStats()
+        if not parsed:
+            # Nothing to attribute, but counters serving changed still reach DynamoDB.
+            total = await self.apply([], source)
+        else:
+
+            async def step(part: Sequence[tuple[StreamRecord, Event]]) -> AttributionStats:
+                return await self.apply([event for _, event in part], source)
+
+            async def give_up(failures: Sequence[Failure[tuple[StreamRecord, Event]]]) -> None:
+                if self.dead_letters is None:
+                    raise failures[0].error
+                letters = [
+                    f.item[0].letter(
+                        f.reason, source, attempts=f.attempts, error=f.error_name, kind=KIND
+                    )
+                    for f in failures
+                ]
+                await send_until_done(self.dead_letters, letters, self.policy.max_delay)
+                total.dead_lettered += len(letters)
+
+            for stats in await process_bounded(
+                parsed, step, give_up, self.policy, "attribution records"
+            ):
+                total.add(stats)
+        self.totals.add(total)
+        return total
+
+    async def apply(self, events: Sequence[Event], source: str = "stream") -> AttributionStats:
+        """Attribute parsed events once, then copy the changed counters (one attempt).
+        Raises `RecordsRefused` with positions in ``events`` when Redis refused some."""
+        candidates = [n for n, e in enumerate(events) if e.event_type in ATTRIBUTED]
         stats = AttributionStats(candidates=len(candidates))
         try:
-            matches = await self.match(candidates) if candidates else []
+            matches = await self.match([events[n] for n in candidates]) if candidates else []
             if matches:
-                stats.attributed = await self.count(matches)
+                counted = await self.count([m for _, m in matches])
+                refused = [n for n, c in enumerate(counted) if isinstance(c, str)]
+                if refused:
+                    first = counted[refused[0]]
+                    raise RecordsRefused(
+                        f"Redis refused attributing {len(refused)} events; the first: {first}",
+                        [candidates[matches[n][0]] for n in refused],
+                        [str(counted[n]) for n in refused],
+                    )
+                stats.attributed = sum(1 for c in counted if c == 1)
                 stats.duplicates = len(matches) - stats.attributed
             namespaces = {e.namespace for e in events} | {self.settings.namespace}
             stats.persisted = await self.persist(sorted(namespaces))
         except RedisError as exc:
-            raise StoreUnavailable(f"attributing {len(candidates)} events failed: {exc}") from exc
+            raise redis_failure(f"attributing {len(candidates)} events", exc) from exc
         if stats.duplicates:
             log.info("%d events from %s were attributed before", stats.duplicates, source)
-        for name in ("candidates", "attributed", "duplicates", "persisted"):
-            setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))
         return stats
 
     def _in_window(self, served: Served, event: Event) -> bool:
@@ -517,8 +593,9 @@ class AttributionAgent:
                 )  # fmt: skip
         return found
 
-    async def match(self, events: Sequence[Event]) -> list[tuple[Event, Served]]:
-        """Each event with the recommendation it is attributed to (unmatched left out)."""
+    async def match(self, events: Sequence[Event]) -> list[tuple[int, tuple[Event, Served]]]:
+        """Each event (with its position in ``events``) with the recommendation it is
+        attributed to; unmatched events are left out."""
         # 1. The recommendations named by the events, and the users sessions logged in as.
         named = await self._records(
             sorted({(e.namespace, e.recommendation_id) for e in events if e.recommendation_id})
@@ -533,7 +610,7 @@ class AttributionAgent:
                 rest.append((n, event))
         if rest:
             await self._match_by_item(rest, matched)
-        return [(events[n], matched[n]) for n in sorted(matched)]
+        return [(n, (events[n], matched[n])) for n in sorted(matched)]
 
     async def _match_by_item(
         self, events: Sequence[tuple[int, Event]], matched: dict[int, Served]
@@ -587,8 +664,9 @@ class AttributionAgent:
             if hits:
                 matched[n] = max(hits, key=lambda s: s.ts)
 
-    async def count(self, matches: Sequence[tuple[Event, Served]]) -> int:
-        """Count each match once; returns how many were counted now (not replays)."""
+    async def count(self, matches: Sequence[tuple[Event, Served]]) -> list[int | str]:
+        """Count each match once; per match 1 if counted now, 0 if before (a replay), or
+        the error that refused it."""
         s = self.settings
         pipe = self.redis.pipeline(transaction=False)
         for start in range(0, len(matches), ATTRIBUTE_CHUNK):
@@ -612,7 +690,11 @@ class AttributionAgent:
                 for _, note, ttl in targets:
                     args += [note, ttl]
             await self._attribute(keys=keys, args=args, client=pipe)
-        return sum(sum(chunk) for chunk in await pipe.execute())
+        return [
+            int(c) if isinstance(c, int) else _text(c)[1:]
+            for chunk in await pipe.execute()
+            for c in chunk
+        ]
 
     async def persist(self, namespaces: Sequence[str]) -> int:
         """Copy the counters noted dirty in ``namespaces`` to DynamoDB; returns how many."""

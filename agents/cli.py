@@ -1,7 +1,7 @@
 """`recstream archive export` and `recstream dlq replay`.
 
 recstream archive export [--namespace NS] [--start T] [--end T] --out FILE|s3://bucket/key
-recstream dlq replay [--limit N] [--kind personalize|parse|all]
+recstream dlq replay [--limit N] [--kind all|windows|attribution|archive|personalize]
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from recstream.settings import Settings
 __all__ = ["register"]
 
 DEFAULT_EXPORT_DAYS = 30
+REDRIVE_KINDS = ("windows", "attribution", "archive", "personalize")
+"""`agents.redrive.REDRIVABLE`, spelled out so that `--help` does not import the agents."""
 
 
 def parse_time(text: str) -> float:
@@ -65,17 +67,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     dlq_actions = dlq.add_subparsers(dest="action", metavar="ACTION", required=True)
     replay = dlq_actions.add_parser(
         "replay",
-        help="re-drive dead letters (Personalize failures go to PutEvents again)",
-        description="Each re-driven message is deleted only after it succeeded; letters "
-        "that cannot succeed by retrying (records that do not parse) stay and are reported.",
+        help="re-drive dead letters through the agent that set them aside",
+        description="Each letter's record runs through the agent its kind names (windows, "
+        "attribution, archive; Personalize letters go to PutEvents again), once its cause "
+        "is fixed. A letter is deleted only after its re-drive succeeded; letters that "
+        "cannot succeed by retrying (records that do not parse) stay and are reported.",
     )
     replay.add_argument("--limit", type=int, default=None, help="at most this many messages")
     replay.add_argument(
         "--kind",
-        choices=("personalize", "parse", "all"),
-        default="personalize",
-        help="which letters to re-drive (default: personalize; parse letters are only "
-        "reported, as a record that does not parse cannot succeed)",
+        choices=("all", *REDRIVE_KINDS, "parse"),
+        default="all",
+        help="which letters to re-drive (default: all that can succeed; parse letters are "
+        "only reported, as a record that does not parse cannot succeed)",
     )
     replay.set_defaults(handler=cmd_dlq_replay)
 
@@ -95,16 +99,19 @@ def cmd_archive_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from agents.forwarder import KIND, replay_dead_letters
+    from agents.redrive import REDRIVABLE, replay_dead_letters
 
-    kinds = frozenset({KIND}) if args.kind in ("personalize", "all") else frozenset()
+    kinds = REDRIVABLE if args.kind == "all" else frozenset({args.kind}) & REDRIVABLE
     report = asyncio.run(replay_dead_letters(settings, limit=args.limit, kinds=kinds))
     print(f"received {report.received} dead letters from {settings.dlq_name}")
     print(f"replayed and deleted {report.replayed}")
+    for kind, count in sorted(report.replayed_kinds.items()):
+        print(f"  {count} through {kind}")
     if report.failed:
         print(f"failed again and kept {report.failed}")
     for kind, count in sorted(report.kept.items()):
-        print(f"kept {count} of kind {kind!r} (not re-drivable; fix the producer)")
+        why = "not re-drivable; fix the producer" if kind in ("parse", "unreadable") else "kept"
+        print(f"kept {count} of kind {kind!r} ({why})")
     for reason in report.reasons:
         print(f"  {reason}", file=sys.stderr)
     return 1 if report.failed else 0

@@ -2,8 +2,13 @@
 same way every time, go here, never to /dev/null.
 
 Each message carries the raw record (base64), where it came from (stream, shard, sequence
-number) and why it failed, so an operator can fix the producer or the bug and replay it.
-The SQS queue is ``Settings.dlq_name``.
+number), which agent set it aside (``kind``) and why, so an operator can fix the producer
+or the cause and re-drive it with ``recstream dlq replay`` (agents/redrive.py). The SQS
+queue is ``Settings.dlq_name``.
+
+Kinds: ``parse`` (the record is not a valid event: only the producer can fix it; the
+windows agent sends it, once, and the other agents skip it), and per agent whose
+processing failed: ``windows``, ``attribution``, ``archive``, ``personalize``.
 
 SQS messages are limited in size (256 KiB a message and a batch), while a Kinesis record
 may be 1 MiB: a record too large to travel inline is stored in the bucket under
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from agents.retry import until_succeeds
 from recstream.aws import translate
 from recstream.errors import StoreUnavailable
 from recstream.settings import Settings
@@ -30,7 +36,19 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
 
-__all__ = ["DeadLetter", "DeadLetters", "MemoryDeadLetters", "SqsDeadLetters"]
+__all__ = [
+    "KINDS",
+    "PARSE",
+    "DeadLetter",
+    "DeadLetters",
+    "MemoryDeadLetters",
+    "SqsDeadLetters",
+    "send_until_done",
+]
+
+PARSE = "parse"
+KINDS = ("parse", "windows", "attribution", "archive", "personalize")
+"""Every kind of dead letter: ``parse``, or the agent that could not process the record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +57,11 @@ class DeadLetter:
     reason: str
     source: str
     """Where the record came from: the stream's name."""
-    kind: str = "parse"
+    kind: str = PARSE
     """Why it is here: ``parse`` (the record is not a valid event; replaying cannot fix
-    it) or ``personalize`` (the tracker did not take the event; `recstream dlq replay`
-    sends it again)."""
+    it), or the agent whose processing of it failed: ``windows``, ``attribution``,
+    ``archive`` or ``personalize`` (`recstream dlq replay` runs it through that agent
+    again, or sends it to the tracker again)."""
     shard: str | None = None
     """The Kinesis shard the record was read from (None when not read from a stream)."""
     sequence_number: str | None = None
@@ -142,6 +161,17 @@ class SqsDeadLetters:
                 # Raising makes the batch fail before its checkpoint, so the records are
                 # read again rather than lost.
                 raise StoreUnavailable(f"SQS refused dead letters: {response['Failed']}")
+
+
+async def send_until_done(
+    dead_letters: DeadLetters, letters: Sequence[DeadLetter], max_delay: float = 5.0
+) -> None:
+    """Send ``letters``, retrying until the queue takes them: a failing queue holds the
+    shard back rather than losing them."""
+    if letters:
+        await until_succeeds(
+            lambda: dead_letters.send(letters), f"sending {len(letters)} dead letters", max_delay
+        )
 
 
 class MemoryDeadLetters:

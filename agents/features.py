@@ -20,13 +20,15 @@ type *is* the feedback, so its weight would say nothing more). An impressed item
 not the one acted on adds ``impression_weight`` (a small negative) to its own categories
 and brand: shown, not taken.
 
-Updates run inside the one per-event script of the hot store (`agents.state`), after its
+Updates run inside the one script of the hot store (`agents.state`), after each event's
 ``seen`` check, so each event changes a feature vector exactly once. Updating a decayed
 score is order-independent: an event older than the stored ``ts`` is decayed into it
 instead of decaying the score forward.
 
 Durable copy: DynamoDB ``{prefix}-features`` (pk ``{ns}#{actor}``), written after Redis
 for every actor of a batch, merged back into Redis when Redis lost the hash (as windows).
+At login an anonymous session's vector moves into its user's (`SessionFeatures`, called
+by the identity stage), idempotently, in Redis and DynamoDB.
 Serving reads a user's window, features and embedding in one round trip with
 `read_user_state`.
 """
@@ -48,7 +50,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
-from agents.state import DURABLE_ITEM_BYTES, Actor, ApplyResult, WindowEntry, redis_failure
+from agents.identity import SESSION_PREFIX, Login
+from agents.state import (
+    DURABLE_ITEM_BYTES,
+    Actor,
+    ApplyResult,
+    WindowEntry,
+    keys_of,
+    redis_failure,
+)
 from recstream.aws import translate
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
@@ -63,6 +73,7 @@ __all__ = [
     "FeatureStage",
     "FeaturesPart",
     "Session",
+    "SessionFeatures",
     "UserState",
     "merge_embeddings",
     "merge_features",
@@ -76,72 +87,198 @@ MAX_VALUE_CHARS = 128
 RESERVED_ATTRIBUTES = frozenset({"type", "cat", "brand", "category"})
 
 # The features part. K: feat, and when the embedding applies: emb, factors, window.
-# ev.f: t type, s session id (or absent), actor, gap, ttl, cap, a [[attr, value, delta,
-# half-life]...], e {v, hl, w} (embedding: version, half-life, weight) or absent.
+# ev.f: t type, s session id (or absent), actor, a [[attr, value, delta, half-life]...],
+# e {v, w} (embedding: version, weight) or absent. H: fcap, gap, fttl, ehl, wsize.
 # Flag: the feature hash had to be created (new actor, or a hash Redis lost).
+#
+# Within a chunk an actor's fields are kept in Lua, parsed (F[key]: counters and times as
+# numbers, affinities as score and time), so the actor's next event reads only fields it
+# has not seen yet (one HMGET) and every changed field is formatted and written once, at
+# the end of the chunk (one HSET per hash). The embedding is kept the same way (E[key]).
+_FEATURES_PRELUDE = """
+local F = {}
+local E = {}
+local FACTORS = {}
+local WEIGHTS = nil
+local F_FIXED = {'n', 'k:n', 'n:_other', 'first_ts', 'last_ts', 'sess', 'sess_ts', 'sess_n'}
+local F_TIMES = {first_ts = true, last_ts = true, sess_ts = true}
+-- c.v[name]: the field's value (a number, or sess's string; false: absent); c.s/c.t[name]:
+-- an affinity's score and time; c.d[name]: changed since read.
+local function f_parse(c, name, raw)
+  if not raw then
+    c.v[name] = false
+  elseif string.sub(name, 1, 2) == 'a:' then
+    local s, t0 = string.match(raw, '^(.-)@(.*)$')
+    c.v[name] = true
+    c.s[name] = tonumber(s)
+    c.t[name] = tonumber(t0)
+  elseif name == 'sess' then
+    c.v[name] = raw
+  else
+    c.v[name] = tonumber(raw)
+  end
+end
+local function f_load(c, key, names, count)
+  local missing = {}
+  for i = 1, count do
+    local name = names[i]
+    if c.v[name] == nil then
+      if c.empty then c.v[name] = false else missing[#missing + 1] = name end
+    end
+  end
+  if #missing > 0 then
+    local got = redis.call('HMGET', key, unpack(missing))
+    for i, name in ipairs(missing) do f_parse(c, name, got[i]) end
+  end
+end
+local function f_num(c, name)
+  local value = c.v[name]
+  if value then return value end
+  return 0
+end
+local function f_set(c, name, value)
+  c.v[name] = value
+  c.d[name] = true
+end
+local function f_aff(c, name, s, t)
+  c.v[name] = true
+  c.s[name] = s
+  c.t[name] = t
+  c.d[name] = true
+end
+local function f_flush(key, c)
+  local args = {}
+  local n = 0
+  for name in pairs(c.d) do
+    local value = c.v[name]
+    if value then
+      if value == true then
+        value = fmt(c.s[name]) .. '@' .. fmt(c.t[name])
+      elseif F_TIMES[name] then
+        value = fmt(value)
+      elseif name ~= 'sess' then
+        value = string.format('%d', value)
+      end
+      args[n + 1] = name
+      args[n + 2] = value
+      n = n + 2
+    end
+  end
+  if n > 0 then redis.call('HSET', key, unpack(args)) end
+  c.d = {}
+end
+local function factor(key, item)
+  local known = FACTORS[key]
+  if not known then
+    known = {}
+    FACTORS[key] = known
+  end
+  local raw = known[item]
+  if raw == nil then
+    raw = redis.call('HGET', key, item) or false
+    known[item] = raw
+  end
+  return raw
+end
+"""
+
 _FEATURES_LUA = """
 local f = ev['f']
 local key = K[1]
 local ts = ev['ts']
+local cap = H['fcap']
 local created = 0
-if redis.call('EXISTS', key) == 0 then created = 1 end
-redis.call('HINCRBY', key, 'n', 1)
+local c = F[key]
+if not c then
+  c = {v = {}, s = {}, t = {}, d = {}, empty = false}
+  if redis.call('EXISTS', key) == 0 then
+    created = 1
+    c.empty = true
+  end
+  F[key] = c
+end
+local V = c.v
 local tfield = 'n:' .. f['t']
-if redis.call('HEXISTS', key, tfield) == 0 then
-  if tonumber(redis.call('HGET', key, 'k:n') or '0') >= f['cap'] then
+local aff = f['a']
+local names = {tfield}
+local count = 1
+if not c.fixed then
+  for i = 1, #F_FIXED do names[count + i] = F_FIXED[i] end
+  count = count + #F_FIXED
+  c.fixed = true
+end
+for i = 1, #aff do
+  local a = aff[i]
+  local fld = 'a:' .. a[1] .. ':' .. a[2]
+  a[5] = fld
+  if V[fld] == nil then
+    names[count + 1] = fld
+    names[count + 2] = 'k:' .. a[1]
+    count = count + 2
+  end
+end
+f_load(c, key, names, count)
+f_set(c, 'n', f_num(c, 'n') + 1)
+if not V[tfield] then
+  if f_num(c, 'k:n') >= cap then
     tfield = 'n:_other'
   else
-    redis.call('HINCRBY', key, 'k:n', 1)
+    f_set(c, 'k:n', f_num(c, 'k:n') + 1)
   end
 end
-redis.call('HINCRBY', key, tfield, 1)
-local first = tonumber(redis.call('HGET', key, 'first_ts'))
-if (not first) or ts < first then redis.call('HSET', key, 'first_ts', fmt(ts)) end
-local last = tonumber(redis.call('HGET', key, 'last_ts'))
+f_set(c, tfield, f_num(c, tfield) + 1)
+local first = V['first_ts']
+if (not first) or ts < first then f_set(c, 'first_ts', ts) end
+local last = V['last_ts']
 local sess = f['s']
 if sess then
-  local cur = redis.call('HGET', key, 'sess')
-  local cur_ts = tonumber(redis.call('HGET', key, 'sess_ts'))
+  local cur = V['sess']
+  local cur_ts = V['sess_ts']
   if cur == sess then
-    redis.call('HINCRBY', key, 'sess_n', 1)
-    if ts < cur_ts then redis.call('HSET', key, 'sess_ts', fmt(ts)) end
+    f_set(c, 'sess_n', f_num(c, 'sess_n') + 1)
+    if ts < cur_ts then f_set(c, 'sess_ts', ts) end
   elseif (not cur_ts) or ts >= cur_ts then
-    redis.call('HSET', key, 'sess', sess, 'sess_ts', fmt(ts), 'sess_n', 1)
+    f_set(c, 'sess', sess)
+    f_set(c, 'sess_ts', ts)
+    f_set(c, 'sess_n', 1)
   end
   -- (a late event of an older session leaves the current one alone)
-elseif (not last) or ts - last > f['gap'] then
+elseif (not last) or ts - last > H['gap'] then
   -- No session id: inactivity longer than the gap starts a session, named as training
   -- names derived sessions ("{actor}#{first second}").
-  redis.call('HSET', key, 'sess', f['actor'] .. '#' .. string.format('%d', math.floor(ts)),
-             'sess_ts', fmt(ts), 'sess_n', 1)
+  f_set(c, 'sess', f['actor'] .. '#' .. string.format('%d', math.floor(ts)))
+  f_set(c, 'sess_ts', ts)
+  f_set(c, 'sess_n', 1)
 else
-  redis.call('HINCRBY', key, 'sess_n', 1)
+  f_set(c, 'sess_n', f_num(c, 'sess_n') + 1)
 end
-if (not last) or ts > last then redis.call('HSET', key, 'last_ts', fmt(ts)) end
-for _, a in ipairs(f['a']) do
-  local attr, delta, hl = a[1], a[3], a[4]
-  local fld = 'a:' .. attr .. ':' .. a[2]
-  local cur = redis.call('HGET', key, fld)
-  if cur then
-    local s, t0 = string.match(cur, '^(.-)@(.*)$')
-    s, t0 = tonumber(s), tonumber(t0)
+if (not last) or ts > last then f_set(c, 'last_ts', ts) end
+for i = 1, #aff do
+  local a = aff[i]
+  local attr, delta, hl, fld = a[1], a[3], a[4], a[5]
+  if V[fld] then
+    local s, t0 = c.s[fld], c.t[fld]
     if ts >= t0 then
-      redis.call('HSET', key, fld, fmt(s * 2 ^ (-(ts - t0) / hl) + delta) .. '@' .. fmt(ts))
+      f_aff(c, fld, s * 2 ^ (-(ts - t0) / hl) + delta, ts)
     else
-      redis.call('HSET', key, fld, fmt(s + delta * 2 ^ (-(t0 - ts) / hl)) .. '@' .. fmt(t0))
+      f_aff(c, fld, s + delta * 2 ^ (-(t0 - ts) / hl), t0)
     end
   else
-    redis.call('HSET', key, fld, fmt(delta) .. '@' .. fmt(ts))
-    if redis.call('HINCRBY', key, 'k:' .. attr, 1) > f['cap'] then
+    f_aff(c, fld, delta, ts)
+    local kname = 'k:' .. attr
+    local k = f_num(c, kname) + 1
+    f_set(c, kname, k)
+    if k > cap then
       -- Over the cap: evict the value with the smallest |score| as of now (ties: the
       -- smallest name), which may be the new one when it is the weakest.
+      f_flush(key, c)
       local prefix = 'a:' .. attr .. ':'
       local all = redis.call('HGETALL', key)
       local worst, worst_score = nil, nil
-      for i = 1, #all, 2 do
-        local name = all[i]
+      for j = 1, #all, 2 do
+        local name = all[j]
         if string.sub(name, 1, #prefix) == prefix then
-          local s, t0 = string.match(all[i + 1], '^(.-)@(.*)$')
+          local s, t0 = string.match(all[j + 1], '^(.-)@(.*)$')
           local v = math.abs(tonumber(s) * 2 ^ (-math.max(0, ts - tonumber(t0)) / hl))
           if (not worst) or v < worst_score or (v == worst_score and name < worst) then
             worst, worst_score = name, v
@@ -149,19 +286,26 @@ for _, a in ipairs(f['a']) do
         end
       end
       redis.call('HDEL', key, worst)
-      redis.call('HINCRBY', key, 'k:' .. attr, -1)
+      V[worst] = false
+      f_set(c, kname, k - 1)
     end
   end
 end
-redis.call('EXPIRE', key, f['ttl'])
+touch(key, H['fttl'])
 local e = f['e']
 if e then
-  local raw = redis.call('HGET', K[3], ev['item'])
+  local raw = factor(K[3], ev['item'])
   if raw and #raw > 0 and #raw % 4 == 0 then
     local n = #raw / 4
     local layout = '<' .. string.rep('f', n)
-    local cur = redis.call('HMGET', K[2], 'v', 'w', 'ts', 'x')
+    local st = E[K[2]]
+    if not st then
+      local cur = redis.call('HMGET', K[2], 'v', 'w', 'ts', 'x')
+      st = {v = cur[1], w = tonumber(cur[2]), at = tonumber(cur[3]), raw = cur[4]}
+      E[K[2]] = st
+    end
     local x, W, at
+    local hl = H['ehl']
     local function add(y, w, t)
       -- decayed running mean: the newest time is the reference, older touches decay in
       if not x then
@@ -171,41 +315,52 @@ if e then
       end
       local g, f0 = w, 1
       if t >= at then
-        f0 = 2 ^ (-(t - at) / e['hl'])
+        f0 = 2 ^ (-(t - at) / hl)
         at = t
       else
-        g = w * 2 ^ (-(at - t) / e['hl'])
+        g = w * 2 ^ (-(at - t) / hl)
       end
       local W2 = W * f0 + g
       for i = 1, n do x[i] = (x[i] * W * f0 + g * y[i]) / W2 end
       W = W2
     end
-    if cur[1] == e['v'] and cur[4] and #cur[4] == #raw then
-      x, W, at = {struct.unpack(layout, cur[4])}, tonumber(cur[2]), tonumber(cur[3])
+    if st.v == e['v'] and st.raw and #st.raw == #raw then
+      x, W, at = {struct.unpack(layout, st.raw)}, st.w, st.at
       x[n + 1] = nil
       add({struct.unpack(layout, raw)}, e['w'], ts)
     else
       -- A new model version (or the first): rebuild from the window, oldest first, in the
       -- new factor space (the old vector is not comparable).
-      local weights = cjson.decode(ARGV[2])
-      local entries = redis.call('LRANGE', K[4], 0, -1)
+      if not WEIGHTS then WEIGHTS = cjson.decode(ARGV[2]) end
+      local entries = redis.call('LRANGE', K[4], 0, H['wsize'] - 1)
       for i = #entries, 1, -1 do
         local doc = cjson.decode(entries[i])
-        local w = weights[doc['t']] or 1
+        local w = WEIGHTS[doc['t']] or 1
         if w > 0 then
-          local y = redis.call('HGET', K[3], doc['i'])
+          local y = factor(K[3], doc['i'])
           if y and #y == #raw then add({struct.unpack(layout, y)}, w, doc['ts']) end
         end
       end
     end
     if x then
-      redis.call('HSET', K[2], 'v', e['v'], 'w', fmt(W), 'ts', fmt(at),
-                 'x', struct.pack(layout, unpack(x, 1, n)))
-      redis.call('EXPIRE', K[2], f['ttl'])
+      -- stored as float32 after every event, as a chunk of one would: the same events
+      -- give the same bytes however they are batched
+      st.v, st.w, st.at, st.dirty = e['v'], W, at, true
+      st.raw = struct.pack(layout, unpack(x, 1, n))
+      touch(K[2], H['fttl'])
     end
   end
 end
 return created
+"""
+
+_FEATURES_FINISH = """
+for key, c in pairs(F) do f_flush(key, c) end
+for key, st in pairs(E) do
+  if st.dirty then
+    redis.call('HSET', key, 'v', st.v, 'w', fmt(st.w), 'ts', fmt(st.at), 'x', st.raw)
+  end
+end
 """
 
 
@@ -214,13 +369,24 @@ def _value(text: object) -> str:
 
 
 class FeaturesPart:
-    """The feature-vector share of the per-event script (see the module docstring)."""
+    """The feature-vector share of the hot store's script (see the module docstring)."""
 
     name = "f"
     lua = _FEATURES_LUA
+    prelude = _FEATURES_PRELUDE
+    finish = _FEATURES_FINISH
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.header = {
+            "fcap": settings.feature_cap,
+            "gap": settings.session_gap_s,
+            "fttl": settings.window_ttl_s,
+            "ehl": settings.embedding_half_life_s,
+            "wsize": settings.window_size,
+        }
+        self._half_life = {attr: settings.half_life(attr) for attr in ("type", "cat", "brand")}
+        self._weights = dict(settings.event_weights)
         # Event properties that are affinity attributes: the configured names that are
         # not built in; a ':' would make the field name ambiguous, so such names are left.
         self.property_attributes = tuple(
@@ -231,48 +397,44 @@ class FeaturesPart:
 
     def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
         """What ``event`` adds to each affinity ``(attr, value)``, summed."""
-        s = self.settings
         out: dict[tuple[str, str], float] = {("type", event.event_type): 1.0}
-
-        def add(attr: str, value: object, delta: float) -> None:
-            key = (attr, _value(value))
-            out[key] = out.get(key, 0.0) + delta
-
         if event.item_id is None:
             return out
-        weight = s.weight(event.event_type)
+        weight = self._weights.get(event.event_type, 1.0)
         facts = context.facts(event)
         for category in facts.categories:
-            add("cat", category, weight)
+            key = ("cat", _value(category))
+            out[key] = out.get(key, 0.0) + weight
         if facts.brand is not None:
-            add("brand", facts.brand, weight)
+            key = ("brand", _value(facts.brand))
+            out[key] = out.get(key, 0.0) + weight
         for attr in self.property_attributes:
             if attr in event.properties:
-                add(attr, event.properties[attr], weight)
-        if s.impression_weight != 0 and weight > 0:
+                key = (attr, _value(event.properties[attr]))
+                out[key] = out.get(key, 0.0) + weight
+        shown_weight = self.settings.impression_weight
+        if event.impression and shown_weight != 0 and weight > 0:
             for other in dict.fromkeys(event.impression):
                 if other == event.item_id:
                     continue
                 shown = context.facts(event, other)
                 for category in shown.categories:
-                    add("cat", category, s.impression_weight)
+                    key = ("cat", _value(category))
+                    out[key] = out.get(key, 0.0) + shown_weight
                 if shown.brand is not None:
-                    add("brand", shown.brand, s.impression_weight)
+                    key = ("brand", _value(shown.brand))
+                    out[key] = out.get(key, 0.0) + shown_weight
         return out
 
-    def encode(
-        self, event: Event, context: BatchContext
-    ) -> tuple[list[str], dict[str, Any] | None]:
+    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]:
         s = self.settings
-        keys = Keys(event.namespace)
+        keys = keys_of(event.namespace)
+        half_life = self._half_life
         doc: dict[str, Any] = {
             "t": event.event_type,
             "actor": event.actor,
-            "gap": s.session_gap_s,
-            "ttl": s.window_ttl_s,
-            "cap": s.feature_cap,
             "a": [
-                [attr, value, delta, s.half_life(attr)]
+                [attr, value, delta, half_life.get(attr) or s.half_life(attr)]
                 for (attr, value), delta in self.deltas(event, context).items()
             ],
         }
@@ -280,14 +442,15 @@ class FeaturesPart:
             doc["s"] = event.session_id
         out = [keys.features(event.actor)]
         version = context.als_version.get(event.namespace)
-        weight = s.weight(event.event_type)
-        if version is not None and event.item_id is not None and weight > 0:
-            doc["e"] = {"v": version, "hl": s.embedding_half_life_s, "w": weight}
-            out += [
-                keys.embedding(event.actor),
-                keys.model(ALS_MODEL, version, "factors"),
-                keys.window(event.actor),
-            ]
+        if version is not None and event.item_id is not None:
+            weight = self._weights.get(event.event_type, 1.0)
+            if weight > 0:
+                doc["e"] = {"v": version, "w": weight}
+                out += [
+                    keys.embedding(event.actor),
+                    keys.model(ALS_MODEL, version, "factors"),
+                    keys.window(event.actor),
+                ]
         return out, doc
 
 
@@ -550,6 +713,15 @@ class DynamoFeatures:
         for start in range(0, len(requests), 25):
             await self._call("batch_write_item", {self.table: requests[start : start + 25]})
 
+    async def delete(self, actors: Iterable[Actor]) -> None:
+        """Delete the copies of ``actors`` (absent ones are no error)."""
+        requests = [
+            {"DeleteRequest": {"Key": {"pk": {"S": self.pk(ns, actor)}}}}
+            for ns, actor in sorted(set(actors))
+        ]
+        for start in range(0, len(requests), 25):
+            await self._call("batch_write_item", {self.table: requests[start : start + 25]})
+
     async def _call(self, method: str, request: dict[str, Any]) -> list[Mapping[str, Any]]:
         """A batch call, resending what DynamoDB left unprocessed with backoff."""
         unprocessed = "UnprocessedItems" if method == "batch_write_item" else "UnprocessedKeys"
@@ -628,8 +800,23 @@ async def recover_lost_features(
     redis: aioredis.Redis, durable: DynamoFeatures, fresh: Iterable[Actor], settings: Settings
 ) -> int:
     """Merge the durable copy into hashes the hot store had to create, so a feature vector
-    Redis lost continues from where it was; returns how many were merged."""
-    found = await durable.get_many(list(fresh))
+    Redis lost continues from where it was; returns how many were merged.
+
+    An anonymous session that has logged in is left alone: its durable copy was merged
+    into its user's at the login (`SessionFeatures`), so bringing it back would count it
+    twice once the session's new events move to the user too."""
+    fresh = list(fresh)
+    sessions = [(ns, actor) for ns, actor in fresh if actor.startswith(SESSION_PREFIX)]
+    if sessions:
+        try:
+            aliases = await redis.mget(
+                [keys_of(ns).alias(actor[len(SESSION_PREFIX) :]) for ns, actor in sessions]
+            )
+        except RedisError as exc:
+            raise redis_failure("reading session aliases", exc) from exc
+        stitched = {a for a, alias in zip(sessions, aliases, strict=True) if alias is not None}
+        fresh = [a for a in fresh if a not in stitched]
+    found = await durable.get_many(fresh) if fresh else {}
     for (namespace, actor), copy in found.items():
         keys = Keys(namespace)
         feat_key, emb_key = keys.features(actor), keys.embedding(actor)
@@ -668,17 +855,157 @@ async def recover_lost_features(
 
 
 class FeatureStage:
-    """After a batch: merge back feature vectors Redis lost, then copy every touched one
-    to DynamoDB (all actors of the batch, so a replay after a crash between the two
-    writes still brings the durable copy up to date)."""
+    """The windows agent's stage for feature vectors: before identity stitching, merge
+    back the durable copies of hashes Redis lost (so a session that logs in now moves
+    all of its history); after the batch, copy every touched vector to DynamoDB (all
+    actors of the batch, so a replay after a crash between the two writes still brings
+    the durable copy up to date)."""
 
     def __init__(self, redis: aioredis.Redis, durable: DynamoFeatures, settings: Settings) -> None:
         self.redis = redis
         self.durable = durable
         self.settings = settings
 
-    async def after(self, events: Sequence[Event], result: ApplyResult) -> None:
+    async def recover(self, result: ApplyResult) -> None:
         fresh = result.created.get(FeaturesPart.name, frozenset())
         if fresh:
             await recover_lost_features(self.redis, self.durable, fresh, self.settings)
+
+    async def after(self, events: Sequence[Event], result: ApplyResult) -> None:
         await persist_features(self.redis, self.durable, {(e.namespace, e.actor) for e in events})
+
+
+# --- identity stitching: a session's feature vector joins its user's ---------------------
+
+
+class SessionFeatures:
+    """Moves an anonymous session's feature vector into its user's when the session logs
+    in (`agents.identity.IdentityStitcher` calls `stitch` for every login of a batch and
+    every session found logged in since).
+
+    In Redis, one optimistic transaction (WATCH on both hashes of both actors) merges the
+    session's ``feat``/``emb`` into the user's (`merge_features`, `merge_embeddings`:
+    counts add, times widen, the later session wins or the same one adds up, affinities
+    and embeddings combine with their decay) and deletes the session's, so a replayed
+    login, or any later stitch of the session, finds nothing left to move: idempotent.
+    When the user's hash is missing (a new user, or Redis lost it) its durable copy is
+    merged in too, so the merge never overwrites the user's history.
+
+    Durably: the session's DynamoDB copy is deleted before the move (a crash in between
+    leaves the hot hash, which the replayed login moves), and the user's merged vector
+    is written after it. A session whose hot hash Redis lost is merged from its DynamoDB
+    copy, once, at the login that first names its user (the copy is deleted after).
+    """
+
+    def __init__(self, redis: aioredis.Redis, durable: DynamoFeatures, settings: Settings) -> None:
+        self.redis = redis
+        self.durable = durable
+        self.settings = settings
+
+    async def stitch(self, logins: Sequence[Login]) -> set[Actor]:
+        """Merge each login's session into its user; returns the users that changed."""
+        if not logins:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for login in logins:
+            keys = keys_of(login.namespace)
+            pipe.exists(keys.features(login.session_actor))
+            pipe.exists(keys.features(login.user_id))
+        try:
+            found = await pipe.execute()
+        except RedisError as exc:
+            raise redis_failure("checking session feature vectors", exc) from exc
+        hot: list[Login] = []
+        lost: list[Login] = []
+        user_missing: set[Actor] = set()
+        for n, login in enumerate(logins):
+            if found[2 * n]:
+                hot.append(login)
+            elif login.new_alias:
+                lost.append(login)
+            if not found[2 * n + 1]:
+                user_missing.add((login.namespace, login.user_id))
+        copies = {}
+        if lost:
+            copies = await self.durable.get_many([(x.namespace, x.session_actor) for x in lost])
+            lost = [x for x in lost if (x.namespace, x.session_actor) in copies]
+        todo = hot + lost
+        if not todo:
+            return set()
+        wanted = {(x.namespace, x.user_id) for x in todo} & user_missing
+        users = await self.durable.get_many(sorted(wanted)) if wanted else {}
+        if hot:
+            # First the session's durable copy: if we crash after it, the hot hash is still
+            # there and the replayed login moves it; never both.
+            await self.durable.delete((x.namespace, x.session_actor) for x in hot)
+        changed: set[Actor] = set()
+        for login in todo:
+            user = (login.namespace, login.user_id)
+            session_copy = copies.get((login.namespace, login.session_actor))
+            if await self._move(login, session_copy, users.pop(user, None)):
+                changed.add(user)
+        if changed:
+            await persist_features(self.redis, self.durable, changed)
+        if lost:
+            await self.durable.delete((x.namespace, x.session_actor) for x in lost)
+        return changed
+
+    async def _move(
+        self, login: Login, session_copy: FeatureCopy | None, user_copy: FeatureCopy | None
+    ) -> bool:
+        s = self.settings
+        keys = keys_of(login.namespace)
+        session, user = login.session_actor, login.user_id
+        session_f, session_e = keys.features(session), keys.embedding(session)
+        user_f, user_e = keys.features(user), keys.embedding(user)
+        half_life = s.embedding_half_life_s
+        for _ in range(10):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    # WATCH: an event applied to either actor meanwhile (another shard)
+                    # makes EXEC fail, and the merge is redone on what it wrote.
+                    await pipe.watch(session_f, session_e, user_f, user_e)
+                    hot_sf = _decoded(await pipe.hgetall(session_f))
+                    hot_se = _raw(await pipe.hgetall(session_e))
+                    hot_uf = _decoded(await pipe.hgetall(user_f))
+                    hot_ue = _raw(await pipe.hgetall(user_e))
+                    if hot_sf:
+                        source_f, source_e = hot_sf, hot_se
+                    elif session_copy is not None:
+                        source_f, source_e = session_copy.features, session_copy.embedding
+                    else:
+                        return False  # moved already (a replay): nothing to do
+                    if not hot_uf and user_copy is not None:
+                        hot_uf = merge_features({}, user_copy.features, s)
+                        hot_ue = merge_embeddings(
+                            hot_ue, user_copy.embedding, s.embedding_half_life_s
+                        )
+                    merged = merge_features(hot_uf, source_f, s)
+                    embedding = merge_embeddings(hot_ue, source_e, half_life)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(user_f, user_e, session_f, session_e)
+                    pipe.hset(user_f, mapping=merged)  # type: ignore[arg-type]
+                    pipe.expire(user_f, s.window_ttl_s)
+                    if embedding:
+                        pipe.hset(user_e, mapping=embedding)  # type: ignore[arg-type]
+                        pipe.expire(user_e, s.window_ttl_s)
+                    await pipe.execute()
+                    return True
+            except WatchError:
+                continue
+            except RedisError as exc:
+                raise redis_failure(
+                    f"merging the features of {session!r} into {user!r}", exc
+                ) from exc
+        raise StoreUnavailable(
+            f"the feature vectors of {session!r} and {user!r} kept changing while being "
+            "merged; retry"
+        )
+
+
+def _decoded(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _raw(raw: Mapping[Any, Any]) -> dict[str, bytes]:
+    return {_text(k): _bytes(v) for k, v in raw.items()}

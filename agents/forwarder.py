@@ -12,10 +12,17 @@ batch of events with ``PutEvents`` (botocore's ``personalize-events`` service, a
   ``sessionId``, which the request requires;
 * throttling, 5xx answers and connection errors are retried with full-jitter
   exponential backoff (``personalize_retry_base_s`` doubling up to
-  ``personalize_retry_max_s``, ``personalize_max_attempts`` attempts); what still fails,
-  or is refused as invalid, goes to the dead-letter queue (kind ``personalize``) with the
-  error, one message per event, and `replay_dead_letters` (``recstream dlq replay``)
-  sends it again later.
+  ``personalize_retry_max_s``, ``personalize_max_attempts`` attempts); what still fails
+  goes to the dead-letter queue (kind ``personalize``) with the error, one message per
+  event, and ``recstream dlq replay`` (agents/redrive.py) sends it again later. The
+  retry budget is bounded on purpose, unlike the other agents' back-pressure: an outage
+  of Personalize, an outside service, must not hold back the shard for every agent;
+* a call refused as invalid (a 4xx other than throttling) is not retried as is: its
+  events are sent again in halves, down to the events refused on their own, which alone
+  are dead-lettered;
+* anything else that fails a batch (our bug, the dead-letter queue down) goes through
+  the agents' one failure policy (`agents.retry`): retried, then narrowed down to the
+  records that fail on their own, which are dead-lettered.
 
 Delivery is at least once: a batch re-read after a crash is sent again. Personalize
 keeps the first event of each ``eventId`` and ignores later ones, and our event ids are
@@ -25,12 +32,11 @@ the producers' idempotency keys, so a repeat changes nothing there.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,18 +47,17 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from pydantic import ValidationError
 
-from agents.deadletter import DeadLetter, DeadLetters
-from agents.windows import StoredEvent
-from recstream.aws import async_client, error_code, translate
+from agents.deadletter import DeadLetters, send_until_done
+from agents.retry import Failure, RetryPolicy, process_bounded
+from agents.windows import StreamRecord, parse_event
+from recstream.aws import error_code
 from recstream.errors import ConfigurationError
 from recstream.settings import Settings
 from streams.schema import Event
 
 if TYPE_CHECKING:
-    from types_aiobotocore_s3 import S3Client
-    from types_aiobotocore_sqs import SQSClient
+    from agents.redrive import ReplayReport
 
 __all__ = [
     "KIND",
@@ -60,7 +65,6 @@ __all__ = [
     "ForwardResult",
     "Forwarder",
     "PutEventsCall",
-    "ReplayReport",
     "group_calls",
     "open_personalize",
     "replay_dead_letters",
@@ -188,6 +192,7 @@ class Forwarder:
         concurrency: int = 8,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: Callable[[], float] = random.random,
+        policy: RetryPolicy | None = None,
     ) -> None:
         if not settings.personalize_tracking_id:
             raise ConfigurationError(
@@ -200,6 +205,7 @@ class Forwarder:
         self.concurrency = concurrency
         self.sleep = sleep
         self.rng = rng
+        self.policy = policy or RetryPolicy.of(settings)
 
     def backoff(self, attempt: int) -> float:
         """Full jitter (AWS's recommendation): uniform in [0, min(cap, base * 2^attempt)]."""
@@ -208,7 +214,9 @@ class Forwarder:
         return float(self.rng() * cap)
 
     async def put(self, call: PutEventsCall, result: ForwardResult) -> str | None:
-        """One call with retries; None when the tracker took it, else the last error."""
+        """One call with retries; None when the tracker took it, else the last error.
+        A call refused as invalid is split in halves, sent in order, down to the events
+        refused on their own; those are added to ``result.failed`` here."""
         attempts = self.settings.personalize_max_attempts
         for attempt in range(attempts):
             try:
@@ -217,7 +225,17 @@ class Forwarder:
                 raise
             except (TimeoutError, BotoCoreError, ClientError, OSError) as exc:
                 if not _retriable(exc):
-                    return _describe(exc)
+                    if len(call.events) == 1:
+                        return _describe(exc)
+                    # The same request would be refused again; find the event(s) it is
+                    # refused for, and send the others.
+                    middle = len(call.events) // 2
+                    for half in (call.events[:middle], call.events[middle:]):
+                        part = PutEventsCall(call.user_id, call.session_id, half)
+                        error = await self.put(part, result)
+                        if error is not None:
+                            result.failed.extend((event, error) for event in half)
+                    return None
                 if attempt + 1 == attempts:
                     return f"{_describe(exc)} (after {attempts} attempts)"
                 result.retries += 1
@@ -251,33 +269,75 @@ class Forwarder:
                 group.create_task(session(calls))
         return result
 
-    async def process(self, records: Sequence[bytes], source: str = "stream") -> ForwardResult:
+    async def process(
+        self, records: Sequence[bytes | StreamRecord], source: str = "stream"
+    ) -> ForwardResult:
         """The agent's step: forward what parses (the windows agent dead-letters the
-        rest), and dead-letter what the tracker did not take, with the error."""
-        events: list[Event] = []
-        for raw in records:
-            try:
-                events.append(StoredEvent.from_json(raw))
-            except ValidationError:
-                continue
+        rest) under the agents' failure policy, and dead-letter what the tracker did not
+        take, with the error."""
+        parsed: list[tuple[StreamRecord, Event]] = []
+        for record in records:
+            where = record if isinstance(record, StreamRecord) else StreamRecord(record)
+            event = parse_event(where.value)
+            if not isinstance(event, str):
+                parsed.append((where, event))
+        total = ForwardResult()
+
+        positions = {event.event_id: record for record, event in parsed}
+
+        async def step(part: Sequence[tuple[StreamRecord, Event]]) -> ForwardResult:
+            return await self.forward([event for _, event in part], source, positions)
+
+        async def give_up(failures: Sequence[Failure[tuple[StreamRecord, Event]]]) -> None:
+            letters = [
+                f.item[0].letter(
+                    f.reason, source, attempts=f.attempts, error=f.error_name, kind=KIND
+                )
+                for f in failures
+            ]
+            await send_until_done(self._dead_letters(), letters, self.policy.max_delay)
+            total.dead_lettered += len(letters)
+
+        for result in await process_bounded(parsed, step, give_up, self.policy, "events"):
+            total.sent += result.sent
+            total.calls += result.calls
+            total.retries += result.retries
+            total.failed += result.failed
+            total.dead_lettered += result.dead_lettered
+        return total
+
+    async def forward(
+        self,
+        events: Sequence[Event],
+        source: str = "stream",
+        where: Mapping[str, StreamRecord] | None = None,
+    ) -> ForwardResult:
+        """Send ``events`` and dead-letter what the tracker did not take (one attempt);
+        ``where`` gives each event's record (shard, sequence number) for its letter."""
         result = await self.send(events)
         if result.failed:
             log.warning(
                 "%d events did not reach the Personalize tracker; dead-lettering them "
                 "(first error: %s)", len(result.failed), result.failed[0][1],
             )  # fmt: skip
-            if self.dead_letters is None:
-                raise ConfigurationError("the forwarder has no dead-letter queue to use")
             # Raising here (SQS down) fails the batch before its checkpoint, so it is
             # forwarded again rather than lost.
-            await self.dead_letters.send(
+            known = where or {}
+            await self._dead_letters().send(
                 [
-                    DeadLetter(raw=event.to_json(), reason=error, source=source, kind=KIND)
+                    (known.get(event.event_id) or StreamRecord(event.to_json())).letter(
+                        error, source, error="PutEvents", kind=KIND
+                    )
                     for event, error in result.failed
                 ]
             )
             result.dead_lettered = len(result.failed)
         return result
+
+    def _dead_letters(self) -> DeadLetters:
+        if self.dead_letters is None:
+            raise ConfigurationError("the forwarder has no dead-letter queue to use")
+        return self.dead_letters
 
 
 @asynccontextmanager
@@ -306,32 +366,6 @@ async def open_personalize(settings: Settings) -> AsyncIterator[Any]:
 # --- dead-letter replay ---------------------------------------------------------------------
 
 
-@dataclass
-class ReplayReport:
-    received: int = 0
-    replayed: int = 0
-    """Dead letters re-driven successfully and deleted from the queue."""
-    failed: int = 0
-    """Re-driven but failed again; they stay in the queue."""
-    kept: dict[str, int] = field(default_factory=dict)
-    """Letters of other kinds (e.g. records that did not parse), left in the queue."""
-    reasons: list[str] = field(default_factory=list)
-    """A sample of the reasons of what was kept or failed."""
-
-
-async def _raw_of(doc: dict[str, Any], s3: S3Client, settings: Settings) -> bytes:
-    if "raw_base64" in doc:
-        return base64.b64decode(doc["raw_base64"])
-    uri = str(doc["raw_s3_uri"])
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    try:
-        response = await s3.get_object(Bucket=bucket, Key=key)
-        async with response["Body"] as body:
-            return bytes(await body.read())
-    except (BotoCoreError, ClientError) as exc:
-        raise translate(exc, f"reading the dead letter {uri}", settings, "s3") from exc
-
-
 async def replay_dead_letters(
     settings: Settings,
     *,
@@ -339,120 +373,7 @@ async def replay_dead_letters(
     kinds: frozenset[str] = frozenset({KIND}),
     visibility_timeout: int = 300,
 ) -> ReplayReport:
-    """Re-drive dead letters: events the tracker did not take go to PutEvents again, and
-    each message is deleted only once its event was taken. Letters of other kinds (a
-    record that does not parse cannot succeed by retrying) stay in the queue and are
-    counted in the report. At most ``limit`` messages are received."""
-    report = ReplayReport()
-    async with (
-        async_client(settings, "sqs") as sqs,
-        async_client(settings, "s3") as s3,
-    ):
-        try:
-            url = (await sqs.get_queue_url(QueueName=settings.dlq_name))["QueueUrl"]
-        except (BotoCoreError, ClientError) as exc:
-            raise translate(exc, f"SQS queue {settings.dlq_name!r}", settings, "sqs") from exc
-        leave: list[str] = []
-        async with _maybe_personalize(settings, kinds) as forwarder:
-            while limit is None or report.received < limit:
-                batch = 10 if limit is None else min(10, limit - report.received)
-                try:
-                    response = await sqs.receive_message(
-                        QueueUrl=url,
-                        MaxNumberOfMessages=batch,
-                        VisibilityTimeout=visibility_timeout,
-                        WaitTimeSeconds=0,
-                    )
-                except (BotoCoreError, ClientError) as exc:
-                    raise translate(exc, f"receiving from {url}", settings, "sqs") from exc
-                messages = response.get("Messages", [])
-                if not messages:
-                    break
-                report.received += len(messages)
-                await _replay_batch(
-                    messages, settings, s3, sqs, url, forwarder, kinds, report, leave
-                )
-        # What stays must be visible again now, not after the visibility timeout.
-        for start in range(0, len(leave), 10):
-            entries = [
-                {"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
-                for i, handle in enumerate(leave[start : start + 10])
-            ]
-            try:
-                await sqs.change_message_visibility_batch(QueueUrl=url, Entries=entries)  # type: ignore[arg-type]
-            except (BotoCoreError, ClientError) as exc:
-                log.warning("could not make kept dead letters visible again: %s", exc)
-    return report
+    """`agents.redrive.replay_dead_letters`, by default of Personalize letters only."""
+    from agents.redrive import replay_dead_letters as replay
 
-
-@asynccontextmanager
-async def _maybe_personalize(
-    settings: Settings, kinds: frozenset[str]
-) -> AsyncIterator[Forwarder | None]:
-    if KIND not in kinds:
-        yield None
-        return
-    if not settings.personalize_tracking_id:
-        raise ConfigurationError(
-            "replaying Personalize dead letters needs the tracker: set "
-            "RECSTREAM_PERSONALIZE_TRACKING_ID (and RECSTREAM_PERSONALIZE_ENDPOINT_URL if "
-            "it is not real AWS)"
-        )
-    async with open_personalize(settings) as client:
-        yield Forwarder(client, settings)
-
-
-async def _replay_batch(
-    messages: Sequence[Any],
-    settings: Settings,
-    s3: S3Client,
-    sqs: SQSClient,
-    url: str,
-    forwarder: Forwarder | None,
-    kinds: frozenset[str],
-    report: ReplayReport,
-    leave: list[str],
-) -> None:
-    todo: list[tuple[str, Event]] = []
-    for message in messages:
-        handle = message["ReceiptHandle"]
-        try:
-            doc = json.loads(message["Body"])
-            kind = str(doc.get("kind", "parse"))
-        except (ValueError, AttributeError):
-            kind, doc = "unreadable", {}
-        if kind != KIND or forwarder is None or KIND not in kinds:
-            report.kept[kind] = report.kept.get(kind, 0) + 1
-            if len(report.reasons) < 20:
-                report.reasons.append(f"{kind}: {doc.get('reason', 'no reason given')}")
-            leave.append(handle)
-            continue
-        try:
-            todo.append((handle, Event.from_json(await _raw_of(doc, s3, settings))))
-        except ValidationError as exc:
-            report.kept["unreadable"] = report.kept.get("unreadable", 0) + 1
-            report.reasons.append(f"a {KIND} letter whose event does not parse: {exc}")
-            leave.append(handle)
-    if not todo or forwarder is None:
-        return
-    result = await forwarder.send([event for _, event in todo])
-    failed_ids = {event.event_id for event, _ in result.failed}
-    for event, error in result.failed[: max(0, 20 - len(report.reasons))]:
-        report.reasons.append(f"{event.event_id}: {error}")
-    done = [handle for handle, event in todo if event.event_id not in failed_ids]
-    leave.extend(handle for handle, event in todo if event.event_id in failed_ids)
-    report.failed += len(todo) - len(done)
-    for start in range(0, len(done), 10):
-        entries = [
-            {"Id": str(i), "ReceiptHandle": handle}
-            for i, handle in enumerate(done[start : start + 10])
-        ]
-        try:
-            response = await sqs.delete_message_batch(QueueUrl=url, Entries=entries)  # type: ignore[arg-type]
-        except (BotoCoreError, ClientError) as exc:
-            raise translate(exc, f"deleting replayed dead letters from {url}", settings) from exc
-        report.replayed += len(response.get("Successful", []))
-        if response.get("Failed"):
-            # The events were sent; a letter not deleted is sent once more next time,
-            # which the tracker ignores (same eventId).
-            log.warning("SQS did not delete %d replayed dead letters", len(response["Failed"]))
+    return await replay(settings, limit=limit, kinds=kinds, visibility_timeout=visibility_timeout)

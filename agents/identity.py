@@ -26,9 +26,11 @@ Exactly once: moving and merging are unions by event id, so repeating them is ha
 An event first applied to the session and replayed after the login (a crash in between)
 is recognised by the session's applied-id set and not applied to the user a second time.
 
-Features (``rs:{ns}:feat:*``, agents/features) are not merged here: `IdentityStitcher`
-calls each of its ``merge_hooks`` with (namespace, session actor, user id) whenever a
-session is stitched into a user, so the features agent can merge its state the same way.
+Feature vectors (``rs:{ns}:feat:*``, ``emb:*``) follow the window: for every login of a
+batch, and every session found logged in since, the stitcher hands the pair to its
+``features`` collaborator (`agents.features.SessionFeatures`), which moves the session's
+vector into the user's in Redis and DynamoDB, idempotently. Each of ``merge_hooks`` is
+also called with (namespace, session actor, user id) whenever a session is stitched.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -52,7 +55,19 @@ from recstream.keys import Keys
 from recstream.settings import Settings
 from streams.schema import Event
 
-__all__ = ["IdentityStitcher", "MergeHook", "Resolution", "resolve_actor", "session_actor"]
+__all__ = [
+    "SESSION_PREFIX",
+    "IdentityStitcher",
+    "Login",
+    "MergeHook",
+    "Resolution",
+    "SessionMerger",
+    "resolve_actor",
+    "session_actor",
+]
+
+SESSION_PREFIX = "session:"
+"""An anonymous actor is ``session:{session_id}``."""
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +77,31 @@ Must be idempotent: it runs again after a replay or a repeated login."""
 
 
 def session_actor(session_id: str) -> str:
-    return f"session:{session_id}"
+    return f"{SESSION_PREFIX}{session_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A session known to belong to a user (a login event, or an alias found later)."""
+
+    namespace: str
+    session_id: str
+    user_id: str
+    new_alias: bool
+    """The alias was set by this batch and named no user, or another one, before."""
+
+    @property
+    def session_actor(self) -> str:
+        return session_actor(self.session_id)
+
+
+class SessionMerger(Protocol):
+    """What else follows a session into its user at login (feature vectors)."""
+
+    async def stitch(self, logins: Sequence[Login]) -> set[Actor]:
+        """Merge each login's session into its user, idempotently; return the users
+        whose state changed."""
+        ...
 
 
 # KEYS: 1 alias, 2 session window, 3 user window.
@@ -113,6 +152,8 @@ class Resolution:
     """Already applied to the session before its login was known (a replay)."""
     on_session: set[tuple[str, str]] = field(default_factory=set)
     """(namespace, session id) of the sessions events were applied to as anonymous."""
+    origin: list[int] = field(default_factory=list)
+    """For each of ``events``, its position in the batch given to `resolve`."""
 
 
 async def resolve_actor(redis: aioredis.Redis, namespace: str, session_id: str) -> str:
@@ -133,12 +174,14 @@ class IdentityStitcher:
         durable: DurableWindows,
         settings: Settings,
         merge_hooks: Sequence[MergeHook] = (),
+        features: SessionMerger | None = None,
     ) -> None:
         self.redis = redis
         self.hot = hot
         self.durable = durable
         self.settings = settings
         self.merge_hooks = list(merge_hooks)
+        self.features = features
         self._stitch = redis.register_script(_STITCH)
 
     async def resolve(self, events: Sequence[Event]) -> Resolution:
@@ -146,7 +189,7 @@ class IdentityStitcher:
             {(e.namespace, e.session_id) for e in events if e.user_id is None and e.session_id}
         )
         if not anonymous:
-            return Resolution(list(events))
+            return Resolution(list(events), origin=list(range(len(events))))
         before: set[str] = set()
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -171,10 +214,11 @@ class IdentityStitcher:
         except RedisError as exc:
             raise StoreUnavailable(f"resolving session aliases in Redis failed: {exc}") from exc
         resolution = Resolution(events=[])
-        for event in events:
+        for n, event in enumerate(events):
             key = (event.namespace, event.session_id)
             if event.user_id is not None or key not in aliases:
                 resolution.events.append(event)
+                resolution.origin.append(n)
                 if event.user_id is None:
                     resolution.on_session.add((event.namespace, event.session_id or ""))
             elif event.event_id in before:
@@ -184,6 +228,7 @@ class IdentityStitcher:
                 # Frozen model: a copy with the user. It keeps its session_id, as a login
                 # event does; `stitch` tells them apart by the original batch.
                 resolution.events.append(event.model_copy(update={"user_id": aliases[key]}))
+                resolution.origin.append(n)
         return resolution
 
     async def stitch(self, events: Sequence[Event], resolution: Resolution) -> set[Actor]:
@@ -226,9 +271,11 @@ class IdentityStitcher:
         new_alias: list[tuple[str, str, str]] = []
         missing_user: set[Actor] = set()
         stitched: set[tuple[str, str, str]] = set()
+        pairs: list[Login] = []
         for ((namespace, session_id), user, set_alias), (same, moved, existed) in zip(
             todo, outcomes, strict=True
         ):
+            pairs.append(Login(namespace, session_id, user, bool(set_alias and not same)))
             if set_alias and not same:
                 new_alias.append((namespace, session_id, user))
                 stitched.add((namespace, session_id, user))
@@ -263,6 +310,16 @@ class IdentityStitcher:
                 (ns, session_actor(sid)) for ns, sid, user in stitched if (ns, user) in changed
             }
             await self.durable.put({key: [] for key in emptied})
+        if self.features is not None:
+            # Every login, not only the new ones: the move is idempotent, and a login
+            # replayed after a crash between the window and the features finds the
+            # session's features still there.
+            merged = await self.features.stitch(pairs)
+            stitched.update(
+                (x.namespace, x.session_id, x.user_id)
+                for x in pairs
+                if (x.namespace, x.user_id) in merged
+            )
         for namespace, session_id, user in sorted(stitched):
             log.info("stitched session %r into user %r (%s)", session_id, user, namespace)
             for hook in self.merge_hooks:

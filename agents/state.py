@@ -2,10 +2,11 @@
 
 Two stores, one interface each, with real and in-memory implementations:
 
-* `HotStore` (Redis): the window list and the popularity counter, updated with one Lua
-  script per event that first records the event id in the actor's capped id set. A
-  replayed event (at-least-once delivery after a crash) finds its id and changes
-  nothing, so every effect happens exactly once while the id is remembered
+* `HotStore` (Redis): the window list and the popularity counter (and whatever other
+  parts it is given), updated by one Lua script called once per chunk of events, which
+  for each event checks the event id in the actor's capped id set, runs the parts, and
+  records the id. A replayed event (at-least-once delivery after a crash) finds its id
+  and changes nothing, so every effect happens exactly once while the id is remembered
   (``Settings.dedup_per_actor`` newest ids per actor, ``Settings.dedup_ttl_s``).
 * `DurableWindows` (DynamoDB): a durable copy of each touched window, written after the
   hot store. Putting a whole window is idempotent, so a replay rewrites the same item.
@@ -18,16 +19,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agents.catalog import BatchContext, load_context
+from agents.retry import RecordsRefused
 from recstream.aws import translate
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
 from recstream.keys import Keys
@@ -38,6 +48,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 __all__ = [
+    "APPLY_CHUNK",
     "ApplyResult",
     "DurableWindows",
     "DynamoWindows",
@@ -46,6 +57,9 @@ __all__ = [
     "MemoryHotStore",
     "RedisHotStore",
     "WindowEntry",
+    "compose",
+    "compose_chunk",
+    "keys_of",
 ]
 
 
@@ -93,6 +107,29 @@ class WindowEntry:
             if len(entry.dumps()) <= max_bytes:
                 break
         return entry
+
+    @staticmethod
+    def encode(event: Event, max_bytes: int | None = None) -> bytes:
+        """``WindowEntry.of(event, max_bytes).dumps()``, without building the entry
+        when the event fits (the agent's hot path)."""
+        doc: dict[str, Any] = {
+            "i": event.item_id,
+            "t": event.event_type,
+            "ts": event.timestamp,
+            "e": event.event_id,
+        }
+        if event.event_value is not None:
+            doc["v"] = event.event_value
+        if event.recommendation_id is not None:
+            doc["r"] = event.recommendation_id
+        if event.context:
+            doc["c"] = event.context
+        if event.impression:
+            doc["m"] = event.impression
+        raw = orjson.dumps(doc)
+        if max_bytes is None or len(raw) <= max_bytes:
+            return raw
+        return WindowEntry.of(event, max_bytes).dumps()
 
     def dumps(self) -> bytes:
         doc: dict[str, Any] = {
@@ -188,67 +225,97 @@ def merge_entries(
 
 
 class LuaPart(Protocol):
-    """One agent's share of the per-event Redis script.
+    """One agent's share of the Redis script that applies events.
 
-    The hot store composes every part into ONE script that first records the event id
-    in the actor's ``seen`` set and returns at once if it was there: each part's effects
-    happen exactly once, atomically with the others (docs/agents.md says why one script
-    rather than a dedup per agent). ``lua`` is the body of ``function(K, ev, ARGV)``: ``K``
-    is the part's own keys, ``ev`` the decoded event document (``ev[name]`` is what
-    `encode` returned); it returns 1 to raise the part's flag in the result, else 0.
+    The hot store composes every part into ONE script that runs a chunk of events: for
+    each event it checks the event id in the actor's ``seen`` set and skips the event if
+    it was there, else runs every part and records the id, so each part's effects happen
+    exactly once, atomically with the others (docs/agents.md says why one script rather
+    than a dedup per agent). ``lua`` is the body of ``function(K, ev, ARGV)``: ``K`` is
+    the part's own keys, ``ev`` the decoded event document (``ev[name]`` is what `encode`
+    returned, ``ev.ts``, ``ev.item``, and ``ev.n`` its position in the chunk); it returns
+    1 to raise the part's flag in the result, else 0.
+
+    A part may also define ``prelude`` (Lua run once per chunk before the events: state
+    shared by the chunk's events, such as caches of what the part read) and ``finish``
+    (run once after them: writes deferred to the end of the chunk), and ``header``: JSON
+    values the script reads as ``H[name]`` (settings, sent once per chunk instead of once
+    per event). In scope for all of them: ``H``, ``fmt(x)`` (a number as ``%.17g``),
+    ``touch(key, ttl)`` (EXPIRE the key once, at the end of the chunk) and ``NOW`` (the
+    server's time when the chunk started).
     """
 
     name: str
     lua: str
 
-    def encode(
-        self, event: Event, context: BatchContext
-    ) -> tuple[list[str], dict[str, Any] | None]: ...
+    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]: ...
 
 
 # The windows part. K: window, popularity, popularity last-touched.
-# ev.w: entry (JSON string) or absent, size, ttl, pw (positive weight), cap.
-# Flag: the window key had to be created (new actor, or a window Redis lost).
+# ev.w: [entry (JSON string), positive weight], or absent (an event without an item).
+# H: wsize, wttl, pcap. Flag: the window key had to be created (new actor, or a window
+# Redis lost). Within a chunk the head's time, the touched set's size and the trims are
+# kept in Lua: one LINDEX per window, one LTRIM and one EXPIRE per window at the end.
+_WINDOWS_PRELUDE = """
+local W_head = {}
+local W_card = {}
+"""
+
 _WINDOWS_LUA = """
 local w = ev['w']
 if not w then return 0 end
-local created = 0
+local key = K[1]
 local ts = ev['ts']
-local head = redis.call('LINDEX', K[1], 0)
+local head = W_head[key]
+if head == nil then
+  local raw = redis.call('LINDEX', key, 0)
+  if raw then head = cjson.decode(raw)['ts'] else head = false end
+end
+local created = 0
 if not head then created = 1 end
-if (not head) or cjson.decode(head)['ts'] <= ts then
-  redis.call('LPUSH', K[1], w['entry'])
+if (not head) or head <= ts then
+  redis.call('LPUSH', key, w[1])
+  head = ts
 else
   -- Out of order (PutRecords retries, several devices): keep the window sorted by
-  -- event time, newest first.
-  local items = redis.call('LRANGE', K[1], 1, -1)
+  -- event time, newest first. (The list may hold more than wsize entries until the
+  -- chunk's trim; the entries kept are the same.)
+  local items = redis.call('LRANGE', key, 1, -1)
   local placed = false
   for i = 1, #items do
     if cjson.decode(items[i])['ts'] <= ts then
-      redis.call('LINSERT', K[1], 'BEFORE', items[i], w['entry'])
+      redis.call('LINSERT', key, 'BEFORE', items[i], w[1])
       placed = true
       break
     end
   end
-  if not placed then redis.call('RPUSH', K[1], w['entry']) end
+  if not placed then redis.call('RPUSH', key, w[1]) end
 end
-redis.call('LTRIM', K[1], 0, w['size'] - 1)
-redis.call('EXPIRE', K[1], w['ttl'])
-if w['pw'] > 0 then
-  redis.call('ZINCRBY', K[2], w['pw'], ev['item'])
+W_head[key] = head
+touch(key, H['wttl'])
+local pw = w[2]
+if pw > 0 then
+  redis.call('ZINCRBY', K[2], pw, ev['item'])
   -- Evict the least recently touched items, not the lowest counts: a new item starts
-  -- at the bottom and must get the chance to climb.
-  local now = redis.call('TIME')
-  redis.call('ZADD', K[3], tonumber(now[1]) + tonumber(now[2]) / 1000000, ev['item'])
-  local cap = w['cap']
-  local n = redis.call('ZCARD', K[3])
+  -- at the bottom and must get the chance to climb. (Events of one chunk are a
+  -- microsecond apart, in order.)
+  local added = redis.call('ZADD', K[3], NOW + ev['n'] * 0.000001, ev['item'])
+  local n = W_card[K[3]]
+  if n == nil then n = redis.call('ZCARD', K[3]) else n = n + added end
+  local cap = H['pcap']
   if n > cap then
     local victims = redis.call('ZRANGE', K[3], 0, n - cap - 1)
     redis.call('ZREM', K[2], unpack(victims))
     redis.call('ZREMRANGEBYRANK', K[3], 0, n - cap - 1)
+    n = cap
   end
+  W_card[K[3]] = n
 end
 return created
+"""
+
+_WINDOWS_FINISH = """
+for key in pairs(W_head) do redis.call('LTRIM', key, 0, H['wsize'] - 1) end
 """
 
 
@@ -257,88 +324,194 @@ class WindowsPart:
 
     name = "w"
     lua = _WINDOWS_LUA
+    prelude = _WINDOWS_PRELUDE
+    finish = _WINDOWS_FINISH
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.header = {
+            "wsize": settings.window_size,
+            "wttl": settings.window_ttl_s,
+            "pcap": settings.popularity_cap,
+        }
+        # Negative feedback lowers affinities, never a popularity count.
+        self._pw = {t: max(0.0, w) for t, w in settings.event_weights.items()}
 
-    def encode(
-        self, event: Event, context: BatchContext
-    ) -> tuple[list[str], dict[str, Any] | None]:
+    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]:
         if event.item_id is None:
             return [], None
-        s = self.settings
-        keys = Keys(event.namespace)
-        entry = WindowEntry.of(event, s.window_entry_max_bytes).dumps().decode()
+        keys = keys_of(event.namespace)
+        entry = WindowEntry.encode(event, self.settings.window_entry_max_bytes)
+        pw = self._pw.get(event.event_type)
+        if pw is None:
+            pw = max(0.0, self.settings.weight(event.event_type))
         return (
             [keys.window(event.actor), keys.popularity, keys.popularity_touched],
-            {
-                "entry": entry,
-                "size": s.window_size,
-                "ttl": s.window_ttl_s,
-                # Negative feedback lowers affinities, never a popularity count.
-                "pw": max(0.0, s.weight(event.event_type)),
-                "cap": s.popularity_cap,
-            },
+            [entry.decode(), pw],
         )
 
 
-# The composed script. KEYS[1]: the actor's seen set; then each part's keys in order,
-# ev._k[p] of them for part p. ARGV[1]: the event document (JSON); ARGV[2]: the event
-# weights (JSON, decoded only by a part that needs them).
-# Returns 0 if the event id was already applied, else 1 + 2 * (bit p-1 = part p's flag).
-_DECODE = """
-local ev = cjson.decode(ARGV[1])
+_KEYS: dict[str, Keys] = {}
+
+
+def keys_of(namespace: str) -> Keys:
+    """The (immutable) `Keys` of a namespace, built once."""
+    found = _KEYS.get(namespace)
+    if found is None:
+        if len(_KEYS) > 10_000:
+            _KEYS.clear()
+        found = _KEYS[namespace] = Keys(namespace)
+    return found
+
+
+# The script. It runs the parts of each event inside ``pcall``: an event whose part fails
+# (a key of the wrong type, a bug) is reported in the result and its id not recorded, and
+# the chunk's other events still apply. ``finish`` code runs whatever failed.
+_PROLOGUE = """
 local function fmt(x) return string.format('%.17g', x) end
+local EXP = {}
+local function touch(key, ttl) EXP[key] = ttl end
+local NOW = redis.call('TIME')
+NOW = tonumber(NOW[1]) + tonumber(NOW[2]) / 1000000
 local parts = {}
 """
 
+# The seen sets: ids ranked by arrival (a per-actor counter), not by event time, so a
+# late event with an old timestamp is not the first one forgotten. The id is recorded
+# after every part ran, so an event whose script failed midway (Redis does not roll a
+# script back) is retried rather than taken for applied.
 _SEEN = """
-if redis.call('ZSCORE', KEYS[1], ev['id']) then return 0 end
+local S_last = {}
+local function seen(key, id)
+  return redis.call('ZSCORE', key, id)
+end
+local function mark(key, id)
+  local last = S_last[key]
+  if last == nil then
+    local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    last = 0
+    if top[2] then last = tonumber(top[2]) end
+  end
+  last = last + 1
+  S_last[key] = last
+  redis.call('ZADD', key, last, id)
+  touch(key, H['seen_ttl'])
+end
 """
 
-# The id is recorded after every part ran: a script that fails midway (Redis does not
-# roll a script back) is then retried rather than taken for applied. A broken key of the
-# first part (the window) fails its first command, before any write; a failure inside a
-# later part repeats the earlier parts' effects on each attempt (at most
-# agent_max_attempts) before the record is dead-lettered (docs/agents.md).
-_MARK = """
--- Ids are ranked by arrival (a per-actor counter), not by event time, so a late event
--- with an old timestamp is not the first one forgotten.
-local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-local arrival = 1
-if last[2] then arrival = tonumber(last[2]) + 1 end
-redis.call('ZADD', KEYS[1], arrival, ev['id'])
-local seen_cap = ev['seen_cap']
-if redis.call('ZCARD', KEYS[1]) > seen_cap then
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -seen_cap - 1)
+_SEEN_FINISH = """
+for key in pairs(S_last) do
+  redis.call('ZREMRANGEBYRANK', key, 0, -H['seen_cap'] - 1)
 end
-redis.call('EXPIRE', KEYS[1], ev['seen_ttl'])
 """
 
 _RUN = """
-local result = 1
-local at = 2
-for p = 1, #parts do
-  local n = ev['_k'][p]
-  local K = {}
-  for i = 1, n do K[i] = KEYS[at + i - 1] end
-  at = at + n
-  if parts[p](K, ev, ARGV) == 1 then result = result + 2 ^ p end
+local function run(ev, lists)
+  local result = 1
+  for p = 1, #parts do
+    if parts[p](lists[p], ev, ARGV) == 1 then result = result + 2 ^ p end
+  end
+  return result
+end
+local function failure(err)
+  if type(err) == 'table' then err = err['err'] or cjson.encode(err) end
+  return '!' .. tostring(err)
 end
 """
 
+# A chunk: KEYS are the chunk's distinct keys; ARGV[1] the events (JSON list; each names
+# its keys by position: ``s`` its seen set, ``k`` a list per part), ARGV[2] the event
+# weights (JSON, decoded only by a part that needs them), ARGV[3] the header (JSON).
+# Returns per event 0 (applied before), 1 + 2 * (bit p-1 = part p's flag), or
+# "!{error}" (not applied).
+_CHUNK = """
+local EV = cjson.decode(ARGV[1])
+local out = {}
+for i = 1, #EV do
+  local ev = EV[i]
+  ev['n'] = i
+  local seen_key = KEYS[ev['s']]
+  if seen(seen_key, ev['id']) then
+    out[i] = 0
+  else
+    local lists = {}
+    for p = 1, #parts do
+      local K = {}
+      for j, at in ipairs(ev['k'][p]) do K[j] = KEYS[at] end
+      lists[p] = K
+    end
+    local ok, result = pcall(run, ev, lists)
+    if ok then
+      mark(seen_key, ev['id'])
+      out[i] = result
+    else
+      out[i] = failure(result)
+    end
+  end
+end
+"""
 
-def compose(parts: Sequence[LuaPart], *, dedup: bool = True) -> str:
-    """The per-event script of ``parts`` (each part's effects, once per event id).
-    ``dedup=False`` leaves the seen set alone (KEYS[1] is then unused): for rebuilds that
-    deduplicate ids themselves."""
-    body = [_DECODE, _SEEN if dedup else ""]
+# One event, the parts' keys in order after KEYS[1] (the seen set), ``ev._k[p]`` of them
+# for part p; ARGV[1] the event, ARGV[2] the weights, ARGV[3] (optional) the header.
+# Returns 0 if applied before, else 1 + 2 * flags; an error fails the script.
+_SINGLE = """
+local ev = cjson.decode(ARGV[1])
+ev['n'] = 0
+local lists = {}
+local at = 2
+for p = 1, #parts do
+  local K = {}
+  for j = 1, ev['_k'][p] do K[j] = KEYS[at]; at = at + 1 end
+  lists[p] = K
+end
+local out = 0
+if DEDUP and seen(KEYS[1], ev['id']) then
+  out = 0
+else
+  out = run(ev, lists)
+  if DEDUP then mark(KEYS[1], ev['id']) end
+end
+"""
+
+_EPILOGUE = """
+for key, ttl in pairs(EXP) do redis.call('EXPIRE', key, ttl) end
+return out
+"""
+
+
+def _body(parts: Sequence[LuaPart], front: str, header: str) -> str:
+    body = [header, _PROLOGUE, _SEEN]
     for part in parts:
-        body.append(f"-- part {part.name}\nparts[#parts + 1] = function(K, ev, ARGV)\n")
+        body.append(f"-- part {part.name}\n{getattr(part, 'prelude', '')}\n")
+        body.append("parts[#parts + 1] = function(K, ev, ARGV)\n")
         body.append(part.lua)
         body.append("\nend\n")
-    body += [_RUN, _MARK if dedup else "", "return result\n"]
+    body += [_RUN, front]
+    body += [f"\n{getattr(part, 'finish', '')}\n" for part in parts]
+    body += [_SEEN_FINISH, _EPILOGUE]
     return "".join(body)
+
+
+def compose_chunk(parts: Sequence[LuaPart]) -> str:
+    """The script that applies a chunk of events with ``parts`` (each part's effects,
+    once per event id)."""
+    return _body(parts, _CHUNK, "local H = cjson.decode(ARGV[3])\n")
+
+
+def compose(parts: Sequence[LuaPart], *, dedup: bool = True) -> str:
+    """The script that applies ONE event with ``parts`` (its keys after KEYS[1], the
+    seen set). ``dedup=False`` leaves the seen set alone (KEYS[1] is then unused): for
+    rebuilds that deduplicate ids themselves."""
+    header = (
+        "local H = {}\nif ARGV[3] then H = cjson.decode(ARGV[3]) end\n"
+        f"local DEDUP = {'true' if dedup else 'false'}\n"
+    )
+    return _body(parts, _SINGLE, header)
+
+
+APPLY_CHUNK = 100
+"""Events per script call: one call for many events (the per-call cost and the keys they
+share are paid once), short enough (a few ms) not to hold Redis up for other clients."""
 
 
 # KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
@@ -385,41 +558,117 @@ class RedisHotStore:
         self.parts: tuple[LuaPart, ...] = (
             tuple(parts) if parts is not None else (WindowsPart(settings),)
         )
-        self._apply = redis.register_script(compose(self.parts))
+        self._apply = redis.register_script(compose_chunk(self.parts))
+        self._loaded = False
         self._merge = redis.register_script(_MERGE)
         self._weights = orjson.dumps(settings.event_weights)
+        header: dict[str, Any] = {
+            "seen_cap": settings.dedup_per_actor,
+            "seen_ttl": settings.dedup_ttl_s,
+        }
+        for part in self.parts:
+            header.update(getattr(part, "header", {}))
+        self._header = orjson.dumps(header)
+
+    def _chunks(
+        self, events: Sequence[Event], context: BatchContext
+    ) -> Iterator[tuple[list[str], list[bytes]]]:
+        """The (keys, args) of each script call, encoded as they are asked for."""
+        parts = self.parts
+        for start in range(0, len(events), APPLY_CHUNK):
+            index: dict[str, int] = {}
+            docs: list[dict[str, Any]] = []
+            for event in events[start : start + APPLY_CHUNK]:
+                seen_key = keys_of(event.namespace).seen(event.actor)
+                doc: dict[str, Any] = {
+                    "id": event.event_id,
+                    "ts": event.timestamp,
+                    "item": event.item_id or "",
+                    "s": index.setdefault(seen_key, len(index) + 1),
+                }
+                lists: list[list[int]] = []
+                for part in parts:
+                    part_keys, args = part.encode(event, context)
+                    lists.append([index.setdefault(k, len(index) + 1) for k in part_keys])
+                    if args is not None:
+                        doc[part.name] = args
+                doc["k"] = lists
+                docs.append(doc)
+            yield list(index), [orjson.dumps(docs), self._weights, self._header]
+
+    async def _send(self, chunks: Iterator[tuple[list[str], list[bytes]]]) -> list[Any]:
+        """Send every chunk's call on ONE connection as soon as it is encoded, then read
+        the replies: Redis runs a chunk while the next one is encoded (two cores at
+        work instead of one after the other), and in the order sent."""
+        sha = self._apply.sha
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            sent = 0
+            for keys, args in chunks:
+                command = connection.pack_command("EVALSHA", sha, len(keys), *keys, *args)
+                await connection.send_packed_command(command, check_health=sent == 0)
+                sent += 1
+            replies: list[Any] = []
+            error: ResponseError | None = None
+            for _ in range(sent):
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # read the others, then raise the first
+                    error = error or exc
+            if error is not None:
+                raise error
+            return replies
+        except BaseException:
+            # Replies may be left unread (an error, a failed encoding, a cancellation):
+            # the connection cannot be reused.
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
+        """Apply ``events`` (each once per id), in chunks of `APPLY_CHUNK` per script
+        call, sent back to back on one connection. Raises `RecordsRefused` naming the
+        events whose script failed (the others are applied), `StoreUnavailable` for an
+        outage."""
         s = self.settings
         context = await load_context(self.redis, events, s) if events else BatchContext()
-        pipe = self.redis.pipeline(transaction=False)
-        for event in events:
-            keys = [Keys(event.namespace).seen(event.actor)]
-            doc: dict[str, Any] = {
-                "id": event.event_id,
-                "ts": event.timestamp,
-                "item": event.item_id or "",
-                "seen_cap": s.dedup_per_actor,
-                "seen_ttl": s.dedup_ttl_s,
-            }
-            counts: list[int] = []
-            for part in self.parts:
-                part_keys, args = part.encode(event, context)
-                keys += part_keys
-                counts.append(len(part_keys))
-                if args is not None:
-                    doc[part.name] = args
-            doc["_k"] = counts
-            await self._apply(keys=keys, args=[orjson.dumps(doc), self._weights], client=pipe)
         try:
-            outcomes = await pipe.execute()
-        except RedisError as exc:
-            raise redis_failure(f"applying {len(events)} events to Redis", exc) from exc
-        changed = [(e, int(o)) for e, o in zip(events, outcomes, strict=True) if int(o) > 0]
+            if not self._loaded:
+                await self.redis.script_load(self._apply.script)
+                self._loaded = True
+            try:
+                replies = await self._send(self._chunks(events, context))
+            except NoScriptError:
+                # Redis restarted or flushed its scripts: load it and apply again (the
+                # events applied before the error are found applied).
+                await self.redis.script_load(self._apply.script)
+                replies = await self._send(self._chunks(events, context))
+        except (RedisError, OSError) as exc:
+            if isinstance(exc, RedisError):
+                raise redis_failure(f"applying {len(events)} events to Redis", exc) from exc
+            raise StoreUnavailable(f"applying {len(events)} events to Redis: {exc}") from exc
+        outcomes: list[int | str] = [
+            o if isinstance(o, int) else _text(o) for reply in replies for o in reply
+        ]
+        failed = [(n, o) for n, o in enumerate(outcomes) if isinstance(o, str)]
+        if failed:
+            reasons = [o[1:] for _, o in failed]
+            if any(reason.startswith(_TRANSIENT_REPLIES) for reason in reasons):
+                raise StoreUnavailable(
+                    f"Redis could not apply {len(failed)} events now: {reasons[0]}; retrying"
+                )
+            raise RecordsRefused(
+                f"Redis refused {len(failed)} of {len(events)} events; the first: {reasons[0]}",
+                [n for n, _ in failed],
+                reasons,
+            )
+        changed = [(e, o) for e, o in zip(events, outcomes, strict=True) if int(o) > 0]
         flagged: dict[str, set[Actor]] = {part.name: set() for part in self.parts}
         for event, outcome in changed:
             for bit, part in enumerate(self.parts, start=1):
-                if outcome >> bit & 1:
+                if int(outcome) >> bit & 1:
                     flagged[part.name].add((event.namespace, event.actor))
         return ApplyResult(
             applied=len(changed),
@@ -440,6 +689,10 @@ class RedisHotStore:
 
     async def windows(self, actors: Sequence[Actor]) -> list[list[WindowEntry]]:
         """Many windows in one round trip (one connection, however many actors)."""
+        return [[WindowEntry.loads(item) for item in row] for row in await self.raw_windows(actors)]
+
+    async def raw_windows(self, actors: Sequence[Actor]) -> list[list[bytes]]:
+        """`windows`, each entry as the JSON Redis holds."""
         pipe = self.redis.pipeline(transaction=False)
         for namespace, actor in actors:
             pipe.lrange(Keys(namespace).window(actor), 0, self.settings.window_size - 1)
@@ -449,7 +702,7 @@ class RedisHotStore:
             raise StoreUnavailable(
                 f"reading {len(actors)} windows from Redis failed: {exc}"
             ) from exc
-        return [[WindowEntry.loads(item) for item in row] for row in rows]
+        return [list(row) for row in rows]
 
     async def merge_window(
         self, namespace: str, actor: str, entries: Sequence[WindowEntry]
@@ -518,10 +771,16 @@ class DynamoWindows:
         return f"{namespace}#{actor}"
 
     async def put(self, windows: Mapping[tuple[str, str], Sequence[WindowEntry]]) -> None:
+        await self.put_raw(
+            {actor: [e.dumps() for e in entries] for actor, entries in windows.items()}
+        )
+
+    async def put_raw(self, windows: Mapping[tuple[str, str], Sequence[bytes]]) -> None:
+        """`put`, each entry given as its JSON."""
         now = time.time()
         requests: list[dict[str, Any]] = []
         for (namespace, actor), entries in windows.items():
-            body = bounded_json_list([e.dumps() for e in entries], DURABLE_ITEM_BYTES)
+            body = bounded_json_list(entries, DURABLE_ITEM_BYTES)
             requests.append(
                 {
                     "PutRequest": {
@@ -707,6 +966,12 @@ async def persist_windows(hot: HotStore, durable: DurableWindows, actors: Iterab
     actors = list(actors)
     if not actors:
         return 0
+    if isinstance(hot, RedisHotStore) and isinstance(durable, DynamoWindows):
+        # Redis holds each entry as its JSON already: copied as is, not parsed and
+        # encoded again (the agent's hot path).
+        raw = await hot.raw_windows(actors)
+        await durable.put_raw(dict(zip(actors, raw, strict=True)))
+        return len(actors)
     windows = await hot.windows(actors)
     await durable.put(dict(zip(actors, windows, strict=True)))
     return len(actors)

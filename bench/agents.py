@@ -1,14 +1,18 @@
 """Benchmark of the stream agent (windows + feature vectors + trending); prints tables.
 
     python -m bench.agents [--events 20000] [--batch 500] [--samples 100] [--users 10000]
+                           [--order dataset|time] [--only throughput,dedup,memory,latency]
 
 * **throughput**: events/s of one agent process applying real events (Taobao
   UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
-  whole agent (parse, Redis, DynamoDB copies on moto) and its Redis part alone, each as a
-  ratio to a bare loop sending the same Redis writes as plain pipelined commands (no Lua,
-  no dedup, no parsing), in the same run;
-* **dedup design**: the composed per-event script (one seen check for all parts) against
-  one script and one seen set per part, events/s and bytes per active user;
+  whole windows agent (parse, Redis, DynamoDB copies on moto), its Redis part alone, and
+  every agent of a worker on every record (windows, attribution, archive to S3), each as
+  a ratio to a bare loop sending the same Redis writes as plain pipelined commands (no
+  Lua, no dedup, no parsing), in the same run. ``--order dataset`` keeps the slice's
+  order (one user's events after another's: what a per-user cache sees at its best);
+  ``--order time`` sorts by event time, as a shard interleaves its users;
+* **dedup design**: the composed script (one seen check for all parts) against one
+  script and one seen set per part, events/s and bytes per active user;
 * **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
   has changed the user's feature vector (polled with `read_user_state`), p50/p95, against
   the transport's poll interval;
@@ -35,6 +39,8 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from agents.app import build_agent
+from agents.archive import ArchiveBuffer, S3ArchiveSink, flush_until_done
+from agents.attribution import AttributionAgent, DynamoCounters
 from agents.catalog import ALS_MODEL
 from agents.features import FeaturesPart, read_user_state
 from agents.state import RedisHotStore, WindowsPart
@@ -64,8 +70,13 @@ def taobao_rows(limit: int) -> list[list[str]]:
     raise SystemExit(f"the Taobao slice is missing; looked in {DATA}")
 
 
+ORDER = "dataset"
+"""``dataset`` (the slice's order, user after user) or ``time`` (by event time)."""
+
+
 def events_of(rows: Sequence[list[str]], namespace: str, copies: int = 1) -> list[Event]:
-    """The rows as events; ``copies`` > 1 repeats them under other user ids (more users)."""
+    """The rows as events; ``copies`` > 1 repeats them under other user ids (more users).
+    In `ORDER`."""
     out: list[Event] = []
     for copy in range(copies):
         for n, (user, item, category, behavior, ts) in enumerate(rows):
@@ -81,6 +92,8 @@ def events_of(rows: Sequence[list[str]], namespace: str, copies: int = 1) -> lis
                     namespace=namespace,
                 )
             )
+    if ORDER == "time":
+        out.sort(key=lambda e: (e.timestamp, e.event_id))
     return out
 
 
@@ -158,7 +171,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
     async with open_stores(settings) as stores:
         redis = stores.redis
         table: list[tuple[str, float, float, float]] = []
-        for label in ("bare", "redis", "agent"):
+        for label in ("bare", "redis", "agent", "worker"):
             ns = f"{label}-{os.getpid()}"
             await prepare(redis, ns, rows)
             events = events_of(rows, ns)
@@ -169,11 +182,30 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 hot = build_agent(stores, settings).hot
                 for start in range(0, len(events), batch):
                     await hot.apply(events[start : start + batch])
-            else:
+            elif label == "agent":
                 agent = build_agent(stores, settings)
                 raw = [e.to_json() for e in events]
                 for start in range(0, len(raw), batch):
                     await deliver(agent, raw[start : start + batch], "bench")
+            else:
+                # Every agent of a worker on every record, one after the other, as the
+                # worker's agents share one process (the forwarder needs a tracker).
+                agent = build_agent(stores, settings)
+                attribution = AttributionAgent(
+                    redis, DynamoCounters(stores.dynamodb, settings), settings
+                )
+                archive: ArchiveBuffer[int] = ArchiveBuffer.of(
+                    S3ArchiveSink(stores.s3, settings), settings
+                )
+                raw = [e.to_json() for e in events]
+                for start in range(0, len(raw), batch):
+                    chunk = raw[start : start + batch]
+                    await deliver(agent, chunk, "bench")
+                    await attribution.process(chunk, "bench")
+                    archive.add((value, n) for n, value in enumerate(chunk))
+                    if archive.full:
+                        await flush_until_done(archive)
+                await flush_until_done(archive)
             n = len(events)
             table.append(
                 (
@@ -184,15 +216,18 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 )
             )
     bare = table[0][1]
-    print(f"\nthroughput, {len(rows)} Taobao events, batches of {batch}, one process")
+    print(
+        f"\nthroughput, {len(rows)} Taobao events ({ORDER} order), batches of {batch}, one process"
+    )
     print(
         f"{'run':<44}{'events/s':>10}{'ratio':>7}{'client us/ev':>14}{'redis us/ev':>13}"
         f"{'ev/s per client core':>22}"
     )
     names = {
         "bare": "bare loop: same Redis writes, plain pipeline",
-        "redis": "agent, Redis part (one Lua call per event)",
+        "redis": "agent, Redis part (a Lua call per 100 ev.)",
         "agent": "agent, whole (parse + Redis + DynamoDB)",
+        "worker": "worker: windows + attribution + archive",
     }
     for label, rate, client_us, server_us in table:
         print(
@@ -348,13 +383,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--samples", type=int, default=100, help="clicks timed end to end")
     parser.add_argument("--users", type=int, default=10000, help="active users for memory")
+    parser.add_argument("--order", choices=("dataset", "time"), default="dataset")
+    parser.add_argument(
+        "--only",
+        default="throughput,dedup,memory,latency",
+        help="comma-separated sections to run (default: all)",
+    )
     args = parser.parse_args()
+    global ORDER
+    ORDER = args.order
+    sections = set(args.only.split(","))
     rows = taobao_rows(args.events)
     with local_settings(namespace="bench", poll_interval_s=0.05) as settings:
-        asyncio.run(throughput(settings, rows, args.batch))
-        asyncio.run(dedup_designs(settings, rows, args.batch))
-        asyncio.run(memory(settings, rows, args.users))
-        if args.samples:
+        if "throughput" in sections:
+            asyncio.run(throughput(settings, rows, args.batch))
+        if "dedup" in sections:
+            asyncio.run(dedup_designs(settings, rows, args.batch))
+        if "memory" in sections:
+            asyncio.run(memory(settings, rows, args.users))
+        if "latency" in sections and args.samples:
             asyncio.run(click_latency(settings, args.samples))
 
 

@@ -6,7 +6,8 @@ that accepts exactly botocore's rest-json wire format for ``POST /events`` (the
 ``recommendationId`` of at most 40 characters, ``properties`` a JSON string of at most
 1024 characters, ``impression`` of 1 to 25 ids), records what it accepted, and can be
 told to fail for a while: 5xx answers or 400 ``ThrottlingException``, with the
-``x-amzn-ErrorType`` header botocore reads the error code from.
+``x-amzn-ErrorType`` header botocore reads the error code from; or to refuse given
+events as invalid, every time (400 ``InvalidInputException``).
 """
 
 from __future__ import annotations
@@ -47,11 +48,18 @@ class Tracker:
     failures: list[Failure] = field(default_factory=list)
     failing: Failure | None = None
     """While set, every request fails like this (an outage)."""
+    refused: set[str] = field(default_factory=set)
+    """Event ids refused as invalid, every time: a call holding one is a 400
+    InvalidInputException, as Personalize answers a call with one invalid event."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail_next(self, n: int, status: int = 500, code: str = "InternalFailure") -> None:
         with self.lock:
             self.failures.extend(Failure(status, code) for _ in range(n))
+
+    def refuse(self, event_ids: set[str]) -> None:
+        """Refuse calls holding these events until `refuse(set())`."""
+        self.refused = set(event_ids)
 
     def outage(self, status: int = 503, code: str = "ServiceUnavailable") -> None:
         self.failing = Failure(status, code)
@@ -113,6 +121,11 @@ def build_app(tracker: Tracker) -> Starlette:
         if not request.headers.get("authorization", "").startswith("AWS4-HMAC-SHA256"):
             return _error(403, "UnrecognizedClientException", "request is not signed")
         problem = _invalid(body)
+        refused = [
+            e["eventId"] for e in body.get("eventList", []) if e.get("eventId") in tracker.refused
+        ]
+        if problem is None and refused:
+            problem = f"event {refused[0]} is invalid"
         if problem is not None:
             return _error(400, "InvalidInputException", problem)
         if body["trackingId"] != tracker.tracking_id:

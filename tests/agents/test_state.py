@@ -147,3 +147,21 @@ async def test_dedup_memory_is_capped_per_actor(hot: HotStore, settings: Setting
     assert again.applied == 0
     oldest = await hot.apply(events[:1])  # the oldest id was forgotten: bounded memory
     assert oldest.applied == 1
+
+
+async def test_a_redis_that_lost_its_scripts_is_given_them_again(settings: Settings) -> None:
+    """A restarted Redis (or SCRIPT FLUSH) answers NOSCRIPT to every chunk of a batch: the
+    store loads its script and applies the batch again, each event once."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        store = RedisHotStore(client, settings)
+        ns = settings.namespace
+        first = await store.apply([ev(n, namespace=ns) for n in range(3)])
+        await client.script_flush()
+        again = await store.apply([ev(n, namespace=ns) for n in range(250)])  # 3 chunks
+        assert (first.applied, again.applied, again.duplicates) == (3, 247, 3)
+        assert len(await store.window(ns, "u1", 300)) == settings.window_size
+        # the connection the failed chunks were read from is not handed out dirty
+        assert await client.ping()
+    finally:
+        await client.aclose()
