@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from scipy import sparse
 
 __all__ = [
     "EVENT_TYPES",
@@ -301,6 +302,10 @@ class RankingModel:
             root_value = float(root.get("internal_value", root.get("leaf_value", 0.0)))
             self.base += root_value
             self._walk(t, root, root_value, np.zeros(len(self.sources) + 1), feature_group)
+        # one row per (tree, leaf): a request's leaves select rows by a sparse product
+        self._offsets = np.arange(len(trees), dtype=np.intp) * leaves
+        self._flat_values = self.leaf_values.ravel()
+        self._flat_parts = self.leaf_parts.reshape(len(trees) * leaves, -1)
 
     def _walk(
         self,
@@ -331,10 +336,16 @@ class RankingModel:
         leaf = np.asarray(
             self.booster.predict(matrix, pred_leaf=True, num_threads=1), dtype=np.intp
         ).reshape(matrix.shape[0], -1)
-        trees = np.arange(leaf.shape[1])
-        scores = self.leaf_values[trees, leaf].sum(axis=1)
-        parts = self.leaf_parts[trees, leaf].sum(axis=1)
-        return scores, parts
+        n, trees = leaf.shape
+        chosen = sparse.csr_matrix(
+            (
+                np.ones(n * trees),
+                (leaf + self._offsets).ravel(),
+                np.arange(0, n * trees + 1, trees),
+            ),
+            shape=(n, self._flat_values.size),
+        )
+        return np.asarray(chosen @ self._flat_values), np.asarray(chosen @ self._flat_parts)
 
 
 def lgb_name(name: str) -> str:

@@ -86,12 +86,13 @@ class LearnedRanker:
                 "candidates; build it with serving.pipeline.features.assemble on the same list"
             )
         scores, parts = self.model.predict(self.matrix)
-        sources = self.model.sources
-        for row, candidate in enumerate(candidates):
-            candidate.score = float(scores[row])
-            credited = parts[row]
-            candidate.contributions = {
-                source: float(credited[j])
-                for j, source in enumerate(sources)
-                if source in candidate.sources or (source == "recently_viewed" and candidate.seen)
-            }
+        column = {source: j for j, source in enumerate(self.model.sources)}
+        history = column.get("recently_viewed")
+        for candidate, score, credited in zip(
+            candidates, scores.tolist(), parts.tolist(), strict=True
+        ):
+            candidate.score = score
+            contributions = {s: credited[column[s]] for s in candidate.sources if s in column}
+            if history is not None and candidate.seen:
+                contributions["recently_viewed"] = credited[history]
+            candidate.contributions = contributions

@@ -464,7 +464,15 @@ class Ranker:
         for candidate in candidates:
             candidate.item = items.get(candidate.item_id)
         spec = ranking.spec if ranking is not None else None
-        matrix = assemble(candidates, window, rank_context, self.settings.weight, time.time(), spec)
+        matrix = assemble(
+            candidates,
+            window,
+            rank_context,
+            self.settings.weight,
+            time.time(),
+            spec,
+            describe=debug,
+        )
         scorer = LearnedRanker(ranking, matrix) if ranking is not None else self.scorer
         scorer.score(candidates, weights)
 
