@@ -18,7 +18,7 @@ from training.models import LearnedRanker
 from training.publish import open_registry
 
 T0 = 1_700_000_000.0
-COMPONENTS = {
+COMPONENTS: dict[str, dict[str, object]] = {
     "recently_viewed": {"decay": 0.7},
     "item2item": {"window": 3},
     "popularity": {"half_life_days": None},
@@ -85,9 +85,7 @@ async def test_a_published_ranker_ranks_and_explains(local_stack: LocalStack) ->
     for entry in shown:
         assert entry["contributions"], entry  # every shown item is explained
         assert set(entry["reasons"]) <= REASONS | {"similar_to:a1", "similar_to:a2"}
-    matrix = np.array(
-        [[c["features"].get(name, np.nan) for name in spec.names] for c in shown]
-    )
+    matrix = np.array([[c["features"].get(name, np.nan) for name in spec.names] for c in shown])
     expected = ranker.ranking.predict(matrix)[0]
     np.testing.assert_allclose([c["score"] for c in shown], expected, atol=1e-5)
     # the seen items carry their history features, and the ranker credits them
@@ -138,4 +136,4 @@ async def _pointer(settings: Settings) -> str:
     finally:
         await client.aclose()
     assert raw is not None
-    return str(raw.decode())
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

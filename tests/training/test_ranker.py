@@ -76,7 +76,9 @@ def test_the_ranker_keeps_the_blend_unless_it_wins_by_min_gain() -> None:
     assert learned.scorer == "blend"
     records = {r.suffix: r for r in learned.redis_records()}
     assert "booster" not in records  # serving keeps the linear blend
-    assert records["params"].value["scorer"] == b'"blend"'  # type: ignore[index]
+    params = records["params"].value
+    assert isinstance(params, dict)
+    assert params["scorer"] == b'"blend"'
 
 
 def test_saved_and_loaded_ranker_scores_the_same(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_history_features_follow_the_issue_s_history_score() -> None:
     )
     matrix = feature_matrix(spec, ["a", "b", "c", "z"], {}, history, now)
     column = {name: matrix[:, j] for j, name in enumerate(spec.names)}
-    # a: positions 0 and 2, the very last item (demoted ×0.01)
+    # a: positions 0 and 2, the very last item (demoted by 0.01)
     assert column["u:history"][0] == np.float64((1.0 + 0.8**2) * 0.01)
     assert column["u:history"][1] == 3.0 * 0.8  # b: an add-to-cart one step back
     assert column["u:last"].tolist() == [1.0, 0.0, 0.0, 0.0]
