@@ -92,7 +92,13 @@ class _Catalog:
 
 
 async def replay(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
-    chosen = {m["name"]: m["params"] for m in report["models"]}
+    # what each entry's tuning chose (the model's own defaults for the rest)
+    chosen = {
+        m["name"]: (m["search"] or {}).get("chosen", m["params"])
+        if m["name"] == "ranker"
+        else m["params"]
+        for m in report["models"]
+    }
     weights = dict(Settings().event_weights) if args.dataset == "taobao" else None
     protocol, train, test = load_split(args.dataset, Path(args.train), weights=weights)
     queries = protocol.queries(train, test)

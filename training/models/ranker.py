@@ -8,8 +8,9 @@ is a text file any version of the library reads back.
 
 Fitting never sees the part it is evaluated on. On the log it is given, it:
 
-1. splits off a validation part with the dataset's own protocol (`Protocol.validation_split`:
-   YooChoose the last 15% of the time range, Taobao the last day or half);
+1. splits off a later part: YooChoose the sessions of the last ``holdout`` (40%) of the
+   time range (the protocol's own 15% leaves ~1,000 queries to learn from), any other
+   dataset its protocol's validation split (Taobao: the last day, or the last half);
 2. fits the components (the candidate sources) on the earlier part and asks the protocol's
    queries of the validation part: per query, each source's top ``candidates`` items (as
    serving's ``candidates_per_source``) are the candidates, the query's target the one
