@@ -24,6 +24,7 @@ from agents.retry import until_succeeds
 from agents.state import DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, materialize
 from agents.windows import StreamRecord, WindowAgent, deliver
+from recstream import tracing
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
 from streams.kinesis import make_app
@@ -97,12 +98,18 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
             async for events in stream.take_events(  # type: ignore[attr-defined]
                 settings.agent_batch_size, within=settings.agent_batch_window_s
             ):
-                await deliver(
-                    agent,
-                    stream_records(app, events),
-                    settings.stream_name,
-                    max_attempts=settings.agent_max_attempts,
-                )
+                # Each event's trace (started by the request that posted it) goes on here.
+                with tracing.consuming(
+                    "windows process",
+                    [event.message.headers or () for event in events],
+                    {"messaging.system": "aws_kinesis", "messaging.consumer.group.name": app_id},
+                ):
+                    await deliver(
+                        agent,
+                        stream_records(app, events),
+                        settings.stream_name,
+                        max_attempts=settings.agent_max_attempts,
+                    )
                 namespaces.update(agent.namespaces)
                 yield None
 

@@ -13,6 +13,7 @@ import logging
 from prometheus_client import start_http_server
 
 from agents.app import create_app
+from recstream import tracing
 from recstream.settings import Settings
 from streams.kinesis import run_worker
 
@@ -25,5 +26,11 @@ def run(settings: Settings) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run_worker(create_app, settings))
+    # The agents continue the traces the collector put in the envelopes (a no-op when
+    # no OTLP endpoint is configured); the last spans are flushed on the way out.
+    provider = tracing.configure(settings, "recstream-agents")
+    try:
+        asyncio.run(run_worker(create_app, settings))
+    finally:
+        tracing.shutdown(provider)
     return 0

@@ -1,18 +1,20 @@
 """One API process for bench/serving.py: the real app, or the bare reference endpoint.
 
     python -m bench.serve_app --app real|bare --port 8000 [--loop asyncio|uvloop|auto]
-        [--http h11|httptools|auto] [--parser python|auto]
+        [--http h11|httptools|auto] [--parser python|auto] [--workers 1]
 
 Settings come from the RECSTREAM_* environment, as for `recstream serve`.
 
 ``bare`` is the reference: a raw ASGI callable (no framework, no ranking) that makes the
-same Redis round trips a recommendation makes today, through the same store classes: the
-actor's window (one LRANGE), the published item-to-item neighbours of the ten most recent
-items (the one Lua call, ``read_current_many``) and the popular items (one ZREVRANGE,
-cached for a second as the ranker does). It answers a fixed small JSON body. When the
-pipeline changes what a request reads, change `bare_app` to match; bench/serving.py prints
-the Redis commands per request of both, measured from Redis's INFO commandstats, so a
-mismatch shows.
+same Redis round trips a recommendation makes in steady state, through the same store
+code: the actor's live state and the model pointers (`read_state`, one pipelined round
+trip) and the served log (`serving.pipeline.log.ServedLog`, batched in the background);
+item-level data the ranker caches in-process, so a steady load costs it no other reads.
+It answers a small fixed JSON body. When the pipeline changes what a request reads,
+change `bare_app` to match; bench/serving.py prints the Redis commands per request of
+both, measured from Redis's INFO commandstats, so a mismatch shows.
+
+``--workers N`` runs N processes on the port, as `recstream serve --workers N` does.
 
 ``--parser python`` forces redis-py's pure-Python RESP parser even when hiredis is
 installed, so the effect of hiredis can be measured in one environment.
@@ -21,6 +23,8 @@ installed, so the effect of hiredis can be measured in one environment.
 from __future__ import annotations
 
 import argparse
+import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -33,9 +37,10 @@ from agents.state import RedisHotStore
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import open_redis
+from serving.pipeline.log import ServedLog
 from serving.pipeline.state import read_state
 
-__all__ = ["bare_app", "main"]
+__all__ = ["bare_app", "bare_from_env", "main"]
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -53,8 +58,10 @@ def bare_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[N
                     redis = open_redis(settings)
                     state["redis"] = redis
                     state["hot"] = RedisHotStore(redis, settings)
+                    state["served"] = ServedLog(redis, settings)
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    await state["served"].drain()
                     await state["redis"].aclose()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
@@ -90,9 +97,21 @@ def bare_app(settings: Settings) -> Callable[[Scope, Receive, Send], Awaitable[N
         # pointers); item-level data (neighbours, popularity, trending) it caches in-process
         # for item_cache_ttl_s, so a steady load costs it no other Redis reads.
         live = await read_state(state["redis"], namespace, actor, settings.window_size)
+        # ...and, like every answer, it logs what it served (batched in the background).
+        shown = [entry.item_id for entry in live.window[:20]]
+        served: ServedLog = state["served"]
+        served.record(
+            namespace, uuid.uuid4().hex, actor=actor, strategy="bare", variant="bare",
+            items=shown, context={},
+        )  # fmt: skip
         return orjson.dumps({"window": len(live.window), "versions": len(live.versions)})
 
     return app
+
+
+def bare_from_env() -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The reference endpoint for uvicorn's worker processes (settings from env)."""
+    return bare_app(Settings())
 
 
 def main() -> None:
@@ -102,7 +121,11 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     parser.add_argument("--parser", default="auto", choices=["auto", "python"])
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
+    # faust reads ``--loop``/``-L`` from sys.argv at import (it would try to load a loop
+    # named "auto"): the app's own modules must not see this script's options.
+    sys.argv = sys.argv[:1]
     if args.parser == "python":
         # open_redis calls redis.asyncio.from_url at call time: give it the pure-Python
         # RESP3 parser, as when hiredis is not installed.
@@ -116,6 +139,24 @@ def main() -> None:
 
         redis.asyncio.from_url = from_url
     settings = Settings()
+    if args.workers > 1:
+        if (args.loop, args.http, args.parser) != ("auto", "auto", "auto"):
+            parser.error("--workers > 1 measures the parts `recstream serve` picks (auto)")
+        if args.app == "real":
+            from serving.app import run
+
+            run(settings, "127.0.0.1", args.port, workers=args.workers)
+        else:
+            uvicorn.run(
+                "bench.serve_app:bare_from_env",
+                factory=True,
+                workers=args.workers,
+                host="127.0.0.1",
+                port=args.port,
+                log_level="warning",
+                access_log=False,
+            )
+        return
     if args.app == "real":
         from serving.app import create_app
 

@@ -48,6 +48,8 @@ from rich.table import Table
 from agents.state import RedisHotStore
 from bench.common import local_settings, wait_http
 from recstream import stack
+from recstream.catalog_cli import load as load_catalog
+from recstream.catalog_cli import read_movielens
 from recstream.settings import Settings
 from streams.schema import Event
 from training.data import load_movielens
@@ -64,6 +66,7 @@ class Variant:
     loop: str
     http: str
     parser: str
+    workers: int = 1
 
 
 VARIANTS = [
@@ -71,6 +74,7 @@ VARIANTS = [
     Variant("+ hiredis", "asyncio", "h11", "auto"),
     Variant("+ uvloop", "uvloop", "h11", "auto"),
     Variant("+ httptools (= recstream serve)", "uvloop", "httptools", "auto"),
+    Variant("+ 2 workers (recstream serve --workers 2)", "auto", "auto", "auto", workers=2),
 ]
 
 
@@ -96,6 +100,11 @@ async def load_state(settings: Settings, events: list[Event]) -> None:
     for start in range(0, len(events), 1000):
         await store.apply(events[start : start + 1000])
     await client.aclose()
+    # the catalog too (titles and genres): answers carry metadata, category popularity
+    # has categories, as in a real deployment
+    await load_catalog(
+        settings, settings.namespace, read_movielens(RATINGS.with_name("movies.csv")), []
+    )
     log = load_movielens(RATINGS)
     model = ItemToItem().fit(log)
     run = RunInfo(data=DataRange(source="movielens", start=log.start, end=log.end, rows=len(log)))
@@ -117,7 +126,8 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.serve_app", "--app", app, "--port", str(port),
-         "--loop", variant.loop, "--http", variant.http, "--parser", variant.parser],
+         "--loop", variant.loop, "--http", variant.http, "--parser", variant.parser,
+         "--workers", str(variant.workers)],
         env={**os.environ, **settings.to_env()}, cwd=ROOT,
     )  # fmt: skip
 
@@ -133,10 +143,25 @@ def load(url: str, paths: Path, rate: float, duration: float, out: Path) -> dict
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used (Linux /proc): a cost per request that
-    other processes' load on a shared machine does not inflate, unlike latency."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its live children (uvicorn's workers) have
+    used (Linux /proc): a cost per request that other processes' load on a shared machine
+    does not inflate, unlike latency."""
+    total = 0.0
+    for proc in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            found += [int(child), *_children(int(child))]
+    return found
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -176,7 +201,8 @@ async def measure(
                     spy = subprocess.Popen(  # noqa: ASYNC220 (nothing else runs on this loop)
                         [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
                          str(servers[app][1].pid), "--duration", str(int(args.duration)),
-                         "--format", "raw", "--rate", "250", "--nonblocking", "--output", str(out)],
+                         "--format", "raw", "--rate", "250", "--nonblocking", "--subprocesses",
+                         "--output", str(out)],
                         stdout=subprocess.DEVNULL,
                     )  # fmt: skip
                 result = load(url, paths, rate, args.duration, work / f"{app}-{rate}.json")
@@ -227,9 +253,8 @@ def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> Non
 async def main_async(args: argparse.Namespace) -> None:
     console = Console()
     rates = [float(r) for r in args.rates.split(",")]
-    variants = (
-        VARIANTS if args.variants else [Variant("as given", args.loop, args.http, args.parser)]
-    )
+    given = Variant("as given", args.loop, args.http, args.parser, args.workers)
+    variants = VARIANTS if args.variants else [given]
     if importlib.util.find_spec("hiredis") is None:
         console.print("[yellow]hiredis is not installed: 'auto' parser is the Python one")
     with local_settings() as settings, tempfile.TemporaryDirectory() as tmp:
@@ -238,7 +263,7 @@ async def main_async(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         await load_state(settings, events)
         console.print(
-            f"loaded {len(events):,} MovieLens events and published item2item "
+            f"loaded {len(events):,} MovieLens events and the catalog, published item2item "
             f"in {time.perf_counter() - started:.1f} s"
         )
         users = sorted({e.user_id for e in events if e.user_id})
@@ -270,6 +295,7 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     parser.add_argument("--parser", default="auto", choices=["auto", "python"])
+    parser.add_argument("--workers", type=int, default=1, help="API processes per endpoint")
     parser.add_argument("--variants", action="store_true", help="measure each part in turn")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument(

@@ -10,7 +10,10 @@ filled from the one below:
          │ miss           one MGET per call
     DynamoDB              table {prefix}-catalog: pk = {ns}#item#{id} / {ns}#user#{id},
                           doc = the same JSON; BatchGetItem, 100 keys a call; the records
-                          found are written back to Redis (SET NX, so a newer put wins)
+                          found are written back to Redis (SET NX, so a newer put wins),
+                          and the ids it does not hold as an empty "absent" marker that
+                          expires (``catalog_absent_ttl_s``), so every process and a restart
+                          skip DynamoDB for ids that are not in the catalog
 
 Writes go to DynamoDB first (the durable copy), then Redis, then this process's cache.
 Other processes see a change once their cache entry expires (``catalog_cache_ttl_s``);
@@ -189,11 +192,11 @@ class RedisDynamoCatalog:
                 found[record_id] = value  # type: ignore[assignment]
         if not missing:
             return found
-        hot, redis_ok = await self._read_redis(kind, namespace, missing)
-        cold_ids = [record_id for record_id in missing if record_id not in hot]
+        hot, absent, redis_ok = await self._read_redis(kind, namespace, missing)
+        cold_ids = [i for i in missing if i not in hot and i not in absent]
         cold = await self._read_dynamodb(kind, namespace, cold_ids) if cold_ids else {}
-        if cold and redis_ok:
-            await self._write_back(kind, namespace, cold)
+        if cold_ids and redis_ok:
+            await self._write_back(kind, namespace, cold, [i for i in cold_ids if i not in cold])
         for record_id in missing:
             record = hot.get(record_id) or cold.get(record_id)
             self.cache.put((namespace, kind.name, record_id), record)
@@ -203,17 +206,22 @@ class RedisDynamoCatalog:
 
     async def _read_redis(
         self, kind: _Kind[Record], namespace: str, ids: Sequence[str]
-    ) -> tuple[dict[str, Record], bool]:
-        """The records Redis holds, and whether Redis answered at all. When it did not,
-        DynamoDB answers for every id: a slow catalog beats a wrong one."""
+    ) -> tuple[dict[str, Record], set[str], bool]:
+        """The records Redis holds, the ids it marks absent, and whether Redis answered at
+        all. When it did not, DynamoDB answers for every id: a slow catalog beats a wrong
+        one."""
         try:
             values = await self.redis.mget([kind.redis_key(namespace, i) for i in ids])
         except (RedisError, OSError) as exc:
             log.warning("catalog: Redis read failed (%s); reading DynamoDB instead", exc)
-            return {}, False
+            return {}, set(), False
         out: dict[str, Record] = {}
+        absent: set[str] = set()
         for record_id, raw in zip(ids, values, strict=True):
             if raw is None:
+                continue
+            if not raw:
+                absent.add(record_id)
                 continue
             try:
                 out[record_id] = kind.parse(raw)
@@ -221,7 +229,7 @@ class RedisDynamoCatalog:
                 # Not written by this module (or by an older schema): the durable copy
                 # decides, and its write-back repairs the hot copy.
                 log.warning("catalog: unreadable %s %r in Redis; re-reading", kind.name, record_id)
-        return out, True
+        return out, absent, True
 
     async def _read_dynamodb(
         self, kind: _Kind[Record], namespace: str, ids: Sequence[str]
@@ -259,18 +267,30 @@ class RedisDynamoCatalog:
         return out
 
     async def _write_back(
-        self, kind: _Kind[Record], namespace: str, records: Mapping[str, Record]
+        self,
+        kind: _Kind[Record],
+        namespace: str,
+        records: Mapping[str, Record],
+        absent: Sequence[str],
     ) -> None:
-        # NX: a put that landed between our DynamoDB read and now holds the newer record.
+        # NX: a put that landed between our DynamoDB read and now holds the newer record
+        # (and a put overwrites an absent marker, so a new item is seen at once).
+        absent_ttl = max(1, int(self.settings.catalog_absent_ttl_s))
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for record_id, record in records.items():
                     pipe.set(
                         kind.redis_key(namespace, record_id), record.model_dump_json(), nx=True
                     )
+                for record_id in absent:
+                    pipe.set(kind.redis_key(namespace, record_id), b"", nx=True, ex=absent_ttl)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("catalog: could not restore %d records to Redis: %s", len(records), exc)
+            log.warning(
+                "catalog: could not restore %d records to Redis: %s",
+                len(records) + len(absent),
+                exc,
+            )
 
     # --- writes --------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve = subparsers.add_parser("serve", help="run the API (collector and ranking)")
     serve.add_argument("--host", default=None, help="default: RECSTREAM_API_HOST")
     serve.add_argument("--port", type=int, default=None, help="default: RECSTREAM_API_PORT")
+    serve.add_argument(
+        "--workers", type=int, default=None, help="API processes; default: RECSTREAM_API_WORKERS"
+    )
     serve.set_defaults(handler=cmd_serve)
 
     agents = subparsers.add_parser("agents", help="run the stream agents (one worker)")
@@ -175,7 +178,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from serving.app import run
 
-    run(settings, host=args.host or settings.api_host, port=args.port or settings.api_port)
+    run(
+        settings,
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        workers=args.workers,
+    )
     return 0
 
 

@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_EVENT_WEIGHTS", "NAMESPACE_PATTERN", "SeenPolicy", "Settings"]
@@ -53,7 +53,11 @@ _LOOPBACK = re.compile(r"^(localhost|127\.\d+\.\d+\.\d+|\[?::1\]?)$")
 class Settings(BaseSettings):
     """Every endpoint, resource name, port and budget recstream uses."""
 
-    model_config = SettingsConfigDict(env_prefix="RECSTREAM_", frozen=True, extra="ignore")
+    # validate_by_name: `otlp_endpoint` is read from two variables (its aliases), and code
+    # and tests still pass it by its name.
+    model_config = SettingsConfigDict(
+        env_prefix="RECSTREAM_", frozen=True, extra="ignore", validate_by_name=True
+    )
 
     env: Literal["local", "production"] = "local"
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
@@ -94,6 +98,10 @@ class Settings(BaseSettings):
 
     # --- API -----------------------------------------------------------------------
     api_host: str = "127.0.0.1"
+    api_workers: int = Field(1, ge=1, le=64)
+    """API processes sharing the port (`recstream serve --workers`). One Python process
+    tops out near one core; two reach 1,000 ranked requests a second on two cores
+    (docs/serving-speed.md). Each keeps its own in-process caches."""
     api_port: int = Field(8000, ge=1, le=65535)
     max_batch: int = Field(500, ge=1, le=500)
     """Largest batch `POST /v1/events` accepts; 500 is also Kinesis's PutRecords limit."""
@@ -146,6 +154,10 @@ class Settings(BaseSettings):
     catalog_cache_ttl_s: float = Field(30.0, ge=0)
     """How long a cached catalog record is trusted; a change made by another process is
     seen after at most this long."""
+    catalog_absent_ttl_s: float = Field(3600.0, ge=1)
+    """How long Redis remembers that an id is not in the catalog (an empty marker), so no
+    process reads DynamoDB for it again meanwhile. Writes through the API replace the marker
+    at once; only an item put into DynamoDB behind the API's back waits this long."""
     catalog_max_batch: int = Field(500, ge=1, le=10_000)
     """Largest batch `POST /v1/items` and `POST /v1/users` accept."""
     # --- filters (serving/filters.py, serving/filter_store.py) -----------------------
@@ -192,6 +204,11 @@ class Settings(BaseSettings):
     """Each candidate source's own deadline, inside what is left of the request budget."""
     candidates_per_source: int = Field(200, ge=1, le=5000)
     """How many candidates each source contributes at most."""
+    rank_pool: int = Field(100, ge=1, le=5000)
+    """How many candidates (besides the ones the user already interacted with) the cheap
+    first cut keeps for the catalog, features and the scorer (serving/pipeline/shortlist.py).
+    The linear blend serves the same list with any value; a learned scorer re-ranks only
+    these."""
     item_cache_ttl_s: float = Field(5.0, ge=0)
     """How long item-level data (neighbour lists, popularity, trending) is cached in-process."""
     diversity_category_cap: int | None = Field(None, ge=1)
@@ -313,6 +330,19 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
 
+    # --- observability (docs/observability.md) -----------------------------------------
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("RECSTREAM_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+    )
+    """Base URL of an OTLP/HTTP collector (``/v1/traces`` is appended, as for the standard
+    OTEL_EXPORTER_OTLP_ENDPOINT, which is read too). Unset: no tracing at all."""
+    trace_sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of new traces recorded; a trace started upstream keeps its caller's decision."""
+    stream_status_interval_s: float = Field(30.0, ge=0.0)
+    """How often the API reads the agents' positions (lease table, and one Kinesis read per
+    shard) for /metrics; 0 turns it off. Each read counts against the shard's 5 reads/s."""
+
     @field_validator("apikey_sigv4_secret", "require_api_keys", "rate_limit_enabled", mode="before")
     @classmethod
     def _empty_security_means_none(cls, value: object) -> object:
@@ -330,6 +360,7 @@ class Settings(BaseSettings):
         "personalize_endpoint_url",
         "diversity_category_cap",
         "diversity_mmr_lambda",
+        "otlp_endpoint",
         mode="before",
     )
     @classmethod

@@ -7,31 +7,45 @@ Routes (``{namespace}`` defaults to ``default`` on the short forms):
     GET /v1/trending (and their /v1/{namespace}/… forms): serving/recommendations.py
     GET  /healthz                           Redis reachable
     GET  /readyz                            every dependency reachable (serving/ops.py)
-    GET  /metrics                           Prometheus
+    GET  /metrics                           Prometheus (serving/metrics.py)
+    GET  /openapi.json, /docs               the API's contract (serving/openapi.py)
+
+The catalog, filter and Personalize-compatible routes are in their own modules.
+Observability (docs/observability.md): every Redis and AWS client the app opens is
+instrumented (recstream/tracing.py), spans are exported when an OTLP endpoint is set,
+and the agents' positions are read for /metrics in the background.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from recstream import tracing
+from recstream.aws import async_client
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import open_stores
-from serving import catalog_routes, personalize
+from serving import catalog_routes, openapi, personalize
 from serving.collector import collect
 from serving.filter_routes import filter_error_handler
 from serving.filter_routes import routes as filter_routes
 from serving.filter_store import open_filters
 from serving.filters import FilterError
 from serving.http import error_response, json_response, request_namespace
+from serving.metrics import ModelVersions, stream_positions, watch_models
 from serving.middleware import open_security, security_middleware
 from serving.ops import routes as ops_routes
 from serving.recommendations import open_ranker
@@ -39,6 +53,8 @@ from serving.recommendations import routes as recommendation_routes
 from streams.producer import KinesisProducer
 
 __all__ = ["app_from_env", "create_app", "run"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 async def post_events(request: Request) -> Response:
@@ -60,6 +76,12 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    if os.environ.get(MULTIPROC_ENV):
+        # Several worker processes (`api_workers` > 1): any one of them answers for all,
+        # from the files prometheus-client's multiprocess mode keeps per process.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -67,8 +89,19 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            provider = tracing.configure(settings, "recstream-api")
+            # Registered first, so it runs last: the spans of the shutdown are sent too.
+            stack.push_async_callback(asyncio.to_thread, tracing.shutdown, provider)
             stores = await stack.enter_async_context(open_stores(settings))
-            producer = await stack.enter_async_context(KinesisProducer(settings))
+            # Every client the app uses is timed per call (and traced when tracing is
+            # on); the clients stay the ones `open_stores` owns and closes.
+            tracing.instrument_redis(stores.redis)
+            for client in (stores.dynamodb, stores.s3, stores.sqs):
+                tracing.instrument_aws(client)
+            kinesis = tracing.instrument_aws(
+                await stack.enter_async_context(async_client(settings, "kinesis"))
+            )
+            producer = await stack.enter_async_context(KinesisProducer(settings, client=kinesis))
             app.state.settings = settings
             app.state.redis = stores.redis
             app.state.producer = producer
@@ -78,9 +111,33 @@ def create_app(settings: Settings) -> Starlette:
                 open_filters(settings, stores.dynamodb)
             )
             app.state.filter_resolver = app.state.filters
-            await stack.enter_async_context(open_ranker(app, stores, settings))
+            ranker = await stack.enter_async_context(open_ranker(app, stores, settings))
+            app.state.model_versions = ModelVersions(ranker.models, settings)
+            watch_models(app.state.model_versions)
             app.state.security = await stack.enter_async_context(open_security(settings, stores))
+            tracing.instrument_aws(app.state.security.clients.kinesis)
+            app.state.stream_positions = await stack.enter_async_context(
+                stream_positions(settings, kinesis)
+            )
             yield
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        # The router's own 404 and 405, in the API's error shape (a client parses one
+        # format), with the route list's address.
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error_response(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {request.url.path}; see /docs",
+                headers=exc.headers,
+            )
+        return error_response(
+            exc.status_code,
+            "not_found" if exc.status_code == 404 else "http_error",
+            f"no route for {request.method} {request.url.path}; the routes are listed at /docs",
+            headers=exc.headers,
+        )
 
     async def on_recstream_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RecstreamError)
@@ -98,10 +155,15 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             *personalize.routes(),
             *ops_routes(),
+            *openapi.routes(settings),
         ],
         middleware=security_middleware(settings),
         lifespan=lifespan,
-        exception_handlers={RecstreamError: on_recstream_error, FilterError: filter_error_handler},
+        exception_handlers={
+            HTTPException: on_http_error,
+            RecstreamError: on_recstream_error,
+            FilterError: filter_error_handler,
+        },
     )
     app.state.settings = settings
     return app
@@ -112,15 +174,28 @@ def app_from_env() -> Starlette:
     return create_app(Settings())
 
 
-def run(settings: Settings, host: str, port: int) -> None:
-    """Serve the API until interrupted (used by `recstream serve`)."""
+def run(settings: Settings, host: str, port: int, workers: int | None = None) -> None:
+    """Serve the API until interrupted (used by `recstream serve`).
+
+    With more than one worker (``api_workers``), uvicorn starts that many processes on one
+    socket; each builds its app from the environment, so the settings are exported first,
+    and metrics go through prometheus-client's multiprocess directory."""
+    workers = settings.api_workers if workers is None else workers
     # "auto" picks uvloop and httptools, project dependencies (docs/serving-speed.md).
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="info",
-        access_log=False,
-        loop="auto",
-        http="auto",
-    )
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "access_log": False,
+        "loop": "auto",
+        "http": "auto",
+    }
+    if workers <= 1:
+        uvicorn.run(create_app(settings), **options)
+        return
+    os.environ.update(settings.to_env())
+    metrics_dir = (settings.state_dir / "metrics" / str(port)).resolve()
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # the last run's processes are gone
+    metrics_dir.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)

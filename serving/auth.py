@@ -52,10 +52,19 @@ def _rule(methods: str | None, path: str, need: Need, sigv4: bool = False) -> Ro
 
 
 _NS = r"/v1(?:/(?P<namespace>[^/]+))?"
-# First match wins.
+# First match wins. The order follows the router's (serving/app.py), so a path that two
+# routes could match is judged as the route that serves it: the filter routes come
+# before the catalog's (GET /v1/items/filters lists namespace "items"'s filters), and
+# the catalog's short forms before the namespaced ones (/v1/items/a/b is item "a/b").
 ROUTE_SCOPES: Final[tuple[RouteRule, ...]] = (
     _rule("GET,HEAD", r"^/(healthz|readyz|metrics)$", "ops"),
+    # The contract is public: clients need it before they hold a key.
+    _rule("GET,HEAD", r"^/(openapi\.json|docs)$", "open"),
     _rule("POST", rf"^{_NS}/events$", "events:write"),
+    _rule(None, rf"^{_NS}/filters(/[^/]+)?$", "admin"),
+    # Reading an item is what a page showing recommendations does; writes stay admin.
+    _rule("GET,HEAD", r"^/v1/items/.+$", "recommendations:read"),
+    _rule("GET,HEAD", r"^/v1/(?P<namespace>[^/]+)/items/.+$", "recommendations:read"),
     _rule(
         "GET,POST",
         rf"^{_NS}/(recommendations|related-items|trending|personalized-ranking)$",

@@ -73,7 +73,8 @@ def validate_record(
     if problems:
         return None, problems
     try:
-        return model.model_validate(value), []
+        # strict: a JSON body's types are what they say (`"price": true` is not 1.0)
+        return model.model_validate(value, strict=True), []
     except ValidationError as exc:
         return None, problems_from(exc, prefix)
 

@@ -32,6 +32,7 @@ from streams.schema import Event, problems_from
 __all__ = ["MAX_BODY_BYTES", "collect"]
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
+_FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 async def read_capped(request: Request, limit: int) -> bytes | None:
@@ -87,7 +88,9 @@ async def collect(request: Request, namespace: str, producer: KinesisProducer) -
             'send an event object, an array of events, or {"events": [...]} with an array',
         )
     if not items:
-        return error_response(422, "empty_batch", "the batch is empty; send at least one event")
+        return error_response(
+            422, "empty_batch", "the body holds no events; send at least one event"
+        )
     if len(items) > settings.max_batch:
         return error_response(
             413,
@@ -95,6 +98,14 @@ async def collect(request: Request, namespace: str, producer: KinesisProducer) -
             f"{len(items)} events in one request; split them into batches of at most "
             f"{settings.max_batch}",
         )
+
+    atomic_flag = request.query_params.get("atomic", "false").lower()
+    if atomic_flag not in _FLAGS:
+        # An unreadable flag must not silently mean "not atomic".
+        return error_response(
+            422, "bad_atomic", f"atomic={atomic_flag!r} is not a boolean; use atomic=true or false"
+        )
+    atomic = _FLAGS[atomic_flag]
 
     valid: list[tuple[int, Event]] = []
     rejected: list[dict[str, Any]] = []
@@ -120,7 +131,6 @@ async def collect(request: Request, namespace: str, producer: KinesisProducer) -
                 problems = problems_from(exc)
         rejected.append({"index": index, "errors": [p.as_dict() for p in problems]})
 
-    atomic = request.query_params.get("atomic", "").lower() in ("1", "true", "yes")
     if rejected and (atomic or not valid):
         EVENTS.labels(outcome="rejected").inc(len(items) if atomic else len(rejected))
         return json_response(

@@ -3,7 +3,10 @@
 1. `RequestContext`: a request id (from ``X-Request-Id`` or generated, echoed back), one
    JSON access-log line per request, the latency histogram by route, the body-size cap
    of every route, and, in production, 5xx bodies trimmed to a code and a generic
-   sentence (the detail goes to the log under the request id).
+   sentence (the detail goes to the log under the request id). When tracing is on
+   (recstream/tracing.py), a SERVER span per request continues the caller's W3C
+   ``traceparent``, so every span the request makes (Redis, AWS, the collector's
+   envelope) belongs to the caller's trace.
 2. `serving.ratelimit.RateLimitMiddleware` by client IP (before any key is checked, so a
    flood of made-up keys is bounded too).
 3. `serving.auth.AuthMiddleware`: API keys, scopes, namespaces, SigV4.
@@ -29,6 +32,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from recstream import tracing
 from recstream.logging import REQUEST_ID, configure_logging
 from recstream.settings import Settings
 
@@ -173,39 +177,44 @@ class RequestContext:
                 return
             await send(message)
 
-        try:
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-                status = 413
-                await send_error(
-                    send_wrapped,
-                    413,
-                    "body_too_large",
-                    f"the body is {declared} bytes; send at most {self.settings.max_body_bytes}",
-                )
-                return
+        with tracing.incoming(
+            scope["method"],
+            [(name.decode("latin-1"), value) for name, value in scope["headers"]],
+            {"http.request.method": scope["method"], "url.path": scope["path"]},
+        ) as server_span:
             try:
-                await self.app(scope, _capped(receive, self.settings.max_body_bytes), send_wrapped)
-            except BodyTooLarge:
-                status = 413
-                await send_error(
-                    send_wrapped,
-                    413,
-                    "body_too_large",
-                    f"the body is over {self.settings.max_body_bytes} bytes; send less",
+                declared = headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+                    status = 413
+                    await send_error(
+                        send_wrapped,
+                        413,
+                        "body_too_large",
+                        f"the body is {declared} bytes; send at most "
+                        f"{self.settings.max_body_bytes}",
+                    )
+                    return
+                try:
+                    await self.app(
+                        scope, _capped(receive, self.settings.max_body_bytes), send_wrapped
+                    )
+                except BodyTooLarge:
+                    status = 413
+                    await send_error(
+                        send_wrapped,
+                        413,
+                        "body_too_large",
+                        f"the body is over {self.settings.max_body_bytes} bytes; send less",
+                    )
+            finally:
+                elapsed = time.perf_counter() - started
+                route = scope.get("route")
+                template = getattr(route, "path", None) or "unmatched"
+                HTTP_LATENCY.labels(template, scope["method"], f"{status // 100}xx").observe(
+                    elapsed
                 )
-        finally:
-            elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            HTTP_LATENCY.labels(template, scope["method"], f"{status // 100}xx").observe(elapsed)
-            key = scope.get("state", {}).get("api_key")
-            log.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
+                key = scope.get("state", {}).get("api_key")
+                extra: dict[str, Any] = {
                     "method": scope["method"],
                     "path": scope["path"],
                     "route": template,
@@ -213,9 +222,13 @@ class RequestContext:
                     "duration_ms": round(elapsed * 1000, 3),
                     "client": (scope.get("client") or ("", 0))[0],
                     "key_id": getattr(key, "key_id", None),
-                },
-            )
-            REQUEST_ID.reset(token)
+                }
+                if server_span is not None:
+                    extra["trace_id"] = tracing.finish_server_span(
+                        server_span, scope["method"], template, status
+                    )
+                log.info("%s %s %d", scope["method"], scope["path"], status, extra=extra)
+                REQUEST_ID.reset(token)
 
     async def _send_trimmed(self, send: Send, start: Message, body: bytes, request_id: str) -> None:
         status = start["status"]

@@ -9,7 +9,8 @@ members, limits and error shapes, so a client only changes ``endpoint_url``::
 
 (botocore keeps the path of ``endpoint_url`` and appends each operation's URI to it.)
 
-    POST /personalize-runtime/recommendations          GetRecommendations
+    POST /personalize-runtime/recommendations          GetRecommendations (userId, or
+                                                       itemId: related items)
     POST /personalize-runtime/personalize-ranking      GetPersonalizedRanking
     POST /personalize-events/events                    PutEvents  -> Kinesis, as /v1/events
     POST /personalize-events/items                     PutItems   -> the catalog
@@ -686,10 +687,10 @@ async def get_recommendations(request: Request) -> Response:
     else:
         assert body.recommenderArn is not None
         namespace, _ = campaign(settings, body.recommenderArn, "recommenderArn", ["recommender"])
-    if body.userId is None:
+    if body.userId is None and body.itemId is None:
         raise invalid(
-            "userId is required: recstream's campaigns are USER_PERSONALIZATION; "
-            "related items by itemId are not served through this API yet"
+            "pass userId (recommendations for a user) or itemId (items related to an item, "
+            "as RELATED_ITEMS recipes answer)"
         )
     if body.promotions:
         raise invalid("promotions are not supported by recstream; leave them out")
@@ -700,14 +701,29 @@ async def get_recommendations(request: Request) -> Response:
             f"numResults is {body.numResults}; at most {limit}"
             + (" with metadataColumns" if columns else "")
         )
-    actor = _actor(body.userId)
+    actor = _actor(body.userId) if body.userId is not None else None
+    if body.itemId is not None and not body.itemId.strip():
+        raise invalid("itemId must not be empty")
     filter_name = _filter_name(settings, body.filterArn)
     if body.numResults == 0:
         return _ok({"itemList": [], "recommendationId": f"RID-{uuid.uuid4()}"})
     ranker: PersonalizeRanker = request.app.state.ranker
-    kwargs = _ranker_kwargs(ranker.recommend, body.context, filter_name, body.filterValues)
-    await _resolve_filter(request, namespace, kwargs)
-    result = await ranker.recommend(namespace, actor, body.numResults, frozenset(), **kwargs)
+    result: RankedList
+    if body.itemId is not None:
+        # Related items (Personalize's RELATED_ITEMS recipes): our related-items path. A
+        # userId given with it is checked above but does not personalize the list, as
+        # Personalize's SIMS does not either.
+        related = getattr(ranker, "related", None)
+        if related is None:
+            raise invalid("itemId: this deployment's ranker has no related items; pass userId")
+        kwargs = _ranker_kwargs(related, body.context, filter_name, body.filterValues)
+        await _resolve_filter(request, namespace, kwargs)
+        result = await related(namespace, body.itemId, body.numResults, **kwargs)
+    else:
+        assert actor is not None
+        kwargs = _ranker_kwargs(ranker.recommend, body.context, filter_name, body.filterValues)
+        await _resolve_filter(request, namespace, kwargs)
+        result = await ranker.recommend(namespace, actor, body.numResults, frozenset(), **kwargs)
     ranked = [(r.item_id, r.score, r.reasons) for r in result.items[: body.numResults]]
     return _ok(
         {

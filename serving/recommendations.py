@@ -33,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from agents.identity import resolve_actor
 from agents.state import DynamoWindows
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
@@ -41,12 +42,22 @@ from serving.collector import read_capped
 from serving.http import error_response, json_response, request_namespace
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.pipeline import CandidateFilter, ItemCatalog, Ranker, Recommendations
+from serving.pipeline.detach import detached
 
 __all__ = ["FilterResolver", "open_ranker", "routes"]
 
 MAX_RESULTS = 500
 MAX_BODY_BYTES = 1024 * 1024
-Id = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
+BLANK = r"[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+r"""The characters pydantic strips (Rust's White_Space), spelled out: ``\s`` means three
+different sets in Rust, Python and JSON Schema's ECMA-262 regexes."""
+NON_BLANK = "[^" + BLANK[1:]
+# The pattern is implied by stripping then min_length (so no request changes fate); it
+# is stated so that the JSON Schema (serving/openapi.py) says what the server accepts.
+Id = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=NON_BLANK),
+]
 Short = Annotated[str, StringConstraints(max_length=256)]
 
 
@@ -134,7 +145,11 @@ def _query_fields(request: Request, lists: tuple[str, ...]) -> dict[str, Any]:
         if dot and head in ("context", "filter_values"):
             fields.setdefault(head, {})[tail] = value
         elif key in lists:
-            fields[key] = [v for v in value.split(",") if v.strip()]
+            # Blank entries (`exclude=`, `a,,b`) are dropped, but still count towards the
+            # limit: 100,000 commas are not a short list.
+            entries = value.split(",")
+            kept = [v for v in entries if v.strip()]
+            fields[key] = kept if len(entries) <= MAX_RESULTS else entries
         else:
             fields[key] = value
     return fields
@@ -150,7 +165,15 @@ async def _body(request: Request) -> dict[str, Any] | Response:
         return error_response(422, "malformed_body", f"the body is not valid JSON ({exc})")
     if not isinstance(body, dict):
         return error_response(422, "malformed_body", "send a JSON object with the parameters")
-    return body
+    return {key: _integral(value) for key, value in body.items()}
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one number type: 25.0 is an integer to JSON Schema (and to the document),
+    # while the strict validation of bodies would refuse it for num_results.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
@@ -161,6 +184,18 @@ def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
     return error_response(
         422, "missing_user_id", "pass user_id=… (or session_id=… for an anonymous visitor)"
     )
+
+
+async def _logged_in_as(request: Request, namespace: str, session_id: str, actor: str) -> str:
+    """The user a session logged in as (the agents' identity stitching moved its history
+    there, and keep applying its events there), else the session's own actor. A slow or
+    failed lookup keeps the session's actor: its window is still a fair answer."""
+    ranker: Ranker = request.app.state.ranker
+    try:
+        async with asyncio.timeout(ranker.settings.store_timeout_ms / 1000):
+            return await detached(resolve_actor(ranker.redis, namespace, session_id))
+    except (TimeoutError, RedisError, OSError):
+        return actor
 
 
 async def _filter(
@@ -204,7 +239,9 @@ async def _parse(
     else:
         fields = _query_fields(request, lists)
     try:
-        return namespace, model.model_validate(fields)
+        # A query's values are all strings, read leniently ("5", "true"); a JSON body's
+        # types are what they say: `"debug": 1` or `"num_results": true` are refused.
+        return namespace, model.model_validate(fields, strict=request.method == "POST")
     except ValidationError as exc:
         return _problem(exc)
 
@@ -221,6 +258,8 @@ async def _personal(
     actor = _actor(query)
     if isinstance(actor, Response):
         return actor
+    if not query.user_id and query.session_id:
+        actor = await _logged_in_as(request, namespace, query.session_id, actor)
     item_filter = await _filter(request, namespace, query.filter)
     if isinstance(item_filter, Response):
         return item_filter

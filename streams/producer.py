@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+from recstream import tracing
 from recstream.aws import async_client
 from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.settings import Settings
@@ -68,8 +69,9 @@ class RecordTooLarge(ValueError):
     """An event that cannot be one Kinesis record; only this event fails, never its batch."""
 
 
-def record_for(event: Event) -> dict[str, Any]:
-    """The PutRecords entry of one event.
+def record_for(event: Event, headers: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
+    """The PutRecords entry of one event; ``headers`` go in its envelope (the trace
+    context, recstream/tracing.py).
 
     The envelope keeps the full actor as the message key (agents group by it); the
     Kinesis ``PartitionKey`` goes through `partition_key_for`, which hashes keys over
@@ -79,7 +81,7 @@ def record_for(event: Event) -> dict[str, Any]:
     still share a shard and keep their order.
     """
     key = event.partition_key
-    data = encode(Message(key=key.encode(), value=event.to_json()))
+    data = encode(Message(key=key.encode(), value=event.to_json(), headers=tuple(headers)))
     if len(data) > MAX_RECORD_BYTES:
         raise RecordTooLarge(
             f"event {event.event_id} encodes to {len(data)} bytes; Kinesis allows 1 MiB a "
@@ -161,11 +163,27 @@ class KinesisProducer:
         """Put every event on the stream now; one result per event, in the same order."""
         if not events:
             return []
+        with tracing.span(
+            f"{self.stream} publish",
+            tracing.SpanKind.PRODUCER,
+            {
+                "messaging.system": "aws_kinesis",
+                "messaging.destination.name": self.stream,
+                "messaging.batch.message_count": len(events),
+            },
+        ):
+            return await self._put_events(events, tracing.envelope_headers())
+
+    async def _put_events(
+        self, events: Sequence[Event], headers: Sequence[tuple[str, bytes]]
+    ) -> list[PutResult]:
         # An event that cannot become a record fails alone; its neighbours still go out.
+        # Every record carries the publishing span's context, so the agent that reads it
+        # continues the trace of the request that posted it.
         records: list[dict[str, Any] | RecordTooLarge] = []
         for event in events:
             try:
-                records.append(record_for(event))
+                records.append(record_for(event, headers))
             except RecordTooLarge as exc:
                 records.append(exc)
         sendable = [r for r in records if not isinstance(r, RecordTooLarge)]

@@ -1,24 +1,27 @@
-"""`recstream evaluate --online`: the session protocol replayed through the running API.
+"""`recstream evaluate --online`: a protocol replayed through the running API.
 
-    recstream evaluate --online --dataset yoochoose --train FILE [--test FILE]
+    recstream evaluate --online --dataset yoochoose|taobao --train FILE [--test FILE]
                        [--params OFFLINE.json] [--sessions N] [--api URL]
 
 Needs the API (`recstream serve`) and at least one agent worker (`recstream agents`)
 running on the same settings. Steps:
 
-1. split the file with the dataset's protocol (YooChoose's `SessionNextClick`);
-2. post every training click to ``POST /v1/{ns}/events`` (the collector), and wait until
-   the agents applied each session's last click (its id in ``rs:{ns}:seen:{actor}``);
+1. split the file with the dataset's protocol (YooChoose's `SessionNextClick`, Taobao's
+   `NextView`);
+2. post every training event to ``POST /v1/{ns}/events`` (the collector), and wait until
+   the agents applied each actor's last one (its id in ``rs:{ns}:seen:{actor}``);
 3. fit the blend (parameters from ``--params``: a ``recstream evaluate --json`` report,
    else the defaults) and each of its components on the training part, and publish them
    all through training's publish path, so serving reads them;
-4. for each test session (the first ``--sessions``), post its clicks one at a time; after
-   each, once the agents applied it, ask ``GET /v1/{ns}/recommendations`` for 20 items
-   and rank the session's next click in that list.
+4. for each test session (YooChoose) or test user (Taobao), the first ``--sessions``,
+   post its test events one at a time, each once the agents applied the one before;
+   just before each target (a session's next click; a user's next view), ask
+   ``GET /v1/{ns}/recommendations`` for 20 items and rank the target in that list.
 
 It reports the harness's metrics (HR@10, NDCG@10, HR@20, MRR@20) of what was served, and,
-on exactly the same targets, of the same fitted blend offline. Only the session protocol
-is supported: it is the one whose history is exactly what the API sees.
+on exactly the same targets (the protocol's own queries), of the same fitted blend
+offline. MovieLens's leave-last-out is not replayed: it excludes the user's training
+items, which the API has no reason to do.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from recstream.keys import Keys
 from recstream.settings import Settings
 from training.data import InteractionLog
 from training.evaluate import (
+    NextView,
     Query,
     SessionNextClick,
     evaluate_model,
@@ -50,7 +54,7 @@ from training.evaluate import (
 from training.models import Blend
 from training.publish import DataRange, RunInfo, open_registry
 
-__all__ = ["OnlineReport", "cmd_evaluate_online", "run_online"]
+__all__ = ["OnlineReport", "cmd_evaluate_online", "report_table", "run_online"]
 
 K = 20
 BATCH = 500
@@ -164,18 +168,61 @@ class _Replay:
         await self.redis.aclose()
 
 
-def _test_sessions(train: InteractionLog, test: InteractionLog) -> list[np.ndarray[Any, Any]]:
-    """Each test session's rows (time order), clicks on unseen items dropped, >= 2 left:
-    the rows `SessionNextClick.queries` builds its prefixes from."""
+@dataclass
+class _Sequence:
+    """One actor's test events in time order (rows of ``log``), and which of them are
+    targets: the API is asked for recommendations just before each target is posted."""
+
+    rows: list[int]
+    targets: list[Query | None]
+
+
+def _session_sequences(train: InteractionLog, test: InteractionLog) -> list[_Sequence]:
+    """YooChoose: each test session's clicks (clicks on unseen items dropped, >= 2 left);
+    every click after the first is a target, its history the session's earlier clicks:
+    exactly `SessionNextClick.queries`."""
     seen = np.bincount(train.items, minlength=test.n_items) > 0
     keep = np.flatnonzero(seen[test.items])
     sub = test.select(keep)
     order, starts = sub.groups(sub.sessions)
     out = []
     for g in range(len(starts) - 1):
+        rows = keep[order[starts[g] : starts[g + 1]]]
+        if len(rows) < 2:
+            continue
+        items = test.items[rows]
+        targets: list[Query | None] = [None]
+        for t in range(1, len(rows)):
+            when = float(test.timestamps[rows[t - 1]])
+            targets.append(Query(items[:t], int(items[t]), None, when))
+        out.append(_Sequence(rows.tolist(), targets))
+    return out
+
+
+def _user_sequences(protocol: NextView, full: InteractionLog, n_train: int) -> list[_Sequence]:
+    """Taobao: each user's test-period events in time order; a view with an earlier event
+    of the same user is a target, its history all the user's earlier events (training and
+    test): exactly `NextView.queries` on ``full`` = training + test."""
+    codes = [c for c, name in enumerate(full.event_type_names) if name in protocol.target_types]
+    order, starts = full.groups(full.users)
+    out = []
+    for g in range(len(starts) - 1):
         rows = order[starts[g] : starts[g + 1]]
-        if len(rows) >= 2:
-            out.append(keep[rows])
+        test_positions = [p for p, r in enumerate(rows) if r >= n_train]
+        if not test_positions:
+            continue
+        items = full.items[rows]
+        targets: list[Query | None] = []
+        for p in test_positions:
+            row = rows[p]
+            is_target = p > 0 and (not codes or int(full.event_types[row]) in codes)
+            targets.append(
+                Query(items[:p], int(items[p]), int(full.users[row]), float(full.timestamps[row]))
+                if is_target
+                else None
+            )
+        if any(t is not None for t in targets):
+            out.append(_Sequence([int(rows[p]) for p in test_positions], targets))
     return out
 
 
@@ -189,14 +236,20 @@ async def run_online(
     sessions: int | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> OnlineReport:
-    if dataset != "yoochoose":
-        raise ConfigurationError(
-            f"--online replays the session protocol (yoochoose) only, not {dataset!r}"
-        )
+    """``sessions``: how many test sessions (YooChoose) or test users (Taobao) to replay."""
     protocol, train, test = load_split(dataset, train_path, test_path)
-    assert isinstance(protocol, SessionNextClick)
+    if isinstance(protocol, SessionNextClick):
+        replayed, sequences = test, _session_sequences(train, test)
+    elif isinstance(protocol, NextView):
+        replayed = train.join(test)
+        sequences = _user_sequences(protocol, replayed, len(train))
+    else:
+        raise ConfigurationError(
+            f"--online replays the session (yoochoose) and next-view (taobao) protocols, "
+            f"not {protocol.name!r} ({dataset}): its history is not what the API sees"
+        )
+    sequences = sequences[:sessions]
     blend = Blend(**dict(params or {})).fit(train)
-    replays = _test_sessions(train, test)[:sessions]
 
     async with httpx.AsyncClient(base_url=api or settings.api_url, timeout=30) as client:
         replay = _Replay(settings, api or settings.api_url, client)
@@ -219,25 +272,23 @@ async def run_online(
             ranks: list[int | None] = []
             queries: list[Query] = []
             degraded = 0
-            for rows in replays:
-                clicks = _events(test, rows.tolist(), "test")
-                items = test.items[rows]
-                for t in range(1, len(rows)):
-                    await replay.post([clicks[t - 1]])
-                    await replay.applied({clicks[t - 1]["user_id"]: clicks[t - 1]["event_id"]})
-                    served, was_degraded = await replay.recommend(clicks[t - 1]["user_id"])
-                    degraded += was_degraded
-                    target = clicks[t]["item_id"]
-                    ranks.append(served.index(target) + 1 if target in served else None)
-                    queries.append(
-                        Query(items[:t], int(items[t]), None, float(test.timestamps[rows[t - 1]]))
-                    )
+            for sequence in sequences:
+                posted = _events(replayed, sequence.rows, "test")
+                for event, query in zip(posted, sequence.targets, strict=True):
+                    if query is not None:
+                        served, was_degraded = await replay.recommend(event["user_id"])
+                        degraded += was_degraded
+                        target = event["item_id"]
+                        ranks.append(served.index(target) + 1 if target in served else None)
+                        queries.append(query)
+                    await replay.post([event])
+                    await replay.applied({event["user_id"]: event["event_id"]})
         finally:
             await replay.aclose()
     offline = evaluate_model(blend, queries)
     return OnlineReport(
         dataset=dataset,
-        sessions=len(replays),
+        sessions=len(sequences),
         targets=len(ranks),
         served={**metrics_from_ranks(ranks), "targets": float(len(ranks))},
         offline=offline,
@@ -246,9 +297,27 @@ async def run_online(
     )
 
 
+def report_table(report: OnlineReport) -> Any:
+    """The served and offline metrics side by side (a rich Table)."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"{report.dataset}: served vs offline blend on the same {report.targets:,} "
+        f"targets ({report.sessions:,} sessions or users)",
+        title_justify="left",
+    )
+    table.add_column("")
+    for name in ("HR@10", "NDCG@10", "HR@20", "MRR@20"):
+        table.add_column(name, justify="right")
+    for label, metrics in (("served (API)", report.served), ("offline blend", report.offline)):
+        table.add_row(
+            label, *(f"{metrics[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "mrr@20"))
+        )
+    return table
+
+
 def cmd_evaluate_online(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     with console.status("replaying through the API"):
@@ -263,19 +332,7 @@ def cmd_evaluate_online(args: argparse.Namespace, settings: Settings) -> int:
                 params=blend_params(args.params),
             )
         )
-    table = Table(
-        title=f"{report.dataset}: served vs offline blend on the same {report.targets:,} "
-        f"targets ({report.sessions:,} sessions)",
-        title_justify="left",
-    )
-    table.add_column("")
-    for name in ("HR@10", "NDCG@10", "HR@20", "MRR@20"):
-        table.add_column(name, justify="right")
-    for label, metrics in (("served (API)", report.served), ("offline blend", report.offline)):
-        table.add_row(
-            label, *(f"{metrics[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@20", "mrr@20"))
-        )
-    console.print(table)
+    console.print(report_table(report))
     console.print(f"degraded responses: {report.degraded}")
     if args.json is not None:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ from recstream.keys import Keys
 from recstream.published import as_text, read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
+from serving.pipeline.detach import detached
 from serving.pipeline.models import Published
 
 __all__ = ["LIVE_TTL_S", "SourceOutput", "Sources", "best"]
@@ -79,7 +81,22 @@ def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
     """The ``n`` highest scores, ties by item id (deterministic)."""
     if len(scores) <= n:
         return dict(scores)
-    return dict(sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+    # One sort on a C-level key (the score), then ties put in id order by hand: a Python
+    # key tuple per item cost several times more, and ties are rare among float scores.
+    ranked = sorted(scores.items(), key=itemgetter(1), reverse=True)
+    end = n
+    while end < len(ranked) and ranked[end][1] == ranked[n - 1][1]:
+        end += 1  # a tie across the cut: the ids decide who stays
+    top = ranked[:end]
+    start = 0
+    while start < len(top):
+        stop = start + 1
+        while stop < len(top) and top[stop][1] == top[start][1]:
+            stop += 1
+        if stop - start > 1:
+            top[start:stop] = sorted(top[start:stop])
+        start = stop
+    return dict(top[:n])
 
 
 def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) -> dict[str, float]:
@@ -123,7 +140,7 @@ class Sources:
             for key in missing:
                 pipe.zrevrange(key, 0, n - 1, withscores=True)
             try:
-                replies = await pipe.execute()
+                replies = await detached(pipe.execute())
             except RedisError as exc:
                 raise StoreUnavailable(f"reading {missing} failed: {exc}") from exc
             for key, reply in zip(missing, replies, strict=True):
@@ -194,8 +211,10 @@ class Sources:
             else:
                 rows[item] = cached
         if missing:
-            found = await read_current_many(
-                self.redis, Keys(namespace), "item2item", [f"nbr:{i}" for i in missing]
+            found = await detached(
+                read_current_many(
+                    self.redis, Keys(namespace), "item2item", [f"nbr:{i}" for i in missing]
+                )
             )
             if found is not None:
                 for item in missing:
@@ -402,12 +421,14 @@ class Sources:
             else:
                 lists[category] = cached
         if missing:
-            found = await read_current_many(
-                self.redis,
-                Keys(namespace),
-                "popularity",
-                [f"top:cat:{c}" for c in missing],
-                limit=n,
+            found = await detached(
+                read_current_many(
+                    self.redis,
+                    Keys(namespace),
+                    "popularity",
+                    [f"top:cat:{c}" for c in missing],
+                    limit=n,
+                )
             )
             if found is not None:
                 for category in missing:

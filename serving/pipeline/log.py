@@ -7,10 +7,13 @@ a click on a served item that carries no recommendation id is attributed too) an
 the strategy's impressions once per recommendation id. Answers with no actor (related
 items and trending asked without a user) are written as the bare record: nothing to index.
 
-The write runs in a background task so the answer does not wait for it; at most
-``MAX_IN_FLIGHT`` writes are pending at once, and beyond that (Redis slow or down) a
-record is dropped and counted in ``recstream_served_log_dropped_total`` rather than
-queueing without bound.
+The writes leave the request path: an answer queues its record, and one background
+flusher per process sends whatever is queued in one pipelined round trip (at most
+``BATCH`` records a trip). At 1,000 answers a second a task and a round trip per answer
+cost the server more CPU than the records themselves (docs/serving-speed.md). At most
+``MAX_PENDING`` records wait; beyond that (Redis slow or down) a record is dropped and
+counted in ``recstream_served_log_dropped_total`` rather than queueing without bound, and
+a batch Redis refuses is counted the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
@@ -33,8 +37,20 @@ from serving.metrics import SERVED_LOG_DROPPED
 
 __all__ = ["ServedLog"]
 
-MAX_IN_FLIGHT = 1000
+MAX_PENDING = 1000
+BATCH = 200
 WRITE_TIMEOUT_S = 1.0
+
+
+class _Entry(NamedTuple):
+    namespace: str
+    recommendation_id: str
+    actor: str | None
+    strategy: str
+    variant: str
+    items: list[str]
+    ts: float
+    context: dict[str, str]
 
 
 class ServedLog:
@@ -42,7 +58,8 @@ class ServedLog:
         self.redis = redis
         self.ttl_s = settings.attribution_window_s
         self._log = AttributionLog(redis, settings)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: list[_Entry] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     def record(
         self,
@@ -55,39 +72,56 @@ class ServedLog:
         items: Sequence[str],
         context: Mapping[str, str],
     ) -> None:
-        if len(self._tasks) >= MAX_IN_FLIGHT:
+        if len(self._pending) >= MAX_PENDING:
             SERVED_LOG_DROPPED.inc()
             return
-        items = list(items)[:MAX_SERVED_ITEMS]
-        if actor is None:
-            body = orjson.dumps(
-                {
-                    "actor": actor,
-                    "strategy": strategy,
-                    "variant": variant,
-                    "items": items,
-                    "ts": time.time(),
-                    "context": dict(context),
-                }
+        self._pending.append(
+            _Entry(
+                namespace,
+                recommendation_id,
+                actor,
+                strategy,
+                variant,
+                list(items)[:MAX_SERVED_ITEMS],
+                time.time(),
+                dict(context),
             )
-            key = Keys(namespace).served(recommendation_id)
-            call = self.redis.set(key, body, ex=self.ttl_s)
-        else:
-            served = served_record(actor, strategy, items, variant=variant, context=dict(context))
-            call = self._log.log(namespace, recommendation_id, served)
-        task = asyncio.create_task(self._write(call))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        )
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
 
-    async def _write(self, call: Awaitable[object]) -> None:
-        try:
-            async with asyncio.timeout(WRITE_TIMEOUT_S):
-                await call
-        except (TimeoutError, RedisError, RecstreamError, OSError):
-            SERVED_LOG_DROPPED.inc()
+    async def _flush(self) -> None:
+        # Runs while there is something queued; the records answered while a batch is in
+        # flight form the next one.
+        while self._pending:
+            batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            pipe = self.redis.pipeline(transaction=False)
+            for e in batch:
+                if e.actor is None:
+                    body = orjson.dumps(
+                        {
+                            "actor": None,
+                            "strategy": e.strategy,
+                            "variant": e.variant,
+                            "items": e.items,
+                            "ts": e.ts,
+                            "context": e.context,
+                        }
+                    )
+                    pipe.set(Keys(e.namespace).served(e.recommendation_id), body, ex=self.ttl_s)
+                    continue
+                served = served_record(
+                    e.actor, e.strategy, e.items, variant=e.variant, context=e.context, ts=e.ts
+                )
+                await self._log.log(e.namespace, e.recommendation_id, served, client=pipe)
+            try:
+                async with asyncio.timeout(WRITE_TIMEOUT_S):
+                    await pipe.execute(raise_on_error=False)
+            except (TimeoutError, RedisError, RecstreamError, OSError):
+                SERVED_LOG_DROPPED.inc(len(batch))
 
     async def drain(self) -> None:
-        """Wait for the pending writes (shutdown, tests)."""
-        if self._tasks:
+        """Wait for the queued writes (shutdown, tests)."""
+        while self._flusher is not None and not self._flusher.done():
             with contextlib.suppress(Exception):
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.shield(self._flusher)

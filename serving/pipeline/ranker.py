@@ -36,6 +36,7 @@ from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from serving.metrics import SOURCE_LATENCY
 from serving.pipeline.candidates import SourceOutput, Sources, best
+from serving.pipeline.detach import detached
 from serving.pipeline.diversity import category_cap, mmr
 from serving.pipeline.explain import debug_view, explain
 from serving.pipeline.features import assemble
@@ -45,6 +46,7 @@ from serving.pipeline.models import ModelCache, Published
 from serving.pipeline.rank import DEFAULT_WEIGHTS, LearnedRanker, LinearBlend
 from serving.pipeline.result import Recommendation, Recommendations
 from serving.pipeline.seen import apply_seen, policy_for
+from serving.pipeline.shortlist import shortlist
 from serving.pipeline.state import RecentMisses, read_state
 from serving.pipeline.types import (
     Candidate,
@@ -192,7 +194,7 @@ class Ranker:
     async def _state(self, req: _Request, namespace: str, actor: str | None) -> UserState:
         state = await req.bounded(
             "window" if actor is not None else "models",
-            read_state(self.redis, namespace, actor, self.settings.window_size),
+            detached(read_state(self.redis, namespace, actor, self.settings.window_size)),
             req.start + min(self.store_timeout, STATE_SHARE * self.budget),
         )
         if state is None:
@@ -251,7 +253,9 @@ class Ranker:
         if self.catalog is None or not item_ids:
             return {}
         found = await req.bounded(
-            "catalog", self.catalog.items(namespace, list(dict.fromkeys(item_ids))), until
+            "catalog",
+            detached(self.catalog.items(namespace, list(dict.fromkeys(item_ids)))),
+            until,
         )
         return dict(found or {})
 
@@ -455,6 +459,10 @@ class Ranker:
         window = state.window
         if window:
             self.freshness.observe(namespace, actor, window)
+        if given is None and item_filter is None:
+            # a filter may refuse most of the best: it sees the whole pool
+            keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
+            outputs = shortlist(outputs, weights, keep, {e.item_id for e in window})
         candidates = self._merge(outputs, given or ())
 
         # item metadata: filters, diversity and the response need it
@@ -584,6 +592,9 @@ class Ranker:
             )
             if out is not None
         ]
+        if item_filter is None:
+            keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
+            outputs = shortlist(outputs, weights, keep, {item_id})
         candidates = [c for c in self._merge(outputs) if c.item_id != item_id]
         items = await self._categories(
             req, namespace, [c.item_id for c in candidates], req.at(CATALOG_SHARE)

@@ -191,6 +191,37 @@ async def test_the_process_cache_remembers_records_and_absences(settings: Settin
         await redis.aclose()
 
 
+async def test_an_absent_id_is_remembered_in_redis_until_a_put(settings: Settings) -> None:
+    """A miss leaves an expiring marker in Redis: a fresh process (no cache) does not read
+    DynamoDB for that id again, and a put through the store replaces the marker at once."""
+    ns = settings.namespace
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            first = RedisDynamoCatalog(redis, dynamodb, settings, cache_size=0)
+            assert await first.items(ns, ["i9"]) == {}
+            key = Keys(ns).item("i9")
+            assert await redis.get(key) == b""
+            assert 0 < await redis.ttl(key) <= settings.catalog_absent_ttl_s
+            # Behind the store's back (a raw DynamoDB write): the marker still answers, so
+            # the fresh reader did not go to DynamoDB.
+            sync_client(settings, "dynamodb").put_item(
+                TableName=settings.catalog_table,
+                Item={"pk": {"S": f"{ns}#item#i9"}, "doc": {"S": item(9).model_dump_json()}},
+            )
+            fresh = RedisDynamoCatalog(redis, dynamodb, settings, cache_size=0)
+            assert await fresh.items(ns, ["i9"]) == {}
+            await redis.delete(key)
+            assert set(await fresh.items(ns, ["i9"])) == {"i9"}
+            # a put replaces a marker at once
+            assert await fresh.items(ns, ["i10"]) == {}
+            await fresh.put_items(ns, [item(10, title="new")])
+            assert (await fresh.items(ns, ["i10"]))["i10"].title == "new"
+            assert await redis.ttl(Keys(ns).item("i10")) == -1
+    finally:
+        await redis.aclose()
+
+
 def test_the_cache_is_bounded() -> None:
     from recstream.catalog import TtlLru
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import RunningApi
 from tests.integration.test_spine import agent_worker, tail
-from training.evaluate import SessionNextClick, load_split
+from training.evaluate import NextView, SessionNextClick, load_split
 from training.online import run_online
 
 T0 = 1_396_400_000.0
@@ -54,3 +54,38 @@ async def test_online_replay_ranks_what_the_api_serves(api: RunningApi, tmp_path
     # these sessions cycle through their cluster, so the next click is always in reach
     assert report.served["hr@20"] > 0
     assert report.params["weights"] == {"recently_viewed": 1.0, "sknn": 1.0}
+
+
+def tiny_taobao(path: Path) -> Path:
+    """12 users over three days, each viewing around one cluster of items (1-4 or 5-8),
+    with a cart add now and then; the last day is the test period of `NextView`."""
+    t0 = 1_511_500_000
+    lines = []
+    for user in range(1, 13):
+        items = [1, 2, 3, 4] if user % 2 else [5, 6, 7, 8]
+        for step in range(6):
+            behaviour = "cart" if step == 2 else "pv"
+            when = t0 + step * 43_200 + user * 60  # two events a day
+            lines.append(f"{user},{items[step % 4]},{100 + user % 2},{behaviour},{when}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_online_replay_of_the_next_view_protocol(api: RunningApi, tmp_path: Path) -> None:
+    data = tiny_taobao(tmp_path / "UserBehavior.csv")
+    protocol, train, test = load_split("taobao", data)
+    assert isinstance(protocol, NextView)
+    expected = protocol.queries(train, test)
+    log = tmp_path / "agents.log"
+    with agent_worker(api.settings, log):
+        try:
+            report = await run_online(api.settings, "taobao", data, api=api.url, sessions=3)
+        except Exception:
+            print(tail(log))
+            raise
+    assert report.sessions == 3
+    # the three users' test views, each asked for before it was posted
+    mine = sorted({q.user for q in expected if q.user is not None})[:3]
+    assert report.targets == sum(1 for q in expected if q.user in mine) > 0
+    assert report.served["targets"] == report.offline["targets"] == report.targets
+    assert report.served["hr@20"] > 0

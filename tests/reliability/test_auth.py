@@ -216,3 +216,30 @@ async def test_local_mode_is_open_and_says_so(
             response = await client.post("/v1/events", json=click())
     assert response.status_code == 202
     assert any("the API is OPEN" in r.getMessage() for r in caplog.records)
+
+
+async def test_reading_catalog_items_needs_read_scope_and_writing_admin(
+    secure_api: SecureApi,
+) -> None:
+    """A page that shows recommendations reads item details with the same key; writes,
+    users and filters stay admin (serving/auth.py ROUTE_SCOPES)."""
+    ns = secure_api.settings.namespace
+    reader = await secure_api.key("recommendations:read")
+    elsewhere = await secure_api.key("recommendations:read", namespaces=("other",))
+    writer = await secure_api.key("events:write")
+    admin = await secure_api.key("admin")
+    item = {"item_id": "sku/1", "title": "Trail shoe"}
+    assert (await call(secure_api, "POST", "/v1/items", reader, json=item)).status_code == 403
+    assert (await call(secure_api, "POST", "/v1/items", admin, json=item)).status_code == 200
+
+    for path in ("/v1/items/sku/1", f"/v1/{ns}/items/sku/1"):
+        answer = await call(secure_api, "GET", path, reader)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["title"] == "Trail shoe"
+        assert (await call(secure_api, "GET", path, writer)).status_code == 403
+        assert (await call(secure_api, "GET", path, elsewhere)).status_code == 403
+        assert (await call(secure_api, "GET", path)).status_code == 401
+    assert (await call(secure_api, "GET", f"/v1/{ns}/users/u1", reader)).status_code == 403
+    # /v1/items/filters is namespace "items"'s filter list (the router's reading): admin
+    assert (await call(secure_api, "GET", "/v1/items/filters", reader)).status_code == 403
+    assert (await call(secure_api, "GET", "/v1/items/filters", admin)).status_code == 200

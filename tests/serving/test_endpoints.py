@@ -83,6 +83,28 @@ async def test_an_anonymous_session_and_the_namespaced_path(roomy_api: RunningAp
     assert body["degraded"] == []
 
 
+async def test_a_session_that_logged_in_reads_the_users_history(roomy_api: RunningApi) -> None:
+    """After a login the agents stitch the session into the user (agents/identity.py) and
+    record the alias; the session's requests then read the user's window."""
+    ns = roomy_api.settings.namespace
+    await published_api(roomy_api)
+    await apply(roomy_api.settings, [event(1, "session:s-2", "a3", ns, "click")])
+    await apply(roomy_api.settings, [event(2, "alice", "b1", ns, "click")])
+    before = (await get(roomy_api.url, "/v1/recommendations", session_id="s-2")).json()
+    assert before["actor"] == "session:s-2"
+    redis = aioredis.from_url(roomy_api.settings.redis_url)
+    try:
+        await redis.set(Keys(ns).alias("s-2"), "alice")
+    finally:
+        await redis.aclose()
+    after = (await get(roomy_api.url, "/v1/recommendations", session_id="s-2")).json()
+    assert after["actor"] == "alice"
+    assert ids(after)[0] == "b1"
+    # an explicit user id is never replaced
+    mine = (await get(roomy_api.url, "/v1/recommendations", user_id="bob", session_id="s-2")).json()
+    assert mine["actor"] == "bob"
+
+
 async def test_an_empty_install_answers_every_endpoint(roomy_api: RunningApi) -> None:
     url = roomy_api.url
     for response in (

@@ -24,6 +24,7 @@ from serving.personalize import rank_by_recommendations
 from serving.pipeline.result import Recommendation, Recommendations
 from streams.schema import Event
 from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_thread
+from tests.serving.helpers import fitted, publish, two_clusters
 from tests.serving.test_collector import read_stream
 
 REGION = "us-east-1"
@@ -101,6 +102,14 @@ def native(api: RunningApi, user: str, n: int) -> list[str]:
     return [i["item_id"] for i in response.json()["items"]]
 
 
+def native_related(api: RunningApi, item: str, n: int) -> list[str]:
+    response = httpx.get(
+        f"{api.url}/v1/{api.settings.namespace}/related-items",
+        params={"item_id": item, "num_results": str(n)},
+    )
+    return [i["item_id"] for i in response.json()["items"]]
+
+
 # --- GetRecommendations ------------------------------------------------------------------
 
 
@@ -120,6 +129,33 @@ async def test_get_recommendations_answers_as_the_native_api(api: RunningApi) ->
         assert "x-recstream-degraded" not in response["ResponseMetadata"]["HTTPHeaders"]
         assert all(isinstance(i["score"], float) for i in response["itemList"])
         assert 1 <= len(response["recommendationId"]) <= 40  # fits PutEvents' recommendationId
+
+
+async def test_get_recommendations_by_item_id_alone_answers_related_items(
+    api: RunningApi,
+) -> None:
+    """A RELATED_ITEMS request (itemId, no userId) from an unchanged boto3 client gets
+    the native related-items answer: the item's neighbours, never the item itself."""
+    log = two_clusters()
+    await publish(api.settings, fitted(log).values(), log)
+    ns = api.settings.namespace
+    client = runtime(api)
+    response = client.get_recommendations(
+        campaignArn=arn(f"campaign/{ns}"), itemId="b2", numResults=3
+    )
+    ids = [i["itemId"] for i in response["itemList"]]
+    assert ids == native_related(api, "b2", 3)
+    assert len(ids) == 3
+    assert "b2" not in ids
+    # b2's neighbours are the other b items (users v* browse b1..b4), not the a cluster
+    assert set(ids) <= {"b1", "b3", "b4"}
+    assert all(i["reason"] for i in response["itemList"])
+    assert response["recommendationId"]
+    # A userId given with it does not turn it into user recommendations.
+    with_user = client.get_recommendations(
+        campaignArn=arn(f"campaign/{ns}"), itemId="b2", userId="u1", numResults=3
+    )
+    assert [i["itemId"] for i in with_user["itemList"]] == ids
 
 
 async def test_num_results_defaults_to_25(api: RunningApi) -> None:
@@ -169,11 +205,11 @@ async def test_metadata_columns_come_from_the_catalog(api: RunningApi) -> None:
         ({"recommenderArn": arn("campaign/{ns}")}, "InvalidInput", "recommender"),
         ({}, "InvalidInput", "exactly one"),
         ({"campaignArn": arn("campaign/{ns}"), "numResults": 501}, "InvalidInput", "500"),
-        ({"campaignArn": arn("campaign/{ns}"), "userId": None}, "InvalidInput", "userId"),
+        ({"campaignArn": arn("campaign/{ns}"), "userId": None}, "InvalidInput", "itemId"),
         (
-            {"campaignArn": arn("campaign/{ns}"), "userId": None, "itemId": "i1"},
+            {"campaignArn": arn("campaign/{ns}"), "userId": None, "itemId": " "},
             "InvalidInput",
-            "related items",
+            "itemId",
         ),
         (
             {"campaignArn": arn("campaign/{ns}"), "filterArn": arn("filter/f")},
