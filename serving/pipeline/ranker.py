@@ -459,8 +459,10 @@ class Ranker:
         window = state.window
         if window:
             self.freshness.observe(namespace, actor, window)
-        if given is None and item_filter is None:
-            # a filter may refuse most of the best: it sees the whole pool
+        if given is None and item_filter is None and ranking is None:
+            # a filter may refuse most of the best: it sees the whole pool. The learned
+            # ranker scores the whole pool too: it was fitted on every source's full list
+            # (its rank features count within it), not on the blend's shortlist
             keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
             outputs = shortlist(outputs, weights, keep, {e.item_id for e in window})
         candidates = self._merge(outputs, given or ())
