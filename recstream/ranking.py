@@ -57,7 +57,6 @@ __all__ = [
     "HistoryEvent",
     "RankingModel",
     "feature_matrix",
-    "feature_rows",
     "lgb_name",
     "source_ranks",
 ]
@@ -259,12 +258,6 @@ def feature_matrix(
     )
     out[:, item_cols:request_cols] = block
     return out
-
-
-def feature_rows(spec: FeatureSpec, matrix: Float64Array) -> list[dict[str, float]]:
-    """Each row of ``matrix`` as ``{name: value}`` without its missing (NaN) values."""
-    names = spec.names
-    return [{names[j]: float(row[j]) for j in np.flatnonzero(~np.isnan(row))} for row in matrix]
 
 
 class RankingModel:
