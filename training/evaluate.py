@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from recstream.errors import ConfigurationError
 from training.data import (
@@ -124,6 +125,10 @@ class Query:
     now: float
     exclude: IntArray | None = None
     """Items ranked out of the candidates (MovieLens: the user's training items)."""
+    log: InteractionLog | None = None
+    rows: npt.NDArray[np.int64] | None = None
+    """The history's rows in ``log`` (aligned with ``history``): their event types, times
+    and weights, for models that read more than the items (the learned ranker)."""
 
 
 def fit_for(model: ItemScorer, train: InteractionLog, test: InteractionLog) -> ItemScorer:
@@ -136,7 +141,7 @@ def fit_for(model: ItemScorer, train: InteractionLog, test: InteractionLog) -> I
 def query_ranks(model: ItemScorer, queries: Iterable[Query]) -> list[int | None]:
     ranks: list[int | None] = []
     for query in queries:
-        scores = model.score_items(query.history, user=query.user, now=query.now)
+        scores = model.score_query(query)
         if query.exclude is not None and query.exclude.size:
             scores = scores.copy()
             scores[query.exclude] = -np.inf
@@ -225,7 +230,9 @@ class SessionNextClick(Protocol):
         for rows in _user_sequences(test, test.sessions):
             items, times = test.items[rows], test.timestamps[rows]
             for t in range(1, len(rows)):
-                out.append(Query(items[:t], int(items[t]), None, float(times[t - 1])))
+                out.append(
+                    Query(items[:t], int(items[t]), None, float(times[t - 1]), None, test, rows[:t])
+                )
         return out
 
 
@@ -272,7 +279,13 @@ class NextView(Protocol):
                 row = rows[p]
                 out.append(
                     Query(
-                        items[:p], int(items[p]), int(full.users[row]), float(full.timestamps[row])
+                        items[:p],
+                        int(items[p]),
+                        int(full.users[row]),
+                        float(full.timestamps[row]),
+                        None,
+                        full,
+                        rows[:p],
                     )
                 )
         return out
@@ -304,16 +317,25 @@ class LeaveLastOut(Protocol):
         return log.select(~in_test), log.select(in_test)
 
     def queries(self, train: InteractionLog, test: InteractionLog) -> list[Query]:
-        histories: dict[int, IntArray] = {}
+        histories: dict[int, npt.NDArray[np.int64]] = {}
         for rows in _user_sequences(train, train.users):
-            histories[int(train.users[rows[0]])] = train.items[rows]
+            histories[int(train.users[rows[0]])] = rows
         out: list[Query] = []
         for row in np.argsort(test.users, kind="stable"):
             user = int(test.users[row])
-            history = histories.get(user, np.zeros(0, np.int32))
+            rows = histories.get(user, np.zeros(0, np.int64))
+            history = train.items[rows]
             target = int(test.items[row])
             out.append(
-                Query(history, target, user, float(test.timestamps[row]), np.unique(history))
+                Query(
+                    history,
+                    target,
+                    user,
+                    float(test.timestamps[row]),
+                    np.unique(history),
+                    train,
+                    rows,
+                )
             )
         return out
 

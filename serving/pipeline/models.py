@@ -36,6 +36,7 @@ from recstream.errors import RecstreamError
 from recstream.keys import Keys
 from recstream.model_restore import RegistryRestorer
 from recstream.published import CurrentRecord, read_current_many
+from recstream.ranking import FeatureSpec, RankingModel
 from recstream.scoring import SessionIndex
 
 __all__ = ["MODEL_NAMES", "ModelCache", "Published"]
@@ -51,6 +52,7 @@ MODEL_NAMES = (
     "trending",
     "category_popularity",
     "blend",
+    "ranker",
 )
 """Every model whose pointer the state stage reads (training's names)."""
 
@@ -61,6 +63,7 @@ _SUFFIXES: dict[str, tuple[str, ...]] = {
     "popularity": ("top",),
     "trending": ("top",),
     "blend": ("weights",),
+    "ranker": ("booster",),
 }
 LOAD_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 5.0
@@ -83,6 +86,8 @@ class Published:
     unit_factors: npt.NDArray[np.float64] | None = None
     """Rows of ``factors`` scaled to unit length, for item-to-item cosine (related items)."""
     yty: npt.NDArray[np.float64] | None = None
+    ranking: RankingModel | None = None
+    """The learned ranker's booster (``ranker`` with ``scorer: lightgbm``), else None."""
 
     def param(self, name: str, default: Any) -> Any:
         return self.params.get(name, default)
@@ -102,6 +107,8 @@ def _decode(name: str, version: str, records: Mapping[str, CurrentRecord]) -> Pu
         top = records["top"].value
         if isinstance(top, list):
             model.top = top
+    elif name == "ranker":
+        model.ranking = _ranking(version, params, records["booster"].value)
     elif name == "sknn":
         blob = records["index"].value
         if isinstance(blob, bytes):
@@ -120,6 +127,26 @@ def _decode(name: str, version: str, records: Mapping[str, CurrentRecord]) -> Pu
             norms = np.linalg.norm(model.factors, axis=1, keepdims=True)
             model.unit_factors = model.factors / np.maximum(norms, 1e-12)
     return model
+
+
+def _ranking(version: str, params: Mapping[str, Any], booster: Any) -> RankingModel | None:
+    """The ranker's booster, or None (serving keeps the linear blend) when the version
+    chose the blend or was published by code whose features differ from this code's."""
+    if params.get("scorer") != "lightgbm" or not isinstance(booster, bytes):
+        return None
+    try:
+        spec = FeatureSpec(tuple(params["sources"]), int(params["history_cap"]))
+        if list(spec.names) != list(params.get("features", [])):
+            raise ValueError("its feature list differs from this code's")
+        return RankingModel(spec, booster.decode())
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning(
+            "ranker version %s cannot serve (%s); the linear blend serves instead. "
+            "Retrain and publish the ranker with this code version",
+            version,
+            exc,
+        )
+        return None
 
 
 class ModelCache:

@@ -43,7 +43,7 @@ from serving.pipeline.features import assemble
 from serving.pipeline.freshness import FreshnessTracker
 from serving.pipeline.log import ServedLog
 from serving.pipeline.models import ModelCache, Published
-from serving.pipeline.rank import DEFAULT_WEIGHTS, LinearBlend
+from serving.pipeline.rank import DEFAULT_WEIGHTS, LearnedRanker, LinearBlend
 from serving.pipeline.result import Recommendation, Recommendations
 from serving.pipeline.seen import apply_seen, policy_for
 from serving.pipeline.shortlist import shortlist
@@ -155,6 +155,8 @@ class Ranker:
         self.settings = settings
         self.catalog = catalog
         self.scorer: Scorer = scorer or LinearBlend()
+        # an explicitly given scorer always ranks; else a published learned ranker does
+        self._learned = scorer is None
         self.hot = RedisHotStore(redis, settings)
         self.models = ModelCache(redis)
         self.sources = Sources(redis, settings.item_cache_ttl_s)
@@ -443,14 +445,24 @@ class Ranker:
 
         blend = await self._model(req, namespace, state, "blend", sources_until)
         weights = self._weights(blend)
-        outputs = await self._candidates(req, namespace, state, history, weights, given)
+        learned = (
+            await self._model(req, namespace, state, "ranker", sources_until)
+            if self._learned
+            else None
+        )
+        ranking = learned.ranking if learned is not None else None
+        # the learned ranker's sources are the ones it was fitted on
+        chosen = dict.fromkeys(ranking.spec.sources, 1.0) if ranking is not None else weights
+        outputs = await self._candidates(req, namespace, state, history, chosen, given)
         if window_task is not None:
             await history()
         window = state.window
         if window:
             self.freshness.observe(namespace, actor, window)
-        if given is None and item_filter is None:
-            # a filter may refuse most of the best: it sees the whole pool
+        if given is None and item_filter is None and ranking is None:
+            # a filter may refuse most of the best: it sees the whole pool. The learned
+            # ranker scores the whole pool too: it was fitted on every source's full list
+            # (its rank features count within it), not on the blend's shortlist
             keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
             outputs = shortlist(outputs, weights, keep, {e.item_id for e in window})
         candidates = self._merge(outputs, given or ())
@@ -461,8 +473,18 @@ class Ranker:
         )
         for candidate in candidates:
             candidate.item = items.get(candidate.item_id)
-        assemble(candidates, window, rank_context, self.settings.weight, time.time())
-        self.scorer.score(candidates, weights)
+        spec = ranking.spec if ranking is not None else None
+        matrix = assemble(
+            candidates,
+            window,
+            rank_context,
+            self.settings.weight,
+            time.time(),
+            spec,
+            describe=debug,
+        )
+        scorer = LearnedRanker(ranking, matrix) if ranking is not None else self.scorer
+        scorer.score(candidates, weights)
 
         if item_filter is not None:
             fvalues = dict(filter_values or {})
@@ -483,7 +505,10 @@ class Ranker:
         if given is None:
             ranked = self._diversify(ranked, num_results)
         strategy = "personalized_ranking" if given is not None else "recommendations"
-        variant = f"{self.scorer.name}@{blend.version if blend else 'default'}"
+        if ranking is not None and learned is not None:
+            variant = f"{scorer.name}@{learned.version}"
+        else:
+            variant = f"{scorer.name}@{blend.version if blend else 'default'}"
         result = self._answer(
             req, namespace, actor, ranked[:num_results], strategy, variant, values
         )

@@ -17,8 +17,8 @@ The cut never changes what the linear blend serves:
 - items only zero-weight sources propose (the popularity fallback) follow by their
   popularity score, as `serving.pipeline.ranker._order` orders them.
 
-A learned scorer re-ranks the shortlist: the linear blend is its first stage, as in a
-two-stage retrieval and ranking design.
+The learned ranker (serving/pipeline/rank.py) is not given the shortlist: it was fitted
+on every source's full list, so it scores the whole pool (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -176,7 +176,9 @@ def test_tune_blend_prefers_the_useful_component() -> None:
 
 def test_harness_entries_and_unknown_names() -> None:
     names = [e.name for e in harness_entries("yoochoose")]
-    assert names[-1] == "blend"
+    # the learned ranker follows the blend whose components' parameters it reuses
+    assert names[-2:] == ["blend", "ranker"]
+    assert "ranker" not in [e.name for e in harness_entries("movielens")]
     assert "sknn+repeat" in names
     assert "readme:most-popular" in [e.name for e in harness_entries("movielens")]
     with pytest.raises(ConfigurationError, match="unknown harness entries"):

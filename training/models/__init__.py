@@ -10,6 +10,7 @@ from training.models.blend import Blend
 from training.models.common import ItemScorer, top_k
 from training.models.item2item import ItemToItem
 from training.models.popularity import CategoryPopularity, Popularity
+from training.models.ranker import LearnedRanker
 from training.models.repeat import RecentlyViewed
 from training.models.segmentation import UserSegmentation
 from training.models.sknn import SessionIndex, SessionKNN, score_session
@@ -22,6 +23,7 @@ __all__ = [
     "CategoryPopularity",
     "ItemScorer",
     "ItemToItem",
+    "LearnedRanker",
     "Popularity",
     "RecentlyViewed",
     "SessionIndex",
@@ -46,5 +48,6 @@ MODELS: dict[str, type[ItemScorer]] = {
         UserSegmentation,
         RecentlyViewed,
         Blend,
+        LearnedRanker,
     )
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ from recstream.errors import ConfigurationError
 from recstream.scoring import top_k
 from training.base import RedisRecord
 from training.data import FloatArray, IntArray, InteractionLog
+
+if TYPE_CHECKING:
+    from training.evaluate import Query
 
 __all__ = ["NOT_FITTED", "ItemScorer", "top_k", "zset_of"]
 
@@ -148,6 +151,11 @@ class ItemScorer:
     ) -> FloatArray:
         """Scores of every item code for a request (``-inf``: not a candidate)."""
         raise NotImplementedError
+
+    def score_query(self, query: Query) -> FloatArray:
+        """Scores of every item code for one harness query; models that read more than
+        the history's items (event types, times: the learned ranker) override this."""
+        return self.score_items(query.history, user=query.user, now=query.now)
 
     def _state(self) -> Mapping[str, npt.NDArray[Any]]:
         return {}
