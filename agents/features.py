@@ -56,6 +56,7 @@ from agents.state import (
     Actor,
     ApplyResult,
     WindowEntry,
+    in_parallel,
     keys_of,
     redis_failure,
 )
@@ -710,8 +711,12 @@ class DynamoFeatures:
                 doc = {k: base64.b64encode(v).decode() for k, v in copy.embedding.items()}
                 item["embedding"] = {"S": orjson.dumps(doc).decode()}
             requests.append({"PutRequest": {"Item": item}})
-        for start in range(0, len(requests), 25):
-            await self._call("batch_write_item", {self.table: requests[start : start + 25]})
+        await in_parallel(
+            [
+                self._call("batch_write_item", {self.table: requests[start : start + 25]})
+                for start in range(0, len(requests), 25)
+            ]
+        )
 
     async def delete(self, actors: Iterable[Actor]) -> None:
         """Delete the copies of ``actors`` (absent ones are no error)."""
@@ -719,8 +724,12 @@ class DynamoFeatures:
             {"DeleteRequest": {"Key": {"pk": {"S": self.pk(ns, actor)}}}}
             for ns, actor in sorted(set(actors))
         ]
-        for start in range(0, len(requests), 25):
-            await self._call("batch_write_item", {self.table: requests[start : start + 25]})
+        await in_parallel(
+            [
+                self._call("batch_write_item", {self.table: requests[start : start + 25]})
+                for start in range(0, len(requests), 25)
+            ]
+        )
 
     async def _call(self, method: str, request: dict[str, Any]) -> list[Mapping[str, Any]]:
         """A batch call, resending what DynamoDB left unprocessed with backoff."""

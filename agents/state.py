@@ -741,6 +741,28 @@ item would fail its whole batch again on every retry; keys and other attributes 
 what is left."""
 
 
+DYNAMODB_CONCURRENCY = 8
+"""BatchWriteItem calls of one copy in flight at once: each takes 25 items, and the
+copies of a batch of interleaved users need many of them."""
+
+
+async def in_parallel(
+    calls: Sequence[Awaitable[object]], limit: int = DYNAMODB_CONCURRENCY
+) -> None:
+    """Await independent, idempotent calls, at most ``limit`` at a time; the first failure
+    is raised once every call has ended (a retry repeats them all, harmlessly)."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Awaitable[object]) -> None:
+        async with gate:
+            await call
+
+    results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
 def bounded_json_list(docs: Sequence[bytes], limit: int) -> bytes:
     """The JSON list of ``docs`` (newest first), without the oldest ones beyond ``limit``
     bytes: a durable window keeps as many of its newest entries as fit."""
@@ -793,8 +815,12 @@ class DynamoWindows:
                     }
                 }
             )
-        for start in range(0, len(requests), 25):
-            await self._batch_write(requests[start : start + 25])
+        await in_parallel(
+            [
+                self._batch_write(requests[start : start + 25])
+                for start in range(0, len(requests), 25)
+            ]
+        )
 
     async def _batch_write(self, requests: list[dict[str, Any]]) -> None:
         async for _ in self._until_processed(
