@@ -273,9 +273,11 @@ def wait_for_init(server: Server, script: str, timeout: float = 180.0) -> None:
                 f"{server.name} exited with code {server.process.returncode} while starting; "
                 f"its log ({server.log}) ends with:\n{_tail(server.log)}"
             )
-        with contextlib.suppress(OSError, ValueError):
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback)
-                report = json.loads(response.read())
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(url, timeout=5) as response,
+        ):
+            report = json.loads(response.read())
         if report.get("completed"):
             break
         time.sleep(0.2)

@@ -65,7 +65,7 @@ def test_init_script_runs_the_way_localstack_runs_a_ready_hook(
     )
     for key, value in stack.resource_env(settings).items():
         monkeypatch.setenv(key, value)
-    exec(stack.INIT_SCRIPT.read_bytes(), {})  # noqa: S102 (our own file, as LocalStack runs it)
+    exec(stack.INIT_SCRIPT.read_bytes(), {})
     assert_resources_exist(settings)
 
 
