@@ -86,6 +86,9 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                         settings.stream_name,
                         max_attempts=settings.agent_max_attempts,
                     )
+                # No reference to the batch while waiting for the next (agents/archive.py
+                # says why: a rebalance would wait for ever).
+                del events
                 namespaces.update(agent.namespaces)
                 yield None
 

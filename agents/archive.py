@@ -330,6 +330,11 @@ async def run_archive(
             async for events in batches:
                 async with lock:
                     buffer.add(zip(stream_records(app, events), events, strict=True))
+                # Hold no reference to a batch while waiting for the next: faust drops the
+                # messages it clears from the agents' queues in a rebalance and relies on
+                # their being garbage-collected; one kept alive here makes its wait for
+                # unacked messages hang for ever (seen against LocalStack).
+                del events
                 if buffer.full:
                     await flush()
         finally:

@@ -1,6 +1,7 @@
 """Sustained ingestion: 64 clients post single events while `recstream agents` consume.
 
     python -m bench.ingest [--events 1000000] [--clients 64] [--kinesis embedded|kinesis-mock]
+                           [--window 100000] [--max-seconds 0]
 
 Each client posts one event per request through ``POST /v1/events`` and waits for the
 answer before the next (so each client's events reach the stream in order), with its own
@@ -12,6 +13,10 @@ machinery, sampled every ``--lag-every`` seconds) and the emulator's memory, the
 table comparing the last window with the first (the reference, measured in the same run).
 The issue's target: ≥ 1,000 events/s for 1,000,000 events, last 100k ≥ 0.8 x the first
 100k, lag < 1 s.
+
+`measure` is the whole run on a stack someone else started; tests/integration/
+test_ingest_plumbing.py runs it with a few hundred events to check the plumbing (every
+event accepted and applied, lag sampled, the table printed), never a figure.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
 from bench.common import start_api, summarize, wait_http
 from recstream import stack
+from recstream.keys import Keys
 from recstream.settings import Settings
 from streams.kinesis.status import shard_status
 
@@ -49,9 +56,61 @@ class Progress:
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     lag_samples: list[tuple[float, int]] = field(default_factory=list)
-    """(seconds since start, worst lag in ms) pairs."""
+    """(seconds since start, worst checkpoint lag in ms) pairs: MillisBehindLatest after
+    each shard's checkpoint, as `recstream streams status` reads it. The checkpoint waits
+    for the archive agent, which acks an event only once its object is in S3 (after up to
+    ``archive_flush_s``), so this lag includes the archive's buffering."""
+    apply_lags: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since start, ms from a sampled event's 202 to the windows agent having
+    applied it): the lag a user's recommendations see."""
+    last_accepted: tuple[float, str, str] | None = None
+    """(perf_counter(), actor, event id) of the newest accepted event."""
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
     """(seconds since start, emulator processes' resident memory in bytes)."""
+
+
+@dataclass
+class Options:
+    """What to run: the command line's numbers."""
+
+    events: int = 1_000_000
+    clients: int = 64
+    window: int = 100_000
+    lag_every: float = 5.0
+    max_seconds: float = 0.0
+    """Stop posting after this long; 0: never (a full 1,000,000-event run can take hours on
+    a busy machine)."""
+    label: str = "embedded"
+    """Where the stream lives, for the table's title."""
+
+
+@dataclass
+class IngestResult:
+    """One run's measurements; `report` prints them."""
+
+    options: Options
+    progress: Progress
+    elapsed: float
+    drained: float | None
+    """Seconds until every shard's lag was 0 after the load; None: not within 120 s."""
+    cpu: dict[str, float]
+    """CPU seconds each process spent during the load."""
+
+    @property
+    def accepted(self) -> int:
+        return len(self.progress.accepted_at)
+
+    def window_rates(self) -> tuple[int, float, float] | None:
+        """(window size, first window's events/s, last window's events/s)."""
+        times, total = self.progress.accepted_at, self.accepted
+        window = min(self.options.window, total // 2)
+        if window < 2:
+            return None
+        return (
+            window,
+            window_rate(times, 0, window - 1),
+            window_rate(times, total - window, total - 1),
+        )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -114,6 +173,7 @@ async def client(
         done = time.perf_counter()
         if status == 202 and orjson.loads(payload)["accepted"]:
             progress.accepted_at.append(done)
+            progress.last_accepted = (done, users[n % len(users)], f"c{index}-{n}")
             progress.latencies_ms.append((done - started) * 1000)
         else:
             key = f"HTTP {status}"
@@ -126,36 +186,64 @@ async def worst_lag(settings: Settings) -> int | None:
     return max(lags) if lags else None
 
 
+async def probe_apply_lag(
+    redis: aioredis.Redis, keys: Keys, progress: Progress, start: float, within_s: float = 120.0
+) -> None:
+    """Follow the newest accepted event until the windows agent has applied it (its id
+    is in the actor's `seen` set) and record how long after its 202 that was."""
+    if progress.last_accepted is None:
+        return
+    accepted, actor, event_id = progress.last_accepted
+    while time.perf_counter() - accepted < within_s:
+        if await redis.zscore(keys.seen(actor), event_id) is not None:
+            now = time.perf_counter()
+            progress.apply_lags.append((accepted - start, (now - accepted) * 1000))
+            return
+        await asyncio.sleep(0.02)
+
+
 async def monitor(
     settings: Settings,
     progress: Progress,
     start: float,
-    emulator_pid: int,
+    emulator_pid: int | None,
     every: float,
     stop: asyncio.Event,
     console: Console,
 ) -> None:
     last_count, last_time = 0, start
+    redis = aioredis.from_url(settings.redis_url)
+    keys = Keys(settings.namespace)
+    probes: set[asyncio.Task[None]] = set()
     while not stop.is_set():
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
         now = time.perf_counter()
+        probe = asyncio.create_task(probe_apply_lag(redis, keys, progress, start))
+        probes.add(probe)
+        probe.add_done_callback(probes.discard)
         lag = await worst_lag(settings)
         if lag is not None:
             progress.lag_samples.append((now - start, lag))
-        rss = rss_bytes(emulator_pid)
-        progress.rss_samples.append((now - start, rss))
+        rss = rss_bytes(emulator_pid) if emulator_pid is not None else 0
+        if emulator_pid is not None:
+            progress.rss_samples.append((now - start, rss))
         count = len(progress.accepted_at)
         rate = (count - last_count) / (now - last_time)
+        applied = f"{progress.apply_lags[-1][1]:6.0f}" if progress.apply_lags else "     -"
         console.print(
             f"{now - start:7.0f}s  {count:>9,} accepted  {rate:7.0f} events/s  "
-            f"lag {lag if lag is not None else '-':>6} ms  emulator RSS {rss / 2**20:6.0f} MiB"
+            f"applied after {applied} ms  checkpoint lag {lag if lag is not None else '-':>6} ms"
+            f"  emulator RSS {rss / 2**20:6.0f} MiB"
         )
         last_count, last_time = count, now
+    await asyncio.gather(*probes)
+    await redis.aclose()
 
 
 @contextlib.asynccontextmanager
 async def agents(settings: Settings) -> AsyncIterator[subprocess.Popen[bytes]]:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     log = (settings.state_dir / "agents.log").open("ab")
     worker = subprocess.Popen(  # noqa: ASYNC220 (started once, before the load)
         [sys.executable, "-m", "recstream.cli", "agents"],
@@ -180,6 +268,28 @@ def window_rate(times: list[float], first: int, last: int) -> float:
     return (last - first) / span if span > 0 else float("inf")
 
 
+async def agents_ready(
+    settings: Settings, worker: subprocess.Popen[bytes], within_s: float = 300.0
+) -> float:
+    """Wait until the worker holds a lease on every shard, so that the first window
+    measures ingestion, not the worker's start-up; return how long that took."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < within_s:
+        if worker.poll() is not None:
+            raise SystemExit(
+                f"`recstream agents` exited with {worker.returncode}; "
+                f"see {settings.state_dir / 'agents.log'}"
+            )
+        rows = await shard_status(settings)
+        if len(rows) >= settings.stream_shards and all(row.owner for row in rows):
+            return time.perf_counter() - started
+        await asyncio.sleep(0.5)
+    raise SystemExit(
+        f"`recstream agents` took no lease within {within_s:.0f} s; "
+        f"see {settings.state_dir / 'agents.log'}"
+    )
+
+
 async def drain(settings: Settings, within_s: float) -> float | None:
     """Seconds until every shard's lag is 0 after the load stops (None: not within timeout)."""
     started = time.perf_counter()
@@ -190,32 +300,52 @@ async def drain(settings: Settings, within_s: float) -> float | None:
     return None
 
 
-async def run(args: argparse.Namespace, settings: Settings, servers: dict[str, int]) -> None:
-    emulator_pid = servers["stream engine"]
-    console = Console()
+async def measure(
+    settings: Settings,
+    options: Options,
+    servers: dict[str, int],
+    console: Console | None = None,
+) -> IngestResult:
+    """Start the API and one agents worker on ``settings``' stack, post
+    ``options.events`` single events from ``options.clients`` clients, wait for the
+    agents to drain, and stop both. ``servers`` names the stack's processes (their CPU
+    is counted); "stream engine", when given, is the one whose memory is sampled."""
+    console = console or Console()
+    emulator_pid = servers.get("stream engine")
     port = stack.free_port()
     api = start_api(settings, port)
     progress = Progress()
     try:
         await wait_http(f"http://127.0.0.1:{port}", api)
         async with agents(settings) as worker:
+            await agents_ready(settings, worker)
             pids = {**servers, "API": api.pid, "agents": worker.pid, "load generator": os.getpid()}
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             stop = asyncio.Event()
-            connector = aiohttp.TCPConnector(limit=args.clients)
+            connector = aiohttp.TCPConnector(limit=options.clients)
             timeout = aiohttp.ClientTimeout(total=60)
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                quota = -(-args.events // args.clients)
+                quota = -(-options.events // options.clients)
                 url = f"http://127.0.0.1:{port}/v1/events"
                 start = time.perf_counter()
                 watcher = asyncio.create_task(
-                    monitor(settings, progress, start, emulator_pid, args.lag_every, stop, console)
+                    monitor(
+                        settings, progress, start, emulator_pid, options.lag_every, stop, console
+                    )
                 )
-                deadline = asyncio.get_running_loop().call_later(args.max_seconds, stop.set)
+                deadline = (
+                    asyncio.get_running_loop().call_later(options.max_seconds, stop.set)
+                    if options.max_seconds > 0
+                    else None
+                )
                 await asyncio.gather(
-                    *(client(i, session, url, quota, progress, stop) for i in range(args.clients))
+                    *(
+                        client(i, session, url, quota, progress, stop)
+                        for i in range(options.clients)
+                    )
                 )
-                deadline.cancel()
+                if deadline is not None:
+                    deadline.cancel()
                 elapsed = time.perf_counter() - start
                 cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
                 stop.set()
@@ -224,42 +354,42 @@ async def run(args: argparse.Namespace, settings: Settings, servers: dict[str, i
     finally:
         api.terminate()
         api.wait(30)
-    report(args, progress, elapsed, drained, cpu, console)
+    return IngestResult(options, progress, elapsed, drained, cpu)
 
 
-def report(
-    args: argparse.Namespace,
-    progress: Progress,
-    elapsed: float,
-    drained: float | None,
-    cpu: dict[str, float],
-    console: Console,
-) -> None:
-    times = progress.accepted_at
-    total = len(times)
-    window = min(args.window, total // 2)
-    table = Table(title=f"{args.clients} clients, single events, Kinesis on {args.kinesis}")
+def report(result: IngestResult, console: Console) -> None:
+    options, progress, elapsed, cpu = result.options, result.progress, result.elapsed, result.cpu
+    total = result.accepted
+    table = Table(title=f"{options.clients} clients, single events, Kinesis on {options.label}")
     for column in ("measure", "value"):
         table.add_column(column)
     table.add_row("events accepted", f"{total:,} in {elapsed:.0f} s")
     table.add_row("errors", ", ".join(f"{k}: {v}" for k, v in progress.errors.items()) or "none")
     table.add_row("overall events/s", f"{total / elapsed:,.0f}")
-    if window >= 2:
-        first = window_rate(times, 0, window - 1)
-        last = window_rate(times, total - window, total - 1)
+    rates = result.window_rates()
+    if rates is not None:
+        window, first, last = rates
         table.add_row(f"first {window:,} events/s (reference)", f"{first:,.0f}")
         table.add_row(f"last {window:,} events/s", f"{last:,.0f}")
         table.add_row("ratio last / first", f"{last / first:.2f} (target ≥ 0.80)")
     if progress.latencies_ms:
         stats = summarize(progress.latencies_ms)
         table.add_row("POST latency p50 / p99", f"{stats['p50']:.1f} / {stats['p99']:.1f} ms")
+    if progress.apply_lags:
+        applied = [lag for _, lag in progress.apply_lags]
+        table.add_row(
+            "agent lag: 202 → applied, median / max",
+            f"{statistics.median(applied):,.0f} / {max(applied):,.0f} ms "
+            f"({len(applied)} samples; target < 1000)",
+        )
     if progress.lag_samples:
         lags = [lag for _, lag in progress.lag_samples]
         table.add_row(
-            "agent lag median / max",
+            "checkpoint lag median / max",
             f"{statistics.median(lags):,.0f} / {max(lags):,} ms "
-            f"({len(lags)} samples; target < 1000)",
+            f"({len(lags)} samples; includes the archive's flush age)",
         )
+    drained = result.drained
     table.add_row("drain after load", "not within 120 s" if drained is None else f"{drained:.1f} s")
     if progress.rss_samples:
         table.add_row(
@@ -294,8 +424,18 @@ def main() -> None:
         help="where the stream lives: the embedded emulator (default) or kinesis-mock",
     )
     parser.add_argument("--lag-every", type=float, default=5.0, help="seconds between samples")
-    parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop the load then")
+    parser.add_argument(
+        "--max-seconds", type=float, default=0.0, help="stop the load then (0: never)"
+    )
     args = parser.parse_args()
+    options = Options(
+        events=args.events,
+        clients=args.clients,
+        window=args.window,
+        lag_every=args.lag_every,
+        max_seconds=args.max_seconds,
+        label=args.kinesis,
+    )
     # `timeout` and Ctrl-C alike stop the servers through the finally below.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with tempfile.TemporaryDirectory(prefix="recstream-ingest-") as tmp:
@@ -323,7 +463,8 @@ def main() -> None:
             pids = {"redis": servers[0].process.pid, "stream engine": servers[-1].process.pid}
             if len(servers) == 3:
                 pids["moto (DynamoDB, S3, SQS)"] = servers[1].process.pid
-            asyncio.run(run(args, settings, pids))
+            console = Console()
+            report(asyncio.run(measure(settings, options, pids, console)), console)
         finally:
             for server in reversed(servers):
                 server.stop()

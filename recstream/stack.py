@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -16,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from recstream.errors import StackError
 from recstream.settings import Settings
@@ -34,6 +37,7 @@ __all__ = [
     "start_moto",
     "start_redis",
     "stop_pidfile",
+    "wait_for_init",
     "wait_for_port",
 ]
 
@@ -240,7 +244,9 @@ def start_localstack(port: int, workdir: Path, settings: Settings) -> Server:
         "OVERRIDE_IN_DOCKER": "0",
         "FILESYSTEM_ROOT": str(root),
         "GATEWAY_LISTEN": f"127.0.0.1:{port}",
-        "SERVICES": "kinesis,dynamodb,s3,sqs",
+        # kms: LocalStack's DynamoDB creates a KMS key for a table with SSESpecification
+        # KMS; without the service CreateTable answers 500 after creating the table.
+        "SERVICES": "kinesis,dynamodb,s3,sqs,kms",
         # what the ready hook reads (LocalStack passes its environment to hooks)
         **resource_env(settings),
         "RECSTREAM_AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
@@ -248,7 +254,46 @@ def start_localstack(port: int, workdir: Path, settings: Settings) -> Server:
     }
     argv = [str(python), str(ROOT / "localstack" / "host.py"), str(settings.dynamodb_local_dir)]
     server = _spawn("localstack", argv, port, workdir / "localstack.log", env=env)
-    return wait_for_port(server, timeout=180)
+    wait_for_port(server, timeout=180)
+    # The port opens before LocalStack is ready and before its ready hooks ran: a client
+    # that starts now does not find the hook's stream yet.
+    wait_for_init(server, INIT_SCRIPT.name, timeout=180)
+    return server
+
+
+def wait_for_init(server: Server, script: str, timeout: float = 180.0) -> None:
+    """Block until LocalStack ran its ready hooks; fail with its log unless ``script``
+    was among them and succeeded."""
+    url = f"{server.url}/_localstack/init/ready"
+    deadline = time.monotonic() + timeout
+    report: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise StackError(
+                f"{server.name} exited with code {server.process.returncode} while starting; "
+                f"its log ({server.log}) ends with:\n{_tail(server.log)}"
+            )
+        with (
+            contextlib.suppress(OSError, ValueError),
+            urllib.request.urlopen(url, timeout=5) as response,
+        ):
+            report = json.loads(response.read())
+        if report.get("completed"):
+            break
+        time.sleep(0.2)
+    else:
+        server.stop()
+        raise StackError(
+            f"{server.name}'s ready hooks did not complete within {timeout:.0f}s; "
+            f"see {server.log}:\n{_tail(server.log)}"
+        )
+    states = {entry.get("name"): entry.get("state") for entry in report.get("scripts", [])}
+    if states.get(script) != "SUCCESSFUL":
+        server.stop()
+        raise StackError(
+            f"{server.name}'s ready hook {script} did not succeed ({states or 'no hooks ran'}); "
+            f"see {server.log}:\n{_tail(server.log)}"
+        )
 
 
 def resource_env(settings: Settings) -> dict[str, str]:

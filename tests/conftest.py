@@ -34,7 +34,10 @@ SHARED_DATA_CANDIDATES = (REPO.parent / "shared" / "data", Path("/work/shared/da
 class LocalStack:
     redis_url: str
     moto_url: str
+    """The AWS endpoint: moto's (`recstream.emulator`), or LocalStack's in its tier."""
     kinesis_mock_url: str
+    engine: str = "embedded"
+    """`Settings.emulator` of the session: "embedded" (moto) or "localstack"."""
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +62,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
             redis_url=f"redis://127.0.0.1:{redis_server.port}/0",
             moto_url=moto.url,
             kinesis_mock_url=kinesis_mock.url,
+            engine=defaults.emulator,
         )
     finally:
         for server in reversed(servers):

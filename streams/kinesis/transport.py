@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import secrets
@@ -446,6 +447,35 @@ class Consumer(base.Consumer):
 
     def readers(self) -> dict[TP, ShardReader]:
         return {tp: p.reader for tp, p in self._partitions.items() if p.reader is not None}
+
+    async def wait_empty(self) -> None:
+        """faust's wait for every unacked message (before a rebalance or a stop goes on),
+        bounded by one lease duration.
+
+        faust can leave a message unacked for ever: an event a `take` stream skips while
+        flow is suspended is neither acked (such streams do not ack by themselves) nor
+        released. Unbounded, the wait then stops every shard this worker holds (seen
+        against LocalStack, whose slower calls leave more events in flight at a
+        rebalance). Giving up is safe: a checkpoint covers only acked offsets, so what
+        was not acked is read again by whoever holds the shard next, and the agents
+        apply each event once."""
+        deadline = time.monotonic() + self.settings.lease_duration_s
+        while not self.should_stop and self._unacked_messages:
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%d messages still unacked after %.0f s; going on without them (they "
+                    "are not checkpointed, so they are read again)",
+                    len(self._unacked_messages),
+                    self.settings.lease_duration_s,
+                )
+                break
+            gc.collect()  # as faust does: messages dropped from the agents' queues go
+            await self.commit()
+            if not self._unacked_messages:
+                break
+            await self._wait_for_ack(timeout=1)
+            self._clean_unacked_messages()
+        await self.commit_and_end_transactions()
 
     # --- positions --------------------------------------------------------------------
 

@@ -177,5 +177,8 @@ def main(env: Mapping[str, str] = os.environ) -> None:
     print(f"recstream init: resources ready at {endpoint or 'AWS ' + region}")
 
 
-if __name__ == "__main__":
+# LocalStack runs a ready hook with `exec(source, {})`: no `__name__` in those globals, so
+# the name resolves to the builtins module's, "builtins". Without this second test the
+# hook would do nothing and still be reported SUCCESSFUL.
+if __name__ in ("__main__", "builtins"):
     main()
