@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from recstream import stack
 from recstream.aws import sync_client
 from recstream.settings import Settings
@@ -60,6 +62,7 @@ def test_bad_settings_are_reported_not_raised(tmp_path: Path) -> None:
     assert "stream_shards" in result.stderr
 
 
+@pytest.mark.timeout(600)  # two whole demos (stack start, training, replay): a hang guard
 def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
     ports = [stack.free_port() for _ in range(3)]
     settings = Settings(
