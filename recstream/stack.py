@@ -247,6 +247,12 @@ def start_localstack(port: int, workdir: Path, settings: Settings) -> Server:
         # kms: LocalStack's DynamoDB creates a KMS key for a table with SSESpecification
         # KMS; without the service CreateTable answers 500 after creating the table.
         "SERVICES": "kinesis,dynamodb,s3,sqs,kms",
+        # As for our own kinesis-mock: LocalStack's default of 100 shards is reached by
+        # one test session's streams (each test has its own, of 2 to 4 shards). Creating
+        # a stream or a reshard still takes KINESIS_LATENCY (500 ms), as on AWS.
+        "KINESIS_SHARD_LIMIT": "5000",
+        # Nothing to keep between runs: the suite's data lives as long as the session.
+        "KINESIS_PERSISTENCE": "0",
         # what the ready hook reads (LocalStack passes its environment to hooks)
         **resource_env(settings),
         "RECSTREAM_AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
