@@ -237,7 +237,10 @@ def wait_until_applied(
 
 def show(console: Console, title: str, payload: dict[str, Any], titles: dict[str, str]) -> None:
     """One recommendation response as a table (titles where the dataset has them)."""
-    table = Table(title=title, title_justify="left")
+    # The title on its own line: as a table title rich wraps it to the table's width,
+    # which a short list makes narrow.
+    console.print(f"[bold]{title}[/bold]")
+    table = Table()
     table.add_column("#", justify="right")
     table.add_column("movie" if titles else "item")
     table.add_column("score", justify="right")
