@@ -62,6 +62,11 @@ AFFINITY_HALF_LIFE_S = 86400.0
 """Half-life used to bring the feature hash's ``a:cat:*`` affinities to the same instant
 (only their ratios matter here)."""
 MAX_CATEGORIES = 5
+NEIGHBOUR_TTL_S = 600.0
+"""How long a published version's neighbour rows stay cached (they never change)."""
+MAX_VERSIONS = 4
+"""Item2item versions whose id numbering is kept per process (the serving one and the
+few a rollback or promotion may switch between)."""
 """Category popularity reads the lists of the user's top few categories only."""
 
 
@@ -75,6 +80,41 @@ class SourceOutput:
     """category_popularity: the category whose list proposed each item."""
     origin: str = ""
     """Where the data came from (e.g. ``live`` or ``published``), for the debug view."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourRow:
+    """One ``nbr:{item}`` row of a published item2item version, as arrays: numpy adds a
+    request's ≈ 2,000 neighbour contributions in C, and a cache of arrays holds two
+    objects per row, not 400 tuples the garbage collector walks."""
+
+    codes: np.ndarray[Any, np.dtype[np.int32]]
+    """Neighbour ids, numbered by the version's `Vocabulary`, highest similarity first."""
+    sims: np.ndarray[Any, np.dtype[np.float64]]
+
+    def pairs(self, vocabulary: Vocabulary) -> list[tuple[str, float]]:
+        ids = vocabulary.ids
+        return [(ids[c], s) for c, s in zip(self.codes.tolist(), self.sims.tolist(), strict=True)]
+
+
+class Vocabulary:
+    """Item id ↔ dense code for one published item2item version (it grows as its rows are
+    read), and the version's cached rows, which are numbered by it."""
+
+    __slots__ = ("code", "ids", "rows")
+
+    def __init__(self, row_ttl_s: float) -> None:
+        self.code: dict[str, int] = {}
+        self.ids: list[str] = []
+        self.rows: TTLCache[str, NeighbourRow] = TTLCache(row_ttl_s)
+
+    def encode(self, items: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int32]]:
+        code = self.code
+        for item in items:
+            if item not in code:
+                code[item] = len(self.ids)
+                self.ids.append(item)
+        return np.fromiter((code[i] for i in items), np.int32, len(items))
 
 
 def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
@@ -99,6 +139,20 @@ def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
     return dict(top[:n])
 
 
+def _by_score_then_id(codes: list[int], values: list[float], ids: list[str]) -> list[int]:
+    """``codes`` (sorted by ``values`` descending) with each run of equal values put in id
+    order, as `best` orders ties."""
+    start = 0
+    while start < len(codes):
+        stop = start + 1
+        while stop < len(codes) and values[stop] == values[start]:
+            stop += 1
+        if stop - start > 1:
+            codes[start:stop] = sorted(codes[start:stop], key=ids.__getitem__)
+        start = stop
+    return codes
+
+
 def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) -> dict[str, float]:
     if restrict is not None:
         return {i: s for i, s in scores.items() if i in restrict}
@@ -114,9 +168,10 @@ class Sources:
 
     def __init__(self, redis: aioredis.Redis, item_cache_ttl_s: float) -> None:
         self.redis = redis
-        self.neighbours: TTLCache[tuple[str, str, str], list[tuple[str, float]]] = TTLCache(
-            item_cache_ttl_s
-        )
+        # A published version's rows never change (training writes them once), so they
+        # are kept as long as the version may serve; the TTL only bounds memory.
+        self._row_ttl_s = max(item_cache_ttl_s, NEIGHBOUR_TTL_S)
+        self._vocabularies: dict[tuple[str, str], Vocabulary] = {}
         self.lists: TTLCache[tuple[str, int], list[tuple[str, float]]] = TTLCache(
             LIVE_TTL_S, size=10_000
         )
@@ -184,28 +239,83 @@ class Sources:
         recency = bool(params.get("recency", True))
         recent = list(history[-history_len:]) if history_len > 0 else []
         rows = await self.neighbour_rows(namespace, version, recent)
-        best_of: dict[str, float] = {}
+        vocab = self.vocabulary(namespace, version)
+        codes: list[np.ndarray[Any, np.dtype[np.int32]]] = []
+        contributions: list[np.ndarray[Any, np.dtype[np.float64]]] = []
+        positions: list[np.ndarray[Any, np.dtype[np.int32]]] = []
         for position, item in enumerate(recent):
+            row = rows.get(item)
+            if row is None or not len(row.codes):
+                continue
             weight = (position + 1) / len(recent) if recency else 1.0
-            for neighbour, similarity in rows.get(item, ()):
-                contribution = weight * similarity
-                out.scores[neighbour] = out.scores.get(neighbour, 0.0) + contribution
-                if contribution > best_of.get(neighbour, -math.inf):
-                    best_of[neighbour] = contribution
-                    out.because[neighbour] = item
-        out.scores = _keep({i: s for i, s in out.scores.items() if s > 0}, restrict, n)
-        out.because = {i: out.because[i] for i in out.scores}
+            codes.append(row.codes)
+            contributions.append(weight * row.sims)
+            positions.append(np.full(len(row.codes), position, dtype=np.int32))
+        if not codes:
+            return out
+        code = np.concatenate(codes)
+        contribution = np.concatenate(contributions)
+        # bincount adds in array order, from 0.0: the very sums (and floats) the offline
+        # loop `scores[i] = scores.get(i, 0.0) + w * sim` gives, history oldest first
+        total = np.bincount(code, weights=contribution)
+        present = np.flatnonzero(total > 0)
+        ids = vocab.ids
+        if restrict is None and len(present) > n:
+            values = total[present]
+            # everything tied with the n-th score, best first, then best's tie order (id)
+            nth = np.partition(values, len(values) - n)[len(values) - n]
+            chosen = present[values >= nth]
+            chosen = chosen[np.argsort(-total[chosen], kind="stable")]
+            kept = _by_score_then_id(chosen.tolist(), total[chosen].tolist(), ids)[:n]
+        else:
+            # all of them (or the restricted ones), in the order of their first
+            # contribution, as the dict the plain loop builds has them
+            kept = present.tolist()
+            if restrict is not None:
+                kept = [c for c in kept if ids[c] in restrict]
+            uniques, firsts = np.unique(code, return_index=True)
+            first = dict(zip(uniques.tolist(), firsts.tolist(), strict=True))
+            kept.sort(key=first.__getitem__)
+        if not kept:
+            return out
+        out.scores = dict(zip([ids[c] for c in kept], total[kept].tolist(), strict=True))
+        # the explanation: for each kept item, the history item that contributed most
+        # (the first such one on ties, as the loop's strict `>` kept); over the kept
+        # items' contributions only
+        wanted = np.zeros(len(total), dtype=bool)
+        wanted[kept] = True
+        mask = wanted[code]
+        code, contribution = code[mask], contribution[mask]
+        source = np.concatenate(positions)[mask]
+        order = np.lexsort((np.arange(len(code)), -contribution, code))
+        code_sorted = code[order]
+        heads = order[np.flatnonzero(np.r_[True, code_sorted[1:] != code_sorted[:-1]])]
+        by = dict(zip(code[heads].tolist(), source[heads].tolist(), strict=True))
+        out.because = {ids[c]: recent[by[c]] for c in kept}
         return out
+
+    def vocabulary(self, namespace: str, version: str) -> Vocabulary:
+        """The numbering of one published item2item version's ids, with its cached rows."""
+        key = (namespace, version)
+        vocab = self._vocabularies.get(key)
+        if vocab is None:
+            vocab = self._vocabularies[key] = Vocabulary(self._row_ttl_s)
+            while len(self._vocabularies) > MAX_VERSIONS:
+                # the oldest version's, its rows with it (they are numbered by it)
+                del self._vocabularies[next(iter(self._vocabularies))]
+        return vocab
 
     async def neighbour_rows(
         self, namespace: str, version: str, items: Sequence[str]
-    ) -> dict[str, list[tuple[str, float]]]:
-        """``nbr:{item}`` of each item, cached per version; the uncached ones are read in
-        one call through the pointer (so never from a version being deleted)."""
-        rows: dict[str, list[tuple[str, float]]] = {}
+    ) -> dict[str, NeighbourRow]:
+        """``nbr:{item}`` of each item, numbered by ``version``'s `Vocabulary` and cached
+        with it; the uncached ones are read in one call through the pointer (so never
+        from a version being deleted)."""
+        vocab = self.vocabulary(namespace, version)
+        rows: dict[str, NeighbourRow] = {}
         missing = []
         for item in dict.fromkeys(items):
-            cached = self.neighbours.get((namespace, version, item))
+            cached = vocab.rows.get(item)
             if cached is None:
                 missing.append(item)
             else:
@@ -219,9 +329,15 @@ class Sources:
             if found is not None:
                 for item in missing:
                     record = found[f"nbr:{item}"]
-                    row = record.value if isinstance(record.value, list) else []
+                    pairs = record.value if isinstance(record.value, list) else []
+                    row = NeighbourRow(
+                        vocab.encode([member for member, _ in pairs]),
+                        np.fromiter((score for _, score in pairs), np.float64, len(pairs)),
+                    )
                     rows[item] = row
-                    self.neighbours.put((namespace, record.version, item), row)
+                    # the pointer moved since the state read: serve the row, cache nothing
+                    if record.version == version:
+                        vocab.rows.put(item, row)
         return rows
 
     # --- session kNN --------------------------------------------------------------------

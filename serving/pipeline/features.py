@@ -37,7 +37,14 @@ def assemble(
     ``ranks`` of every candidate in place; return the feature matrix (rows in
     ``candidates`` order, columns ``spec.names``). The per-candidate dictionaries cost
     more than the matrix (~1.5 ms for 300 candidates), so a request without ``debug``
-    skips them."""
+    skips them. Without a learned ranker (``spec`` None) nothing scores the matrix, so a
+    request without ``debug`` gets an empty one and only ``seen`` is filled."""
+    # the whole window, not only the spec's newest events, decides the seen policy
+    history = {e.item_id for e in window}
+    if spec is None and not describe:
+        for candidate in candidates:
+            candidate.seen = candidate.item_id in history
+        return np.empty((len(candidates), 0))
     spec = spec or FeatureSpec(SOURCES, max(len(window), 1))
     ids = [c.item_id for c in candidates]
     scores = {
@@ -51,7 +58,6 @@ def assemble(
         shared["ctx:hour"] = float(context.hour)
     if context.device:
         shared[f"ctx:device:{context.device}"] = 1.0
-    history = {e.item_id for e in window}
     if not describe:
         for candidate in candidates:
             candidate.seen = candidate.item_id in history
@@ -65,6 +71,5 @@ def assemble(
                 candidate.ranks[source] = int(rank)
         features.update(shared)
         candidate.features = features
-        # the whole window, not only the spec's newest events, decides the seen policy
         candidate.seen = candidate.item_id in history
     return matrix

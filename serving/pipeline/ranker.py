@@ -564,7 +564,9 @@ class Ranker:
             out = SourceOutput("item2item", origin=f"published:{version}")
             if version is not None:
                 rows = await self.sources.neighbour_rows(namespace, version, [item_id])
-                out.scores = dict(rows.get(item_id, [])[:n])
+                row = rows.get(item_id)
+                vocabulary = self.sources.vocabulary(namespace, version)
+                out.scores = dict(row.pairs(vocabulary)[:n]) if row is not None else {}
                 out.because = dict.fromkeys(out.scores, item_id)
             return out
 
@@ -603,7 +605,7 @@ class Ranker:
         )
         for candidate in candidates:
             candidate.item = items.get(candidate.item_id)
-        assemble(candidates, [], RankContext(), self.settings.weight, time.time())
+        assemble(candidates, [], RankContext(), self.settings.weight, time.time(), describe=debug)
         self.scorer.score(candidates, weights)
         if item_filter is not None:
             fvalues = dict(filter_values or {})

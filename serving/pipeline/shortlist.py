@@ -23,7 +23,6 @@ on every source's full list, so it scores the whole pool (docs/serving.md).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Collection, Mapping, Sequence
 
 from serving.pipeline.candidates import SourceOutput
@@ -39,32 +38,35 @@ def shortlist(
 ) -> list[SourceOutput]:
     """``outputs`` restricted to the ``keep`` best unseen items (plus the seen ones and
     each source's top item); unchanged when the pool is no larger than that."""
-    pool_size = len({item for out in outputs for item in out.scores})
-    if pool_size <= keep:
+    pool: dict[str, None] = {}
+    for out in outputs:
+        pool.update(dict.fromkeys(out.scores))
+    if len(pool) <= keep:
         return list(outputs)
     blend: dict[str, float] = {}
     anchors: set[str] = set()
     for out in outputs:
-        if not out.scores:
+        scores = out.scores
+        if not scores:
             continue
-        top = max(out.scores, key=lambda i: abs(out.scores[i]))
+        top = _largest_magnitude(scores)
         anchors.add(top)
         weight = weights.get(out.name, 0.0)
         if weight == 0:
             continue
-        scale = abs(out.scores[top]) or 1.0
-        for item, score in out.scores.items():
+        scale = abs(scores[top]) or 1.0
+        for item, score in scores.items():
             # the very expression LinearBlend sums, in the same source order: equal floats
             blend[item] = blend.get(item, 0.0) + weight * score / scale
     popularity: Mapping[str, float] = next(
         (out.scores for out in outputs if out.name == "popularity"), {}
     )
-    unseen = {item for out in outputs for item in out.scores if item not in seen}
-    chosen = heapq.nlargest(
-        keep,
-        unseen,
-        key=lambda i: (i in blend, blend.get(i, 0.0), popularity.get(i, 0.0), _reverse(i)),
-    )
+    blended = [i for i in pool if i in blend and i not in seen]
+    chosen = _top(blended, blend, popularity, keep)
+    if len(chosen) < keep:
+        # items only zero-weight sources propose follow, by popularity
+        rest = [i for i in pool if i not in blend and i not in seen]
+        chosen += _top(rest, {i: popularity.get(i, 0.0) for i in rest}, {}, keep - len(chosen))
     kept = anchors.union(chosen)
     kept.update(seen)
     return [
@@ -79,13 +81,36 @@ def shortlist(
     ]
 
 
-class _reverse(str):
-    """Ties by item id ascending, as the pipeline's sorts break them, inside `nlargest`."""
+def _largest_magnitude(scores: Mapping[str, float]) -> str:
+    """The first item with the largest ``|score|``: a C-level max when no score is
+    negative (the common case), else a key per item."""
+    top = max(scores, key=scores.__getitem__)
+    if scores[min(scores, key=scores.__getitem__)] >= 0:
+        return top
+    return max(scores, key=lambda i: abs(scores[i]))
 
-    __slots__ = ()
 
-    def __lt__(self, other: str) -> bool:
-        return str.__gt__(self, other)
-
-    def __gt__(self, other: str) -> bool:
-        return str.__lt__(self, other)
+def _top(
+    items: list[str], key: Mapping[str, float], then: Mapping[str, float], n: int
+) -> list[str]:
+    """The ``n`` best ``items`` by ``key`` descending, then ``then`` descending, then id
+    ascending (the pipeline's order). One sort on a C-level key; only runs of equal keys,
+    rare among float scores, are ordered again in Python."""
+    if n <= 0 or not items:
+        return []
+    ranked = sorted(items, key=key.__getitem__, reverse=True)
+    end = min(n, len(ranked))
+    last = key[ranked[end - 1]]
+    while end < len(ranked) and key[ranked[end]] == last:
+        end += 1  # a tie across the cut: the tie-breaks decide who stays
+    top = ranked[:end]
+    start = 0
+    while start < len(top):
+        value = key[top[start]]
+        stop = start + 1
+        while stop < len(top) and key[top[stop]] == value:
+            stop += 1
+        if stop - start > 1:
+            top[start:stop] = sorted(top[start:stop], key=lambda i: (-then.get(i, 0.0), i))
+        start = stop
+    return top[:n]

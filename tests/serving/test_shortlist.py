@@ -12,7 +12,12 @@ from serving.pipeline.shortlist import shortlist
 
 SOURCES = ["recently_viewed", "item2item", "sknn", "popularity", "trending"]
 items = st.sampled_from([f"i{n}" for n in range(60)])
-scores = st.dictionaries(items, st.floats(0.0, 10.0, allow_nan=False), max_size=40)
+# negative scores too (ALS fold-in has them), and ties
+scores = st.dictionaries(
+    items,
+    st.one_of(st.floats(-5.0, 10.0, allow_nan=False), st.sampled_from([0.0, 1.0, 2.5])),
+    max_size=40,
+)
 
 
 def served(
