@@ -199,7 +199,7 @@ def _session_sequences(train: InteractionLog, test: InteractionLog) -> list[_Seq
     return out
 
 
-def _user_sequences(protocol: NextView, full: InteractionLog, n_train: int) -> list[_Sequence]:
+def _next_view_targets(protocol: NextView, full: InteractionLog, n_train: int) -> list[_Sequence]:
     """Taobao: each user's test-period events in time order; a view with an earlier event
     of the same user is a target, its history all the user's earlier events (training and
     test): exactly `NextView.queries` on ``full`` = training + test."""
@@ -242,7 +242,7 @@ async def run_online(
         replayed, sequences = test, _session_sequences(train, test)
     elif isinstance(protocol, NextView):
         replayed = train.join(test)
-        sequences = _user_sequences(protocol, replayed, len(train))
+        sequences = _next_view_targets(protocol, replayed, len(train))
     else:
         raise ConfigurationError(
             f"--online replays the session (yoochoose) and next-view (taobao) protocols, "
