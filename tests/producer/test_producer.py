@@ -138,3 +138,54 @@ async def test_close_flushes_what_is_buffered(settings: Settings) -> None:
     await producer.close()
     assert all(f.done() and f.result().ok for f in futures)
     assert len(read_stream(settings)) == 5
+
+
+class CountingKinesis:
+    """Wraps a real client and counts PutRecords calls and their sizes."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.sizes: list[int] = []
+
+    async def put_records(self, **kwargs: Any) -> dict[str, Any]:
+        self.sizes.append(len(kwargs["Records"]))
+        await asyncio.sleep(0.02)  # a call takes time: callers arrive meanwhile
+        return dict(await self.real.put_records(**kwargs))
+
+
+async def test_concurrent_callers_share_calls_and_each_gets_its_own_outcomes(
+    settings: Settings,
+) -> None:
+    batch = events(300, users=30)
+    async with async_client(settings, "kinesis") as real:
+        counting = CountingKinesis(real)
+        async with KinesisProducer(
+            settings, client=cast(Any, counting), max_in_flight=2
+        ) as producer:
+            # 300 requests of one event (and a few of three), all at once, as 64 clients
+            # posting single events do
+            calls = [producer.put_events([e]) for e in batch[:270]] + [
+                producer.put_events(batch[i : i + 3]) for i in range(270, 300, 3)
+            ]
+            answers = await asyncio.gather(*calls)
+    # every caller got exactly its own events back, in its order, all landed
+    sent = [[e.event_id for e in batch[i : i + 1]] for i in range(270)] + [
+        [e.event_id for e in batch[i : i + 3]] for i in range(270, 300, 3)
+    ]
+    assert [[r.event_id for r in answer] for answer in answers] == sent
+    assert all(r.ok and r.sequence_number for answer in answers for r in answer)
+    # far fewer calls than callers, none over Kinesis's 500 records
+    assert len(counting.sizes) < 30
+    assert sum(counting.sizes) == 300
+    assert max(counting.sizes) <= 500
+    on_stream = sorted(e.event_id for _, e in read_stream(settings))
+    assert on_stream == sorted(e.event_id for e in batch)  # each exactly once
+
+
+async def test_a_lone_caller_is_sent_at_once(settings: Settings) -> None:
+    async with async_client(settings, "kinesis") as real:
+        counting = CountingKinesis(real)
+        async with KinesisProducer(settings, client=cast(Any, counting)) as producer:
+            for e in events(3):
+                assert (await producer.put_events([e]))[0].ok
+    assert counting.sizes == [1, 1, 1]  # no lingering for company
