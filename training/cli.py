@@ -148,6 +148,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="publish the model fitted on the training part instead of refitting on all data",
     )
     train.add_argument(
+        "--no-tune",
+        dest="tune",
+        action="store_false",
+        help="skip the hyper-parameter search and fit each model with its defaults "
+        "(quicker; the demo uses it)",
+    )
+    train.add_argument(
         "--max-drop",
         type=_fraction,
         default=None,

@@ -282,6 +282,7 @@ def train_once(args: argparse.Namespace, settings: Settings, console: Console) -
                 registry,
                 promote=args.promote,
                 refit=args.refit,
+                tune=args.tune,
                 reporter=reporter,
                 max_drop=args.max_drop,
             )

@@ -209,6 +209,7 @@ async def run_training(
     *,
     promote: bool = True,
     refit: bool = True,
+    tune: bool = True,
     reporter: Reporter | None = None,
     max_drop: float | None = None,
     guard_metric: str = "ndcg@10",
@@ -251,7 +252,7 @@ async def run_training(
         stage = "tune"
         try:
             tuned = Tuned(params={})
-            if spec.tune is not None:
+            if tune and spec.tune is not None:
                 with _timed(reporter, outcome.timings, spec.name, "tune"):
                     tuned = spec.tune(train)
             stage = "fit"

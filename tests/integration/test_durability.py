@@ -143,6 +143,9 @@ async def test_down_and_up_keep_everything_and_wipe_starts_clean(tmp_path: Path)
         store_timeout_ms=5000,
         source_timeout_ms=5000,
         ranking_budget_ms=10000,
+        # a checkpoint waits for the archive agent's S3 object: flush it within seconds,
+        # not the default minute (that minute was most of this test's time)
+        archive_flush_s=2.0,
     )
     log = tmp_path / "agents.log"
     try:

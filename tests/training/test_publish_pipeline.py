@@ -109,6 +109,18 @@ async def test_run_tunes_fits_evaluates_refits_and_publishes(registry: ModelRegi
     assert report.as_dict()["models"][0]["version"] == tiny_outcome.published.version
 
 
+async def test_without_tuning_each_model_is_built_with_its_defaults(
+    registry: ModelRegistry,
+) -> None:
+    def tune(train: list[Interaction]) -> Tuned:
+        raise AssertionError("tune=False must not search")
+
+    report = await run_training(plan(), [ModelSpec("tiny", tiny, tune)], registry, tune=False)
+    assert report.ok
+    assert report.models[0].params == {"fail_after": None, "extra": 0}  # the defaults
+    assert "tune" not in report.models[0].timings
+
+
 async def test_without_refit_the_evaluated_model_is_published(registry: ModelRegistry) -> None:
     report = await run_training(plan(), [ModelSpec("tiny", tiny)], registry, refit=False)
     published = report.models[0].published
