@@ -125,12 +125,13 @@ class TtlLru(Generic[K, V]):
         self.ttl_s = ttl_s
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
-    def get(self, key: K) -> tuple[bool, V | None]:
-        """(found, value); an expired entry is not found."""
+    def get(self, key: K, now: float | None = None) -> tuple[bool, V | None]:
+        """(found, value); an expired entry is not found. ``now`` (`time.monotonic`) lets
+        a caller looking up many keys read the clock once."""
         entry = self._entries.get(key)
         if entry is None:
             return False, None
-        if time.monotonic() - entry[0] >= self.ttl_s:
+        if (time.monotonic() if now is None else now) - entry[0] >= self.ttl_s:
             del self._entries[key]
             return False, None
         self._entries.move_to_end(key)
@@ -184,8 +185,9 @@ class RedisDynamoCatalog:
     ) -> dict[str, Record]:
         found: dict[str, Record] = {}
         missing: list[str] = []
+        now = time.monotonic()
         for record_id in _unique(ids):
-            hit, value = self.cache.get((namespace, kind.name, record_id))
+            hit, value = self.cache.get((namespace, kind.name, record_id), now)
             if not hit:
                 missing.append(record_id)
             elif value is not None:

@@ -65,10 +65,12 @@ def assemble(
     for candidate, values in zip(candidates, matrix.tolist(), strict=True):
         # v == v: not NaN (a missing feature is left out)
         features = {name: v for name, v in zip(names, values, strict=True) if v == v}
+        ranks: dict[str, int] = {}
         for source in candidate.sources:
             rank = features.get(f"rank:{source}")
             if rank is not None:
-                candidate.ranks[source] = int(rank)
+                ranks[source] = int(rank)
+        candidate.ranks = ranks
         features.update(shared)
         candidate.features = features
         candidate.seen = candidate.item_id in history

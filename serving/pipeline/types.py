@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
 
 from agents.state import WindowEntry
 from streams.schema import Item
@@ -27,28 +28,48 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
+_NONE: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(slots=True, init=False)
 class Candidate:
-    """One item under consideration for one request; stages fill it in."""
+    """One item under consideration for one request; stages fill it in.
+
+    A request builds one per pooled item (≈ 150 after the shortlist, 430 before it), so
+    the constructor makes only the ``sources`` dict: the other maps start as one shared,
+    read-only empty mapping, and the stages that fill them assign new ones."""
 
     item_id: str
-    sources: dict[str, float] = field(default_factory=dict)
+    sources: dict[str, float]
     """Raw score from each candidate source that proposed (or scored) the item."""
-    ranks: dict[str, int] = field(default_factory=dict)
-    """1-based rank of the item within each source."""
-    because: str | None = None
+    ranks: Mapping[str, int]
+    """1-based rank of the item within each source (filled for the debug view)."""
+    because: str | None
     """The history item that contributed most to an item2item score (the explanation)."""
-    category: str | None = None
+    category: str | None
     """For category popularity: the category whose list proposed the item."""
-    features: dict[str, float] = field(default_factory=dict)
-    item: Item | None = None
+    features: Mapping[str, float]
+    item: Item | None
     """Catalog metadata, when a catalog is wired and knows the item."""
-    seen: bool = False
+    seen: bool
     """The user already interacted with the item (its window holds it)."""
-    score: float = 0.0
-    contributions: dict[str, float] = field(default_factory=dict)
+    score: float
+    contributions: Mapping[str, float]
     """What each source added to ``score`` (the scorer fills it), for explanations."""
-    reasons: list[str] = field(default_factory=list)
+    reasons: Sequence[str]
+
+    def __init__(self, item_id: str, sources: dict[str, float] | None = None) -> None:
+        self.item_id = item_id
+        self.sources = {} if sources is None else sources
+        self.ranks = _NONE
+        self.because = None
+        self.category = None
+        self.features = _NONE
+        self.item = None
+        self.seen = False
+        self.score = 0.0
+        self.contributions = _NONE
+        self.reasons = ()
 
 
 @dataclass(slots=True)
