@@ -50,12 +50,18 @@ class ItemFacts:
         return self.categories[0] if self.categories else None
 
 
+_UNKNOWN = ItemFacts()
+
+
 @dataclass
 class BatchContext:
     """Catalog facts and published model versions for one batch of events."""
 
     items: dict[tuple[str, str], ItemFacts] = field(default_factory=dict)
     als_version: dict[str, str | None] = field(default_factory=dict)
+    _own: dict[tuple[str, str, object, object], ItemFacts] = field(default_factory=dict)
+    """Facts of events' own items with their properties applied, made once per batch (the
+    parts of the hot store each ask for them)."""
 
     def facts(self, event: Event, item_id: str | None = None) -> ItemFacts:
         """Facts about ``item_id`` (default: the event's item); the event's properties win
@@ -63,15 +69,21 @@ class BatchContext:
         item_id = item_id or event.item_id
         if item_id is None:
             return ItemFacts()
-        known = self.items.get((event.namespace, item_id), ItemFacts())
+        known = self.items.get((event.namespace, item_id), _UNKNOWN)
         if item_id != event.item_id:
             return known
         category = event.properties.get("category")
         brand = event.properties.get("brand")
-        return ItemFacts(
-            categories=(str(category),) if category not in (None, "") else known.categories,
-            brand=str(brand) if brand not in (None, "") else known.brand,
-        )
+        if category in (None, "") and brand in (None, ""):
+            return known
+        cache = (event.namespace, item_id, category, brand)
+        found = self._own.get(cache)
+        if found is None:
+            found = self._own[cache] = ItemFacts(
+                categories=(str(category),) if category not in (None, "") else known.categories,
+                brand=str(brand) if brand not in (None, "") else known.brand,
+            )
+        return found
 
 
 def _facts(raw: bytes | None, where: str) -> ItemFacts:

@@ -248,7 +248,7 @@ class LuaPart(Protocol):
     name: str
     lua: str
 
-    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]: ...
+    def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]: ...
 
 
 # The windows part. K: window, popularity, popularity last-touched.
@@ -336,19 +336,24 @@ class WindowsPart:
         }
         # Negative feedback lowers affinities, never a popularity count.
         self._pw = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
-    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]:
+    def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
         if event.item_id is None:
-            return [], None
-        keys = keys_of(event.namespace)
+            return (), None
+        actor = (event.namespace, event.actor)
+        found = self._keys.get(actor)
+        if found is None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            keys = keys_of(event.namespace)
+            found = (keys.window(event.actor), keys.popularity, keys.popularity_touched)
+            self._keys[actor] = found
         entry = WindowEntry.encode(event, self.settings.window_entry_max_bytes)
         pw = self._pw.get(event.event_type)
         if pw is None:
             pw = max(0.0, self.settings.weight(event.event_type))
-        return (
-            [keys.window(event.actor), keys.popularity, keys.popularity_touched],
-            [entry.decode(), pw],
-        )
+        return found, [entry.decode(), pw]
 
 
 _KEYS: dict[str, Keys] = {}
@@ -575,8 +580,12 @@ class RedisHotStore:
     ) -> Iterator[tuple[list[str], list[bytes]]]:
         """The (keys, args) of each script call, encoded as they are asked for."""
         parts = self.parts
+        names = [part.name for part in parts]
         for start in range(0, len(events), APPLY_CHUNK):
             index: dict[str, int] = {}
+            # the positions of a part's keys, once per distinct key list (an actor's
+            # keys, a category's trending keys) rather than once per event
+            positions: dict[tuple[str, ...], list[int]] = {}
             docs: list[dict[str, Any]] = []
             for event in events[start : start + APPLY_CHUNK]:
                 seen_key = keys_of(event.namespace).seen(event.actor)
@@ -587,11 +596,16 @@ class RedisHotStore:
                     "s": index.setdefault(seen_key, len(index) + 1),
                 }
                 lists: list[list[int]] = []
-                for part in parts:
+                for part, name in zip(parts, names, strict=True):
                     part_keys, args = part.encode(event, context)
-                    lists.append([index.setdefault(k, len(index) + 1) for k in part_keys])
+                    at = positions.get(part_keys)
+                    if at is None:
+                        at = positions[part_keys] = [
+                            index.setdefault(k, len(index) + 1) for k in part_keys
+                        ]
+                    lists.append(at)
                     if args is not None:
-                        doc[part.name] = args
+                        doc[name] = args
                 doc["k"] = lists
                 docs.append(doc)
             yield list(index), [orjson.dumps(docs), self._weights, self._header]
