@@ -175,6 +175,21 @@ class ApplyResult:
     created: Mapping[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
     """Per part name: actors whose key of that part had to be created (as ``fresh``)."""
 
+    @staticmethod
+    def merge(results: Iterable[ApplyResult]) -> ApplyResult:
+        """One result for the events of several (counts add, actor sets join)."""
+        results = list(results)
+        created: dict[str, frozenset[tuple[str, str]]] = {}
+        for r in results:
+            for name, actors in r.created.items():
+                created[name] = created.get(name, frozenset()) | actors
+        return ApplyResult(
+            applied=sum(r.applied for r in results),
+            duplicates=sum(r.duplicates for r in results),
+            fresh=frozenset().union(*(r.fresh for r in results)),
+            created=created,
+        )
+
 
 Actor = tuple[str, str]
 """(namespace, actor id)"""
@@ -1006,12 +1021,17 @@ async def persist_windows(hot: HotStore, durable: DurableWindows, actors: Iterab
     actors = list(actors)
     if not actors:
         return 0
+    # A window the hot store no longer has (Redis lost it between the batch and this
+    # copy, or a login moved it) is not written: an empty list would overwrite the
+    # durable copy, the one place its history is left.
     if isinstance(hot, RedisHotStore) and isinstance(durable, DynamoWindows):
         # Redis holds each entry as its JSON already: copied as is, not parsed and
         # encoded again (the agent's hot path).
         raw = await hot.raw_windows(actors)
-        await durable.put_raw(dict(zip(actors, raw, strict=True)))
-        return len(actors)
+        found = {a: w for a, w in zip(actors, raw, strict=True) if w}
+        await durable.put_raw(found)
+        return len(found)
     windows = await hot.windows(actors)
-    await durable.put(dict(zip(actors, windows, strict=True)))
-    return len(actors)
+    kept = {a: w for a, w in zip(actors, windows, strict=True) if w}
+    await durable.put(kept)
+    return len(kept)

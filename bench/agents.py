@@ -5,7 +5,9 @@
 
 * **throughput**: events/s of one agent process applying real events (Taobao
   UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
-  whole windows agent (parse, Redis, DynamoDB copies on moto), its Redis part alone, and
+  whole windows agent (parse, Redis, DynamoDB copies on moto) as the worker runs it
+  (`agents.windows.Pipeline`: a batch's durable copies written while the next batch is
+  applied to Redis) and with the copies in turn (`deliver`), its Redis part alone, and
   every agent of a worker on every record (windows, attribution, archive to S3), each as
   a ratio to a bare loop sending the same Redis writes as plain pipelined commands (no
   Lua, no dedup, no parsing), in the same run. ``--order dataset`` keeps the slice's
@@ -45,7 +47,7 @@ from agents.catalog import ALS_MODEL
 from agents.features import FeaturesPart, read_user_state
 from agents.state import RedisHotStore, WindowsPart
 from agents.trending import WINDOWS, TrendingPart
-from agents.windows import deliver
+from agents.windows import Pipeline, deliver
 from bench.common import local_settings, summarize
 from recstream.aws import sync_client
 from recstream.keys import Keys
@@ -121,11 +123,14 @@ async def prepare(redis: aioredis.Redis, namespace: str, rows: Sequence[list[str
 async def bare_loop(
     redis: aioredis.Redis, settings: Settings, events: Sequence[Event], batch: int
 ) -> float:
-    """The same Redis writes as plain pipelined commands, one pipeline per batch; events/s."""
+    """The same Redis writes as plain pipelined commands, one pipeline per batch; events/s.
+    Per event what the agent's script writes per event; per batch what it writes once per
+    chunk (the trend clock, the caps, the categories' newest times)."""
     started = time.perf_counter()
     for start in range(0, len(events), batch):
         chunk = events[start : start + batch]
         pipe = redis.pipeline(transaction=False)
+        clocks: dict[str, float] = {}
         for e in chunk:
             keys = Keys(e.namespace)
             actor, item, ts = e.actor, e.item_id or "", e.timestamp
@@ -152,7 +157,9 @@ async def bare_loop(
                 bucket = keys.counts_bucket(w.span_s, w.bucket(ts))
                 pipe.zincrby(bucket, 1, item)
                 pipe.zincrby(keys.counts_bucket(w.span_s, w.bucket(ts), cat), 1, item)
-            pipe.hset(keys.trend_clock, "t", ts)
+            clocks[keys.trend_clock] = max(ts, clocks.get(keys.trend_clock, ts))
+        for clock, ts in clocks.items():
+            pipe.hset(clock, "t", ts)
         await pipe.execute()
     return len(events) / (time.perf_counter() - started)
 
@@ -171,7 +178,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
     async with open_stores(settings) as stores:
         redis = stores.redis
         table: list[tuple[str, float, float, float]] = []
-        for label in ("bare", "redis", "agent", "worker"):
+        for label in ("bare", "redis", "agent", "inturn", "worker"):
             ns = f"{label}-{os.getpid()}"
             await prepare(redis, ns, rows)
             events = events_of(rows, ns)
@@ -183,6 +190,13 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 for start in range(0, len(events), batch):
                     await hot.apply(events[start : start + batch])
             elif label == "agent":
+                agent = build_agent(stores, settings)
+                pipeline = Pipeline(agent, "bench")
+                raw = [e.to_json() for e in events]
+                for start in range(0, len(raw), batch):
+                    await pipeline.submit(raw[start : start + batch])
+                await pipeline.drain()
+            elif label == "inturn":
                 agent = build_agent(stores, settings)
                 raw = [e.to_json() for e in events]
                 for start in range(0, len(raw), batch):
@@ -197,15 +211,17 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 archive: ArchiveBuffer[int] = ArchiveBuffer.of(
                     S3ArchiveSink(stores.s3, settings), settings
                 )
+                pipeline = Pipeline(agent, "bench")
                 raw = [e.to_json() for e in events]
                 for start in range(0, len(raw), batch):
                     chunk = raw[start : start + batch]
-                    await deliver(agent, chunk, "bench")
+                    await pipeline.submit(chunk)
                     await attribution.process(chunk, "bench")
                     archive.add((value, n) for n, value in enumerate(chunk))
                     if archive.full:
                         await flush_until_done(archive)
                 await flush_until_done(archive)
+                await pipeline.drain()
             n = len(events)
             table.append(
                 (
@@ -227,6 +243,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
         "bare": "bare loop: same Redis writes, plain pipeline",
         "redis": "agent, Redis part (a Lua call per 100 ev.)",
         "agent": "agent, whole (parse + Redis + DynamoDB)",
+        "inturn": "  the same, durable copies in turn",
         "worker": "worker: windows + attribution + archive",
     }
     for label, rate, client_us, server_us in table:
