@@ -440,12 +440,20 @@ end
 """
 
 # A chunk: KEYS are the chunk's distinct keys; ARGV[1] the events (JSON list; each names
-# its keys by position: ``s`` its seen set, ``k`` a list per part), ARGV[2] the event
-# weights (JSON, decoded only by a part that needs them), ARGV[3] the header (JSON).
+# its keys by position: ``s`` its seen set, ``k`` per part the number of a key list),
+# ARGV[2] the event weights (JSON, decoded only by a part that needs them), ARGV[3] the
+# header (JSON), ARGV[4] the key lists (JSON: lists of positions in KEYS; an actor's or a
+# category's keys recur in a chunk, so each list is sent and built once, and its table is
+# shared by the events that use it: parts only read it).
 # Returns per event 0 (applied before), 1 + 2 * (bit p-1 = part p's flag), or
 # "!{error}" (not applied).
 _CHUNK = """
 local EV = cjson.decode(ARGV[1])
+local KL = cjson.decode(ARGV[4])
+for l = 1, #KL do
+  local K = KL[l]
+  for j = 1, #K do K[j] = KEYS[K[j]] end
+end
 local out = {}
 for i = 1, #EV do
   local ev = EV[i]
@@ -455,11 +463,8 @@ for i = 1, #EV do
     out[i] = 0
   else
     local lists = {}
-    for p = 1, #parts do
-      local K = {}
-      for j, at in ipairs(ev['k'][p]) do K[j] = KEYS[at] end
-      lists[p] = K
-    end
+    local k = ev['k']
+    for p = 1, #parts do lists[p] = KL[k[p]] end
     local ok, result = pcall(run, ev, lists)
     if ok then
       mark(seen_key, ev['id'])
@@ -598,9 +603,10 @@ class RedisHotStore:
         names = [part.name for part in parts]
         for start in range(0, len(events), APPLY_CHUNK):
             index: dict[str, int] = {}
-            # the positions of a part's keys, once per distinct key list (an actor's
-            # keys, a category's trending keys) rather than once per event
-            positions: dict[tuple[str, ...], list[int]] = {}
+            # Each distinct key list (an actor's keys, a category's trending keys) is
+            # sent once per chunk, by number, rather than once per event.
+            lists: dict[tuple[str, ...], int] = {}
+            positions: list[list[int]] = []
             docs: list[dict[str, Any]] = []
             for event in events[start : start + APPLY_CHUNK]:
                 seen_key = keys_of(event.namespace).seen(event.actor)
@@ -610,20 +616,22 @@ class RedisHotStore:
                     "item": event.item_id or "",
                     "s": index.setdefault(seen_key, len(index) + 1),
                 }
-                lists: list[list[int]] = []
+                numbers: list[int] = []
                 for part, name in zip(parts, names, strict=True):
                     part_keys, args = part.encode(event, context)
-                    at = positions.get(part_keys)
-                    if at is None:
-                        at = positions[part_keys] = [
-                            index.setdefault(k, len(index) + 1) for k in part_keys
-                        ]
-                    lists.append(at)
+                    number = lists.get(part_keys)
+                    if number is None:
+                        positions.append([index.setdefault(k, len(index) + 1) for k in part_keys])
+                        number = lists[part_keys] = len(positions)
+                    numbers.append(number)
                     if args is not None:
                         doc[name] = args
-                doc["k"] = lists
+                doc["k"] = numbers
                 docs.append(doc)
-            yield list(index), [orjson.dumps(docs), self._weights, self._header]
+            yield (
+                list(index),
+                [orjson.dumps(docs), self._weights, self._header, orjson.dumps(positions)],
+            )
 
     async def _send(self, chunks: Iterator[tuple[list[str], list[bytes]]]) -> list[Any]:
         """Send every chunk's call on ONE connection as soon as it is encoded, then read

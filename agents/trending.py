@@ -114,8 +114,10 @@ epoch would overflow, so their exponent is capped (docs/agents.md: move the epoc
 
 # The trending part. K: clock, pop:decayed, cnt:index, one bucket per window, and with a
 # category: pop:cat, cats, one category bucket per window.
-# ev.r: pw positive weight, d its forward-decayed score, b [dead_at...] (one per window),
-# cat. H: pcap, bcap, ittl, spans (one per window).
+# ev.r: pw positive weight (and ps, the same as a string), d its forward-decayed score (a
+# string), b [dead_at...] (one per window), cat. H: pcap, bcap, ittl, spans (one per
+# window). The increments come as strings (Python's exact shortest form): ZINCRBY reads
+# them as they are, where a Lua number would be formatted (%.17g) on every call.
 #
 # Per event: one ZINCRBY per sorted set. What does not change per event is done once per
 # chunk: the clock is read once and written in ``finish``, a bucket is indexed (and given
@@ -161,7 +163,7 @@ local function buckets(first)
     -- a bucket no window will read again (a very late event) is not written at all
     if clock < dead[i] then
       local key = K[first + i - 1]
-      t_bump(key, pw, item, H['bcap'])
+      t_bump(key, r['ps'], item, H['bcap'])
       -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
       if not T_index[key] then
         T_index[key] = true
@@ -264,11 +266,14 @@ class TrendingPart:
         category = context.facts(event).category
         ts = event.timestamp
         starts = tuple(w.bucket(ts) for w in WINDOWS)
+        # the forward-decayed score, computed as training's Popularity computes it
+        decayed = weight * 2 ** min(
+            (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
+        )
         doc: dict[str, Any] = {
             "pw": weight,
-            # the forward-decayed score, computed as training's Popularity computes it
-            "d": weight
-            * 2 ** min((ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT),
+            "ps": repr(weight),
+            "d": repr(decayed),
             "b": [w.dead_at(b) for w, b in zip(WINDOWS, starts, strict=True)],
         }
         if category is not None:
