@@ -372,13 +372,18 @@ async def persist_until_done(
     them), only this copy of its state is missing, and its next event writes it again. (A
     dead letter would not help: replaying it finds the event applied and fails the same
     copy again.) Returns how many windows were written."""
-    by_actor: dict[tuple[str, str], list[Event]] = {}
+    # One event per actor stands for all of its events (copies are per actor, of its
+    # state now): one with an item when it has one, as windows are copied for those.
+    by_actor: dict[tuple[str, str], Event] = {}
     for event in events:
-        by_actor.setdefault((event.namespace, event.actor), []).append(event)
+        actor = (event.namespace, event.actor)
+        known = by_actor.get(actor)
+        if known is None or (known.item_id is None and event.item_id is not None):
+            by_actor[actor] = event
     actors = list(by_actor)
 
     async def step(part: Sequence[tuple[str, str]]) -> int:
-        return await agent.persist([e for a in part for e in by_actor[a]], result)
+        return await agent.persist([by_actor[a] for a in part], result)
 
     async def give_up(failures: Sequence[Failure[tuple[str, str]]]) -> None:
         for failure in failures:
