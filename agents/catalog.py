@@ -86,18 +86,33 @@ class BatchContext:
         return found
 
 
-def _facts(raw: bytes | None, where: str) -> ItemFacts:
+_PARSED: dict[bytes, ItemFacts] = {}
+PARSE_CACHE = 16_384
+"""Catalog entries parsed lately, by their bytes: the popular items come back in every
+batch, and validating an `Item` is most of what reading the catalog costs the agent.
+Keyed by content, so an entry the catalog changes is parsed afresh."""
+
+
+def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
     if raw is None:
-        return ItemFacts()
+        return _UNKNOWN
+    found = _PARSED.get(raw)
+    if found is not None:
+        return found
     try:
         item = Item.model_validate_json(raw)
     except ValidationError as exc:
         # A broken catalog entry must not stop the stream: the item is treated as
         # unknown, and the log names the key so the catalog can be fixed.
+        where = Keys(namespace).item(item_id)
         log.warning("catalog entry %s is not a valid Item, ignored: %s", where, exc)
-        return ItemFacts()
+        return _UNKNOWN
     cats = tuple(c for c in item.categories if c)[:MAX_CATEGORIES]
-    return ItemFacts(categories=cats, brand=item.brand or None)
+    found = ItemFacts(categories=cats, brand=item.brand or None)
+    if len(_PARSED) >= PARSE_CACHE:
+        del _PARSED[next(iter(_PARSED))]
+    _PARSED[raw] = found
+    return found
 
 
 async def load_context(
@@ -132,7 +147,7 @@ async def load_context(
     if wanted:
         rows = replies.pop(0)
         for (ns, item), raw in zip(wanted, rows, strict=True):
-            context.items[(ns, item)] = _facts(raw, Keys(ns).item(item))
+            context.items[(ns, item)] = _facts(raw, ns, item)
     for ns, version in zip(namespaces, replies, strict=True):
         context.als_version[ns] = version.decode() if isinstance(version, bytes) else version
     return context

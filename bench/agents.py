@@ -172,17 +172,34 @@ async def _server_cpu(redis: aioredis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def _emulator_cpu(settings: Settings) -> float:
+    """CPU seconds of the emulator process serving ``aws_endpoint_url`` (it shares the
+    machine's cores with Redis and the agent); 0 where /proc does not say."""
+    port = f"-p {(settings.aws_endpoint_url or '').rsplit(':', 1)[-1]}"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "recstream.emulator" in argv and port in argv:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return 0.0
+
+
 async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
-    """Wall-clock events/s, plus the CPU each event costs this process and redis-server:
-    on a shared, loaded machine the CPU figures say what one free core would do."""
+    """Wall-clock events/s, plus the CPU each event costs this process, redis-server and
+    the emulator (moto, which serves DynamoDB, S3 and SQS here): on a shared, loaded
+    machine the CPU figures say what free cores would do."""
     async with open_stores(settings) as stores:
         redis = stores.redis
-        table: list[tuple[str, float, float, float]] = []
+        table: list[tuple[str, float, float, float, float]] = []
         for label in ("bare", "redis", "agent", "inturn", "worker"):
             ns = f"{label}-{os.getpid()}"
             await prepare(redis, ns, rows)
             events = events_of(rows, ns)
             wall, cpu, server = time.perf_counter(), time.process_time(), await _server_cpu(redis)
+            emulator = _emulator_cpu(settings)
             if label == "bare":
                 await bare_loop(redis, settings, events, batch)
             elif label == "redis":
@@ -229,6 +246,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                     n / (time.perf_counter() - wall),
                     (time.process_time() - cpu) / n * 1e6,
                     (await _server_cpu(redis) - server) / n * 1e6,
+                    (_emulator_cpu(settings) - emulator) / n * 1e6,
                 )
             )
     bare = table[0][1]
@@ -237,7 +255,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
     )
     print(
         f"{'run':<44}{'events/s':>10}{'ratio':>7}{'client us/ev':>14}{'redis us/ev':>13}"
-        f"{'ev/s per client core':>22}"
+        f"{'moto us/ev':>12}{'ev/s per client core':>22}"
     )
     names = {
         "bare": "bare loop: same Redis writes, plain pipeline",
@@ -246,10 +264,10 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
         "inturn": "  the same, durable copies in turn",
         "worker": "worker: windows + attribution + archive",
     }
-    for label, rate, client_us, server_us in table:
+    for label, rate, client_us, server_us, emulator_us in table:
         print(
             f"{names[label]:<44}{rate:>10,.0f}{rate / bare:>7.2f}{client_us:>14.0f}"
-            f"{server_us:>13.0f}{1e6 / client_us:>22,.0f}"
+            f"{server_us:>13.0f}{emulator_us:>12.0f}{1e6 / client_us:>22,.0f}"
         )
 
 
