@@ -48,6 +48,7 @@ from agents.features import FeaturesPart, read_user_state
 from agents.state import RedisHotStore, WindowsPart
 from agents.trending import WINDOWS, TrendingPart
 from agents.windows import Pipeline, deliver
+from agents.worker import tune_gc
 from bench.common import local_settings, summarize
 from recstream.aws import sync_client
 from recstream.keys import Keys
@@ -429,6 +430,7 @@ def main() -> None:
     ORDER = args.order
     sections = set(args.only.split(","))
     rows = taobao_rows(args.events)
+    tune_gc()  # as `recstream agents` does
     with local_settings(namespace="bench", poll_interval_s=0.05) as settings:
         if "throughput" in sections:
             asyncio.run(throughput(settings, rows, args.batch))
