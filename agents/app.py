@@ -8,7 +8,7 @@ per message, so per-batch store round-trips are what keep one process fast.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import faust
@@ -22,7 +22,7 @@ from agents.identity import IdentityStitcher
 from agents.redrive import redrive_personalize
 from agents.state import DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, TrendKeeper
-from agents.windows import WindowAgent, deliver, stream_records
+from agents.windows import Pipeline, WindowAgent, stream_records
 from recstream import tracing
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
@@ -59,6 +59,18 @@ def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
     )
 
 
+def _acknowledge(
+    stream: faust.StreamT[bytes], events: Sequence[Any]
+) -> Callable[[], Awaitable[None]]:
+    """A batch's acknowledgement, for when its durable copies are written."""
+
+    async def acknowledge() -> None:
+        for event in events:
+            await stream.ack(event)
+
+    return acknowledge
+
+
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
     faust_kwargs.setdefault("datadir", str(settings.state_dir.resolve() / "faust"))
     app: faust.App = make_app(settings, app_id, **faust_kwargs)
@@ -67,30 +79,44 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
     """Namespaces whose trends this worker materializes: configured and seen."""
 
     @app.agent(topic, name="windows")
-    async def windows(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+    async def windows(stream: faust.StreamT[bytes]) -> None:
         async with open_stores(settings) as stores:
             agent = build_agent(stores, settings)
-            # take_events, not take: each value's message says where it was read
-            async for events in stream.take_events(  # type: ignore[attr-defined]
-                settings.agent_batch_size, within=settings.agent_batch_window_s
-            ):
-                # Each event's trace (started by the request that posted it) goes on here.
-                with tracing.consuming(
-                    "windows process",
-                    [event.message.headers or () for event in events],
-                    {"messaging.system": "aws_kinesis", "messaging.consumer.group.name": app_id},
-                ):
-                    await deliver(
-                        agent,
-                        stream_records(app, events),
-                        settings.stream_name,
-                        max_attempts=settings.agent_max_attempts,
-                    )
-                # No reference to the batch while waiting for the next (agents/archive.py
-                # says why: a rebalance would wait for ever).
-                del events
-                namespaces.update(agent.namespaces)
-                yield None
+            pipeline = Pipeline(
+                agent,
+                settings.stream_name,
+                batch_size=settings.agent_batch_size,
+                max_attempts=settings.agent_max_attempts,
+            )
+            try:
+                # noack_take, not take_events: a batch is acknowledged (so checkpointed)
+                # only once its durable copies are written, which happens while the next
+                # batch is applied to Redis (agents/windows.py, `Pipeline`). It yields
+                # the events themselves (faust types it as yielding values), each with
+                # the message that says where it was read.
+                batches: Any = stream.noack_take(  # type: ignore[attr-defined]
+                    settings.agent_batch_size, within=settings.agent_batch_window_s
+                )
+                async for events in batches:
+                    # Each event's trace (started by the request that posted it) goes on.
+                    with tracing.consuming(
+                        "windows process",
+                        [event.message.headers or () for event in events],
+                        {
+                            "messaging.system": "aws_kinesis",
+                            "messaging.consumer.group.name": app_id,
+                        },
+                    ):
+                        await pipeline.submit(
+                            stream_records(app, events), _acknowledge(stream, events)
+                        )
+                    # No reference to the batch while waiting for the next (agents/archive.py
+                    # says why: a rebalance would wait for ever); the pipeline holds it
+                    # until it is acknowledged.
+                    del events
+                    namespaces.update(agent.namespaces)
+            finally:
+                await pipeline.aclose()
 
     # Every agent runs its batches under the one failure policy (agents/retry.py):
     # transient failures wait, deterministic ones dead-letter the records at fault.

@@ -50,12 +50,18 @@ class ItemFacts:
         return self.categories[0] if self.categories else None
 
 
+_UNKNOWN = ItemFacts()
+
+
 @dataclass
 class BatchContext:
     """Catalog facts and published model versions for one batch of events."""
 
     items: dict[tuple[str, str], ItemFacts] = field(default_factory=dict)
     als_version: dict[str, str | None] = field(default_factory=dict)
+    _own: dict[tuple[str, str, object, object], ItemFacts] = field(default_factory=dict)
+    """Facts of events' own items with their properties applied, made once per batch (the
+    parts of the hot store each ask for them)."""
 
     def facts(self, event: Event, item_id: str | None = None) -> ItemFacts:
         """Facts about ``item_id`` (default: the event's item); the event's properties win
@@ -63,29 +69,50 @@ class BatchContext:
         item_id = item_id or event.item_id
         if item_id is None:
             return ItemFacts()
-        known = self.items.get((event.namespace, item_id), ItemFacts())
+        known = self.items.get((event.namespace, item_id), _UNKNOWN)
         if item_id != event.item_id:
             return known
         category = event.properties.get("category")
         brand = event.properties.get("brand")
-        return ItemFacts(
-            categories=(str(category),) if category not in (None, "") else known.categories,
-            brand=str(brand) if brand not in (None, "") else known.brand,
-        )
+        if category in (None, "") and brand in (None, ""):
+            return known
+        cache = (event.namespace, item_id, category, brand)
+        found = self._own.get(cache)
+        if found is None:
+            found = self._own[cache] = ItemFacts(
+                categories=(str(category),) if category not in (None, "") else known.categories,
+                brand=str(brand) if brand not in (None, "") else known.brand,
+            )
+        return found
 
 
-def _facts(raw: bytes | None, where: str) -> ItemFacts:
+_PARSED: dict[bytes, ItemFacts] = {}
+PARSE_CACHE = 16_384
+"""Catalog entries parsed lately, by their bytes: the popular items come back in every
+batch, and validating an `Item` is most of what reading the catalog costs the agent.
+Keyed by content, so an entry the catalog changes is parsed afresh."""
+
+
+def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
     if raw is None:
-        return ItemFacts()
+        return _UNKNOWN
+    found = _PARSED.get(raw)
+    if found is not None:
+        return found
     try:
         item = Item.model_validate_json(raw)
     except ValidationError as exc:
         # A broken catalog entry must not stop the stream: the item is treated as
         # unknown, and the log names the key so the catalog can be fixed.
+        where = Keys(namespace).item(item_id)
         log.warning("catalog entry %s is not a valid Item, ignored: %s", where, exc)
-        return ItemFacts()
+        return _UNKNOWN
     cats = tuple(c for c in item.categories if c)[:MAX_CATEGORIES]
-    return ItemFacts(categories=cats, brand=item.brand or None)
+    found = ItemFacts(categories=cats, brand=item.brand or None)
+    if len(_PARSED) >= PARSE_CACHE:
+        del _PARSED[next(iter(_PARSED))]
+    _PARSED[raw] = found
+    return found
 
 
 async def load_context(
@@ -120,7 +147,7 @@ async def load_context(
     if wanted:
         rows = replies.pop(0)
         for (ns, item), raw in zip(wanted, rows, strict=True):
-            context.items[(ns, item)] = _facts(raw, Keys(ns).item(item))
+            context.items[(ns, item)] = _facts(raw, ns, item)
     for ns, version in zip(namespaces, replies, strict=True):
         context.als_version[ns] = version.decode() if isinstance(version, bytes) else version
     return context

@@ -88,8 +88,9 @@ MAX_VALUE_CHARS = 128
 RESERVED_ATTRIBUTES = frozenset({"type", "cat", "brand", "category"})
 
 # The features part. K: feat, and when the embedding applies: emb, factors, window.
-# ev.f: t type, s session id (or absent), actor, a [[attr, value, delta, half-life]...],
-# e {v, w} (embedding: version, weight) or absent. H: fcap, gap, fttl, ehl, wsize.
+# ev.f: t type, s session id (or absent), actor, a [[attr, value, delta]...], e {v, w}
+# (embedding: version, weight) or absent. H: fcap, gap, fttl, ehl, wsize, hl (attr ->
+# half-life; hld for any other attribute).
 # Flag: the feature hash had to be created (new actor, or a hash Redis lost).
 #
 # Within a chunk an actor's fields are kept in Lua, parsed (F[key]: counters and times as
@@ -211,7 +212,7 @@ end
 for i = 1, #aff do
   local a = aff[i]
   local fld = 'a:' .. a[1] .. ':' .. a[2]
-  a[5] = fld
+  a[4] = fld
   if V[fld] == nil then
     names[count + 1] = fld
     names[count + 2] = 'k:' .. a[1]
@@ -256,7 +257,8 @@ end
 if (not last) or ts > last then f_set(c, 'last_ts', ts) end
 for i = 1, #aff do
   local a = aff[i]
-  local attr, delta, hl, fld = a[1], a[3], a[4], a[5]
+  local attr, delta, fld = a[1], a[3], a[4]
+  local hl = H['hl'][attr] or H['hld']
   if V[fld] then
     local s, t0 = c.s[fld], c.t[fld]
     if ts >= t0 then
@@ -379,15 +381,6 @@ class FeaturesPart:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.header = {
-            "fcap": settings.feature_cap,
-            "gap": settings.session_gap_s,
-            "fttl": settings.window_ttl_s,
-            "ehl": settings.embedding_half_life_s,
-            "wsize": settings.window_size,
-        }
-        self._half_life = {attr: settings.half_life(attr) for attr in ("type", "cat", "brand")}
-        self._weights = dict(settings.event_weights)
         # Event properties that are affinity attributes: the configured names that are
         # not built in; a ':' would make the field name ambiguous, so such names are left.
         self.property_attributes = tuple(
@@ -395,6 +388,21 @@ class FeaturesPart:
             for a in settings.affinity_half_life_s
             if a not in RESERVED_ATTRIBUTES and ":" not in a
         )
+        self.header = {
+            "fcap": settings.feature_cap,
+            "gap": settings.session_gap_s,
+            "fttl": settings.window_ttl_s,
+            "ehl": settings.embedding_half_life_s,
+            "wsize": settings.window_size,
+            # half-lives once per chunk, not once per affinity of every event
+            "hl": {
+                attr: settings.half_life(attr)
+                for attr in ("type", "cat", "brand", *self.property_attributes)
+            },
+            "hld": settings.affinity_default_half_life_s,
+        }
+        self._weights = dict(settings.event_weights)
+        self._keys: dict[tuple[str, str, str | None], tuple[str, ...]] = {}
 
     def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
         """What ``event`` adds to each affinity ``(attr, value)``, summed."""
@@ -409,10 +417,11 @@ class FeaturesPart:
         if facts.brand is not None:
             key = ("brand", _value(facts.brand))
             out[key] = out.get(key, 0.0) + weight
-        for attr in self.property_attributes:
-            if attr in event.properties:
-                key = (attr, _value(event.properties[attr]))
-                out[key] = out.get(key, 0.0) + weight
+        if self.property_attributes and event.properties:
+            for attr in self.property_attributes:
+                if attr in event.properties:
+                    key = (attr, _value(event.properties[attr]))
+                    out[key] = out.get(key, 0.0) + weight
         shown_weight = self.settings.impression_weight
         if event.impression and shown_weight != 0 and weight > 0:
             for other in dict.fromkeys(event.impression):
@@ -427,32 +436,40 @@ class FeaturesPart:
                     out[key] = out.get(key, 0.0) + shown_weight
         return out
 
-    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]:
-        s = self.settings
-        keys = keys_of(event.namespace)
-        half_life = self._half_life
+    def _keys_of(self, namespace: str, actor: str, version: str | None) -> tuple[str, ...]:
+        """An actor's keys (with an ALS version: its embedding's too), built once per
+        actor and version while they stay in this small cache."""
+        found = self._keys.get((namespace, actor, version))
+        if found is None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            keys = keys_of(namespace)
+            found = (keys.features(actor),)
+            if version is not None:
+                found += (
+                    keys.embedding(actor),
+                    keys.model(ALS_MODEL, version, "factors"),
+                    keys.window(actor),
+                )
+            self._keys[(namespace, actor, version)] = found
+        return found
+
+    def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
+        deltas = self.deltas(event, context)
         doc: dict[str, Any] = {
             "t": event.event_type,
             "actor": event.actor,
-            "a": [
-                [attr, value, delta, half_life.get(attr) or s.half_life(attr)]
-                for (attr, value), delta in self.deltas(event, context).items()
-            ],
+            "a": [[attr, value, delta] for (attr, value), delta in deltas.items()],
         }
         if event.session_id is not None:
             doc["s"] = event.session_id
-        out = [keys.features(event.actor)]
         version = context.als_version.get(event.namespace)
         if version is not None and event.item_id is not None:
             weight = self._weights.get(event.event_type, 1.0)
             if weight > 0:
                 doc["e"] = {"v": version, "w": weight}
-                out += [
-                    keys.embedding(event.actor),
-                    keys.model(ALS_MODEL, version, "factors"),
-                    keys.window(event.actor),
-                ]
-        return out, doc
+                return self._keys_of(event.namespace, event.actor, version), doc
+        return self._keys_of(event.namespace, event.actor, None), doc
 
 
 # --- reading (serving) ----------------------------------------------------------------

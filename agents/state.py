@@ -175,6 +175,21 @@ class ApplyResult:
     created: Mapping[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
     """Per part name: actors whose key of that part had to be created (as ``fresh``)."""
 
+    @staticmethod
+    def merge(results: Iterable[ApplyResult]) -> ApplyResult:
+        """One result for the events of several (counts add, actor sets join)."""
+        results = list(results)
+        created: dict[str, frozenset[tuple[str, str]]] = {}
+        for r in results:
+            for name, actors in r.created.items():
+                created[name] = created.get(name, frozenset()) | actors
+        return ApplyResult(
+            applied=sum(r.applied for r in results),
+            duplicates=sum(r.duplicates for r in results),
+            fresh=frozenset().union(*(r.fresh for r in results)),
+            created=created,
+        )
+
 
 Actor = tuple[str, str]
 """(namespace, actor id)"""
@@ -248,7 +263,7 @@ class LuaPart(Protocol):
     name: str
     lua: str
 
-    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]: ...
+    def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]: ...
 
 
 # The windows part. K: window, popularity, popularity last-touched.
@@ -336,19 +351,24 @@ class WindowsPart:
         }
         # Negative feedback lowers affinities, never a popularity count.
         self._pw = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
-    def encode(self, event: Event, context: BatchContext) -> tuple[list[str], Any]:
+    def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
         if event.item_id is None:
-            return [], None
-        keys = keys_of(event.namespace)
+            return (), None
+        actor = (event.namespace, event.actor)
+        found = self._keys.get(actor)
+        if found is None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            keys = keys_of(event.namespace)
+            found = (keys.window(event.actor), keys.popularity, keys.popularity_touched)
+            self._keys[actor] = found
         entry = WindowEntry.encode(event, self.settings.window_entry_max_bytes)
         pw = self._pw.get(event.event_type)
         if pw is None:
             pw = max(0.0, self.settings.weight(event.event_type))
-        return (
-            [keys.window(event.actor), keys.popularity, keys.popularity_touched],
-            [entry.decode(), pw],
-        )
+        return found, [entry.decode(), pw]
 
 
 _KEYS: dict[str, Keys] = {}
@@ -420,12 +440,20 @@ end
 """
 
 # A chunk: KEYS are the chunk's distinct keys; ARGV[1] the events (JSON list; each names
-# its keys by position: ``s`` its seen set, ``k`` a list per part), ARGV[2] the event
-# weights (JSON, decoded only by a part that needs them), ARGV[3] the header (JSON).
+# its keys by position: ``s`` its seen set, ``k`` per part the number of a key list),
+# ARGV[2] the event weights (JSON, decoded only by a part that needs them), ARGV[3] the
+# header (JSON), ARGV[4] the key lists (JSON: lists of positions in KEYS; an actor's or a
+# category's keys recur in a chunk, so each list is sent and built once, and its table is
+# shared by the events that use it: parts only read it).
 # Returns per event 0 (applied before), 1 + 2 * (bit p-1 = part p's flag), or
 # "!{error}" (not applied).
 _CHUNK = """
 local EV = cjson.decode(ARGV[1])
+local KL = cjson.decode(ARGV[4])
+for l = 1, #KL do
+  local K = KL[l]
+  for j = 1, #K do K[j] = KEYS[K[j]] end
+end
 local out = {}
 for i = 1, #EV do
   local ev = EV[i]
@@ -435,11 +463,8 @@ for i = 1, #EV do
     out[i] = 0
   else
     local lists = {}
-    for p = 1, #parts do
-      local K = {}
-      for j, at in ipairs(ev['k'][p]) do K[j] = KEYS[at] end
-      lists[p] = K
-    end
+    local k = ev['k']
+    for p = 1, #parts do lists[p] = KL[k[p]] end
     local ok, result = pcall(run, ev, lists)
     if ok then
       mark(seen_key, ev['id'])
@@ -575,8 +600,13 @@ class RedisHotStore:
     ) -> Iterator[tuple[list[str], list[bytes]]]:
         """The (keys, args) of each script call, encoded as they are asked for."""
         parts = self.parts
+        names = [part.name for part in parts]
         for start in range(0, len(events), APPLY_CHUNK):
             index: dict[str, int] = {}
+            # Each distinct key list (an actor's keys, a category's trending keys) is
+            # sent once per chunk, by number, rather than once per event.
+            lists: dict[tuple[str, ...], int] = {}
+            positions: list[list[int]] = []
             docs: list[dict[str, Any]] = []
             for event in events[start : start + APPLY_CHUNK]:
                 seen_key = keys_of(event.namespace).seen(event.actor)
@@ -586,15 +616,22 @@ class RedisHotStore:
                     "item": event.item_id or "",
                     "s": index.setdefault(seen_key, len(index) + 1),
                 }
-                lists: list[list[int]] = []
-                for part in parts:
+                numbers: list[int] = []
+                for part, name in zip(parts, names, strict=True):
                     part_keys, args = part.encode(event, context)
-                    lists.append([index.setdefault(k, len(index) + 1) for k in part_keys])
+                    number = lists.get(part_keys)
+                    if number is None:
+                        positions.append([index.setdefault(k, len(index) + 1) for k in part_keys])
+                        number = lists[part_keys] = len(positions)
+                    numbers.append(number)
                     if args is not None:
-                        doc[part.name] = args
-                doc["k"] = lists
+                        doc[name] = args
+                doc["k"] = numbers
                 docs.append(doc)
-            yield list(index), [orjson.dumps(docs), self._weights, self._header]
+            yield (
+                list(index),
+                [orjson.dumps(docs), self._weights, self._header, orjson.dumps(positions)],
+            )
 
     async def _send(self, chunks: Iterator[tuple[list[str], list[bytes]]]) -> list[Any]:
         """Send every chunk's call on ONE connection as soon as it is encoded, then read
@@ -992,12 +1029,17 @@ async def persist_windows(hot: HotStore, durable: DurableWindows, actors: Iterab
     actors = list(actors)
     if not actors:
         return 0
+    # A window the hot store no longer has (Redis lost it between the batch and this
+    # copy, or a login moved it) is not written: an empty list would overwrite the
+    # durable copy, the one place its history is left.
     if isinstance(hot, RedisHotStore) and isinstance(durable, DynamoWindows):
         # Redis holds each entry as its JSON already: copied as is, not parsed and
         # encoded again (the agent's hot path).
         raw = await hot.raw_windows(actors)
-        await durable.put_raw(dict(zip(actors, raw, strict=True)))
-        return len(actors)
+        found = {a: w for a, w in zip(actors, raw, strict=True) if w}
+        await durable.put_raw(found)
+        return len(found)
     windows = await hot.windows(actors)
-    await durable.put(dict(zip(actors, windows, strict=True)))
-    return len(actors)
+    kept = {a: w for a, w in zip(actors, windows, strict=True) if w}
+    await durable.put(kept)
+    return len(kept)

@@ -57,7 +57,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from agents.catalog import BatchContext, load_context
-from agents.state import compose, redis_failure
+from agents.state import compose, keys_of, redis_failure
 from recstream.archive import ARCHIVE_PREFIX, read_events
 from recstream.aws import async_client, translate
 from recstream.errors import ConfigurationError, RecstreamError
@@ -114,50 +114,103 @@ epoch would overflow, so their exponent is capped (docs/agents.md: move the epoc
 
 # The trending part. K: clock, pop:decayed, cnt:index, one bucket per window, and with a
 # category: pop:cat, cats, one category bucket per window.
-# ev.r: pw positive weight, epoch, hl, pcap, bcap, ittl, b [[dead_at, span]...], cat.
+# ev.r: pw positive weight (and ps, the same as a string), d its forward-decayed score (a
+# string), b [dead_at...] (one per window), cat. H: pcap, bcap, ittl, spans (one per
+# window). The increments come as strings (Python's exact shortest form): ZINCRBY reads
+# them as they are, where a Lua number would be formatted (%.17g) on every call.
+#
+# Per event: one ZINCRBY per sorted set. What does not change per event is done once per
+# chunk: the clock is read once and written in ``finish``, a bucket is indexed (and given
+# its TTL) when the chunk first writes it, the categories' newest times are written once,
+# and each sorted set is trimmed to its cap once, in ``finish`` (an event's item may stay
+# over the cap until the chunk ends; the members kept are the same unless an item evicted
+# earlier in the chunk was counted again after).
+_TRENDING_PRELUDE = """
+local T_clock = {}
+local T_caps = {}
+local T_index = {}
+local T_cats = {}
+local function t_bump(key, score, item, cap)
+  redis.call('ZINCRBY', key, score, item)
+  T_caps[key] = cap
+end
+"""
+
 _TRENDING_LUA = """
 local r = ev['r']
 local ts = ev['ts']
-local clock = tonumber(redis.call('HGET', K[1], 't'))
-if (not clock) or ts > clock then
-  redis.call('HSET', K[1], 't', fmt(ts))
+local c = T_clock[K[1]]
+if not c then
+  local raw = redis.call('HGET', K[1], 't')
+  c = {t = tonumber(raw)}
   -- a new clock: this Redis has no counts from before this event (TrendKeeper)
-  if not clock then redis.call('HSETNX', K[1], 'since', fmt(ts)) end
-  clock = ts
+  if not raw then c.since = ts end
+  T_clock[K[1]] = c
 end
-if r['pw'] <= 0 then return 0 end
+if (not c.t) or ts > c.t then
+  c.t = ts
+  c.dirty = true
+end
+local clock = c.t
+local pw = r['pw']
+if pw <= 0 then return 0 end
 local item = ev['item']
-local function bump(zkey, score, cap)
-  redis.call('ZINCRBY', zkey, score, item)
-  local n = redis.call('ZCARD', zkey)
-  if n > cap then redis.call('ZREMRANGEBYRANK', zkey, 0, n - cap - 1) end
-end
-local decayed = r['pw'] * 2 ^ math.min((ts - r['epoch']) / r['hl'], r['xmax'])
-bump(K[2], decayed, r['pcap'])
-local nb = #r['b']
+local spans = H['spans']
+local nb = #spans
+local dead = r['b']
 local function buckets(first)
   for i = 1, nb do
-    local dead, span = r['b'][i][1], r['b'][i][2]
     -- a bucket no window will read again (a very late event) is not written at all
-    if clock < dead then
+    if clock < dead[i] then
       local key = K[first + i - 1]
-      bump(key, r['pw'], r['bcap'])
+      t_bump(key, r['ps'], item, H['bcap'])
       -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
-      if redis.call('ZADD', K[3], 'NX', dead, key) == 1 then
-        redis.call('EXPIRE', key, math.ceil(dead - clock + span))
-        redis.call('EXPIRE', K[3], r['ittl'])
+      if not T_index[key] then
+        T_index[key] = true
+        if redis.call('ZADD', K[3], 'NX', dead[i], key) == 1 then
+          redis.call('EXPIRE', key, math.ceil(dead[i] - clock + spans[i]))
+          touch(K[3], H['ittl'])
+        end
       end
     end
   end
 end
+t_bump(K[2], r['d'], item, H['pcap'])
 buckets(4)
-if r['cat'] then
+local cat = r['cat']
+if cat then
   local at = 4 + nb
-  bump(K[at], decayed, r['pcap'])
-  redis.call('ZADD', K[at + 1], 'GT', ts, r['cat'])
+  t_bump(K[at], r['d'], item, H['pcap'])
+  local cats = T_cats[K[at + 1]]
+  if not cats then
+    -- read now so that a key of the wrong type fails this event, not the chunk's end
+    redis.call('ZSCORE', K[at + 1], cat)
+    cats = {}
+    T_cats[K[at + 1]] = cats
+  end
+  local newest = cats[cat]
+  if (not newest) or ts > newest then cats[cat] = ts end
   buckets(at + 2)
 end
 return 0
+"""
+
+# Runs after every event of the chunk (whatever failed): the caps, the categories' newest
+# times and the clocks.
+_TRENDING_FINISH = """
+for key, cap in pairs(T_caps) do redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1) end
+for key, cats in pairs(T_cats) do
+  local args = {'GT'}
+  for cat, ts in pairs(cats) do
+    args[#args + 1] = ts
+    args[#args + 1] = cat
+  end
+  if #args > 1 then redis.call('ZADD', key, unpack(args)) end
+end
+for key, c in pairs(T_clock) do
+  if c.dirty then redis.call('HSET', key, 't', fmt(c.t)) end
+  if c.since then redis.call('HSETNX', key, 'since', fmt(c.since)) end
+end
 """
 
 
@@ -166,40 +219,66 @@ class TrendingPart:
 
     name = "r"
     lua = _TRENDING_LUA
+    prelude = _TRENDING_PRELUDE
+    finish = _TRENDING_FINISH
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.header = {
+            "pcap": settings.popularity_cap,
+            "bcap": settings.bucket_cap,
+            "ittl": INDEX_TTL_S,
+            "spans": [w.span_s for w in WINDOWS],
+        }
+        self._weights = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        self._keys: dict[tuple[str, str | None, tuple[int, ...]], tuple[str, ...]] = {}
+
+    def _keys_of(
+        self, namespace: str, category: str | None, starts: tuple[int, ...]
+    ) -> tuple[str, ...]:
+        """The keys of an event (namespace, main category, bucket starts), built once: in
+        a stream the same few combinations come again and again."""
+        found = self._keys.get((namespace, category, starts))
+        if found is None:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            keys = keys_of(namespace)
+            made = [keys.trend_clock, keys.popularity_decayed, keys.counts_index]
+            made += [keys.counts_bucket(w.span_s, b) for w, b in zip(WINDOWS, starts, strict=True)]
+            if category is not None:
+                made += [keys.popularity_category(category), keys.categories]
+                made += [
+                    keys.counts_bucket(w.span_s, b, category)
+                    for w, b in zip(WINDOWS, starts, strict=True)
+                ]
+            found = self._keys[(namespace, category, starts)] = tuple(made)
+        return found
 
     def encode(
         self, event: Event, context: BatchContext
-    ) -> tuple[list[str], dict[str, Any] | None]:
+    ) -> tuple[tuple[str, ...], dict[str, Any] | None]:
         s = self.settings
-        keys = Keys(event.namespace)
-        weight = max(0.0, s.weight(event.event_type))
+        weight = self._weights.get(event.event_type)
+        if weight is None:
+            weight = max(0.0, s.weight(event.event_type))
         if event.item_id is None or weight <= 0:
-            return [keys.trend_clock], {"pw": 0.0}
+            return (keys_of(event.namespace).trend_clock,), {"pw": 0.0}
         category = context.facts(event).category
-        starts = [w.bucket(event.timestamp) for w in WINDOWS]
-        out = [keys.trend_clock, keys.popularity_decayed, keys.counts_index]
-        out += [keys.counts_bucket(w.span_s, b) for w, b in zip(WINDOWS, starts, strict=True)]
+        ts = event.timestamp
+        starts = tuple(w.bucket(ts) for w in WINDOWS)
+        # the forward-decayed score, computed as training's Popularity computes it
+        decayed = weight * 2 ** min(
+            (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
+        )
         doc: dict[str, Any] = {
             "pw": weight,
-            "epoch": s.popularity_epoch_s,
-            "hl": s.popularity_half_life_s,
-            "xmax": EXPONENT_LIMIT,
-            "pcap": s.popularity_cap,
-            "bcap": s.bucket_cap,
-            "ittl": INDEX_TTL_S,
-            "b": [[w.dead_at(b), w.span_s] for w, b in zip(WINDOWS, starts, strict=True)],
+            "ps": repr(weight),
+            "d": repr(decayed),
+            "b": [w.dead_at(b) for w, b in zip(WINDOWS, starts, strict=True)],
         }
         if category is not None:
             doc["cat"] = category
-            out += [keys.popularity_category(category), keys.categories]
-            out += [
-                keys.counts_bucket(w.span_s, b, category)
-                for w, b in zip(WINDOWS, starts, strict=True)
-            ]
-        return out, doc
+        return self._keys_of(event.namespace, category, starts), doc
 
 
 # --- the materializer ------------------------------------------------------------------
@@ -377,6 +456,7 @@ class _Replay:
         # The same part, without the seen check: ids are deduplicated here, and the
         # agents' seen sets are left alone.
         self.script = redis.register_script(compose([self.part], dedup=False))
+        self.header = orjson.dumps(self.part.header)
         self.ids: set[str] = set()
         self.applied = self.duplicates = self.skipped = 0
 
@@ -425,7 +505,9 @@ class _Replay:
                 body = {"id": event.event_id, "ts": event.timestamp, "item": event.item_id or ""}
                 body.update({"r": doc, "_k": [len(part_keys)]})
                 await self.script(
-                    keys=[part_keys[0], *part_keys], args=[orjson.dumps(body), b"{}"], client=pipe
+                    keys=[part_keys[0], *part_keys],
+                    args=[orjson.dumps(body), b"{}", self.header],
+                    client=pipe,
                 )
             await pipe.execute()
         except RedisError as exc:

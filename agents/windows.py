@@ -13,13 +13,22 @@ transient failures (an outage, throttling) are retried without limit, which hold
 shard back (back-pressure); deterministic ones a bounded number of times, then the
 records that fail on their own are dead-lettered (kind ``windows``) with the reason,
 shard and sequence number, and the rest is applied.
+
+`Pipeline` is how the worker delivers: under a backlog the durable copies (step 3) of a
+group of batches are written while the next batches are applied to Redis (steps 1-2),
+each actor's copy once per group (its latest state), so Redis, DynamoDB and the agent's
+own CPU work at the same time and an actor with events in several batches is written
+once. A batch is acknowledged (so checkpointed) only once its group's copies are
+written, and groups are written one after the other, in order, so the promise above
+holds unchanged: a crash before the copies replays the batches (duplicates in Redis,
+then the copies), and no older copy overwrites a newer one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +49,7 @@ from streams.schema import Event
 __all__ = [
     "KIND",
     "BatchStats",
+    "Pipeline",
     "Stage",
     "StoredEvent",
     "StreamRecord",
@@ -152,6 +162,11 @@ class BatchStats:
     dead_lettered: int = 0
     windows_persisted: int = 0
     errors: list[str] = field(default_factory=list)
+    pending: list[Event] = field(default_factory=list)
+    """With ``durable=False``: the applied events (as applied: logins resolved) whose
+    actors' durable copies are still to be written (`WindowAgent.persist`)."""
+    result: ApplyResult | None = None
+    """With ``durable=False``: what the hot store reported for them (for the stages)."""
 
 
 async def _together(steps: Sequence[Awaitable[object]]) -> list[object]:
@@ -207,8 +222,12 @@ class WindowAgent:
         parsed, bad = cls.parse_records(_records(records), source)
         return [event for _, event in parsed], bad
 
-    async def apply(self, events: Sequence[Event], source: str = "stream") -> BatchStats:
+    async def apply(
+        self, events: Sequence[Event], source: str = "stream", *, durable: bool = True
+    ) -> BatchStats:
         """Apply parsed events to the hot store, then the durable copies (idempotent).
+        With ``durable=False`` the copies are left to the caller (`persist`): the events
+        they need are in ``pending``.
 
         Raises `RecordsRefused` with positions in ``events`` when the hot store refused
         some of them (the others are applied; the durable copies wait for the retry)."""
@@ -239,22 +258,31 @@ class WindowAgent:
         if result.fresh:
             recovering.append(recover_lost_windows(self.hot, self.durable, result.fresh))
         await _together(recovering)
-        # Every actor of the batch, not only those changed now: after a crash between
-        # the hot and the durable write, the replay finds only duplicates, and the
-        # durable copy must still catch up.
-        actors = {(e.namespace, e.actor) for e in events if e.item_id is not None}
         if self.identity and resolution:
             # Logins move the session's window and features into the user's (written
             # durably there).
             await self.identity.stitch(given, resolution)
+        if durable:
+            stats.windows_persisted = await self.persist(events, result)
+        else:
+            stats.pending, stats.result = list(events), result
+        self.namespaces.update(e.namespace for e in events)
+        self._count(stats)
+        return stats
+
+    async def persist(self, events: Sequence[Event], result: ApplyResult) -> int:
+        """Write the durable copies (window, and each stage's) of the actors of ``events``
+        as the hot store holds them now; returns how many windows were written.
+
+        Every actor of the batch, not only those changed now: after a crash between the
+        hot and the durable write, the replay finds only duplicates, and the durable copy
+        must still catch up."""
+        actors = {(e.namespace, e.actor) for e in events if e.item_id is not None}
         persisted = await _together(
             [persist_windows(self.hot, self.durable, actors)]
             + [stage.after(events, result) for stage in self.stages]
         )
-        stats.windows_persisted = persisted[0] if isinstance(persisted[0], int) else 0
-        self.namespaces.update(e.namespace for e in events)
-        self._count(stats)
-        return stats
+        return persisted[0] if isinstance(persisted[0], int) else 0
 
     def _count(self, stats: BatchStats) -> None:
         for name in ("received", "applied", "duplicates", "dead_lettered", "windows_persisted"):
@@ -281,6 +309,7 @@ async def deliver(
     *,
     max_attempts: int = 3,
     max_delay: float = 5.0,
+    durable: bool = True,
 ) -> BatchStats:
     """Process one batch until every record is applied or dead-lettered, under the agents'
     one failure policy (`agents.retry`): records that do not parse are dead-lettered at
@@ -288,7 +317,10 @@ async def deliver(
     ones ``max_attempts`` times, then the records that fail on their own are dead-lettered
     (kind ``windows``) and the rest applied. Never raises but for cancellation: a failed
     batch must neither be skipped (events lost) nor crash the agent (faust would restart
-    it without re-reading the un-acked messages, and the checkpoint would stall)."""
+    it without re-reading the un-acked messages, and the checkpoint would stall).
+
+    With ``durable=False`` only Redis is written; ``pending`` and ``result`` say what
+    `persist_until_done` must still write (`Pipeline` does)."""
     parsed, bad = agent.parse_records(_records(records), source)
     total = BatchStats(received=len(records), dead_lettered=len(bad))
     if bad:
@@ -297,7 +329,10 @@ async def deliver(
         agent._count(BatchStats(dead_lettered=len(bad)))
 
     async def step(part: Sequence[tuple[StreamRecord, Event]]) -> BatchStats:
-        return await agent.apply([event for _, event in part], source)
+        events = [event for _, event in part]
+        if durable:
+            return await agent.apply(events, source)
+        return await agent.apply(events, source, durable=False)
 
     async def give_up(failures: Sequence[Failure[tuple[StreamRecord, Event]]]) -> None:
         letters = [
@@ -309,8 +344,198 @@ async def deliver(
         agent._count(BatchStats(dead_lettered=len(letters)))
 
     policy = RetryPolicy(max_attempts=max_attempts, max_delay=max_delay)
+    results: list[ApplyResult] = []
     for stats in await process_bounded(parsed, step, give_up, policy, "records"):
         total.applied += stats.applied
         total.duplicates += stats.duplicates
         total.windows_persisted += stats.windows_persisted
+        total.pending += stats.pending
+        if stats.result is not None:
+            results.append(stats.result)
+    if not durable:
+        total.result = ApplyResult.merge(results)
     return total
+
+
+async def persist_until_done(
+    agent: WindowAgent,
+    events: Sequence[Event],
+    result: ApplyResult,
+    *,
+    max_attempts: int = 3,
+    max_delay: float = 5.0,
+) -> int:
+    """`WindowAgent.persist` under the agents' failure policy: transient failures are
+    retried without limit (the batch stays unacknowledged, holding the shard back);
+    deterministic ones ``max_attempts`` times, then per actor, and an actor whose copy
+    still fails alone is logged as an error and left: its events are applied (Redis has
+    them), only this copy of its state is missing, and its next event writes it again. (A
+    dead letter would not help: replaying it finds the event applied and fails the same
+    copy again.) Returns how many windows were written."""
+    # One event per actor stands for all of its events (copies are per actor, of its
+    # state now): one with an item when it has one, as windows are copied for those.
+    by_actor: dict[tuple[str, str], Event] = {}
+    for event in events:
+        actor = (event.namespace, event.actor)
+        known = by_actor.get(actor)
+        if known is None or (known.item_id is None and event.item_id is not None):
+            by_actor[actor] = event
+    actors = list(by_actor)
+
+    async def step(part: Sequence[tuple[str, str]]) -> int:
+        return await agent.persist([by_actor[a] for a in part], result)
+
+    async def give_up(failures: Sequence[Failure[tuple[str, str]]]) -> None:
+        for failure in failures:
+            log.error(
+                "the durable copy of %s/%s could not be written (%s); Redis holds its "
+                "state, and its next event writes the copy again",
+                *failure.item, failure.reason,
+            )  # fmt: skip
+
+    policy = RetryPolicy(max_attempts=max_attempts, max_delay=max_delay)
+    return sum(await process_bounded(actors, step, give_up, policy, "durable copies"))
+
+
+COPIES_MAX_ACTORS = 2000
+"""A group of batches is written once it touched this many actors (two DynamoDB items
+each: 160 BatchWriteItem calls)."""
+COPIES_MAX_AGE_S = 1.0
+"""... or once its first batch waited this long for its copies (and its acknowledgement:
+how far the checkpoint may lag behind Redis under a backlog)."""
+
+
+class Pipeline:
+    """Delivers batches one after the other; their durable copies are written while the
+    next batches are applied to Redis, each actor's once per group of batches.
+
+    `submit` returns once the batch is in Redis. Batches join the current group; the
+    group's copies are written (every actor it touched, as Redis holds it then: its
+    latest state, once) when a batch is not full (the stream has caught up, so live
+    traffic is written at once), when the group touched ``max_actors`` actors, or when
+    its first batch is ``max_age_s`` old. Under a backlog one group is being written
+    while the next one is applied. A batch's ``done`` (its acknowledgement, so its
+    checkpoint) is awaited only after its group's copies are written; groups are written
+    one at a time, in order, so an older copy never overwrites a newer one. A crash
+    before that replays the group's batches: Redis finds them applied, and the copies
+    are written then (module docstring).
+
+    `drain` writes what is pending and waits for it; `aclose` too, and when cancelled
+    meanwhile abandons the copies (their batches stay unacknowledged and are read again).
+    """
+
+    def __init__(
+        self,
+        agent: WindowAgent,
+        source: str,
+        *,
+        batch_size: int = 500,
+        max_actors: int = COPIES_MAX_ACTORS,
+        max_age_s: float = COPIES_MAX_AGE_S,
+        max_attempts: int = 3,
+        max_delay: float = 5.0,
+    ) -> None:
+        self.agent = agent
+        self.source = source
+        self.batch_size = batch_size
+        self.max_actors = max_actors
+        self.max_age_s = max_age_s
+        self.max_attempts = max_attempts
+        self.max_delay = max_delay
+        self._group: list[tuple[list[Event], ApplyResult, Callable[[], Awaitable[object]] | None]]
+        self._group = []
+        self._actors: set[tuple[str, str]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._copies: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.groups_written = 0
+
+    async def submit(
+        self,
+        records: Sequence[bytes | StreamRecord],
+        done: Callable[[], Awaitable[object]] | None = None,
+    ) -> BatchStats:
+        stats = await deliver(
+            self.agent,
+            records,
+            self.source,
+            max_attempts=self.max_attempts,
+            max_delay=self.max_delay,
+            durable=False,
+        )
+        if not self._group:
+            self._timer = asyncio.get_running_loop().call_later(self.max_age_s, self._due)
+        self._group.append((stats.pending, stats.result or ApplyResult(0, 0), done))
+        self._actors.update((e.namespace, e.actor) for e in stats.pending)
+        if len(records) < self.batch_size or len(self._actors) >= self.max_actors:
+            await self.flush()
+        return stats
+
+    def _due(self) -> None:
+        task = asyncio.create_task(self.flush(), name=f"durable copies due ({self.source})")
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Start writing the current group, once the group before it is written."""
+        async with self._lock:
+            if not self._group:
+                return
+            if self._copies is not None:
+                # One group at a time, in order (batches keep joining the group meanwhile).
+                copies, self._copies = self._copies, None
+                await copies
+            group, self._group, self._actors = self._group, [], set()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._copies = asyncio.create_task(
+                self._write(group), name=f"durable copies ({self.source})"
+            )
+
+    async def _write(
+        self,
+        group: Sequence[
+            tuple[Sequence[Event], ApplyResult, Callable[[], Awaitable[object]] | None]
+        ],
+    ) -> None:
+        written = await persist_until_done(
+            self.agent,
+            [event for events, _, _ in group for event in events],
+            ApplyResult.merge(result for _, result, _ in group),
+            max_attempts=self.max_attempts,
+            max_delay=self.max_delay,
+        )
+        self.agent.totals.windows_persisted += written
+        self.groups_written += 1
+        for _, _, done in group:
+            if done is None:
+                continue
+            try:
+                await done()
+            except Exception:
+                # An acknowledgement that failed leaves the batch to be read again (its
+                # effects are found applied): logged, never raised into the next batch.
+                log.exception("acknowledging a batch from %s failed", self.source)
+
+    async def drain(self) -> None:
+        """Write every submitted batch's copies (and acknowledge the batches)."""
+        await self.flush()
+        async with self._lock:
+            copies, self._copies = self._copies, None
+            if copies is not None:
+                await copies
+
+    async def aclose(self) -> None:
+        """`drain`; cancelled meanwhile, the copies still being written are abandoned."""
+        try:
+            await self.drain()
+        except asyncio.CancelledError:
+            for task in [self._copies, *self._flushing]:
+                if task is not None:
+                    task.cancel()
+            raise
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()

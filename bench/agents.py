@@ -5,7 +5,9 @@
 
 * **throughput**: events/s of one agent process applying real events (Taobao
   UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
-  whole windows agent (parse, Redis, DynamoDB copies on moto), its Redis part alone, and
+  whole windows agent (parse, Redis, DynamoDB copies on moto) as the worker runs it
+  (`agents.windows.Pipeline`: a batch's durable copies written while the next batch is
+  applied to Redis) and with the copies in turn (`deliver`), its Redis part alone, and
   every agent of a worker on every record (windows, attribution, archive to S3), each as
   a ratio to a bare loop sending the same Redis writes as plain pipelined commands (no
   Lua, no dedup, no parsing), in the same run. ``--order dataset`` keeps the slice's
@@ -45,7 +47,8 @@ from agents.catalog import ALS_MODEL
 from agents.features import FeaturesPart, read_user_state
 from agents.state import RedisHotStore, WindowsPart
 from agents.trending import WINDOWS, TrendingPart
-from agents.windows import deliver
+from agents.windows import Pipeline, deliver
+from agents.worker import tune_gc
 from bench.common import local_settings, summarize
 from recstream.aws import sync_client
 from recstream.keys import Keys
@@ -121,11 +124,14 @@ async def prepare(redis: aioredis.Redis, namespace: str, rows: Sequence[list[str
 async def bare_loop(
     redis: aioredis.Redis, settings: Settings, events: Sequence[Event], batch: int
 ) -> float:
-    """The same Redis writes as plain pipelined commands, one pipeline per batch; events/s."""
+    """The same Redis writes as plain pipelined commands, one pipeline per batch; events/s.
+    Per event what the agent's script writes per event; per batch what it writes once per
+    chunk (the trend clock, the caps, the categories' newest times)."""
     started = time.perf_counter()
     for start in range(0, len(events), batch):
         chunk = events[start : start + batch]
         pipe = redis.pipeline(transaction=False)
+        clocks: dict[str, float] = {}
         for e in chunk:
             keys = Keys(e.namespace)
             actor, item, ts = e.actor, e.item_id or "", e.timestamp
@@ -152,7 +158,9 @@ async def bare_loop(
                 bucket = keys.counts_bucket(w.span_s, w.bucket(ts))
                 pipe.zincrby(bucket, 1, item)
                 pipe.zincrby(keys.counts_bucket(w.span_s, w.bucket(ts), cat), 1, item)
-            pipe.hset(keys.trend_clock, "t", ts)
+            clocks[keys.trend_clock] = max(ts, clocks.get(keys.trend_clock, ts))
+        for clock, ts in clocks.items():
+            pipe.hset(clock, "t", ts)
         await pipe.execute()
     return len(events) / (time.perf_counter() - started)
 
@@ -165,17 +173,34 @@ async def _server_cpu(redis: aioredis.Redis) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def _emulator_cpu(settings: Settings) -> float:
+    """CPU seconds of the emulator process serving ``aws_endpoint_url`` (it shares the
+    machine's cores with Redis and the agent); 0 where /proc does not say."""
+    port = f"-p {(settings.aws_endpoint_url or '').rsplit(':', 1)[-1]}"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "recstream.emulator" in argv and port in argv:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return 0.0
+
+
 async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
-    """Wall-clock events/s, plus the CPU each event costs this process and redis-server:
-    on a shared, loaded machine the CPU figures say what one free core would do."""
+    """Wall-clock events/s, plus the CPU each event costs this process, redis-server and
+    the emulator (moto, which serves DynamoDB, S3 and SQS here): on a shared, loaded
+    machine the CPU figures say what free cores would do."""
     async with open_stores(settings) as stores:
         redis = stores.redis
-        table: list[tuple[str, float, float, float]] = []
-        for label in ("bare", "redis", "agent", "worker"):
+        table: list[tuple[str, float, float, float, float]] = []
+        for label in ("bare", "redis", "agent", "inturn", "worker"):
             ns = f"{label}-{os.getpid()}"
             await prepare(redis, ns, rows)
             events = events_of(rows, ns)
             wall, cpu, server = time.perf_counter(), time.process_time(), await _server_cpu(redis)
+            emulator = _emulator_cpu(settings)
             if label == "bare":
                 await bare_loop(redis, settings, events, batch)
             elif label == "redis":
@@ -183,6 +208,13 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 for start in range(0, len(events), batch):
                     await hot.apply(events[start : start + batch])
             elif label == "agent":
+                agent = build_agent(stores, settings)
+                pipeline = Pipeline(agent, "bench")
+                raw = [e.to_json() for e in events]
+                for start in range(0, len(raw), batch):
+                    await pipeline.submit(raw[start : start + batch])
+                await pipeline.drain()
+            elif label == "inturn":
                 agent = build_agent(stores, settings)
                 raw = [e.to_json() for e in events]
                 for start in range(0, len(raw), batch):
@@ -197,15 +229,17 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 archive: ArchiveBuffer[int] = ArchiveBuffer.of(
                     S3ArchiveSink(stores.s3, settings), settings
                 )
+                pipeline = Pipeline(agent, "bench")
                 raw = [e.to_json() for e in events]
                 for start in range(0, len(raw), batch):
                     chunk = raw[start : start + batch]
-                    await deliver(agent, chunk, "bench")
+                    await pipeline.submit(chunk)
                     await attribution.process(chunk, "bench")
                     archive.add((value, n) for n, value in enumerate(chunk))
                     if archive.full:
                         await flush_until_done(archive)
                 await flush_until_done(archive)
+                await pipeline.drain()
             n = len(events)
             table.append(
                 (
@@ -213,6 +247,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                     n / (time.perf_counter() - wall),
                     (time.process_time() - cpu) / n * 1e6,
                     (await _server_cpu(redis) - server) / n * 1e6,
+                    (_emulator_cpu(settings) - emulator) / n * 1e6,
                 )
             )
     bare = table[0][1]
@@ -221,18 +256,19 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
     )
     print(
         f"{'run':<44}{'events/s':>10}{'ratio':>7}{'client us/ev':>14}{'redis us/ev':>13}"
-        f"{'ev/s per client core':>22}"
+        f"{'moto us/ev':>12}{'ev/s per client core':>22}"
     )
     names = {
         "bare": "bare loop: same Redis writes, plain pipeline",
         "redis": "agent, Redis part (a Lua call per 100 ev.)",
         "agent": "agent, whole (parse + Redis + DynamoDB)",
+        "inturn": "  the same, durable copies in turn",
         "worker": "worker: windows + attribution + archive",
     }
-    for label, rate, client_us, server_us in table:
+    for label, rate, client_us, server_us, emulator_us in table:
         print(
             f"{names[label]:<44}{rate:>10,.0f}{rate / bare:>7.2f}{client_us:>14.0f}"
-            f"{server_us:>13.0f}{1e6 / client_us:>22,.0f}"
+            f"{server_us:>13.0f}{emulator_us:>12.0f}{1e6 / client_us:>22,.0f}"
         )
 
 
@@ -394,6 +430,7 @@ def main() -> None:
     ORDER = args.order
     sections = set(args.only.split(","))
     rows = taobao_rows(args.events)
+    tune_gc()  # as `recstream agents` does
     with local_settings(namespace="bench", poll_interval_s=0.05) as settings:
         if "throughput" in sections:
             asyncio.run(throughput(settings, rows, args.batch))

@@ -1,0 +1,182 @@
+"""The worker's delivery (`agents.windows.Pipeline`), on real Redis and DynamoDB (moto):
+durable copies written a group of batches at a time, each actor's once, while the next
+batches are applied, and a batch acknowledged only once its copies are written."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from agents.features import DynamoFeatures, read_user_state
+from agents.state import ApplyResult, DynamoWindows
+from agents.windows import Pipeline, deliver
+from recstream.errors import ThroughputExceeded
+from recstream.keys import Keys
+from recstream.settings import Settings
+from recstream.stores import open_stores
+from streams.schema import Event
+from tests.agents.streamdata import snapshot, taobao, write_catalog
+from tests.agents.test_features import agent_of
+from tests.conftest import LocalStack, make_settings
+
+
+def interleaved(shared_data: Path, namespace: str, limit: int) -> list[Event]:
+    """Taobao events in time order: a shard's users interleaved, most in many batches."""
+    events, _ = taobao(shared_data, namespace, limit)
+    return sorted(events, key=lambda e: (e.timestamp, e.event_id))
+
+
+async def durable_ids(settings: Settings, actors: Sequence[tuple[str, str]]) -> dict[str, set[str]]:
+    """The event ids in each actor's durable window (DynamoDB)."""
+    async with open_stores(settings) as stores:
+        found = await DynamoWindows(stores.dynamodb, settings).get_many(actors)
+    return {actor: {e.event_id for e in window} for (_, actor), window in found.items()}
+
+
+async def test_a_batch_is_acknowledged_only_once_its_copies_are_written(
+    settings: Settings, shared_data: Path
+) -> None:
+    ns = settings.namespace
+    events = interleaved(shared_data, ns, 600)
+    batches = [events[start : start + 100] for start in range(0, len(events), 100)]
+    acked: list[int] = []
+    missing: list[str] = []
+    async with agent_of(settings) as (agent, redis):
+        _, catalog = taobao(shared_data, ns, 600)
+        await write_catalog(redis, ns, catalog)
+        pipeline = Pipeline(agent, "stream", batch_size=100)
+
+        def done(n: int) -> Callable[[], Awaitable[None]]:
+            async def acknowledge() -> None:
+                # At acknowledgement, every event of the batch is in its actor's copy.
+                batch = batches[n]
+                actors = sorted({(e.namespace, e.actor) for e in batch})
+                copies = await durable_ids(settings, actors)
+                windows = {a: await agent.hot.window(*a) for a in actors}
+                for e in batch:
+                    kept = {x.event_id for x in windows[(e.namespace, e.actor)]}
+                    if e.event_id in kept and e.event_id not in copies.get(e.actor, set()):
+                        missing.append(e.event_id)
+                acked.append(n)
+
+            return acknowledge
+
+        for n, batch in enumerate(batches):
+            await pipeline.submit([e.to_json() for e in batch], done(n))
+        await pipeline.drain()
+    assert acked == list(range(len(batches)))
+    assert missing == []
+    # Full batches joined groups: an actor of several batches was written once per group.
+    per_batch = sum(len({e.actor for e in b if e.item_id}) for b in batches)
+    assert pipeline.groups_written < len(batches)
+    assert agent.totals.windows_persisted < per_batch
+
+
+async def test_the_pipeline_leaves_what_deliver_leaves(
+    local_stack: LocalStack, shared_data: Path
+) -> None:
+    """The same events, batch by batch with `deliver` and through the pipeline: the same
+    Redis state, and the same durable windows and feature vectors."""
+    states, copies = [], []
+    for pipelined in (False, True):
+        settings = make_settings(local_stack)
+        ns = settings.namespace
+        events = interleaved(shared_data, ns, 500)
+        _, catalog = taobao(shared_data, ns, 500)
+        async with agent_of(settings) as (agent, redis):
+            await write_catalog(redis, ns, catalog)
+            pipeline = Pipeline(agent, "stream", batch_size=50, max_actors=40)
+            for start in range(0, len(events), 50):
+                batch = [e.to_json() for e in events[start : start + 50]]
+                if pipelined:
+                    await pipeline.submit(batch)
+                else:
+                    await deliver(agent, batch, "stream")
+            await pipeline.drain()
+            state = await snapshot(redis, ns)
+            state.pop("pop:touched")  # eviction bookkeeping by wall-clock time
+            states.append(state)
+            actors = sorted({(ns, e.actor) for e in events})
+            windows = await durable_ids(settings, actors)
+            async with open_stores(settings) as stores:
+                features = await DynamoFeatures(stores.dynamodb, settings).get_many(actors)
+            copies.append(
+                (
+                    {a: sorted(ids) for a, ids in windows.items()},
+                    {a[1]: c.features for a, c in features.items()},
+                )
+            )
+            # the copies are Redis's state, not an older one
+            for (_, actor), copy in features.items():
+                hot = await read_user_state(redis, settings, ns, actor)
+                assert int(copy.features["n"]) == hot.events
+    assert states[0] == states[1]
+    assert copies[0] == copies[1]
+
+
+class Throttled:
+    """A stage that is throttled a few times (as DynamoDB is under load), then works."""
+
+    def __init__(self, times: int) -> None:
+        self.left = times
+
+    async def after(self, events: Sequence[Event], result: ApplyResult) -> None:
+        if self.left:
+            self.left -= 1
+            raise ThroughputExceeded("throttled; retry with backoff")
+
+
+async def test_throttled_copies_hold_the_acknowledgement_back(settings: Settings) -> None:
+    ns = settings.namespace
+    batch = [
+        Event(
+            event_id=f"t{n}",
+            event_type="click",
+            user_id=f"u{n % 3}",
+            item_id=f"i{n}",
+            timestamp=1_700_000_000.0 + n,
+            namespace=ns,
+        ).to_json()
+        for n in range(9)
+    ]
+    async with agent_of(settings) as (agent, redis):
+        throttled = Throttled(4)
+        agent.stages = (*agent.stages, throttled)
+        pipeline = Pipeline(agent, "stream", batch_size=100, max_delay=0.01)
+        seen_left: list[int] = []
+
+        async def acknowledge() -> None:
+            seen_left.append(throttled.left)
+
+        stats = await pipeline.submit(batch, acknowledge)
+        # in Redis at once, applied once; the copies (and the acknowledgement) follow
+        assert (stats.applied, stats.duplicates) == (9, 0)
+        assert await redis.llen(Keys(ns).window("u0")) == 3
+        await pipeline.drain()
+    assert seen_left == [0]
+    copies = await durable_ids(settings, [(ns, "u0"), (ns, "u1"), (ns, "u2")])
+    assert copies["u0"] == {"t0", "t3", "t6"}
+
+
+async def test_a_full_batch_on_a_quiet_stream_is_written_by_age(settings: Settings) -> None:
+    """A batch that filled up (more may follow) waits for its group, but not for ever."""
+    ns = settings.namespace
+    batch = [
+        Event(
+            event_id=f"q{n}", event_type="view", user_id="quiet", item_id=f"i{n}", namespace=ns
+        ).to_json()
+        for n in range(5)
+    ]
+    async with agent_of(settings) as (agent, _):
+        pipeline = Pipeline(agent, "stream", batch_size=5, max_age_s=0.05)
+        acked = asyncio.Event()
+
+        async def acknowledge() -> None:
+            acked.set()
+
+        await pipeline.submit(batch, acknowledge)
+        # nothing else comes: the age limit writes the group (a generous wait, no timing)
+        await asyncio.wait_for(acked.wait(), 60)
+        await pipeline.aclose()
+    assert (await durable_ids(settings, [(ns, "quiet")]))["quiet"] == {f"q{n}" for n in range(5)}
