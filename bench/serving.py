@@ -183,7 +183,7 @@ async def measure(
             servers[app] = (port, start_server(settings, app, port, variant))
         for port, server in servers.values():
             await wait_http(f"http://127.0.0.1:{port}", server)
-        for app, (port, _) in servers.items():
+        for port, _ in servers.values():
             # Steady state is what is measured: the catalog's and the neighbour rows'
             # in-process caches fill over the first few thousand requests (cold, a request
             # cost twice the CPU), as they do once in a deployment's life.
