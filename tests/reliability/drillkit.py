@@ -18,8 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from recstream import stack
 from recstream.keys import Keys
@@ -30,12 +32,15 @@ from tests.integration.test_spine import agent_worker
 T = TypeVar("T")
 
 __all__ = [
+    "Samples",
     "agents",
     "applied_ids",
     "drill_settings",
+    "metric",
     "paused",
     "private_moto",
     "private_redis",
+    "scrape",
     "wait_for",
 ]
 
@@ -82,14 +87,15 @@ def paused(server: stack.Server) -> Iterator[None]:
 
 
 @contextmanager
-def agents(settings: Settings, log: Path) -> Iterator[Any]:
+def agents(settings: Settings, log: Path, metrics_port: int | None = None) -> Iterator[Any]:
     """`recstream agents` (tests.integration.test_spine.agent_worker) running the code of
     this checkout: the child starts in another directory, where an editable install
-    would otherwise import the package from wherever it was installed."""
+    would otherwise import the package from wherever it was installed. With
+    ``metrics_port``, the worker serves its /metrics there."""
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([previous] if previous else [])])
     try:
-        starting = agent_worker(settings, log)
+        starting = agent_worker(settings, log, metrics_port=metrics_port)
         process = starting.__enter__()
     finally:
         if previous is None:
@@ -151,3 +157,24 @@ async def applied_ids(client: aioredis.Redis, namespace: str, actors: list[str])
     for members in await pipe.execute():
         found.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
     return found
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    """Every sample a process serves at ``http://127.0.0.1:{port}/metrics``."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.get(f"http://127.0.0.1:{port}/metrics")
+    answer.raise_for_status()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
