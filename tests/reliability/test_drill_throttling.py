@@ -3,7 +3,7 @@
 Real processes: the API on uvicorn, a `recstream agents` worker (serving its /metrics),
 the session's moto and Redis. Kinesis (for both) is moto, or kinesis-mock (real-style
 56-digit sequence numbers), behind a test-side proxy that
-answers as Kinesis does when shards are over their limits (tests/reliability/throttler.py;
+answers as Kinesis does when shards are over their limits (tests/reliability/faultproxy.py;
 no emulator throttles by itself). Two clients post small batches without pause while the
 proxy goes through three phases, each ended by what it must show, never by a clock:
 
@@ -48,7 +48,7 @@ from tests.reliability.drillkit import (
     scrape,
     wait_for,
 )
-from tests.reliability.throttler import THROTTLED, KinesisThrottler, Throttle
+from tests.reliability.faultproxy import THROTTLED, FaultProxy, Throttle
 
 USERS = 12
 THROTTLED_READS = "recstream_aws_call_errors_total"
@@ -90,7 +90,7 @@ async def test_kinesis_throttling_answers_503_and_acknowledged_events_land_once(
     async with async_client(direct, "kinesis") as kinesis:
         shard_map = await list_shards(kinesis, direct.stream_name)
     hot = min(shard_map.shards)
-    proxy = KinesisThrottler(direct.kinesis_endpoint or "", shard_map)
+    proxy = FaultProxy(direct.kinesis_endpoint or "", shard_map)
     await proxy.start(stack.free_port())
     # The API and the worker see Kinesis only through the proxy; the rest is moto's.
     settings = direct.model_copy(update={"kinesis_endpoint_url": proxy.url})

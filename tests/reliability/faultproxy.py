@@ -1,4 +1,5 @@
-"""Kinesis throttling in front of a real emulator: a test-side HTTP proxy.
+"""Faults in front of a real emulator: a test-side HTTP proxy (Kinesis throttling, calls
+left unanswered).
 
 Neither emulator throttles: moto has no shard limits, and kinesis-mock's PutRecords only
 refuses records over the size limit (it declares ``ProvisionedThroughputExceededException``
@@ -17,6 +18,10 @@ format (JSON 1.1):
 * GetRecords: a 400 whose body is ``{"__type": "ProvisionedThroughputExceededException",
   "message": "Rate exceeded for shard …"}``, as for a reader over 5 calls or 2 MB a second.
 
+It can also hold calls unanswered (``FaultProxy.hold``, chosen by operation, path, body):
+the connection is accepted and nothing comes back, as from a store that went silent,
+but only for the calls chosen (SIGSTOP of the emulator silences all of them at once).
+
 A PutRecords the proxy trims reaches the emulator with a body that no longer matches its
 SigV4 signature; the emulators do not check signatures. Everything else (and every call
 while nothing is throttled) passes through byte for byte.
@@ -24,10 +29,12 @@ while nothing is throttled) passes through byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +45,7 @@ from aiohttp import web
 from streams.envelope import EnvelopeError, decode
 from streams.kinesis.shards import ShardMap
 
-__all__ = ["KinesisThrottler", "Throttle"]
+__all__ = ["THROTTLED", "Call", "FaultProxy", "Throttle"]
 
 THROTTLED = "ProvisionedThroughputExceededException"
 JSON_11 = "application/x-amz-json-1.1"
@@ -60,14 +67,37 @@ class Throttle:
     """GetRecords: every call refused."""
 
 
+@dataclass(frozen=True)
+class Call:
+    """One request as the proxy sees it, for `FaultProxy.hold` to choose."""
+
+    operation: str
+    """The JSON protocols' operation (``X-Amz-Target``: ``UpdateItem``, ``GetRecords``);
+    empty for REST services (S3), which ``method`` and ``path`` tell apart."""
+    method: str
+    path: str
+    """With the query string."""
+    body: bytes
+
+
+Hold = Callable[[Call], bool]
+"""Whether to leave a call unanswered."""
+
+
 @dataclass
-class KinesisThrottler:
-    """``await start(port)``; ``url`` is the endpoint to give the clients."""
+class FaultProxy:
+    """``await start(port)``; ``url`` is the endpoint to give the clients. Throttling
+    needs the stream's ``shard_map`` (to route records to shards as Kinesis does)."""
 
     upstream: str
-    shard_map: ShardMap
+    shard_map: ShardMap | None = None
     account: str = "000000000000"
     throttle: Throttle = field(default_factory=Throttle)
+    hold: Hold | None = None
+    held: int = 0
+    calls: Counter[str] = field(default_factory=Counter)
+    """Calls received, by operation (the HTTP method for REST services)."""
+    """Calls left unanswered so far."""
     refused_ids: Counter[str] = field(default_factory=Counter)
     """Event id -> how many times the proxy refused its record."""
     refused_gets: int = 0
@@ -77,6 +107,8 @@ class KinesisThrottler:
     url: str = ""
     _seen: Counter[bytes] = field(default_factory=Counter)
     _puts_throttled: int = 0
+    _held_ops: Counter[str] = field(default_factory=Counter)
+    _closing: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
 
@@ -84,22 +116,35 @@ class KinesisThrottler:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._session = aiohttp.ClientSession(auto_decompress=False)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
         self.url = f"http://127.0.0.1:{port}"
 
     async def close(self) -> None:
+        self._closing.set()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
             await self._session.close()
+
+    def held_by(self, operation: str) -> int:
+        """Calls of ``operation`` (or HTTP method, for REST) left unanswered so far."""
+        return self._held_ops[operation]
 
     # --- the proxy ----------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         operation = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        self.calls[operation or request.method] += 1
+        call = Call(operation, request.method, request.path_qs, body)
+        if self.hold is not None and self.hold(call):
+            self.held += 1
+            self._held_ops[operation or request.method] += 1
+            # Until the client gives up (the handler is then cancelled) or the proxy closes.
+            await self._closing.wait()
+            return web.Response(status=503)
         throttle = self.throttle
         if operation == "GetRecords" and throttle.get_records:
             self.refused_gets += 1
@@ -179,6 +224,8 @@ class KinesisThrottler:
     # --- helpers ------------------------------------------------------------------------
 
     def _shard_of(self, record: dict[str, Any]) -> str:
+        if self.shard_map is None:
+            raise RuntimeError("throttling PutRecords needs the stream's shard map")
         explicit = record.get("ExplicitHashKey")
         if explicit is not None:
             return self.shard_map.shard_for_hash(int(explicit)).shard_id
