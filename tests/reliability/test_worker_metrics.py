@@ -87,7 +87,7 @@ async def test_the_worker_times_its_own_redis_and_aws_calls(
 
                 await wait_for(applied, "the events applied", 90, log)
 
-                async def every_kind_timed() -> Samples | None:
+                async def every_kind_timed() -> Samples:
                     samples = await scrape(port)
                     timed = (
                         metric(samples, "recstream_redis_call_seconds_count"),
@@ -95,7 +95,7 @@ async def test_the_worker_times_its_own_redis_and_aws_calls(
                         metric(samples, CALLS, service="dynamodb", operation="UpdateItem"),
                         metric(samples, CALLS, service="s3", operation="PutObject"),
                     )
-                    return samples if all(timed) else None
+                    return samples if all(timed) else {}  # (empty: not yet)
 
                 samples = await wait_for(every_kind_timed, "the worker's call metrics", 60, log)
                 redis_server.stop()
