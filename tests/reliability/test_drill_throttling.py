@@ -59,20 +59,23 @@ def stream_ids(settings: Settings) -> Counter[str]:
     """How many times each event id is on the stream, read from the emulator itself."""
     kinesis = sync_client(settings, "kinesis")
     found: Counter[str] = Counter()
-    for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
-        iterator = kinesis.get_shard_iterator(
-            StreamName=settings.stream_name,
-            ShardId=shard["ShardId"],
-            ShardIteratorType="TRIM_HORIZON",
-        )["ShardIterator"]
-        while iterator:
-            answer = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
-            for record in answer["Records"]:
-                for message in decode(record["Data"]):
-                    found[orjson.loads(message.value)["event_id"]] += 1
-            if not answer["Records"]:
-                break
-            iterator = answer.get("NextShardIterator")
+    try:
+        for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
+            iterator = kinesis.get_shard_iterator(
+                StreamName=settings.stream_name,
+                ShardId=shard["ShardId"],
+                ShardIteratorType="TRIM_HORIZON",
+            )["ShardIterator"]
+            while iterator:
+                answer = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
+                for record in answer["Records"]:
+                    for message in decode(record["Data"]):
+                        found[orjson.loads(message.value)["event_id"]] += 1
+                if not answer["Records"]:
+                    break
+                iterator = answer.get("NextShardIterator")
+    finally:
+        kinesis.close()  # its sockets, not the garbage collector's (a ResourceWarning)
     return found
 
 
