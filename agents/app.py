@@ -150,7 +150,8 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
         async def personalize(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
             async with open_stores(settings) as stores, open_personalize(settings) as client:
                 dead_letters = SqsDeadLetters(stores.sqs, settings, stores.s3)
-                forwarder = Forwarder(client, settings, dead_letters)
+                # (its own session: the stores' clients are timed by recstream.aws)
+                forwarder = Forwarder(tracing.instrument_aws(client), settings, dead_letters)
                 async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.agent_batch_size, within=settings.agent_batch_window_s
                 ):

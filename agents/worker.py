@@ -2,12 +2,13 @@
 
 On a signal the worker stops gracefully: agents finish their batch, the transport
 checkpoints it and releases its shard leases, so another worker takes over at once
-rather than after the lease expiry.
+rather than after the lease expiry. With AWS unreachable, every step of the stop is
+bounded (about a lease duration each), so the process still exits
+(tests/reliability/test_drill_sigterm.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 
@@ -16,7 +17,7 @@ from prometheus_client import start_http_server
 from agents.app import create_app
 from recstream import tracing
 from recstream.settings import Settings
-from streams.kinesis import run_worker
+from streams.kinesis.app import exit_past_blocked_threads, run_in_process
 
 __all__ = ["GC_THRESHOLDS", "run", "tune_gc"]
 
@@ -46,7 +47,10 @@ def run(settings: Settings) -> int:
     provider = tracing.configure(settings, "recstream-agents")
     tune_gc()
     try:
-        asyncio.run(run_worker(create_app, settings))
+        run_in_process(create_app, settings)
     finally:
         tracing.shutdown(provider)
+    # A thread blocked on a store that does not answer must not keep a stopped worker
+    # alive (streams/kinesis/app.py says why); it gets one lease duration.
+    exit_past_blocked_threads(settings.lease_duration_s)
     return 0

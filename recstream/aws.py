@@ -24,6 +24,7 @@ from aiobotocore.session import AioSession, get_session
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from recstream import tracing
 from recstream.errors import (
     RecstreamError,
     RequestRefused,
@@ -120,6 +121,9 @@ def _aio_session() -> AioSession:
     global _session
     if _session is None:
         _session = get_session()
+        # Every client of the process is timed into the Redis/AWS call metrics
+        # (recstream/tracing.py): botocore copies the session's hooks into each client.
+        tracing.instrument_aws(_session)
     return _session
 
 

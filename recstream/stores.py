@@ -12,6 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from recstream import tracing
 from recstream.aws import async_client
 from recstream.settings import Settings
 
@@ -24,8 +25,9 @@ __all__ = ["Stores", "open_redis", "open_stores"]
 
 
 def open_redis(settings: Settings) -> aioredis.Redis:
-    # Short socket timeouts: a slow Redis must degrade a request, not hang it.
-    return aioredis.from_url(
+    # Short socket timeouts: a slow Redis must degrade a request, not hang it. Every
+    # call is timed into the Redis call metrics (recstream/tracing.py).
+    client = aioredis.from_url(
         settings.redis_url,
         socket_connect_timeout=2.0,
         socket_timeout=5.0,
@@ -39,6 +41,7 @@ def open_redis(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         retry_on_error=[RedisConnectionError],
     )
+    return tracing.instrument_redis(client)
 
 
 @dataclass(frozen=True)

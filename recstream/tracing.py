@@ -12,7 +12,12 @@ SDK is not imported, no span object is created, and every helper here returns af
     consuming(name, headers, ...)  the agent's side: one span per message, continuing the
                                    trace its producer put in the envelope
     instrument_redis(client)       Prometheus latency/errors per command (+ client spans)
-    instrument_aws(client)         Prometheus latency/errors per operation (+ client spans)
+    instrument_aws(client|session) Prometheus latency/errors per operation (+ client spans)
+
+Every Redis client `recstream.stores.open_redis` opens, and every AWS client
+`recstream.aws.async_client` opens, is timed, in the API and in the agent worker alike
+(each serves the same families on its own /metrics). Client spans are started only
+inside a trace (a request, a publish).
 
 The trace context travels as W3C ``traceparent``/``tracestate``: in HTTP headers into the
 API, and in the envelope's headers (streams/envelope.py, which has carried headers since
@@ -309,7 +314,10 @@ class _Timed:
         self.labels = labels
         self.started = time.perf_counter()
         self.span: Span | None = None
-        if _tracer is not None:
+        # A CLIENT span only inside a trace: outside one (a worker's GetRecords polls and
+        # lease renewals, the API's background reads) each call would start a trace of
+        # its own, several a second per shard, burying the traces of events.
+        if _tracer is not None and trace.get_current_span().is_recording():
             self.span = _tracer.start_span(span_name, kind=SpanKind.CLIENT, attributes=attributes)
 
     def done(self, error: str | None) -> None:
@@ -322,12 +330,20 @@ class _Timed:
             self.span.end()
 
 
+_TIMED: Final = "_recstream_timed"
+
+
 def instrument_redis(client: aioredis.Redis) -> aioredis.Redis:
     """Time every command and pipeline of ``client`` (returned, for chaining).
 
     The client's own methods are wrapped on the instance: every command method, script
     (``EVALSHA``) and pipeline of redis-py goes through ``execute_command`` or a
-    pipeline's ``execute``, so nothing that uses the client needs to change."""
+    pipeline's ``execute``, so nothing that uses the client needs to change.
+    `recstream.stores.open_redis` instruments every client it opens; a second call on
+    the same client does nothing (each call would be counted twice)."""
+    if getattr(client, _TIMED, False):
+        return client
+    setattr(client, _TIMED, True)
     # (redis-py's asyncio client is untyped here; its callables are kept as Any)
     command: Any = client.execute_command
     make_pipeline: Any = client.pipeline
@@ -414,14 +430,21 @@ def _after_error(exception: BaseException, context: dict[str, Any], **_: Any) ->
         call.done(type(exception).__name__)
 
 
-def instrument_aws(client: Any) -> Any:
-    """Time every API call of an aiobotocore (or botocore) client (returned, for
-    chaining), through botocore's own event hooks on this client alone:
-    ``before-parameter-build`` starts the clock, ``after-call`` (an answer, maybe an
-    error code) and ``after-call-error`` (no answer: a connection error or timeout)
-    stop it."""
-    events = client.meta.events
+def instrument_aws(target: Any) -> Any:
+    """Time every API call of an aiobotocore (or botocore) client, or of every client a
+    session creates from now on (returned, for chaining), through botocore's own event
+    hooks: ``before-parameter-build`` starts the clock, ``after-call`` (an answer, maybe
+    an error code) and ``after-call-error`` (no answer: a connection error or timeout)
+    stop it.
+
+    `recstream.aws` instruments its session, so every client a process opens through
+    `recstream.aws.async_client` is timed (botocore copies a session's hooks into each
+    new client); the hooks have fixed ids, so instrumenting such a client again does
+    nothing."""
+    events = (
+        target.meta.events if hasattr(target, "meta") else target.get_component("event_emitter")
+    )
     events.register("before-parameter-build", _before, unique_id="recstream-aws-before")
     events.register("after-call", _after, unique_id="recstream-aws-after")
     events.register("after-call-error", _after_error, unique_id="recstream-aws-error")
-    return client
+    return target

@@ -19,8 +19,12 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 import faust
@@ -36,7 +40,15 @@ from streams.kinesis.transport import (
 if TYPE_CHECKING:
     from streams.leases import LeaseStore
 
-__all__ = ["MANDATORY", "consumer_of", "make_app", "run_worker", "running"]
+__all__ = [
+    "MANDATORY",
+    "consumer_of",
+    "exit_past_blocked_threads",
+    "make_app",
+    "run_in_process",
+    "run_worker",
+    "running",
+]
 
 log = logging.getLogger(__name__)
 
@@ -165,3 +177,55 @@ async def run_worker(factory: Callable[[Settings], faust.App], settings: Setting
     reason = app.crash_reason
     if app._crashed.is_set() and reason is not None:
         raise reason
+
+
+class _AbandonedOnShutdown(ThreadPoolExecutor):
+    """The worker loop's default executor (``asyncio.to_thread``). Its shutdown does not
+    wait for the threads still running: `asyncio.run` would otherwise join them when the
+    worker has stopped, and a thread blocked on a store that does not answer (the trend
+    keeper reads the S3 archive with boto3 in a thread: up to 3 x 60 s a call) held a
+    stopped worker past any grace period (tests/reliability/test_drill_sigterm.py).
+    `exit_past_blocked_threads` then decides how long they may hold the process."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
+
+
+def run_in_process(factory: Callable[[Settings], faust.App], settings: Settings) -> None:
+    """`run_worker` in a new event loop of this process, until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(
+            _AbandonedOnShutdown(thread_name_prefix="worker-io")
+        )
+        await run_worker(factory, settings)
+
+    asyncio.run(main())
+
+
+def exit_past_blocked_threads(grace_s: float) -> None:
+    """After a worker stopped: give the threads still running ``grace_s`` seconds to end,
+    then end the process if some have not (``os._exit(0)``), since the interpreter would
+    wait for them at exit for as long as they block. By then the worker has committed what
+    it could and released (or given up) its leases; what a leftover thread does is a read
+    of a store that does not answer, safe to abandon."""
+    deadline = time.monotonic() + grace_s
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    blocked = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.current_thread() and not t.daemon and t.is_alive()
+    ]
+    if blocked:
+        log.warning(
+            "the worker stopped, but %d threads are still blocked after %.0f s (%s); exiting "
+            "without them",
+            len(blocked),
+            grace_s,
+            ", ".join(blocked),
+        )
+        logging.shutdown()
+        os._exit(0)

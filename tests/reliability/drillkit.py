@@ -10,16 +10,20 @@ a sleep of a guessed length.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from recstream import stack
 from recstream.keys import Keys
@@ -30,12 +34,16 @@ from tests.integration.test_spine import agent_worker
 T = TypeVar("T")
 
 __all__ = [
+    "Poster",
+    "Samples",
     "agents",
     "applied_ids",
     "drill_settings",
+    "metric",
     "paused",
     "private_moto",
     "private_redis",
+    "scrape",
     "wait_for",
 ]
 
@@ -82,14 +90,15 @@ def paused(server: stack.Server) -> Iterator[None]:
 
 
 @contextmanager
-def agents(settings: Settings, log: Path) -> Iterator[Any]:
+def agents(settings: Settings, log: Path, metrics_port: int | None = None) -> Iterator[Any]:
     """`recstream agents` (tests.integration.test_spine.agent_worker) running the code of
     this checkout: the child starts in another directory, where an editable install
-    would otherwise import the package from wherever it was installed."""
+    would otherwise import the package from wherever it was installed. With
+    ``metrics_port``, the worker serves its /metrics there."""
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *([previous] if previous else [])])
     try:
-        starting = agent_worker(settings, log)
+        starting = agent_worker(settings, log, metrics_port=metrics_port)
         process = starting.__enter__()
     finally:
         if previous is None:
@@ -151,3 +160,75 @@ async def applied_ids(client: aioredis.Redis, namespace: str, actors: list[str])
     for members in await pipe.execute():
         found.update(m.decode() if isinstance(m, bytes) else str(m) for m in members)
     return found
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(port: int) -> Samples:
+    """Every sample a process serves at ``http://127.0.0.1:{port}/metrics``."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        answer = await client.get(f"http://127.0.0.1:{port}/metrics")
+    answer.raise_for_status()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+
+def metric(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= have)
+
+
+@dataclass
+class Poster:
+    """Posts batches of fresh events until stopped; remembers every outcome."""
+
+    url: str
+    users: int = 20
+    batch_size: int = 5
+    prefix: str = "d2-"
+    accepted: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    """Ids in a 503's ``failed`` list (or a 503 without a body): not acknowledged."""
+    statuses: list[int] = field(default_factory=list)
+    missing_retry_after: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    counter: itertools.count[int] = field(default_factory=itertools.count)
+
+    def batch(self) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(self.batch_size):
+            n = next(self.counter)
+            user, item = f"u{n % self.users}", f"i{n % 31}"
+            out.append(
+                {
+                    "event_id": f"{self.prefix}{n}",
+                    "event_type": "view",
+                    "user_id": user,
+                    "item_id": item,
+                }
+            )
+        return out
+
+    def refusals(self) -> int:
+        return sum(1 for s in self.statuses if s == 503)
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set():
+                events = self.batch()
+                response = await client.post("/v1/events", json=events)
+                self.statuses.append(response.status_code)
+                body = response.json()
+                if response.status_code == 503 and "Retry-After" not in response.headers:
+                    self.missing_retry_after += 1
+                if response.status_code in (202, 503) and "accepted" in body:
+                    self.accepted += [a["event_id"] for a in body["accepted"]]
+                    self.refused += [f["event_id"] for f in body["failed"]]
+                else:
+                    self.refused += [e["event_id"] for e in events]
+                await asyncio.sleep(0.02)

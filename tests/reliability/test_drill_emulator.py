@@ -13,12 +13,8 @@ status) is applied by the agents once the emulator is back; none is applied twic
 from __future__ import annotations
 
 import asyncio
-import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -26,6 +22,7 @@ from recstream import stack
 from serving.app import create_app
 from tests.conftest import serve_in_thread
 from tests.reliability.drillkit import (
+    Poster,
     agents,
     applied_ids,
     drill_settings,
@@ -35,50 +32,6 @@ from tests.reliability.drillkit import (
 )
 
 USERS = 20
-BATCH = 5
-
-
-@dataclass
-class Poster:
-    """Posts batches of fresh events until stopped; remembers every outcome."""
-
-    url: str
-    accepted: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    """Ids in a 503's ``failed`` list (or a 503 without a body): not acknowledged."""
-    statuses: list[int] = field(default_factory=list)
-    missing_retry_after: int = 0
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    counter: itertools.count[int] = field(default_factory=itertools.count)
-
-    def batch(self) -> list[dict[str, Any]]:
-        out = []
-        for _ in range(BATCH):
-            n = next(self.counter)
-            user, item = f"u{n % USERS}", f"i{n % 31}"
-            out.append(
-                {"event_id": f"d2-{n}", "event_type": "view", "user_id": user, "item_id": item}
-            )
-        return out
-
-    def refusals(self) -> int:
-        return sum(1 for s in self.statuses if s == 503)
-
-    async def run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.url, timeout=60) as client:
-            while not self.stop.is_set():
-                events = self.batch()
-                response = await client.post("/v1/events", json=events)
-                self.statuses.append(response.status_code)
-                body = response.json()
-                if response.status_code == 503 and "Retry-After" not in response.headers:
-                    self.missing_retry_after += 1
-                if response.status_code in (202, 503) and "accepted" in body:
-                    self.accepted += [a["event_id"] for a in body["accepted"]]
-                    self.refused += [f["event_id"] for f in body["failed"]]
-                else:
-                    self.refused += [e["event_id"] for e in events]
-                await asyncio.sleep(0.02)
 
 
 @pytest.mark.timeout(240)
@@ -94,7 +47,7 @@ async def test_an_emulator_restart_answers_503_and_loses_no_acknowledged_event(
         log = tmp_path / "worker" / "agents.log"
         log.parent.mkdir()
         client = aioredis.from_url(settings.redis_url)
-        poster = Poster(f"http://127.0.0.1:{api_port}")
+        poster = Poster(f"http://127.0.0.1:{api_port}", users=USERS)
         actors = [f"u{n}" for n in range(USERS)]
         try:
             with serve_in_thread(create_app(settings), api_port), agents(settings, log):
