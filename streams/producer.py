@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -154,7 +155,7 @@ class KinesisProducer:
             raise ValueError(f"max_in_flight must be at least 1, not {max_in_flight}")
         self.max_in_flight = max_in_flight
         self._in_flight = 0
-        self._waiting: list[_Waiting] = []
+        self._waiting: deque[_Waiting] = deque()
         self._calls: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
@@ -261,7 +262,7 @@ class KinesisProducer:
 
     def _start_calls(self) -> None:
         while self._waiting and self._in_flight < self.max_in_flight:
-            group = [self._waiting.pop(0)]
+            group = [self._waiting.popleft()]
             count, size = len(group[0].records), group[0].size
             while self._waiting:
                 nxt = self._waiting[0]
@@ -270,7 +271,7 @@ class KinesisProducer:
                     or size + nxt.size > MAX_BYTES_PER_CALL
                 ):
                     break
-                group.append(self._waiting.pop(0))
+                group.append(self._waiting.popleft())
                 count, size = count + len(nxt.records), size + nxt.size
             self._in_flight += 1
             task = asyncio.create_task(self._call(group), name="kinesis-producer-call")
