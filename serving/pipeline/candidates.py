@@ -62,12 +62,12 @@ AFFINITY_HALF_LIFE_S = 86400.0
 """Half-life used to bring the feature hash's ``a:cat:*`` affinities to the same instant
 (only their ratios matter here)."""
 MAX_CATEGORIES = 5
+"""Category popularity reads the lists of the user's top few categories only."""
 NEIGHBOUR_TTL_S = 600.0
 """How long a published version's neighbour rows stay cached (they never change)."""
 MAX_VERSIONS = 4
 """Item2item versions whose id numbering is kept per process (the serving one and the
 few a rollback or promotion may switch between)."""
-"""Category popularity reads the lists of the user's top few categories only."""
 
 
 @dataclass(slots=True)
