@@ -116,7 +116,8 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                     del events
                     namespaces.update(agent.namespaces)
             finally:
-                await pipeline.aclose()
+                # bounded, as every step of a stop is (agents/worker.py)
+                await pipeline.aclose(settings.lease_duration_s)
 
     # Every agent runs its batches under the one failure policy (agents/retry.py):
     # transient failures wait, deterministic ones dead-letter the records at fault.

@@ -527,15 +527,27 @@ class Pipeline:
             if copies is not None:
                 await copies
 
-    async def aclose(self) -> None:
-        """`drain`; cancelled meanwhile, the copies still being written are abandoned."""
+    async def aclose(self, within: float | None = None) -> None:
+        """`drain`, for at most ``within`` seconds. Past it, or cancelled meanwhile, the
+        copies still being written are abandoned: their batches stay unacknowledged and
+        are read again, by this worker or the next owner of the shard. A stopping worker
+        whose DynamoDB does not answer retries transient failures for ever otherwise, and
+        never exits (tests/reliability/test_drill_sigterm.py)."""
         try:
-            await self.drain()
-        except asyncio.CancelledError:
+            async with asyncio.timeout(within):
+                await self.drain()
+        except (asyncio.CancelledError, TimeoutError) as exc:
             for task in [self._copies, *self._flushing]:
                 if task is not None:
                     task.cancel()
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.warning(
+                "%s: durable copies not written within %.0f s of stopping; their batches "
+                "stay unacknowledged and will be read again",
+                self.source,
+                within,
+            )
         finally:
             if self._timer is not None:
                 self._timer.cancel()

@@ -180,3 +180,27 @@ async def test_a_full_batch_on_a_quiet_stream_is_written_by_age(settings: Settin
         await asyncio.wait_for(acked.wait(), 60)
         await pipeline.aclose()
     assert (await durable_ids(settings, [(ns, "quiet")]))["quiet"] == {f"q{n}" for n in range(5)}
+
+
+async def test_closing_gives_up_on_copies_that_cannot_be_written(settings: Settings) -> None:
+    """DynamoDB unreachable while a worker stops: the copies are abandoned after the bound
+    and their batch stays unacknowledged (read again later), so the worker can exit."""
+    ns = settings.namespace
+    batch = [
+        Event(
+            event_id=f"s{n}", event_type="view", user_id="stuck", item_id=f"i{n}", namespace=ns
+        ).to_json()
+        for n in range(3)
+    ]
+    async with agent_of(settings) as (agent, _):
+        agent.stages = (*agent.stages, Throttled(10**9))  # never written
+        pipeline = Pipeline(agent, "stream", batch_size=100, max_delay=0.01)
+        acked: list[bool] = []
+
+        async def acknowledge() -> None:
+            acked.append(True)
+
+        await pipeline.submit(batch, acknowledge)
+        # a generous bound on the test (a hang is what it catches), not a timing assertion
+        await asyncio.wait_for(pipeline.aclose(within=0.5), 60)
+    assert acked == []
