@@ -37,10 +37,10 @@ on data already in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -54,7 +54,9 @@ from serving.pipeline.cache import TTLCache
 from serving.pipeline.detach import detached
 from serving.pipeline.models import Published
 
-__all__ = ["LIVE_TTL_S", "SourceOutput", "Sources", "best"]
+T = TypeVar("T")
+
+__all__ = ["LIVE_TTL_S", "SourceOutput", "Sources", "best", "order_ties"]
 
 LIVE_TTL_S = 1.0
 """Live lists (popularity, trending) move every event: re-read at most once a second."""
@@ -128,29 +130,22 @@ def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
     while end < len(ranked) and ranked[end][1] == ranked[n - 1][1]:
         end += 1  # a tie across the cut: the ids decide who stays
     top = ranked[:end]
-    start = 0
-    while start < len(top):
-        stop = start + 1
-        while stop < len(top) and top[stop][1] == top[start][1]:
-            stop += 1
-        if stop - start > 1:
-            top[start:stop] = sorted(top[start:stop])
-        start = stop
+    order_ties(top, [score for _, score in top], itemgetter(0))
     return dict(top[:n])
 
 
-def _by_score_then_id(codes: list[int], values: list[float], ids: list[str]) -> list[int]:
-    """``codes`` (sorted by ``values`` descending) with each run of equal values put in id
-    order, as `best` orders ties."""
+def order_ties(ranked: list[T], values: Sequence[float], tie_key: Callable[[T], Any]) -> None:
+    """Put each run of equal ``values`` in ``ranked`` (already sorted by ``values``,
+    descending) in ``tie_key`` order, in place: the second half of a sort on a C-level
+    key, for the rare ties among float scores."""
     start = 0
-    while start < len(codes):
+    while start < len(ranked):
         stop = start + 1
-        while stop < len(codes) and values[stop] == values[start]:
+        while stop < len(ranked) and values[stop] == values[start]:
             stop += 1
         if stop - start > 1:
-            codes[start:stop] = sorted(codes[start:stop], key=ids.__getitem__)
+            ranked[start:stop] = sorted(ranked[start:stop], key=tie_key)
         start = stop
-    return codes
 
 
 def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) -> dict[str, float]:
@@ -266,7 +261,9 @@ class Sources:
             nth = np.partition(values, len(values) - n)[len(values) - n]
             chosen = present[values >= nth]
             chosen = chosen[np.argsort(-total[chosen], kind="stable")]
-            kept = _by_score_then_id(chosen.tolist(), total[chosen].tolist(), ids)[:n]
+            kept = chosen.tolist()
+            order_ties(kept, total[chosen].tolist(), ids.__getitem__)
+            kept = kept[:n]
         else:
             # all of them (or the restricted ones), in the order of their first
             # contribution, as the dict the plain loop builds has them

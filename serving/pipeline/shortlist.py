@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
-from serving.pipeline.candidates import SourceOutput
+from serving.pipeline.candidates import SourceOutput, order_ties
 
 __all__ = ["shortlist"]
 
@@ -104,13 +104,5 @@ def _top(
     while end < len(ranked) and key[ranked[end]] == last:
         end += 1  # a tie across the cut: the tie-breaks decide who stays
     top = ranked[:end]
-    start = 0
-    while start < len(top):
-        value = key[top[start]]
-        stop = start + 1
-        while stop < len(top) and key[top[stop]] == value:
-            stop += 1
-        if stop - start > 1:
-            top[start:stop] = sorted(top[start:stop], key=lambda i: (-then.get(i, 0.0), i))
-        start = stop
+    order_ties(top, [key[i] for i in top], lambda i: (-then.get(i, 0.0), i))
     return top[:n]
