@@ -28,6 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from recstream import stack
 from recstream.keys import Keys
 from recstream.settings import Settings
+from streams.producer import KinesisProducer
+from streams.schema import Event
 from tests.conftest import REPO, unique
 from tests.integration.test_spine import agent_worker
 
@@ -128,6 +130,32 @@ def drill_settings(redis_url: str, moto_url: str, **overrides: Any) -> Settings:
     settings = Settings(**values)
     stack.create_resources(settings)
     return settings
+
+
+def numbered_events(
+    settings: Settings, prefix: str, count: int, *, users: int, items: int, event_type: str
+) -> list[Event]:
+    """``count`` events with ids ``{prefix}{n}``, spread over ``users`` actors and ``items``
+    items, in the settings' namespace."""
+    return [
+        Event.model_validate(
+            {
+                "namespace": settings.namespace,
+                "event_id": f"{prefix}{n}",
+                "event_type": event_type,
+                "user_id": f"u{n % users}",
+                "item_id": f"i{n % items}",
+            }
+        )
+        for n in range(count)
+    ]
+
+
+async def put(settings: Settings, batch: list[Event]) -> None:
+    """Put ``batch`` on the stream directly; every event must land."""
+    async with KinesisProducer(settings) as producer:
+        results = await producer.put_events(batch)
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
 
 
 async def wait_for(

@@ -46,15 +46,16 @@ from agents.app import APP_ID
 from recstream import stack
 from recstream.settings import Settings
 from streams.leases import read_leases
-from streams.producer import KinesisProducer
 from streams.schema import Event
 from tests.reliability.drillkit import (
     agents,
     applied_ids,
     drill_settings,
+    numbered_events,
     paused,
     private_moto,
     private_redis,
+    put,
     wait_for,
 )
 from tests.reliability.faultproxy import Call, FaultProxy
@@ -70,24 +71,7 @@ the stores' timeouts, far below "it hangs"."""
 
 
 def events(settings: Settings, prefix: str, count: int) -> list[Event]:
-    return [
-        Event.model_validate(
-            {
-                "namespace": settings.namespace,
-                "event_id": f"{prefix}{n}",
-                "event_type": "view",
-                "user_id": f"u{n % USERS}",
-                "item_id": f"i{n % 7}",
-            }
-        )
-        for n in range(count)
-    ]
-
-
-async def put(settings: Settings, batch: list[Event]) -> None:
-    async with KinesisProducer(settings) as producer:
-        results = await producer.put_events(batch)
-    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    return numbered_events(settings, prefix, count, users=USERS, items=7, event_type="view")
 
 
 def descendants(pid: int) -> set[int]:

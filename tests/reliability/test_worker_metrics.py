@@ -19,7 +19,6 @@ import redis.asyncio as aioredis
 
 from recstream import stack
 from recstream.settings import Settings
-from streams.producer import KinesisProducer
 from streams.schema import Event
 from tests.conftest import LocalStack
 from tests.reliability.drillkit import (
@@ -28,7 +27,9 @@ from tests.reliability.drillkit import (
     applied_ids,
     drill_settings,
     metric,
+    numbered_events,
     private_redis,
+    put,
     scrape,
     wait_for,
 )
@@ -37,23 +38,7 @@ USERS = 3
 
 
 def events(settings: Settings, prefix: str, count: int) -> list[Event]:
-    return [
-        Event.model_validate(
-            {
-                "namespace": settings.namespace,
-                "event_id": f"{prefix}{n}",
-                "event_type": "click",
-                "user_id": f"u{n % USERS}",
-                "item_id": f"i{n % 5}",
-            }
-        )
-        for n in range(count)
-    ]
-
-
-async def put(settings: Settings, batch: list[Event]) -> None:
-    async with KinesisProducer(settings) as producer:
-        assert all(r.ok for r in await producer.put_events(batch))
+    return numbered_events(settings, prefix, count, users=USERS, items=5, event_type="click")
 
 
 CALLS = "recstream_aws_call_seconds_count"
