@@ -48,7 +48,7 @@ from redis.exceptions import RedisError
 from agents.deadletter import DeadLetters, send_until_done
 from agents.retry import Failure, RecordsRefused, RetryPolicy, process_bounded
 from agents.state import redis_failure
-from agents.windows import StreamRecord, parse_event
+from agents.windows import StreamRecord, parsed_events
 from recstream.aws import translate
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
@@ -510,12 +510,7 @@ class AttributionAgent:
         self, records: Sequence[bytes | StreamRecord], source: str = "stream"
     ) -> AttributionStats:
         """Attribute a batch until every record is counted, skipped or dead-lettered."""
-        parsed: list[tuple[StreamRecord, Event]] = []
-        for record in records:
-            where = record if isinstance(record, StreamRecord) else StreamRecord(record)
-            event = parse_event(where.value)
-            if not isinstance(event, str):
-                parsed.append((where, event))
+        parsed = parsed_events(records)
         total = AttributionStats()
         if not parsed:
             # Nothing to attribute, but counters serving changed still reach DynamoDB.

@@ -50,7 +50,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from agents.deadletter import DeadLetters, send_until_done
 from agents.retry import Failure, RetryPolicy, process_bounded
-from agents.windows import StreamRecord, parse_event
+from agents.windows import StreamRecord, parsed_events
 from recstream.aws import error_code
 from recstream.errors import ConfigurationError
 from recstream.settings import Settings
@@ -275,12 +275,7 @@ class Forwarder:
         """The agent's step: forward what parses (the windows agent dead-letters the
         rest) under the agents' failure policy, and dead-letter what the tracker did not
         take, with the error."""
-        parsed: list[tuple[StreamRecord, Event]] = []
-        for record in records:
-            where = record if isinstance(record, StreamRecord) else StreamRecord(record)
-            event = parse_event(where.value)
-            if not isinstance(event, str):
-                parsed.append((where, event))
+        parsed = parsed_events(records)
         total = ForwardResult()
 
         positions = {event.event_id: record for record, event in parsed}

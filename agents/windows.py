@@ -129,6 +129,18 @@ def parse_event(raw: bytes) -> Event | str:
     return result
 
 
+def parsed_events(records: Sequence[bytes | StreamRecord]) -> list[tuple[StreamRecord, Event]]:
+    """The records that parse, each with its event; the others are skipped here (the
+    windows agent dead-letters them once, the side agents need not)."""
+    parsed: list[tuple[StreamRecord, Event]] = []
+    for record in records:
+        where = record if isinstance(record, StreamRecord) else StreamRecord(record)
+        event = parse_event(where.value)
+        if not isinstance(event, str):
+            parsed.append((where, event))
+    return parsed
+
+
 def stream_records(app: Any, events: Sequence[Any]) -> list[StreamRecord]:
     """The values of a batch of faust events (``stream.take_events``) with the shard and
     sequence number each was read at (from the Kinesis consumer's ``record_position``;
