@@ -2,6 +2,7 @@
 
     python -m bench.serving [--rates 500,1000,2000] [--duration 10] [--events 0]
         [--loop auto] [--http auto] [--parser auto] [--variants] [--json out.json]
+        [--answer-cache both|on|off] [--event-rate 0]
 
 Set-up: a private redis-server and moto server; every MovieLens rating applied to the
 live state through the agents' Redis store (``like`` for 4+ stars, else ``view``);
@@ -18,6 +19,14 @@ non-2xx), requests still unanswered 10 s after sending stopped, Redis commands p
 (INFO commandstats, which counts the commands run inside Lua scripts too), the server
 process's CPU milliseconds per answered request (robust to other load on a shared machine),
 and the p99 ratio real / bare.
+
+The real app runs twice by default (``--answer-cache both``): as configured (``real``:
+the answer cache on, serving/pipeline/memo.py), and with the answer cache off
+(``real, computed``: every answer computed), so the cost of computing an answer stays
+measured beside the cost of serving one again. ``--event-rate R`` applies R new MovieLens
+events a second to the requested users' live state while each rate is measured (through
+the agents' Redis store, as the agents would), so answers go stale the way live traffic
+makes them: each applied event changes that user's next answer.
 
 ``--variants`` repeats the run for each server configuration, one part added at a time:
 pure-Python Redis parser + asyncio + h11, then hiredis, then uvloop, then httptools.
@@ -121,15 +130,52 @@ async def redis_calls(settings: Settings) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
 
 
+ENDPOINTS = {
+    # endpoint → (serve_app's --app, settings it changes)
+    "bare": ("bare", {}),
+    "real": ("real", {}),
+    "real, computed": ("real", {"RECSTREAM_ANSWER_CACHE_TTL_S": "0"}),
+}
+
+
 def start_server(
-    settings: Settings, app: str, port: int, variant: Variant
+    settings: Settings, app: str, port: int, variant: Variant, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.serve_app", "--app", app, "--port", str(port),
          "--loop", variant.loop, "--http", variant.http, "--parser", variant.parser,
          "--workers", str(variant.workers)],
-        env={**os.environ, **settings.to_env()}, cwd=ROOT,
+        env={**os.environ, **settings.to_env(), **(env or {})}, cwd=ROOT,
     )  # fmt: skip
+
+
+async def apply_events(
+    settings: Settings, users: list[str], items: list[str], rate: float, stop: asyncio.Event
+) -> int:
+    """New events for random ``users`` at ``rate`` a second until ``stop``, applied to the
+    live state in batches every 50 ms, as the agents apply theirs."""
+    client = aioredis.from_url(settings.redis_url)
+    store = RedisHotStore(client, settings)
+    rng = random.Random(11)
+    applied = 0
+    started = time.perf_counter()
+    try:
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            due = int(rate * (time.perf_counter() - started)) - applied
+            batch = [
+                Event(
+                    event_type="view", user_id=rng.choice(users), item_id=rng.choice(items),
+                    timestamp=int(time.time()),
+                )
+                for _ in range(max(0, due))
+            ]  # fmt: skip
+            if batch:
+                await store.apply(batch)
+                applied += len(batch)
+    finally:
+        await client.aclose()
+    return applied
 
 
 def load(url: str, paths: Path, rate: float, duration: float, out: Path) -> dict[str, Any]:
@@ -173,14 +219,20 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
 
 async def measure(
     settings: Settings, variant: Variant, rates: list[float], args: argparse.Namespace,
-    paths: Path, work: Path,
+    paths: Path, work: Path, users: list[str], items: list[str],
 ) -> list[dict[str, Any]]:  # fmt: skip
     rows: list[dict[str, Any]] = []
     servers = {}
+    endpoints = {
+        "both": ["bare", "real", "real, computed"],
+        "on": ["bare", "real"],
+        "off": ["bare", "real, computed"],
+    }[args.answer_cache]
     try:
-        for app in ("bare", "real"):
+        for app in endpoints:
             port = stack.free_port()
-            servers[app] = (port, start_server(settings, app, port, variant))
+            kind, env = ENDPOINTS[app]
+            servers[app] = (port, start_server(settings, kind, port, variant, env))
         for port, server in servers.values():
             await wait_http(f"http://127.0.0.1:{port}", server)
         for port, _ in servers.values():
@@ -210,7 +262,17 @@ async def measure(
                          "--output", str(out)],
                         stdout=subprocess.DEVNULL,
                     )  # fmt: skip
-                result = load(url, paths, rate, args.duration, work / f"{app}-{rate}.json")
+                stop = asyncio.Event()
+                writer = asyncio.ensure_future(
+                    apply_events(settings, users, items, args.event_rate, stop)
+                    if args.event_rate > 0
+                    else asyncio.sleep(0, 0)
+                )
+                result = await asyncio.to_thread(
+                    load, url, paths, rate, args.duration, work / f"{app}-{rate}.json"
+                )
+                stop.set()
+                applied = await writer
                 if spy is not None:
                     spy.wait(60)
                 cpu = cpu_seconds(servers[app][1].pid) - cpu_before
@@ -225,6 +287,7 @@ async def measure(
                     # INFO itself and our own reads count a few calls; negligible per request
                     "redis_per_request": (after - before) / max(1, result["completed"]),
                     "cpu_ms_per_request": 1000 * cpu / max(1, result["completed"]),
+                    "events_applied": applied,
                 })  # fmt: skip
     finally:
         for _, server in servers.values():
@@ -243,7 +306,7 @@ def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> Non
     bare = {(r["variant"], r["rate"]): r for r in rows if r["endpoint"] == "bare"}
     for r in rows:
         ratio = ""
-        if r["endpoint"] == "real":
+        if r["endpoint"] != "bare":
             ref = bare[(r["variant"], r["rate"])]
             ratio = f"{r['p99_ms'] / ref['p99_ms']:.2f}"
         table.add_row(
@@ -272,6 +335,7 @@ async def main_async(args: argparse.Namespace) -> None:
             f"in {time.perf_counter() - started:.1f} s"
         )
         users = sorted({e.user_id for e in events if e.user_id})
+        items = sorted({e.item_id for e in events if e.item_id})
         rng = random.Random(7)
         paths = work / "paths.txt"
         paths.write_text(
@@ -282,11 +346,12 @@ async def main_async(args: argparse.Namespace) -> None:
         )
         rows: list[dict[str, Any]] = []
         for variant in variants:
-            rows += await measure(settings, variant, rates, args, paths, work)
+            rows += await measure(settings, variant, rates, args, paths, work, users, items)
     print_table(
         console, rows,
         f"GET /v1/recommendations, open loop, {args.duration:.0f} s per rate, "
-        f"{len(events):,} MovieLens events in Redis, item2item published",
+        f"{len(events):,} MovieLens events in Redis, item2item published, "
+        f"{args.event_rate:,.0f} new events/s applied while measuring",
     )  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -306,6 +371,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="API processes per endpoint")
     parser.add_argument("--variants", action="store_true", help="measure each part in turn")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--answer-cache", default="both", choices=["both", "on", "off"],
+        help="run the real app with its answer cache on, off, or both side by side",
+    )  # fmt: skip
+    parser.add_argument(
+        "--event-rate", type=float, default=0.0,
+        help="new events a second applied to the requested users while measuring",
+    )  # fmt: skip
     parser.add_argument(
         "--profile", type=Path, help="py-spy the app under load; collapsed stacks to PATH-*.txt"
     )

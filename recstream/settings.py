@@ -214,6 +214,13 @@ class Settings(BaseSettings):
     these."""
     item_cache_ttl_s: float = Field(5.0, ge=0)
     """How long item-level data (neighbour lists, popularity, trending) is cached in-process."""
+    answer_cache_ttl_s: float = Field(1.0, ge=0)
+    """How long an answer is served again to the same request while the actor's live state
+    and the model versions are unchanged (serving/pipeline/memo.py): 1 s, the age the live
+    popularity and trending lists are cached for anyway; capped at ``item_cache_ttl_s``;
+    0 turns the answer cache off."""
+    answer_cache_size: int = Field(20_000, ge=0)
+    """How many answers the answer cache keeps per process (least recently written evicted)."""
     diversity_category_cap: int | None = Field(None, ge=1)
     """At most this many items of one category in a response (needs the catalog); off when
     unset."""

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_kinesis import KinesisClient
 
 __all__ = [
+    "ANSWER_CACHE",
     "EVENTS",
     "FRESHNESS",
     "LIVE",
@@ -72,7 +73,12 @@ RANK_DEGRADED = Counter(
     "Recommendation requests answered without a store that missed its deadline.",
     ["store"],
 )
-
+ANSWER_CACHE = Counter(
+    "recstream_answer_cache_total",
+    "Recommendation answers looked up in the answer cache (serving/pipeline/memo.py): a hit "
+    "is served again with a new recommendation id, a miss is computed.",
+    ["result"],
+)
 SERVED_LOG_DROPPED = Counter(
     "recstream_served_log_dropped_total",
     "Served lists not recorded for attribution (too many writes pending, or Redis failed).",

@@ -1,6 +1,7 @@
 """The ranking pipeline, one module per stage (docs/serving.md).
 
 state.py       the actor's live state in one Redis round trip (+ DynamoDB fallback)
+memo.py        the answer cache: an unchanged request's answer served again
 candidates.py  every published and live source, bounded and time-boxed
 features.py    per-candidate features
 rank.py        the `Scorer` protocol and the default linear blend

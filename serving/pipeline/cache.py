@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 __all__ = ["TTLCache"]
@@ -20,9 +20,12 @@ _MISSING = object()
 
 
 class TTLCache(Generic[K, V]):
-    def __init__(self, ttl: float, size: int = 100_000) -> None:
+    def __init__(
+        self, ttl: float, size: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl = ttl
         self.size = size
+        self.clock = clock
         self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
     def get(self, key: K) -> V | None:
@@ -30,13 +33,13 @@ class TTLCache(Generic[K, V]):
         if found is None:
             return None
         at, value = found
-        if time.monotonic() - at >= self.ttl:
+        if self.clock() - at >= self.ttl:
             del self._data[key]
             return None
         return value
 
     def put(self, key: K, value: V) -> None:
-        self._data[key] = (time.monotonic(), value)
+        self._data[key] = (self.clock(), value)
         self._data.move_to_end(key)
         while len(self._data) > self.size:
             self._data.popitem(last=False)

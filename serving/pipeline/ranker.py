@@ -42,12 +42,13 @@ from serving.pipeline.explain import debug_view, explain
 from serving.pipeline.features import assemble
 from serving.pipeline.freshness import FreshnessTracker
 from serving.pipeline.log import ServedLog
+from serving.pipeline.memo import AnswerCache, Kept, MemoKey
 from serving.pipeline.models import ModelCache, Published
 from serving.pipeline.rank import DEFAULT_WEIGHTS, LearnedRanker, LinearBlend
 from serving.pipeline.result import Recommendation, Recommendations
 from serving.pipeline.seen import apply_seen, policy_for
 from serving.pipeline.shortlist import shortlist
-from serving.pipeline.state import RecentMisses, read_state
+from serving.pipeline.state import RawState, RecentMisses, read_raw_state, read_state
 from serving.pipeline.types import (
     Candidate,
     CandidateFilter,
@@ -162,6 +163,9 @@ class Ranker:
         self.sources = Sources(redis, settings.item_cache_ttl_s)
         self.served = ServedLog(redis, settings)
         self.freshness = FreshnessTracker(settings.freshness_actors)
+        self.answers = AnswerCache(
+            min(settings.answer_cache_ttl_s, settings.item_cache_ttl_s), settings.answer_cache_size
+        )
         self.budget = settings.ranking_budget_ms / 1000
         self.store_timeout = settings.store_timeout_ms / 1000
         self.source_timeout = settings.source_timeout_ms / 1000
@@ -201,6 +205,13 @@ class Ranker:
             # Redis did not answer: keep serving the model versions already in memory.
             return UserState([], {}, {}, self.models.loaded_versions(namespace))
         return state
+
+    async def _raw_state(self, req: _Request, namespace: str, actor: str) -> RawState | None:
+        return await req.bounded(
+            "window",
+            detached(read_raw_state(self.redis, namespace, actor, self.settings.window_size)),
+            req.start + min(self.store_timeout, STATE_SHARE * self.budget),
+        )
 
     async def _durable_window(
         self, req: _Request, namespace: str, actor: str, until: float
@@ -430,7 +441,23 @@ class Ranker:
         req = _Request(self.budget, debug)
         values = dict(context or {})
         rank_context = RankContext(values, _hour(values))
-        state = await self._state(req, namespace, actor)
+        raw = await self._raw_state(req, namespace, actor)
+        memo: MemoKey | None = None
+        if raw is not None and self.answers.enabled and not debug and item_filter is None:
+            memo = self.answers.key(
+                namespace, actor, num_results, exclude, given, values, rank_context.hour,
+                raw.fingerprint(),
+            )  # fmt: skip
+            kept = self.answers.get(memo)
+            if kept is not None:
+                result = self._serve(req, namespace, actor, kept, values)
+                result.took_ms = req.took_ms()
+                return result
+        if raw is None:
+            # Redis did not answer: keep serving the model versions already in memory.
+            state = UserState([], {}, {}, self.models.loaded_versions(namespace))
+        else:
+            state = raw.parse()
         sources_until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
         window_task: asyncio.Task[list[WindowEntry]] | None = None
         if not state.window and "window" not in req.degraded:
@@ -512,6 +539,10 @@ class Ranker:
         result = self._answer(
             req, namespace, actor, ranked[:num_results], strategy, variant, values
         )
+        if memo is not None and not req.degraded and not (window_task is not None and window):
+            # (an answer built from the durable window is not kept: the window is being
+            # written back to Redis, which changes the key of the next request)
+            self.answers.put(memo, Kept(result.items, strategy, variant))
         if debug:
             explain(ranked[num_results:DEBUG_CANDIDATES])
             result.debug = {
@@ -644,20 +675,32 @@ class Ranker:
     ) -> Recommendations:
         """The answer of the items shown, explained, and logged for attribution."""
         explain(shown)
+        items = [Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown]
+        return self._serve(req, namespace, actor, Kept(items, strategy, variant), context)
+
+    def _serve(
+        self,
+        req: _Request,
+        namespace: str,
+        actor: str | None,
+        answer: Kept,
+        context: Mapping[str, str],
+    ) -> Recommendations:
+        """``answer`` under a new recommendation id, logged for attribution."""
         result = Recommendations(
             recommendation_id=uuid.uuid4().hex,
             namespace=namespace,
             actor=actor,
-            items=[Recommendation(c.item_id, c.score, tuple(c.reasons), c.item) for c in shown],
+            items=list(answer.items),
             degraded=req.degraded,
         )
         self.served.record(
             namespace,
             result.recommendation_id,
             actor=actor,
-            strategy=strategy,
-            variant=variant,
-            items=[r.item_id for r in result.items],
+            strategy=answer.strategy,
+            variant=answer.variant,
+            items=[r.item_id for r in answer.items],
             context=context,
         )
         return result

@@ -19,10 +19,13 @@ waiting for their next event.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -36,7 +39,15 @@ from recstream.settings import Settings
 from serving.pipeline.models import MODEL_NAMES
 from serving.pipeline.types import UserState
 
-__all__ = ["DurableActorState", "RecentMisses", "read_state", "read_versions", "restore_features"]
+__all__ = [
+    "DurableActorState",
+    "RawState",
+    "RecentMisses",
+    "read_raw_state",
+    "read_state",
+    "read_versions",
+    "restore_features",
+]
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +153,34 @@ def _hash(raw: dict[bytes, bytes] | dict[str, str]) -> dict[str, bytes]:
     return {as_text(k): v if isinstance(v, bytes) else v.encode() for k, v in raw.items()}
 
 
-async def read_state(
+class RawState(NamedTuple):
+    """The replies of `read_state`'s round trip, before parsing: what the answer cache
+    (serving/pipeline/memo.py) fingerprints, so a reused answer parses nothing."""
+
+    actor: str | None
+    replies: list[Any]
+
+    def fingerprint(self) -> bytes:
+        """A 16-byte digest of everything read: equal digests, equal live state."""
+        return hashlib.blake2b(pickle.dumps(self.replies, 5), digest_size=16).digest()
+
+    def parse(self) -> UserState:
+        pointers = self.replies[-1]
+        versions = {
+            name: as_text(v) for name, v in zip(MODEL_NAMES, pointers, strict=True) if v is not None
+        }
+        if self.actor is None:
+            return UserState([], {}, {}, versions)
+        replies = self.replies
+        window = [WindowEntry.loads(raw) for raw in replies[0]]
+        features = {k: as_text(v) for k, v in _hash(replies[1]).items()}
+        return UserState(window, features, _hash(replies[2]), versions)
+
+
+async def read_raw_state(
     redis: aioredis.Redis, namespace: str, actor: str | None, window_size: int
-) -> UserState:
-    """The actor's window, features, embedding and the model pointers, in one round trip.
-    ``actor`` None (related items, trending) reads only the pointers."""
+) -> RawState:
+    """`read_state`'s one round trip, unparsed."""
     keys = Keys(namespace)
     pipe = redis.pipeline(transaction=False)
     if actor is not None:
@@ -158,15 +192,15 @@ async def read_state(
         replies = await pipe.execute()
     except RedisError as exc:
         raise StoreUnavailable(f"reading the live state of {actor!r} failed: {exc}") from exc
-    pointers = replies[-1]
-    versions = {
-        name: as_text(v) for name, v in zip(MODEL_NAMES, pointers, strict=True) if v is not None
-    }
-    if actor is None:
-        return UserState([], {}, {}, versions)
-    window = [WindowEntry.loads(raw) for raw in replies[0]]
-    features = {k: as_text(v) for k, v in _hash(replies[1]).items()}
-    return UserState(window, features, _hash(replies[2]), versions)
+    return RawState(actor, replies)
+
+
+async def read_state(
+    redis: aioredis.Redis, namespace: str, actor: str | None, window_size: int
+) -> UserState:
+    """The actor's window, features, embedding and the model pointers, in one round trip.
+    ``actor`` None (related items, trending) reads only the pointers."""
+    return (await read_raw_state(redis, namespace, actor, window_size)).parse()
 
 
 async def read_versions(redis: aioredis.Redis, namespace: str) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
@@ -14,6 +15,7 @@ from recstream.aws import async_client
 from recstream.settings import Settings
 from serving.pipeline import Ranker
 from streams.schema import Event
+from tests.conftest import LocalStack, make_settings
 from training.data import InteractionLog, LogBuilder
 from training.models import (
     ALS,
@@ -30,6 +32,14 @@ from training.publish import DataRange, RunInfo, open_registry
 T0 = 1_700_000_000.0
 ROOMY = {"ranking_budget_ms": 10_000.0, "store_timeout_ms": 5_000.0, "source_timeout_ms": 5_000.0}
 """Budgets no loaded test machine misses, so assertions on `degraded` are not timing bets."""
+
+
+def roomy(local_stack: LocalStack, **overrides: Any) -> Settings:
+    """Fresh settings (tests.conftest.make_settings) with the `ROOMY` budgets."""
+    merged: dict[str, Any] = {**ROOMY, **overrides}
+    return make_settings(local_stack, **merged)
+
+
 WEIGHTS = {
     "recently_viewed": 1.0,
     "item2item": 1.0,

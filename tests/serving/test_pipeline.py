@@ -8,7 +8,6 @@ import asyncio
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import orjson
@@ -25,21 +24,16 @@ from serving.pipeline.models import Published
 from streams.schema import Item
 from tests.conftest import LocalStack, make_settings
 from tests.serving.helpers import (
-    ROOMY,
     WEIGHTS,
     apply,
     event,
     fitted,
     publish,
     ranker_for,
+    roomy,
     two_clusters,
 )
 from training.models import Blend, ItemToItem, RecentlyViewed
-
-
-def roomy(local_stack: LocalStack, **overrides: Any) -> Settings:
-    merged: dict[str, Any] = {**ROOMY, **overrides}
-    return make_settings(local_stack, **merged)
 
 
 async def test_every_published_source_is_served_and_scores_like_the_offline_blend(

@@ -1,0 +1,156 @@
+"""The answer cache (serving/pipeline/memo.py) against real Redis and moto: an unchanged
+request is served again under its own recommendation id and logged; any change to the
+actor's live state, the model versions or the parameters computes a new answer; debug,
+filtered and degraded answers are never kept; a kept answer expires."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from agents.state import WindowEntry
+from recstream.keys import Keys
+from serving.pipeline.memo import AnswerCache
+from streams.schema import Item
+from tests.conftest import LocalStack
+from tests.serving.helpers import apply, event, fitted, publish, ranker_for, roomy, two_clusters
+from training.models import ItemToItem
+
+
+def counted(result: str) -> float:
+    return REGISTRY.get_sample_value("recstream_answer_cache_total", {"result": result}) or 0.0
+
+
+def ids(answer: Any) -> list[str]:
+    return [r.item_id for r in answer.items]
+
+
+async def test_an_unchanged_request_is_served_again_under_its_own_id(
+    local_stack: LocalStack,
+) -> None:
+    settings = roomy(local_stack)
+    ns = settings.namespace
+    log = two_clusters()
+    await publish(settings, fitted(log).values(), log)
+    await apply(settings, [event(1, "ann", "a1", ns), event(2, "ann", "a2", ns)])
+    async with ranker_for(settings) as ranker:
+        hits, misses = counted("hit"), counted("miss")
+        first = await ranker.recommend(ns, "ann", 5)
+        second = await ranker.recommend(ns, "ann", 5)
+        assert (counted("hit") - hits, counted("miss") - misses) == (1, 1)
+        assert ids(first)
+        assert ids(second) == ids(first)
+        assert [r.reasons for r in second.items] == [r.reasons for r in first.items]
+        assert second.recommendation_id != first.recommendation_id
+        assert second.degraded == []
+        await ranker.served.drain()
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            logged = [
+                await client.get(Keys(ns).served(a.recommendation_id)) for a in (first, second)
+            ]
+        finally:
+            await client.aclose()
+        # attribution sees both answers, as two impressions
+        assert all(raw is not None for raw in logged)
+
+        # every parameter is part of the key
+        hits = counted("hit")
+        await ranker.recommend(ns, "ann", 4)
+        await ranker.recommend(ns, "ann", 5, frozenset({ids(first)[0]}))
+        await ranker.recommend(ns, "ann", 5, context={"device": "mobile"})
+        await ranker.recommend(ns, "bob", 5)
+        await ranker.rerank(ns, "ann", ["a3", "b1"])
+        assert counted("hit") == hits
+        await ranker.recommend(ns, "ann", 5, context={"device": "mobile"})
+        assert counted("hit") == hits + 1
+
+
+async def test_a_click_or_a_promote_computes_a_new_answer(local_stack: LocalStack) -> None:
+    settings = roomy(local_stack)
+    ns = settings.namespace
+    log = two_clusters()
+    await publish(settings, fitted(log).values(), log)
+    await apply(settings, [event(1, "cat", "a1", ns)])
+    async with ranker_for(settings) as ranker:
+        before = await ranker.recommend(ns, "cat", 5)
+        assert "b1" not in ids(before)[:1]
+        await apply(settings, [event(2, "cat", "b1", ns, "click")])
+        hits = counted("hit")
+        after = await ranker.recommend(ns, "cat", 5)
+        assert counted("hit") == hits
+        assert "b1" in ids(after)  # the click is in the very next answer
+
+        # a new version of one model changes the pointers read with the state
+        await publish(settings, [ItemToItem(window=2).fit(log)], log)
+        promoted = await ranker.recommend(ns, "cat", 5)
+        assert counted("hit") == hits
+        again = await ranker.recommend(ns, "cat", 5)
+        assert counted("hit") == hits + 1
+        assert ids(again) == ids(promoted)
+
+
+class RefuseAll:
+    def allows(
+        self,
+        item_id: str,
+        item: Item | None,
+        window: Sequence[WindowEntry],
+        values: Mapping[str, str],
+    ) -> bool:
+        return False
+
+
+async def test_debug_filtered_and_degraded_answers_are_never_kept(
+    local_stack: LocalStack,
+) -> None:
+    settings = roomy(local_stack)
+    ns = settings.namespace
+    log = two_clusters()
+    await publish(settings, fitted(log).values(), log)
+    await apply(settings, [event(1, "dee", "a1", ns)])
+    async with ranker_for(settings) as ranker:
+        hits = counted("hit")
+        for _ in range(2):
+            assert (await ranker.recommend(ns, "dee", 5, debug=True)).debug is not None
+            assert (await ranker.recommend(ns, "dee", 5, item_filter=RefuseAll())).items == []
+        assert counted("hit") == hits
+        assert len(ranker.answers) == 0
+
+    # a store that misses its deadline: the degraded answer is not kept
+    tight = roomy(local_stack, source_timeout_ms=1e-6)
+    async with ranker_for(tight) as ranker:
+        first = await ranker.recommend(ns, "dee", 5)
+        assert first.degraded
+        assert len(ranker.answers) == 0
+
+
+async def test_a_kept_answer_expires_and_zero_turns_the_cache_off(
+    local_stack: LocalStack,
+) -> None:
+    settings = roomy(local_stack)
+    ns = settings.namespace
+    await apply(settings, [event(n, f"crowd{n}", f"pop{n % 3}", ns) for n in range(9)])
+    now = [1000.0]
+    async with ranker_for(settings) as ranker:
+        ranker.answers = AnswerCache(1.0, 100, clock=lambda: now[0])
+        await ranker.recommend(ns, "eve", 3)
+        hits = counted("hit")
+        now[0] += 0.5
+        await ranker.recommend(ns, "eve", 3)
+        assert counted("hit") == hits + 1
+        now[0] += 1.0
+        await ranker.recommend(ns, "eve", 3)
+        assert counted("hit") == hits + 1
+
+    off = roomy(local_stack, answer_cache_ttl_s=0)
+    async with ranker_for(off) as ranker:
+        assert not ranker.answers.enabled
+        hits = counted("hit")
+        for _ in range(3):
+            await ranker.recommend(ns, "eve", 3)
+        assert counted("hit") == hits
+        assert len(ranker.answers) == 0
