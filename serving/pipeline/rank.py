@@ -55,16 +55,17 @@ class LinearBlend:
         for candidate in candidates:
             for source, value in candidate.sources.items():
                 scale[source] = max(scale.get(source, 0.0), abs(value))
+        # (weight, divisor) of each weighted source; each part is `weight * value / scale`,
+        # the very expression (and order of sums) of the shortlist and the offline blend,
+        # so equal inputs give equal floats
+        terms = {s: (w, scale[s] or 1.0) for s, w in weights.items() if w != 0 and s in scale}
         for candidate in candidates:
+            contributions = {
+                s: terms[s][0] * v / terms[s][1] for s, v in candidate.sources.items() if s in terms
+            }
             total = 0.0
-            contributions: dict[str, float] = {}
-            for source, value in candidate.sources.items():
-                weight = weights.get(source, 0.0)
-                if weight == 0:
-                    continue
-                part = weight * value / (scale[source] or 1.0)
-                contributions[source] = part
-                total += part
+            for part in contributions.values():
+                total += part  # left to right, as the shortlist sums (not sum(): 3.12 compensates)
             candidate.score = total
             candidate.contributions = contributions
 
