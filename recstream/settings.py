@@ -208,10 +208,11 @@ class Settings(BaseSettings):
     candidates_per_source: int = Field(200, ge=1, le=5000)
     """How many candidates each source contributes at most."""
     rank_pool: int = Field(100, ge=1, le=5000)
-    """How many candidates (besides the ones the user already interacted with) the cheap
-    first cut keeps for the catalog, features and the scorer (serving/pipeline/shortlist.py).
-    The linear blend serves the same list with any value; a learned scorer re-ranks only
-    these."""
+    """With diversity on, how many candidates (besides the ones the user already interacted
+    with) the linear blend's cheap first cut keeps for the stages after it
+    (serving/pipeline/shortlist.py); without diversity it keeps only as many as are
+    answered, which serves the same list. Filtered requests and the learned ranker see the
+    whole pool."""
     item_cache_ttl_s: float = Field(5.0, ge=0)
     """How long item-level data (neighbour lists, popularity, trending) is cached in-process."""
     answer_cache_ttl_s: float = Field(1.0, ge=0)

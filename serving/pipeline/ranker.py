@@ -493,7 +493,7 @@ class Ranker:
             # a filter may refuse most of the best: it sees the whole pool. The learned
             # ranker scores the whole pool too: it was fitted on every source's full list
             # (its rank features count within it), not on the blend's shortlist
-            keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
+            keep = max(self._pool(num_results + len(exclude)), DEBUG_CANDIDATES * debug)
             outputs = shortlist(outputs, weights, keep, {e.item_id for e in window})
         candidates = self._merge(outputs, given or ())
 
@@ -560,6 +560,17 @@ class Ranker:
             }
         result.took_ms = req.took_ms()
         return result
+
+    def _pool(self, shown: int) -> int:
+        """How many unseen candidates the shortlist keeps when ``shown`` are answered
+        (``num_results`` plus the ``exclude`` list). The blend's top ``shown`` unseen items
+        are the shortlist's first ``shown`` (tests/serving/test_shortlist.py), and seen ones
+        are kept besides, whatever the seen policy does with them: nothing more is needed.
+        Diversity may skip many of the best, so it gets ``rank_pool``, at least twice
+        ``shown``."""
+        if self._diverse:
+            return max(self.settings.rank_pool, 2 * shown)
+        return shown
 
     async def _describe(self, req: _Request, namespace: str, candidates: list[Candidate]) -> None:
         items = await self._categories(
