@@ -249,11 +249,11 @@ async def measure(
                 before = await redis_calls(settings)
                 cpu_before = cpu_seconds(servers[app][1].pid)
                 spy = None
-                if args.profile and app == "real":
+                if args.profile and ENDPOINTS[app][0] == "real":
                     # Sample the server under load: where its time goes (docs/serving-speed.md).
                     out = args.profile.with_name(
-                        f"{args.profile.stem}-{variant.loop}-"
-                        f"{variant.http}-{variant.parser}-{rate:.0f}.txt"
+                        f"{args.profile.stem}-{variant.loop}-{variant.http}-{variant.parser}-"
+                        f"{rate:.0f}-{app.replace(', ', '-')}.txt"
                     )
                     spy = subprocess.Popen(  # noqa: ASYNC220 (nothing else runs on this loop)
                         [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",

@@ -82,6 +82,10 @@ class SourceOutput:
     """category_popularity: the category whose list proposed each item."""
     origin: str = ""
     """Where the data came from (e.g. ``live`` or ``published``), for the debug view."""
+    because_of: Callable[[Collection[str]], dict[str, str]] | None = None
+    """item2item: computes ``because`` for the given items. It costs more than the scores,
+    and most scored items are cut before they are shown, so `Ranker._merge` asks it only
+    for the items left after the shortlist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,8 @@ def order_ties(ranked: list[T], values: Sequence[float], tie_key: Callable[[T], 
     """Put each run of equal ``values`` in ``ranked`` (already sorted by ``values``,
     descending) in ``tie_key`` order, in place: the second half of a sort on a C-level
     key, for the rare ties among float scores."""
+    if len(set(values)) == len(values):
+        return  # no two equal: nothing to reorder (one C-level pass, not a loop in Python)
     start = 0
     while start < len(ranked):
         stop = start + 1
@@ -276,19 +282,25 @@ class Sources:
         if not kept:
             return out
         out.scores = dict(zip([ids[c] for c in kept], total[kept].tolist(), strict=True))
-        # the explanation: for each kept item, the history item that contributed most
-        # (the first such one on ties, as the loop's strict `>` kept); over the kept
-        # items' contributions only
-        wanted = np.zeros(len(total), dtype=bool)
-        wanted[kept] = True
-        mask = wanted[code]
-        code, contribution = code[mask], contribution[mask]
-        source = np.concatenate(positions)[mask]
-        order = np.lexsort((np.arange(len(code)), -contribution, code))
-        code_sorted = code[order]
-        heads = order[np.flatnonzero(np.r_[True, code_sorted[1:] != code_sorted[:-1]])]
-        by = dict(zip(code[heads].tolist(), source[heads].tolist(), strict=True))
-        out.because = {ids[c]: recent[by[c]] for c in kept}
+        contributor = np.concatenate(positions)
+
+        def because(items: Collection[str]) -> dict[str, str]:
+            # for each item, the history item that contributed most (the first such one
+            # on ties, as the loop's strict `>` kept), over those items' contributions
+            asked = [vocab.code[i] for i in items if i in out.scores]
+            if not asked:
+                return {}
+            wanted = np.zeros(len(total), dtype=bool)
+            wanted[asked] = True
+            mask = wanted[code]
+            codes, parts, source = code[mask], contribution[mask], contributor[mask]
+            order = np.lexsort((np.arange(len(codes)), -parts, codes))
+            sorted_codes = codes[order]
+            heads = order[np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])]
+            by = dict(zip(codes[heads].tolist(), source[heads].tolist(), strict=True))
+            return {ids[c]: recent[by[c]] for c in asked}
+
+        out.because_of = because
         return out
 
     def vocabulary(self, namespace: str, version: str) -> Vocabulary:

@@ -359,6 +359,8 @@ class Ranker:
     def _merge(outputs: Sequence[SourceOutput], order: Sequence[str] = ()) -> list[Candidate]:
         pool: dict[str, Candidate] = {item: Candidate(item) for item in order}
         for out in outputs:
+            if out.because_of is not None:
+                out.because = out.because_of(out.scores)
             for item, score in out.scores.items():
                 candidate = pool.get(item)
                 if candidate is None:

@@ -76,6 +76,7 @@ def shortlist(
             out.because,
             out.category,
             out.origin,
+            out.because_of,
         )
         for out in outputs
     ]

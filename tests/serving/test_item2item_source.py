@@ -84,4 +84,9 @@ def test_numpy_item2item_equals_the_plain_loop(
     out = asyncio.run(sources.item2item("ns", history, "v1", model, restrict, n))
     want_scores, want_because = plain_loop(history[-10:], rows, recency, restrict, n)
     assert list(out.scores.items()) == list(want_scores.items())
-    assert out.because == want_because
+    because = out.because_of(out.scores) if out.because_of is not None else {}
+    assert because == want_because
+    # asked for a few of the items only (what the shortlist leaves), the same answers
+    some = list(out.scores)[::3]
+    if out.because_of is not None:
+        assert out.because_of(some) == {i: want_because[i] for i in some}
