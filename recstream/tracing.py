@@ -42,6 +42,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter, Histogram
 
+from recstream.prom import child
 from recstream.settings import Settings
 
 if TYPE_CHECKING:
@@ -321,7 +322,7 @@ class _Timed:
             self.span = _tracer.start_span(span_name, kind=SpanKind.CLIENT, attributes=attributes)
 
     def done(self, error: str | None) -> None:
-        self.latency.labels(*self.labels).observe(time.perf_counter() - self.started)
+        child(self.latency, *self.labels).observe(time.perf_counter() - self.started)
         if error is not None:
             self.errors.labels(*self.labels, error).inc()
         if self.span is not None:

@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recstream import tracing
 from recstream.logging import REQUEST_ID, configure_logging
+from recstream.prom import child
 from recstream.settings import Settings
 
 if TYPE_CHECKING:
@@ -210,7 +211,7 @@ class RequestContext:
                 elapsed = time.perf_counter() - started
                 route = scope.get("route")
                 template = getattr(route, "path", None) or "unmatched"
-                HTTP_LATENCY.labels(template, scope["method"], f"{status // 100}xx").observe(
+                child(HTTP_LATENCY, template, scope["method"], f"{status // 100}xx").observe(
                     elapsed
                 )
                 key = scope.get("state", {}).get("api_key")

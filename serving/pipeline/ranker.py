@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from agents.state import DurableWindows, RedisHotStore, WindowEntry
 from recstream.errors import RecstreamError
+from recstream.prom import child
 from recstream.settings import Settings
 from serving.metrics import SOURCE_LATENCY
 from serving.pipeline.candidates import SourceOutput, Sources, best
@@ -128,7 +129,7 @@ class _Request:
             self.degrade(name)
             return None
         finally:
-            SOURCE_LATENCY.labels(source=name).observe(time.perf_counter() - began)
+            child(SOURCE_LATENCY, name).observe(time.perf_counter() - began)
             if isinstance(call, asyncio.Task | asyncio.Future) and not call.done():
                 call.cancel()
 
