@@ -86,6 +86,10 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
+HOT = "/v1/recommendations"
+"""The busiest path: its route is tried first."""
+
+
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -150,14 +154,18 @@ def create_app(settings: Settings) -> Starlette:
         assert isinstance(exc, RecstreamError)
         return error_response(503 if exc.retriable else 500, exc.code, str(exc))
 
+    ranking = recommendation_routes()
     app = Starlette(
         routes=[
+            # The two busiest paths first: the router tries the routes in order (a regex
+            # each, 19 of them before these). No route before them matched these paths.
+            *(r for r in ranking if getattr(r, "path", "") == HOT),
+            Route("/v1/events", post_events, methods=["POST"]),
             # Before the {namespace} routes: a filter or an item may be named "events".
             *filter_routes(),
             *catalog_routes.routes(),
-            Route("/v1/events", post_events, methods=["POST"]),
             Route("/v1/{namespace}/events", post_events, methods=["POST"]),
-            *recommendation_routes(),
+            *(r for r in ranking if getattr(r, "path", "") != HOT),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *personalize.routes(),
