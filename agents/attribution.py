@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from agents.deadletter import DeadLetters, send_until_done
@@ -323,7 +324,11 @@ class ServedLog:
         """Record ``served`` and count its impressions; False if the id was logged before.
 
         Pass a pipeline as ``client`` to batch it with other commands (the result is
-        then that pipeline's)."""
+        then that pipeline's): it queues a bare EVALSHA. redis-py's script objects make a
+        pipeline ask ``SCRIPT EXISTS`` first, one more round trip for every batch the
+        serving flusher sends; a server without the script answers that EVALSHA with
+        NOSCRIPT, and the caller loads it (``script``) and sends the batch again, which
+        logs nothing twice (an id already logged is skipped)."""
         if not recommendation_id:
             raise ValueError("log_served: recommendation_id must be non-empty")
         s = self.settings
@@ -340,22 +345,27 @@ class ServedLog:
         ]
         for _, note, ttl in targets:
             args += [note, ttl]
+        script_keys = [
+            keys.served(recommendation_id),
+            keys.served_to(served.actor),
+            keys.attribution_dirty,
+            *[key for key, _, _ in targets],
+        ]
+        if isinstance(client, Pipeline):
+            client.evalsha(self._log.sha, len(script_keys), *script_keys, *args)
+            return True
         try:
-            done = await self._log(
-                keys=[
-                    keys.served(recommendation_id),
-                    keys.served_to(served.actor),
-                    keys.attribution_dirty,
-                    *[key for key, _, _ in targets],
-                ],
-                args=args,
-                client=client,
-            )
+            done = await self._log(keys=script_keys, args=args, client=client)
         except RedisError as exc:
             raise StoreUnavailable(
                 f"logging recommendation {recommendation_id!r} failed: {exc}"
             ) from exc
         return bool(done)
+
+    @property
+    def script(self) -> str:
+        """The logging script's text, for ``SCRIPT LOAD`` after a NOSCRIPT."""
+        return _LOG_SERVED
 
     async def get(self, namespace: str, recommendation_id: str) -> Served | None:
         raw = await self.redis.get(Keys(namespace).served(recommendation_id))

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from agents.attribution import MAX_SERVED_ITEMS, served_record
 from agents.attribution import ServedLog as AttributionLog
@@ -95,30 +95,39 @@ class ServedLog:
         # flight form the next one.
         while self._pending:
             batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
-            pipe = self.redis.pipeline(transaction=False)
-            for e in batch:
-                if e.actor is None:
-                    body = orjson.dumps(
-                        {
-                            "actor": None,
-                            "strategy": e.strategy,
-                            "variant": e.variant,
-                            "items": e.items,
-                            "ts": e.ts,
-                            "context": e.context,
-                        }
-                    )
-                    pipe.set(Keys(e.namespace).served(e.recommendation_id), body, ex=self.ttl_s)
-                    continue
-                served = served_record(
-                    e.actor, e.strategy, e.items, variant=e.variant, context=e.context, ts=e.ts
-                )
-                await self._log.log(e.namespace, e.recommendation_id, served, client=pipe)
             try:
                 async with asyncio.timeout(WRITE_TIMEOUT_S):
-                    await pipe.execute(raise_on_error=False)
+                    replies = await self._write(batch)
+                    if any(isinstance(r, NoScriptError) for r in replies):
+                        # A fresh (or flushed) Redis: load the script once and send the
+                        # batch again; ids the first attempt logged are skipped.
+                        await self.redis.script_load(self._log.script)
+                        await self._write(batch)
             except (TimeoutError, RedisError, RecstreamError, OSError):
                 SERVED_LOG_DROPPED.inc(len(batch))
+
+    async def _write(self, batch: list[_Entry]) -> list[object]:
+        pipe = self.redis.pipeline(transaction=False)
+        for e in batch:
+            if e.actor is None:
+                body = orjson.dumps(
+                    {
+                        "actor": None,
+                        "strategy": e.strategy,
+                        "variant": e.variant,
+                        "items": e.items,
+                        "ts": e.ts,
+                        "context": e.context,
+                    }
+                )
+                pipe.set(Keys(e.namespace).served(e.recommendation_id), body, ex=self.ttl_s)
+                continue
+            served = served_record(
+                e.actor, e.strategy, e.items, variant=e.variant, context=e.context, ts=e.ts
+            )
+            await self._log.log(e.namespace, e.recommendation_id, served, client=pipe)
+        replies: list[object] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def drain(self) -> None:
         """Wait for the queued writes (shutdown, tests)."""

@@ -1,7 +1,8 @@
 """The answer cache (serving/pipeline/memo.py) against real Redis and moto: an unchanged
 request is served again under its own recommendation id and logged; any change to the
 actor's live state, the model versions or the parameters computes a new answer; debug,
-filtered and degraded answers are never kept; a kept answer expires."""
+filtered and degraded answers are never kept; a kept answer expires. And the served log
+every answer writes: one round trip a batch."""
 
 from __future__ import annotations
 
@@ -154,3 +155,34 @@ async def test_a_kept_answer_expires_and_zero_turns_the_cache_off(
             await ranker.recommend(ns, "eve", 3)
         assert counted("hit") == hits
         assert len(ranker.answers) == 0
+
+
+async def test_the_served_log_needs_no_script_check_and_survives_a_script_flush(
+    local_stack: LocalStack,
+) -> None:
+    """Each batch of the served log is one round trip (no ``SCRIPT EXISTS`` before it), and
+    a Redis that lost its scripts gets the batch again after one ``SCRIPT LOAD``."""
+    settings = roomy(local_stack)
+    ns, keys = settings.namespace, Keys(settings.namespace)
+    await apply(settings, [event(n, f"crowd{n}", f"pop{n % 3}", ns) for n in range(9)])
+    client = aioredis.from_url(settings.redis_url)
+
+    async def checks() -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    try:
+        async with ranker_for(settings) as ranker:
+            await client.script_flush()
+            first = await ranker.recommend(ns, "fay", 3)
+            await ranker.served.drain()
+            before = await checks()
+            answers = [await ranker.recommend(ns, f"guest{n}", 3) for n in range(5)]
+            await ranker.served.drain()
+            assert await checks() == before
+            for answer in [first, *answers]:
+                assert await client.get(keys.served(answer.recommendation_id)) is not None
+            indexed = await client.zrange(keys.served_to("fay"), 0, -1)
+            assert indexed == [first.recommendation_id.encode()]
+    finally:
+        await client.aclose()
