@@ -32,11 +32,13 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from recstream.aws import async_client
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from streams.leases import SHARD_END, TRIM_HORIZON, DynamoDBLeaseStore, LeaseInfo
 
 if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_kinesis import KinesisClient
 
 __all__ = [
@@ -196,27 +198,37 @@ class StreamPositions:
         self.rows: list[ShardPosition] = []
         self.read_at: float | None = None
 
-    async def read(self) -> list[ShardPosition]:
+    async def read(
+        self, store: DynamoDBLeaseStore, dynamodb: DynamoDBClient
+    ) -> list[ShardPosition]:
         from streams.kinesis.status import app_ids
 
         stream = self.settings.stream_name
         now = time.time()
         rows: list[ShardPosition] = []
-        async with DynamoDBLeaseStore(self.settings) as store:
-            for app_id in await app_ids(self.settings):
-                for lease in await store.list_leases(f"{app_id}#{stream}"):
-                    row = await _position(self.kinesis, stream, app_id, lease, now)
-                    if row is not None:
-                        rows.append(row)
+        for app_id in await app_ids(self.settings, dynamodb):
+            for lease in await store.list_leases(f"{app_id}#{stream}"):
+                row = await _position(self.kinesis, stream, app_id, lease, now)
+                if row is not None:
+                    rows.append(row)
         self.rows = rows
         self.read_at = time.time()
         return rows
 
     async def run(self) -> None:
+        # The clients live as long as the task: making a botocore client costs tens of
+        # milliseconds of CPU, a stall of the API's event loop at every read.
+        async with (
+            DynamoDBLeaseStore(self.settings) as store,
+            async_client(self.settings, "dynamodb") as dynamodb,
+        ):
+            await self._poll(store, dynamodb)
+
+    async def _poll(self, store: DynamoDBLeaseStore, dynamodb: DynamoDBClient) -> None:
         interval = self.settings.stream_status_interval_s
         while True:
             try:
-                await self.read()
+                await self.read(store, dynamodb)
             except (RecstreamError, BotoCoreError, ClientError, OSError) as exc:
                 STREAM_STATUS_ERRORS.inc()
                 log.warning(

@@ -8,6 +8,7 @@ how far behind the tip of the shard the committed position is.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from recstream.settings import Settings
 from streams.leases import SHARD_END, TRIM_HORIZON, DynamoDBLeaseStore, LeaseInfo
 
 if TYPE_CHECKING:
+    from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_kinesis import KinesisClient
 
 __all__ = ["ShardStatus", "app_ids", "shard_status"]
@@ -41,12 +43,15 @@ class ShardStatus:
     parents: tuple[str, ...]
 
 
-async def app_ids(settings: Settings) -> list[str]:
-    """Every app with leases on ``settings.stream_name`` in the lease table."""
+async def app_ids(settings: Settings, dynamodb: DynamoDBClient | None = None) -> list[str]:
+    """Every app with leases on ``settings.stream_name`` in the lease table (through
+    ``dynamodb`` when given: a caller that asks every few seconds keeps one client)."""
     suffix = f"#{settings.stream_name}"
     found: set[str] = set()
     try:
-        async with async_client(settings, "dynamodb") as dynamodb:
+        async with contextlib.AsyncExitStack() as stack:
+            if dynamodb is None:
+                dynamodb = await stack.enter_async_context(async_client(settings, "dynamodb"))
             paginator = dynamodb.get_paginator("scan")
             async for page in paginator.paginate(
                 TableName=settings.leases_table,
