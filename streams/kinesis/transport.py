@@ -743,9 +743,10 @@ class Consumer(base.Consumer):
                 break
             last = entry
         if last is None or last[0] != offset - 1:
-            # No longer expected: `handed` survives reader restarts. Left are a record
-            # trimmed by retention under a re-read, or faust committing past what it
-            # was handed. Skipping is safe (at-least-once): the checkpoint stays behind.
+            # No longer expected: `handed` survives reader restarts. Left are offsets
+            # this reader never handed: renumbered by a retention trim under a re-read,
+            # or faust committing past what it was given. Skipping is safe
+            # (at-least-once): the checkpoint only stays behind.
             log.warning(
                 "commit %s@%d: no record is known at offset %d (not handed to faust since "
                 "the checkpoint at offset %d); no checkpoint written. The next commit of "
