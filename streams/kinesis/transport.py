@@ -186,6 +186,29 @@ class Transport(base.Transport):
 # --- consumer ---------------------------------------------------------------------------
 
 
+def _hand(handed: deque[tuple[int, str, int, int]], records: Sequence[KinesisRecord]) -> None:
+    """Add what is handed to faust to ``handed``, which stays ordered by offset.
+
+    After a restart the reader hands offsets that are there already: the same record
+    at the same offset is skipped; an offset below the first kept is already
+    checkpointed; one that now names another record (a retention trim under a
+    TRIM_HORIZON restart) replaces what was known from there on."""
+    if not records:
+        return
+    if not handed or records[0].offset > handed[-1][0]:
+        handed.extend((r.offset, r.sequence_number, r.sub_sequence, r.first) for r in records)
+        return
+    for r in records:
+        entry = (r.offset, r.sequence_number, r.sub_sequence, r.first)
+        if handed and r.offset <= handed[-1][0]:
+            index = r.offset - handed[0][0]
+            if index < 0 or handed[index] == entry:
+                continue
+            while handed and handed[-1][0] >= r.offset:
+                handed.pop()
+        handed.append(entry)
+
+
 @dataclass
 class _Partition:
     """One leased shard as the consumer sees it."""
@@ -207,7 +230,11 @@ class _Partition:
     handed: deque[tuple[int, str, int, int]] = field(default_factory=deque)
     """(offset, sequence number, sub-sequence, first sub-sequence) of messages handed to
     faust, uncommitted: a checkpoint after one names its sub-sequence (its last inner
-    message), a seek back to it resumes at its first (`KinesisRecord.first`)."""
+    message), a seek back to it resumes at its first (`KinesisRecord.first`).
+
+    Kept when the reader restarts: a restart reads the same records at the same offsets
+    again (`Consumer._start_position`), and faust still commits offsets acked before it.
+    """
     end_offset: int | None = None
     """Set when the shard is closed and read to its end: the offset after the last one."""
     finished: bool = False
@@ -489,6 +516,12 @@ class Consumer(base.Consumer):
         start = self.settings.start_position.strip().lower()
         if start == "trim_horizon":
             return Position("TRIM_HORIZON")
+        if start == "latest" and partition.handed:
+            # Read from LATEST before, nothing checkpointed yet: read the same records
+            # again. LATEST now would name other records by the offsets faust has acked.
+            offset, sequence_number, _, first = partition.handed[0]
+            if offset == partition.committed_offset:
+                return Position("AT_SEQUENCE_NUMBER", sequence_number, skip_through=first - 1)
         if start == "latest":
             if partition.has_parents and partition.created_at:
                 # Its parents are read (from LATEST) first, which takes a moment; LATEST at
@@ -504,8 +537,12 @@ class Consumer(base.Consumer):
             ) from None
 
     def _restart(self, partition: _Partition, position: Position, next_offset: int) -> None:
-        partition.handed.clear()
+        # `handed` is kept: the reader reads the same records at the same offsets again,
+        # and a commit of offsets acked before the restart (faust seeks after every
+        # rebalance, with acks still to commit) needs their sequence numbers before the
+        # new reader has got that far: on LocalStack it often had not.
         if partition.finished or partition.lost:
+            partition.handed.clear()
             partition.reader = None
             return
 
@@ -633,9 +670,7 @@ class Consumer(base.Consumer):
                 if partition is None or partition.reader is None or not partition.reader.buffer:
                     continue
                 records = partition.reader.drain(MAX_RECORDS_PER_PARTITION_FETCH)
-                partition.handed.extend(
-                    (r.offset, r.sequence_number, r.sub_sequence, r.first) for r in records
-                )
+                _hand(partition.handed, records)
                 out[tp] = records
                 MESSAGES.labels(tp.topic).inc(len(records))
                 behind = partition.reader.stats.millis_behind
@@ -708,7 +743,18 @@ class Consumer(base.Consumer):
                 break
             last = entry
         if last is None or last[0] != offset - 1:
-            log.warning("commit %s@%d: its sequence number is unknown; skipped", tp, offset)
+            # No longer expected: `handed` survives reader restarts. Left are offsets
+            # this reader never handed: renumbered by a retention trim under a re-read,
+            # or faust committing past what it was given. Skipping is safe
+            # (at-least-once): the checkpoint only stays behind.
+            log.warning(
+                "commit %s@%d: no record is known at offset %d (not handed to faust since "
+                "the checkpoint at offset %d); no checkpoint written. The next commit of "
+                "this shard writes one; until then a restart or the shard's next holder "
+                "reads these records again, and the agents skip what they applied. "
+                "Nothing to do; if it repeats, report it with this worker's log",
+                tp, offset, offset - 1, partition.committed_offset,
+            )  # fmt: skip
             return False
         checkpoint = Checkpoint(last[1], last[2])
         try:

@@ -325,3 +325,106 @@ async def test_sending_to_a_missing_stream_fails_the_send_not_the_producer(
         # The producer lives on: the next send to an existing stream lands.
         metadata = await producer.send_and_wait(settings.stream_name, b"k", b"y", None, None, None)
         assert metadata.topic == settings.stream_name
+
+
+async def test_acks_taken_before_a_seek_are_checkpointed_before_the_records_are_read_again(
+    stream_settings: Settings,
+) -> None:
+    """After every rebalance faust seeks each partition back to its committed offset
+    (`perform_seek`), which restarts the shard readers, while acks taken before it are
+    still to be committed. The next commit must checkpoint them even when the restarted
+    reader has not read that far again: on LocalStack, whose GetRecords is slower, it
+    had not, the commit was skipped ("its sequence number is unknown") and faust,
+    counting it as done, never offered those offsets again, so a restart read them again.
+    """
+    settings = stream_settings
+    events = make_events(120)
+    await put_events(settings, events[:60])
+    await put_events(settings, events[60:], aggregate=True)
+    # No timed commits: the test decides when faust commits.
+    app = make_app(settings, "test-seek-acks", broker_commit_interval=3600.0)
+    seen: list[str] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value).event_id)
+
+    async with running(app):
+        consumer = consumer_of(app)
+        await wait_until(
+            lambda: sum(len(offsets) for offsets in consumer._acked.values()) >= 120,
+            what="all 120 events acked",
+        )
+        await consumer.perform_seek()
+        # As if the restarted readers were still waiting for their first GetRecords.
+        for partition in consumer._partitions.values():
+            assert partition.reader is not None
+            await partition.reader.stop()
+        await consumer.commit()
+        assert sum(p.committed_offset for p in consumer._partitions.values()) == 120
+    # A new worker of the same app resumes after the checkpoints: nothing is read again.
+    assert sorted(seen) == sorted(e.event_id for e in events)
+    seen.clear()
+    app = make_app(settings, "test-seek-acks")
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def again(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value).event_id)
+
+    async with running(app):
+        readers = consumer_of(app).readers
+        await wait_until(
+            lambda: (
+                len(readers()) == 2
+                and all(r.stats.millis_behind == 0 and not r.buffer for r in readers().values())
+            ),
+            what="the tip of both shards",
+        )
+    assert seen == []
+
+
+async def test_a_seek_before_the_first_checkpoint_reads_the_same_records_from_latest(
+    stream_settings: Settings,
+) -> None:
+    """With start position LATEST and no checkpoint yet, a seek to the committed offset
+    must read the records read before it again, at the same offsets: LATEST again would
+    give the offsets faust acked to other records, and their commit would be lost."""
+    settings = stream_settings.model_copy(update={"start_position": "latest"})
+    app = make_app(settings, "test-seek-latest", broker_commit_interval=3600.0)
+    seen: list[str] = []
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value).event_id)
+
+    async with running(app):
+        consumer = consumer_of(app)
+        readers = consumer.readers
+        await wait_until(
+            lambda: len(readers()) == 2 and all(r.stats.calls for r in readers().values()),
+            what="both shards being read",
+        )
+        first = make_events(40, prefix="a")
+        await put_events(settings, first)
+        await wait_until(
+            lambda: sum(len(offsets) for offsets in consumer._acked.values()) >= 40,
+            what="the first 40 events acked",
+        )
+        await consumer.perform_seek()
+        later = make_events(10, prefix="b")
+        await put_events(settings, later)
+        # The first 40 are read again (a seek repeats what was not committed), then the 10.
+        await wait_until(
+            lambda: set(seen) >= {e.event_id for e in later}, what="the 10 later events"
+        )
+        # Read again at the same offsets, the 10 are acked after the 40 (at LATEST again
+        # they would be offsets 0 to 9, acked already).
+        await wait_until(
+            lambda: sum(len(offsets) for offsets in consumer._acked.values()) >= 50,
+            what="the 10 later events acked at offsets after the first 40",
+        )
+        await consumer.commit()
+        assert sum(p.committed_offset for p in consumer._partitions.values()) == 50
