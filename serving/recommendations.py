@@ -196,7 +196,7 @@ async def _logged_in_as(request: Request, namespace: str, session_id: str, actor
     ranker: Ranker = request.app.state.ranker
     try:
         async with asyncio.timeout(ranker.settings.store_timeout_ms / 1000):
-            return await detached(resolve_actor(ranker.redis, namespace, session_id))
+            return await detached(resolve_actor(ranker.redis, namespace, session_id), ranker.reads)
     except (TimeoutError, RedisError, OSError):
         return actor
 

@@ -51,7 +51,7 @@ from recstream.keys import Keys
 from recstream.published import as_text, read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
-from serving.pipeline.detach import detached
+from serving.pipeline.detach import Reads, detached
 from serving.pipeline.models import Published
 
 T = TypeVar("T")
@@ -167,8 +167,12 @@ def _pairs(raw: Sequence[tuple[bytes | str, float]]) -> list[tuple[str, float]]:
 class Sources:
     """The candidate sources of one process, with their in-process caches."""
 
-    def __init__(self, redis: aioredis.Redis, item_cache_ttl_s: float) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, item_cache_ttl_s: float, reads: Reads | None = None
+    ) -> None:
         self.redis = redis
+        self.reads: Reads = set() if reads is None else reads
+        """The detached reads running (`serving.pipeline.detach`), ended on close."""
         # A published version's rows never change (training writes them once), so they
         # are kept as long as the version may serve; the TTL only bounds memory.
         self._row_ttl_s = max(item_cache_ttl_s, NEIGHBOUR_TTL_S)
@@ -196,7 +200,7 @@ class Sources:
             for key in missing:
                 pipe.zrevrange(key, 0, n - 1, withscores=True)
             try:
-                replies = await detached(pipe.execute())
+                replies = await detached(pipe.execute(), self.reads)
             except RedisError as exc:
                 raise StoreUnavailable(f"reading {missing} failed: {exc}") from exc
             for key, reply in zip(missing, replies, strict=True):
@@ -333,7 +337,8 @@ class Sources:
             found = await detached(
                 read_current_many(
                     self.redis, Keys(namespace), "item2item", [f"nbr:{i}" for i in missing]
-                )
+                ),
+                self.reads,
             )
             if found is not None:
                 for item in missing:
@@ -553,7 +558,8 @@ class Sources:
                     "popularity",
                     [f"top:cat:{c}" for c in missing],
                     limit=n,
-                )
+                ),
+                self.reads,
             )
             if found is not None:
                 for category in missing:

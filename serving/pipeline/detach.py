@@ -15,16 +15,36 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["detached"]
+__all__ = ["cancel_detached", "detached"]
 
 T = TypeVar("T")
 
+Reads = set["asyncio.Task[Any]"]
+"""The detached reads an owner (a `Ranker`) started and that still run, so it can end
+them when it closes: left to the collector after their loop closed (a store that never
+answered), their half-read connections were reported unclosed long after, in whatever
+ran next."""
 
-def detached(read: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
-    """``read`` running on its own; awaiting (and cancelling) the result leaves it be."""
+
+def detached(read: Coroutine[Any, Any, T], owner: Reads | None = None) -> asyncio.Future[T]:
+    """``read`` running on its own; awaiting (and cancelling) the result leaves it be.
+    With ``owner``, the read is in that set while it runs."""
     task = asyncio.ensure_future(read)
+    if owner is not None:
+        owner.add(task)
+        task.add_done_callback(owner.discard)
     task.add_done_callback(_consume)
     return asyncio.shield(task)
+
+
+async def cancel_detached(owner: Reads, within: float = 5.0) -> None:
+    """Cancel ``owner``'s running reads and wait (at most ``within`` seconds) for them to
+    end: redis-py closes the connection of a cancelled read."""
+    running = list(owner)
+    for task in running:
+        task.cancel()
+    if running:
+        await asyncio.wait(running, timeout=within)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

@@ -37,7 +37,7 @@ from recstream.prom import child
 from recstream.settings import Settings
 from serving.metrics import SOURCE_LATENCY
 from serving.pipeline.candidates import SourceOutput, Sources, best
-from serving.pipeline.detach import detached
+from serving.pipeline.detach import Reads, cancel_detached, detached
 from serving.pipeline.diversity import category_cap, mmr
 from serving.pipeline.explain import debug_view, explain
 from serving.pipeline.features import assemble
@@ -161,7 +161,8 @@ class Ranker:
         self._learned = scorer is None
         self.hot = RedisHotStore(redis, settings)
         self.models = ModelCache(redis)
-        self.sources = Sources(redis, settings.item_cache_ttl_s)
+        self.reads: Reads = set()
+        self.sources = Sources(redis, settings.item_cache_ttl_s, self.reads)
         self.served = ServedLog(redis, settings)
         self.freshness = FreshnessTracker(settings.freshness_actors)
         self.answers = AnswerCache(
@@ -187,6 +188,7 @@ class Ranker:
 
     async def aclose(self) -> None:
         await self.served.drain()
+        await cancel_detached(self.reads)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -202,7 +204,9 @@ class Ranker:
     async def _state(self, req: _Request, namespace: str, actor: str | None) -> UserState:
         state = await req.bounded(
             "window" if actor is not None else "models",
-            detached(read_state(self.redis, namespace, actor, self.settings.window_size)),
+            detached(
+                read_state(self.redis, namespace, actor, self.settings.window_size), self.reads
+            ),
             req.start + min(self.store_timeout, STATE_SHARE * self.budget),
         )
         if state is None:
@@ -213,7 +217,10 @@ class Ranker:
     async def _raw_state(self, req: _Request, namespace: str, actor: str) -> RawState | None:
         return await req.bounded(
             "window",
-            detached(read_raw_state(self.redis, namespace, actor, self.settings.window_size)),
+            detached(
+                read_raw_state(self.redis, namespace, actor, self.settings.window_size),
+                self.reads,
+            ),
             req.start + min(self.store_timeout, STATE_SHARE * self.budget),
         )
 
@@ -269,7 +276,7 @@ class Ranker:
             return {}
         found = await req.bounded(
             "catalog",
-            detached(self.catalog.items(namespace, list(dict.fromkeys(item_ids)))),
+            detached(self.catalog.items(namespace, list(dict.fromkeys(item_ids))), self.reads),
             until,
         )
         return dict(found or {})
