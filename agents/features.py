@@ -358,7 +358,9 @@ if e then
         g = w * 2 ^ (-(at - t) / hl)
       end
       local W2 = W * f0 + g
-      for i = 1, n do x[i] = (x[i] * W * f0 + g * y[i]) / W2 end
+      -- (the two factors once, not per element: the loop is most of an update's cost)
+      local a, b = W * f0 / W2, g / W2
+      for i = 1, n do x[i] = x[i] * a + y[i] * b end
       W = W2
     end
     if st.v == e['v'] and st.raw and #st.raw == #raw then
