@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,24 @@ def _reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[Any, ...]]]]:
     }
 
 
+def _spilled_s3_buffers() -> Iterator[Any]:
+    """The buffers of S3 objects (every version, every multipart upload's parts) that
+    moto spilled from memory to a temporary file."""
+    for service, _, _, backend in _backends():
+        if service != "s3":
+            continue
+        for bucket in list(getattr(backend, "buckets", {}).values()):
+            keys: list[Any] = []
+            for versions in list(dict.values(bucket.keys)):
+                keys += versions if isinstance(versions, list) else [versions]
+            for upload in list(getattr(bucket, "multiparts", {}).values()):
+                keys += list(getattr(upload, "parts", {}).values())
+            for key in keys:
+                buffer = getattr(key, "_value_buffer", None)
+                if buffer is not None and getattr(buffer, "_rolled", False):
+                    yield buffer
+
+
 def dump_state() -> bytes:
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
@@ -349,10 +367,18 @@ class Snapshots:
             child: list[int] = []
 
             def fork() -> None:
+                # S3 objects beyond moto's in-memory size live in temporary files, whose
+                # file offset a forked child would share: their pending writes go to the
+                # file first, and the child reads them through descriptions of its own.
+                for spilled in _spilled_s3_buffers():
+                    spilled.flush()
                 child.append(os.fork())
                 if child[0] == 0:  # the child: only this thread exists here
                     code = 1
                     try:
+                        for spilled in _spilled_s3_buffers():
+                            own = f"/proc/self/fd/{spilled.fileno()}"  # a new open file
+                            spilled._file = open(own, "rb")  # noqa: SIM115 (the buffer's now)
                         self._write(dump_state())
                         code = 0
                     except BaseException as exc:
