@@ -105,15 +105,21 @@ local WEIGHTS = nil
 local F_FIXED = {'n', 'k:n', 'n:_other', 'first_ts', 'last_ts', 'sess', 'sess_ts', 'sess_n'}
 local F_TIMES = {first_ts = true, last_ts = true, sess_ts = true}
 -- c.v[name]: the field's value (a number, or sess's string; false: absent); c.s/c.t[name]:
--- an affinity's score and time; c.d[name]: changed since read.
+-- an affinity's score and time; c.d[name]: changed since read; c.m[attr]: the names of
+-- the attribute's values in the hash, once an eviction needed them (kept up to date
+-- for the rest of the chunk, so an actor at the cap reads its hash once per chunk).
+-- "{score}@{ts}" as two numbers (a plain find: a pattern costs more, once per affinity).
+local function f_score(raw)
+  local at = string.find(raw, '@', 1, true)
+  if not at then return nil, nil end
+  return tonumber(string.sub(raw, 1, at - 1)), tonumber(string.sub(raw, at + 1))
+end
 local function f_parse(c, name, raw)
   if not raw then
     c.v[name] = false
   elseif string.sub(name, 1, 2) == 'a:' then
-    local s, t0 = string.match(raw, '^(.-)@(.*)$')
     c.v[name] = true
-    c.s[name] = tonumber(s)
-    c.t[name] = tonumber(t0)
+    c.s[name], c.t[name] = f_score(raw)
   elseif name == 'sess' then
     c.v[name] = raw
   else
@@ -169,6 +175,35 @@ local function f_flush(key, c)
   if n > 0 then redis.call('HSET', key, unpack(args)) end
   c.d = {}
 end
+-- The names of ``attr``'s values in the hash, as of now: the cache knows every field of a
+-- hash the chunk created (c.empty); otherwise HSCAN MATCH reads the attribute's fields
+-- (Redis filters them: HGETALL's other fields would each become a Lua string), and those
+-- the cache does not hold yet are parsed into it (the cache's own are as new or newer).
+local function f_members(key, c, attr)
+  local m = c.m[attr]
+  if m then return m end
+  m = {}
+  local prefix = 'a:' .. attr .. ':'
+  local n = #prefix
+  if not c.empty then
+    local pattern = string.gsub(prefix, '([%*%?%[%]\\])', '\\%1') .. '*'
+    local cursor = '0'
+    repeat
+      local page = redis.call('HSCAN', key, cursor, 'MATCH', pattern, 'COUNT', 1000)
+      cursor = page[1]
+      local all = page[2]
+      for j = 1, #all, 2 do
+        local name = all[j]
+        if c.v[name] == nil then f_parse(c, name, all[j + 1]) end
+      end
+    until cursor == '0'
+  end
+  for name, value in pairs(c.v) do
+    if value == true and string.sub(name, 1, n) == prefix then m[name] = true end
+  end
+  c.m[attr] = m
+  return m
+end
 local function factor(key, item)
   local known = FACTORS[key]
   if not known then
@@ -192,7 +227,7 @@ local cap = H['fcap']
 local created = 0
 local c = F[key]
 if not c then
-  c = {v = {}, s = {}, t = {}, d = {}, empty = false}
+  c = {v = {}, s = {}, t = {}, d = {}, m = {}, empty = false}
   if redis.call('EXISTS', key) == 0 then
     created = 1
     c.empty = true
@@ -268,28 +303,27 @@ for i = 1, #aff do
     end
   else
     f_aff(c, fld, delta, ts)
+    local members = c.m[attr]
+    if members then members[fld] = true end
     local kname = 'k:' .. attr
     local k = f_num(c, kname) + 1
     f_set(c, kname, k)
     if k > cap then
       -- Over the cap: evict the value with the smallest |score| as of now (ties: the
-      -- smallest name), which may be the new one when it is the weakest.
-      f_flush(key, c)
-      local prefix = 'a:' .. attr .. ':'
-      local all = redis.call('HGETALL', key)
+      -- smallest name), which may be the new one when it is the weakest. The scores
+      -- come from the cache (the same doubles the hash holds as %.17g).
+      members = f_members(key, c, attr)
       local worst, worst_score = nil, nil
-      for j = 1, #all, 2 do
-        local name = all[j]
-        if string.sub(name, 1, #prefix) == prefix then
-          local s, t0 = string.match(all[j + 1], '^(.-)@(.*)$')
-          local v = math.abs(tonumber(s) * 2 ^ (-math.max(0, ts - tonumber(t0)) / hl))
-          if (not worst) or v < worst_score or (v == worst_score and name < worst) then
-            worst, worst_score = name, v
-          end
+      local S, T = c.s, c.t
+      for name in pairs(members) do
+        local v = math.abs(S[name] * 2 ^ (-math.max(0, ts - T[name]) / hl))
+        if (not worst) or v < worst_score or (v == worst_score and name < worst) then
+          worst, worst_score = name, v
         end
       end
       redis.call('HDEL', key, worst)
       V[worst] = false
+      members[worst] = nil
       f_set(c, kname, k - 1)
     end
   end
@@ -324,7 +358,9 @@ if e then
         g = w * 2 ^ (-(at - t) / hl)
       end
       local W2 = W * f0 + g
-      for i = 1, n do x[i] = (x[i] * W * f0 + g * y[i]) / W2 end
+      -- (the two factors once, not per element: the loop is most of an update's cost)
+      local a, b = W * f0 / W2, g / W2
+      for i = 1, n do x[i] = x[i] * a + y[i] * b end
       W = W2
     end
     if st.v == e['v'] and st.raw and #st.raw == #raw then

@@ -107,6 +107,8 @@ class TrendWindow:
 
 
 WINDOWS = (TrendWindow("1h", 3600, 300), TrendWindow("24h", 86400, 3600))
+_STEP = math.gcd(*(w.span_s for w in WINDOWS))
+"""Every window's bucket edges fall on multiples of this."""
 INDEX_TTL_S = 2 * 86400 + 2 * 3600
 EXPONENT_LIMIT = 1000.0
 """2^1000 is near the largest double: events further than 1000 half-lives after the
@@ -232,6 +234,7 @@ class TrendingPart:
         }
         self._weights = {t: max(0.0, w) for t, w in settings.event_weights.items()}
         self._keys: dict[tuple[str, str | None, tuple[int, ...]], tuple[str, ...]] = {}
+        self._steps: dict[int, tuple[tuple[int, ...], list[int]]] = {}
 
     def _keys_of(
         self, namespace: str, category: str | None, starts: tuple[int, ...]
@@ -254,6 +257,24 @@ class TrendingPart:
             found = self._keys[(namespace, category, starts)] = tuple(made)
         return found
 
+    def _buckets(self, ts: float) -> tuple[tuple[int, ...], list[int]]:
+        """The bucket starts of an event at ``ts`` and the times from which no window
+        reads them: the same for every event of a `_STEP` (300 s) away from its edges,
+        so made once per step (events of a stream come in time order, roughly)."""
+        step = math.floor(ts / _STEP)
+        low = step * _STEP
+        if low + 1 <= ts < low + _STEP - 1:  # (at an edge, float division decides)
+            found = self._steps.get(step)
+            if found is not None:
+                return found
+        starts = tuple(w.bucket(ts) for w in WINDOWS)
+        made = (starts, [w.dead_at(b) for w, b in zip(WINDOWS, starts, strict=True)])
+        if low + 1 <= ts < low + _STEP - 1:
+            if len(self._steps) > 1_000:
+                self._steps.clear()
+            self._steps[step] = made
+        return made
+
     def encode(
         self, event: Event, context: BatchContext
     ) -> tuple[tuple[str, ...], dict[str, Any] | None]:
@@ -265,17 +286,12 @@ class TrendingPart:
             return (keys_of(event.namespace).trend_clock,), {"pw": 0.0}
         category = context.facts(event).category
         ts = event.timestamp
-        starts = tuple(w.bucket(ts) for w in WINDOWS)
+        starts, dead = self._buckets(ts)
         # the forward-decayed score, computed as training's Popularity computes it
         decayed = weight * 2 ** min(
             (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
         )
-        doc: dict[str, Any] = {
-            "pw": weight,
-            "ps": repr(weight),
-            "d": repr(decayed),
-            "b": [w.dead_at(b) for w, b in zip(WINDOWS, starts, strict=True)],
-        }
+        doc: dict[str, Any] = {"pw": weight, "ps": repr(weight), "d": repr(decayed), "b": dead}
         if category is not None:
             doc["cat"] = category
         return self._keys_of(event.namespace, category, starts), doc

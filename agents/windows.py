@@ -461,6 +461,7 @@ class Pipeline:
         self._flushing: set[asyncio.Task[None]] = set()
         self._copies: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._pending_flush = False
         self.groups_written = 0
 
     async def submit(
@@ -480,14 +481,31 @@ class Pipeline:
             self._timer = asyncio.get_running_loop().call_later(self.max_age_s, self._due)
         self._group.append((stats.pending, stats.result or ApplyResult(0, 0), done))
         self._actors.update((e.namespace, e.actor) for e in stats.pending)
-        if len(records) < self.batch_size or len(self._actors) >= self.max_actors:
+        if len(self._actors) >= self.max_actors:
+            # Back-pressure: a group this large waits for the one before it.
             await self.flush()
+        elif len(records) < self.batch_size:
+            # Caught up: the copies start now, or as soon as the group before them is
+            # written; the next batch is applied to Redis meanwhile rather than after
+            # them (waiting here held live traffic up behind a slow DynamoDB write, up
+            # to seconds on a busy emulator: docs/local-stack.md). Batches that arrive
+            # while the group before is written join this group.
+            self._due()
         return stats
 
     def _due(self) -> None:
-        task = asyncio.create_task(self.flush(), name=f"durable copies due ({self.source})")
+        if self._pending_flush:
+            return  # a flush is already waiting its turn: it takes the whole group
+        self._pending_flush = True
+        task = asyncio.create_task(self._flush_due(), name=f"durable copies due ({self.source})")
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
+
+    async def _flush_due(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            self._pending_flush = False
 
     async def flush(self) -> None:
         """Start writing the current group, once the group before it is written."""

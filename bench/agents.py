@@ -1,7 +1,8 @@
 """Benchmark of the stream agent (windows + feature vectors + trending); prints tables.
 
     python -m bench.agents [--events 20000] [--batch 500] [--samples 100] [--users 10000]
-                           [--order dataset|time] [--only throughput,dedup,memory,latency]
+                           [--order dataset|time]
+                           [--only throughput,commands,dedup,memory,latency]
 
 * **throughput**: events/s of one agent process applying real events (Taobao
   UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
@@ -13,6 +14,8 @@
   Lua, no dedup, no parsing), in the same run. ``--order dataset`` keeps the slice's
   order (one user's events after another's: what a per-user cache sees at its best);
   ``--order time`` sorts by event time, as a shard interleaves its users;
+* **commands** (only when asked for): redis-server's time per event by command the
+  script calls (INFO commandstats), against the script's own time and the server's CPU;
 * **dedup design**: the composed script (one seen check for all parts) against one
   script and one seen set per part, events/s and bytes per active user;
 * **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
@@ -272,6 +275,47 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
         )
 
 
+async def commands(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
+    """Where redis-server's time per event goes when the agent's script applies the
+    events (the Redis part alone): INFO commandstats after a reset, per command called
+    by the script, against the server's CPU per event."""
+    async with open_stores(settings) as stores:
+        redis = stores.redis
+        ns = f"commands-{os.getpid()}"
+        await prepare(redis, ns, rows)
+        events = events_of(rows, ns)
+        hot = build_agent(stores, settings).hot
+        await redis.config_resetstat()
+        server = await _server_cpu(redis)
+        for start in range(0, len(events), batch):
+            await hot.apply(events[start : start + batch])
+        cpu = (await _server_cpu(redis) - server) / len(events) * 1e6
+        stats: dict[str, Any] = await redis.info("commandstats")
+    n = len(events)
+    print(
+        f"\nredis-server per event, {n} Taobao events ({ORDER} order), Redis part alone: "
+        f"{cpu:.0f} us of CPU (load {os.getloadavg()[0]:.1f})"
+    )
+    print(f"{'command':<22}{'calls/ev':>10}{'us/call':>10}{'us/ev':>10}")
+    rows_out = sorted(
+        ((name.removeprefix("cmdstat_"), v) for name, v in stats.items()),
+        key=lambda kv: -float(kv[1]["usec"]),
+    )
+    inner = script = 0.0
+    for name, v in rows_out:
+        calls, usec = int(v["calls"]), float(v["usec"])
+        if name in ("evalsha", "eval"):
+            script = usec
+        else:
+            inner += usec
+        if usec / n >= 0.05:
+            print(f"{name:<22}{calls / n:>10.2f}{usec / max(calls, 1):>10.2f}{usec / n:>10.2f}")
+    print(
+        f"the script's wall time {script / n:.0f} us/ev, of which the commands it calls "
+        f"{inner / n:.0f}: the rest is Lua (decoding the chunk, tables, strings, numbers)"
+    )
+
+
 async def dedup_designs(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
     """One composed script vs one script and seen set per part (separate Redis dbs)."""
     base = settings.redis_url.rsplit("/", 1)[0]
@@ -434,6 +478,8 @@ def main() -> None:
     with local_settings(namespace="bench", poll_interval_s=0.05) as settings:
         if "throughput" in sections:
             asyncio.run(throughput(settings, rows, args.batch))
+        if "commands" in sections:
+            asyncio.run(commands(settings, rows, args.batch))
         if "dedup" in sections:
             asyncio.run(dedup_designs(settings, rows, args.batch))
         if "memory" in sections:

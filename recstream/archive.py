@@ -19,8 +19,10 @@ recstream/ because the agents write it and training reads it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
+import math
 import secrets
 import zlib
 from collections import defaultdict
@@ -56,7 +58,13 @@ SUFFIX: Final = ".jsonl.gz"
 
 def partition_prefix(namespace: str, timestamp: float) -> str:
     """``archive/{namespace}/dt=YYYY-MM-DD/hour=HH/`` of the hour holding ``timestamp``."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    # by the hour's number: a flush asks for every buffered event, nearly all in one hour
+    return _hour_prefix(namespace, math.floor(timestamp / 3600))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hour_prefix(namespace: str, hour: int) -> str:
+    moment = datetime.fromtimestamp(hour * 3600, tz=UTC)
     return f"{ARCHIVE_PREFIX}/{namespace}/dt={moment:%Y-%m-%d}/hour={moment:%H}/"
 
 

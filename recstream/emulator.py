@@ -21,7 +21,9 @@ own WSGI application:
   their records, tables, buckets and objects, queues and messages) is pickled to
   ``<state-dir>/moto-state.pickle`` (written beside it, then renamed, so a crash never
   leaves half a file). At start-up the file is loaded back. A snapshot waits for the
-  requests in flight and holds new ones for its duration, so it is consistent.
+  requests in flight and holds new ones while it forks; a child process pickles that
+  copy-on-write image while requests go on, so the snapshot is consistent and requests
+  are held for milliseconds, not for the whole dump (`Snapshots.save_forked`).
 
 The trade-off of snapshots: a hard crash (power loss, SIGKILL) loses at most the last
 interval; a clean stop or reboot (SIGTERM) loses nothing.
@@ -41,7 +43,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +248,24 @@ def _reducers() -> dict[type, Callable[[Any], tuple[Any, tuple[Any, ...]]]]:
     }
 
 
+def _spilled_s3_buffers() -> Iterator[Any]:
+    """The buffers of S3 objects (every version, every multipart upload's parts) that
+    moto spilled from memory to a temporary file."""
+    for service, _, _, backend in _backends():
+        if service != "s3":
+            continue
+        for bucket in list(getattr(backend, "buckets", {}).values()):
+            keys: list[Any] = []
+            for versions in list(dict.values(bucket.keys)):
+                keys += versions if isinstance(versions, list) else [versions]
+            for upload in list(getattr(bucket, "multiparts", {}).values()):
+                keys += list(getattr(upload, "parts", {}).values())
+            for key in keys:
+                buffer = getattr(key, "_value_buffer", None)
+                if buffer is not None and getattr(buffer, "_rolled", False):
+                    yield buffer
+
+
 def dump_state() -> bytes:
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
@@ -329,6 +349,57 @@ class Snapshots:
             count, self.path, time.monotonic() - started,
         )  # fmt: skip
 
+    def save_forked(self) -> None:
+        """The periodic snapshot, without holding the requests while it pickles.
+
+        Pickling in this process held every request for the whole dump, which grows with
+        the state (moto's Kinesis records cost about 3 ms per thousand): a stall of
+        seconds every ``--snapshot-every`` once a stream holds a million records, which
+        was the agents' lag spikes in bench.ingest's long run. Instead, with no request
+        in flight, the process forks (a copy-on-write image of every backend, in
+        milliseconds), lets requests through again at once, and the child pickles its
+        frozen image, writes the file and exits; Redis's BGSAVE works the same way."""
+        if not hasattr(os, "fork"):
+            self.save()
+            return
+        _reducers()  # made here, once: the child's cache would be thrown away with it
+        with self.lock:
+            child: list[int] = []
+
+            def fork() -> None:
+                # S3 objects beyond moto's in-memory size live in temporary files, whose
+                # file offset a forked child would share: their pending writes go to the
+                # file first, and the child reads them through descriptions of its own.
+                for spilled in _spilled_s3_buffers():
+                    spilled.flush()
+                child.append(os.fork())
+                if child[0] == 0:  # the child: only this thread exists here
+                    code = 1
+                    try:
+                        for spilled in _spilled_s3_buffers():
+                            own = f"/proc/self/fd/{spilled.fileno()}"  # a new open file
+                            spilled._file = open(own, "rb")  # noqa: SIM115 (the buffer's now)
+                        self._write(dump_state())
+                        code = 0
+                    except BaseException as exc:
+                        os.write(2, f"emulator snapshot failed: {exc!r}\n".encode())
+                    finally:
+                        os._exit(code)
+
+            self.gate.exclusive(fork)
+            self.gate.touched = False
+            _, status = os.waitpid(child[0], 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"the snapshot process exited with status {status}")
+
+    def _write(self, blob: bytes) -> None:
+        temporary = self.path.with_suffix(".tmp")
+        with temporary.open("wb") as out:
+            out.write(blob)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, self.path)
+
     def save(self) -> None:
         with self.lock:
             blob: list[bytes] = []
@@ -345,19 +416,14 @@ class Snapshots:
 
             self.gate.exclusive(dump)
             self.gate.touched = False
-            temporary = self.path.with_suffix(".tmp")
-            with temporary.open("wb") as out:
-                out.write(blob[0])
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
+            self._write(blob[0])
 
     def every(self, seconds: float) -> None:
         while True:
             time.sleep(seconds)
             if self.gate.touched:
                 try:
-                    self.save()
+                    self.save_forked()
                 except Exception:
                     log.exception("snapshot to %s failed; the next one retries", self.path)
 
