@@ -39,10 +39,20 @@ class TTLCache(Generic[K, V]):
         return value
 
     def put(self, key: K, value: V) -> None:
-        self._data[key] = (self.clock(), value)
+        now = self.clock()
+        self._data[key] = (now, value)
         self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+        data = self._data
+        while len(data) > self.size:
+            data.popitem(last=False)
+        # The oldest entries are first: drop the expired ones now, not when their key is
+        # asked again (it may never be). Otherwise a short-lived cache fills to ``size``
+        # with dead entries, all of them objects every full garbage collection walks.
+        while data:
+            at, _ = next(iter(data.values()))
+            if now - at < self.ttl:
+                break
+            data.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._data)
