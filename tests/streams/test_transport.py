@@ -19,6 +19,15 @@ from streams.schema import Event
 from tests.streams.kinesis_helpers import make_events, owner_name, put_events, wait_until
 
 
+def ids_into(app: faust.App, settings: Settings, seen: list[str]) -> None:
+    """An agent of ``app`` on the stream that appends each event's id to ``seen``."""
+
+    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
+    async def collect(stream):  # type: ignore[no-untyped-def]
+        async for value in stream:
+            seen.append(Event.from_json(value).event_id)
+
+
 async def test_every_record_single_and_aggregated_reaches_an_agent(
     stream_settings: Settings,
 ) -> None:
@@ -241,10 +250,7 @@ async def test_start_position_latest_or_a_timestamp_skips_older_records(
     app = make_app(settings, f"test-start-{start}")
     seen: list[str] = []
 
-    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
-    async def collect(stream):  # type: ignore[no-untyped-def]
-        async for value in stream:
-            seen.append(Event.from_json(value).event_id)
+    ids_into(app, settings, seen)
 
     async with running(app):
         readers = consumer_of(app).readers
@@ -345,10 +351,7 @@ async def test_acks_taken_before_a_seek_are_checkpointed_before_the_records_are_
     app = make_app(settings, "test-seek-acks", broker_commit_interval=3600.0)
     seen: list[str] = []
 
-    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
-    async def collect(stream):  # type: ignore[no-untyped-def]
-        async for value in stream:
-            seen.append(Event.from_json(value).event_id)
+    ids_into(app, settings, seen)
 
     async with running(app):
         consumer = consumer_of(app)
@@ -368,10 +371,7 @@ async def test_acks_taken_before_a_seek_are_checkpointed_before_the_records_are_
     seen.clear()
     app = make_app(settings, "test-seek-acks")
 
-    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
-    async def again(stream):  # type: ignore[no-untyped-def]
-        async for value in stream:
-            seen.append(Event.from_json(value).event_id)
+    ids_into(app, settings, seen)
 
     async with running(app):
         readers = consumer_of(app).readers
@@ -395,10 +395,7 @@ async def test_a_seek_before_the_first_checkpoint_reads_the_same_records_from_la
     app = make_app(settings, "test-seek-latest", broker_commit_interval=3600.0)
     seen: list[str] = []
 
-    @app.agent(app.topic(settings.stream_name, value_serializer="raw"))
-    async def collect(stream):  # type: ignore[no-untyped-def]
-        async for value in stream:
-            seen.append(Event.from_json(value).event_id)
+    ids_into(app, settings, seen)
 
     async with running(app):
         consumer = consumer_of(app)
