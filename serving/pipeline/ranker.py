@@ -201,28 +201,24 @@ class Ranker:
         return task
 
     # --- stage 1: state -------------------------------------------------------------------
-    async def _state(self, req: _Request, namespace: str, actor: str | None) -> UserState:
-        state = await req.bounded(
-            "window" if actor is not None else "models",
-            detached(
-                read_state(self.redis, namespace, actor, self.settings.window_size), self.reads
-            ),
-            req.start + min(self.store_timeout, STATE_SHARE * self.budget),
-        )
-        if state is None:
-            # Redis did not answer: keep serving the model versions already in memory.
-            return UserState([], {}, {}, self.models.loaded_versions(namespace))
-        return state
-
-    async def _raw_state(self, req: _Request, namespace: str, actor: str) -> RawState | None:
+    async def _raw_state(self, req: _Request, namespace: str, actor: str | None) -> RawState | None:
         return await req.bounded(
-            "window",
+            "window" if actor is not None else "models",
             detached(
                 read_raw_state(self.redis, namespace, actor, self.settings.window_size),
                 self.reads,
             ),
             req.start + min(self.store_timeout, STATE_SHARE * self.budget),
         )
+
+    def _parse(self, namespace: str, raw: RawState | None) -> UserState:
+        if raw is None:
+            # Redis did not answer: keep serving the model versions already in memory.
+            return UserState([], {}, {}, self.models.loaded_versions(namespace))
+        return raw.parse()
+
+    async def _state(self, req: _Request, namespace: str, actor: str | None) -> UserState:
+        return self._parse(namespace, await self._raw_state(req, namespace, actor))
 
     async def _durable_window(
         self, req: _Request, namespace: str, actor: str, until: float
@@ -466,11 +462,7 @@ class Ranker:
                 result = self._serve(req, namespace, actor, kept, values)
                 result.took_ms = req.took_ms()
                 return result
-        if raw is None:
-            # Redis did not answer: keep serving the model versions already in memory.
-            state = UserState([], {}, {}, self.models.loaded_versions(namespace))
-        else:
-            state = raw.parse()
+        state = self._parse(namespace, raw)
         sources_until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
         window_task: asyncio.Task[list[WindowEntry]] | None = None
         if not state.window and "window" not in req.degraded:

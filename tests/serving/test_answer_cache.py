@@ -14,10 +14,12 @@ from prometheus_client import REGISTRY
 
 from agents.state import WindowEntry
 from recstream.keys import Keys
+from recstream.settings import Settings
 from serving.pipeline.memo import AnswerCache
 from streams.schema import Item
 from tests.conftest import LocalStack
 from tests.serving.helpers import apply, event, fitted, publish, ranker_for, roomy, two_clusters
+from training.data import InteractionLog
 from training.models import ItemToItem
 
 
@@ -29,14 +31,25 @@ def ids(answer: Any) -> list[str]:
     return [r.item_id for r in answer.items]
 
 
+async def published(
+    local_stack: LocalStack, actor: str, *items: str
+) -> tuple[Settings, InteractionLog]:
+    """Fresh settings with every model fitted on `two_clusters` published, and ``actor``'s
+    views of ``items`` applied."""
+    settings = roomy(local_stack)
+    log = two_clusters()
+    await publish(settings, fitted(log).values(), log)
+    await apply(
+        settings, [event(n, actor, item, settings.namespace) for n, item in enumerate(items, 1)]
+    )
+    return settings, log
+
+
 async def test_an_unchanged_request_is_served_again_under_its_own_id(
     local_stack: LocalStack,
 ) -> None:
-    settings = roomy(local_stack)
+    settings, _ = await published(local_stack, "ann", "a1", "a2")
     ns = settings.namespace
-    log = two_clusters()
-    await publish(settings, fitted(log).values(), log)
-    await apply(settings, [event(1, "ann", "a1", ns), event(2, "ann", "a2", ns)])
     async with ranker_for(settings) as ranker:
         hits, misses = counted("hit"), counted("miss")
         first = await ranker.recommend(ns, "ann", 5)
@@ -71,11 +84,8 @@ async def test_an_unchanged_request_is_served_again_under_its_own_id(
 
 
 async def test_a_click_or_a_promote_computes_a_new_answer(local_stack: LocalStack) -> None:
-    settings = roomy(local_stack)
+    settings, log = await published(local_stack, "cat", "a1")
     ns = settings.namespace
-    log = two_clusters()
-    await publish(settings, fitted(log).values(), log)
-    await apply(settings, [event(1, "cat", "a1", ns)])
     async with ranker_for(settings) as ranker:
         before = await ranker.recommend(ns, "cat", 5)
         assert "b1" not in ids(before)[:1]
@@ -108,11 +118,8 @@ class RefuseAll:
 async def test_debug_filtered_and_degraded_answers_are_never_kept(
     local_stack: LocalStack,
 ) -> None:
-    settings = roomy(local_stack)
+    settings, _ = await published(local_stack, "dee", "a1")
     ns = settings.namespace
-    log = two_clusters()
-    await publish(settings, fitted(log).values(), log)
-    await apply(settings, [event(1, "dee", "a1", ns)])
     async with ranker_for(settings) as ranker:
         hits = counted("hit")
         for _ in range(2):
