@@ -90,6 +90,9 @@ class _Catalog:
     async def items(self, namespace: str, item_ids: Sequence[str]) -> Mapping[str, Item]:
         return {i: self.known[i] for i in item_ids if i in self.known}
 
+    def cached_items(self, namespace: str, item_ids: Sequence[str]) -> Mapping[str, Item] | None:
+        return {i: self.known[i] for i in item_ids if i in self.known}
+
 
 async def replay(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
     # what each entry's tuning chose (the model's own defaults for the rest)

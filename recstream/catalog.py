@@ -177,6 +177,18 @@ class RedisDynamoCatalog:
     async def items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item]:
         return await self._read(ITEMS, namespace, ids)
 
+    def cached_items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item] | None:
+        """`items` from the in-process cache alone; None when any id is not cached."""
+        found: dict[str, Item] = {}
+        now = time.monotonic()
+        for record_id in ids:
+            hit, value = self.cache.get((namespace, "item", record_id), now)
+            if not hit:
+                return None
+            if value is not None:
+                found[record_id] = value  # type: ignore[assignment]
+        return found
+
     async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]:
         return await self._read(USERS, namespace, ids)
 
@@ -403,6 +415,9 @@ class MemoryCatalog:
 
     async def items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item]:
         return self._read(ITEMS, namespace, ids)
+
+    def cached_items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item] | None:
+        return self._read(ITEMS, namespace, ids)  # all of it is in memory
 
     async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]:
         return self._read(USERS, namespace, ids)

@@ -185,6 +185,16 @@ class Sources:
         )
 
     # --- live sorted sets written by the agents, cached for a second ------------------
+    def zsets_now(self, keys: Sequence[str], n: int) -> list[list[tuple[str, float]]] | None:
+        """`zsets` from the cache alone; None when one must be read."""
+        found = []
+        for key in keys:
+            cached = self.lists.get((key, n))
+            if cached is None:
+                return None
+            found.append(cached)
+        return found
+
     async def zsets(self, keys: Sequence[str], n: int) -> list[list[tuple[str, float]]]:
         """Top ``n`` of each sorted set, uncached ones read in one round trip."""
         found: dict[str, list[tuple[str, float]]] = {}
@@ -225,6 +235,13 @@ class Sources:
         return out
 
     # --- item-to-item -------------------------------------------------------------------
+    @staticmethod
+    def _item2item_recent(history: Sequence[str], model: Published | None) -> list[str]:
+        # a just-promoted version's params load in the background: meanwhile the previous
+        # version's are closer than the defaults
+        history_len = int(model.param("history_len", 10)) if model is not None else 10
+        return list(history[-history_len:]) if history_len > 0 else []
+
     async def item2item(
         self,
         namespace: str,
@@ -234,16 +251,42 @@ class Sources:
         restrict: Collection[str] | None,
         n: int,
     ) -> SourceOutput:
-        out = SourceOutput("item2item", origin=f"published:{version}")
         if version is None or not history:
-            return out
-        # a just-promoted version's params load in the background: meanwhile the previous
-        # version's are closer than the defaults
-        params = model.params if model is not None else {}
-        history_len = int(params.get("history_len", 10))
-        recency = bool(params.get("recency", True))
-        recent = list(history[-history_len:]) if history_len > 0 else []
+            return SourceOutput("item2item", origin=f"published:{version}")
+        recent = self._item2item_recent(history, model)
         rows = await self.neighbour_rows(namespace, version, recent)
+        return self._item2item(namespace, version, recent, rows, model, restrict, n)
+
+    def item2item_now(
+        self,
+        namespace: str,
+        history: Sequence[str],
+        version: str | None,
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput | None:
+        """`item2item` from the cached rows alone; None when a row must be read."""
+        if version is None or not history:
+            return SourceOutput("item2item", origin=f"published:{version}")
+        recent = self._item2item_recent(history, model)
+        rows = self.cached_rows(namespace, version, recent)
+        if rows is None:
+            return None
+        return self._item2item(namespace, version, recent, rows, model, restrict, n)
+
+    def _item2item(
+        self,
+        namespace: str,
+        version: str,
+        recent: list[str],
+        rows: Mapping[str, NeighbourRow],
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput:
+        out = SourceOutput("item2item", origin=f"published:{version}")
+        recency = bool(model.param("recency", True)) if model is not None else True
         vocab = self.vocabulary(namespace, version)
         codes: list[np.ndarray[Any, np.dtype[np.int32]]] = []
         contributions: list[np.ndarray[Any, np.dtype[np.float64]]] = []
@@ -317,6 +360,19 @@ class Sources:
                 # the oldest version's, its rows with it (they are numbered by it)
                 del self._vocabularies[next(iter(self._vocabularies))]
         return vocab
+
+    def cached_rows(
+        self, namespace: str, version: str, items: Sequence[str]
+    ) -> dict[str, NeighbourRow] | None:
+        """Each item's cached ``nbr:{item}`` row of ``version``; None when one is not."""
+        cache = self.vocabulary(namespace, version).rows
+        rows: dict[str, NeighbourRow] = {}
+        for item in items:
+            row = cache.get(item)
+            if row is None:
+                return None
+            rows[item] = row
+        return rows
 
     async def neighbour_rows(
         self, namespace: str, version: str, items: Sequence[str]
@@ -416,6 +472,11 @@ class Sources:
         return out
 
     # --- popularity and trending ----------------------------------------------------------
+    @staticmethod
+    def _popular_keys(namespace: str) -> list[str]:
+        keys = Keys(namespace)
+        return [keys.popularity_decayed, keys.popularity]
+
     async def popular(
         self,
         namespace: str,
@@ -423,8 +484,27 @@ class Sources:
         restrict: Collection[str] | None,
         n: int,
     ) -> SourceOutput:
-        keys = Keys(namespace)
-        decayed, counted = await self.zsets([keys.popularity_decayed, keys.popularity], n)
+        lists = await self.zsets(self._popular_keys(namespace), n)
+        return self._popular(lists, model, restrict, n)
+
+    def popular_now(
+        self,
+        namespace: str,
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput | None:
+        lists = self.zsets_now(self._popular_keys(namespace), n)
+        return None if lists is None else self._popular(lists, model, restrict, n)
+
+    @staticmethod
+    def _popular(
+        lists: Sequence[list[tuple[str, float]]],
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput:
+        decayed, counted = lists
         out = SourceOutput("popularity")
         if decayed:
             out.origin, rows = "live:pop:decayed", decayed
@@ -446,13 +526,40 @@ class Sources:
         window: str | None = None,
         category: str | None = None,
     ) -> SourceOutput:
-        keys = Keys(namespace)
+        order = self._trend_windows(model, window)
+        lists = await self.zsets([Keys(namespace).trending(w, category) for w in order], n)
+        return self._trending(order, lists, model, restrict, n, category)
+
+    def trending_now(
+        self,
+        namespace: str,
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput | None:
+        """`trending` (overall, the tuned window) from the cache alone; None when a list
+        must be read."""
+        order = self._trend_windows(model, None)
+        lists = self.zsets_now([Keys(namespace).trending(w, None) for w in order], n)
+        return None if lists is None else self._trending(order, lists, model, restrict, n, None)
+
+    @staticmethod
+    def _trend_windows(model: Published | None, window: str | None) -> list[str]:
         if window is None:
             # the agents' window closest to the one training tuned (default 24 h)
             span = float(model.param("window_s", 86400.0)) if model is not None else 86400.0
             window = "1h" if span <= 3600 else "24h"
-        order = [window, "24h" if window == "1h" else "1h"]
-        lists = await self.zsets([keys.trending(w, category) for w in order], n)
+        return [window, "24h" if window == "1h" else "1h"]
+
+    @staticmethod
+    def _trending(
+        order: Sequence[str],
+        lists: Sequence[list[tuple[str, float]]],
+        model: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+        category: str | None,
+    ) -> SourceOutput:
         out = SourceOutput("trending")
         for name, rows in zip(order, lists, strict=True):
             if rows:
@@ -506,50 +613,59 @@ class Sources:
         restrict: Collection[str] | None,
         n: int,
     ) -> SourceOutput:
-        out = SourceOutput("category_popularity")
         chosen = sorted(affinity, key=lambda c: (-affinity[c], c))[:MAX_CATEGORIES]
         if not chosen:
-            return out
+            return SourceOutput("category_popularity")
         keys = Keys(namespace)
         live = await self.zsets([keys.popularity_category(c) for c in chosen], n)
-        lists: dict[str, list[tuple[str, float]]] = {}
-        missing = []
-        for category, rows in zip(chosen, live, strict=True):
-            if rows:
-                lists[category] = rows
-            elif popularity is not None:
-                missing.append(category)
+        lists, missing = _listed(chosen, live, popularity)
         if missing and popularity is not None:
             lists.update(await self._published_category_lists(namespace, popularity, missing, n))
-        if not lists:
-            return out
-        # training's share: count / (max count + 1), the max over every item
-        top = max(
-            [s for rows in lists.values() for _, s in rows[:1]]
-            + ([popularity.top[0][1]] if popularity is not None and popularity.top else [])
-        )
-        for category, rows in lists.items():
-            for item, count in rows:
-                score = affinity[category] * (1.0 + count / (top + 1.0))
-                if score > out.scores.get(item, -math.inf):
-                    out.scores[item] = score
-                    out.category[item] = category
-        out.origin = "live+published" if missing else "live"
-        out.scores = _keep(out.scores, restrict, n)
-        out.category = {i: out.category[i] for i in out.scores}
-        return out
+        return _category_scores(affinity, lists, bool(missing), popularity, restrict, n)
 
-    async def _published_category_lists(
-        self, namespace: str, popularity: Published, categories: Sequence[str], n: int
-    ) -> dict[str, list[tuple[str, float]]]:
+    def category_popularity_now(
+        self,
+        namespace: str,
+        affinity: Mapping[str, float],
+        popularity: Published | None,
+        restrict: Collection[str] | None,
+        n: int,
+    ) -> SourceOutput | None:
+        """`category_popularity` from the cached lists alone; None when one must be read."""
+        chosen = sorted(affinity, key=lambda c: (-affinity[c], c))[:MAX_CATEGORIES]
+        if not chosen:
+            return SourceOutput("category_popularity")
+        keys = Keys(namespace)
+        live = self.zsets_now([keys.popularity_category(c) for c in chosen], n)
+        if live is None:
+            return None
+        lists, missing = _listed(chosen, live, popularity)
+        if missing and popularity is not None:
+            published, unread = self._cached_category_lists(namespace, popularity, missing)
+            if unread:
+                return None
+            lists.update(published)
+        return _category_scores(affinity, lists, bool(missing), popularity, restrict, n)
+
+    def _cached_category_lists(
+        self, namespace: str, popularity: Published, categories: Sequence[str]
+    ) -> tuple[dict[str, list[tuple[str, float]]], list[str]]:
+        """The published ``top:cat:{c}`` lists cached (the empty ones left out), and the
+        categories whose list is not."""
         lists: dict[str, list[tuple[str, float]]] = {}
         missing = []
         for category in categories:
             cached = self.category_lists.get((namespace, popularity.version, category))
             if cached is None:
                 missing.append(category)
-            else:
+            elif cached:
                 lists[category] = cached
+        return lists, missing
+
+    async def _published_category_lists(
+        self, namespace: str, popularity: Published, categories: Sequence[str], n: int
+    ) -> dict[str, list[tuple[str, float]]]:
+        lists, missing = self._cached_category_lists(namespace, popularity, categories)
         if missing:
             found = await detached(
                 read_current_many(
@@ -565,9 +681,55 @@ class Sources:
                 for category in missing:
                     record = found[f"top:cat:{category}"]
                     rows = record.value if isinstance(record.value, list) else []
-                    lists[category] = rows
+                    if rows:
+                        lists[category] = rows
                     self.category_lists.put((namespace, record.version, category), rows)
-        return {c: rows for c, rows in lists.items() if rows}
+        return lists
+
+
+def _listed(
+    chosen: Sequence[str],
+    live: Sequence[list[tuple[str, float]]],
+    popularity: Published | None,
+) -> tuple[dict[str, list[tuple[str, float]]], list[str]]:
+    """The chosen categories' live lists, and those with none that the published
+    popularity may list instead."""
+    lists: dict[str, list[tuple[str, float]]] = {}
+    missing = []
+    for category, rows in zip(chosen, live, strict=True):
+        if rows:
+            lists[category] = rows
+        elif popularity is not None:
+            missing.append(category)
+    return lists, missing
+
+
+def _category_scores(
+    affinity: Mapping[str, float],
+    lists: Mapping[str, list[tuple[str, float]]],
+    published: bool,
+    popularity: Published | None,
+    restrict: Collection[str] | None,
+    n: int,
+) -> SourceOutput:
+    out = SourceOutput("category_popularity")
+    if not lists:
+        return out
+    # training's share: count / (max count + 1), the max over every item
+    top = max(
+        [s for rows in lists.values() for _, s in rows[:1]]
+        + ([popularity.top[0][1]] if popularity is not None and popularity.top else [])
+    )
+    for category, rows in lists.items():
+        for item, count in rows:
+            score = affinity[category] * (1.0 + count / (top + 1.0))
+            if score > out.scores.get(item, -math.inf):
+                out.scores[item] = score
+                out.category[item] = category
+    out.origin = "live+published" if published else "live"
+    out.scores = _keep(out.scores, restrict, n)
+    out.category = {i: out.category[i] for i in out.scores}
+    return out
 
 
 def _pick(

@@ -194,26 +194,36 @@ class ModelCache:
             task.add_done_callback(done)
         return task
 
+    def get_now(
+        self, namespace: str, name: str, version: str | None
+    ) -> tuple[bool, Published | None]:
+        """``(True, model)`` when `get` would answer at once, with what it would answer;
+        ``(False, None)`` when it would wait for a first load (started here). The
+        ranker's synchronous pass (serving/pipeline/ranker.py) asks this."""
+        if version is None:
+            self._loaded.pop((namespace, name), None)
+            if self.restorer is not None:
+                self.restorer.notice(namespace)
+            return True, None
+        current = self._loaded.get((namespace, name))
+        if current is not None and current.version == version:
+            return True, current
+        failed = self._failed.get((namespace, name, version))
+        if failed is not None and time.monotonic() - failed < RETRY_AFTER_S:
+            return True, current
+        self._start(namespace, name, version)
+        return current is not None, current
+
     async def get(
         self, namespace: str, name: str, version: str | None, wait: float
     ) -> Published | None:
         """The model at ``version`` (the pointer just read), or the previous one while it
         loads; None when nothing is published. Waits at most ``wait`` seconds, and only
         when no version at all is loaded yet."""
-        if version is None:
-            self._loaded.pop((namespace, name), None)
-            if self.restorer is not None:
-                self.restorer.notice(namespace)
-            return None
-        current = self._loaded.get((namespace, name))
-        if current is not None and current.version == version:
+        ready, current = self.get_now(namespace, name, version)
+        if ready or wait <= 0 or version is None:
             return current
-        failed = self._failed.get((namespace, name, version))
-        if failed is not None and time.monotonic() - failed < RETRY_AFTER_S:
-            return current
-        task = self._start(namespace, name, version)
-        if current is not None or wait <= 0:
-            return current
+        task = self._start(namespace, name, version)  # the load get_now started
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await asyncio.shield(task)

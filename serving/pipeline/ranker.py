@@ -133,6 +133,20 @@ class _Request:
             if isinstance(call, asyncio.Task | asyncio.Future) and not call.done():
                 call.cancel()
 
+    def timed(
+        self, name: str, out: SourceOutput | None, began: float, observe: bool = True
+    ) -> None:
+        """A source's latency on /metrics (`bounded` observes its own) and, in debug, in
+        the answer."""
+        if observe:
+            child(SOURCE_LATENCY, name).observe(time.perf_counter() - began)
+        if self.debug:
+            self.sources[name] = {
+                "origin": out.origin if out is not None else "degraded",
+                "candidates": len(out.scores) if out is not None else 0,
+                "ms": round((time.perf_counter() - began) * 1000, 3),
+            }
+
     def took_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
@@ -265,11 +279,20 @@ class Ranker:
     ) -> Published | None:
         return await self.models.get(namespace, name, state.versions.get(name), req.left(until))
 
+    def _cached_items(self, namespace: str, item_ids: Sequence[str]) -> Mapping[str, Item] | None:
+        """`_categories` from memory alone; None when an item must be read."""
+        if self.catalog is None or not item_ids:
+            return {}
+        return self.catalog.cached_items(namespace, list(dict.fromkeys(item_ids)))
+
     async def _categories(
         self, req: _Request, namespace: str, item_ids: Sequence[str], until: float
     ) -> dict[str, Item]:
         if self.catalog is None or not item_ids:
             return {}
+        cached = self.catalog.cached_items(namespace, list(dict.fromkeys(item_ids)))
+        if cached is not None:
+            return dict(cached)
         found = await req.bounded(
             "catalog",
             detached(self.catalog.items(namespace, list(dict.fromkeys(item_ids))), self.reads),
@@ -285,9 +308,12 @@ class Ranker:
         history: Callable[[], Awaitable[list[str]]],
         weights: Mapping[str, float],
         restrict: Collection[str] | None,
+        now: list[str] | None,
     ) -> list[SourceOutput]:
         """Every source with a non-zero weight, plus popularity (the fallback of every
-        list), concurrently, each within its own deadline."""
+        list): the ones whose inputs are in memory at once, the others concurrently, each
+        within its own deadline. ``now`` is the history when it is known already (not
+        waiting for the durable window)."""
         until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
         n = self.settings.candidates_per_source
         src = self.sources
@@ -344,20 +370,76 @@ class Ranker:
             "category_popularity": category_popularity,
         }
         chosen = [s for s in SOURCE_NAMES if weights.get(s, 0.0) != 0 or s == "popularity"]
+        done: dict[str, SourceOutput] = {}
+        if now is not None:
+            # The synchronous pass: every source whose inputs are all in memory (models
+            # loaded, rows and lists cached) is computed here, with no task, no timeout
+            # and no loop hop; in steady state that is all of them. The rest, below.
+            for name in chosen:
+                began = time.perf_counter()
+                try:
+                    out = self._source_now(name, namespace, state, now, restrict)
+                except _ERRORS as exc:
+                    log.debug("%s failed: %s", name, exc)
+                    req.degrade(name)
+                    out = None
+                if out is not None or name in req.degraded:
+                    req.timed(name, out, began)
+                if out is not None:
+                    done[name] = out
 
         async def timed(name: str) -> SourceOutput | None:
             began = time.perf_counter()
             out = await req.bounded(name, makers[name](), until)
-            if req.debug:
-                req.sources[name] = {
-                    "origin": out.origin if out is not None else "degraded",
-                    "candidates": len(out.scores) if out is not None else 0,
-                    "ms": round((time.perf_counter() - began) * 1000, 3),
-                }
+            req.timed(name, out, began, observe=False)
             return out
 
-        outputs = await asyncio.gather(*(timed(name) for name in chosen))
-        return [out for out in outputs if out is not None]
+        pending = [name for name in chosen if name not in done and name not in req.degraded]
+        if pending:
+            for name, out in zip(
+                pending, await asyncio.gather(*(timed(name) for name in pending)), strict=True
+            ):
+                if out is not None:
+                    done[name] = out
+        return [done[name] for name in chosen if name in done]
+
+    def _source_now(
+        self,
+        name: str,
+        namespace: str,
+        state: UserState,
+        items: list[str],
+        restrict: Collection[str] | None,
+    ) -> SourceOutput | None:
+        """Source ``name`` from what is in memory, or None when it must read a store."""
+        n = self.settings.candidates_per_source
+        src = self.sources
+        ready, model = self.models.get_now(namespace, name, state.versions.get(name))
+        if not ready:
+            return None
+        if name == "recently_viewed":
+            return src.repeat(items, model)
+        if name == "item2item":
+            version = state.versions.get("item2item")
+            return src.item2item_now(namespace, items, version, model, restrict, n)
+        if name == "sknn":
+            return src.sknn(items, model, restrict, n)
+        if name == "als":
+            return src.als(items, state.embedding, model, restrict, n)
+        if name == "trending":
+            return src.trending_now(namespace, model, restrict, n)
+        if name == "popularity":
+            return src.popular_now(namespace, model, restrict, n)
+        # category popularity: its own parameters, the popularity lists and the catalog
+        ready, popular = self.models.get_now(
+            namespace, "popularity", state.versions.get("popularity")
+        )
+        catalog = self._cached_items(namespace, items[-50:])
+        if not ready or catalog is None:
+            return None
+        categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
+        affinity = src.affinities(items, categories, state.features, model, time.time())
+        return src.category_popularity_now(namespace, affinity, popular, restrict, n)
 
     @staticmethod
     def _merge(outputs: Sequence[SourceOutput], order: Sequence[str] = ()) -> list[Candidate]:
@@ -465,7 +547,11 @@ class Ranker:
         state = self._parse(namespace, raw)
         sources_until = min(req.loop.time() + self.source_timeout, req.at(SOURCES_SHARE))
         window_task: asyncio.Task[list[WindowEntry]] | None = None
-        if not state.window and "window" not in req.degraded:
+        if (
+            not state.window
+            and "window" not in req.degraded
+            and (namespace, actor) not in self._misses
+        ):
             window_task = asyncio.ensure_future(
                 self._durable_window(req, namespace, actor, sources_until)
             )
@@ -485,7 +571,10 @@ class Ranker:
         ranking = learned.ranking if learned is not None else None
         # the learned ranker's sources are the ones it was fitted on
         chosen = dict.fromkeys(ranking.spec.sources, 1.0) if ranking is not None else weights
-        outputs = await self._candidates(req, namespace, state, history, chosen, given)
+        outputs = await self._candidates(
+            req, namespace, state, history, chosen, given,
+            state.history if window_task is None else None,
+        )  # fmt: skip
         if window_task is not None:
             await history()
         window = state.window

@@ -124,6 +124,11 @@ class ItemCatalog(Protocol):
 
     async def items(self, namespace: str, item_ids: Sequence[str]) -> Mapping[str, Item]: ...
 
+    def cached_items(self, namespace: str, item_ids: Sequence[str]) -> Mapping[str, Item] | None:
+        """What `items` would answer, from memory alone; None when any id must be read
+        (the ranker's synchronous pass then awaits `items`)."""
+        ...
+
 
 class Scorer(Protocol):
     """Turns the candidates' sources and features into one score each (in place).

@@ -188,6 +188,9 @@ class Catalog:
         self.calls += 1
         return {i: self.data[i] for i in item_ids if i in self.data}
 
+    def cached_items(self, namespace: str, item_ids: Sequence[str]) -> Mapping[str, Item] | None:
+        return None  # nothing is cached: every read goes through `items`
+
 
 class NotTheseTitles:
     """A `CandidateFilter`: EXCLUDE items whose title is among the filter value's."""
