@@ -44,22 +44,19 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
-from recstream.published import as_text, read_current_many
+from recstream.published import read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
 from serving.pipeline.detach import Reads, detached
+from serving.pipeline.live import LiveLists
 from serving.pipeline.models import Published
 
 T = TypeVar("T")
 
-__all__ = ["LIVE_TTL_S", "SourceOutput", "Sources", "best", "order_ties"]
+__all__ = ["SourceOutput", "Sources", "best", "order_ties"]
 
-LIVE_TTL_S = 1.0
-"""Live lists (popularity, trending) move every event: re-read at most once a second."""
 AFFINITY_HALF_LIFE_S = 86400.0
 """Half-life used to bring the feature hash's ``a:cat:*`` affinities to the same instant
 (only their ratios matter here)."""
@@ -160,10 +157,6 @@ def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) ->
     return best(scores, n)
 
 
-def _pairs(raw: Sequence[tuple[bytes | str, float]]) -> list[tuple[str, float]]:
-    return [(as_text(member), float(score)) for member, score in raw]
-
-
 class Sources:
     """The candidate sources of one process, with their in-process caches."""
 
@@ -177,46 +170,19 @@ class Sources:
         # are kept as long as the version may serve; the TTL only bounds memory.
         self._row_ttl_s = max(item_cache_ttl_s, NEIGHBOUR_TTL_S)
         self._vocabularies: dict[tuple[str, str], Vocabulary] = {}
-        self.lists: TTLCache[tuple[str, int], list[tuple[str, float]]] = TTLCache(
-            LIVE_TTL_S, size=10_000
-        )
+        self.lists = LiveLists(redis, self.reads)
         self.category_lists: TTLCache[tuple[str, str, str], list[tuple[str, float]]] = TTLCache(
             item_cache_ttl_s, size=10_000
         )
 
-    # --- live sorted sets written by the agents, cached for a second ------------------
+    # --- live sorted sets written by the agents (serving/pipeline/live.py) -------------
     def zsets_now(self, keys: Sequence[str], n: int) -> list[list[tuple[str, float]]] | None:
-        """`zsets` from the cache alone; None when one must be read."""
-        found = []
-        for key in keys:
-            cached = self.lists.get((key, n))
-            if cached is None:
-                return None
-            found.append(cached)
-        return found
+        """Top ``n`` of each sorted set from memory; None when one must be read."""
+        return self.lists.now(keys, n)
 
     async def zsets(self, keys: Sequence[str], n: int) -> list[list[tuple[str, float]]]:
-        """Top ``n`` of each sorted set, uncached ones read in one round trip."""
-        found: dict[str, list[tuple[str, float]]] = {}
-        missing: list[str] = []
-        for key in keys:
-            cached = self.lists.get((key, n))
-            if cached is None:
-                missing.append(key)
-            else:
-                found[key] = cached
-        if missing:
-            pipe = self.redis.pipeline(transaction=False)
-            for key in missing:
-                pipe.zrevrange(key, 0, n - 1, withscores=True)
-            try:
-                replies = await detached(pipe.execute(), self.reads)
-            except RedisError as exc:
-                raise StoreUnavailable(f"reading {missing} failed: {exc}") from exc
-            for key, reply in zip(missing, replies, strict=True):
-                found[key] = _pairs(reply)
-                self.lists.put((key, n), found[key])
-        return [found[key] for key in keys]
+        """Top ``n`` of each sorted set, the ones not in memory read in one round trip."""
+        return await self.lists.get(keys, n)
 
     # --- recently viewed ----------------------------------------------------------------
     @staticmethod

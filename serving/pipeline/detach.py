@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["cancel_detached", "detached"]
+__all__ = ["cancel_detached", "detached", "started"]
 
 T = TypeVar("T")
 
@@ -29,12 +29,18 @@ ran next."""
 def detached(read: Coroutine[Any, Any, T], owner: Reads | None = None) -> asyncio.Future[T]:
     """``read`` running on its own; awaiting (and cancelling) the result leaves it be.
     With ``owner``, the read is in that set while it runs."""
+    return asyncio.shield(started(read, owner))
+
+
+def started(read: Coroutine[Any, Any, T], owner: Reads | None = None) -> asyncio.Task[T]:
+    """``read`` as a task of its own, in ``owner`` while it runs, its outcome retrieved
+    even if nobody awaits it. Whoever waits for it should shield it (`detached`)."""
     task = asyncio.ensure_future(read)
     if owner is not None:
         owner.add(task)
         task.add_done_callback(owner.discard)
     task.add_done_callback(_consume)
-    return asyncio.shield(task)
+    return task
 
 
 async def cancel_detached(owner: Reads, within: float = 5.0) -> None:

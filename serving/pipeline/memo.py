@@ -15,8 +15,8 @@ costs a dictionary lookup. So an answer is kept under a key made of:
 That round trip is made on every request, so an event the agents applied, a promote or a
 rollback changes the key at once: a click is reflected by the very next answer, as
 without the cache. The item-level data is not in the key. It is already served from
-in-process caches, the live popularity and trending lists up to a second old
-(`serving.pipeline.candidates.LIVE_TTL_S`); a kept answer lives
+in-process caches, the live popularity and trending lists about a second old
+(`serving.pipeline.live`); a kept answer lives
 ``min(answer_cache_ttl_s, item_cache_ttl_s)``, 1 s by default, so an answer reflects the
 live lists at most 2 s old instead of 1 s, and the clock's slow terms (decayed
 affinities, hours-long half-lives) at most 1 s old.

@@ -1,0 +1,124 @@
+"""The live lists' cache (serving/pipeline/live.py) on real Redis: fresh lists from
+memory, expired ones served while one background read refreshes them, one read per list
+however many requests want it, and the last lists kept when Redis stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from recstream.errors import StoreUnavailable
+from serving.pipeline.detach import Reads, cancel_detached
+from serving.pipeline.live import LiveLists
+from tests.conftest import LocalStack
+from tests.serving.helpers import roomy
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def counting(lists: LiveLists) -> list[list[str]]:
+    """The keys of every read ``lists`` makes from now on."""
+    made: list[list[str]] = []
+    fetch = lists._fetch
+
+    async def wrapper(keys: list[str], n: int) -> Any:
+        made.append(list(keys))
+        return await fetch(keys, n)
+
+    lists._fetch = wrapper  # type: ignore[method-assign]
+    return made
+
+
+async def test_expired_lists_are_served_while_one_read_refreshes_them(
+    local_stack: LocalStack,
+) -> None:
+    settings = roomy(local_stack)
+    client = aioredis.from_url(settings.redis_url)
+    reads: Reads = set()
+    clock = Clock()
+    lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
+    made = counting(lists)
+    key = f"{settings.namespace}:test:pop"
+    try:
+        await client.zadd(key, {"a": 3, "b": 2, "c": 1})
+        assert lists.now([key], 2) is None  # never read: the request must wait
+        assert await lists.get([key], 2) == [[("a", 3.0), ("b", 2.0)]]
+        assert made == [[key]]
+        await client.zadd(key, {"d": 9})
+        clock.t += 0.5
+        assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]  # fresh: no read
+        assert made == [[key]]
+        clock.t += 0.6
+        # expired: served at once, and one read (not one per caller) refreshes it
+        assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]
+        assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]
+        assert len(reads) == 1
+        await asyncio.gather(*reads)
+        assert made == [[key], [key]]
+        assert lists.now([key], 2) == [[("d", 9.0), ("a", 3.0)]]
+        # too old to serve: read while the request waits
+        clock.t += 31
+        assert lists.now([key], 2) is None
+        await cancel_detached(reads)
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_concurrent_requests_for_an_unread_list_share_one_read(
+    local_stack: LocalStack,
+) -> None:
+    settings = roomy(local_stack)
+    client = aioredis.from_url(settings.redis_url)
+    reads: Reads = set()
+    lists = LiveLists(client, reads)
+    made = counting(lists)
+    one, two = f"{settings.namespace}:test:one", f"{settings.namespace}:test:two"
+    try:
+        await client.zadd(one, {"a": 1})
+        await client.zadd(two, {"b": 2})
+        answers = await asyncio.gather(
+            *(lists.get([one], 5) for _ in range(20)), lists.get([one, two], 5)
+        )
+        assert answers[0] == [[("a", 1.0)]]
+        assert answers[-1] == [[("a", 1.0)], [("b", 2.0)]]
+        # the first caller reads `one`; the last joins that read and reads only `two`
+        assert made == [[one], [two]]
+    finally:
+        await client.delete(one, two)
+        await client.aclose()
+
+
+async def test_the_last_lists_keep_serving_when_redis_stops_answering(
+    local_stack: LocalStack,
+) -> None:
+    settings = roomy(local_stack)
+    client = aioredis.from_url(settings.redis_url)
+    reads: Reads = set()
+    clock = Clock()
+    lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
+    key = f"{settings.namespace}:test:pop"
+    try:
+        await client.zadd(key, {"a": 1})
+        assert await lists.get([key], 5) == [[("a", 1.0)]]
+        # the same cache over a Redis that does not answer
+        lists.redis = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=1)
+        clock.t += 5
+        assert lists.now([key], 5) == [[("a", 1.0)]]
+        await asyncio.gather(*reads, return_exceptions=True)
+        assert lists.now([key], 5) == [[("a", 1.0)]]  # the failed refresh kept it
+        with pytest.raises(StoreUnavailable, match="reading"):
+            await lists.get([f"{key}:other"], 5)
+        await lists.redis.aclose()
+    finally:
+        await client.delete(key)
+        await client.aclose()
