@@ -121,13 +121,15 @@ async def load_state(settings: Settings, events: list[Event]) -> None:
         await registry.publish(model, run)
 
 
-async def redis_calls(settings: Settings) -> int:
+async def redis_calls(settings: Settings) -> tuple[int, int]:
+    """Commands Redis ran, and connections it accepted, so far."""
     client = aioredis.from_url(settings.redis_url)
     try:
         stats = await client.info("commandstats")
+        accepted = int((await client.info("stats"))["total_connections_received"])
     finally:
         await client.aclose()
-    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_")), accepted
 
 
 ENDPOINTS = {
@@ -285,7 +287,9 @@ async def measure(
                     "p50_ms": p50, "p99_ms": p99, "p999_ms": p999,
                     "errors": result["error_count"] + bad, "timed_out": result["timed_out"],
                     # INFO itself and our own reads count a few calls; negligible per request
-                    "redis_per_request": (after - before) / max(1, result["completed"]),
+                    "redis_per_request": (after[0] - before[0]) / max(1, result["completed"]),
+                    # a pool that keeps its connections opens few; churn shows here
+                    "redis_connections": after[1] - before[1],
                     "cpu_ms_per_request": 1000 * cpu / max(1, result["completed"]),
                     "events_applied": applied,
                 })  # fmt: skip
@@ -299,8 +303,8 @@ async def measure(
 def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> None:
     table = Table(title=title)
     columns = ("variant", "endpoint", "rate", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
-               "errors", "timed out", "Redis cmds/req", "server CPU ms/req",
-               "p99 real/bare")  # fmt: skip
+               "errors", "timed out", "Redis cmds/req", "new Redis conns",
+               "server CPU ms/req", "p99 real/bare")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     bare = {(r["variant"], r["rate"]): r for r in rows if r["endpoint"] == "bare"}
@@ -313,7 +317,7 @@ def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> Non
             r["variant"], r["endpoint"], f"{r['rate']:,.0f}", f"{r['achieved_rps']:,.0f}",
             f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}",
             str(r["errors"]), str(r["timed_out"]), f"{r['redis_per_request']:.2f}",
-            f"{r['cpu_ms_per_request']:.2f}", ratio,
+            str(r.get("redis_connections", "")), f"{r['cpu_ms_per_request']:.2f}", ratio,
         )  # fmt: skip
     console.print(table)
 
