@@ -288,11 +288,9 @@ class Ranker:
     async def _categories(
         self, req: _Request, namespace: str, item_ids: Sequence[str], until: float
     ) -> dict[str, Item]:
-        if self.catalog is None or not item_ids:
-            return {}
-        cached = self.catalog.cached_items(namespace, list(dict.fromkeys(item_ids)))
-        if cached is not None:
-            return dict(cached)
+        cached = self._cached_items(namespace, item_ids)
+        if cached is not None or self.catalog is None:
+            return dict(cached or {})
         found = await req.bounded(
             "catalog",
             detached(self.catalog.items(namespace, list(dict.fromkeys(item_ids))), self.reads),
@@ -430,7 +428,9 @@ class Ranker:
             return src.trending_now(namespace, model, restrict, n)
         if name == "popularity":
             return src.popular_now(namespace, model, restrict, n)
-        # category popularity: its own parameters, the popularity lists and the catalog
+        if name != "category_popularity":
+            return None  # (no other source: it would go the concurrent way)
+        # its own parameters, the popularity lists and the catalog
         ready, popular = self.models.get_now(
             namespace, "popularity", state.versions.get("popularity")
         )
