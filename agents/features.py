@@ -371,6 +371,7 @@ if e then
       -- A new model version (or the first): rebuild from the window, oldest first, in the
       -- new factor space (the old vector is not comparable).
       if not WEIGHTS then WEIGHTS = cjson.decode(ARGV[2]) end
+      if HOOK.window then HOOK.window(K[4]) end
       local entries = redis.call('LRANGE', K[4], 0, H['wsize'] - 1)
       for i = #entries, 1, -1 do
         local doc = cjson.decode(entries[i])
