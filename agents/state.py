@@ -256,8 +256,9 @@ class LuaPart(Protocol):
     (run once after them: writes deferred to the end of the chunk), and ``header``: JSON
     values the script reads as ``H[name]`` (settings, sent once per chunk instead of once
     per event). In scope for all of them: ``H``, ``fmt(x)`` (a number as ``%.17g``),
-    ``touch(key, ttl)`` (EXPIRE the key once, at the end of the chunk) and ``NOW`` (the
-    server's time when the chunk started).
+    ``touch(key, ttl)`` (EXPIRE the key once, at the end of the chunk), ``NOW`` (the
+    server's time when the chunk started), ``now_plus(n)`` (``NOW`` + n µs as a string)
+    and ``HOOK`` (functions a part offers the others).
     """
 
     name: str
@@ -295,7 +296,7 @@ local key = K[1]
 local ts = ev['ts']
 local head = W_head[key]
 if head == nil then
-  local raw = redis.call('LINDEX', key, 0)
+  local raw = redis.call('LINDEX', key, '0')
   if raw then head = cjson.decode(raw)['ts'] else head = false end
 end
 local created = 0
@@ -313,7 +314,7 @@ else
   -- event time, newest first. (The list may hold more than wsize entries until the
   -- chunk's trim; the entries kept are the same.)
   w_flush(key)
-  local items = redis.call('LRANGE', key, 1, -1)
+  local items = redis.call('LRANGE', key, '1', '-1')
   local placed = false
   for i = 1, #items do
     if cjson.decode(items[i])['ts'] <= ts then
@@ -332,14 +333,14 @@ if pw > 0 then
   -- Evict the least recently touched items, not the lowest counts: a new item starts
   -- at the bottom and must get the chance to climb. (Events of one chunk are a
   -- microsecond apart, in order.)
-  local added = redis.call('ZADD', K[3], NOW + ev['n'] * 0.000001, ev['item'])
+  local added = redis.call('ZADD', K[3], now_plus(ev['n']), ev['item'])
   local n = W_card[K[3]]
   if n == nil then n = redis.call('ZCARD', K[3]) else n = n + added end
   local cap = H['pcap']
   if n > cap then
-    local victims = redis.call('ZRANGE', K[3], 0, n - cap - 1)
+    local victims = redis.call('ZRANGE', K[3], '0', istr(n - cap - 1))
     redis.call('ZREM', K[2], unpack(victims))
-    redis.call('ZREMRANGEBYRANK', K[3], 0, n - cap - 1)
+    redis.call('ZREMRANGEBYRANK', K[3], '0', istr(n - cap - 1))
     n = cap
   end
   W_card[K[3]] = n
@@ -350,7 +351,7 @@ return created
 _WINDOWS_FINISH = """
 for key in pairs(W_head) do
   w_flush(key)
-  redis.call('LTRIM', key, 0, H['wsize'] - 1)
+  redis.call('LTRIM', key, '0', istr(H['wsize'] - 1))
 end
 """
 
@@ -412,13 +413,31 @@ def keys_of(namespace: str) -> Keys:
 # the chunk's other events still apply. ``finish`` code runs whatever failed.
 _PROLOGUE = """
 local function fmt(x) return string.format('%.17g', x) end
+-- An integer argument as a string: a number given to redis.call is formatted with %.17g
+-- (glibc's slow multi-precision path), '%d' is cheap, and each is made once per chunk.
+local ISTR = {}
+local function istr(x)
+  local s = ISTR[x]
+  if not s then
+    if x == math.floor(x) then s = string.format('%d', x) else s = fmt(x) end
+    ISTR[x] = s
+  end
+  return s
+end
 local EXP = {}
 local function touch(key, ttl) EXP[key] = ttl end
 -- what a part offers the others (HOOK.window(key): the windows part's pending entries
 -- pushed, before another part reads the window)
 local HOOK = {}
 local NOW = redis.call('TIME')
-NOW = tonumber(NOW[1]) + tonumber(NOW[2]) / 1000000
+local NOW_S, NOW_US = tonumber(NOW[1]), tonumber(NOW[2])
+NOW = NOW_S + NOW_US / 1000000
+-- NOW + n µs as a decimal string made with integer formats (a number given to
+-- redis.call is formatted with %.17g, glibc's slow multi-precision path)
+local function now_plus(n)
+  local us = NOW_US + n
+  return string.format('%d.%06d', NOW_S + math.floor(us / 1000000), us % 1000000)
+end
 local parts = {}
 """
 
@@ -455,7 +474,7 @@ end
 local function mark(key, id)
   local last = S_last[key]
   if last == nil then
-    local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    local top = redis.call('ZRANGE', key, '-1', '-1', 'WITHSCORES')
     last = 0
     if top[2] then last = tonumber(top[2]) end
     S_keys[#S_keys + 1] = key
@@ -485,7 +504,7 @@ end
 
 _SEEN_FINISH = """
 for key in pairs(S_last) do
-  redis.call('ZREMRANGEBYRANK', key, 0, -H['seen_cap'] - 1)
+  redis.call('ZREMRANGEBYRANK', key, '0', istr(-H['seen_cap'] - 1))
 end
 """
 
@@ -574,7 +593,7 @@ end
 """
 
 _EPILOGUE = """
-for key, ttl in pairs(EXP) do redis.call('EXPIRE', key, ttl) end
+for key, ttl in pairs(EXP) do redis.call('EXPIRE', key, istr(ttl)) end
 return out
 """
 
