@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -373,23 +372,22 @@ if e then
     st = {v = cur[1], ws = cur[2], ats = cur[3], raw = cur[4]}
     E[K[2]] = st
   end
-  -- The update the agent computed (`EmbeddingPlan`; flat in e: a table less per event):
-  -- pn the new x's position in ARGV, pw and pt the new w and ts, from the state the
-  -- previous event of this chunk left (pa: its position) or from the state the hash
-  -- holds (xw, xt: its w and ts, xx: its x's position in ARGV).
-  local pn = e['pn']
+  -- e.p: the update the agent computed (`EmbeddingPlan`), from the state the previous
+  -- event of this chunk left (p.a: its position) or from the state the hash holds (p.x:
+  -- w, ts, and x's position in ARGV); p.n: the new x's position, p.w, p.t: new w, ts.
+  local p = e['p']
   local ok = false
-  if pn and st.v == e['v'] then
-    local after = e['pa']
-    if after then
-      ok = st.tok == after
+  if p and st.v == e['v'] then
+    if p['a'] then
+      ok = st.tok == p['a']
     else
-      ok = (not st.tok) and st.ws == e['xw'] and st.ats == e['xt'] and st.raw == ARGV[e['xx']]
+      local x = p['x']
+      ok = (not st.tok) and st.ws == x[1] and st.ats == x[2] and st.raw == ARGV[x[3]]
     end
   end
   if ok then
     -- computed from exactly the state found here, as this script would compute it
-    st.raw, st.ws, st.ats, st.w, st.at = ARGV[pn], e['pw'], e['pt'], nil, nil
+    st.raw, st.ws, st.ats, st.w, st.at = ARGV[p['n']], p['w'], p['t'], nil, nil
     st.tok, st.dirty = ev['n'], true
     touch(K[2], H['fttl'])
   else
@@ -453,23 +451,15 @@ def _value(text: object) -> str:
     return str(text)[:MAX_VALUE_CHARS]
 
 
-_READ_EMBEDDINGS = """
-local out = {}
-for i = 1, #KEYS do out[i] = redis.call('HMGET', KEYS[i], 'v', 'w', 'ts', 'x') end
-return out
-"""
-
 FACTOR_CACHE = 50_000
 """Item factors the agent keeps (about 0.8 KB each with 64 factors): a published
 version's factors never change, and the popular items come back in every batch."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Embedding:
     """An actor's ``emb`` hash as the agent knows it: what Redis holds (``v``, ``w`` and
-    ``ts`` as their strings, ``x``), and ``w``, ``ts`` as numbers and ``x`` as an array.
-    (Not frozen: a frozen dataclass's constructor costs several times as much, once per
-    event.)"""
+    ``ts`` as their strings, ``x``), and ``w``, ``ts``, ``x`` as numbers."""
 
     version: str
     w_text: str
@@ -477,7 +467,7 @@ class _Embedding:
     raw: bytes
     weight: float
     at: float
-    x: npt.NDArray[np.float32]
+    x: npt.NDArray[np.float64]
 
 
 @dataclass
@@ -577,9 +567,8 @@ class FeaturesPart:
         if not embs:
             return
         pipe = redis.pipeline(transaction=False)
-        # every hash in one command: a pipelined HMGET each costs the agent more to pack
-        # and parse than the script's HMGET that it saves (EVAL: Redis caches the script)
-        pipe.eval(_READ_EMBEDDINGS, len(embs), *embs)
+        for key in embs:
+            pipe.hmget(key, ["v", "w", "ts", "x"])
         for key, items in wanted.items():
             pipe.hmget(key, list(items))
         try:
@@ -588,14 +577,14 @@ class FeaturesPart:
             raise redis_failure(f"reading {len(embs)} live embeddings", exc) from exc
         if len(self._factors) > FACTOR_CACHE:
             self._factors.clear()
-        for (key, items), values in zip(wanted.items(), replies[1:], strict=True):
+        for (key, items), values in zip(wanted.items(), replies[len(embs) :], strict=True):
             for item, raw in zip(items, values, strict=True):
                 ok = isinstance(raw, bytes) and len(raw) > 0 and len(raw) % 4 == 0
                 self._factors[(key, item)] = (
                     (raw, np.frombuffer(raw, "<f4").astype(np.float64)) if ok else None
                 )
         read: dict[str, _Embedding | None] = {}
-        for key, (v, w, ts, x) in zip(embs, replies[0], strict=True):
+        for key, (v, w, ts, x) in zip(embs, replies[: len(embs)], strict=True):
             read[key] = None
             if None in (v, w, ts, x) or len(x) == 0 or len(x) % 4 != 0:
                 continue
@@ -608,7 +597,7 @@ class FeaturesPart:
                     raw=x,
                     weight=float(w_text),
                     at=float(ts_text),
-                    x=np.frombuffer(x, "<f4"),
+                    x=np.frombuffer(x, "<f4").astype(np.float64),
                 )
             except (UnicodeDecodeError, ValueError):
                 continue  # the script deals with it (or fails the event), as before
@@ -632,8 +621,8 @@ class FeaturesPart:
     def _update(
         self, plan: EmbeddingPlan, event: Event, keys: tuple[str, ...], version: str, weight: float
     ) -> dict[str, Any] | None:
-        """The embedding update of ``event`` as the script would compute it (entries of
-        the event's ``e``), or None when the agent cannot tell it (the script computes it)."""
+        """The embedding update of ``event`` as the script would compute it (``e.p``), or
+        None when the agent cannot tell it (the script computes it)."""
         assert event.item_id is not None
         emb = keys[1]
         cur = plan.state[emb] if emb in plan.state else plan.read.get(emb)
@@ -658,22 +647,26 @@ class FeaturesPart:
         else:
             g = weight * 2.0 ** (-(at - t) / hl)
         total = cur.weight * f0 + g
-        if not (math.isfinite(total) and total != 0 and math.isfinite(at)):
+        if not (np.isfinite(total) and total != 0 and np.isfinite(at)):
             plan.state[emb] = None
             return None
         a, b = cur.weight * f0 / total, g / total
-        # x * a + y * b in float64 (as Lua computes it: the float32 values widened, two
-        # products and a sum, each rounded once), then rounded to float32 as struct.pack
-        mean = np.multiply(cur.x, a, dtype=np.float64)
-        mean += y * b
-        x32 = mean.astype("<f4")
-        new = _Embedding(version, f"{total:.17g}", f"{at:.17g}", x32.tobytes(), total, at, x32)
-        update: dict[str, Any] = {"pw": new.w_text, "pt": new.ts_text}
+        x32 = (cur.x * a + y * b).astype("<f4")
+        new = _Embedding(
+            version=version,
+            w_text=f"{total:.17g}",
+            ts_text=f"{at:.17g}",
+            raw=x32.tobytes(),
+            weight=total,
+            at=at,
+            x=x32.astype(np.float64),
+        )
+        update: dict[str, Any] = {"w": new.w_text, "t": new.ts_text}
         if emb in plan.last:
-            update["pa"] = plan.last[emb]
+            update["a"] = plan.last[emb]
         else:
-            update["xw"], update["xt"], update["xx"] = cur.w_text, cur.ts_text, plan.blob(cur.raw)
-        update["pn"] = plan.blob(new.raw)
+            update["x"] = [cur.w_text, cur.ts_text, plan.blob(cur.raw)]
+        update["n"] = plan.blob(new.raw)
         plan.state[emb] = new
         plan.last[emb] = plan.position
         return update
@@ -755,7 +748,7 @@ class FeaturesPart:
             if plan is not None:
                 update = self._update(plan, event, keys, version, weight)
                 if update is not None:
-                    e.update(update)
+                    e["p"] = update
             doc["e"] = e
             return keys, doc
         return self._keys_of(event.namespace, event.actor, None), doc
