@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -60,9 +59,6 @@ class BatchContext:
 
     items: dict[tuple[str, str], ItemFacts] = field(default_factory=dict)
     als_version: dict[str, str | None] = field(default_factory=dict)
-    parts: dict[str, Any] = field(default_factory=dict)
-    """Per part name: what the part read for this batch (`agents.state.LuaPart`'s
-    optional ``prepare``), used while its events are encoded."""
     _own: dict[tuple[str, str, object, object], ItemFacts] = field(default_factory=dict)
     """Facts of events' own items with their properties applied, made once per batch (the
     parts of the hot store each ask for them)."""

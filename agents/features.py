@@ -364,71 +364,46 @@ end
 touch(key, H['fttl'])
 local e = f['e']
 if e then
-  local st = E[K[2]]
-  if not st then
-    local cur = redis.call('HMGET', K[2], 'v', 'w', 'ts', 'x')
-    -- w and ts kept as read (strings, or false) until a change made here makes them
-    -- numbers (st.w, st.at)
-    st = {v = cur[1], ws = cur[2], ats = cur[3], raw = cur[4]}
-    E[K[2]] = st
-  end
-  -- e.p: the update the agent computed (`EmbeddingPlan`), from the state the previous
-  -- event of this chunk left (p.a: its position) or from the state the hash holds (p.x:
-  -- w, ts, and x's position in ARGV); p.n: the new x's position, p.w, p.t: new w, ts.
-  local p = e['p']
-  local ok = false
-  if p and st.v == e['v'] then
-    if p['a'] then
-      ok = st.tok == p['a']
-    else
-      local x = p['x']
-      ok = (not st.tok) and st.ws == x[1] and st.ats == x[2] and st.raw == ARGV[x[3]]
+  local raw = factor(K[3], ev['item'])
+  if raw and #raw > 0 and #raw % 4 == 0 then
+    local n = #raw / 4
+    local layout = LAYOUTS[n]
+    if not layout then
+      layout = '<' .. string.rep('f', n)
+      LAYOUTS[n] = layout
     end
-  end
-  if ok then
-    -- computed from exactly the state found here, as this script would compute it
-    st.raw, st.ws, st.ats, st.w, st.at = ARGV[p['n']], p['w'], p['t'], nil, nil
-    st.tok, st.dirty = ev['n'], true
-    touch(K[2], H['fttl'])
-  else
-    local raw = factor(K[3], ev['item'])
-    if raw and #raw > 0 and #raw % 4 == 0 then
-      local n = #raw / 4
-      local layout = LAYOUTS[n]
-      if not layout then
-        layout = '<' .. string.rep('f', n)
-        LAYOUTS[n] = layout
-      end
-      local m = {}
-      local hl = H['ehl']
-      if st.v == e['v'] and st.raw and #st.raw == #raw then
-        local W0, at0 = st.w, st.at
-        if st.ws ~= nil then W0, at0 = tonumber(st.ws), tonumber(st.ats) end
-        m.x, m.W, m.at = {struct.unpack(layout, st.raw)}, W0, at0
-        e_add(m, factor_t(raw, layout), e['w'], ts, hl, n)
-      else
-        -- A new model version (or the first): rebuild from the window, oldest first, in
-        -- the new factor space (the old vector is not comparable).
-        if not WEIGHTS then WEIGHTS = cjson.decode(ARGV[2]) end
-        if HOOK.window then HOOK.window(K[4]) end
-        local entries = redis.call('LRANGE', K[4], '0', istr(H['wsize'] - 1))
-        for i = #entries, 1, -1 do
-          local doc = cjson.decode(entries[i])
-          local w = WEIGHTS[doc['t']] or 1
-          if w > 0 then
-            local y = factor(K[3], doc['i'])
-            if y and #y == #raw then e_add(m, factor_t(y, layout), w, doc['ts'], hl, n) end
-          end
+    local st = E[K[2]]
+    if not st then
+      local cur = redis.call('HMGET', K[2], 'v', 'w', 'ts', 'x')
+      st = {v = cur[1], w = tonumber(cur[2]), at = tonumber(cur[3]), raw = cur[4]}
+      E[K[2]] = st
+    end
+    local m = {}
+    local hl = H['ehl']
+    if st.v == e['v'] and st.raw and #st.raw == #raw then
+      m.x, m.W, m.at = {struct.unpack(layout, st.raw)}, st.w, st.at
+      e_add(m, factor_t(raw, layout), e['w'], ts, hl, n)
+    else
+      -- A new model version (or the first): rebuild from the window, oldest first, in the
+      -- new factor space (the old vector is not comparable).
+      if not WEIGHTS then WEIGHTS = cjson.decode(ARGV[2]) end
+      if HOOK.window then HOOK.window(K[4]) end
+      local entries = redis.call('LRANGE', K[4], '0', istr(H['wsize'] - 1))
+      for i = #entries, 1, -1 do
+        local doc = cjson.decode(entries[i])
+        local w = WEIGHTS[doc['t']] or 1
+        if w > 0 then
+          local y = factor(K[3], doc['i'])
+          if y and #y == #raw then e_add(m, factor_t(y, layout), w, doc['ts'], hl, n) end
         end
       end
-      if m.x then
-        -- stored as float32 after every event, as a chunk of one would: the same events
-        -- give the same bytes however they are batched
-        st.v, st.w, st.at, st.dirty = e['v'], m.W, m.at, true
-        st.ws, st.ats, st.tok = nil, nil, nil
-        st.raw = struct.pack(layout, unpack(m.x, 1, n))
-        touch(K[2], H['fttl'])
-      end
+    end
+    if m.x then
+      -- stored as float32 after every event, as a chunk of one would: the same events
+      -- give the same bytes however they are batched
+      st.v, st.w, st.at, st.dirty = e['v'], m.W, m.at, true
+      st.raw = struct.pack(layout, unpack(m.x, 1, n))
+      touch(K[2], H['fttl'])
     end
   end
 end
@@ -439,9 +414,7 @@ _FEATURES_FINISH = """
 for key, c in pairs(F) do f_flush(key, c) end
 for key, st in pairs(E) do
   if st.dirty then
-    local ws, ats = st.ws, st.ats
-    if ws == nil then ws, ats = fmt(st.w), fmt(st.at) end
-    redis.call('HSET', key, 'v', st.v, 'w', ws, 'ts', ats, 'x', st.raw)
+    redis.call('HSET', key, 'v', st.v, 'w', fmt(st.w), 'ts', fmt(st.at), 'x', st.raw)
   end
 end
 """
@@ -449,60 +422,6 @@ end
 
 def _value(text: object) -> str:
     return str(text)[:MAX_VALUE_CHARS]
-
-
-FACTOR_CACHE = 50_000
-"""Item factors the agent keeps (about 0.8 KB each with 64 factors): a published
-version's factors never change, and the popular items come back in every batch."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Embedding:
-    """An actor's ``emb`` hash as the agent knows it: what Redis holds (``v``, ``w`` and
-    ``ts`` as their strings, ``x``), and ``w``, ``ts``, ``x`` as numbers."""
-
-    version: str
-    w_text: str
-    ts_text: str
-    raw: bytes
-    weight: float
-    at: float
-    x: npt.NDArray[np.float64]
-
-
-@dataclass
-class EmbeddingPlan:
-    """The live embedding's updates, computed by the agent for one batch.
-
-    The script's part would unpack the stored float32 vector and the item's factors,
-    update the decayed mean and pack it again after every event: a tenth of
-    redis-server's time per event. The agent computes the same update with the same
-    float64 operations in the same order (so the same bytes), and the script takes it
-    only if the hash holds exactly the state the update was computed from: the ``w``,
-    ``ts`` and ``x`` it read at the start of the batch (compared as strings), or the
-    state the actor's previous update of the same chunk left. Anything else (a replayed
-    event the ``seen`` check skips, another worker's or a login's change, a new model
-    version's rebuild from the window) fails that check and the script computes the
-    update itself, as before: exactly once either way.
-    """
-
-    read: dict[str, _Embedding | None]
-    """Per ``emb`` key, the state read at the start of the batch (None: none to update
-    from: absent, unreadable)."""
-    factors: dict[tuple[str, str], tuple[bytes, npt.NDArray[np.float64]] | None]
-    state: dict[str, _Embedding | None] = field(default_factory=dict)
-    """Per ``emb`` key, the state after the batch's events encoded so far (None: not
-    known, the script computes the actor's next updates)."""
-    last: dict[str, int] = field(default_factory=dict)
-    """Per ``emb`` key, the position in the chunk of its last update computed here."""
-    position: int = 0
-    first: int = 5
-    blobs: list[bytes] = field(default_factory=list)
-
-    def blob(self, raw: bytes) -> int:
-        """Send ``raw`` with the chunk; its position in ARGV."""
-        self.blobs.append(raw)
-        return self.first + len(self.blobs) - 1
 
 
 class FeaturesPart:
@@ -537,139 +456,6 @@ class FeaturesPart:
         }
         self._weights = dict(settings.event_weights)
         self._keys: dict[tuple[str, str, str | None], tuple[str, ...]] = {}
-        self._factors: dict[tuple[str, str], tuple[bytes, npt.NDArray[np.float64]] | None] = {}
-        self._half_life = float(settings.embedding_half_life_s)
-
-    def _embedded(self, event: Event, context: BatchContext) -> tuple[str, float] | None:
-        """(ALS version, weight) when ``event`` moves the actor's live embedding."""
-        version = context.als_version.get(event.namespace)
-        if version is None or event.item_id is None:
-            return None
-        weight = self._weights.get(event.event_type, 1.0)
-        return (version, weight) if weight > 0 else None
-
-    async def prepare(
-        self, redis: aioredis.Redis, events: Sequence[Event], context: BatchContext
-    ) -> None:
-        """Read what the agent needs to compute the batch's embedding updates (one round
-        trip): each actor's ``emb`` hash and the factors of items not known yet."""
-        embs: dict[str, None] = {}
-        wanted: dict[str, dict[str, None]] = {}
-        for event in events:
-            found = self._embedded(event, context)
-            if found is None:
-                continue
-            assert event.item_id is not None
-            keys = self._keys_of(event.namespace, event.actor, found[0])
-            embs[keys[1]] = None
-            if (keys[2], event.item_id) not in self._factors:
-                wanted.setdefault(keys[2], {})[event.item_id] = None
-        if not embs:
-            return
-        pipe = redis.pipeline(transaction=False)
-        for key in embs:
-            pipe.hmget(key, ["v", "w", "ts", "x"])
-        for key, items in wanted.items():
-            pipe.hmget(key, list(items))
-        try:
-            replies = await pipe.execute()
-        except RedisError as exc:
-            raise redis_failure(f"reading {len(embs)} live embeddings", exc) from exc
-        if len(self._factors) > FACTOR_CACHE:
-            self._factors.clear()
-        for (key, items), values in zip(wanted.items(), replies[len(embs) :], strict=True):
-            for item, raw in zip(items, values, strict=True):
-                ok = isinstance(raw, bytes) and len(raw) > 0 and len(raw) % 4 == 0
-                self._factors[(key, item)] = (
-                    (raw, np.frombuffer(raw, "<f4").astype(np.float64)) if ok else None
-                )
-        read: dict[str, _Embedding | None] = {}
-        for key, (v, w, ts, x) in zip(embs, replies[: len(embs)], strict=True):
-            read[key] = None
-            if None in (v, w, ts, x) or len(x) == 0 or len(x) % 4 != 0:
-                continue
-            try:
-                w_text, ts_text = w.decode("ascii"), ts.decode("ascii")
-                read[key] = _Embedding(
-                    version=v.decode(),
-                    w_text=w_text,
-                    ts_text=ts_text,
-                    raw=x,
-                    weight=float(w_text),
-                    at=float(ts_text),
-                    x=np.frombuffer(x, "<f4").astype(np.float64),
-                )
-            except (UnicodeDecodeError, ValueError):
-                continue  # the script deals with it (or fails the event), as before
-        context.parts[self.name] = EmbeddingPlan(read=read, factors=self._factors)
-
-    def rewind(self, context: BatchContext) -> None:
-        """Start encoding the batch (again) from the state read."""
-        plan = context.parts.get(self.name)
-        if plan is not None:
-            plan.state = {}
-
-    def begin_chunk(self, context: BatchContext, first: int) -> None:
-        plan = context.parts.get(self.name)
-        if plan is not None:
-            plan.position, plan.first, plan.blobs, plan.last = 0, first, [], {}
-
-    def chunk_args(self, context: BatchContext) -> list[bytes]:
-        plan = context.parts.get(self.name)
-        return plan.blobs if plan is not None else []
-
-    def _update(
-        self, plan: EmbeddingPlan, event: Event, keys: tuple[str, ...], version: str, weight: float
-    ) -> dict[str, Any] | None:
-        """The embedding update of ``event`` as the script would compute it (``e.p``), or
-        None when the agent cannot tell it (the script computes it)."""
-        assert event.item_id is not None
-        emb = keys[1]
-        cur = plan.state[emb] if emb in plan.state else plan.read.get(emb)
-        factor = plan.factors.get((keys[2], event.item_id), False)
-        if factor is None:
-            return None  # no factors: the script leaves the embedding as it is
-        if factor is False or cur is None or cur.version != version:
-            # not read, or the script rebuilds it from the window: unknown from here on
-            plan.state[emb] = None
-            return None
-        assert isinstance(factor, tuple)
-        y_raw, y = factor
-        if len(cur.raw) != len(y_raw):
-            plan.state[emb] = None
-            return None
-        # the script's update (e_add), operation for operation in float64
-        t, hl = event.timestamp, self._half_life
-        g, f0, at = weight, 1.0, cur.at
-        if t >= at:
-            f0 = 2.0 ** (-(t - at) / hl)
-            at = t
-        else:
-            g = weight * 2.0 ** (-(at - t) / hl)
-        total = cur.weight * f0 + g
-        if not (np.isfinite(total) and total != 0 and np.isfinite(at)):
-            plan.state[emb] = None
-            return None
-        a, b = cur.weight * f0 / total, g / total
-        x32 = (cur.x * a + y * b).astype("<f4")
-        new = _Embedding(
-            version=version,
-            w_text=f"{total:.17g}",
-            ts_text=f"{at:.17g}",
-            raw=x32.tobytes(),
-            weight=total,
-            at=at,
-            x=x32.astype(np.float64),
-        )
-        update: dict[str, Any] = {"w": new.w_text, "t": new.ts_text}
-        if emb in plan.last:
-            update["a"] = plan.last[emb]
-        else:
-            update["x"] = [cur.w_text, cur.ts_text, plan.blob(cur.raw)]
-        update["n"] = plan.blob(new.raw)
-        plan.state[emb] = new
-        plan.last[emb] = plan.position
-        return update
 
     def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
         """What ``event`` adds to each affinity ``(attr, value)``, summed."""
@@ -737,20 +523,12 @@ class FeaturesPart:
         }
         if event.session_id is not None:
             doc["s"] = event.session_id
-        plan: EmbeddingPlan | None = context.parts.get(self.name)
-        if plan is not None:
-            plan.position += 1  # the event's position in the chunk (the script's ev.n)
-        found = self._embedded(event, context)
-        if found is not None:
-            version, weight = found
-            keys = self._keys_of(event.namespace, event.actor, version)
-            e: dict[str, Any] = {"v": version, "w": weight}
-            if plan is not None:
-                update = self._update(plan, event, keys, version, weight)
-                if update is not None:
-                    e["p"] = update
-            doc["e"] = e
-            return keys, doc
+        version = context.als_version.get(event.namespace)
+        if version is not None and event.item_id is not None:
+            weight = self._weights.get(event.event_type, 1.0)
+            if weight > 0:
+                doc["e"] = {"v": version, "w": weight}
+                return self._keys_of(event.namespace, event.actor, version), doc
         return self._keys_of(event.namespace, event.actor, None), doc
 
 

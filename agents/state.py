@@ -29,7 +29,7 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -251,13 +251,6 @@ class LuaPart(Protocol):
     returned, ``ev.ts``, ``ev.item``, and ``ev.n`` its position in the chunk); it returns
     1 to raise the part's flag in the result, else 0.
 
-    A part may also read what it needs for a batch before its events are encoded
-    (``async prepare(redis, events, context)``, keeping it in ``context.parts``) and send
-    binary arguments after the four of a chunk's call (``begin_chunk(context, first)``
-    before a chunk's first event is encoded, ``first`` being the position in ARGV of the
-    part's first argument; ``chunk_args(context)`` after its last; ``rewind(context)``
-    before the batch is encoded again).
-
     A part may also define ``prelude`` (Lua run once per chunk before the events: state
     shared by the chunk's events, such as caches of what the part read) and ``finish``
     (run once after them: writes deferred to the end of the chunk), and ``header``: JSON
@@ -272,16 +265,6 @@ class LuaPart(Protocol):
     lua: str
 
     def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]: ...
-
-
-class OwnArgs(Protocol):
-    """A `LuaPart` that sends arguments of its own (see `LuaPart`)."""
-
-    name: str
-
-    def rewind(self, context: BatchContext) -> None: ...
-    def begin_chunk(self, context: BatchContext, first: int) -> None: ...
-    def chunk_args(self, context: BatchContext) -> list[bytes]: ...
 
 
 # The windows part. K: window, popularity, popularity last-touched.
@@ -694,14 +677,6 @@ class RedisHotStore:
         self.parts: tuple[LuaPart, ...] = (
             tuple(parts) if parts is not None else (WindowsPart(settings),)
         )
-        # the part that sends arguments of its own (binary, after the four JSON ones);
-        # one at most, so that it knows where in ARGV they start
-        self._extra = [cast(OwnArgs, p) for p in self.parts if hasattr(p, "chunk_args")]
-        if len(self._extra) > 1:
-            raise ValueError(
-                "only one part of the hot store may send arguments of its own, got "
-                f"{[part.name for part in self._extra]}"
-            )
         self._apply = redis.register_script(compose_chunk(self.parts))
         self._loaded = False
         self._merge = redis.register_script(_MERGE)
@@ -720,12 +695,7 @@ class RedisHotStore:
         """The (keys, args) of each script call, encoded as they are asked for."""
         parts = self.parts
         names = [part.name for part in parts]
-        extra = self._extra
-        for own in extra:
-            own.rewind(context)
         for start in range(0, len(events), APPLY_CHUNK):
-            for own in extra:
-                own.begin_chunk(context, 5)
             index: dict[str, int] = {}
             # Each distinct key list (an actor's keys, a category's trending keys) is
             # sent once per chunk, by number, rather than once per event.
@@ -752,10 +722,10 @@ class RedisHotStore:
                         doc[name] = args
                 doc["k"] = numbers
                 docs.append(doc)
-            args = [orjson.dumps(docs), self._weights, self._header, orjson.dumps(positions)]
-            for own in extra:
-                args += own.chunk_args(context)
-            yield list(index), args
+            yield (
+                list(index),
+                [orjson.dumps(docs), self._weights, self._header, orjson.dumps(positions)],
+            )
 
     async def _send(self, chunks: Iterator[tuple[list[str], list[bytes]]]) -> list[Any]:
         """Send every chunk's call on ONE connection as soon as it is encoded, then read
@@ -795,10 +765,6 @@ class RedisHotStore:
         outage."""
         s = self.settings
         context = await load_context(self.redis, events, s) if events else BatchContext()
-        for part in self.parts:
-            prepare = getattr(part, "prepare", None)
-            if prepare is not None and events:
-                await prepare(self.redis, events, context)
         try:
             if not self._loaded:
                 await self.redis.script_load(self._apply.script)

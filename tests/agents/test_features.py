@@ -12,8 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.app import build_agent
-from agents.catalog import BatchContext
-from agents.features import FeaturesPart, parse_score, read_user_state
+from agents.features import parse_score, read_user_state
 from agents.trending import WINDOWS, materialize
 from agents.windows import WindowAgent, deliver
 from recstream.keys import Keys
@@ -211,60 +210,6 @@ async def test_sparse_live_traffic_equals_bulk_replay(
     assert results[0] == results[1]
     assert any(key.startswith("feat:") for key in results[0])
     assert any(key.startswith("emb:") for key in results[0])
-
-
-async def meddled_run(
-    settings: Settings, shared_data: Path, predict: bool
-) -> tuple[dict[str, object], int]:
-    """600 events in time order, batches of 50, while another writer changes an embedding
-    after the agent's read of every third batch; the state and how many arguments the
-    agent's embedding updates sent (``predict=False``: the agent computes none)."""
-    events, catalog = taobao(shared_data, settings.namespace, 600)
-    events.sort(key=lambda e: e.timestamp)  # users interleave, as in a shard
-    keys = Keys(settings.namespace)
-    batches = sent = 0
-    async with agent_of(settings) as (agent, redis):
-        await write_catalog(redis, settings.namespace, catalog)
-        await publish_als(redis, settings.namespace, "v1", factors_of([i.item_id for i in catalog]))
-        part = next(p for p in agent.hot.parts if isinstance(p, FeaturesPart))  # type: ignore[attr-defined]
-        prepare, chunk_args = part.prepare, part.chunk_args
-
-        async def meddling(
-            r: aioredis.Redis, batch: Sequence[Event], context: BatchContext
-        ) -> None:
-            nonlocal batches
-            if predict:
-                await prepare(r, batch, context)
-            batches += 1
-            if batches % 3 == 0:  # another writer, after the read, before the script
-                await redis.hset(keys.embedding(batch[-1].actor), "w", "0.5")
-
-        def counted(context: BatchContext) -> list[bytes]:
-            nonlocal sent
-            found = chunk_args(context)
-            sent += len(found)
-            return found
-
-        part.prepare = meddling  # type: ignore[method-assign,assignment]
-        part.chunk_args = counted  # type: ignore[method-assign]
-        await feed(agent, events, 50)
-        state = await snapshot(redis, settings.namespace)
-    state.pop("pop:touched")  # eviction bookkeeping by wall-clock time
-    return state, sent
-
-
-async def test_embeddings_the_agent_computes_are_the_script_s(
-    local_stack: LocalStack, shared_data: Path
-) -> None:
-    """The agent computes the live embedding's updates (`EmbeddingPlan`) and the script
-    takes one only if the hash holds the state it was computed from: the same bytes as
-    the script's own updates, also when another writer changes a hash between the
-    agent's read and the script (the script then computes the update itself)."""
-    computed, sent = await meddled_run(make_settings(local_stack), shared_data, predict=True)
-    scripted, _ = await meddled_run(make_settings(local_stack), shared_data, predict=False)
-    assert sent > 100  # the agent computed most updates
-    assert any(key.startswith("emb:") for key in computed)
-    assert computed == scripted
 
 
 async def test_a_replayed_batch_changes_nothing(roomy: Settings, shared_data: Path) -> None:
