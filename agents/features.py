@@ -127,17 +127,26 @@ local function f_parse(c, name, raw)
     c.v[name] = tonumber(raw)
   end
 end
+-- (names, F_MISSING: tables of the chunk, reused by every event with explicit counts:
+-- a table made per event costs its allocation and its growth)
+local F_NAMES = {}
+local F_MISSING = {}
 local function f_load(c, key, names, count)
-  local missing = {}
+  local missing, nm = F_MISSING, 0
   for i = 1, count do
     local name = names[i]
     if c.v[name] == nil then
-      if c.empty then c.v[name] = false else missing[#missing + 1] = name end
+      if c.empty then
+        c.v[name] = false
+      else
+        nm = nm + 1
+        missing[nm] = name
+      end
     end
   end
-  if #missing > 0 then
-    local got = redis.call('HMGET', key, unpack(missing))
-    for i, name in ipairs(missing) do f_parse(c, name, got[i]) end
+  if nm > 0 then
+    local got = redis.call('HMGET', key, unpack(missing, 1, nm))
+    for i = 1, nm do f_parse(c, missing[i], got[i]) end
   end
 end
 local function f_num(c, name)
@@ -273,7 +282,8 @@ end
 local V = c.v
 local tfield = f['t']
 local aff = f['a']
-local names = {tfield}
+local names = F_NAMES
+names[1] = tfield
 local count = 1
 if not c.fixed then
   for i = 1, #F_FIXED do names[count + i] = F_FIXED[i] end

@@ -548,6 +548,14 @@ for i = 1, #EV do
   list[#list + 1] = ev['id']
 end
 for s, list in pairs(ids) do preload(KEYS[s], list) end
+-- `run` with each part's key list named by number (no table of lists per event)
+local function run_k(ev, k)
+  local result = 1
+  for p = 1, #parts do
+    if parts[p](KL[k[p]], ev, ARGV) == 1 then result = result + 2 ^ p end
+  end
+  return result
+end
 local out = {}
 for i = 1, #EV do
   local ev = EV[i]
@@ -556,10 +564,7 @@ for i = 1, #EV do
   if seen(seen_key, ev['id']) then
     out[i] = 0
   else
-    local lists = {}
-    local k = ev['k']
-    for p = 1, #parts do lists[p] = KL[k[p]] end
-    local ok, result = pcall(run, ev, lists)
+    local ok, result = pcall(run_k, ev, ev['k'])
     if ok then
       mark(seen_key, ev['id'])
       out[i] = result
