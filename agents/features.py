@@ -88,7 +88,8 @@ MAX_VALUE_CHARS = 128
 RESERVED_ATTRIBUTES = frozenset({"type", "cat", "brand", "category"})
 
 # The features part. K: feat, and when the embedding applies: emb, factors, window.
-# ev.f: t type, s session id (or absent), actor, a [[attr, value, delta]...], e {v, w}
+# ev.f: t the type's counter ("n:{type}"), s session id (or absent), actor, a [attr,
+# "a:{attr}:{value}", delta, attr, ...] (flat), e {v, w}
 # (embedding: version, weight) or absent. H: fcap, gap, fttl, ehl, wsize, hl (attr ->
 # half-life; hld for any other attribute).
 # Flag: the feature hash had to be created (new actor, or a hash Redis lost).
@@ -126,17 +127,26 @@ local function f_parse(c, name, raw)
     c.v[name] = tonumber(raw)
   end
 end
+-- (names, F_MISSING: tables of the chunk, reused by every event with explicit counts:
+-- a table made per event costs its allocation and its growth)
+local F_NAMES = {}
+local F_MISSING = {}
 local function f_load(c, key, names, count)
-  local missing = {}
+  local missing, nm = F_MISSING, 0
   for i = 1, count do
     local name = names[i]
     if c.v[name] == nil then
-      if c.empty then c.v[name] = false else missing[#missing + 1] = name end
+      if c.empty then
+        c.v[name] = false
+      else
+        nm = nm + 1
+        missing[nm] = name
+      end
     end
   end
-  if #missing > 0 then
-    local got = redis.call('HMGET', key, unpack(missing))
-    for i, name in ipairs(missing) do f_parse(c, name, got[i]) end
+  if nm > 0 then
+    local got = redis.call('HMGET', key, unpack(missing, 1, nm))
+    for i = 1, nm do f_parse(c, missing[i], got[i]) end
   end
 end
 local function f_num(c, name)
@@ -204,6 +214,41 @@ local function f_members(key, c, attr)
   c.m[attr] = m
   return m
 end
+-- A decayed running mean (x, W, at) in ``m``, with the touch y (weight w, time t) added:
+-- the newest time is the reference, older touches decay in.
+local function e_add(m, y, w, t, hl, n)
+  local x = m.x
+  if not x then
+    x = {}
+    for i = 1, n do x[i] = y[i] end
+    m.x, m.W, m.at = x, w, t
+    return
+  end
+  local g, f0 = w, 1
+  if t >= m.at then
+    f0 = 2 ^ (-(t - m.at) / hl)
+    m.at = t
+  else
+    g = w * 2 ^ (-(m.at - t) / hl)
+  end
+  local W = m.W
+  local W2 = W * f0 + g
+  -- (the two factors once, not per element: the loop is most of an update's cost)
+  local a, b = W * f0 / W2, g / W2
+  for i = 1, n do x[i] = x[i] * a + y[i] * b end
+  m.W = W2
+end
+-- An item's factors as numbers, unpacked once per chunk (only read, never changed).
+local FACTOR_T = {}
+local LAYOUTS = {}
+local function factor_t(raw, layout)
+  local y = FACTOR_T[raw]
+  if not y then
+    y = {struct.unpack(layout, raw)}
+    FACTOR_T[raw] = y
+  end
+  return y
+end
 local function factor(key, item)
   local known = FACTORS[key]
   if not known then
@@ -235,22 +280,21 @@ if not c then
   F[key] = c
 end
 local V = c.v
-local tfield = 'n:' .. f['t']
+local tfield = f['t']
 local aff = f['a']
-local names = {tfield}
+local names = F_NAMES
+names[1] = tfield
 local count = 1
 if not c.fixed then
   for i = 1, #F_FIXED do names[count + i] = F_FIXED[i] end
   count = count + #F_FIXED
   c.fixed = true
 end
-for i = 1, #aff do
-  local a = aff[i]
-  local fld = 'a:' .. a[1] .. ':' .. a[2]
-  a[4] = fld
+for i = 1, #aff, 3 do
+  local fld = aff[i + 1]
   if V[fld] == nil then
     names[count + 1] = fld
-    names[count + 2] = 'k:' .. a[1]
+    names[count + 2] = 'k:' .. aff[i]
     count = count + 2
   end
 end
@@ -290,9 +334,8 @@ else
   f_set(c, 'sess_n', f_num(c, 'sess_n') + 1)
 end
 if (not last) or ts > last then f_set(c, 'last_ts', ts) end
-for i = 1, #aff do
-  local a = aff[i]
-  local attr, delta, fld = a[1], a[3], a[4]
+for i = 1, #aff, 3 do
+  local attr, fld, delta = aff[i], aff[i + 1], aff[i + 2]
   local hl = H['hl'][attr] or H['hld']
   if V[fld] then
     local s, t0 = c.s[fld], c.t[fld]
@@ -334,58 +377,42 @@ if e then
   local raw = factor(K[3], ev['item'])
   if raw and #raw > 0 and #raw % 4 == 0 then
     local n = #raw / 4
-    local layout = '<' .. string.rep('f', n)
+    local layout = LAYOUTS[n]
+    if not layout then
+      layout = '<' .. string.rep('f', n)
+      LAYOUTS[n] = layout
+    end
     local st = E[K[2]]
     if not st then
       local cur = redis.call('HMGET', K[2], 'v', 'w', 'ts', 'x')
       st = {v = cur[1], w = tonumber(cur[2]), at = tonumber(cur[3]), raw = cur[4]}
       E[K[2]] = st
     end
-    local x, W, at
+    local m = {}
     local hl = H['ehl']
-    local function add(y, w, t)
-      -- decayed running mean: the newest time is the reference, older touches decay in
-      if not x then
-        x, W, at = {}, w, t
-        for i = 1, n do x[i] = y[i] end
-        return
-      end
-      local g, f0 = w, 1
-      if t >= at then
-        f0 = 2 ^ (-(t - at) / hl)
-        at = t
-      else
-        g = w * 2 ^ (-(at - t) / hl)
-      end
-      local W2 = W * f0 + g
-      -- (the two factors once, not per element: the loop is most of an update's cost)
-      local a, b = W * f0 / W2, g / W2
-      for i = 1, n do x[i] = x[i] * a + y[i] * b end
-      W = W2
-    end
     if st.v == e['v'] and st.raw and #st.raw == #raw then
-      x, W, at = {struct.unpack(layout, st.raw)}, st.w, st.at
-      x[n + 1] = nil
-      add({struct.unpack(layout, raw)}, e['w'], ts)
+      m.x, m.W, m.at = {struct.unpack(layout, st.raw)}, st.w, st.at
+      e_add(m, factor_t(raw, layout), e['w'], ts, hl, n)
     else
       -- A new model version (or the first): rebuild from the window, oldest first, in the
       -- new factor space (the old vector is not comparable).
       if not WEIGHTS then WEIGHTS = cjson.decode(ARGV[2]) end
-      local entries = redis.call('LRANGE', K[4], 0, H['wsize'] - 1)
+      if HOOK.window then HOOK.window(K[4]) end
+      local entries = redis.call('LRANGE', K[4], '0', istr(H['wsize'] - 1))
       for i = #entries, 1, -1 do
         local doc = cjson.decode(entries[i])
         local w = WEIGHTS[doc['t']] or 1
         if w > 0 then
           local y = factor(K[3], doc['i'])
-          if y and #y == #raw then add({struct.unpack(layout, y)}, w, doc['ts']) end
+          if y and #y == #raw then e_add(m, factor_t(y, layout), w, doc['ts'], hl, n) end
         end
       end
     end
-    if x then
+    if m.x then
       -- stored as float32 after every event, as a chunk of one would: the same events
       -- give the same bytes however they are batched
-      st.v, st.w, st.at, st.dirty = e['v'], W, at, true
-      st.raw = struct.pack(layout, unpack(x, 1, n))
+      st.v, st.w, st.at, st.dirty = e['v'], m.W, m.at, true
+      st.raw = struct.pack(layout, unpack(m.x, 1, n))
       touch(K[2], H['fttl'])
     end
   end
@@ -493,9 +520,16 @@ class FeaturesPart:
     def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
         deltas = self.deltas(event, context)
         doc: dict[str, Any] = {
-            "t": event.event_type,
+            # field names made here, not by string concatenation in Lua for every event
+            "t": f"n:{event.event_type}",
             "actor": event.actor,
-            "a": [[attr, value, delta] for (attr, value), delta in deltas.items()],
+            # one flat list (attr, field, delta, attr, ...): a Lua table per affinity
+            # costs more to decode than the values in it
+            "a": [
+                x
+                for (attr, value), delta in deltas.items()
+                for x in (attr, f"a:{attr}:{value}", delta)
+            ],
         }
         if event.session_id is not None:
             doc["s"] = event.session_id

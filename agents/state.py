@@ -256,8 +256,9 @@ class LuaPart(Protocol):
     (run once after them: writes deferred to the end of the chunk), and ``header``: JSON
     values the script reads as ``H[name]`` (settings, sent once per chunk instead of once
     per event). In scope for all of them: ``H``, ``fmt(x)`` (a number as ``%.17g``),
-    ``touch(key, ttl)`` (EXPIRE the key once, at the end of the chunk) and ``NOW`` (the
-    server's time when the chunk started).
+    ``touch(key, ttl)`` (EXPIRE the key once, at the end of the chunk), ``NOW`` (the
+    server's time when the chunk started), ``now_plus(n)`` (``NOW`` + n µs as a string)
+    and ``HOOK`` (functions a part offers the others).
     """
 
     name: str
@@ -271,9 +272,21 @@ class LuaPart(Protocol):
 # H: wsize, wttl, pcap. Flag: the window key had to be created (new actor, or a window
 # Redis lost). Within a chunk the head's time, the touched set's size and the trims are
 # kept in Lua: one LINDEX per window, one LTRIM and one EXPIRE per window at the end.
+# Entries that go on the head wait in W_push and are pushed with one LPUSH per window
+# (the same list as one LPUSH each): before an out-of-order insert reads the list, when
+# another part reads it (HOOK.window, the embedding's rebuild), and at the chunk's end.
 _WINDOWS_PRELUDE = """
 local W_head = {}
 local W_card = {}
+local W_push = {}
+local function w_flush(key)
+  local pending = W_push[key]
+  if pending and #pending > 0 then
+    redis.call('LPUSH', key, unpack(pending))
+    W_push[key] = {}
+  end
+end
+HOOK.window = w_flush
 """
 
 _WINDOWS_LUA = """
@@ -283,19 +296,25 @@ local key = K[1]
 local ts = ev['ts']
 local head = W_head[key]
 if head == nil then
-  local raw = redis.call('LINDEX', key, 0)
+  local raw = redis.call('LINDEX', key, '0')
   if raw then head = cjson.decode(raw)['ts'] else head = false end
 end
 local created = 0
 if not head then created = 1 end
 if (not head) or head <= ts then
-  redis.call('LPUSH', key, w[1])
+  local pending = W_push[key]
+  if not pending then
+    pending = {}
+    W_push[key] = pending
+  end
+  pending[#pending + 1] = w[1]
   head = ts
 else
   -- Out of order (PutRecords retries, several devices): keep the window sorted by
   -- event time, newest first. (The list may hold more than wsize entries until the
   -- chunk's trim; the entries kept are the same.)
-  local items = redis.call('LRANGE', key, 1, -1)
+  w_flush(key)
+  local items = redis.call('LRANGE', key, '1', '-1')
   local placed = false
   for i = 1, #items do
     if cjson.decode(items[i])['ts'] <= ts then
@@ -310,18 +329,18 @@ W_head[key] = head
 touch(key, H['wttl'])
 local pw = w[2]
 if pw > 0 then
-  redis.call('ZINCRBY', K[2], pw, ev['item'])
+  redis.call('ZINCRBY', K[2], w[3], ev['item'])
   -- Evict the least recently touched items, not the lowest counts: a new item starts
   -- at the bottom and must get the chance to climb. (Events of one chunk are a
   -- microsecond apart, in order.)
-  local added = redis.call('ZADD', K[3], NOW + ev['n'] * 0.000001, ev['item'])
+  local added = redis.call('ZADD', K[3], now_plus(ev['n']), ev['item'])
   local n = W_card[K[3]]
   if n == nil then n = redis.call('ZCARD', K[3]) else n = n + added end
   local cap = H['pcap']
   if n > cap then
-    local victims = redis.call('ZRANGE', K[3], 0, n - cap - 1)
+    local victims = redis.call('ZRANGE', K[3], '0', istr(n - cap - 1))
     redis.call('ZREM', K[2], unpack(victims))
-    redis.call('ZREMRANGEBYRANK', K[3], 0, n - cap - 1)
+    redis.call('ZREMRANGEBYRANK', K[3], '0', istr(n - cap - 1))
     n = cap
   end
   W_card[K[3]] = n
@@ -330,7 +349,10 @@ return created
 """
 
 _WINDOWS_FINISH = """
-for key in pairs(W_head) do redis.call('LTRIM', key, 0, H['wsize'] - 1) end
+for key in pairs(W_head) do
+  w_flush(key)
+  redis.call('LTRIM', key, '0', istr(H['wsize'] - 1))
+end
 """
 
 
@@ -368,7 +390,9 @@ class WindowsPart:
         pw = self._pw.get(event.event_type)
         if pw is None:
             pw = max(0.0, self.settings.weight(event.event_type))
-        return found, [entry.decode(), pw]
+        # the weight also as Python's exact shortest string: ZINCRBY reads it as it is,
+        # where a Lua number would be formatted with %.17g
+        return found, [entry.decode(), pw, repr(pw)]
 
 
 _KEYS: dict[str, Keys] = {}
@@ -389,10 +413,31 @@ def keys_of(namespace: str) -> Keys:
 # the chunk's other events still apply. ``finish`` code runs whatever failed.
 _PROLOGUE = """
 local function fmt(x) return string.format('%.17g', x) end
+-- An integer argument as a string: a number given to redis.call is formatted with %.17g
+-- (glibc's slow multi-precision path), '%d' is cheap, and each is made once per chunk.
+local ISTR = {}
+local function istr(x)
+  local s = ISTR[x]
+  if not s then
+    if x == math.floor(x) then s = string.format('%d', x) else s = fmt(x) end
+    ISTR[x] = s
+  end
+  return s
+end
 local EXP = {}
 local function touch(key, ttl) EXP[key] = ttl end
+-- what a part offers the others (HOOK.window(key): the windows part's pending entries
+-- pushed, before another part reads the window)
+local HOOK = {}
 local NOW = redis.call('TIME')
-NOW = tonumber(NOW[1]) + tonumber(NOW[2]) / 1000000
+local NOW_S, NOW_US = tonumber(NOW[1]), tonumber(NOW[2])
+NOW = NOW_S + NOW_US / 1000000
+-- NOW + n µs as a decimal string made with integer formats (a number given to
+-- redis.call is formatted with %.17g, glibc's slow multi-precision path)
+local function now_plus(n)
+  local us = NOW_US + n
+  return string.format('%d.%06d', NOW_S + math.floor(us / 1000000), us % 1000000)
+end
 local parts = {}
 """
 
@@ -400,28 +445,66 @@ local parts = {}
 # late event with an old timestamp is not the first one forgotten. The id is recorded
 # after every part ran, so an event whose script failed midway (Redis does not roll a
 # script back) is retried rather than taken for applied.
+#
+# Per chunk, not per event: the chunk's ids are looked up with one ZMSCORE per seen set
+# (`preload`, before the first event), an id recorded during the chunk is remembered in
+# Lua (so the same id twice in a chunk is a duplicate), and each set gets one ZADD of its
+# new ids, written before the parts' deferred writes (as when each id was written at
+# once) and with integer scores formatted as integers (%.17g is glibc's slow path).
 _SEEN = """
 local S_last = {}
+local S_known = {}
+local S_new = {}
+local S_keys = {}
+local function preload(key, ids)
+  local got = redis.call('ZMSCORE', key, unpack(ids))
+  local known = {}
+  for i = 1, #ids do
+    if got[i] then known[ids[i]] = true end
+  end
+  S_known[key] = known
+end
 local function seen(key, id)
-  return redis.call('ZSCORE', key, id)
+  local known = S_known[key]
+  if known == nil then
+    return redis.call('ZSCORE', key, id)
+  end
+  return known[id]
 end
 local function mark(key, id)
   local last = S_last[key]
   if last == nil then
-    local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    local top = redis.call('ZRANGE', key, '-1', '-1', 'WITHSCORES')
     last = 0
     if top[2] then last = tonumber(top[2]) end
+    S_keys[#S_keys + 1] = key
+    S_new[key] = {}
   end
   last = last + 1
   S_last[key] = last
-  redis.call('ZADD', key, last, id)
+  local known = S_known[key]
+  if known then known[id] = true end
+  local new = S_new[key]
+  new[#new + 1] = string.format('%d', last)
+  new[#new + 1] = id
   touch(key, H['seen_ttl'])
+end
+"""
+
+# The new ids, before the parts' ``finish`` (whatever a part's finish does, an id is
+# recorded as surely as it was when each was written at once).
+_SEEN_FLUSH = """
+for _, key in ipairs(S_keys) do
+  local new = S_new[key]
+  for i = 1, #new, 7998 do
+    redis.call('ZADD', key, unpack(new, i, math.min(#new, i + 7997)))
+  end
 end
 """
 
 _SEEN_FINISH = """
 for key in pairs(S_last) do
-  redis.call('ZREMRANGEBYRANK', key, 0, -H['seen_cap'] - 1)
+  redis.call('ZREMRANGEBYRANK', key, '0', istr(-H['seen_cap'] - 1))
 end
 """
 
@@ -454,6 +537,25 @@ for l = 1, #KL do
   local K = KL[l]
   for j = 1, #K do K[j] = KEYS[K[j]] end
 end
+local ids = {}
+for i = 1, #EV do
+  local ev = EV[i]
+  local list = ids[ev['s']]
+  if not list then
+    list = {}
+    ids[ev['s']] = list
+  end
+  list[#list + 1] = ev['id']
+end
+for s, list in pairs(ids) do preload(KEYS[s], list) end
+-- `run` with each part's key list named by number (no table of lists per event)
+local function run_k(ev, k)
+  local result = 1
+  for p = 1, #parts do
+    if parts[p](KL[k[p]], ev, ARGV) == 1 then result = result + 2 ^ p end
+  end
+  return result
+end
 local out = {}
 for i = 1, #EV do
   local ev = EV[i]
@@ -462,10 +564,7 @@ for i = 1, #EV do
   if seen(seen_key, ev['id']) then
     out[i] = 0
   else
-    local lists = {}
-    local k = ev['k']
-    for p = 1, #parts do lists[p] = KL[k[p]] end
-    local ok, result = pcall(run, ev, lists)
+    local ok, result = pcall(run_k, ev, ev['k'])
     if ok then
       mark(seen_key, ev['id'])
       out[i] = result
@@ -499,7 +598,7 @@ end
 """
 
 _EPILOGUE = """
-for key, ttl in pairs(EXP) do redis.call('EXPIRE', key, ttl) end
+for key, ttl in pairs(EXP) do redis.call('EXPIRE', key, istr(ttl)) end
 return out
 """
 
@@ -511,7 +610,7 @@ def _body(parts: Sequence[LuaPart], front: str, header: str) -> str:
         body.append("parts[#parts + 1] = function(K, ev, ARGV)\n")
         body.append(part.lua)
         body.append("\nend\n")
-    body += [_RUN, front]
+    body += [_RUN, front, _SEEN_FLUSH]
     body += [f"\n{getattr(part, 'finish', '')}\n" for part in parts]
     body += [_SEEN_FINISH, _EPILOGUE]
     return "".join(body)

@@ -136,6 +136,27 @@ local function t_bump(key, score, item, cap)
   redis.call('ZINCRBY', key, score, item)
   T_caps[key] = cap
 end
+-- the event's buckets from K[first] on (one per window); a function of the chunk, not a
+-- closure made per event
+local function t_buckets(K, first, r, item, clock)
+  local spans = H['spans']
+  local dead = r['b']
+  for i = 1, #spans do
+    -- a bucket no window will read again (a very late event) is not written at all
+    if clock < dead[i] then
+      local key = K[first + i - 1]
+      t_bump(key, r['ps'], item, H['bcap'])
+      -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
+      if not T_index[key] then
+        T_index[key] = true
+        if redis.call('ZADD', K[3], 'NX', istr(dead[i]), key) == 1 then
+          redis.call('EXPIRE', key, istr(math.ceil(dead[i] - clock + spans[i])))
+          touch(K[3], H['ittl'])
+        end
+      end
+    end
+  end
+end
 """
 
 _TRENDING_LUA = """
@@ -157,31 +178,11 @@ local clock = c.t
 local pw = r['pw']
 if pw <= 0 then return 0 end
 local item = ev['item']
-local spans = H['spans']
-local nb = #spans
-local dead = r['b']
-local function buckets(first)
-  for i = 1, nb do
-    -- a bucket no window will read again (a very late event) is not written at all
-    if clock < dead[i] then
-      local key = K[first + i - 1]
-      t_bump(key, r['ps'], item, H['bcap'])
-      -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
-      if not T_index[key] then
-        T_index[key] = true
-        if redis.call('ZADD', K[3], 'NX', dead[i], key) == 1 then
-          redis.call('EXPIRE', key, math.ceil(dead[i] - clock + spans[i]))
-          touch(K[3], H['ittl'])
-        end
-      end
-    end
-  end
-end
 t_bump(K[2], r['d'], item, H['pcap'])
-buckets(4)
+t_buckets(K, 4, r, item, clock)
 local cat = r['cat']
 if cat then
-  local at = 4 + nb
+  local at = 4 + #H['spans']
   t_bump(K[at], r['d'], item, H['pcap'])
   local cats = T_cats[K[at + 1]]
   if not cats then
@@ -192,7 +193,7 @@ if cat then
   end
   local newest = cats[cat]
   if (not newest) or ts > newest then cats[cat] = ts end
-  buckets(at + 2)
+  t_buckets(K, at + 2, r, item, clock)
 end
 return 0
 """
@@ -200,7 +201,7 @@ return 0
 # Runs after every event of the chunk (whatever failed): the caps, the categories' newest
 # times and the clocks.
 _TRENDING_FINISH = """
-for key, cap in pairs(T_caps) do redis.call('ZREMRANGEBYRANK', key, 0, -cap - 1) end
+for key, cap in pairs(T_caps) do redis.call('ZREMRANGEBYRANK', key, '0', istr(-cap - 1)) end
 for key, cats in pairs(T_cats) do
   local args = {'GT'}
   for cat, ts in pairs(cats) do

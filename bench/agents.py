@@ -16,6 +16,10 @@
   ``--order time`` sorts by event time, as a shard interleaves its users;
 * **commands** (only when asked for): redis-server's time per event by command the
   script calls (INFO commandstats), against the script's own time and the server's CPU;
+* **instructions** (only when asked for; needs valgrind): redis-server's instructions
+  per event for the Redis part, under callgrind, for ``--instructions-events`` events
+  after ``--instructions-warm`` others: unlike CPU time, the count does not move with
+  the machine's load (about 0.5% from run to run), so small changes to the script show;
 * **dedup design**: the composed script (one seen check for all parts) against one
   script and one seen set per part, events/s and bytes per active user;
 * **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
@@ -33,15 +37,17 @@ import argparse
 import asyncio
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from agents.app import build_agent
 from agents.archive import ArchiveBuffer, S3ArchiveSink, flush_until_done
@@ -53,6 +59,7 @@ from agents.trending import WINDOWS, TrendingPart
 from agents.windows import Pipeline, deliver
 from agents.worker import tune_gc
 from bench.common import local_settings, summarize
+from recstream import stack
 from recstream.aws import sync_client
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -316,6 +323,76 @@ async def commands(settings: Settings, rows: Sequence[list[str]], batch: int) ->
     )
 
 
+def instructions(settings: Settings, rows: Sequence[list[str]], warm: int, count: int) -> None:
+    """redis-server's instructions per event (callgrind) for the Redis part: the server
+    runs under valgrind on a port of its own, its counters are zeroed after the set-up
+    and the first ``warm`` events, and dumped after the next ``count``."""
+    valgrind = shutil.which("valgrind")
+    control = shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise SystemExit("`--only instructions` needs valgrind: apt-get install valgrind")
+    port = stack.free_port()
+    out = settings.state_dir / f"callgrind-{port}"
+    server = subprocess.Popen(
+        [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}.%p",
+         "redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    local = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+
+    def callgrind(command: str) -> None:
+        subprocess.run([control, command, str(server.pid)], check=True, capture_output=True)
+
+    try:
+        measured = asyncio.run(_instructions_run(local, rows, warm, count, callgrind))
+        total = 0
+        for dump in out.parent.glob(f"{out.name}.*"):
+            text = dump.read_text()
+            if "Trigger: dump" in text:
+                total = max(
+                    int(line.split()[1]) for line in text.splitlines() if line.startswith("totals:")
+                )
+    finally:
+        server.terminate()
+        server.wait(60)
+        for dump in out.parent.glob(f"{out.name}.*"):
+            dump.unlink()
+    print(
+        f"\nredis-server instructions per event, Redis part, {measured} Taobao events "
+        f"({ORDER} order) after {warm}: {total / max(measured, 1) / 1e3:.1f}k"
+    )
+
+
+async def _instructions_run(
+    settings: Settings,
+    rows: Sequence[list[str]],
+    warm: int,
+    count: int,
+    callgrind: Callable[[str], None],
+) -> int:
+    """The events of `instructions`; how many were measured."""
+    async with open_stores(settings) as stores:
+        redis = stores.redis
+        for _ in range(300):  # valgrind starts redis-server in a few seconds
+            try:
+                await redis.ping()
+                break
+            except (OSError, RedisError):
+                await asyncio.sleep(0.1)
+        ns = f"instructions-{os.getpid()}"
+        await prepare(redis, ns, rows)
+        events = events_of(rows, ns)
+        hot = build_agent(stores, settings).hot
+        for start in range(0, warm, 500):
+            await hot.apply(events[start : min(warm, start + 500)])
+        measured = events[warm : warm + count]
+        await asyncio.to_thread(callgrind, "-z")  # counters zeroed: only these events count
+        for start in range(0, len(measured), 500):
+            await hot.apply(measured[start : start + 500])
+        await asyncio.to_thread(callgrind, "-d")
+    return len(measured)
+
+
 async def dedup_designs(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
     """One composed script vs one script and seen set per part (separate Redis dbs)."""
     base = settings.redis_url.rsplit("/", 1)[0]
@@ -464,6 +541,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100, help="clicks timed end to end")
     parser.add_argument("--users", type=int, default=10000, help="active users for memory")
     parser.add_argument("--order", choices=("dataset", "time"), default="dataset")
+    parser.add_argument("--instructions-warm", type=int, default=7000)
+    parser.add_argument("--instructions-events", type=int, default=3000)
     parser.add_argument(
         "--only",
         default="throughput,dedup,memory,latency",
@@ -480,6 +559,8 @@ def main() -> None:
             asyncio.run(throughput(settings, rows, args.batch))
         if "commands" in sections:
             asyncio.run(commands(settings, rows, args.batch))
+        if "instructions" in sections:
+            instructions(settings, rows, args.instructions_warm, args.instructions_events)
         if "dedup" in sections:
             asyncio.run(dedup_designs(settings, rows, args.batch))
         if "memory" in sections:
