@@ -1,0 +1,144 @@
+"""The emulator keeps no object it does not need, and its compact Kinesis records still
+behave as moto's through every API that reads them (recstream.emulator, session 6).
+
+Each test runs a real `python -m recstream.emulator` and talks to it with boto3; the last
+one checks `ShardRecords` alone, in memory, as an extra unit test.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from recstream import stack
+from recstream.aws import sync_client
+from recstream.emulator import ShardRecords
+from recstream.settings import Settings
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[Settings]:
+    server = stack.start_moto(stack.free_port(), tmp_path, max_records_per_shard=1000)
+    try:
+        settings = Settings(aws_endpoint_url=server.url, stream_shards=1)
+        stack.create_resources(settings)
+        yield settings
+    finally:
+        server.stop()
+
+
+def read_all(kinesis: Any, stream: str, shard_id: str, **start: Any) -> list[dict[str, Any]]:
+    kind = start.pop("kind", "TRIM_HORIZON")
+    iterator = kinesis.get_shard_iterator(
+        StreamName=stream, ShardId=shard_id, ShardIteratorType=kind, **start
+    )["ShardIterator"]
+    records: list[dict[str, Any]] = []
+    while iterator:
+        page = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
+        records += page["Records"]
+        if not page["Records"]:
+            break
+        iterator = page.get("NextShardIterator")
+    return records
+
+
+def test_moto_keeps_no_instance_of_trimmed_records_or_replaced_items(
+    emulator: Settings,
+) -> None:
+    """moto's BaseModel used to append every object it made to a class-wide list, so
+    trimmed records and every DynamoDB item ever written stayed in memory; its own
+    /moto-api/data.json lists that registry."""
+    kinesis = sync_client(emulator, "kinesis")
+    for start in range(0, 1500, 500):
+        batch = [{"Data": b"x" * 200, "PartitionKey": f"k{n}"} for n in range(start, start + 500)]
+        kinesis.put_records(StreamName=emulator.stream_name, Records=batch)
+    dynamodb = sync_client(emulator, "dynamodb")
+    for n in range(50):  # the same item replaced: one item in the table
+        dynamodb.put_item(
+            TableName=emulator.leases_table, Item={"lease_key": {"S": "a"}, "n": {"N": str(n)}}
+        )
+    registry = httpx.get(f"{emulator.aws_endpoint_url}/moto-api/data.json", timeout=30).json()
+    assert registry["kinesis"]["Record"] == []
+    assert registry["dynamodb"]["Item"] == []
+    # ...and what the services hold is all still there.
+    shard = kinesis.list_shards(StreamName=emulator.stream_name)["Shards"][0]["ShardId"]
+    assert len(read_all(kinesis, emulator.stream_name, shard)) == 1000  # the trim's cap
+    item = dynamodb.get_item(TableName=emulator.leases_table, Key={"lease_key": {"S": "a"}})
+    assert item["Item"]["n"] == {"N": "49"}
+
+
+def test_resharding_and_timestamp_iterators_read_the_compact_records(emulator: Settings) -> None:
+    """moto's own split_shard, merge_shards and AT_TIMESTAMP code read the shard's records
+    as Record objects; `ShardRecords` gives them those."""
+    kinesis = sync_client(emulator, "kinesis")
+    stream = emulator.stream_name
+    first = [{"Data": f"a{n}".encode(), "PartitionKey": f"k{n}"} for n in range(40)]
+    kinesis.put_records(StreamName=stream, Records=first)
+    time.sleep(0.05)  # arrival times are the server's clock: leave a gap to aim between
+    between = datetime.now(UTC)
+    time.sleep(0.05)
+    second = [{"Data": f"b{n}".encode(), "PartitionKey": f"k{n}"} for n in range(10)]
+    kinesis.put_records(StreamName=stream, Records=second)
+    parent = kinesis.list_shards(StreamName=stream)["Shards"][0]["ShardId"]
+
+    after = read_all(kinesis, stream, parent, kind="AT_TIMESTAMP", Timestamp=between)
+    assert [r["Data"] for r in after] == [f"b{n}".encode() for n in range(10)]
+
+    def everything() -> list[bytes]:
+        shards = [s["ShardId"] for s in kinesis.list_shards(StreamName=stream)["Shards"]]
+        return sorted(r["Data"] for shard in shards for r in read_all(kinesis, stream, shard))
+
+    put = sorted(r["Data"] for r in first + second)
+    # moto moves a split or merged shard's records by putting them again, through code
+    # that reads them as Record objects (and, being moto, routes them by hash to the first
+    # shard whose range matches, closed or not): nothing may be lost or fail on the way.
+    kinesis.split_shard(StreamName=stream, ShardToSplit=parent, NewStartingHashKey=str(2**127))
+    assert everything() == put
+    children = [
+        s["ShardId"]
+        for s in kinesis.list_shards(StreamName=stream)["Shards"]
+        if s["ShardId"] != parent
+    ]
+    kinesis.merge_shards(
+        StreamName=stream, ShardToMerge=children[0], AdjacentShardToMerge=children[1]
+    )
+    assert everything() == put
+    for record in read_all(kinesis, stream, parent):
+        assert isinstance(record["ApproximateArrivalTimestamp"], datetime)
+
+
+class FakeRecord:
+    """Only for the unit test below: moto's Record is built with these attributes."""
+
+    partition_key: str
+    data: str
+    sequence_number: int
+    explicit_hash_key: str | None
+    created_at: float
+    created_at_datetime: datetime
+
+
+def test_shard_records_are_rows_the_garbage_collector_does_not_walk() -> None:
+    records = ShardRecords(FakeRecord)
+    for n in range(1, 101):
+        record = FakeRecord()
+        record.partition_key, record.data, record.sequence_number = f"k{n}", "eA==", n
+        record.explicit_hash_key, record.created_at = None, 1_700_000_000.0 + n
+        records[n] = record
+    gc.collect()
+    assert not any(gc.is_tracked(row) for row in records.rows.values())
+    assert list(records) == list(range(1, 101))
+    assert next(reversed(records)) == 100
+    back = records[7]
+    assert (back.partition_key, back.data, back.sequence_number) == ("k7", "eA==", 7)
+    assert back.created_at_datetime == datetime(2023, 11, 14, 22, 13, 27)
+    del records[1]
+    assert 1 not in records
+    assert len(records) == 99
