@@ -23,7 +23,10 @@ own WSGI application:
   collections, which walk every live object, grew with it to seconds with the whole
   server stopped (session 6). That list is no longer filled, and a shard keeps its records
   as plain tuples (`ShardRecords`), which the collector does not walk; moto still sees
-  its ``Record`` objects, made for the records a request reads.
+  its ``Record`` objects, made for the records a request reads. moto also published two
+  CloudWatch data points (IncomingBytes, IncomingRecords) for every PutRecord(s) call, kept
+  forever; like Kinesis itself, the emulator publishes them once a minute per stream
+  (`patch_kinesis_metrics`).
 * **State that survives a restart.** Every ``--snapshot-every`` seconds in which a request
   arrived, and on SIGTERM/SIGINT, the state of every moto backend in use (streams and
   their records, tables, buckets and objects, queues and messages) is pickled to
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copyreg
 import functools
+import gc
 import io
 import logging
 import os
@@ -61,6 +65,7 @@ __all__ = [
     "main",
     "patch_dispatch",
     "patch_kinesis",
+    "patch_kinesis_metrics",
     "patch_models",
 ]
 
@@ -274,6 +279,74 @@ def patch_kinesis(max_records_per_shard: int) -> None:
     shard_class.get_records = get_records
     shard_class.__getstate__ = shard_getstate
     shard_class.__setstate__ = shard_setstate
+
+
+def patch_kinesis_metrics() -> None:
+    """Publish a stream's IncomingBytes and IncomingRecords once a minute, as Kinesis does.
+
+    moto put two CloudWatch data points (four objects, kept forever) per PutRecord(s) call:
+    about 100,000 calls and 400,000 objects per million events in bench.ingest, for figures
+    nothing in recstream reads. Here each call adds to its stream's totals for the current
+    minute, published as one data point per metric (SampleCount, Sum, Minimum, Maximum
+    over the calls, which is what GetMetricStatistics returns from per-call points) by the
+    first call in a later minute."""
+    from datetime import UTC, datetime
+
+    from moto.cloudwatch.models import cloudwatch_backends
+    from moto.kinesis.models import KinesisBackend
+
+    backend_class: Any = KinesisBackend
+    lock = threading.Lock()
+    # (account, region, stream) -> [minute, calls, bytes sum/min/max, records sum/min/max]
+    minutes: dict[tuple[str, str, str], list[Any]] = {}
+
+    def publish(account: str, region: str, stream: str, totals: list[Any]) -> None:
+        minute, calls, *stats = totals
+        dimensions = [{"Name": "StreamName", "Value": stream}]
+        timestamp = datetime.fromtimestamp(minute * 60, tz=UTC).replace(tzinfo=None)
+        cloudwatch_backends[account][region].put_metric_data(
+            namespace="AWS/Kinesis",
+            metric_data=[
+                {
+                    "MetricName": name,
+                    "Unit": unit,
+                    "Dimensions": dimensions,
+                    "Timestamp": timestamp,
+                    "StatisticValues": {
+                        "SampleCount": calls,
+                        "Sum": total,
+                        "Minimum": low,
+                        "Maximum": high,
+                    },
+                }
+                for name, unit, (total, low, high) in (
+                    ("IncomingBytes", "Bytes", stats[0:3]),
+                    ("IncomingRecords", "Count", stats[3:6]),
+                )
+            ],
+        )
+
+    def send_stream_metrics(
+        self: Any, stream_name: str, incoming_bytes: int, incoming_records: int
+    ) -> None:
+        key = (self.account_id, self.region_name, stream_name)
+        minute = int(time.time() // 60)
+        with lock:
+            totals = minutes.get(key)
+            finished = totals if totals is not None and totals[0] != minute else None
+            if totals is None or finished is not None:
+                totals = minutes[key] = [minute, 0, 0, incoming_bytes, 0, 0, incoming_records, 0]
+            totals[1] += 1
+            totals[2] += incoming_bytes
+            totals[3] = min(totals[3], incoming_bytes)
+            totals[4] = max(totals[4], incoming_bytes)
+            totals[5] += incoming_records
+            totals[6] = min(totals[6], incoming_records)
+            totals[7] = max(totals[7], incoming_records)
+        if finished is not None:
+            publish(*key, finished)
+
+    backend_class._send_stream_metrics = send_stream_metrics
 
 
 def _utc(timestamp: float) -> Any:
@@ -574,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
 
     patch_models()
     patch_kinesis(args.max_records)
+    patch_kinesis_metrics()
     patch_dispatch()
     gate = Gate(DomainDispatcherApplication(create_backend_app))
     snapshots = None
@@ -587,6 +661,12 @@ def main(argv: list[str] | None = None) -> None:
     server = make_server(
         args.host, args.port, gate, threaded=True, request_handler=MotoRequestHandler
     )
+    # moto's modules (~200,000 objects) and a restored state live as long as the process:
+    # frozen, they are no longer walked by every full collection, which stops the server.
+    # (Frozen objects that die later are still freed by their reference counts; only one
+    # caught in a reference cycle would stay until the process exits.)
+    gc.collect()
+    gc.freeze()
 
     def stop(signum: int, frame: object) -> None:
         # shutdown() waits for serve_forever to return, so it runs on another thread.

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 
@@ -95,7 +96,7 @@ def test_resharding_and_timestamp_iterators_read_the_compact_records(emulator: S
         shards = [s["ShardId"] for s in kinesis.list_shards(StreamName=stream)["Shards"]]
         return sorted(r["Data"] for shard in shards for r in read_all(kinesis, stream, shard))
 
-    put = sorted(r["Data"] for r in first + second)
+    put = sorted([f"a{n}".encode() for n in range(40)] + [f"b{n}".encode() for n in range(10)])
     # moto moves a split or merged shard's records by putting them again, through code
     # that reads them as Record objects (and, being moto, routes them by hash to the first
     # shard whose range matches, closed or not): nothing may be lost or fail on the way.
@@ -112,6 +113,40 @@ def test_resharding_and_timestamp_iterators_read_the_compact_records(emulator: S
     assert everything() == put
     for record in read_all(kinesis, stream, parent):
         assert isinstance(record["ApproximateArrivalTimestamp"], datetime)
+
+
+def test_kinesis_metrics_are_one_data_point_a_minute_per_stream(emulator: Settings) -> None:
+    """moto kept two CloudWatch data points per PutRecords call forever; the emulator adds
+    the calls of a minute up and publishes them when a call arrives in a later minute."""
+    kinesis = sync_client(emulator, "kinesis")
+    if time.time() % 60 > 45:  # the three calls below must share a minute
+        time.sleep(61 - time.time() % 60)
+    minute = int(time.time() // 60) * 60
+    for size in (2, 3, 5):
+        records = [{"Data": b"x", "PartitionKey": f"k{n}"} for n in range(size)]
+        kinesis.put_records(StreamName=emulator.stream_name, Records=records)
+    time.sleep(minute + 60.5 - time.time())
+    kinesis.put_record(StreamName=emulator.stream_name, Data=b"y", PartitionKey="k")
+    cloudwatch = boto3.client(
+        "cloudwatch",
+        endpoint_url=emulator.aws_endpoint_url,
+        region_name=emulator.aws_region,
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+    )  # not a recstream service (recstream.aws.Service): only this test reads it
+    statistics = cloudwatch.get_metric_statistics(
+        Namespace="AWS/Kinesis",
+        MetricName="IncomingRecords",
+        Dimensions=[{"Name": "StreamName", "Value": emulator.stream_name}],
+        StartTime=datetime.fromtimestamp(minute - 120, tz=UTC),
+        EndTime=datetime.fromtimestamp(minute + 120, tz=UTC),
+        Period=60,
+        Statistics=["SampleCount", "Sum", "Minimum", "Maximum"],
+    )
+    points = statistics["Datapoints"]
+    assert len(points) == 1  # the later minute is not published yet
+    assert (points[0]["SampleCount"], points[0]["Sum"]) == (3, 10)
+    assert (points[0]["Minimum"], points[0]["Maximum"]) == (2, 5)
 
 
 class FakeRecord:
