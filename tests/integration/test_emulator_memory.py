@@ -177,3 +177,79 @@ def test_shard_records_are_rows_the_garbage_collector_does_not_walk() -> None:
     del records[1]
     assert 1 not in records
     assert len(records) == 99
+
+
+def snapshot_taken(state: Path, kinesis: Any) -> None:
+    """Wait until a snapshot has begun and ended after this call: two rewrites of the
+    pickle, as one that began before the call may not hold what was just put. (A snapshot
+    is taken only after a request; a ListStreams is one.)"""
+    pickle_file = state / "moto-state.pickle"
+    for _ in range(2):
+        before = pickle_file.stat().st_mtime_ns if pickle_file.exists() else 0
+        kinesis.list_streams()
+        deadline = time.monotonic() + 60
+        while (pickle_file.stat().st_mtime_ns if pickle_file.exists() else 0) == before:
+            assert time.monotonic() < deadline, f"no snapshot written to {state} in 60 s"
+            time.sleep(0.05)
+
+
+def test_the_records_log_survives_a_crash_compacts_and_forgets_deleted_streams(
+    tmp_path: Path,
+) -> None:
+    """Snapshots append new records to a log instead of pickling them all again; a crash
+    after a snapshot loses nothing it held, compaction keeps one log of the records kept,
+    and a deleted stream's records never come back into a new stream of the same name."""
+    state = tmp_path / "moto-state"
+    port = stack.free_port()
+    settings = Settings(aws_endpoint_url=f"http://127.0.0.1:{port}", stream_shards=1)
+
+    def start() -> stack.Server:
+        return stack.start_moto(
+            port, tmp_path, state_dir=state, snapshot_every_s=0.2,
+            max_records_per_shard=1000, log_slack=500,
+        )  # fmt: skip
+
+    def put(kinesis: Any, start: int, count: int) -> list[int]:
+        batch = [
+            {"Data": f"r{n}".encode(), "PartitionKey": f"k{n}"} for n in range(start, start + count)
+        ]
+        result = kinesis.put_records(StreamName=settings.stream_name, Records=batch)
+        return [int(r["SequenceNumber"]) for r in result["Records"]]
+
+    def stored(kinesis: Any) -> list[bytes]:
+        shard = kinesis.list_shards(StreamName=settings.stream_name)["Shards"][0]["ShardId"]
+        return [r["Data"] for r in read_all(kinesis, settings.stream_name, shard)]
+
+    server = start()
+    try:
+        stack.create_resources(settings)
+        kinesis = sync_client(settings, "kinesis")
+        numbers: list[int] = []
+        for batch in range(6):  # 3,000 records through a 1,000-record shard
+            numbers += put(kinesis, batch * 500, 500)
+            snapshot_taken(state, kinesis)
+    finally:
+        server.process.kill()  # a crash: no final save
+        server.process.wait(30)
+    # The log held more than 2 x 1,000 + 500 records at some snapshot: it was compacted
+    # into a new one and the old one deleted.
+    logs = sorted(state.glob("kinesis-records.*.log"))
+    assert len(logs) == 1
+
+    server = start()
+    try:
+        kinesis = sync_client(settings, "kinesis")
+        assert stored(kinesis) == [f"r{n}".encode() for n in range(2000, 3000)]
+        assert put(kinesis, 3000, 1) == [numbers[-1] + 1]  # numbering continues
+        kinesis.delete_stream(StreamName=settings.stream_name)
+        stack.create_resources(settings)  # the stream again, empty, same name
+        put(kinesis, 5000, 3)
+    finally:
+        server.stop()  # clean: the final save
+
+    server = start()
+    try:
+        kinesis = sync_client(settings, "kinesis")
+        assert stored(kinesis) == [b"r5000", b"r5001", b"r5002"]
+    finally:
+        server.stop()
