@@ -628,18 +628,26 @@ class Snapshots:
         if records_log is not None:
             self._replay(*records_log)
         self._remove_logs(keep=self.log_name)
+        kept = 0
         for shard in _kinesis_shards():
             shard.recstream_trim()
             rows = shard.recstream_rows()
             self.logged[shard.recstream_log_id] = next(reversed(rows)) if rows else 0
+            kept += len(rows)
         log.warning(
             "restored %d moto backends and %d Kinesis records from %s in %.1f s",
-            count, self.rows_in_log, self.dir, time.monotonic() - started,
+            count, kept, self.dir, time.monotonic() - started,
         )  # fmt: skip
 
     def _replay(self, name: str, length: int) -> None:
         shards = {shard.recstream_log_id: shard for shard in _kinesis_shards()}
         path = self.dir / name
+        if not path.exists() or path.stat().st_size < length:
+            raise RuntimeError(
+                f"{self.path} names {length} bytes of Kinesis records in {path}, which "
+                f"{'is missing' if not path.exists() else 'is shorter'}: restore that file "
+                "beside it, or start clean with `recstream down --wipe`"
+            )
         with path.open("r+b") as records:
             while records.tell() < length:
                 for log_id, rows in pickle.load(records):
