@@ -170,12 +170,15 @@ def start_moto(
     state_dir: Path | None = None,
     snapshot_every_s: float = 10.0,
     max_records_per_shard: int = 500_000,
+    log_slack: int = 100_000,
 ) -> Server:
     """moto's server through `recstream.emulator` (O(1) Kinesis, retention trim); with a
-    ``state_dir`` its state is saved there and loaded back at the next start."""
+    ``state_dir`` its state is saved there and loaded back at the next start
+    (``log_slack``: see `recstream.emulator.Snapshots`)."""
     argv = [
         sys.executable, "-m", "recstream.emulator", "-H", "127.0.0.1", "-p", str(port),
         "--snapshot-every", str(snapshot_every_s), "--max-records", str(max_records_per_shard),
+        "--log-slack", str(log_slack),
     ]  # fmt: skip
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
