@@ -14,6 +14,7 @@ from agents.state import DynamoWindows, RedisHotStore
 from recstream.aws import async_client
 from recstream.settings import Settings
 from serving.pipeline import Ranker
+from serving.pipeline.types import ItemCatalog
 from streams.schema import Event
 from tests.conftest import LocalStack, make_settings
 from training.data import InteractionLog, LogBuilder
@@ -116,11 +117,13 @@ async def apply(settings: Settings, events: list[Event]) -> None:
 
 
 @asynccontextmanager
-async def ranker_for(settings: Settings) -> AsyncIterator[Ranker]:
+async def ranker_for(
+    settings: Settings, catalog: ItemCatalog | None = None
+) -> AsyncIterator[Ranker]:
     client = aioredis.from_url(settings.redis_url)
     try:
         async with async_client(settings, "dynamodb") as dynamodb:
-            ranker = Ranker(client, DynamoWindows(dynamodb, settings), settings)
+            ranker = Ranker(client, DynamoWindows(dynamodb, settings), settings, catalog=catalog)
             try:
                 yield ranker
             finally:

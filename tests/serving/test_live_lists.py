@@ -5,6 +5,7 @@ however many requests want it, and the last lists kept when Redis stops answerin
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,6 +26,20 @@ class Clock:
         return self.t
 
 
+@pytest.fixture
+async def redis(local_stack: LocalStack) -> AsyncIterator[tuple[str, aioredis.Redis, Reads]]:
+    """A fresh namespace (each test's keys are its own), a client and the set of reads
+    started, which are ended after the test."""
+    settings = roomy(local_stack)
+    client = aioredis.from_url(settings.redis_url)
+    reads: Reads = set()
+    try:
+        yield settings.namespace, client, reads
+    finally:
+        await cancel_detached(reads)
+        await client.aclose()
+
+
 def counting(lists: LiveLists) -> list[list[str]]:
     """The keys of every read ``lists`` makes from now on."""
     made: list[list[str]] = []
@@ -39,86 +54,69 @@ def counting(lists: LiveLists) -> list[list[str]]:
 
 
 async def test_expired_lists_are_served_while_one_read_refreshes_them(
-    local_stack: LocalStack,
+    redis: tuple[str, aioredis.Redis, Reads],
 ) -> None:
-    settings = roomy(local_stack)
-    client = aioredis.from_url(settings.redis_url)
-    reads: Reads = set()
+    namespace, client, reads = redis
     clock = Clock()
     lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
     made = counting(lists)
-    key = f"{settings.namespace}:test:pop"
-    try:
-        await client.zadd(key, {"a": 3, "b": 2, "c": 1})
-        assert lists.now([key], 2) is None  # never read: the request must wait
-        assert await lists.get([key], 2) == [[("a", 3.0), ("b", 2.0)]]
-        assert made == [[key]]
-        await client.zadd(key, {"d": 9})
-        clock.t += 0.5
-        assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]  # fresh: no read
-        assert made == [[key]]
-        clock.t += 0.6
-        # expired: served at once, and one read (not one per caller) refreshes it
-        assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]
-        assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]
-        assert len(reads) == 1
-        await asyncio.gather(*reads)
-        assert made == [[key], [key]]
-        assert lists.now([key], 2) == [[("d", 9.0), ("a", 3.0)]]
-        # too old to serve: read while the request waits
-        clock.t += 31
-        assert lists.now([key], 2) is None
-        await cancel_detached(reads)
-    finally:
-        await client.delete(key)
-        await client.aclose()
+    key = f"{namespace}:test:pop"
+    await client.zadd(key, {"a": 3, "b": 2, "c": 1})
+    assert lists.now([key], 2) is None  # never read: the request must wait
+    assert await lists.get([key], 2) == [[("a", 3.0), ("b", 2.0)]]
+    assert made == [[key]]
+    await client.zadd(key, {"d": 9})
+    clock.t += 0.5
+    assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]  # fresh: no read
+    assert made == [[key]]
+    clock.t += 0.6
+    # expired: served at once, and one read (not one per caller) refreshes it
+    assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]
+    assert lists.now([key], 2) == [[("a", 3.0), ("b", 2.0)]]
+    assert len(reads) == 1
+    await asyncio.gather(*reads)
+    assert made == [[key], [key]]
+    assert lists.now([key], 2) == [[("d", 9.0), ("a", 3.0)]]
+    # too old to serve: read while the request waits
+    clock.t += 31
+    assert lists.now([key], 2) is None
 
 
 async def test_concurrent_requests_for_an_unread_list_share_one_read(
-    local_stack: LocalStack,
+    redis: tuple[str, aioredis.Redis, Reads],
 ) -> None:
-    settings = roomy(local_stack)
-    client = aioredis.from_url(settings.redis_url)
-    reads: Reads = set()
+    namespace, client, reads = redis
     lists = LiveLists(client, reads)
     made = counting(lists)
-    one, two = f"{settings.namespace}:test:one", f"{settings.namespace}:test:two"
-    try:
-        await client.zadd(one, {"a": 1})
-        await client.zadd(two, {"b": 2})
-        answers = await asyncio.gather(
-            *(lists.get([one], 5) for _ in range(20)), lists.get([one, two], 5)
-        )
-        assert answers[0] == [[("a", 1.0)]]
-        assert answers[-1] == [[("a", 1.0)], [("b", 2.0)]]
-        # the first caller reads `one`; the last joins that read and reads only `two`
-        assert made == [[one], [two]]
-    finally:
-        await client.delete(one, two)
-        await client.aclose()
+    one, two = f"{namespace}:test:one", f"{namespace}:test:two"
+    await client.zadd(one, {"a": 1})
+    await client.zadd(two, {"b": 2})
+    answers = await asyncio.gather(
+        *(lists.get([one], 5) for _ in range(20)), lists.get([one, two], 5)
+    )
+    assert answers[0] == [[("a", 1.0)]]
+    assert answers[-1] == [[("a", 1.0)], [("b", 2.0)]]
+    # the first caller reads `one`; the last joins that read and reads only `two`
+    assert made == [[one], [two]]
 
 
 async def test_the_last_lists_keep_serving_when_redis_stops_answering(
-    local_stack: LocalStack,
+    redis: tuple[str, aioredis.Redis, Reads],
 ) -> None:
-    settings = roomy(local_stack)
-    client = aioredis.from_url(settings.redis_url)
-    reads: Reads = set()
+    namespace, client, reads = redis
     clock = Clock()
     lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
-    key = f"{settings.namespace}:test:pop"
+    key = f"{namespace}:test:pop"
+    await client.zadd(key, {"a": 1})
+    assert await lists.get([key], 5) == [[("a", 1.0)]]
+    # the same cache over a Redis that does not answer
+    lists.redis = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=1)
     try:
-        await client.zadd(key, {"a": 1})
-        assert await lists.get([key], 5) == [[("a", 1.0)]]
-        # the same cache over a Redis that does not answer
-        lists.redis = aioredis.from_url("redis://127.0.0.1:1", socket_connect_timeout=1)
         clock.t += 5
         assert lists.now([key], 5) == [[("a", 1.0)]]
         await asyncio.gather(*reads, return_exceptions=True)
         assert lists.now([key], 5) == [[("a", 1.0)]]  # the failed refresh kept it
         with pytest.raises(StoreUnavailable, match="reading"):
             await lists.get([f"{key}:other"], 5)
-        await lists.redis.aclose()
     finally:
-        await client.delete(key)
-        await client.aclose()
+        await lists.redis.aclose()

@@ -11,17 +11,23 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
-from agents.state import DynamoWindows
-from recstream.aws import async_client
 from recstream.settings import Settings
 from serving.pipeline import Ranker
 from serving.pipeline.cache import TTLCache
 from serving.pipeline.state import read_versions
 from streams.schema import Item
 from tests.conftest import LocalStack
-from tests.serving.helpers import WEIGHTS, apply, event, fitted, publish, roomy, two_clusters
+from tests.serving.helpers import (
+    WEIGHTS,
+    apply,
+    event,
+    fitted,
+    publish,
+    ranker_for,
+    roomy,
+    two_clusters,
+)
 
 AGED = ("age_s", "recency")
 WITH_CATEGORIES = {**WEIGHTS, "category_popularity": 0.3}
@@ -47,19 +53,11 @@ class Catalog:
 
 @asynccontextmanager
 async def ranker_with(settings: Settings, catalog: Catalog) -> AsyncIterator[Ranker]:
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        async with async_client(settings, "dynamodb") as dynamodb:
-            ranker = Ranker(client, DynamoWindows(dynamodb, settings), settings, catalog=catalog)
-            # live lists are kept 1 s: long enough between two calls, not on a loaded
-            # test machine
-            ranker.sources.lists.ttl = ranker.sources.category_lists.ttl = 3600.0
-            try:
-                yield ranker
-            finally:
-                await ranker.aclose()
-    finally:
-        await client.aclose()
+    async with ranker_for(settings, catalog) as ranker:
+        # live lists are kept 1 s: long enough between two calls, not on a loaded test
+        # machine
+        ranker.sources.lists.ttl = ranker.sources.category_lists.ttl = 3600.0
+        yield ranker
 
 
 def count_reads(ranker: Ranker, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
