@@ -301,8 +301,9 @@ def patch_kinesis(max_records_per_shard: int) -> None:
     shard_class.__setstate__ = shard_setstate
 
 
-def patch_kinesis_metrics() -> None:
-    """Publish a stream's IncomingBytes and IncomingRecords once a minute, as Kinesis does.
+def patch_kinesis_metrics(period_s: float = 60.0) -> None:
+    """Publish a stream's IncomingBytes and IncomingRecords once a minute, as Kinesis does
+    (``period_s``: shorter only in tests, which would otherwise wait for a minute to end).
 
     moto put two CloudWatch data points (four objects, kept forever) per PutRecord(s) call:
     about 100,000 calls and 400,000 objects per million events in bench.ingest, for figures
@@ -323,7 +324,7 @@ def patch_kinesis_metrics() -> None:
     def publish(account: str, region: str, stream: str, totals: list[Any]) -> None:
         minute, calls, *stats = totals
         dimensions = [{"Name": "StreamName", "Value": stream}]
-        timestamp = datetime.fromtimestamp(minute * 60, tz=UTC).replace(tzinfo=None)
+        timestamp = datetime.fromtimestamp(minute * period_s, tz=UTC).replace(tzinfo=None)
         cloudwatch_backends[account][region].put_metric_data(
             namespace="AWS/Kinesis",
             metric_data=[
@@ -350,7 +351,7 @@ def patch_kinesis_metrics() -> None:
         self: Any, stream_name: str, incoming_bytes: int, incoming_records: int
     ) -> None:
         key = (self.account_id, self.region_name, stream_name)
-        minute = int(time.time() // 60)
+        minute = int(time.time() // period_s)
         with lock:
             totals = minutes.get(key)
             finished = totals if totals is not None and totals[0] != minute else None
@@ -816,6 +817,12 @@ def main(argv: list[str] | None = None) -> None:
         default=100_000,
         help="obsolete records the records log may hold beyond twice those kept (tests: few)",
     )
+    parser.add_argument(
+        "--metrics-period",
+        type=float,
+        default=60.0,
+        help="seconds per Kinesis CloudWatch data point (Kinesis: 60; tests: shorter)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("MOTO_PORT", str(args.port))  # moto builds some URLs from it
@@ -829,7 +836,7 @@ def main(argv: list[str] | None = None) -> None:
 
     patch_models()
     patch_kinesis(args.max_records)
-    patch_kinesis_metrics()
+    patch_kinesis_metrics(args.metrics_period)
     patch_dispatch()
     gate = Gate(DomainDispatcherApplication(create_backend_app))
     snapshots = None

@@ -171,14 +171,16 @@ def start_moto(
     snapshot_every_s: float = 10.0,
     max_records_per_shard: int = 500_000,
     log_slack: int = 100_000,
+    metrics_period_s: float = 60.0,
 ) -> Server:
     """moto's server through `recstream.emulator` (O(1) Kinesis, retention trim); with a
     ``state_dir`` its state is saved there and loaded back at the next start
-    (``log_slack``: see `recstream.emulator.Snapshots`)."""
+    (``log_slack``: see `recstream.emulator.Snapshots`; ``metrics_period_s``: see
+    `recstream.emulator.patch_kinesis_metrics`)."""
     argv = [
         sys.executable, "-m", "recstream.emulator", "-H", "127.0.0.1", "-p", str(port),
         "--snapshot-every", str(snapshot_every_s), "--max-records", str(max_records_per_shard),
-        "--log-slack", str(log_slack),
+        "--log-slack", str(log_slack), "--metrics-period", str(metrics_period_s),
     ]  # fmt: skip
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]

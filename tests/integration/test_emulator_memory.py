@@ -115,18 +115,40 @@ def test_resharding_and_timestamp_iterators_read_the_compact_records(emulator: S
         assert isinstance(record["ApproximateArrivalTimestamp"], datetime)
 
 
-def test_kinesis_metrics_are_one_data_point_a_minute_per_stream(emulator: Settings) -> None:
+PERIOD_S = 6.0
+"""The emulator's metrics period in this test (Kinesis's is a minute: a test would wait
+for one to end)."""
+
+
+@pytest.fixture
+def short_periods(tmp_path: Path) -> Iterator[Settings]:
+    server = stack.start_moto(stack.free_port(), tmp_path, metrics_period_s=PERIOD_S)
+    try:
+        settings = Settings(aws_endpoint_url=server.url, stream_shards=1)
+        stack.create_resources(settings)
+        yield settings
+    finally:
+        server.stop()
+
+
+def test_kinesis_metrics_are_one_data_point_a_period_per_stream(
+    short_periods: Settings,
+) -> None:
     """moto kept two CloudWatch data points per PutRecords call forever; the emulator adds
-    the calls of a minute up and publishes them when a call arrives in a later minute."""
+    the calls of a period (a minute, as Kinesis; 6 s here) up and publishes them when a
+    call arrives in a later period."""
+    emulator = short_periods
     kinesis = sync_client(emulator, "kinesis")
-    if time.time() % 60 > 45:  # the three calls below must share a minute
-        time.sleep(61 - time.time() % 60)
-    minute = int(time.time() // 60) * 60
+    if time.time() % PERIOD_S > PERIOD_S / 2:  # the three calls below must share a period
+        time.sleep(PERIOD_S + 0.05 - time.time() % PERIOD_S)
+    start = int(time.time() // PERIOD_S) * PERIOD_S
     for size in (2, 3, 5):
         records = [{"Data": b"x", "PartitionKey": f"k{n}"} for n in range(size)]
         kinesis.put_records(StreamName=emulator.stream_name, Records=records)
-    time.sleep(minute + 60.5 - time.time())
+    assert time.time() < start + PERIOD_S, "the calls took longer than a period; rerun"
+    time.sleep(start + PERIOD_S + 0.1 - time.time())
     kinesis.put_record(StreamName=emulator.stream_name, Data=b"y", PartitionKey="k")
+    minute = int(start // 60) * 60
     cloudwatch = boto3.client(
         "cloudwatch",
         endpoint_url=emulator.aws_endpoint_url,
