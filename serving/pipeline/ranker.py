@@ -237,9 +237,8 @@ class Ranker:
     async def _durable_window(
         self, req: _Request, namespace: str, actor: str, until: float
     ) -> list[WindowEntry]:
+        """(Asked only for an actor `RecentMisses` does not know to be new.)"""
         key = (namespace, actor)
-        if key in self._misses:
-            return []
         task = self._in_background(self.durable.get(namespace, actor))
 
         def remember(t: asyncio.Task[Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,23 @@ from recstream.emulator import ShardRecords
 from recstream.settings import Settings
 
 
-@pytest.fixture
-def emulator(tmp_path: Path) -> Iterator[Settings]:
-    server = stack.start_moto(stack.free_port(), tmp_path, max_records_per_shard=1000)
+@contextmanager
+def running(tmp_path: Path, **options: Any) -> Iterator[Settings]:
+    """An emulator started with ``options`` (`recstream.stack.start_moto`), its resources
+    created, one shard."""
+    server = stack.start_moto(stack.free_port(), tmp_path, **options)
     try:
         settings = Settings(aws_endpoint_url=server.url, stream_shards=1)
         stack.create_resources(settings)
         yield settings
     finally:
         server.stop()
+
+
+@pytest.fixture
+def emulator(tmp_path: Path) -> Iterator[Settings]:
+    with running(tmp_path, max_records_per_shard=1000) as settings:
+        yield settings
 
 
 def read_all(kinesis: Any, stream: str, shard_id: str, **start: Any) -> list[dict[str, Any]]:
@@ -122,13 +131,8 @@ for one to end)."""
 
 @pytest.fixture
 def short_periods(tmp_path: Path) -> Iterator[Settings]:
-    server = stack.start_moto(stack.free_port(), tmp_path, metrics_period_s=PERIOD_S)
-    try:
-        settings = Settings(aws_endpoint_url=server.url, stream_shards=1)
-        stack.create_resources(settings)
+    with running(tmp_path, metrics_period_s=PERIOD_S) as settings:
         yield settings
-    finally:
-        server.stop()
 
 
 def test_kinesis_metrics_are_one_data_point_a_period_per_stream(
