@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,20 @@ async def load_state(settings: Settings, events: list[Event]) -> None:
     run = RunInfo(data=DataRange(source="movielens", start=log.start, end=log.end, rows=len(log)))
     async with open_registry(settings) as registry:
         await registry.publish(model, run)
+
+
+def answer_cache_counts(url: str) -> tuple[float, float]:
+    """The app's answer-cache (hits, misses) so far, from its /metrics (every worker's);
+    (0, 0) for the bare endpoint, which has none."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    counts = {"hit": 0.0, "miss": 0.0}
+    for line in text.splitlines():
+        if line.startswith("recstream_answer_cache_total{"):
+            for result in counts:
+                if f'result="{result}"' in line:
+                    counts[result] += float(line.rsplit(" ", 1)[1])
+    return counts["hit"], counts["miss"]
 
 
 async def redis_calls(settings: Settings) -> tuple[int, int]:
@@ -249,6 +264,8 @@ async def measure(
                 # A short warm-up at the same rate: connections, the first calls.
                 load(url, paths, min(rate, 200.0), 1.0, work / "warm.json")
                 before = await redis_calls(settings)
+                real = ENDPOINTS[app][0] == "real"
+                cache_before = answer_cache_counts(url) if real else (0.0, 0.0)
                 cpu_before = cpu_seconds(servers[app][1].pid)
                 spy = None
                 if args.profile and ENDPOINTS[app][0] == "real":
@@ -279,6 +296,9 @@ async def measure(
                     spy.wait(60)
                 cpu = cpu_seconds(servers[app][1].pid) - cpu_before
                 after = await redis_calls(settings)
+                hits, misses = (
+                    np.subtract(answer_cache_counts(url), cache_before) if real else (0.0, 0.0)
+                )
                 p50, p99, p999 = percentiles(result["latencies_ms"])
                 bad = sum(n for s, n in result["statuses"].items() if not s.startswith("2"))
                 rows.append({
@@ -292,6 +312,8 @@ async def measure(
                     "redis_connections": after[1] - before[1],
                     "cpu_ms_per_request": 1000 * cpu / max(1, result["completed"]),
                     "events_applied": applied,
+                    # share of answers served again from the answer cache (memo.py)
+                    "answer_cache_hits": float(hits / (hits + misses)) if hits + misses else None,
                 })  # fmt: skip
     finally:
         for _, server in servers.values():
@@ -304,7 +326,7 @@ def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> Non
     table = Table(title=title)
     columns = ("variant", "endpoint", "rate", "achieved req/s", "p50 ms", "p99 ms", "p99.9 ms",
                "errors", "timed out", "Redis cmds/req", "new Redis conns",
-               "server CPU ms/req", "p99 real/bare")  # fmt: skip
+               "server CPU ms/req", "answer cache hits", "p99 real/bare")  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
     bare = {(r["variant"], r["rate"]): r for r in rows if r["endpoint"] == "bare"}
@@ -317,7 +339,8 @@ def print_table(console: Console, rows: list[dict[str, Any]], title: str) -> Non
             r["variant"], r["endpoint"], f"{r['rate']:,.0f}", f"{r['achieved_rps']:,.0f}",
             f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['p999_ms']:.2f}",
             str(r["errors"]), str(r["timed_out"]), f"{r['redis_per_request']:.2f}",
-            str(r.get("redis_connections", "")), f"{r['cpu_ms_per_request']:.2f}", ratio,
+            str(r.get("redis_connections", "")), f"{r['cpu_ms_per_request']:.2f}",
+            "" if r.get("answer_cache_hits") is None else f"{r['answer_cache_hits']:.0%}", ratio,
         )  # fmt: skip
     console.print(table)
 

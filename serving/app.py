@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from recstream import tracing
+from recstream import prom, tracing
 from recstream.aws import async_client
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
@@ -77,6 +77,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    prom.flush()  # this process's last second of observations (recstream/prom.py)
     if os.environ.get(MULTIPROC_ENV):
         # Several worker processes (`api_workers` > 1): any one of them answers for all,
         # from the files prometheus-client's multiprocess mode keeps per process.
@@ -130,6 +131,9 @@ def create_app(settings: Settings) -> Starlette:
             # never walked again.
             gc.collect()
             gc.freeze()
+            # Batched histogram observations reach the shared values once a second, and
+            # at shutdown (recstream/prom.py).
+            await stack.enter_async_context(prom.flushing())
             yield
 
     async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -32,9 +32,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from recstream import tracing
+from recstream import prom, tracing
 from recstream.logging import REQUEST_ID, configure_logging
-from recstream.prom import child
 from recstream.settings import Settings
 
 if TYPE_CHECKING:
@@ -211,9 +210,7 @@ class RequestContext:
                 elapsed = time.perf_counter() - started
                 route = scope.get("route")
                 template = getattr(route, "path", None) or "unmatched"
-                child(HTTP_LATENCY, template, scope["method"], f"{status // 100}xx").observe(
-                    elapsed
-                )
+                prom.observe(HTTP_LATENCY, elapsed, template, scope["method"], f"{status // 100}xx")
                 key = scope.get("state", {}).get("api_key")
                 extra: dict[str, Any] = {
                     "method": scope["method"],

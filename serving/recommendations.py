@@ -36,6 +36,7 @@ from starlette.routing import BaseRoute, Route
 from agents.features import DynamoFeatures
 from agents.identity import resolve_actor
 from agents.state import DynamoWindows
+from recstream import prom
 from recstream.errors import RecstreamError
 from recstream.model_restore import RegistryRestorer
 from recstream.settings import Settings
@@ -225,7 +226,7 @@ async def _filter(
 def _answer(result: Recommendations, started: float) -> Response:
     for store in result.degraded:
         RANK_DEGRADED.labels(store=store).inc()
-    RANK_LATENCY.observe(time.perf_counter() - started)
+    prom.observe(RANK_LATENCY, time.perf_counter() - started)
     return json_response(result.as_json())
 
 

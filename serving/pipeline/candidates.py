@@ -138,17 +138,20 @@ def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
 def order_ties(ranked: list[T], values: Sequence[float], tie_key: Callable[[T], Any]) -> None:
     """Put each run of equal ``values`` in ``ranked`` (already sorted by ``values``,
     descending) in ``tie_key`` order, in place: the second half of a sort on a C-level
-    key, for the rare ties among float scores."""
+    key, for the ties among float scores."""
     if len(set(values)) == len(values):
         return  # no two equal: nothing to reorder (one C-level pass, not a loop in Python)
-    start = 0
-    while start < len(ranked):
-        stop = start + 1
-        while stop < len(ranked) and values[stop] == values[start]:
-            stop += 1
-        if stop - start > 1:
-            ranked[start:stop] = sorted(ranked[start:stop], key=tie_key)
-        start = stop
+    # The runs found in numpy: item-to-item's summed similarities tie often (MovieLens:
+    # in almost every request), and a Python loop over every position cost more than the
+    # source's own arithmetic. Only the runs of two or more are visited in Python.
+    v = np.asarray(values)
+    edges = np.flatnonzero(v[1:] != v[:-1]) + 1
+    starts = np.concatenate(([0], edges))
+    stops = np.concatenate((edges, [len(v)]))
+    for start, stop in zip(
+        starts[stops - starts > 1].tolist(), stops[stops - starts > 1].tolist(), strict=True
+    ):
+        ranked[start:stop] = sorted(ranked[start:stop], key=tie_key)
 
 
 def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) -> dict[str, float]:
@@ -254,21 +257,25 @@ class Sources:
         out = SourceOutput("item2item", origin=f"published:{version}")
         recency = bool(model.param("recency", True)) if model is not None else True
         vocab = self.vocabulary(namespace, version)
-        codes: list[np.ndarray[Any, np.dtype[np.int32]]] = []
-        contributions: list[np.ndarray[Any, np.dtype[np.float64]]] = []
-        positions: list[np.ndarray[Any, np.dtype[np.int32]]] = []
+        used: list[NeighbourRow] = []
+        weights: list[float] = []
+        sources: list[int] = []
         for position, item in enumerate(recent):
             row = rows.get(item)
             if row is None or not len(row.codes):
                 continue
-            weight = (position + 1) / len(recent) if recency else 1.0
-            codes.append(row.codes)
-            contributions.append(weight * row.sims)
-            positions.append(np.full(len(row.codes), position, dtype=np.int32))
-        if not codes:
+            used.append(row)
+            weights.append((position + 1) / len(recent) if recency else 1.0)
+            sources.append(position)
+        if not used:
             return out
-        code = np.concatenate(codes)
-        contribution = np.concatenate(contributions)
+        # One concatenation per array and one multiply, not three numpy calls per row:
+        # the same products (each similarity times its row's weight, in float64).
+        lengths = [len(row.codes) for row in used]
+        code = np.concatenate([row.codes for row in used])
+        contribution = np.repeat(np.array(weights), lengths) * np.concatenate(
+            [row.sims for row in used]
+        )
         # bincount adds in array order, from 0.0: the very sums (and floats) the offline
         # loop `scores[i] = scores.get(i, 0.0) + w * sim` gives, history oldest first
         total = np.bincount(code, weights=contribution)
@@ -295,7 +302,6 @@ class Sources:
         if not kept:
             return out
         out.scores = dict(zip([ids[c] for c in kept], total[kept].tolist(), strict=True))
-        contributor = np.concatenate(positions)
 
         def because(items: Collection[str]) -> dict[str, str]:
             # for each item, the history item that contributed most (the first such one
@@ -303,6 +309,7 @@ class Sources:
             asked = [vocab.code[i] for i in items if i in out.scores]
             if not asked:
                 return {}
+            contributor = np.repeat(np.array(sources, dtype=np.int32), lengths)
             wanted = np.zeros(len(total), dtype=bool)
             wanted[asked] = True
             mask = wanted[code]

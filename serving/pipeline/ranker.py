@@ -32,8 +32,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agents.state import DurableWindows, RedisHotStore, WindowEntry
+from recstream import prom
 from recstream.errors import RecstreamError
-from recstream.prom import child
 from recstream.settings import Settings
 from serving.metrics import SOURCE_LATENCY
 from serving.pipeline.candidates import SourceOutput, Sources, best
@@ -129,7 +129,7 @@ class _Request:
             self.degrade(name)
             return None
         finally:
-            child(SOURCE_LATENCY, name).observe(time.perf_counter() - began)
+            prom.observe(SOURCE_LATENCY, time.perf_counter() - began, name)
             if isinstance(call, asyncio.Task | asyncio.Future) and not call.done():
                 call.cancel()
 
@@ -139,7 +139,7 @@ class _Request:
         """A source's latency on /metrics (`bounded` observes its own) and, in debug, in
         the answer."""
         if observe:
-            child(SOURCE_LATENCY, name).observe(time.perf_counter() - began)
+            prom.observe(SOURCE_LATENCY, time.perf_counter() - began, name)
         if self.debug:
             self.sources[name] = {
                 "origin": out.origin if out is not None else "degraded",
