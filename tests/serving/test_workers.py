@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from recstream import stack
+from recstream import prom, stack
 from tests.conftest import LocalStack, make_settings
 
 
@@ -36,6 +36,9 @@ async def test_two_workers_answer_and_share_their_metrics(
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as fresh:
                     response = await fresh.get("/v1/recommendations", params={"user_id": f"u{n}"})
                     assert response.status_code == 200, response.text
+            # each process adds its observations to the shared files once a second
+            # (recstream/prom.py); the one answering /metrics adds its own at once
+            await asyncio.sleep(prom.FLUSH_EVERY_S + 0.5)
             scrapes = []
             for _ in range(6):
                 async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as fresh:
