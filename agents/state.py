@@ -650,12 +650,17 @@ def by_actor(events: Sequence[Event]) -> list[int]:
     clock is two windows past it), which items were touched last (the popularity cap
     evicts the least recent), and sums of several actors' popularity increments (equal
     up to rounding)."""
-    first: dict[tuple[str, str], int] = {}
+    # (a dict keeps its actors in order of their first event; a sort by that key cost
+    # five times as much)
+    groups: dict[tuple[str, str], list[int]] = {}
     for n, event in enumerate(events):
-        first.setdefault((event.namespace, event.actor), n)
-    return sorted(
-        range(len(events)), key=lambda n: (first[events[n].namespace, events[n].actor], n)
-    )
+        key = (event.namespace, event.actor)
+        found = groups.get(key)
+        if found is None:
+            groups[key] = [n]
+        else:
+            found.append(n)
+    return [n for group in groups.values() for n in group]
 
 
 # KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
