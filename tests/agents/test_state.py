@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from agents.retry import RecordsRefused
 from agents.state import (
+    APPLY_CHUNK,
     DurableWindows,
     DynamoWindows,
     HotStore,
@@ -16,6 +18,7 @@ from agents.state import (
     MemoryHotStore,
     RedisHotStore,
     WindowEntry,
+    by_actor,
 )
 from recstream.aws import async_client
 from recstream.keys import Keys
@@ -163,5 +166,51 @@ async def test_a_redis_that_lost_its_scripts_is_given_them_again(settings: Setti
         assert len(await store.window(ns, "u1", 300)) == settings.window_size
         # the connection the failed chunks were read from is not handed out dirty
         assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+def test_a_batch_runs_each_actors_events_together_in_their_order() -> None:
+    events = [ev(0, "a"), ev(1, "b"), ev(2, "a"), ev(3, "c"), ev(4, "b"), ev(5, "a")]
+    events.append(ev(6, "a", namespace="other"))  # another namespace: another actor
+    assert by_actor(events) == [0, 2, 5, 1, 4, 3, 6]
+
+
+async def _calls(client: aioredis.Redis, command: str) -> int:
+    stats: dict[str, Any] = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_an_actor_spread_over_a_batch_is_read_once_per_batch(settings: Settings) -> None:
+    """A shard interleaves its actors: two actors' events alternating over two chunks
+    are run actor by actor, so each window's head is read once (one LINDEX per window
+    and chunk), not once in each chunk; the outcomes keep the batch's positions."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        store = RedisHotStore(client, settings)
+        ns = settings.namespace
+        events = [ev(n, f"u{n % 2}", namespace=ns) for n in range(2 * APPLY_CHUNK)]
+        await store.apply(events[:2])  # both windows exist: the batch reads their heads
+        before = await _calls(client, "lindex")
+        result = await store.apply(events)
+        assert await _calls(client, "lindex") - before == 2
+        assert (result.applied, result.duplicates) == (2 * APPLY_CHUNK - 2, 2)
+        window = await store.window(ns, "u1", 3)
+        assert [e.event_id for e in window] == [f"e{n}" for n in (199, 197, 195)]
+    finally:
+        await client.aclose()
+
+
+async def test_refused_events_are_named_at_their_place_in_the_batch(settings: Settings) -> None:
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        store = RedisHotStore(client, settings)
+        ns = settings.namespace
+        await client.set(Keys(ns).window("bad"), "not a list")  # WRONGTYPE for its events
+        events = [ev(n, "bad" if n % 3 == 1 else "good", namespace=ns) for n in range(7)]
+        with pytest.raises(RecordsRefused) as refused:
+            await store.apply(events)
+        assert refused.value.items == (1, 4)
+        assert len(await store.window(ns, "good")) == 5
     finally:
         await client.aclose()
