@@ -118,24 +118,37 @@ USERS: Final = _Kind("user", User)
 
 
 class TtlLru(Generic[K, V]):
-    """A bounded cache whose entries also expire; the least recently used go first."""
+    """A bounded cache whose entries also expire; the least recently used go first.
 
-    def __init__(self, size: int, ttl_s: float) -> None:
+    With ``max_stale_s`` > 0 an expired entry is kept that much longer, for `lookup`'s
+    callers that serve it while they read it again (stale-while-revalidate)."""
+
+    def __init__(self, size: int, ttl_s: float, max_stale_s: float = 0.0) -> None:
         self.size = size
         self.ttl_s = ttl_s
+        self.max_stale_s = max_stale_s if ttl_s > 0 else 0.0
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
     def get(self, key: K, now: float | None = None) -> tuple[bool, V | None]:
         """(found, value); an expired entry is not found. ``now`` (`time.monotonic`) lets
         a caller looking up many keys read the clock once."""
+        fresh, _, value = self.lookup(key, now)
+        return fresh, value if fresh else None
+
+    def lookup(self, key: K, now: float | None = None) -> tuple[bool, bool, V | None]:
+        """(fresh, found, value): ``found`` and not ``fresh`` is an expired entry still
+        within ``max_stale_s``, to serve while it is read again."""
         entry = self._entries.get(key)
         if entry is None:
-            return False, None
-        if (time.monotonic() if now is None else now) - entry[0] >= self.ttl_s:
-            del self._entries[key]
-            return False, None
+            return False, False, None
+        age = (time.monotonic() if now is None else now) - entry[0]
+        if age >= self.ttl_s:
+            if age >= self.ttl_s + self.max_stale_s:
+                del self._entries[key]
+                return False, False, None
+            return False, True, entry[1]
         self._entries.move_to_end(key)
-        return True, entry[1]
+        return True, True, entry[1]
 
     def put(self, key: K, value: V) -> None:
         self._entries[key] = (time.monotonic(), value)
@@ -170,7 +183,14 @@ class RedisDynamoCatalog:
         # cache off (tools that write, and tests that watch the lower tiers).
         size = settings.catalog_cache_size if cache_size is None else cache_size
         ttl = settings.catalog_cache_ttl_s if cache_ttl_s is None else cache_ttl_s
-        self.cache: TtlLru[tuple[str, str, str], BaseModel | None] = TtlLru(size, ttl)
+        self.cache: TtlLru[tuple[str, str, str], BaseModel | None] = TtlLru(
+            size, ttl, settings.catalog_cache_max_stale_s
+        )
+        # Expired records are served while one background read per record fetches them
+        # again: a request never waits on the catalog for a record it has seen, where
+        # every record's expiry used to send the next request that needed it to Redis.
+        self._refreshing: set[tuple[str, str, str]] = set()
+        self._refreshes: set[asyncio.Task[None]] = set()
 
     # --- reads ---------------------------------------------------------------------
 
@@ -178,15 +198,21 @@ class RedisDynamoCatalog:
         return await self._read(ITEMS, namespace, ids)
 
     def cached_items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item] | None:
-        """`items` from the in-process cache alone; None when any id is not cached."""
+        """`items` from the in-process cache alone (expired records included, read again
+        in the background); None when any id is not cached."""
         found: dict[str, Item] = {}
+        stale: list[str] = []
         now = time.monotonic()
         for record_id in ids:
-            hit, value = self.cache.get((namespace, "item", record_id), now)
+            fresh, hit, value = self.cache.lookup((namespace, "item", record_id), now)
             if not hit:
                 return None
+            if not fresh:
+                stale.append(record_id)
             if value is not None:
                 found[record_id] = value  # type: ignore[assignment]
+        if stale:
+            self._revalidate(ITEMS, namespace, stale)
         return found
 
     async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]:
@@ -197,26 +223,71 @@ class RedisDynamoCatalog:
     ) -> dict[str, Record]:
         found: dict[str, Record] = {}
         missing: list[str] = []
+        stale: list[str] = []
         now = time.monotonic()
         for record_id in _unique(ids):
-            hit, value = self.cache.get((namespace, kind.name, record_id), now)
+            fresh, hit, value = self.cache.lookup((namespace, kind.name, record_id), now)
             if not hit:
                 missing.append(record_id)
-            elif value is not None:
+                continue
+            if not fresh:
+                stale.append(record_id)
+            if value is not None:
                 found[record_id] = value  # type: ignore[assignment]
-        if not missing:
-            return found
-        hot, absent, redis_ok = await self._read_redis(kind, namespace, missing)
-        cold_ids = [i for i in missing if i not in hot and i not in absent]
+        if stale:
+            self._revalidate(kind, namespace, stale)
+        if missing:
+            found.update(await self._fetch(kind, namespace, missing))
+        return found
+
+    async def _fetch(
+        self, kind: _Kind[Record], namespace: str, ids: Sequence[str]
+    ) -> dict[str, Record]:
+        """``ids`` from Redis, else DynamoDB (restoring Redis), into the cache."""
+        found: dict[str, Record] = {}
+        hot, absent, redis_ok = await self._read_redis(kind, namespace, ids)
+        cold_ids = [i for i in ids if i not in hot and i not in absent]
         cold = await self._read_dynamodb(kind, namespace, cold_ids) if cold_ids else {}
         if cold_ids and redis_ok:
             await self._write_back(kind, namespace, cold, [i for i in cold_ids if i not in cold])
-        for record_id in missing:
+        for record_id in ids:
             record = hot.get(record_id) or cold.get(record_id)
             self.cache.put((namespace, kind.name, record_id), record)
             if record is not None:
                 found[record_id] = record
         return found
+
+    def _revalidate(self, kind: _Kind[Record], namespace: str, ids: Sequence[str]) -> None:
+        """Read expired records again in the background, each at most once at a time."""
+        wanted = [i for i in ids if (namespace, kind.name, i) not in self._refreshing]
+        if not wanted:
+            return
+        keys = [(namespace, kind.name, i) for i in wanted]
+        self._refreshing.update(keys)
+
+        async def refresh() -> None:
+            try:
+                await self._fetch(kind, namespace, wanted)
+            except Exception as exc:  # a background read: the stale records stay served
+                log.warning(
+                    "catalog: re-reading %d expired %ss failed (%s); serving them until "
+                    "catalog_cache_max_stale_s passes",
+                    len(wanted),
+                    kind.name,
+                    exc,
+                )
+            finally:
+                self._refreshing.difference_update(keys)
+
+        task = asyncio.get_running_loop().create_task(refresh())
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def aclose(self) -> None:
+        """Stop the background re-reads (the clients belong to the caller)."""
+        for task in list(self._refreshes):
+            task.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
 
     async def _read_redis(
         self, kind: _Kind[Record], namespace: str, ids: Sequence[str]

@@ -153,7 +153,11 @@ class Settings(BaseSettings):
     """How many catalog records (items and users, found or absent) each process caches."""
     catalog_cache_ttl_s: float = Field(30.0, ge=0)
     """How long a cached catalog record is trusted; a change made by another process is
-    seen after at most this long."""
+    seen after at most this long (and one background read)."""
+    catalog_cache_max_stale_s: float = Field(300.0, ge=0)
+    """How long past its TTL a cached record is still served while it is read again in
+    the background (so a request does not wait for it), and while Redis and DynamoDB
+    cannot be read; 0 reads an expired record on the request path."""
     catalog_absent_ttl_s: float = Field(3600.0, ge=1)
     """How long Redis remembers that an id is not in the catalog (an empty marker), so no
     process reads DynamoDB for it again meanwhile. Writes through the API replace the marker

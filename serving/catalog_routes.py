@@ -51,7 +51,10 @@ async def catalog_state(
     the Personalize API; its clients belong to `open_stores`, which closes them."""
     catalog = RedisDynamoCatalog(stores.redis, stores.dynamodb, settings)
     app.state.catalog = catalog
-    yield catalog
+    try:
+        yield catalog
+    finally:
+        await catalog.aclose()
 
 
 def validate_record(

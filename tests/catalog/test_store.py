@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import orjson
@@ -191,6 +192,76 @@ async def test_the_process_cache_remembers_records_and_absences(settings: Settin
         await redis.aclose()
 
 
+async def test_an_expired_record_is_served_while_one_background_read_refreshes_it(
+    settings: Settings,
+) -> None:
+    """Stale-while-revalidate: past its TTL a cached record is still answered at once (the
+    request path reads no store) and read again in the background, once however many
+    requests ask; after that read, the change is served. Past ``max_stale`` it is read
+    on the request path again."""
+    ns = settings.namespace
+    redis = aioredis.from_url(settings.redis_url)
+    stale_ok = settings.model_copy(update={"catalog_cache_max_stale_s": 60.0})
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            reader = RedisDynamoCatalog(redis, dynamodb, stale_ok, cache_ttl_s=0.2)
+            writer = RedisDynamoCatalog(redis, dynamodb, settings, cache_size=0)
+            await writer.put_items(ns, [item(1, title="v1")])
+            assert (await reader.items(ns, ["i1"]))["i1"].title == "v1"
+            await writer.put_items(ns, [item(1, title="v2")])
+            await asyncio.sleep(0.3)  # past the TTL
+            # answered from memory at once, expired or not; one re-read started
+            cached = reader.cached_items(ns, ["i1"])
+            assert cached is not None
+            assert cached["i1"].title == "v1"
+            assert (await reader.items(ns, ["i1"]))["i1"].title in {"v1", "v2"}
+            assert len(reader._refreshes) <= 1
+            for _ in range(100):
+                if (reader.cached_items(ns, ["i1"]) or {})["i1"].title == "v2":
+                    break
+                await asyncio.sleep(0.02)
+            assert (reader.cached_items(ns, ["i1"]) or {})["i1"].title == "v2"
+            await reader.aclose()
+
+            # with no stale window, an expired record is not served from memory
+            strict = RedisDynamoCatalog(
+                redis,
+                dynamodb,
+                settings.model_copy(update={"catalog_cache_max_stale_s": 0.0}),
+                cache_ttl_s=0.2,
+            )
+            await strict.items(ns, ["i1"])
+            await writer.put_items(ns, [item(1, title="v3")])
+            await asyncio.sleep(0.3)
+            assert strict.cached_items(ns, ["i1"]) is None
+            assert (await strict.items(ns, ["i1"]))["i1"].title == "v3"
+    finally:
+        await redis.aclose()
+
+
+async def test_a_failed_refresh_keeps_serving_the_stale_record(settings: Settings) -> None:
+    ns = settings.namespace
+    good = aioredis.from_url(settings.redis_url)
+    dead = aioredis.from_url(f"redis://127.0.0.1:{stack.free_port()}/0", socket_connect_timeout=1)
+    stale_ok = settings.model_copy(update={"catalog_cache_max_stale_s": 60.0})
+    try:
+        async with async_client(settings, "dynamodb") as dynamodb:
+            await RedisDynamoCatalog(good, dynamodb, settings).put_items(ns, [item(1)])
+            # Redis unreachable and DynamoDB pointed at a table that does not exist: every
+            # re-read fails
+            catalog = RedisDynamoCatalog(dead, dynamodb, stale_ok, cache_ttl_s=0.2)
+            catalog.table = "no-such-table"
+            catalog.cache.put((ns, "item", "i1"), item(1, title="kept"))
+            await asyncio.sleep(0.3)
+            assert (await catalog.items(ns, ["i1"]))["i1"].title == "kept"
+            await asyncio.gather(*catalog._refreshes)  # the re-read failed, logged
+            assert (await catalog.items(ns, ["i1"]))["i1"].title == "kept"
+            await catalog.aclose()
+    finally:
+        await good.aclose()
+        await dead.aclose()
+
+
 async def test_an_absent_id_is_remembered_in_redis_until_a_put(settings: Settings) -> None:
     """A miss leaves an expiring marker in Redis: a fresh process (no cache) does not read
     DynamoDB for that id again, and a put through the store replaces the marker at once."""
@@ -233,3 +304,20 @@ def test_the_cache_is_bounded() -> None:
     assert len(cache) == 2
     assert cache.get("b") == (False, None)
     assert cache.get("a") == (True, 1)
+
+
+def test_the_cache_keeps_expired_entries_only_for_its_stale_window() -> None:
+    from recstream.catalog import TtlLru
+
+    cache: TtlLru[str, int] = TtlLru(size=10, ttl_s=10, max_stale_s=5)
+    cache.put("a", 1)
+    put_at = cache._entries["a"][0]
+    assert cache.lookup("a", put_at + 1) == (True, True, 1)
+    assert cache.lookup("a", put_at + 12) == (False, True, 1)  # expired, still served
+    assert cache.get("a", put_at + 12) == (False, None)  # not by `get`
+    assert cache.lookup("a", put_at + 16) == (False, False, None)  # past the window: gone
+    assert len(cache) == 0
+    # a TTL of 0 caches nothing, stale window or not
+    off: TtlLru[str, int] = TtlLru(size=10, ttl_s=0, max_stale_s=5)
+    off.put("a", 1)
+    assert off.lookup("a") == (False, False, None)
