@@ -54,6 +54,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -406,6 +407,120 @@ def patch_dispatch() -> None:
     )
     # One log line per request would write a gigabyte a day at 1,000 events/s.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+KEEP_ALIVE_IDLE_S = 75.0
+"""How long a kept-alive connection may wait for its next request; longer than aiobotocore
+keeps an idle connection (12 s), so the client, not the server, ends it: a connection the
+server closed under a client about to reuse it would fail that request."""
+
+
+def keep_alive_handler(base: type[Any]) -> type[Any]:
+    """``base`` (moto's request handler) answering many requests per connection.
+
+    werkzeug's development server sends ``Connection: close`` with every response, so each
+    AWS call opened a TCP connection and the server started a thread for it: at 1,000
+    events/s about 80 connections a second between the API, the agents and the emulator,
+    each paid for on both sides (the agents spent ~13 % of their CPU in aiohttp's connection
+    set-up, py-spy, session 7). werkzeug closes them because it cannot tell where a body it
+    did not read ends; here the body is limited to its ``Content-Length`` and whatever the
+    application left unread is drained before the next request, every response carries its
+    ``Content-Length``, and a chunked request body (which botocore does not send) still
+    closes the connection as before. The response goes out in one write."""
+    from werkzeug.exceptions import InternalServerError
+    from werkzeug.wsgi import LimitedStream
+
+    class KeepAliveHandler(base):  # type: ignore[misc]
+        protocol_version = "HTTP/1.1"
+        timeout = KEEP_ALIVE_IDLE_S
+        wbufsize = -1
+        """Buffered: the status line, headers and body leave in one send."""
+
+        def setup(self) -> None:
+            super().setup()
+            # A response larger than the buffer goes out in more than one write; without
+            # this the second would wait for the client's delayed ACK.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def handle_expect_100(self) -> bool:
+            return True  # run_wsgi answers 100-continue, as werkzeug's does
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass  # the access log is off (patch_dispatch); skip formatting its line
+
+        def log_error(self, format: str, *args: Any) -> None:
+            if not format.startswith("Request timed out"):  # an idle connection ending
+                super().log_error(format, *args)
+
+        def run_wsgi(self) -> None:
+            if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.wfile.flush()
+            environ = self.environ = self.make_environ()
+            body: LimitedStream | None = None
+            if environ.get("wsgi.input_terminated"):
+                self.close_connection = True  # chunked: werkzeug's reader, no reuse
+            else:
+                length = environ.get("CONTENT_LENGTH", "")
+                if length and not length.isdigit():
+                    self.close_connection = True
+                    length = "0"
+                body = LimitedStream(self.rfile, int(length or 0))
+                environ["wsgi.input"] = body
+                environ["wsgi.input_terminated"] = True  # werkzeug needs no limit of its own
+            started: list[Any] = []
+
+            def start_response(
+                status: str, headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Callable[[bytes], None]:
+                if exc_info is not None and started:
+                    raise exc_info[1].with_traceback(exc_info[2])
+                started[:] = [status, headers]
+                return chunks.append
+
+            chunks: list[bytes] = []
+            try:
+                result = self.server.app(environ, start_response)
+                try:
+                    chunks.extend(result)
+                finally:
+                    if hasattr(result, "close"):
+                        result.close()
+            except Exception:
+                if self.server.passthrough_errors:
+                    raise
+                log.exception("error on request %s %s", self.command, self.path)
+                chunks.clear()
+                result = InternalServerError()(environ, start_response)
+                chunks.extend(result)
+            if body is not None:
+                while body.read(65536):  # what the application did not read
+                    pass
+            self._respond(environ, started[0], started[1], b"".join(chunks))
+
+        def _respond(
+            self, environ: dict[str, Any], status: str, headers: list[tuple[str, str]],
+            data: bytes,
+        ) -> None:  # fmt: skip
+            code_text, _, message = status.partition(" ")
+            code = int(code_text)
+            self.send_response(code, message)
+            bodiless = environ["REQUEST_METHOD"] == "HEAD" or code < 200 or code in {204, 304}
+            for key, value in headers:
+                lowered = key.lower()
+                if lowered == "connection" or (lowered == "content-length" and not bodiless):
+                    continue
+                self.send_header(key, value)
+            if not bodiless:
+                self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if data and not bodiless:
+                self.wfile.write(data)
+            self.wfile.flush()
+
+    return KeepAliveHandler
 
 
 # --- snapshots of every backend in use ----------------------------------------------------
@@ -818,6 +933,11 @@ def main(argv: list[str] | None = None) -> None:
         help="obsolete records the records log may hold beyond twice those kept (tests: few)",
     )
     parser.add_argument(
+        "--close-connections",
+        action="store_true",
+        help="one request per connection, as werkzeug serves (for comparisons)",
+    )
+    parser.add_argument(
         "--metrics-period",
         type=float,
         default=60.0,
@@ -847,9 +967,10 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(
             target=snapshots.every, args=(args.snapshot_every,), name="snapshots", daemon=True
         ).start()
-    server = make_server(
-        args.host, args.port, gate, threaded=True, request_handler=MotoRequestHandler
+    handler = (
+        MotoRequestHandler if args.close_connections else keep_alive_handler(MotoRequestHandler)
     )
+    server = make_server(args.host, args.port, gate, threaded=True, request_handler=handler)
     # moto's modules (~200,000 objects) and a restored state live as long as the process:
     # frozen, they are no longer walked by every full collection, which stops the server.
     # (Frozen objects that die later are still freed by their reference counts; only one
