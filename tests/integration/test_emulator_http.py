@@ -7,6 +7,7 @@ new TCP connection and a new server thread, in the emulator and in every client.
 from __future__ import annotations
 
 import http.client
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,64 @@ def test_many_clients_calls_through_pooled_connections(emulator: Settings) -> No
     )["ShardIterator"]
     records = kinesis.get_records(ShardIterator=iterator, Limit=100)["Records"]
     assert [r["Data"] for r in records] == [b"x" * 2000] * 50
+
+
+def test_fast_kinesis_answers_are_byte_for_byte_moto_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`patch_kinesis_responses` writes PutRecords and GetRecords without moto's
+    serializer; the bytes must be the ones moto's serializer writes (in this process, on
+    moto's own models: two streams given the same calls, one answered each way)."""
+    from moto.kinesis.responses import KinesisResponse
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.test import Client
+
+    from recstream.emulator import patch_kinesis_responses
+
+    for name in ("put_records", "get_records"):  # restored after the test
+        monkeypatch.setattr(KinesisResponse, name, getattr(KinesisResponse, name))
+    original = {name: getattr(KinesisResponse, name) for name in ("put_records", "get_records")}
+    patch_kinesis_responses()
+    fast = {name: getattr(KinesisResponse, name) for name in ("put_records", "get_records")}
+    client = Client(DomainDispatcherApplication(create_backend_app))
+
+    def call(action: str, body: dict[str, object]) -> bytes:
+        response = client.post(
+            "/",
+            data=orjson.dumps(body),
+            headers={
+                "X-Amz-Target": f"Kinesis_20131202.{action}",
+                "Content-Type": "application/x-amz-json-1.1",
+                "Authorization": AUTH,
+            },
+        )
+        assert response.status_code == 200, response.data
+        assert response.headers["Content-Type"] == "application/x-amz-json-1.1"
+        return response.data
+
+    records = [
+        {"Data": "aGVsbG8=", "PartitionKey": "a"},
+        {"Data": "", "PartitionKey": "b"},
+        {"Data": "eHh4eA==", "PartitionKey": "c", "ExplicitHashKey": "1"},
+    ]
+    answers: dict[str, list[bytes]] = {}
+    stream = "fast-answers"
+    for way, methods in (("moto", original), ("fast", fast)):
+        for name, method in methods.items():
+            setattr(KinesisResponse, name, method)
+        # The same name for both (shard iterators name their stream), so one after the other.
+        call("CreateStream", {"StreamName": stream, "ShardCount": 1})
+        put = call("PutRecords", {"StreamName": stream, "Records": records})
+        shard = {"StreamName": stream, "ShardId": "shardId-000000000000"}
+        iterator = orjson.loads(
+            call("GetShardIterator", {**shard, "ShardIteratorType": "TRIM_HORIZON"})
+        )["ShardIterator"]
+        first = call("GetRecords", {"ShardIterator": iterator, "Limit": 2})
+        rest = call("GetRecords", {"ShardIterator": orjson.loads(first)["NextShardIterator"]})
+        call("DeleteStream", {"StreamName": stream})
+        answers[way] = [put, first, rest]
+    # Only the arrival times differ (each milliseconds in moto's own format).
+    arrival = re.compile(rb'"ApproximateArrivalTimestamp": [0-9]+(\.[0-9]{1,3})?,')
+    for answer in answers["fast"][1:]:
+        assert len(arrival.findall(answer)) == len(orjson.loads(answer)["Records"])
+    assert [arrival.sub(b"T,", a) for a in answers["fast"]] == [
+        arrival.sub(b"T,", a) for a in answers["moto"]
+    ]
