@@ -144,7 +144,7 @@ def test_fast_kinesis_answers_are_byte_for_byte_moto_s(monkeypatch: pytest.Monke
         )
         assert response.status_code == 200, response.data
         assert response.headers["Content-Type"] == "application/x-amz-json-1.1"
-        return response.data
+        return bytes(response.data)
 
     records = [
         {"Data": "aGVsbG8=", "PartitionKey": "a"},
