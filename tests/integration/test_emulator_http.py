@@ -1,4 +1,5 @@
-"""The emulator answers many requests per connection (recstream.emulator, session 7).
+"""The emulator's request path (recstream.emulator, session 7): many requests per
+connection, and the hot answers written faster with the same bytes and the same refusals.
 
 werkzeug's server closed every connection after one response, so each AWS call paid for a
 new TCP connection and a new server thread, in the emulator and in every client.
@@ -10,9 +11,11 @@ import http.client
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from recstream import stack
 from recstream.aws import sync_client
@@ -174,3 +177,28 @@ def test_fast_kinesis_answers_are_byte_for_byte_moto_s(monkeypatch: pytest.Monke
     assert [arrival.sub(b"T,", a) for a in answers["fast"]] == [
         arrival.sub(b"T,", a) for a in answers["moto"]
     ]
+
+
+def test_items_are_refused_over_the_size_limit_as_before(emulator: Settings) -> None:
+    """`patch_dynamodb_items` sizes an item once; the limit is moto's (405,000 bytes of
+    names and values), through PutItem and BatchWriteItem alike."""
+    dynamodb = sync_client(emulator, "dynamodb")
+    table = emulator.windows_table
+
+    def item(pk: str, extra: int) -> dict[str, Any]:
+        """An item of 405,000 bytes plus ``extra``: names and values, as moto counts."""
+        payload = 405_000 + extra - (2 + len(pk)) - (1 + 1000) - 1
+        return {"pk": {"S": pk}, "a": {"S": "x" * 1000}, "b": {"S": "y" * payload}}
+
+    dynamodb.put_item(TableName=table, Item=item("ok", 0))
+    dynamodb.batch_write_item(RequestItems={table: [{"PutRequest": {"Item": item("ok2", 0)}}]})
+    with pytest.raises(ClientError) as refused:
+        dynamodb.put_item(TableName=table, Item=item("no", 1))
+    with pytest.raises(ClientError) as refused_in_batch:
+        dynamodb.batch_write_item(RequestItems={table: [{"PutRequest": {"Item": item("no", 1)}}]})
+    for error in (refused.value, refused_in_batch.value):
+        assert error.response["Error"]["Code"] == "ValidationException"
+        assert "Item size has exceeded" in error.response["Error"]["Message"]
+    stored = dynamodb.get_item(TableName=table, Key={"pk": {"S": "ok2"}}, ConsistentRead=True)
+    assert stored["Item"]["b"]["S"] == item("ok2", 0)["b"]["S"]
+    assert "Item" not in dynamodb.get_item(TableName=table, Key={"pk": {"S": "no"}})
