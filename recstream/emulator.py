@@ -27,6 +27,11 @@ own WSGI application:
   CloudWatch data points (IncomingBytes, IncomingRecords) for every PutRecord(s) call, kept
   forever; like Kinesis itself, the emulator publishes them once a minute per stream
   (`patch_kinesis_metrics`).
+* **Less per request** (session 7). Connections are kept alive (`keep_alive_handler`;
+  werkzeug closed each after one answer, so every call paid a TCP connection and a
+  thread); PutRecords and GetRecords are answered without moto's generic serializer, the
+  same bytes (`patch_kinesis_responses`); a new DynamoDB item is sized once, not once per
+  attribute (`patch_dynamodb_items`).
 * **State that survives a restart.** Every ``--snapshot-every`` seconds in which a request
   arrived, and on SIGTERM/SIGINT, the state of every moto backend in use (streams, tables,
   buckets and objects, queues and messages) is pickled to ``<state-dir>/moto-state.pickle``
@@ -69,6 +74,7 @@ from typing import Any
 __all__ = [
     "SNAPSHOT_NAME",
     "ShardRecords",
+    "keep_alive_handler",
     "main",
     "patch_dispatch",
     "patch_dynamodb_items",
