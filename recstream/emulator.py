@@ -27,6 +27,11 @@ own WSGI application:
   CloudWatch data points (IncomingBytes, IncomingRecords) for every PutRecord(s) call, kept
   forever; like Kinesis itself, the emulator publishes them once a minute per stream
   (`patch_kinesis_metrics`).
+* **Less per request** (session 7). Connections are kept alive (`keep_alive_handler`;
+  werkzeug closed each after one answer, so every call paid a TCP connection and a
+  thread); PutRecords and GetRecords are answered without moto's generic serializer, the
+  same bytes (`patch_kinesis_responses`); a new DynamoDB item is sized once, not once per
+  attribute (`patch_dynamodb_items`).
 * **State that survives a restart.** Every ``--snapshot-every`` seconds in which a request
   arrived, and on SIGTERM/SIGINT, the state of every moto backend in use (streams, tables,
   buckets and objects, queues and messages) is pickled to ``<state-dir>/moto-state.pickle``
@@ -46,14 +51,17 @@ interval; a clean stop or reboot (SIGTERM) loses nothing.
 from __future__ import annotations
 
 import argparse
+import base64
 import copyreg
 import functools
 import gc
 import io
+import json
 import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -66,10 +74,13 @@ from typing import Any
 __all__ = [
     "SNAPSHOT_NAME",
     "ShardRecords",
+    "keep_alive_handler",
     "main",
     "patch_dispatch",
+    "patch_dynamodb_items",
     "patch_kinesis",
     "patch_kinesis_metrics",
+    "patch_kinesis_responses",
     "patch_models",
 ]
 
@@ -370,6 +381,104 @@ def patch_kinesis_metrics(period_s: float = 60.0) -> None:
     backend_class._send_stream_metrics = send_stream_metrics
 
 
+def patch_kinesis_responses() -> None:
+    """Write the answers of PutRecords and GetRecords, the calls every event makes, without
+    moto's generic serializer.
+
+    moto turns an answer into JSON by walking botocore's model of the output shape member by
+    member, looking each one up in the result under several spellings: 40 % of a 16-record
+    PutRecords' CPU and most of a GetRecords' (session 7, cProfile). These two answers are
+    plain: the same members, in the shape's order, with None left out, the record's data as
+    base64 and its arrival time in epoch seconds truncated to the millisecond, as moto's
+    serializer writes them (tests/integration/test_emulator_http.py compares the two byte
+    for byte). Errors still go through moto (the backend raises before either answer)."""
+    from moto.core.responses import ActionResult
+    from moto.core.serialize import TimestampSerializer
+    from moto.kinesis.responses import KinesisResponse
+
+    response_class: Any = KinesisResponse
+    serializer: Any = TimestampSerializer
+    epoch_ms = serializer._timestamp_unixtimestamp
+    b64encode, b64decode = base64.b64encode, base64.b64decode
+
+    class JsonAnswer(ActionResult):
+        """An answer already in the JSON protocol's form: dumped as it is."""
+
+        def execute_result(self, context: Any) -> Any:
+            body = json.dumps(self.result)
+            return 200, {"Content-Type": "application/x-amz-json-1.1"}, body
+
+    def put_records(self: Any) -> ActionResult:
+        answer = self.kinesis_backend.put_records(
+            self._get_param("StreamARN"), self._get_param("StreamName"), self._get_param("Records")
+        )
+        return JsonAnswer(
+            {
+                "FailedRecordCount": answer["FailedRecordCount"],
+                "Records": [
+                    {key: value for key, value in entry.items() if value is not None}
+                    for entry in answer["Records"]
+                ],
+            }
+        )
+
+    def get_records(self: Any) -> ActionResult:
+        next_iterator, records, millis_behind = self.kinesis_backend.get_records(
+            self._get_param("StreamARN"), self._get_param("ShardIterator"), self._get_param("Limit")
+        )
+        answer: dict[str, Any] = {
+            "Records": [
+                {
+                    "SequenceNumber": str(record.sequence_number),
+                    "ApproximateArrivalTimestamp": epoch_ms(record.created_at_datetime),
+                    "Data": b64encode(b64decode(record.data)).decode(),
+                    "PartitionKey": record.partition_key,
+                }
+                for record in records
+            ]
+        }
+        if next_iterator is not None:
+            answer["NextShardIterator"] = next_iterator
+        if millis_behind is not None:
+            answer["MillisBehindLatest"] = int(millis_behind)
+        return JsonAnswer(answer)
+
+    response_class.put_records = put_records
+    response_class.get_records = get_records
+
+
+def patch_dynamodb_items() -> None:
+    """Size a new DynamoDB item once, not once per attribute.
+
+    moto's ``Item`` puts each attribute into a ``LimitedSizeDict``, whose every
+    ``__setitem__`` re-sizes all the attributes already in it (UTF-8-encoding each string
+    again) to refuse an item over DynamoDB's 400 KB: quadratic in the attributes, and 15 %
+    of a BatchWriteItem of the agents' durable copies (a 5 KB window each; session 7,
+    cProfile). The item is new here, so a running total of the same sizes, checked after
+    each attribute, refuses exactly the items moto refuses, with the same error."""
+    from moto.dynamodb.exceptions import ItemSizeTooLarge
+    from moto.dynamodb.models import dynamo_type
+    from moto.dynamodb.models.utilities import bytesize
+
+    item_class: Any = dynamo_type.Item
+    typed, limited = dynamo_type.DynamoType, dynamo_type.LimitedSizeDict
+    limit = 405_000  # LimitedSizeDict's own (between DynamoDB's measured 409 and 410 KB)
+
+    def init(self: Any, hash_key: Any, range_key: Any, attrs: dict[str, Any]) -> None:
+        self.hash_key = hash_key
+        self.range_key = range_key
+        self.attrs = limited()
+        size = 0
+        for key, value in attrs.items():
+            attribute = typed(value)
+            size += bytesize(key) + attribute.size()
+            if size > limit:
+                raise ItemSizeTooLarge
+            dict.__setitem__(self.attrs, key, attribute)
+
+    item_class.__init__ = init
+
+
 def _new_log_id() -> str:
     return os.urandom(8).hex()
 
@@ -406,6 +515,120 @@ def patch_dispatch() -> None:
     )
     # One log line per request would write a gigabyte a day at 1,000 events/s.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+
+KEEP_ALIVE_IDLE_S = 75.0
+"""How long a kept-alive connection may wait for its next request; longer than aiobotocore
+keeps an idle connection (12 s), so the client, not the server, ends it: a connection the
+server closed under a client about to reuse it would fail that request."""
+
+
+def keep_alive_handler(base: type[Any]) -> type[Any]:
+    """``base`` (moto's request handler) answering many requests per connection.
+
+    werkzeug's development server sends ``Connection: close`` with every response, so each
+    AWS call opened a TCP connection and the server started a thread for it: at 1,000
+    events/s about 80 connections a second between the API, the agents and the emulator,
+    each paid for on both sides (the agents spent ~13 % of their CPU in aiohttp's connection
+    set-up, py-spy, session 7). werkzeug closes them because it cannot tell where a body it
+    did not read ends; here the body is limited to its ``Content-Length`` and whatever the
+    application left unread is drained before the next request, every response carries its
+    ``Content-Length``, and a chunked request body (which botocore does not send) still
+    closes the connection as before. The response goes out in one write."""
+    from werkzeug.exceptions import InternalServerError
+    from werkzeug.wsgi import LimitedStream
+
+    class KeepAliveHandler(base):  # type: ignore[misc]
+        protocol_version = "HTTP/1.1"
+        timeout = KEEP_ALIVE_IDLE_S
+        wbufsize = -1
+        """Buffered: the status line, headers and body leave in one send."""
+
+        def setup(self) -> None:
+            super().setup()
+            # A response larger than the buffer goes out in more than one write; without
+            # this the second would wait for the client's delayed ACK.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def handle_expect_100(self) -> bool:
+            return True  # run_wsgi answers 100-continue, as werkzeug's does
+
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass  # the access log is off (patch_dispatch); skip formatting its line
+
+        def log_error(self, format: str, *args: Any) -> None:
+            if not format.startswith("Request timed out"):  # an idle connection ending
+                super().log_error(format, *args)
+
+        def run_wsgi(self) -> None:
+            if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.wfile.flush()
+            environ = self.environ = self.make_environ()
+            body: LimitedStream | None = None
+            if environ.get("wsgi.input_terminated"):
+                self.close_connection = True  # chunked: werkzeug's reader, no reuse
+            else:
+                length = environ.get("CONTENT_LENGTH", "")
+                if length and not length.isdigit():
+                    self.close_connection = True
+                    length = "0"
+                body = LimitedStream(self.rfile, int(length or 0))
+                environ["wsgi.input"] = body
+                environ["wsgi.input_terminated"] = True  # werkzeug needs no limit of its own
+            started: list[Any] = []
+
+            def start_response(
+                status: str, headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Callable[[bytes], None]:
+                if exc_info is not None and started:
+                    raise exc_info[1].with_traceback(exc_info[2])
+                started[:] = [status, headers]
+                return chunks.append
+
+            chunks: list[bytes] = []
+            try:
+                result = self.server.app(environ, start_response)
+                try:
+                    chunks.extend(result)
+                finally:
+                    if hasattr(result, "close"):
+                        result.close()
+            except Exception:
+                if self.server.passthrough_errors:
+                    raise
+                log.exception("error on request %s %s", self.command, self.path)
+                chunks.clear()
+                result = InternalServerError()(environ, start_response)
+                chunks.extend(result)
+            if body is not None:
+                while body.read(65536):  # what the application did not read
+                    pass
+            self._respond(environ, started[0], started[1], b"".join(chunks))
+
+        def _respond(
+            self, environ: dict[str, Any], status: str, headers: list[tuple[str, str]],
+            data: bytes,
+        ) -> None:  # fmt: skip
+            code_text, _, message = status.partition(" ")
+            code = int(code_text)
+            self.send_response(code, message)
+            bodiless = environ["REQUEST_METHOD"] == "HEAD" or code < 200 or code in {204, 304}
+            for key, value in headers:
+                lowered = key.lower()
+                if lowered == "connection" or (lowered == "content-length" and not bodiless):
+                    continue
+                self.send_header(key, value)
+            if not bodiless:
+                self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if data and not bodiless:
+                self.wfile.write(data)
+            self.wfile.flush()
+
+    return KeepAliveHandler
 
 
 # --- snapshots of every backend in use ----------------------------------------------------
@@ -818,6 +1041,11 @@ def main(argv: list[str] | None = None) -> None:
         help="obsolete records the records log may hold beyond twice those kept (tests: few)",
     )
     parser.add_argument(
+        "--close-connections",
+        action="store_true",
+        help="one request per connection, as werkzeug serves (for comparisons)",
+    )
+    parser.add_argument(
         "--metrics-period",
         type=float,
         default=60.0,
@@ -837,6 +1065,8 @@ def main(argv: list[str] | None = None) -> None:
     patch_models()
     patch_kinesis(args.max_records)
     patch_kinesis_metrics(args.metrics_period)
+    patch_kinesis_responses()
+    patch_dynamodb_items()
     patch_dispatch()
     gate = Gate(DomainDispatcherApplication(create_backend_app))
     snapshots = None
@@ -847,9 +1077,10 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(
             target=snapshots.every, args=(args.snapshot_every,), name="snapshots", daemon=True
         ).start()
-    server = make_server(
-        args.host, args.port, gate, threaded=True, request_handler=MotoRequestHandler
+    handler = (
+        MotoRequestHandler if args.close_connections else keep_alive_handler(MotoRequestHandler)
     )
+    server = make_server(args.host, args.port, gate, threaded=True, request_handler=handler)
     # moto's modules (~200,000 objects) and a restored state live as long as the process:
     # frozen, they are no longer walked by every full collection, which stops the server.
     # (Frozen objects that die later are still freed by their reference counts; only one

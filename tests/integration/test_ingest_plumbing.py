@@ -63,6 +63,7 @@ async def test_the_ingest_benchmark_posts_applies_and_reports_every_event(
         "events accepted",
         "ratio last / first",
         "agent lag: 202 → applied, median / max",
+        "agent lag: p90 / p95, samples ≥ 1 s",
         "checkpoint lag median / max",
         "drain after load",
         "CPU per event: agents",

@@ -189,3 +189,32 @@ async def test_a_lone_caller_is_sent_at_once(settings: Settings) -> None:
             for e in events(3):
                 assert (await producer.put_events([e]))[0].ok
     assert counting.sizes == [1, 1, 1]  # no lingering for company
+
+
+class ConcurrencyKinesis(CountingKinesis):
+    """Also records the most PutRecords calls it saw in flight at once."""
+
+    def __init__(self, real: Any) -> None:
+        super().__init__(real)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def put_records(self, **kwargs: Any) -> dict[str, Any]:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await super().put_records(**kwargs)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_by_default_two_calls_at_most_carry_concurrent_callers(settings: Settings) -> None:
+    # Every PutRecords call costs about the same whatever it carries (in the API and in
+    # the emulator), so fewer calls in flight means fewer, fuller calls (session 7).
+    async with async_client(settings, "kinesis") as real:
+        counting = ConcurrencyKinesis(real)
+        async with KinesisProducer(settings, client=cast(Any, counting)) as producer:
+            answers = await asyncio.gather(*(producer.put_events([e]) for e in events(200)))
+    assert all(answer[0].ok for answer in answers)
+    assert counting.most_in_flight == 2
+    assert sum(counting.sizes) == 200
