@@ -20,7 +20,6 @@ at a time gives, sums to the rounding of a float addition (tests/unit/test_prom.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from bisect import bisect_left
@@ -29,6 +28,8 @@ from typing import Any, TypeVar
 
 from prometheus_client import Histogram
 from prometheus_client.metrics import MetricWrapperBase
+
+from recstream.periodic import repeating
 
 __all__ = ["FLUSH_EVERY_S", "child", "flush", "flushing", "observe"]
 
@@ -105,16 +106,11 @@ async def flushing(every_s: float = FLUSH_EVERY_S) -> AsyncIterator[None]:
     """Flush every ``every_s`` while the block runs (a worker that stops receiving
     requests still publishes its last second), and once more at its end."""
 
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(every_s)
-            flush()
+    async def flush_now() -> None:
+        flush()
 
-    task = asyncio.create_task(loop())
     try:
-        yield
+        async with repeating(every_s, flush_now, name="prom-flush"):
+            yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         flush()

@@ -72,6 +72,7 @@ from recstream.errors import (
     StoreUnavailable,
 )
 from recstream.keys import Keys
+from recstream.periodic import repeating
 from recstream.published import (
     BYTES_PER_COMMAND,
     MEMBERS_PER_COMMAND,
@@ -813,18 +814,11 @@ class ModelRegistry:
         next tick; the completion step still refuses a version whose lease lapsed."""
 
         async def renew() -> None:
-            while True:
-                await asyncio.sleep(LEASE_S / 4)
-                with contextlib.suppress(StoreUnavailable):
-                    await self._renew(name, version)
+            with contextlib.suppress(StoreUnavailable):
+                await self._renew(name, version)
 
-        task = asyncio.create_task(renew(), name=f"lease[{name} {version}]")
-        try:
+        async with repeating(LEASE_S / 4, renew, name=f"lease[{name} {version}]"):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def _renew(self, name: str, version: str) -> None:
         try:

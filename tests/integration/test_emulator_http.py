@@ -17,9 +17,9 @@ import orjson
 import pytest
 from botocore.exceptions import ClientError
 
-from recstream import stack
 from recstream.aws import sync_client
 from recstream.settings import Settings
+from tests.integration.test_emulator_memory import running
 
 AUTH = (
     "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/kinesis/aws4_request, "
@@ -29,13 +29,8 @@ AUTH = (
 
 @pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[Settings]:
-    server = stack.start_moto(stack.free_port(), tmp_path)
-    try:
-        settings = Settings(aws_endpoint_url=server.url, stream_shards=1)
-        stack.create_resources(settings)
+    with running(tmp_path) as settings:
         yield settings
-    finally:
-        server.stop()
 
 
 def kinesis_call(
