@@ -200,20 +200,8 @@ class RedisDynamoCatalog:
     def cached_items(self, namespace: str, ids: Iterable[str]) -> dict[str, Item] | None:
         """`items` from the in-process cache alone (expired records included, read again
         in the background); None when any id is not cached."""
-        found: dict[str, Item] = {}
-        stale: list[str] = []
-        now = time.monotonic()
-        for record_id in ids:
-            fresh, hit, value = self.cache.lookup((namespace, "item", record_id), now)
-            if not hit:
-                return None
-            if not fresh:
-                stale.append(record_id)
-            if value is not None:
-                found[record_id] = value  # type: ignore[assignment]
-        if stale:
-            self._revalidate(ITEMS, namespace, stale)
-        return found
+        found, missing = self._cached(ITEMS, namespace, ids)
+        return None if missing else found
 
     async def users(self, namespace: str, ids: Iterable[str]) -> dict[str, User]:
         return await self._read(USERS, namespace, ids)
@@ -221,11 +209,21 @@ class RedisDynamoCatalog:
     async def _read(
         self, kind: _Kind[Record], namespace: str, ids: Iterable[str]
     ) -> dict[str, Record]:
+        found, missing = self._cached(kind, namespace, _unique(ids))
+        if missing:
+            found.update(await self._fetch(kind, namespace, missing))
+        return found
+
+    def _cached(
+        self, kind: _Kind[Record], namespace: str, ids: Iterable[str]
+    ) -> tuple[dict[str, Record], list[str]]:
+        """The cached records among ``ids`` (expired ones too, read again in the
+        background) and the ids not cached at all."""
         found: dict[str, Record] = {}
         missing: list[str] = []
         stale: list[str] = []
         now = time.monotonic()
-        for record_id in _unique(ids):
+        for record_id in ids:
             fresh, hit, value = self.cache.lookup((namespace, kind.name, record_id), now)
             if not hit:
                 missing.append(record_id)
@@ -236,9 +234,7 @@ class RedisDynamoCatalog:
                 found[record_id] = value  # type: ignore[assignment]
         if stale:
             self._revalidate(kind, namespace, stale)
-        if missing:
-            found.update(await self._fetch(kind, namespace, missing))
-        return found
+        return found, missing
 
     async def _fetch(
         self, kind: _Kind[Record], namespace: str, ids: Sequence[str]
