@@ -579,12 +579,14 @@ class Ranker:
         window = state.window
         if window:
             self.freshness.observe(namespace, actor, window)
+        policy = policy_for(self.settings.seen_policy, namespace)
         if given is None and item_filter is None and ranking is None:
             # a filter may refuse most of the best: it sees the whole pool. The learned
             # ranker scores the whole pool too: it was fitted on every source's full list
             # (its rank features count within it), not on the blend's shortlist
             keep = max(self._pool(num_results + len(exclude)), DEBUG_CANDIDATES * debug)
-            outputs = shortlist(outputs, weights, keep, {e.item_id for e in window})
+            seen = {e.item_id for e in window}
+            outputs = shortlist(outputs, weights, keep, seen, None if self._diverse else policy)
         candidates = self._merge(outputs, given or ())
 
         # Item metadata: a filter and diversity read it for every candidate, the response
@@ -617,7 +619,6 @@ class Ranker:
             )
         else:
             ranked = sorted(candidates, key=_order)
-        policy = policy_for(self.settings.seen_policy, namespace)
         if given is not None and policy == "exclude":
             policy = "demote"  # re-ranking returns every given item
         ranked = apply_seen(ranked, policy, exclude)
@@ -740,7 +741,7 @@ class Ranker:
         ]
         if item_filter is None:
             keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
-            outputs = shortlist(outputs, weights, keep, {item_id})
+            outputs = shortlist(outputs, weights, keep, {item_id}, "exclude")
         candidates = [c for c in self._merge(outputs) if c.item_id != item_id]
         items = await self._categories(
             req, namespace, [c.item_id for c in candidates], req.at(CATALOG_SHARE)

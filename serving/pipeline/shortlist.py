@@ -12,8 +12,14 @@ The cut never changes what the linear blend serves:
 - the blend divides each source's scores by that source's largest ``|score|`` in the
   pool; the item holding it is always kept, so every scale, and so every kept item's
   score, is the one the full pool gives;
-- ``keep`` counts only items the user has not interacted with: the ones in the window are
-  kept on top of it, because the seen-item policy may still drop them all;
+- the seen-item policy decides what ``keep`` counts (serving/pipeline/seen.py): under
+  ``keep`` seen and unseen items compete for the same places, so the ``keep`` best of all
+  are kept; under ``demote`` and ``exclude`` the ``keep`` best unseen ones, and the seen
+  ones besides only under ``demote`` when fewer unseen items than that exist (they follow
+  every unseen one). A MovieLens window holds ~50 items, most of them never shown: kept
+  regardless, they were two thirds of the candidates every later stage worked on. With
+  no policy given (diversity reorders the pool after the policy, so a seen item may
+  move ahead of capped unseen ones) every seen item is kept besides the ``keep`` best;
 - items only zero-weight sources propose (the popularity fallback) follow by their
   popularity score, as `serving.pipeline.ranker._order` orders them.
 
@@ -29,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from recstream.settings import SeenPolicy
 from serving.pipeline.candidates import SourceOutput, order_ties
 
 __all__ = ["shortlist"]
@@ -39,9 +46,11 @@ def shortlist(
     weights: Mapping[str, float],
     keep: int,
     seen: Collection[str],
+    policy: SeenPolicy | None = None,
 ) -> list[SourceOutput]:
-    """``outputs`` restricted to the ``keep`` best unseen items (plus the seen ones and
-    each source's top item); unchanged when the pool is no larger than that."""
+    """``outputs`` restricted to the ``keep`` best items ``policy`` may show (plus each
+    source's top item, and every seen item when ``policy`` is None); unchanged when the
+    pool is no larger than that."""
     pool: dict[str, None] = {}
     for out in outputs:
         pool.update(dict.fromkeys(out.scores))
@@ -70,8 +79,10 @@ def shortlist(
         rows = np.fromiter(map(index.__getitem__, scores), np.intp, len(scores))
         blend[rows] += weight * values / scale
         blended[rows] = True
+    seen_rows = [index[i] for i in seen if i in index]
     unseen = np.ones(len(pool), dtype=bool)
-    unseen[[index[i] for i in seen if i in index]] = False
+    if policy != "keep":
+        unseen[seen_rows] = False  # (under "keep" every item competes: none is set apart)
     popularity: Mapping[str, float] = next(
         (out.scores for out in outputs if out.name == "popularity"), {}
     )
@@ -82,7 +93,8 @@ def shortlist(
         rest = [ids[i] for i in np.flatnonzero(~blended & unseen).tolist()]
         chosen += _top({i: popularity.get(i, 0.0) for i in rest}, {}, keep - len(chosen))
     kept = anchors.union(chosen)
-    kept.update(i for i in seen if i in index)
+    if policy is None or (policy == "demote" and len(chosen) < keep):
+        kept.update(ids[i] for i in seen_rows)  # (under demote: too few unseen to fill)
     # the few kept items looked up in each source (not each source's ~200 filtered), in
     # the pool's order, so the result does not depend on set order
     order = sorted(kept, key=index.__getitem__)
