@@ -105,16 +105,17 @@ def movielens(limit: int) -> list[Event]:
 
 
 async def load_state(settings: Settings, events: list[Event]) -> None:
+    # the catalog first (titles and genres), as in a real deployment: answers carry
+    # metadata, and the agents file each event under its item's genre, so the
+    # per-category popularity lists that category popularity reads are there
+    await load_catalog(
+        settings, settings.namespace, read_movielens(RATINGS.with_name("movies.csv")), []
+    )
     client = aioredis.from_url(settings.redis_url)
     store = RedisHotStore(client, settings)
     for start in range(0, len(events), 1000):
         await store.apply(events[start : start + 1000])
     await client.aclose()
-    # the catalog too (titles and genres): answers carry metadata, category popularity
-    # has categories, as in a real deployment
-    await load_catalog(
-        settings, settings.namespace, read_movielens(RATINGS.with_name("movies.csv")), []
-    )
     log = load_movielens(RATINGS)
     model = ItemToItem().fit(log)
     run = RunInfo(data=DataRange(source="movielens", start=log.start, end=log.end, rows=len(log)))

@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from recstream.errors import StoreUnavailable
 from recstream.published import as_text
+from serving.pipeline.codes import Table
 from serving.pipeline.detach import Reads, started
 
 __all__ = ["LIVE_MAX_STALE_S", "LIVE_TTL_S", "LiveLists", "Rows"]
@@ -43,7 +44,19 @@ LIVE_TTL_S = 1.0
 LIVE_MAX_STALE_S = 30.0
 """How long an expired list is still served while it is re-read."""
 
-Rows = list[tuple[str, float]]
+
+class Rows(list[tuple[str, float]]):
+    """One list's (member, score) rows, highest first, members unique; ``table`` holds
+    the same as arrays once a source has made them (serving/pipeline/codes.py), so the
+    list is coded once per read, not once per request."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, rows: list[tuple[str, float]]) -> None:
+        super().__init__(rows)
+        self.table: Table | None = None
+
+
 _Key = tuple[str, int]
 
 
@@ -140,7 +153,7 @@ class LiveLists:
         at = self.clock()
         out: dict[str, Rows] = {}
         for key, reply in zip(keys, replies, strict=True):
-            rows = out[key] = [(as_text(member), float(score)) for member, score in reply]
+            rows = out[key] = Rows([(as_text(member), float(score)) for member, score in reply])
             self._lists[(key, n)] = (at, rows)
             self._lists.move_to_end((key, n))
         while len(self._lists) > self.size:

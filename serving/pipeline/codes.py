@@ -1,0 +1,71 @@
+"""Item ids as dense integer codes, so a source can work on its lists as arrays.
+
+Category popularity merges up to five live lists of 200 items a request: each item's
+best score over the lists. As a loop of dictionary updates that was ~1,000 Python steps a
+request; with every list's members numbered once per read (`Table`, kept with the list),
+it is a handful of numpy calls (serving/pipeline/candidates.py).
+
+(Session 8 also tried handing the whole candidate pool to the shortlist as arrays: at a
+pool of ~700 pairs numpy's per-call overhead ate the gain, and it was measured slower in
+the app, so the shortlist kept its dictionaries: docs/serving-speed.md.)
+
+The numbering grows with the items the lists hold (about the catalog). To keep memory
+bounded whatever ids arrive, a full `Interner` is replaced by a new, empty one; arrays
+coded by the old one say so (`Table.interner`) and are coded again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MAX_CODES", "Codes", "Interner", "Table", "Values"]
+
+MAX_CODES = 2_000_000
+"""Ids one `Interner` numbers before it is replaced."""
+
+Codes = np.ndarray[Any, np.dtype[np.int64]]
+Values = np.ndarray[Any, np.dtype[np.float64]]
+
+
+class Interner:
+    """Item id ↔ code, dense from 0, in order of first sight."""
+
+    __slots__ = ("code", "ids")
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+        self.ids: list[str] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.ids) >= MAX_CODES
+
+    def encode(self, items: Sequence[str]) -> Codes:
+        """The codes of ``items`` (numbering the new ones)."""
+        code = self.code
+        ids = self.ids
+        for item in items:
+            if item not in code:
+                code[item] = len(ids)
+                ids.append(item)
+        return np.fromiter(map(code.__getitem__, items), np.int64, len(items))
+
+    def decode(self, codes: Iterable[int]) -> list[str]:
+        ids = self.ids
+        return [ids[c] for c in codes]
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One list's (member, score) rows as arrays, in the list's order."""
+
+    interner: Interner
+    codes: Codes
+    values: Values
+
+    def __len__(self) -> int:
+        return len(self.codes)

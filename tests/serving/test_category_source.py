@@ -1,0 +1,89 @@
+"""Category popularity in numpy (serving/pipeline/candidates.py) scores and cuts exactly
+as the plain loop does: the same floats, the same item per category, the same order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.pipeline import codes
+from serving.pipeline.candidates import Sources, best
+from serving.pipeline.live import Rows
+
+items = st.sampled_from([f"i{n}" for n in range(40)])
+counts = st.one_of(st.floats(0.0, 500.0, allow_nan=False), st.sampled_from([1.0, 2.0, 7.0]))
+category_lists = st.dictionaries(
+    st.sampled_from(["Drama", "Comedy", "Action", "Horror", "War"]),
+    st.dictionaries(items, counts, max_size=30).map(
+        lambda d: sorted(d.items(), key=lambda kv: -kv[1])
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def plain(
+    affinity: dict[str, float], lists: dict[str, list[tuple[str, float]]], n: int
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The loop the arrays replace, as it was written."""
+    top = max(s for rows in lists.values() for _, s in rows[:1])
+    scores: dict[str, float] = {}
+    category: dict[str, str] = {}
+    for name, rows in lists.items():
+        for item, count in rows:
+            score = affinity[name] * (1.0 + count / (top + 1.0))
+            if score > scores.get(item, -math.inf):
+                scores[item] = score
+                category[item] = name
+    kept = best(scores, n)
+    return kept, {i: category[i] for i in kept}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lists=category_lists.filter(lambda ls: all(ls.values())),
+    weights=st.lists(st.sampled_from([0.5, 1.0, 1.8, 2.25]), min_size=5, max_size=5),
+    n=st.integers(1, 60),
+)
+def test_category_popularity_in_arrays_equals_the_loop(
+    lists: dict[str, list[tuple[str, float]]], weights: list[float], n: int
+) -> None:
+    affinity = dict(zip(lists, weights, strict=False))
+    sources = Sources(None, 1.0)  # type: ignore[arg-type]  # (no Redis read here)
+    live = {name: Rows(rows) for name, rows in lists.items()}
+    out = sources._category_scores(affinity, live, False, None, None, n)
+    scores, category = plain(affinity, lists, n)
+    assert list(out.scores.items()) == list(scores.items())  # values, and order
+    assert out.category == category
+    # once more from the arrays kept with the lists: the same
+    again = sources._category_scores(affinity, live, False, None, None, n)
+    assert list(again.scores.items()) == list(scores.items())
+    # the restricted path (re-ranking) keeps the loop
+    restricted = sources._category_scores(affinity, live, False, None, set(scores), n)
+    assert restricted.scores == {i: s for i, s in scores.items()}
+
+
+def test_a_full_numbering_is_replaced_and_the_lists_coded_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a numbering that fills up while the lists are coded: each list may end up coded by
+    # a different one, and the answer is still the loop's
+    monkeypatch.setattr(codes, "MAX_CODES", 15)  # full after the first list
+    lists = {
+        "Drama": [(f"d{n}", float(40 - n)) for n in range(20)],
+        "Comedy": [(f"c{n}", float(30 - n)) for n in range(20)] + [("d3", 29.5)],
+    }
+    affinity = {"Drama": 1.0, "Comedy": 1.5}
+    sources = Sources(None, 1.0)  # type: ignore[arg-type]
+    live = {name: Rows(rows) for name, rows in lists.items()}
+    first = sources.interner
+    out = sources._category_scores(affinity, live, False, None, None, 30)
+    assert sources._interner is not first  # replaced between the two lists
+    scores, category = plain(affinity, lists, 30)
+    assert list(out.scores.items()) == list(scores.items())
+    assert out.category == category
+    again = sources._category_scores(affinity, live, False, None, None, 30)
+    assert list(again.scores.items()) == list(scores.items())
