@@ -571,6 +571,13 @@ class Sources:
 
     # --- category popularity --------------------------------------------------------------
     @staticmethod
+    def affinity_items(history: Sequence[str], model: Published | None) -> list[str]:
+        """The history items `affinities` reads (the model's ``history_len`` newest): the
+        only ones whose categories a request needs from the catalog."""
+        history_len = int(model.param("history_len", 20)) if model is not None else 20
+        return list(history[-history_len:]) if history_len > 0 else []
+
+    @staticmethod
     def affinities(
         history: Sequence[str],
         categories: Mapping[str, str],
@@ -581,8 +588,7 @@ class Sources:
         """affinity(c) as training's CategoryPopularity computes it from the history and
         the catalog; else the feature hash's decayed ``a:cat:*`` affinities."""
         decay = float(model.param("decay", 0.8)) if model is not None else 0.8
-        history_len = int(model.param("history_len", 20)) if model is not None else 20
-        recent = list(history[-history_len:]) if history_len > 0 else []
+        recent = Sources.affinity_items(history, model)
         affinity: dict[str, float] = {}
         for position, item in enumerate(recent):
             category = categories.get(item)

@@ -352,7 +352,8 @@ class Ranker:
                 self._model(req, namespace, state, "popularity", until),
                 self._model(req, namespace, state, "category_popularity", until),
             )
-            catalog = await self._categories(req, namespace, items[-50:], until)
+            recent = src.affinity_items(items, params)
+            catalog = await self._categories(req, namespace, recent, until)
             categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
             affinity = src.affinities(items, categories, state.features, params, time.time())
             return await src.category_popularity(namespace, affinity, popular, restrict, n)
@@ -433,7 +434,7 @@ class Ranker:
         ready, popular = self.models.get_now(
             namespace, "popularity", state.versions.get("popularity")
         )
-        catalog = self._cached_items(namespace, items[-50:])
+        catalog = self._cached_items(namespace, src.affinity_items(items, model))
         if not ready or catalog is None:
             return None
         categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}

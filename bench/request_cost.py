@@ -1,0 +1,273 @@
+"""CPU instructions per request of the API, counted by valgrind (callgrind), in process.
+
+    python -m bench.request_cost [--requests 200] [--endpoints recommendations,healthz,events]
+    python -m bench.request_cost --app-root ../old-checkout   # the same, another version
+
+Why instructions: this machine's two vCPUs are shared, and CPU time per request moved by
+±30 % between runs of unchanged code when other jobs ran (docs/serving-speed.md). An
+instruction count does not move with the neighbours, so two versions of the code can be
+compared one after the other, on any day, to within a fraction of a percent.
+
+How: redis-server and the emulator run as usual (MovieLens loaded, item-to-item
+published, as `bench.serving` does). The app runs under callgrind in its own process,
+called through ASGI without a socket (HTTP parsing is uvicorn's and the same for every
+endpoint). Instrumentation is switched on only around the measured requests, after a
+warm-up, so imports, start-up and warm-up cost nothing. The budgets are raised for the
+run (valgrind makes the code ~50 times slower; a source that missed its 15 ms deadline would
+make the answer cheaper, not the code), and the answer cache is off: every
+recommendation is computed. Every user is asked for once before the warm-up, so the
+in-process caches are as warm as a server's that has run a while.
+
+Endpoints: ``recommendations`` (GET, a random MovieLens user, 20 results),
+``healthz`` (GET, the middleware stack and one Redis PING: the floor every request pays),
+``events`` (POST one event, from 64 concurrent clients so the producer's group commit
+batches as it does under load; its PutRecords calls go to the emulator).
+
+Counts are of the app's process only: redis-server's and the emulator's work is not in
+them. Needs valgrind (``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.common import local_settings
+from bench.serving import load_state, movielens
+from recstream.settings import Settings
+
+ENDPOINTS = ("recommendations", "healthz", "events")
+ROOT = Path(__file__).resolve().parent.parent
+INNER = "import runpy, sys; runpy.run_path(sys.argv[1])['main'](sys.argv[2:])"
+"""Runs this file in the measured process, where ``root`` comes first on the path: the
+app (and `bench.serving`) imported are that checkout's, which need not have this file."""
+CLIENTS = 64
+"""Concurrent posters for ``events``."""
+
+
+async def asgi_call(
+    app: Any, method: str, path: str, query: bytes = b"", body: bytes = b""
+) -> tuple[int, bytes]:
+    """One request through the app's ASGI callable: (status, body)."""
+    headers = [(b"host", b"bench")]
+    if body:
+        headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    status = 0
+    chunks: list[bytes] = []
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if delivered:  # the body was read: the client now only waits for the answer
+            await asyncio.Event().wait()
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+def _event(n: int) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": f"cost-{n}",
+            "event_type": "click",
+            "user_id": f"cost-user-{n % 5000}",
+            "item_id": str(n * 7 % 9000 + 1),
+        }
+    )
+
+
+async def _requests(app: Any, endpoint: str, first: int, count: int, users: Sequence[str]) -> int:
+    """``count`` requests to ``endpoint``; how many were not answered as they should."""
+    if endpoint == "events":
+        bodies = [_event(first + n) for n in range(count)]
+        failed = 0
+
+        async def client() -> None:
+            nonlocal failed
+            while bodies:
+                status, _ = await asgi_call(app, "POST", "/v1/events", body=bodies.pop())
+                failed += status != 202
+
+        await asyncio.gather(*(client() for _ in range(CLIENTS)))
+        return failed
+    rng = random.Random(first)
+    failed = 0
+    for _ in range(count):
+        if endpoint == "healthz":
+            status, _ = await asgi_call(app, "GET", "/healthz")
+            failed += status != 200
+        else:
+            query = f"user_id={rng.choice(users)}&num_results=20".encode()
+            status, answer = await asgi_call(app, "GET", "/v1/recommendations", query)
+            # a degraded answer would be cheaper than a full one: count it as a failure
+            failed += status != 200 or orjson.loads(answer).get("degraded") != []
+    return failed
+
+
+async def _inner(endpoint: str, warm: int, count: int, users: Sequence[str]) -> None:
+    """In the process valgrind runs: warm up, then the measured requests between two
+    lines on stdin (the parent switches instrumentation on and off there)."""
+    from serving.app import create_app  # (imported here: the parent does not need it)
+
+    app = create_app(Settings())
+    async with app.router.lifespan_context(app):
+        if endpoint == "recommendations":
+            # every user once first: the measured requests find the caches (neighbour
+            # rows, catalog records) as a server that has run a while does
+            for user in users:
+                await asgi_call(app, "GET", "/v1/recommendations", f"user_id={user}".encode())
+        failed = await _requests(app, endpoint, 0, warm, users)
+        print(f"READY {failed}", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        failed = await _requests(app, endpoint, 1_000_000, count, users)
+        print(f"DONE {failed}", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+
+
+def measure(
+    settings: Settings,
+    endpoint: str,
+    warm: int,
+    count: int,
+    users: Sequence[str],
+    root: Path = ROOT,
+) -> float:
+    """Instructions per request of ``endpoint`` in a process of its own under callgrind."""
+    valgrind = shutil.which("valgrind")
+    control = shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise SystemExit("bench.request_cost needs valgrind: apt-get install valgrind")
+    env = dict(os.environ)
+    for name in ("aws_endpoint_url", "kinesis_endpoint_url", "redis_url", "state_dir"):
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"RECSTREAM_{name.upper()}"] = str(value)
+    env.update(
+        {
+            "RECSTREAM_ANSWER_CACHE_TTL_S": "0",
+            "RECSTREAM_RANKING_BUDGET_MS": "60000",
+            "RECSTREAM_STORE_TIMEOUT_MS": "30000",
+            "RECSTREAM_SOURCE_TIMEOUT_MS": "30000",
+            "RECSTREAM_LOG_LEVEL": "WARNING",
+            "BENCH_USERS": ",".join(users),
+            "PYTHONPATH": str(root),  # the app measured: this checkout's, or --app-root's
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="recstream-cost-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        process = subprocess.Popen(
+            [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+             sys.executable, "-c", INNER, __file__, "--inner", endpoint,
+             "--warm", str(warm), "--requests", str(count)],
+            cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert process.stdin is not None
+        assert process.stdout is not None
+
+        def step(word: str) -> int:
+            for line in process.stdout:  # type: ignore[union-attr]
+                if line.startswith(word):
+                    return int(line.split()[1])
+            raise SystemExit(f"the app under valgrind stopped before {word} ({endpoint})")
+
+        def callgrind(switch: str) -> None:
+            subprocess.run(
+                [control, "-i", switch, str(process.pid)], check=True, capture_output=True
+            )
+
+        step("READY")
+        callgrind("on")
+        process.stdin.write("\n")
+        process.stdin.flush()
+        failed = step("DONE")
+        callgrind("off")
+        process.stdin.write("\n")
+        process.stdin.flush()
+        process.wait(600)
+        if failed:
+            raise SystemExit(f"{failed} of {count} {endpoint} requests failed or degraded")
+        totals = [
+            int(line.split()[1])
+            for line in out.read_text().splitlines()
+            if line.startswith(("totals:", "summary:"))
+        ]
+    return max(totals) / count
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=200, help="measured, per endpoint")
+    parser.add_argument("--warm", type=int, default=300, help="requests before measuring")
+    parser.add_argument("--endpoints", default=",".join(ENDPOINTS))
+    parser.add_argument("--events", type=int, default=0, help="newest N ratings; 0 = all")
+    parser.add_argument(
+        "--app-root",
+        type=Path,
+        default=ROOT,
+        help="measure the app of another checkout (e.g. a `git worktree` of an older "
+        "commit), with this one's data and stack: a before/after comparison",
+    )
+    parser.add_argument("--inner", choices=ENDPOINTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.inner:
+        users = os.environ.get("BENCH_USERS", "").split(",")
+        asyncio.run(_inner(args.inner, args.warm, args.requests, users))
+        return
+    endpoints = [e for e in args.endpoints.split(",") if e]
+    unknown = set(endpoints) - set(ENDPOINTS)
+    if unknown:
+        raise SystemExit(f"unknown endpoints {sorted(unknown)}: choose from {ENDPOINTS}")
+    with local_settings() as settings:
+        events = movielens(args.events)
+        asyncio.run(load_state(settings, events))
+        users = sorted({e.user_id for e in events if e.user_id})[:610]
+        costs = {
+            e: measure(settings, e, args.warm, args.requests, users, args.app_root.resolve())
+            for e in endpoints
+        }
+    print(
+        f"\nCPU instructions per request, the app's process ({args.requests} measured each; "
+        f"the app of {args.app_root.resolve()})"
+    )
+    for endpoint, cost in costs.items():
+        ratio = f"  ({cost / costs['healthz']:.1f} x /healthz)" if "healthz" in costs else ""
+        print(f"  {endpoint:<16} {cost / 1e6:7.3f} M{ratio}")
+
+
+if __name__ == "__main__":
+    main()
