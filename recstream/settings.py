@@ -219,6 +219,9 @@ class Settings(BaseSettings):
     whole pool."""
     item_cache_ttl_s: float = Field(5.0, ge=0)
     """How long item-level data (neighbour lists, popularity, trending) is cached in-process."""
+    live_list_ttl_s: float = Field(1.0, gt=0)
+    """How old a live popularity or trending list (the agents move them every event) may be
+    served before one background read refreshes it (serving/pipeline/live.py)."""
     answer_cache_ttl_s: float = Field(1.0, ge=0)
     """How long an answer is served again to the same request while the actor's live state
     and the model versions are unchanged (serving/pipeline/memo.py): 1 s, the age the live

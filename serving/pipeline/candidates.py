@@ -51,7 +51,7 @@ from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
 from serving.pipeline.codes import Interner, Table
 from serving.pipeline.detach import Reads, detached
-from serving.pipeline.live import LiveLists, Rows
+from serving.pipeline.live import LIVE_TTL_S, LiveLists, Rows
 from serving.pipeline.models import Published
 
 T = TypeVar("T")
@@ -165,7 +165,11 @@ class Sources:
     """The candidate sources of one process, with their in-process caches."""
 
     def __init__(
-        self, redis: aioredis.Redis, item_cache_ttl_s: float, reads: Reads | None = None
+        self,
+        redis: aioredis.Redis,
+        item_cache_ttl_s: float,
+        reads: Reads | None = None,
+        live_ttl_s: float = LIVE_TTL_S,
     ) -> None:
         self.redis = redis
         self.reads: Reads = set() if reads is None else reads
@@ -175,7 +179,7 @@ class Sources:
         self._row_ttl_s = max(item_cache_ttl_s, NEIGHBOUR_TTL_S)
         self._vocabularies: dict[tuple[str, str], Vocabulary] = {}
         self._interner = Interner()
-        self.lists = LiveLists(redis, self.reads)
+        self.lists = LiveLists(redis, self.reads, ttl=live_ttl_s)
         self.category_lists: TTLCache[tuple[str, str, str], list[tuple[str, float]]] = TTLCache(
             item_cache_ttl_s, size=10_000
         )

@@ -176,7 +176,9 @@ class Ranker:
         self.hot = RedisHotStore(redis, settings)
         self.models = ModelCache(redis)
         self.reads: Reads = set()
-        self.sources = Sources(redis, settings.item_cache_ttl_s, self.reads)
+        self.sources = Sources(
+            redis, settings.item_cache_ttl_s, self.reads, settings.live_list_ttl_s
+        )
         self.served = ServedLog(redis, settings)
         self.freshness = FreshnessTracker(settings.freshness_actors)
         self.answers = AnswerCache(
