@@ -165,6 +165,7 @@ def measure(
     count: int,
     users: Sequence[str],
     root: Path = ROOT,
+    log_level: str = "INFO",
 ) -> float:
     """Instructions per request of ``endpoint`` in a process of its own under callgrind."""
     valgrind = shutil.which("valgrind")
@@ -182,7 +183,7 @@ def measure(
             "RECSTREAM_RANKING_BUDGET_MS": "60000",
             "RECSTREAM_STORE_TIMEOUT_MS": "30000",
             "RECSTREAM_SOURCE_TIMEOUT_MS": "30000",
-            "RECSTREAM_LOG_LEVEL": "WARNING",
+            "RECSTREAM_LOG_LEVEL": log_level,
             # Refreshes that a clock drives (live lists every second, catalog records and
             # neighbour rows after their TTL) are amortized over ~1,000 requests a second
             # in production; under valgrind's slowness they would fall on every few
@@ -250,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="measure the app of another checkout (e.g. a `git worktree` of an older "
         "commit), with this one's data and stack: a before/after comparison",
     )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the app's (INFO, as deployed, writes an access line per request)",
+    )
     parser.add_argument("--inner", choices=ENDPOINTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner:
@@ -265,7 +271,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         asyncio.run(load_state(settings, events))
         users = sorted({e.user_id for e in events if e.user_id})[:610]
         costs = {
-            e: measure(settings, e, args.warm, args.requests, users, args.app_root.resolve())
+            e: measure(
+                settings,
+                e,
+                args.warm,
+                args.requests,
+                users,
+                args.app_root.resolve(),
+                args.log_level,
+            )
             for e in endpoints
         }
     print(

@@ -7,7 +7,9 @@ import io
 import logging
 import time
 
-from recstream.logging import BatchedStreamHandler
+import orjson
+
+from recstream.logging import BatchedStreamHandler, JsonFormatter
 
 
 def logger_to(handler: logging.Handler, name: str) -> logging.Logger:
@@ -58,3 +60,14 @@ def test_lines_are_written_when_enough_wait_or_when_the_interval_passes() -> Non
         assert stream.getvalue() == "later\n"
     finally:
         handler.close()
+
+
+def test_json_timestamps_are_exact_across_seconds() -> None:
+    # the second's text is made once per second: each line still has its own time
+    formatter = JsonFormatter()
+    for created in (1_700_000_000.123, 1_700_000_000.987, 1_700_000_001.004, 1_699_999_999.5):
+        record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        line = orjson.loads(formatter.format(record))
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        assert line["ts"] == f"{expected}.{int(record.msecs):03d}Z"
