@@ -131,8 +131,8 @@ class Settings(BaseSettings):
     """How often the windows agent writes the durable copies (DynamoDB windows and
     features) of the actors it touched: each actor's at most once per interval, however
     many events it had (agents/windows.py, `Pipeline`). A batch is acknowledged, so
-    checkpointed, only once its copies are written; what Redis loses before then is in
-    neither store until the stream is read again from the checkpoint."""
+    checkpointed, only once its copies are written. The price: what a Redis that loses its
+    data had applied since the last copies (up to one interval) is in neither store."""
     start_position: str = "trim_horizon"
     """Where a stream consumer with no checkpoint starts: trim_horizon, latest or unix seconds."""
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
