@@ -410,9 +410,14 @@ async def persist_until_done(
     return sum(await process_bounded(actors, step, give_up, policy, "durable copies"))
 
 
-COPIES_MAX_ACTORS = 2000
+COPIES_MAX_ACTORS = 5000
 """A group of batches is written once it touched this many actors (two DynamoDB items
-each: 160 BatchWriteItem calls)."""
+each), even before its interval ends. Large enough that a busy interval's actors share
+one group (64 clients' 2,560 users in bench.ingest), so each is written once in it."""
+COPY_CHUNK_ACTORS = 500
+"""A group's copies are read from Redis and written to DynamoDB this many actors at a
+time: one read of thousands of windows would hold Redis (and serving) up, and its reply
+would sit in memory whole."""
 COPY_INTERVAL_S = 5.0
 """... or once its first batch waited this long for its copies (and its acknowledgement:
 how far the checkpoint may lag behind Redis for this agent; the archive's flush holds
@@ -536,13 +541,21 @@ class Pipeline:
             tuple[Sequence[Event], ApplyResult, Callable[[], Awaitable[object]] | None]
         ],
     ) -> None:
-        written = await persist_until_done(
-            self.agent,
-            [event for events, _, _ in group for event in events],
-            ApplyResult.merge(result for _, result, _ in group),
-            max_attempts=self.max_attempts,
-            max_delay=self.max_delay,
-        )
+        by_actor: dict[tuple[str, str], list[Event]] = {}
+        for events, _, _ in group:
+            for event in events:
+                by_actor.setdefault((event.namespace, event.actor), []).append(event)
+        actors = list(by_actor)
+        result = ApplyResult.merge(result for _, result, _ in group)
+        written = 0
+        for start in range(0, len(actors), COPY_CHUNK_ACTORS):
+            written += await persist_until_done(
+                self.agent,
+                [e for actor in actors[start : start + COPY_CHUNK_ACTORS] for e in by_actor[actor]],
+                result,
+                max_attempts=self.max_attempts,
+                max_delay=self.max_delay,
+            )
         self.agent.totals.windows_persisted += written
         self.groups_written += 1
         for _, _, done in group:

@@ -8,6 +8,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import pytest
+
+from agents import windows
 from agents.features import DynamoFeatures, read_user_state
 from agents.state import ApplyResult, DynamoWindows
 from agents.windows import Pipeline, deliver
@@ -196,6 +199,33 @@ async def test_live_batches_copy_an_actor_once_per_interval(settings: Settings) 
     assert (pipeline.groups_written, agent.totals.windows_persisted) == (1, 3)
     copies = await durable_ids(settings, [(ns, f"live{u}") for u in range(3)])
     assert copies == {f"live{u}": {f"l{n}-{u}" for n in range(5)} for u in range(3)}
+
+
+async def test_a_large_group_is_written_in_chunks_of_actors(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every actor of a group larger than a chunk is written, before any acknowledgement."""
+    monkeypatch.setattr(windows, "COPY_CHUNK_ACTORS", 2)
+    ns = settings.namespace
+    batch = [
+        Event(
+            event_id=f"k{n}", event_type="view", user_id=f"chunk{n % 5}", item_id=f"i{n}",
+            namespace=ns,
+        ).to_json()
+        for n in range(10)
+    ]  # fmt: skip
+    actors = [(ns, f"chunk{u}") for u in range(5)]
+    async with agent_of(settings) as (agent, _):
+        pipeline = Pipeline(agent, "stream", interval_s=3600)
+        copied: list[dict[str, set[str]]] = []
+
+        async def acknowledge() -> None:
+            copied.append(await durable_ids(settings, actors))
+
+        await pipeline.submit(batch, acknowledge)
+        await pipeline.drain()
+    assert agent.totals.windows_persisted == 5
+    assert copied == [{f"chunk{u}": {f"k{n}" for n in range(u, 10, 5)} for u in range(5)}]
 
 
 async def test_a_full_batch_on_a_quiet_stream_is_written_by_age(settings: Settings) -> None:
