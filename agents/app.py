@@ -7,6 +7,7 @@ per message, so per-batch store round-trips are what keep one process fast.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -85,9 +86,23 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
             pipeline = Pipeline(
                 agent,
                 settings.stream_name,
-                batch_size=settings.agent_batch_size,
+                interval_s=settings.agent_copy_interval_s,
                 max_attempts=settings.agent_max_attempts,
             )
+
+            async def hurry() -> None:
+                # A rebalance or a stop pauses the streams and waits for every unacked
+                # event (bounded by the lease duration): write the pending copies now,
+                # not at the end of their interval (as the archive agent flushes).
+                while True:
+                    await asyncio.sleep(0.25)
+                    if pipeline.pending and not app.flow_control.is_active():
+                        try:
+                            await pipeline.flush()
+                        except Exception:
+                            log.exception("writing the durable copies early failed")
+
+            hurrying = asyncio.create_task(hurry(), name="windows: copies before a pause")
             try:
                 # noack_take, not take_events: a batch is acknowledged (so checkpointed)
                 # only once its durable copies are written, which happens while the next
@@ -116,6 +131,7 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                     del events
                     namespaces.update(agent.namespaces)
             finally:
+                hurrying.cancel()
                 # bounded, as every step of a stop is (agents/worker.py)
                 await pipeline.aclose(settings.lease_duration_s)
 

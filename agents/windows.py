@@ -14,14 +14,15 @@ shard back (back-pressure); deterministic ones a bounded number of times, then t
 records that fail on their own are dead-lettered (kind ``windows``) with the reason,
 shard and sequence number, and the rest is applied.
 
-`Pipeline` is how the worker delivers: under a backlog the durable copies (step 3) of a
-group of batches are written while the next batches are applied to Redis (steps 1-2),
-each actor's copy once per group (its latest state), so Redis, DynamoDB and the agent's
-own CPU work at the same time and an actor with events in several batches is written
-once. A batch is acknowledged (so checkpointed) only once its group's copies are
-written, and groups are written one after the other, in order, so the promise above
-holds unchanged: a crash before the copies replays the batches (duplicates in Redis,
-then the copies), and no older copy overwrites a newer one.
+`Pipeline` is how the worker delivers: the durable copies (step 3) of a group of batches
+are written while the next batches are applied to Redis (steps 1-2), each actor's copy
+once per group (its latest state), and a group is written once per copy interval
+(``agent_copy_interval_s``), so an actor with events in many batches of the interval is
+written once, and Redis, DynamoDB and the agent's own CPU work at the same time. A batch
+is acknowledged (so checkpointed) only once its group's copies are written, and groups
+are written one after the other, in order, so the promise above holds unchanged: a
+crash before the copies replays the batches (duplicates in Redis, then the copies), and
+no older copy overwrites a newer one.
 """
 
 from __future__ import annotations
@@ -409,12 +410,22 @@ async def persist_until_done(
     return sum(await process_bounded(actors, step, give_up, policy, "durable copies"))
 
 
-COPIES_MAX_ACTORS = 2000
+COPIES_MAX_ACTORS = 5000
 """A group of batches is written once it touched this many actors (two DynamoDB items
-each: 160 BatchWriteItem calls)."""
-COPIES_MAX_AGE_S = 1.0
+each), even before its interval ends. Large enough that a busy interval's actors share
+one group (64 clients' 2,560 users in bench.ingest), so each is written once in it."""
+COPY_CHUNK_ACTORS = 50
+"""A group's copies are read from Redis and written to DynamoDB this many actors at a
+time (two BatchWriteItem calls per table), one chunk after the other, so that a group's
+write is spread out rather than a burst: 500 at a time (sixteen calls in flight) held the
+agents' own work and the emulator's GetRecords up for a second or two every interval
+(`bench.paced` at 1,000 events/s: lag p90 1.8 s, 22 of 72 samples over 1 s; with 50: p90
+0.4 s, none; session 8). One read of thousands of windows would also hold Redis (and
+serving) up."""
+COPY_INTERVAL_S = 5.0
 """... or once its first batch waited this long for its copies (and its acknowledgement:
-how far the checkpoint may lag behind Redis under a backlog)."""
+how far the checkpoint may lag behind Redis for this agent; the archive's flush holds
+the checkpoint back longer). `Settings.agent_copy_interval_s` is the worker's."""
 
 
 class Pipeline:
@@ -423,17 +434,21 @@ class Pipeline:
 
     `submit` returns once the batch is in Redis. Batches join the current group; the
     group's copies are written (every actor it touched, as Redis holds it then: its
-    latest state, once) when a batch is not full (the stream has caught up, so live
-    traffic is written at once), when the group touched ``max_actors`` actors, or when
-    its first batch is ``max_age_s`` old. Under a backlog one group is being written
-    while the next one is applied. A batch's ``done`` (its acknowledgement, so its
-    checkpoint) is awaited only after its group's copies are written; groups are written
-    one at a time, in order, so an older copy never overwrites a newer one. A crash
-    before that replays the group's batches: Redis finds them applied, and the copies
-    are written then (module docstring).
+    latest state, once) when its first batch is ``interval_s`` old, or when the group
+    touched ``max_actors`` actors. So an actor is written at most once per interval
+    however many of its events arrive in it: live traffic used to write each small batch's
+    actors at once, about two ~5 KB DynamoDB items per event (session 8,
+    docs/local-stack.md). Under a backlog one group is being written while the next one
+    is applied. A batch's ``done`` (its acknowledgement, so its checkpoint) is awaited
+    only after its group's copies are written; groups are written one at a time, in
+    order, so an older copy never overwrites a newer one. A crash before that replays the
+    group's batches: Redis finds them applied, and the copies are written then (module
+    docstring).
 
-    `drain` writes what is pending and waits for it; `aclose` too, and when cancelled
-    meanwhile abandons the copies (their batches stay unacknowledged and are read again).
+    `flush` starts writing the current group now (a rebalance or a stop waits for every
+    unacknowledged batch: `pending` says whether there is one). `drain` writes what is
+    pending and waits for it; `aclose` too, and when cancelled meanwhile abandons the
+    copies (their batches stay unacknowledged and are read again).
     """
 
     def __init__(
@@ -441,17 +456,15 @@ class Pipeline:
         agent: WindowAgent,
         source: str,
         *,
-        batch_size: int = 500,
         max_actors: int = COPIES_MAX_ACTORS,
-        max_age_s: float = COPIES_MAX_AGE_S,
+        interval_s: float = COPY_INTERVAL_S,
         max_attempts: int = 3,
         max_delay: float = 5.0,
     ) -> None:
         self.agent = agent
         self.source = source
-        self.batch_size = batch_size
         self.max_actors = max_actors
-        self.max_age_s = max_age_s
+        self.interval_s = interval_s
         self.max_attempts = max_attempts
         self.max_delay = max_delay
         self._group: list[tuple[list[Event], ApplyResult, Callable[[], Awaitable[object]] | None]]
@@ -478,20 +491,22 @@ class Pipeline:
             durable=False,
         )
         if not self._group:
-            self._timer = asyncio.get_running_loop().call_later(self.max_age_s, self._due)
+            self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._due)
         self._group.append((stats.pending, stats.result or ApplyResult(0, 0), done))
         self._actors.update((e.namespace, e.actor) for e in stats.pending)
         if len(self._actors) >= self.max_actors:
             # Back-pressure: a group this large waits for the one before it.
             await self.flush()
-        elif len(records) < self.batch_size:
-            # Caught up: the copies start now, or as soon as the group before them is
-            # written; the next batch is applied to Redis meanwhile rather than after
-            # them (waiting here held live traffic up behind a slow DynamoDB write, up
-            # to seconds on a busy emulator: docs/local-stack.md). Batches that arrive
-            # while the group before is written join this group.
-            self._due()
+        # Otherwise the group waits for its interval, caught up or not: writing a small
+        # live batch's actors at once cost two DynamoDB items per event, the largest
+        # part of the agents' and the emulator's CPU (session 8). The next batches are
+        # applied to Redis meanwhile, never held up by the copies.
         return stats
+
+    @property
+    def pending(self) -> bool:
+        """True while a submitted batch waits for its group's copies to start."""
+        return bool(self._group)
 
     def _due(self) -> None:
         if self._pending_flush:
@@ -530,13 +545,21 @@ class Pipeline:
             tuple[Sequence[Event], ApplyResult, Callable[[], Awaitable[object]] | None]
         ],
     ) -> None:
-        written = await persist_until_done(
-            self.agent,
-            [event for events, _, _ in group for event in events],
-            ApplyResult.merge(result for _, result, _ in group),
-            max_attempts=self.max_attempts,
-            max_delay=self.max_delay,
-        )
+        by_actor: dict[tuple[str, str], list[Event]] = {}
+        for events, _, _ in group:
+            for event in events:
+                by_actor.setdefault((event.namespace, event.actor), []).append(event)
+        actors = list(by_actor)
+        result = ApplyResult.merge(result for _, result, _ in group)
+        written = 0
+        for start in range(0, len(actors), COPY_CHUNK_ACTORS):
+            written += await persist_until_done(
+                self.agent,
+                [e for actor in actors[start : start + COPY_CHUNK_ACTORS] for e in by_actor[actor]],
+                result,
+                max_attempts=self.max_attempts,
+                max_delay=self.max_delay,
+            )
         self.agent.totals.windows_persisted += written
         self.groups_written += 1
         for _, _, done in group:

@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     """How many items the popularity counter keeps (lowest scores are evicted)."""
     agent_batch_size: int = Field(500, ge=1)
     agent_batch_window_s: float = Field(0.05, gt=0)
+    agent_copy_interval_s: float = Field(5.0, gt=0)
+    """How often the windows agent writes the durable copies (DynamoDB windows and
+    features) of the actors it touched: each actor's at most once per interval, however
+    many events it had (agents/windows.py, `Pipeline`). A batch is acknowledged, so
+    checkpointed, only once its copies are written. The price: what a Redis that loses its
+    data had applied since the last copies (up to one interval) is in neither store."""
     start_position: str = "trim_horizon"
     """Where a stream consumer with no checkpoint starts: trim_horizon, latest or unix seconds."""
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))

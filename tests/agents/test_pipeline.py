@@ -8,6 +8,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+import pytest
+
+from agents import windows
 from agents.features import DynamoFeatures, read_user_state
 from agents.state import ApplyResult, DynamoWindows
 from agents.windows import Pipeline, deliver
@@ -45,7 +48,7 @@ async def test_a_batch_is_acknowledged_only_once_its_copies_are_written(
     async with agent_of(settings) as (agent, redis):
         _, catalog = taobao(shared_data, ns, 600)
         await write_catalog(redis, ns, catalog)
-        pipeline = Pipeline(agent, "stream", batch_size=100)
+        pipeline = Pipeline(agent, "stream")
 
         def done(n: int) -> Callable[[], Awaitable[None]]:
             async def acknowledge() -> None:
@@ -86,7 +89,7 @@ async def test_the_pipeline_leaves_what_deliver_leaves(
         _, catalog = taobao(shared_data, ns, 500)
         async with agent_of(settings) as (agent, redis):
             await write_catalog(redis, ns, catalog)
-            pipeline = Pipeline(agent, "stream", batch_size=50, max_actors=40)
+            pipeline = Pipeline(agent, "stream", max_actors=40)
             for start in range(0, len(events), 50):
                 batch = [e.to_json() for e in events[start : start + 50]]
                 if pipelined:
@@ -143,7 +146,7 @@ async def test_throttled_copies_hold_the_acknowledgement_back(settings: Settings
     async with agent_of(settings) as (agent, redis):
         throttled = Throttled(4)
         agent.stages = (*agent.stages, throttled)
-        pipeline = Pipeline(agent, "stream", batch_size=100, max_delay=0.01)
+        pipeline = Pipeline(agent, "stream", max_delay=0.01)
         seen_left: list[int] = []
 
         async def acknowledge() -> None:
@@ -159,8 +162,74 @@ async def test_throttled_copies_hold_the_acknowledgement_back(settings: Settings
     assert copies["u0"] == {"t0", "t3", "t6"}
 
 
+async def test_live_batches_copy_an_actor_once_per_interval(settings: Settings) -> None:
+    """Small (caught-up) batches join one group until the interval ends: an actor with an
+    event in each is written once, and no batch is acknowledged before that write. (Each
+    small batch's actors used to be written at once: two DynamoDB items per event.)"""
+    ns = settings.namespace
+    batches = [
+        [
+            Event(
+                event_id=f"l{n}-{u}", event_type="view", user_id=f"live{u}", item_id=f"i{n}",
+                namespace=ns,
+            ).to_json()
+            for u in range(3)
+        ]
+        for n in range(5)
+    ]  # fmt: skip
+    async with agent_of(settings) as (agent, _):
+        pipeline = Pipeline(agent, "stream", interval_s=3600)
+        acked: list[int] = []
+
+        def done(n: int) -> Callable[[], Awaitable[None]]:
+            async def acknowledge() -> None:
+                acked.append(n)
+
+            return acknowledge
+
+        for n, batch in enumerate(batches):
+            await pipeline.submit(batch, done(n))
+            await asyncio.sleep(0.05)  # as a live stream's batches come, apart
+        assert pipeline.pending
+        assert (acked, pipeline.groups_written, agent.totals.windows_persisted) == ([], 0, 0)
+        copies = await durable_ids(settings, [(ns, f"live{u}") for u in range(3)])
+        assert copies == {}  # nothing written, nothing acknowledged, until the interval ends
+        await pipeline.drain()
+    assert acked == list(range(len(batches)))
+    assert (pipeline.groups_written, agent.totals.windows_persisted) == (1, 3)
+    copies = await durable_ids(settings, [(ns, f"live{u}") for u in range(3)])
+    assert copies == {f"live{u}": {f"l{n}-{u}" for n in range(5)} for u in range(3)}
+
+
+async def test_a_large_group_is_written_in_chunks_of_actors(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every actor of a group larger than a chunk is written, before any acknowledgement."""
+    monkeypatch.setattr(windows, "COPY_CHUNK_ACTORS", 2)
+    ns = settings.namespace
+    batch = [
+        Event(
+            event_id=f"k{n}", event_type="view", user_id=f"chunk{n % 5}", item_id=f"i{n}",
+            namespace=ns,
+        ).to_json()
+        for n in range(10)
+    ]  # fmt: skip
+    actors = [(ns, f"chunk{u}") for u in range(5)]
+    async with agent_of(settings) as (agent, _):
+        pipeline = Pipeline(agent, "stream", interval_s=3600)
+        copied: list[dict[str, set[str]]] = []
+
+        async def acknowledge() -> None:
+            copied.append(await durable_ids(settings, actors))
+
+        await pipeline.submit(batch, acknowledge)
+        await pipeline.drain()
+    assert agent.totals.windows_persisted == 5
+    assert copied == [{f"chunk{u}": {f"k{n}" for n in range(u, 10, 5)} for u in range(5)}]
+
+
 async def test_a_full_batch_on_a_quiet_stream_is_written_by_age(settings: Settings) -> None:
-    """A batch that filled up (more may follow) waits for its group, but not for ever."""
+    """A batch waits for its group's interval, but not for ever."""
     ns = settings.namespace
     batch = [
         Event(
@@ -169,7 +238,7 @@ async def test_a_full_batch_on_a_quiet_stream_is_written_by_age(settings: Settin
         for n in range(5)
     ]
     async with agent_of(settings) as (agent, _):
-        pipeline = Pipeline(agent, "stream", batch_size=5, max_age_s=0.05)
+        pipeline = Pipeline(agent, "stream", interval_s=0.05)
         acked = asyncio.Event()
 
         async def acknowledge() -> None:
@@ -194,7 +263,7 @@ async def test_closing_gives_up_on_copies_that_cannot_be_written(settings: Setti
     ]
     async with agent_of(settings) as (agent, _):
         agent.stages = (*agent.stages, Throttled(10**9))  # never written
-        pipeline = Pipeline(agent, "stream", batch_size=100, max_delay=0.01)
+        pipeline = Pipeline(agent, "stream", max_delay=0.01)
         acked: list[bool] = []
 
         async def acknowledge() -> None:

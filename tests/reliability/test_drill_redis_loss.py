@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from agents.features import DynamoFeatures
+from agents.state import DynamoWindows
 from agents.trending import WINDOWS
 from recstream import stack
 from recstream.aws import sync_client
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.stores import open_stores
 from serving.app import create_app
 from tests.conftest import LocalStack, make_settings, serve_in_thread
 from tests.reliability.drillkit import agents, applied_ids, private_redis, wait_for
@@ -120,6 +125,21 @@ async def serving_versions(settings: Settings) -> dict[str, str | None]:
         return {name: await registry.current(name) for name in MODELS}
 
 
+async def copied(settings: Settings, events: Sequence[dict[str, Any]]) -> bool:
+    """Every user's window and feature vector is in DynamoDB with all of its ``events``."""
+    counts = Counter(str(e["user_id"]) for e in events)
+    actors = [(settings.namespace, user) for user in counts]
+    async with open_stores(settings) as stores:
+        windows = await DynamoWindows(stores.dynamodb, settings).get_many(actors)
+        vectors = await DynamoFeatures(stores.dynamodb, settings).get_many(actors)
+    return all(
+        len(windows.get(actor, ())) == counts[actor[1]]
+        and actor in vectors
+        and int(vectors[actor].features.get("n", 0)) == counts[actor[1]]
+        for actor in actors
+    )
+
+
 def archived(settings: Settings) -> int:
     s3 = sync_client(settings, "s3")
     listing = s3.list_objects_v2(Bucket=settings.bucket, Prefix=f"archive/{settings.namespace}/")
@@ -178,6 +198,10 @@ async def test_redis_restarted_empty_comes_back_by_itself(
                         return archived(settings) > 0 and await _archive_complete(settings, events)
 
                     await wait_for(all_archived, "every event archived", 60, log)
+                    # The durable copies follow Redis by up to one copy interval
+                    # (agent_copy_interval_s): what a Redis that loses its data had applied
+                    # since is in neither store (docs/agents.md). The loss comes after them.
+                    await wait_for(lambda: copied(settings, events), "the copies written", 60, log)
 
                     # --- the loss: redis-server stops and comes back empty ---------------
                     first.stop()
@@ -305,6 +329,9 @@ async def test_a_flushall_under_traffic_counts_every_event_once(
                         )
 
                     await wait_for(first_settled, "the first batch applied and archived", 90, log)
+                    # the flush comes after the first batch's durable copies (which follow
+                    # Redis by up to one copy interval, agent_copy_interval_s)
+                    await wait_for(lambda: copied(settings, first), "the copies written", 60, log)
                     assert await popularity(client, ns) == pytest.approx(
                         weighed(settings, first), rel=1e-9
                     )
