@@ -323,10 +323,17 @@ async def commands(settings: Settings, rows: Sequence[list[str]], batch: int) ->
     )
 
 
-def instructions(settings: Settings, rows: Sequence[list[str]], warm: int, count: int) -> None:
+def instructions(
+    settings: Settings,
+    rows: Sequence[list[str]],
+    warm: int,
+    count: int,
+    keep: Path | None = None,
+) -> None:
     """redis-server's instructions per event (callgrind) for the Redis part: the server
     runs under valgrind on a port of its own, its counters are zeroed after the set-up
-    and the first ``warm`` events, and dumped after the next ``count``."""
+    and the first ``warm`` events, and dumped after the next ``count``. With ``keep``,
+    the dump is copied there (for ``callgrind_annotate``: where the instructions go)."""
     valgrind = shutil.which("valgrind")
     control = shutil.which("callgrind_control")
     if valgrind is None or control is None:
@@ -352,6 +359,8 @@ def instructions(settings: Settings, rows: Sequence[list[str]], warm: int, count
                 total = max(
                     int(line.split()[1]) for line in text.splitlines() if line.startswith("totals:")
                 )
+                if keep is not None:
+                    shutil.copyfile(dump, keep)
     finally:
         server.terminate()
         server.wait(60)
@@ -544,6 +553,9 @@ def main() -> None:
     parser.add_argument("--instructions-warm", type=int, default=7000)
     parser.add_argument("--instructions-events", type=int, default=3000)
     parser.add_argument(
+        "--callgrind-out", type=Path, default=None, help="keep the instructions' callgrind dump"
+    )
+    parser.add_argument(
         "--only",
         default="throughput,dedup,memory,latency",
         help="comma-separated sections to run (default: all)",
@@ -560,7 +572,13 @@ def main() -> None:
         if "commands" in sections:
             asyncio.run(commands(settings, rows, args.batch))
         if "instructions" in sections:
-            instructions(settings, rows, args.instructions_warm, args.instructions_events)
+            instructions(
+                settings,
+                rows,
+                args.instructions_warm,
+                args.instructions_events,
+                args.callgrind_out,
+            )
         if "dedup" in sections:
             asyncio.run(dedup_designs(settings, rows, args.batch))
         if "memory" in sections:
