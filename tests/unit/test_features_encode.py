@@ -1,0 +1,53 @@
+"""`FeaturesPart.encode` without Redis: its per-(type, item facts) cache of an event's
+affinity list gives every event the list `deltas` makes for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agents.catalog import BatchContext, ItemFacts
+from agents.features import FeaturesPart
+from recstream.settings import Settings
+from streams.schema import Event
+
+
+def flat(part: FeaturesPart, event: Event, context: BatchContext) -> list[Any]:
+    return [
+        x
+        for (attr, value), delta in part.deltas(event, context).items()
+        for x in (attr, f"a:{attr}:{value}", delta)
+    ]
+
+
+def test_cached_affinities_equal_a_fresh_computation() -> None:
+    settings = Settings(affinity_half_life_s={"color": 86_400.0})
+    part = FeaturesPart(settings)
+    context = BatchContext(
+        items={
+            ("ns", "a"): ItemFacts(categories=("shoes", "sale"), brand="acme"),
+            ("ns", "b"): ItemFacts(categories=("hats",)),
+        }
+    )
+
+    def event(n: int, **fields: Any) -> Event:
+        base: dict[str, Any] = {"event_type": "view", "user_id": f"u{n % 3}", "namespace": "ns"}
+        return Event(event_id=str(n), **(base | fields))
+
+    events = [
+        event(1, item_id="a"),
+        event(2, item_id="a"),  # the cached list
+        event(3, item_id="a", event_type="purchase"),  # another type, another weight
+        event(4, item_id="a", properties={"category": "boots"}),  # the event's own category
+        event(5, item_id="a", properties={"category": "boots"}),
+        event(6, item_id="b", impression=["a", "b"]),  # impressions: never cached
+        event(7, item_id="b", properties={"color": "red"}),  # a property attribute
+        event(8, item_id="b", properties={"color": "blue"}),
+        event(9, event_type="search"),  # no item
+        event(10, event_type="search"),
+        event(11, item_id="unknown"),
+        event(12, item_id="a"),
+    ]
+    for e in events:
+        _, doc = part.encode(e, context)
+        assert doc["a"] == flat(part, e, context), e.event_id
+        assert doc["t"] == f"n:{e.event_type}"
