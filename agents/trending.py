@@ -136,9 +136,32 @@ local function t_bump(key, score, item, cap)
   redis.call('ZINCRBY', key, score, item)
   T_caps[key] = cap
 end
+-- A sorted set that most events write, as a skiplist rather than a listpack. Redis keeps
+-- a sorted set of up to zset-max-listpack-entries (128) members as one flat array, and
+-- an increment's insert walks it, parsing every score on the way (strtod of a 17-digit
+-- decayed score: the largest single cost of the script); a skiplist finds the place
+-- in O(log n). A member longer than zset-max-listpack-value (64) converts the set, and
+-- Redis does not convert it back when members go, so one ZADD and ZREM of a member no
+-- item can have (item ids are at most 256 characters) leave the same members and scores
+-- in the faster encoding. Only the per-category popularity and the global buckets, a
+-- few thousand keys whatever the users (bounded by their caps); the per-user seen sets
+-- and the small per-category buckets keep the compact one (docs/agents.md, session 8:
+-- the memory either way). Checked once per key and chunk: a restart that loaded the
+-- set back as a listpack (or a Redis that shrinks encodings) is converted again.
+local T_wide = {}
+local WIDE = string.rep('~', 300)
+local function t_wide(key)
+  if T_wide[key] == nil then
+    T_wide[key] = true
+    if redis.call('OBJECT', 'ENCODING', key) == 'listpack' then
+      redis.call('ZADD', key, '0', WIDE)
+      redis.call('ZREM', key, WIDE)
+    end
+  end
+end
 -- the event's buckets from K[first] on (one per window); a function of the chunk, not a
 -- closure made per event
-local function t_buckets(K, first, r, item, clock)
+local function t_buckets(K, first, r, item, clock, wide)
   local spans = H['spans']
   local dead = r['b']
   for i = 1, #spans do
@@ -146,6 +169,7 @@ local function t_buckets(K, first, r, item, clock)
     if clock < dead[i] then
       local key = K[first + i - 1]
       t_bump(key, r['ps'], item, H['bcap'])
+      if wide then t_wide(key) end
       -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
       if not T_index[key] then
         T_index[key] = true
@@ -179,11 +203,12 @@ local pw = r['pw']
 if pw <= 0 then return 0 end
 local item = ev['item']
 t_bump(K[2], r['d'], item, H['pcap'])
-t_buckets(K, 4, r, item, clock)
+t_buckets(K, 4, r, item, clock, true)
 local cat = r['cat']
 if cat then
   local at = 4 + #H['spans']
   t_bump(K[at], r['d'], item, H['pcap'])
+  t_wide(K[at])
   local cats = T_cats[K[at + 1]]
   if not cats then
     -- read now so that a key of the wrong type fails this event, not the chunk's end
@@ -193,7 +218,7 @@ if cat then
   end
   local newest = cats[cat]
   if (not newest) or ts > newest then cats[cat] = ts end
-  t_buckets(K, at + 2, r, item, clock)
+  t_buckets(K, at + 2, r, item, clock, false)
 end
 return 0
 """
