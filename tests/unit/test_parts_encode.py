@@ -1,5 +1,6 @@
-"""`FeaturesPart.encode` without Redis: its per-(type, item facts) cache of an event's
-affinity list gives every event the list `deltas` makes for it."""
+"""The hot store's parts' encoding without Redis: what their caches give each event is
+what a fresh computation gives it (`FeaturesPart`'s affinity lists, `TrendingPart`'s
+keys)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 from agents.catalog import BatchContext, ItemFacts
 from agents.features import FeaturesPart
+from agents.state import keys_of
+from agents.trending import WINDOWS, TrendingPart
 from recstream.settings import Settings
 from streams.schema import Event
 
@@ -51,3 +54,24 @@ def test_cached_affinities_equal_a_fresh_computation() -> None:
         _, doc = part.encode(e, context)
         assert doc["a"] == flat(part, e, context), e.event_id
         assert doc["t"] == f"n:{e.event_type}"
+
+
+def test_trending_keys_equal_the_keys_built_directly() -> None:
+    part = TrendingPart(Settings())
+    for namespace in ("a", "b"):
+        for category in (None, "shoes", "hats"):
+            for ts in (1_700_000_000.0, 1_700_000_300.0, 1_700_003_600.0):
+                starts = tuple(w.bucket(ts) for w in WINDOWS)
+                keys = keys_of(namespace)
+                expected = [keys.trend_clock, keys.popularity_decayed, keys.counts_index]
+                expected += [
+                    keys.counts_bucket(w.span_s, b) for w, b in zip(WINDOWS, starts, strict=True)
+                ]
+                if category is not None:
+                    expected += [keys.popularity_category(category), keys.categories]
+                    expected += [
+                        keys.counts_bucket(w.span_s, b, category)
+                        for w, b in zip(WINDOWS, starts, strict=True)
+                    ]
+                for _ in range(2):  # made, then from the cache
+                    assert part._keys_of(namespace, category, starts) == tuple(expected)
