@@ -735,13 +735,21 @@ class RedisHotStore:
             lists: dict[tuple[str, ...], int] = {}
             positions: list[list[int]] = []
             docs: list[dict[str, Any]] = []
+            # (an actor's events come together, `by_actor`: its seen set's number is
+            # looked up once for the run of them)
+            last: tuple[str, str] | None = None
+            seen = 0
             for event in events[start : start + APPLY_CHUNK]:
-                seen_key = keys_of(event.namespace).seen(event.actor)
+                actor = (event.namespace, event.actor)
+                if actor != last:
+                    last = actor
+                    seen_key = keys_of(actor[0]).seen(actor[1])
+                    seen = index.setdefault(seen_key, len(index) + 1)
                 doc: dict[str, Any] = {
                     "id": event.event_id,
                     "ts": event.timestamp,
                     "item": event.item_id or "",
-                    "s": index.setdefault(seen_key, len(index) + 1),
+                    "s": seen,
                 }
                 numbers: list[int] = []
                 for part, name in zip(parts, names, strict=True):

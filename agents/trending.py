@@ -259,6 +259,8 @@ class TrendingPart:
             "spans": [w.span_s for w in WINDOWS],
         }
         self._weights = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        # each weight as its exact shortest string (a handful of weights)
+        self._texts: dict[float, str] = {}
         self._keys: dict[tuple[str, str | None, tuple[int, ...]], tuple[str, ...]] = {}
         self._shared: dict[tuple[str, tuple[int, ...]], tuple[str, ...]] = {}
         self._category: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -340,6 +342,9 @@ class TrendingPart:
             weight = max(0.0, s.weight(event.event_type))
         if event.item_id is None or weight <= 0:
             return (keys_of(event.namespace).trend_clock,), {"pw": 0.0}
+        text = self._texts.get(weight)
+        if text is None:
+            text = self._texts[weight] = repr(weight)
         category = context.facts(event).category
         ts = event.timestamp
         starts, dead = self._buckets(ts)
@@ -347,7 +352,7 @@ class TrendingPart:
         decayed = weight * 2 ** min(
             (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
         )
-        doc: dict[str, Any] = {"pw": weight, "ps": repr(weight), "d": repr(decayed), "b": dead}
+        doc: dict[str, Any] = {"pw": weight, "ps": text, "d": repr(decayed), "b": dead}
         if category is not None:
             doc["cat"] = category
         return self._keys_of(event.namespace, category, starts), doc
