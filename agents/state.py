@@ -374,6 +374,7 @@ class WindowsPart:
         }
         # Negative feedback lowers affinities, never a popularity count.
         self._pw = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        self._texts: dict[float, str] = {}
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
@@ -392,8 +393,11 @@ class WindowsPart:
         if pw is None:
             pw = max(0.0, self.settings.weight(event.event_type))
         # the weight also as Python's exact shortest string: ZINCRBY reads it as it is,
-        # where a Lua number would be formatted with %.17g
-        return found, [entry.decode(), pw, repr(pw)]
+        # where a Lua number would be formatted with %.17g (made once per weight)
+        text = self._texts.get(pw)
+        if text is None:
+            text = self._texts[pw] = repr(pw)
+        return found, [entry.decode(), pw, text]
 
 
 _KEYS: dict[str, Keys] = {}
