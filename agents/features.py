@@ -49,7 +49,7 @@ import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError, WatchError
 
-from agents.catalog import ALS_MODEL, BatchContext, ItemFacts
+from agents.catalog import ALS_MODEL, BatchContext
 from agents.identity import SESSION_PREFIX, Login
 from agents.state import (
     DURABLE_ITEM_BYTES,
@@ -466,9 +466,6 @@ class FeaturesPart:
         }
         self._weights = dict(settings.event_weights)
         self._keys: dict[tuple[str, str, str | None], tuple[str, ...]] = {}
-        # (read-only once made: the encoded documents of a chunk share them)
-        self._flat: dict[tuple[str, ItemFacts | None], list[Any]] = {}
-        self._type_fields = {t: f"n:{t}" for t in settings.event_weights}
 
     def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
         """What ``event`` adds to each affinity ``(attr, value)``, summed."""
@@ -520,34 +517,19 @@ class FeaturesPart:
             self._keys[(namespace, actor, version)] = found
         return found
 
-    def _affinities(self, event: Event, context: BatchContext) -> list[Any]:
-        """`deltas` as one flat list (attr, field, delta, attr, ...): a Lua table per
-        affinity costs more to decode than the values in it. Field names are made here,
-        not by string concatenation in Lua for every event. An event without impressions
-        or property attributes gets the list of every such event of its type and item
-        facts, made once (``_flat``: the same few combinations recur)."""
-        plain = not event.impression and not (self.property_attributes and event.properties)
-        if plain:
-            facts = context.facts(event) if event.item_id is not None else None
-            cached = self._flat.get((event.event_type, facts))
-            if cached is not None:
-                return cached
-        flat = [
-            x
-            for (attr, value), delta in self.deltas(event, context).items()
-            for x in (attr, f"a:{attr}:{value}", delta)
-        ]
-        if plain:
-            if len(self._flat) > 10_000:
-                self._flat.clear()
-            self._flat[(event.event_type, facts)] = flat
-        return flat
-
     def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
+        deltas = self.deltas(event, context)
         doc: dict[str, Any] = {
-            "t": self._type_fields.get(event.event_type) or f"n:{event.event_type}",
+            # field names made here, not by string concatenation in Lua for every event
+            "t": f"n:{event.event_type}",
             "actor": event.actor,
-            "a": self._affinities(event, context),
+            # one flat list (attr, field, delta, attr, ...): a Lua table per affinity
+            # costs more to decode than the values in it
+            "a": [
+                x
+                for (attr, value), delta in deltas.items()
+                for x in (attr, f"a:{attr}:{value}", delta)
+            ],
         }
         if event.session_id is not None:
             doc["s"] = event.session_id

@@ -1,5 +1,5 @@
-"""The hot store's parts' encoding without Redis: what their caches give each event is
-what a fresh computation gives it (`FeaturesPart`'s affinity lists, `TrendingPart`'s
+"""The hot store's parts' encoding without Redis: what each event is given is what a
+fresh computation gives it (`FeaturesPart`'s affinity lists, `TrendingPart`'s cached
 keys)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def flat(part: FeaturesPart, event: Event, context: BatchContext) -> list[Any]:
     ]
 
 
-def test_cached_affinities_equal_a_fresh_computation() -> None:
+def test_affinity_lists_equal_a_fresh_computation() -> None:
     settings = Settings(affinity_half_life_s={"color": 86_400.0})
     part = FeaturesPart(settings)
     context = BatchContext(
@@ -38,7 +38,7 @@ def test_cached_affinities_equal_a_fresh_computation() -> None:
 
     events = [
         event(1, item_id="a"),
-        event(2, item_id="a"),  # the cached list
+        event(2, item_id="a"),
         event(3, item_id="a", event_type="purchase"),  # another type, another weight
         event(4, item_id="a", properties={"category": "boots"}),  # the event's own category
         event(5, item_id="a", properties={"category": "boots"}),
