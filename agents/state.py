@@ -249,7 +249,7 @@ class LuaPart(Protocol):
     exactly once, atomically with the others (docs/agents.md says why one script rather
     than a dedup per agent). ``lua`` is the body of ``function(K, ev, ARGV)``: ``K`` is
     the part's own keys, ``ev`` the decoded event document (``ev[name]`` is what `encode`
-    returned, ``ev.ts``, ``ev.item``, and ``ev.n`` its position in the chunk); it returns
+    returned, ``ev.ts``, ``ev.item``; ``N`` is its position in the chunk); it returns
     1 to raise the part's flag in the result, else 0.
 
     A part may also define ``prelude`` (Lua run once per chunk before the events: state
@@ -334,7 +334,7 @@ if pw > 0 then
   -- Evict the least recently touched items, not the lowest counts: a new item starts
   -- at the bottom and must get the chance to climb. (Events of one chunk are a
   -- microsecond apart, in order.)
-  local added = redis.call('ZADD', K[3], now_plus(ev['n']), ev['item'])
+  local added = redis.call('ZADD', K[3], now_plus(N), ev['item'])
   local n = W_card[K[3]]
   if n == nil then n = redis.call('ZCARD', K[3]) else n = n + added end
   local cap = H['pcap']
@@ -374,6 +374,7 @@ class WindowsPart:
         }
         # Negative feedback lowers affinities, never a popularity count.
         self._pw = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        self._texts: dict[float, str] = {}
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
@@ -392,8 +393,11 @@ class WindowsPart:
         if pw is None:
             pw = max(0.0, self.settings.weight(event.event_type))
         # the weight also as Python's exact shortest string: ZINCRBY reads it as it is,
-        # where a Lua number would be formatted with %.17g
-        return found, [entry.decode(), pw, repr(pw)]
+        # where a Lua number would be formatted with %.17g (made once per weight)
+        text = self._texts.get(pw)
+        if text is None:
+            text = self._texts[pw] = repr(pw)
+        return found, [entry.decode(), pw, text]
 
 
 _KEYS: dict[str, Keys] = {}
@@ -440,6 +444,9 @@ local function now_plus(n)
   return string.format('%d.%06d', NOW_S + math.floor(us / 1000000), us % 1000000)
 end
 local parts = {}
+-- the position in the chunk of the event the parts run for (a local of the script, not
+-- a field of the event: a ninth key in an eight-key table would rehash it, per event)
+local N = 0
 """
 
 # The seen sets: ids ranked by arrival (a per-actor counter), not by event time, so a
@@ -560,7 +567,7 @@ end
 local out = {}
 for i = 1, #EV do
   local ev = EV[i]
-  ev['n'] = i
+  N = i
   local seen_key = KEYS[ev['s']]
   if seen(seen_key, ev['id']) then
     out[i] = 0
@@ -581,7 +588,7 @@ end
 # Returns 0 if applied before, else 1 + 2 * flags; an error fails the script.
 _SINGLE = """
 local ev = cjson.decode(ARGV[1])
-ev['n'] = 0
+N = 0
 local lists = {}
 local at = 2
 for p = 1, #parts do
@@ -732,13 +739,21 @@ class RedisHotStore:
             lists: dict[tuple[str, ...], int] = {}
             positions: list[list[int]] = []
             docs: list[dict[str, Any]] = []
+            # (an actor's events come together, `by_actor`: its seen set's number is
+            # looked up once for the run of them)
+            last: tuple[str, str] | None = None
+            seen = 0
             for event in events[start : start + APPLY_CHUNK]:
-                seen_key = keys_of(event.namespace).seen(event.actor)
+                actor = (event.namespace, event.actor)
+                if actor != last:
+                    last = actor
+                    seen_key = keys_of(actor[0]).seen(actor[1])
+                    seen = index.setdefault(seen_key, len(index) + 1)
                 doc: dict[str, Any] = {
                     "id": event.event_id,
                     "ts": event.timestamp,
                     "item": event.item_id or "",
-                    "s": index.setdefault(seen_key, len(index) + 1),
+                    "s": seen,
                 }
                 numbers: list[int] = []
                 for part, name in zip(parts, names, strict=True):

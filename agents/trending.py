@@ -136,9 +136,32 @@ local function t_bump(key, score, item, cap)
   redis.call('ZINCRBY', key, score, item)
   T_caps[key] = cap
 end
+-- A sorted set that most events write, as a skiplist rather than a listpack. Redis keeps
+-- a sorted set of up to zset-max-listpack-entries (128) members as one flat array, and
+-- an increment's insert walks it, parsing every score on the way (strtod of a 17-digit
+-- decayed score: the largest single cost of the script); a skiplist finds the place
+-- in O(log n). A member longer than zset-max-listpack-value (64) converts the set, and
+-- Redis does not convert it back when members go, so one ZADD and ZREM of a member no
+-- item can have (item ids are at most 256 characters) leave the same members and scores
+-- in the faster encoding. Only the per-category popularity and the global buckets, a
+-- few thousand keys whatever the users (bounded by their caps); the per-user seen sets
+-- and the small per-category buckets keep the compact one (docs/agents.md, session 8:
+-- the memory either way). Checked once per key and chunk: a restart that loaded the
+-- set back as a listpack (or a Redis that shrinks encodings) is converted again.
+local T_wide = {}
+local WIDE = string.rep('~', 300)
+local function t_wide(key)
+  if T_wide[key] == nil then
+    T_wide[key] = true
+    if redis.call('OBJECT', 'ENCODING', key) == 'listpack' then
+      redis.call('ZADD', key, '0', WIDE)
+      redis.call('ZREM', key, WIDE)
+    end
+  end
+end
 -- the event's buckets from K[first] on (one per window); a function of the chunk, not a
 -- closure made per event
-local function t_buckets(K, first, r, item, clock)
+local function t_buckets(K, first, r, item, clock, wide)
   local spans = H['spans']
   local dead = r['b']
   for i = 1, #spans do
@@ -146,6 +169,7 @@ local function t_buckets(K, first, r, item, clock)
     if clock < dead[i] then
       local key = K[first + i - 1]
       t_bump(key, r['ps'], item, H['bcap'])
+      if wide then t_wide(key) end
       -- a bucket new to the index gets its TTL (a backstop: the sweep deletes it)
       if not T_index[key] then
         T_index[key] = true
@@ -179,11 +203,12 @@ local pw = r['pw']
 if pw <= 0 then return 0 end
 local item = ev['item']
 t_bump(K[2], r['d'], item, H['pcap'])
-t_buckets(K, 4, r, item, clock)
+t_buckets(K, 4, r, item, clock, true)
 local cat = r['cat']
 if cat then
   local at = 4 + #H['spans']
   t_bump(K[at], r['d'], item, H['pcap'])
+  t_wide(K[at])
   local cats = T_cats[K[at + 1]]
   if not cats then
     -- read now so that a key of the wrong type fails this event, not the chunk's end
@@ -193,7 +218,7 @@ if cat then
   end
   local newest = cats[cat]
   if (not newest) or ts > newest then cats[cat] = ts end
-  t_buckets(K, at + 2, r, item, clock)
+  t_buckets(K, at + 2, r, item, clock, false)
 end
 return 0
 """
@@ -234,7 +259,11 @@ class TrendingPart:
             "spans": [w.span_s for w in WINDOWS],
         }
         self._weights = {t: max(0.0, w) for t, w in settings.event_weights.items()}
+        # each weight as its exact shortest string (a handful of weights)
+        self._texts: dict[float, str] = {}
         self._keys: dict[tuple[str, str | None, tuple[int, ...]], tuple[str, ...]] = {}
+        self._shared: dict[tuple[str, tuple[int, ...]], tuple[str, ...]] = {}
+        self._category: dict[tuple[str, str], tuple[str, ...]] = {}
         self._steps: dict[int, tuple[tuple[int, ...], list[int]]] = {}
 
     def _keys_of(
@@ -244,18 +273,46 @@ class TrendingPart:
         a stream the same few combinations come again and again."""
         found = self._keys.get((namespace, category, starts))
         if found is None:
+            # A miss is common (a category's first event of a 300 s step: about half
+            # the events of a stream with a thousand categories), so the parts that do
+            # not change with it are kept apart: the namespace's and the step's keys,
+            # and the category's lists; only its buckets are made here.
             if len(self._keys) > 10_000:
                 self._keys.clear()
             keys = keys_of(namespace)
-            made = [keys.trend_clock, keys.popularity_decayed, keys.counts_index]
-            made += [keys.counts_bucket(w.span_s, b) for w, b in zip(WINDOWS, starts, strict=True)]
-            if category is not None:
-                made += [keys.popularity_category(category), keys.categories]
-                made += [
-                    keys.counts_bucket(w.span_s, b, category)
-                    for w, b in zip(WINDOWS, starts, strict=True)
-                ]
-            found = self._keys[(namespace, category, starts)] = tuple(made)
+            shared = self._shared.get((namespace, starts))
+            if shared is None:
+                if len(self._shared) > 1_000:
+                    self._shared.clear()
+                shared = self._shared[(namespace, starts)] = (
+                    keys.trend_clock,
+                    keys.popularity_decayed,
+                    keys.counts_index,
+                    *(
+                        keys.counts_bucket(w.span_s, b)
+                        for w, b in zip(WINDOWS, starts, strict=True)
+                    ),
+                )
+            if category is None:
+                found = shared
+            else:
+                lists = self._category.get((namespace, category))
+                if lists is None:
+                    if len(self._category) > 10_000:
+                        self._category.clear()
+                    lists = self._category[(namespace, category)] = (
+                        keys.popularity_category(category),
+                        keys.categories,
+                    )
+                found = (
+                    *shared,
+                    *lists,
+                    *(
+                        keys.counts_bucket(w.span_s, b, category)
+                        for w, b in zip(WINDOWS, starts, strict=True)
+                    ),
+                )
+            self._keys[(namespace, category, starts)] = found
         return found
 
     def _buckets(self, ts: float) -> tuple[tuple[int, ...], list[int]]:
@@ -285,6 +342,9 @@ class TrendingPart:
             weight = max(0.0, s.weight(event.event_type))
         if event.item_id is None or weight <= 0:
             return (keys_of(event.namespace).trend_clock,), {"pw": 0.0}
+        text = self._texts.get(weight)
+        if text is None:
+            text = self._texts[weight] = repr(weight)
         category = context.facts(event).category
         ts = event.timestamp
         starts, dead = self._buckets(ts)
@@ -292,7 +352,7 @@ class TrendingPart:
         decayed = weight * 2 ** min(
             (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
         )
-        doc: dict[str, Any] = {"pw": weight, "ps": repr(weight), "d": repr(decayed), "b": dead}
+        doc: dict[str, Any] = {"pw": weight, "ps": text, "d": repr(decayed), "b": dead}
         if category is not None:
             doc["cat"] = category
         return self._keys_of(event.namespace, category, starts), doc

@@ -85,6 +85,13 @@ def taobao_rows(limit: int) -> list[list[str]]:
 
 ORDER = "dataset"
 """``dataset`` (the slice's order, user after user) or ``time`` (by event time)."""
+REDIS_CONFIG: dict[str, str] = {}
+"""``--redis-config``: redis.conf settings the instructions and memory runs set first."""
+
+
+async def configure(redis: aioredis.Redis) -> None:
+    for name, value in REDIS_CONFIG.items():
+        await redis.config_set(name, value)
 
 
 def events_of(rows: Sequence[list[str]], namespace: str, copies: int = 1) -> list[Event]:
@@ -323,10 +330,17 @@ async def commands(settings: Settings, rows: Sequence[list[str]], batch: int) ->
     )
 
 
-def instructions(settings: Settings, rows: Sequence[list[str]], warm: int, count: int) -> None:
+def instructions(
+    settings: Settings,
+    rows: Sequence[list[str]],
+    warm: int,
+    count: int,
+    keep: Path | None = None,
+) -> None:
     """redis-server's instructions per event (callgrind) for the Redis part: the server
     runs under valgrind on a port of its own, its counters are zeroed after the set-up
-    and the first ``warm`` events, and dumped after the next ``count``."""
+    and the first ``warm`` events, and dumped after the next ``count``. With ``keep``,
+    the dump is copied there (for ``callgrind_annotate``: where the instructions go)."""
     valgrind = shutil.which("valgrind")
     control = shutil.which("callgrind_control")
     if valgrind is None or control is None:
@@ -352,6 +366,8 @@ def instructions(settings: Settings, rows: Sequence[list[str]], warm: int, count
                 total = max(
                     int(line.split()[1]) for line in text.splitlines() if line.startswith("totals:")
                 )
+                if keep is not None:
+                    shutil.copyfile(dump, keep)
     finally:
         server.terminate()
         server.wait(60)
@@ -380,6 +396,7 @@ async def _instructions_run(
             except (OSError, RedisError):
                 await asyncio.sleep(0.1)
         ns = f"instructions-{os.getpid()}"
+        await configure(redis)
         await prepare(redis, ns, rows)
         events = events_of(rows, ns)
         hot = build_agent(stores, settings).hot
@@ -496,6 +513,7 @@ async def memory(settings: Settings, rows: Sequence[list[str]], users: int) -> N
     redis = aioredis.from_url(settings.redis_url)
     try:
         ns = "mem"
+        await configure(redis)
         await prepare(redis, ns, rows)
         base_users = len({r[0] for r in rows})
         copies = max(1, users // base_users)
@@ -530,6 +548,19 @@ async def memory(settings: Settings, rows: Sequence[list[str]], users: int) -> N
             mean = total / len(actors)
             print(f"{family:<10}{mean:>12,.0f}{mean * 1e5 / 2**20:>20,.1f}")
         print(f"{'total':<10}{per_user:>12,.0f}{per_user * 1e5 / 2**20:>20,.1f}")
+        # The keys all users share (popularity, buckets, categories, the index): bounded
+        # by their caps rather than by users, but their encoding is what
+        # zset-max-listpack-entries changes.
+        own = {f"rs:{ns}:{family}:" for family in ("win", "seen", "feat", "emb", "item")}
+        shared = 0
+        async for key in redis.scan_iter(match=f"rs:{ns}:*", count=1000):
+            name = key.decode()
+            if not any(name.startswith(prefix) for prefix in own) and ":model:" not in name:
+                shared += int(await redis.memory_usage(key) or 0)
+        print(
+            f"shared keys (popularity, trending, categories): {shared / 2**20:,.1f} MB "
+            f"for {len(events):,} events"
+        )
     finally:
         await redis.aclose()
 
@@ -544,13 +575,23 @@ def main() -> None:
     parser.add_argument("--instructions-warm", type=int, default=7000)
     parser.add_argument("--instructions-events", type=int, default=3000)
     parser.add_argument(
+        "--callgrind-out", type=Path, default=None, help="keep the instructions' callgrind dump"
+    )
+    parser.add_argument(
+        "--redis-config",
+        default="",
+        help="CONFIG SET before the instructions and memory runs, e.g. "
+        "zset-max-listpack-entries=0 (an operator's redis.conf choice, measured)",
+    )
+    parser.add_argument(
         "--only",
         default="throughput,dedup,memory,latency",
         help="comma-separated sections to run (default: all)",
     )
     args = parser.parse_args()
-    global ORDER
+    global ORDER, REDIS_CONFIG
     ORDER = args.order
+    REDIS_CONFIG = dict(pair.split("=", 1) for pair in args.redis_config.split(",") if pair.strip())
     sections = set(args.only.split(","))
     rows = taobao_rows(args.events)
     tune_gc()  # as `recstream agents` does
@@ -560,7 +601,13 @@ def main() -> None:
         if "commands" in sections:
             asyncio.run(commands(settings, rows, args.batch))
         if "instructions" in sections:
-            instructions(settings, rows, args.instructions_warm, args.instructions_events)
+            instructions(
+                settings,
+                rows,
+                args.instructions_warm,
+                args.instructions_events,
+                args.callgrind_out,
+            )
         if "dedup" in sections:
             asyncio.run(dedup_designs(settings, rows, args.batch))
         if "memory" in sections:

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from agents.features import read_user_state
-from agents.trending import materialize, rebuild
+from agents.trending import WINDOWS, materialize, rebuild
 from recstream.archive import read_events, write_events
 from recstream.keys import Keys
 from recstream.settings import Settings
+from streams.schema import Event
 from tests.agents.streamdata import (
     factors_of,
     hash_of,
@@ -151,3 +152,66 @@ def test_the_rebuild_command_reads_the_archive(local_stack: LocalStack, shared_d
             await client.aclose()
 
     assert float(asyncio.run(top())["t"]) == max(e.timestamp for e in recent)
+
+
+async def test_busy_sorted_sets_are_skiplists_with_the_same_members(
+    local_stack: LocalStack,
+) -> None:
+    """The per-category popularity and the global buckets are kept as skiplists (the
+    script's `t_wide`: faster increments), with exactly the members and scores of the
+    compact encoding: no trace of the converting member, the same TTLs; the small
+    per-category buckets and the seen sets stay compact; a set that came back compact
+    (a restart loads small sets so) is converted again by the next chunk."""
+    settings = make_settings(local_stack)
+    ns = settings.namespace
+    keys = Keys(ns)
+    ts = 1_700_000_000.0
+
+    def view(n: int, item: str) -> Event:
+        return Event(
+            event_id=f"e{n}",
+            event_type="view",
+            user_id=f"u{n % 2}",
+            item_id=item,
+            timestamp=ts + n,
+            properties={"category": "shoes"},
+            namespace=ns,
+        )
+
+    async with agent_of(settings) as (agent, redis):
+        await feed(agent, [view(n, f"i{n % 3}") for n in range(6)], 100)
+        busy = [
+            keys.popularity_category("shoes"),
+            *(keys.counts_bucket(w.span_s, w.bucket(ts)) for w in WINDOWS),
+        ]
+        small = [
+            keys.seen("u0"),
+            *(keys.counts_bucket(w.span_s, w.bucket(ts), "shoes") for w in WINDOWS),
+        ]
+        for key in busy:
+            assert await redis.object("encoding", key) in ("skiplist", b"skiplist"), key
+            assert await redis.zrange(key, 0, -1) == [b"i0", b"i1", b"i2"], key
+        for key in small:
+            assert await redis.object("encoding", key) in ("listpack", b"listpack"), key
+        # the counts: 2 views of each item, whatever the encoding
+        assert await redis.zrange(busy[1], 0, -1, withscores=True) == [
+            (b"i0", 2.0),
+            (b"i1", 2.0),
+            (b"i2", 2.0),
+        ]
+        assert 0 < await redis.ttl(busy[1]) <= 2 * 3600 + 300
+        # a compact copy (as a restart would load it) is converted again
+        dumped = await redis.dump(busy[0])
+        assert dumped is not None
+        ttl = await redis.pttl(busy[0])
+        await redis.delete(busy[0])
+        await redis.restore(busy[0], max(ttl, 0), dumped)
+        assert await redis.object("encoding", busy[0]) in ("listpack", b"listpack")
+        before = await redis.zscore(busy[0], "i0")
+        await feed(agent, [view(6, "i0")], 100)
+        assert await redis.object("encoding", busy[0]) in ("skiplist", b"skiplist")
+        assert await redis.zrange(busy[0], 0, -1) == [b"i1", b"i2", b"i0"]
+        now = await redis.zscore(busy[0], "i0")
+        assert now is not None
+        assert before is not None
+        assert now > before
