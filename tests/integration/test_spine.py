@@ -96,7 +96,9 @@ async def test_a_click_travels_the_whole_spine(api: RunningApi, tmp_path: Path) 
             async def niche_first() -> dict[str, Any] | None:
                 r = await client.get("/v1/recommendations", params={"user_id": "alice"})
                 body: dict[str, Any] = r.json()
-                return body if body["items"][0]["item_id"] == "niche" else None
+                # (a degraded answer, a store slow under load, may be empty: ask again)
+                items = body["items"]
+                return body if items and items[0]["item_id"] == "niche" else None
 
             after = await eventually(niche_first, "alice's click changing her recommendations", log)
             metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
