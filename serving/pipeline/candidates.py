@@ -36,7 +36,6 @@ on data already in memory.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -192,9 +191,10 @@ class Sources:
             self._interner = Interner()
         return self._interner
 
-    def table(self, rows: Sequence[tuple[str, float]]) -> Table:
-        """A live list (unique members, best first) as arrays, kept with the list."""
-        interner = self.interner
+    @staticmethod
+    def table(rows: Sequence[tuple[str, float]], interner: Interner) -> Table:
+        """A live list (unique members, best first) as arrays by ``interner``, kept with
+        the list."""
         cached = rows.table if isinstance(rows, Rows) else None
         if cached is not None and cached.interner is interner:
             return cached
@@ -712,30 +712,17 @@ class Sources:
             [s for rows in lists.values() for _, s in rows[:1]]
             + ([popularity.top[0][1]] if popularity is not None and popularity.top else [])
         )
-        if restrict is not None:
-            scores: dict[str, float] = {}
-            category: dict[str, str] = {}
-            for name, rows in lists.items():
-                for item, count in rows:
-                    score = affinity[name] * (1.0 + count / (top + 1.0))
-                    if score > scores.get(item, -math.inf):
-                        scores[item] = score
-                        category[item] = name
-            out.scores = _keep(scores, restrict, n)
-            out.category = {i: category[i] for i in out.scores}
-            return out
         # In numpy: up to five lists of 200 were a loop of ~1,000 dictionary updates a
         # request. The same floats (the same three operations per pair) and the same
         # choice: each item's best score, the first list's on ties (the loop's strict
-        # `>`), items in order of first sight, then `best`'s cut (highest, ties by id).
+        # `>`), items in order of first sight, then `_keep`: those of ``restrict``, else
+        # `best`'s cut (highest, ties by id). One numbering for every list of the call
+        # (a full one is replaced at the next call).
+        interner = self.interner
         names = tuple(lists)
-        tables = [self.table(rows) for rows in lists.values()]
-        interner = tables[-1].interner
+        tables = [self.table(rows, interner) for rows in lists.values()]
         lengths = [len(t) for t in tables]
         codes = np.concatenate([t.codes for t in tables])
-        if any(t.interner is not interner for t in tables):
-            # (the numbering was replaced between two lists: number them all anew)
-            codes = interner.encode([item for rows in lists.values() for item, _ in rows])
         counts = np.concatenate([t.values for t in tables])
         affinities = np.repeat(np.array([affinity[c] for c in names]), lengths)
         scored = affinities * (1.0 + counts / (top + 1.0))
@@ -746,13 +733,16 @@ class Sources:
         heads = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
         first_seen = np.minimum.reduceat(position[order], heads)
         chosen = order[heads][np.argsort(first_seen, kind="stable")]
-        if len(chosen) > n:
+        ids = interner.ids
+        if restrict is not None:
+            allowed = [ids[c] in restrict for c in codes[chosen].tolist()]
+            chosen = chosen[np.fromiter(allowed, bool, len(allowed))]
+        elif len(chosen) > n:
             values = scored[chosen]
             nth = np.partition(values, len(values) - n)[len(values) - n]
             contenders = chosen[values >= nth]
             contenders = contenders[np.argsort(-scored[contenders], kind="stable")]
             ranked = contenders.tolist()
-            ids = interner.ids
             order_ties(ranked, scored[contenders].tolist(), lambda i: ids[int(codes[i])])
             chosen = np.asarray(ranked[:n], dtype=np.intp)
         items = interner.decode(codes[chosen].tolist())

@@ -26,9 +26,12 @@ category_lists = st.dictionaries(
 
 
 def plain(
-    affinity: dict[str, float], lists: dict[str, list[tuple[str, float]]], n: int
+    affinity: dict[str, float],
+    lists: dict[str, list[tuple[str, float]]],
+    n: int,
+    restrict: set[str] | None = None,
 ) -> tuple[dict[str, float], dict[str, str]]:
-    """The loop the arrays replace, as it was written."""
+    """The loop the arrays replace, as it was written (with `_keep`'s two cuts)."""
     top = max(s for rows in lists.values() for _, s in rows[:1])
     scores: dict[str, float] = {}
     category: dict[str, str] = {}
@@ -38,7 +41,10 @@ def plain(
             if score > scores.get(item, -math.inf):
                 scores[item] = score
                 category[item] = name
-    kept = best(scores, n)
+    if restrict is not None:
+        kept = {i: s for i, s in scores.items() if i in restrict}
+    else:
+        kept = best(scores, n)
     return kept, {i: category[i] for i in kept}
 
 
@@ -47,9 +53,10 @@ def plain(
     lists=category_lists.filter(lambda ls: all(ls.values())),
     weights=st.lists(st.sampled_from([0.5, 1.0, 1.8, 2.25]), min_size=5, max_size=5),
     n=st.integers(1, 60),
+    restrict=st.sets(items, max_size=30),
 )
 def test_category_popularity_in_arrays_equals_the_loop(
-    lists: dict[str, list[tuple[str, float]]], weights: list[float], n: int
+    lists: dict[str, list[tuple[str, float]]], weights: list[float], n: int, restrict: set[str]
 ) -> None:
     affinity = dict(zip(lists, weights, strict=False))
     sources = Sources(None, 1.0)  # type: ignore[arg-type]  # (no Redis read here)
@@ -61,16 +68,21 @@ def test_category_popularity_in_arrays_equals_the_loop(
     # once more from the arrays kept with the lists: the same
     again = sources._category_scores(affinity, live, False, None, None, n)
     assert list(again.scores.items()) == list(scores.items())
-    # the restricted path (re-ranking) keeps the loop
+    # restricted (re-ranking): every given item it scores, in order of first sight
     restricted = sources._category_scores(affinity, live, False, None, set(scores), n)
     assert restricted.scores == {i: s for i, s in scores.items()}
+    out = sources._category_scores(affinity, live, False, None, restrict, n)
+    scores, category = plain(affinity, lists, n, restrict)
+    assert list(out.scores.items()) == list(scores.items())
+    assert out.category == category
 
 
 def test_a_full_numbering_is_replaced_and_the_lists_coded_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # a numbering that fills up while the lists are coded: each list may end up coded by
-    # a different one, and the answer is still the loop's
+    # a numbering that fills up while the lists are coded: the next call replaces it and
+    # codes the lists (whose arrays are kept by the full one) again; the answer is still
+    # the loop's
     monkeypatch.setattr(codes, "MAX_CODES", 15)  # full after the first list
     lists = {
         "Drama": [(f"d{n}", float(40 - n)) for n in range(20)],
@@ -81,9 +93,15 @@ def test_a_full_numbering_is_replaced_and_the_lists_coded_again(
     live = {name: Rows(rows) for name, rows in lists.items()}
     first = sources.interner
     out = sources._category_scores(affinity, live, False, None, None, 30)
-    assert sources._interner is not first  # replaced between the two lists
     scores, category = plain(affinity, lists, 30)
     assert list(out.scores.items()) == list(scores.items())
     assert out.category == category
+    assert first.full
     again = sources._category_scores(affinity, live, False, None, None, 30)
+    assert sources._interner is not first  # replaced
+    assert all(
+        rows.table is not None and rows.table.interner is sources._interner
+        for rows in live.values()
+    )  # coded again by the new one
     assert list(again.scores.items()) == list(scores.items())
+    assert again.category == category
