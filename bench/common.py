@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,19 +17,34 @@ import httpx
 from recstream import stack
 from recstream.settings import Settings
 
-__all__ = ["local_settings", "start_api", "summarize", "wait_http"]
+__all__ = ["local_settings", "local_stack", "start_api", "summarize", "wait_http"]
 
 
 @contextmanager
-def local_settings(*, kinesis_mock: bool = False, **overrides: object) -> Iterator[Settings]:
-    """redis-server + moto (+ kinesis-mock) on free ports, resources created."""
+def local_stack(
+    *,
+    durable: bool = False,
+    kinesis_mock: bool = False,
+    prefix: str = "recstream-bench-",
+    overrides: Mapping[str, object] | None = None,
+) -> Iterator[tuple[Settings, list[stack.Server]]]:
+    """redis-server + moto (+ kinesis-mock) on free ports, resources created: the
+    settings, and the servers in that order (their pids are what the benches watch).
+    ``durable``: as `recstream up` starts them, Redis with its append-only file and the
+    emulator snapshotting its state, since what a user's stack costs is what is measured."""
     servers: list[stack.Server] = []
-    with tempfile.TemporaryDirectory(prefix="recstream-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         work = Path(tmp)
         try:
-            redis_server = stack.start_redis(stack.free_port(), work / "redis")
+            redis_server = stack.start_redis(stack.free_port(), work / "redis", durable=durable)
             servers.append(redis_server)
-            moto = stack.start_moto(stack.free_port(), work)
+            moto = stack.start_moto(
+                stack.free_port(),
+                work,
+                state_dir=work / "moto" if durable else None,
+                snapshot_every_s=Settings().emulator_snapshot_s,
+                max_records_per_shard=Settings().emulator_max_records,
+            )
             servers.append(moto)
             kinesis_url = None
             if kinesis_mock:
@@ -43,14 +58,21 @@ def local_settings(*, kinesis_mock: bool = False, **overrides: object) -> Iterat
                 "kinesis_endpoint_url": kinesis_url,
                 "redis_url": f"redis://127.0.0.1:{redis_server.port}/0",
                 "state_dir": work,
-                **overrides,
+                **(overrides or {}),
             }
             settings = Settings(**values)  # type: ignore[arg-type]
             stack.create_resources(settings)
-            yield settings
+            yield settings, servers
         finally:
             for server in reversed(servers):
                 server.stop()
+
+
+@contextmanager
+def local_settings(*, kinesis_mock: bool = False, **overrides: object) -> Iterator[Settings]:
+    """`local_stack`'s settings alone."""
+    with local_stack(kinesis_mock=kinesis_mock, overrides=overrides) as (settings, _):
+        yield settings
 
 
 def summarize(samples_ms: list[float]) -> dict[str, float]:

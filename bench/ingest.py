@@ -31,7 +31,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import start_api, summarize, wait_http
+from bench.common import local_stack, start_api, summarize, wait_http
 from recstream import stack
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -462,48 +461,18 @@ def main() -> None:
     )
     # `timeout` and Ctrl-C alike stop the servers through the finally below.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with tempfile.TemporaryDirectory(prefix="recstream-ingest-") as tmp:
-        work = Path(tmp)
-        servers: list[stack.Server] = []
-        try:
-            # As `recstream up` starts them (recstream.commands.bring_up): Redis with its
-            # append-only file, the emulator snapshotting every 10 s, since what a user's
-            # stack costs is what is measured.
-            durable = not args.ephemeral
-            servers.append(stack.start_redis(stack.free_port(), work / "redis", durable=durable))
-            servers.append(
-                stack.start_moto(
-                    stack.free_port(),
-                    work,
-                    state_dir=work / "moto" if durable else None,
-                    snapshot_every_s=Settings().emulator_snapshot_s,
-                    max_records_per_shard=Settings().emulator_max_records,
-                )
-            )
-            kinesis_url = None
-            if args.kinesis == "kinesis-mock":
-                servers.append(
-                    stack.start_kinesis_mock(
-                        stack.free_port(), work, Settings().kinesis_mock_dir.resolve()
-                    )
-                )
-                kinesis_url = servers[-1].url
-            settings = Settings(
-                aws_endpoint_url=servers[1].url,
-                kinesis_endpoint_url=kinesis_url,
-                redis_url=f"redis://127.0.0.1:{servers[0].port}/0",
-                state_dir=work,
-            )
-            stack.create_resources(settings)
-            # The engine that holds the stream is the one whose speed and memory matter.
-            pids = {"redis": servers[0].process.pid, "stream engine": servers[-1].process.pid}
-            if len(servers) == 3:
-                pids["moto (DynamoDB, S3, SQS)"] = servers[1].process.pid
-            console = Console()
-            report(asyncio.run(measure(settings, options, pids, console)), console)
-        finally:
-            for server in reversed(servers):
-                server.stop()
+    # As `recstream up` starts them (recstream.commands.bring_up) unless --ephemeral.
+    with local_stack(
+        durable=not args.ephemeral,
+        kinesis_mock=args.kinesis == "kinesis-mock",
+        prefix="recstream-ingest-",
+    ) as (settings, servers):
+        # The engine that holds the stream is the one whose speed and memory matter.
+        pids = {"redis": servers[0].process.pid, "stream engine": servers[-1].process.pid}
+        if len(servers) == 3:
+            pids["moto (DynamoDB, S3, SQS)"] = servers[1].process.pid
+        console = Console()
+        report(asyncio.run(measure(settings, options, pids, console)), console)
 
 
 if __name__ == "__main__":

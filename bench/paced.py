@@ -23,17 +23,15 @@ import argparse
 import asyncio
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import local_stack
 from bench.ingest import agents, agents_ready, cpu_seconds
-from recstream import stack
 from recstream.keys import Keys
 from recstream.settings import Settings
 from streams.producer import KinesisProducer
@@ -167,47 +165,23 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--users", type=int, default=40, help="users per client")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="recstream-paced-") as tmp:
-        work = Path(tmp)
-        servers: list[stack.Server] = []
-        try:
-            servers.append(stack.start_redis(stack.free_port(), work / "redis", durable=True))
-            servers.append(
-                stack.start_moto(
-                    stack.free_port(),
-                    work,
-                    state_dir=work / "moto",
-                    snapshot_every_s=Settings().emulator_snapshot_s,
-                    max_records_per_shard=Settings().emulator_max_records,
-                )
+    with local_stack(durable=True, prefix="recstream-paced-") as (settings, servers):
+        pids = {"redis": servers[0].process.pid, "emulator": servers[1].process.pid}
+        result = asyncio.run(
+            measure(
+                settings,
+                pids,
+                rate=args.rate,
+                seconds=args.seconds,
+                clients=args.clients,
+                users=args.users,
             )
-            settings = Settings(
-                aws_endpoint_url=servers[1].url,
-                kinesis_endpoint_url=None,
-                redis_url=f"redis://127.0.0.1:{servers[0].port}/0",
-                state_dir=work,
-            )
-            stack.create_resources(settings)
-            pids = {"redis": servers[0].process.pid, "emulator": servers[1].process.pid}
-            result = asyncio.run(
-                measure(
-                    settings,
-                    pids,
-                    rate=args.rate,
-                    seconds=args.seconds,
-                    clients=args.clients,
-                    users=args.users,
-                )
-            )
-            report(
-                result,
-                Console(),
-                f"the agents alone, {args.rate:,.0f} events/s put, "
-                f"{args.clients * args.users:,} users",
-            )
-        finally:
-            for server in reversed(servers):
-                server.stop()
+        )
+        report(
+            result,
+            Console(),
+            f"the agents alone, {args.rate:,.0f} events/s put, {args.clients * args.users:,} users",
+        )
 
 
 if __name__ == "__main__":
