@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
+import pstats
 import random
 import shutil
 import subprocess
@@ -138,7 +140,9 @@ async def _requests(app: Any, endpoint: str, first: int, count: int, users: Sequ
     return failed
 
 
-async def _inner(endpoint: str, warm: int, count: int, users: Sequence[str]) -> None:
+async def _inner(
+    endpoint: str, warm: int, count: int, users: Sequence[str], profile: str | None = None
+) -> None:
     """In the process valgrind runs: warm up, then the measured requests between two
     lines on stdin (the parent switches instrumentation on and off there)."""
     from serving.app import create_app  # (imported here: the parent does not need it)
@@ -151,6 +155,16 @@ async def _inner(endpoint: str, warm: int, count: int, users: Sequence[str]) -> 
             for user in users:
                 await asgi_call(app, "GET", "/v1/recommendations", f"user_id={user}".encode())
         failed = await _requests(app, endpoint, 0, warm, users)
+        if profile is not None:
+            # cProfile instead of callgrind: where the time goes by Python function
+            # (its per-call overhead inflates call-heavy code; the shares, not the total)
+            profiler = cProfile.Profile()
+            profiler.enable()
+            failed += await _requests(app, endpoint, 1_000_000, count, users)
+            profiler.disable()
+            profiler.dump_stats(profile)
+            print(f"DONE {failed}", flush=True)
+            return
         print(f"READY {failed}", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
         failed = await _requests(app, endpoint, 1_000_000, count, users)
@@ -158,20 +172,11 @@ async def _inner(endpoint: str, warm: int, count: int, users: Sequence[str]) -> 
         await asyncio.to_thread(sys.stdin.readline)
 
 
-def measure(
-    settings: Settings,
-    endpoint: str,
-    warm: int,
-    count: int,
-    users: Sequence[str],
-    root: Path = ROOT,
-    log_level: str = "INFO",
-) -> float:
-    """Instructions per request of ``endpoint`` in a process of its own under callgrind."""
-    valgrind = shutil.which("valgrind")
-    control = shutil.which("callgrind_control")
-    if valgrind is None or control is None:
-        raise SystemExit("bench.request_cost needs valgrind: apt-get install valgrind")
+def _environment(
+    settings: Settings, users: Sequence[str], root: Path, log_level: str
+) -> dict[str, str]:
+    """The measured process's environment: the stack's addresses, and the settings that
+    make every request do its whole work."""
     env = dict(os.environ)
     for name in ("aws_endpoint_url", "kinesis_endpoint_url", "redis_url", "state_dir"):
         value = getattr(settings, name)
@@ -192,10 +197,50 @@ def measure(
             "RECSTREAM_LIVE_LIST_TTL_S": "86400",
             "RECSTREAM_CATALOG_CACHE_TTL_S": "86400",
             "RECSTREAM_ITEM_CACHE_TTL_S": "86400",
+            # string hashing fixed: set and dict orders (and so the work of ties and
+            # merges) otherwise differ from run to run, and moved the count by ~3 %
+            "PYTHONHASHSEED": "0",
             "BENCH_USERS": ",".join(users),
             "PYTHONPATH": str(root),  # the app measured: this checkout's, or --app-root's
         }
     )
+    return env
+
+
+def profile(
+    settings: Settings,
+    endpoint: str,
+    warm: int,
+    count: int,
+    users: Sequence[str],
+    path: Path,
+    root: Path = ROOT,
+    log_level: str = "INFO",
+) -> None:
+    """The same requests under cProfile (no valgrind); the statistics go to ``path``."""
+    env = _environment(settings, users, root, log_level)
+    subprocess.run(
+        [sys.executable, "-c", INNER, __file__, "--inner", endpoint, "--warm", str(warm),
+         "--requests", str(count), "--profile", str(path)],
+        cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def measure(
+    settings: Settings,
+    endpoint: str,
+    warm: int,
+    count: int,
+    users: Sequence[str],
+    root: Path = ROOT,
+    log_level: str = "INFO",
+) -> float:
+    """Instructions per request of ``endpoint`` in a process of its own under callgrind."""
+    valgrind = shutil.which("valgrind")
+    control = shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise SystemExit("bench.request_cost needs valgrind: apt-get install valgrind")
+    env = _environment(settings, users, root, log_level)
     with tempfile.TemporaryDirectory(prefix="recstream-cost-") as tmp:
         out = Path(tmp) / "callgrind.out"
         process = subprocess.Popen(
@@ -256,11 +301,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="INFO",
         help="the app's (INFO, as deployed, writes an access line per request)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="instead of counting, profile the measured requests with cProfile and print "
+        "where the time goes by function (the statistics stay in PROFILE.{endpoint})",
+    )
     parser.add_argument("--inner", choices=ENDPOINTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner:
         users = os.environ.get("BENCH_USERS", "").split(",")
-        asyncio.run(_inner(args.inner, args.warm, args.requests, users))
+        where = str(args.profile) if args.profile is not None else None
+        asyncio.run(_inner(args.inner, args.warm, args.requests, users, where))
         return
     endpoints = [e for e in args.endpoints.split(",") if e]
     unknown = set(endpoints) - set(ENDPOINTS)
@@ -270,6 +322,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         events = movielens(args.events)
         asyncio.run(load_state(settings, events))
         users = sorted({e.user_id for e in events if e.user_id})[:610]
+        if args.profile is not None:
+            for e in endpoints:
+                path = args.profile.with_suffix(f".{e}")
+                profile(settings, e, args.warm, args.requests, users, path.resolve(),
+                        args.app_root.resolve(), args.log_level)  # fmt: skip
+                print(f"\n{e}: {args.requests} requests under cProfile ({path})")
+                stats = pstats.Stats(str(path))
+                stats.sort_stats("tottime").print_stats(25)
+                stats.sort_stats("cumulative").print_stats(40)
+            return
         costs = {
             e: measure(
                 settings,
