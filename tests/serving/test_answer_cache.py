@@ -2,10 +2,11 @@
 request is served again under its own recommendation id and logged; any change to the
 actor's live state, the model versions or the parameters computes a new answer; debug,
 filtered and degraded answers are never kept; a kept answer expires. And the served log
-every answer writes: one round trip a batch."""
+every answer writes: one round trip a batch, answers within its linger in one."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY
 from agents.state import WindowEntry
 from recstream.keys import Keys
 from recstream.settings import Settings
+from serving.pipeline import log as log_module
 from serving.pipeline.memo import AnswerCache
 from streams.schema import Item
 from tests.conftest import LocalStack
@@ -193,3 +195,37 @@ async def test_the_served_log_needs_no_script_check_and_survives_a_script_flush(
             assert indexed == [first.recommendation_id.encode()]
     finally:
         await client.aclose()
+
+
+async def test_answers_within_the_linger_share_one_round_trip(
+    local_stack: LocalStack, monkeypatch: Any
+) -> None:
+    """The served log's flusher waits ``LINGER_S`` before its trip, so answers that follow
+    within it are written with the first (without the wait, the first answer went alone
+    as soon as the request yielded)."""
+    monkeypatch.setattr(log_module, "LINGER_S", 1.0)  # (wide: the machine may be slow)
+    settings = roomy(local_stack)
+    ns, keys = settings.namespace, Keys(settings.namespace)
+    await apply(settings, [event(n, f"crowd{n}", f"pop{n % 3}", ns) for n in range(9)])
+    trips: list[int] = []
+    async with ranker_for(settings) as ranker:
+        write = ranker.served._write
+
+        async def counting(batch: list[Any]) -> list[object]:
+            trips.append(len(batch))
+            return await write(batch)
+
+        monkeypatch.setattr(ranker.served, "_write", counting)
+        answers = [await ranker.recommend(ns, "ida", 3)]
+        await asyncio.sleep(0.05)  # the flusher runs meanwhile: it lingers, then writes
+        answers += [await ranker.recommend(ns, f"guest{n}", 3) for n in range(4)]
+        await ranker.served.drain()
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            for answer in answers:
+                assert await client.get(keys.served(answer.recommendation_id)) is not None
+        finally:
+            await client.aclose()
+    # (a Redis that has not seen the script yet gets the batch a second time, after the
+    # SCRIPT LOAD: the trip is the first one)
+    assert trips[0] == 5
