@@ -372,6 +372,10 @@ def _pairs(raw: Sequence[Any]) -> dict[str, float]:
     return out
 
 
+def _by_score(pair: tuple[str, float]) -> tuple[float, str]:
+    return pair[1], pair[0]
+
+
 def scores_of(
     recent: dict[str, float], previous: dict[str, float], gamma: float, cap: int
 ) -> dict[str, float]:
@@ -466,7 +470,12 @@ async def materialize(
             key = keys.trending(name, category)
             write.delete(key)
             if top:
-                write.zadd(key, top)
+                # Largest (score, item) first: a list of up to 128 items is a listpack,
+                # and each member of a ZADD is inserted by walking it from its smallest,
+                # parsing every score passed (strtod); in this order each one goes in at
+                # the head (items of equal score, common in a trend, in particular).
+                ordered: dict[str, float] = dict(sorted(top.items(), key=_by_score, reverse=True))
+                write.zadd(key, ordered)
                 # a category that stops getting events loses its lists with its buckets
                 write.expire(key, INDEX_TTL_S)
         await write.execute()
