@@ -11,14 +11,14 @@ The writes leave the request path: an answer queues its record, and one backgrou
 flusher per process sends whatever is queued in one pipelined round trip (at most
 ``BATCH`` records a trip). At 1,000 answers a second a task and a round trip per answer
 cost the server more CPU than the records themselves (docs/serving-speed.md). The
-flusher first waits ``LINGER_S`` (10 ms), as a Kafka producer's ``linger.ms`` does, so the
-answers of the next few milliseconds share its trip: a record alone in its trip costs
-~220 µs of CPU, one of ten ~55 µs (session 9), and at 500 answers a second per process a
-trip without the wait carried about one. Attribution reads a record when a later event
-names it, which arrives through the stream a hundred milliseconds later at the soonest. At most
-``MAX_PENDING`` records wait; beyond that (Redis slow or down) a record is dropped and
-counted in ``recstream_served_log_dropped_total`` rather than queueing without bound, and
-a batch Redis refuses is counted the same way.
+flusher first waits ``LINGER_S`` (10 ms), as a Kafka producer's ``linger.ms`` does, so
+the answers of the next few milliseconds share its trip: a record alone in its trip
+costs ~220 µs of CPU, one of ten ~55 µs (session 9), and at 500 answers a second per
+process a trip without the wait carried about one. Attribution reads a record when a
+later event names it, which comes through the stream a hundred milliseconds later at
+the soonest. At most ``MAX_PENDING`` records wait; beyond that (Redis slow or down) a
+record is dropped and counted in ``recstream_served_log_dropped_total`` rather than
+queueing without bound, and a batch Redis refuses is counted the same way.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ One script call reads the window (``rs:{ns}:win:{actor}``), the feature hash
 by agents/features and empty until it runs, and the serving pointer of every published
 model (``rs:{ns}:model:{name}:current``), so the candidate sources know which versions
 to use without another trip. (A pipeline of the four commands read the same; as one
-command redis-py packs one request and parses one reply, which cost a request 0.23 M
-fewer CPU instructions: docs/serving-speed.md, session 9.)
+command redis-py packs one request and parses one reply, and a recommendation costs
+4-8 % fewer CPU instructions: docs/serving-speed.md, session 9.)
 
 When Redis holds no window, the durable copy in DynamoDB tells a new actor from one whose
 window Redis lost; a found window is merged back into Redis off the request path.
