@@ -37,12 +37,15 @@ M = TypeVar("M", bound=MetricWrapperBase)
 
 FLUSH_EVERY_S = 1.0
 
-_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+"""Keyed by the metric itself, not its ``id()``: the key keeps it alive, so a metric made
+later (tests make one per registry) cannot take a freed one's address and be handed that
+one's child or tally (it was: tests/unit/test_prom.py)."""
 
 
 def child(metric: M, *values: str) -> M:
     """``metric.labels(*values)``, from a cache after the first call."""
-    key = (id(metric), values)
+    key = (metric, values)
     found: M | None = _CHILDREN.get(key)
     if found is None:
         found = _CHILDREN[key] = metric.labels(*values)
@@ -75,7 +78,8 @@ class _Tally:
                 bucket.inc(count)
 
 
-_TALLIES: dict[tuple[int, tuple[str, ...]], _Tally] = {}
+_TALLIES: dict[tuple[Histogram, tuple[str, ...]], _Tally] = {}
+"""Keyed by the histogram itself, as `_CHILDREN`."""
 _next_flush = 0.0
 
 
@@ -83,7 +87,7 @@ def observe(metric: Histogram, value: float, *labels: str) -> None:
     """``metric.labels(*labels).observe(value)`` (or ``metric.observe`` with no labels),
     added to the shared value by the next `flush`."""
     global _next_flush
-    key = (id(metric), labels)
+    key = (metric, labels)
     tally = _TALLIES.get(key)
     if tally is None:
         tally = _TALLIES[key] = _Tally(child(metric, *labels) if labels else metric)

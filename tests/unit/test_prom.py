@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from typing import Any
 
@@ -85,3 +86,29 @@ async def test_flushing_publishes_an_idle_process_and_flushes_at_the_end() -> No
         assert samples(registry, "batched_seconds")[count] == 1
         prom.observe(batched, 0.5, "als")
     assert samples(registry, "batched_seconds")[count] == 2  # the last flush, at exit
+
+
+def test_a_histogram_at_a_freed_ones_address_gets_its_own_child_and_tally() -> None:
+    """Python reuses a freed object's address: when the caches were keyed by ``id()``, a
+    histogram made after another was freed could be handed that one's child and tally,
+    and its observations went to the dead registry (this test's registry saw none). So
+    this file's tests could fail when other tests' metrics had been freed before them."""
+    addresses: set[int] = set()
+    reused = 0
+    for _ in range(50):
+        registry, batched, direct = pair()
+        reused += id(batched) in addresses
+        addresses.add(id(batched))
+        prom.observe(batched, 0.002, "x")
+        prom.child(direct, "x").observe(0.002)
+        prom.flush()
+        got = samples(registry, "batched_seconds")
+        assert got[("batched_seconds_count", (("source", "x"),))] == 1
+        assert (
+            samples(registry, "direct_seconds")[("direct_seconds_count", (("source", "x"),))] == 1
+        )
+        del registry, batched, direct
+        gc.collect()
+    # (an address met twice: only then could the old keys collide; with the metric itself
+    # as the key it stays alive and its address is never handed out again)
+    assert reused == 0
