@@ -21,6 +21,12 @@ scores = st.dictionaries(
     st.one_of(st.floats(-5.0, 10.0, allow_nan=False), st.sampled_from([0.0, 1.0, 2.5])),
     max_size=40,
 )
+source_lists = st.lists(scores, min_size=len(SOURCES), max_size=len(SOURCES))
+"""One score list per source."""
+source_weights = st.lists(
+    st.sampled_from([0.0, 0.05, 0.1, 0.5, 1.0, 2.0]), min_size=len(SOURCES), max_size=len(SOURCES)
+)
+"""One blend weight per source."""
 
 
 def served(
@@ -39,8 +45,8 @@ def served(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    lists=st.lists(scores, min_size=len(SOURCES), max_size=len(SOURCES)),
-    weights=st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.5, 1.0, 2.0]), min_size=5, max_size=5),
+    lists=source_lists,
+    weights=source_weights,
     seen=st.sets(items, max_size=15),
     keep=st.integers(1, 30),
 )
@@ -62,8 +68,8 @@ def test_the_blend_serves_the_same_top_items_from_the_shortlist(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    lists=st.lists(scores, min_size=len(SOURCES), max_size=len(SOURCES)),
-    weights=st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.5, 1.0, 2.0]), min_size=5, max_size=5),
+    lists=source_lists,
+    weights=source_weights,
     seen=st.sets(items, max_size=40),
     keep=st.integers(1, 30),
     policy=st.sampled_from(POLICIES),
