@@ -229,3 +229,35 @@ async def test_answers_within_the_linger_share_one_round_trip(
     # (a Redis that has not seen the script yet gets the batch a second time, after the
     # SCRIPT LOAD: the trip is the first one)
     assert trips[0] == 5
+
+
+async def test_answers_during_a_trip_wait_for_the_next_linger_together(
+    local_stack: LocalStack, monkeypatch: Any
+) -> None:
+    """The flusher lingers before every trip, not only its first: an answer given while
+    a trip is in flight waits ``LINGER_S`` after that trip for company. (It went alone as
+    soon as the trip ended, so under steady load almost every trip carried one record.)"""
+    monkeypatch.setattr(log_module, "LINGER_S", 0.5)  # (wide: the machine may be slow)
+    settings = roomy(local_stack)
+    ns = settings.namespace
+    await apply(settings, [event(n, f"crowd{n}", f"pop{n % 3}", ns) for n in range(9)])
+    batches: list[list[str]] = []
+    async with ranker_for(settings) as ranker:
+        write = ranker.served._write
+
+        async def slow(batch: list[Any]) -> list[object]:
+            batches.append([e.recommendation_id for e in batch])
+            await asyncio.sleep(0.5)  # a trip in flight for a while
+            return await write(batch)
+
+        monkeypatch.setattr(ranker.served, "_write", slow)
+        first = await ranker.recommend(ns, "ida", 3)  # trip 1 leaves at ~0.5 s, ends ~1.0
+        await asyncio.sleep(0.7)
+        during = await ranker.recommend(ns, "guest1", 3)  # while trip 1 is in flight
+        await asyncio.sleep(0.5)
+        after = await ranker.recommend(ns, "guest2", 3)  # in the linger after trip 1
+        await ranker.served.drain()
+    ids = (first.recommendation_id, during.recommendation_id, after.recommendation_id)
+    # (a Redis new to the script gets the first batch twice, after its SCRIPT LOAD)
+    assert [ids[0]] in batches
+    assert [ids[1], ids[2]] in batches
