@@ -73,6 +73,8 @@ few a rollback or promotion may switch between)."""
 class SourceOutput:
     name: str
     scores: dict[str, float] = field(default_factory=dict)
+    """Read only once made: popularity and trending share one dict between requests (a
+    live list's cut, `serving.pipeline.live.Rows`)."""
     because: dict[str, str] = field(default_factory=dict)
     """item2item: the history item that contributed most to each score."""
     category: dict[str, str] = field(default_factory=dict)
@@ -158,6 +160,19 @@ def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) ->
     if restrict is not None:
         return {i: s for i, s in scores.items() if i in restrict}
     return best(scores, n)
+
+
+def _kept_rows(
+    rows: Sequence[tuple[str, float]], restrict: Collection[str] | None, n: int
+) -> dict[str, float]:
+    """`_keep` of a list's rows; a live list's cut is made once per read and shared by
+    the requests until the next (popularity and trending rebuilt the same dict of 200
+    every request)."""
+    if restrict is not None or not isinstance(rows, Rows):
+        return _keep(dict(rows), restrict, n)
+    if rows.best is None or rows.best[0] != n:
+        rows.best = (n, _keep(dict(rows), None, n))
+    return rows.best[1]
 
 
 class Sources:
@@ -522,7 +537,7 @@ class Sources:
             out.origin, rows = f"published:{model.version}", model.top
         else:
             return out
-        out.scores = _keep(dict(rows), restrict, n)
+        out.scores = _kept_rows(rows, restrict, n)
         return out
 
     async def trending(
@@ -572,11 +587,11 @@ class Sources:
         for name, rows in zip(order, lists, strict=True):
             if rows:
                 out.origin = f"live:trend:{name}"
-                out.scores = _keep(dict(rows), restrict, n)
+                out.scores = _kept_rows(rows, restrict, n)
                 return out
         if category is None and model is not None and model.top:
             out.origin = f"published:{model.version}"
-            out.scores = _keep(dict(model.top), restrict, n)
+            out.scores = _kept_rows(model.top, restrict, n)
         return out
 
     # --- category popularity --------------------------------------------------------------

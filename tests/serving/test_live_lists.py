@@ -12,8 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from recstream.errors import StoreUnavailable
+from recstream.keys import Keys
+from serving.pipeline.candidates import Sources
 from serving.pipeline.detach import Reads, cancel_detached
 from serving.pipeline.live import LiveLists
+from serving.pipeline.ranker import Ranker
+from serving.pipeline.shortlist import shortlist
 from tests.conftest import LocalStack
 from tests.serving.helpers import roomy
 
@@ -120,3 +124,36 @@ async def test_the_last_lists_keep_serving_when_redis_stops_answering(
             await lists.get([f"{key}:other"], 5)
     finally:
         await lists.redis.aclose()
+
+
+async def test_a_live_lists_cut_is_made_once_per_read_and_not_changed_by_requests(
+    redis: tuple[str, aioredis.Redis, Reads],
+) -> None:
+    """Popularity and trending hand every request the same dict of a list's cut until
+    the list is read again (it was rebuilt per request); a request's later stages only
+    read it, so the next request gets what Redis held."""
+    namespace, client, reads = redis
+    clock = Clock()
+    sources = Sources(client, 60.0, reads)
+    sources.lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
+    key = Keys(namespace).popularity_decayed
+    await client.zadd(key, {"a": 3, "b": 2, "c": 1.5, "d": 1})
+    first = await sources.popular(namespace, None, None, 3)
+    second = sources.popular_now(namespace, None, None, 3)
+    assert second is not None
+    assert second.scores is first.scores  # one dict for both requests
+    assert list(first.scores.items()) == [("a", 3.0), ("b", 2.0), ("c", 1.5)]
+    other = await sources.popular(namespace, None, None, 2)  # another cut: its own
+    assert list(other.scores) == ["a", "b"]
+    restricted = sources.popular_now(namespace, None, {"c", "d"}, 3)
+    assert restricted is not None
+    assert restricted.scores == {"c": 1.5}
+    # a whole pipeline pass over the shared dict leaves it as it was
+    shortlisted = shortlist([first], {"popularity": 1.0}, 1, {"b"}, "exclude")
+    Ranker._merge(shortlisted)
+    assert list(first.scores.items()) == [("a", 3.0), ("b", 2.0), ("c", 1.5)]
+    await client.zadd(key, {"e": 9})
+    clock.t += 31  # too old: read again, cut again
+    fresh = await sources.popular(namespace, None, None, 3)
+    assert fresh.scores is not first.scores
+    assert list(fresh.scores.items()) == [("e", 9.0), ("a", 3.0), ("b", 2.0)]
