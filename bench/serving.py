@@ -55,7 +55,9 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from rich.table import Table
 
-from agents.state import RedisHotStore
+from agents.features import FeaturesPart
+from agents.state import RedisHotStore, WindowsPart
+from agents.trending import TrendingPart, materialize
 from bench.common import local_settings, wait_http
 from recstream import stack
 from recstream.catalog_cli import load as load_catalog
@@ -68,6 +70,7 @@ from training.publish import DataRange, RunInfo, open_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 RATINGS = ROOT / "data" / "movielens-small" / "ratings.csv"
+DAY_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -88,19 +91,26 @@ VARIANTS = [
 ]
 
 
-def movielens(limit: int) -> list[Event]:
+def movielens(limit: int, now: float | None = None) -> list[Event]:
+    """The ratings as events of a live site's last day: in their order, spread evenly
+    over the 24 hours before ``now``. With their own times (1996-2018) the agents file
+    them as history only: no decayed popularity, no trend and no per-category list
+    exists, so the bench measured requests whose trending and category sources had
+    nothing to do, which a live deployment's never are."""
     with RATINGS.open(newline="") as handle:
         rows = sorted(csv.DictReader(handle), key=lambda r: int(r["timestamp"]))
     rows = rows[-limit:] if limit else rows
+    start = (time.time() if now is None else now) - DAY_S
+    step = DAY_S / max(1, len(rows))
     return [
         Event(
             event_id=f"ml-{r['userId']}-{r['movieId']}",
             event_type="like" if float(r["rating"]) >= 4 else "view",
             user_id=r["userId"],
             item_id=r["movieId"],
-            timestamp=int(r["timestamp"]),
+            timestamp=start + n * step,
         )
-        for r in rows
+        for n, r in enumerate(rows)
     ]
 
 
@@ -111,10 +121,17 @@ async def load_state(settings: Settings, events: list[Event]) -> None:
     await load_catalog(
         settings, settings.namespace, read_movielens(RATINGS.with_name("movies.csv")), []
     )
+    # ... and through every part the agents run (windows, feature vectors, popularity
+    # and trending, per category too), then one tick of the trend materializer: the state
+    # a live deployment's requests read. (With the windows alone, the features, the
+    # decayed popularity, the trend lists and the per-category lists were all absent,
+    # and those sources had nothing to do.)
     client = aioredis.from_url(settings.redis_url)
-    store = RedisHotStore(client, settings)
+    parts = (WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings))
+    store = RedisHotStore(client, settings, parts=parts)
     for start in range(0, len(events), 1000):
         await store.apply(events[start : start + 1000])
+    await materialize(client, settings, settings.namespace, lock=False)
     await client.aclose()
     log = load_movielens(RATINGS)
     model = ItemToItem().fit(log)
