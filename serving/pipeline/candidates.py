@@ -156,6 +156,15 @@ def order_ties(ranked: list[T], values: Sequence[float], tie_key: Callable[[T], 
         ranked[start:stop] = sorted(ranked[start:stop], key=tie_key)
 
 
+def run_starts(ordered: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.intp]]:
+    """Where each run of equal values of ``ordered`` (sorted) starts. (``np.r_[True,
+    a[1:] != a[:-1]]`` says the same; its index trick cost ~10-45 µs a call.)"""
+    starts = np.empty(len(ordered), dtype=bool)
+    starts[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    return np.flatnonzero(starts)
+
+
 def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) -> dict[str, float]:
     if restrict is not None:
         return {i: s for i, s in scores.items() if i in restrict}
@@ -363,10 +372,7 @@ class Sources:
             codes, parts, source = code[mask], contribution[mask], contributor[mask]
             order = np.lexsort((np.arange(len(codes)), -parts, codes))
             sorted_codes = codes[order]
-            starts = np.empty(len(sorted_codes), dtype=bool)  # (np.r_ costs ~10 µs a call)
-            starts[:1] = True
-            np.not_equal(sorted_codes[1:], sorted_codes[:-1], out=starts[1:])
-            heads = order[np.flatnonzero(starts)]
+            heads = order[run_starts(sorted_codes)]
             by = dict(zip(codes[heads].tolist(), source[heads].tolist(), strict=True))
             return {ids[c]: recent[by[c]] for c in asked}
 
@@ -751,7 +757,7 @@ class Sources:
         position = np.arange(len(codes))
         order = np.lexsort((position, -scored, codes))
         sorted_codes = codes[order]
-        heads = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+        heads = run_starts(sorted_codes)
         first_seen = np.minimum.reduceat(position[order], heads)
         chosen = order[heads][np.argsort(first_seen, kind="stable")]
         ids = interner.ids

@@ -55,8 +55,7 @@ class Interner:
         return np.fromiter(map(code.__getitem__, items), np.int64, len(items))
 
     def decode(self, codes: Iterable[int]) -> list[str]:
-        ids = self.ids
-        return [ids[c] for c in codes]
+        return list(map(self.ids.__getitem__, codes))
 
 
 @dataclass(frozen=True, slots=True)

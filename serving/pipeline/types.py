@@ -78,7 +78,7 @@ class UserState:
 
     window: list[WindowEntry]
     """Newest first, as the agents keep it."""
-    features: dict[str, str]
+    features: Mapping[str, str]
     """``rs:{ns}:feat:{actor}`` (agents/features), empty when absent."""
     embedding: dict[str, bytes]
     """``rs:{ns}:emb:{actor}`` (agents/features), empty when absent."""
