@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from recstream.settings import SeenPolicy
-from serving.pipeline.candidates import SourceOutput, order_ties
+from serving.pipeline.candidates import SourceOutput, nth_largest, order_ties
 
 __all__ = ["shortlist"]
 
@@ -70,7 +70,7 @@ def shortlist(
             continue
         values = np.fromiter(scores.values(), np.float64, len(scores))
         magnitudes = np.abs(values)
-        first = int(np.argmax(magnitudes))  # the first item with the largest |score|
+        first = int(magnitudes.argmax())  # the first item with the largest |score|
         anchors.add(next(islice(scores, first, None)))
         weight = weights.get(out.name, 0.0)
         if weight == 0:
@@ -122,7 +122,7 @@ def _contenders(
     rows = np.flatnonzero(allowed)
     if len(rows) > n:
         values = blend[rows]
-        nth = np.partition(values, len(values) - n)[len(values) - n]
+        nth = nth_largest(values, n)
         rows = rows[values >= nth]
     return dict(zip([ids[i] for i in rows.tolist()], blend[rows].tolist(), strict=True))
 
