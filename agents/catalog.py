@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from agents.redisio import commands
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -115,6 +116,18 @@ def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
     return found
 
 
+_KEYS: dict[str, Keys] = {}
+
+
+def _keys(namespace: str) -> Keys:
+    found = _KEYS.get(namespace)
+    if found is None:
+        if len(_KEYS) > 10_000:
+            _KEYS.clear()
+        found = _KEYS[namespace] = Keys(namespace)
+    return found
+
+
 async def load_context(
     redis: aioredis.Redis, events: Sequence[Event], settings: Settings
 ) -> BatchContext:
@@ -132,13 +145,12 @@ async def load_context(
                 seen.add(key)
                 wanted.append(key)
     namespaces = sorted({e.namespace for e in events})
-    pipe = redis.pipeline(transaction=False)
+    batch: list[list[str]] = []
     if wanted:
-        pipe.mget([Keys(ns).item(item) for ns, item in wanted])
-    for ns in namespaces:
-        pipe.get(Keys(ns).model_pointer(ALS_MODEL))
+        batch.append(["MGET", *(_keys(ns).item(item) for ns, item in wanted)])
+    batch += [["GET", _keys(ns).model_pointer(ALS_MODEL)] for ns in namespaces]
     try:
-        replies = await pipe.execute()
+        replies = await commands(redis, batch)
     except RedisError as exc:
         raise StoreUnavailable(
             f"reading the catalog of {len(events)} events failed: {exc}"

@@ -51,6 +51,7 @@ from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
 from agents.identity import SESSION_PREFIX, Login
+from agents.redisio import commands, pairs
 from agents.state import (
     DURABLE_ITEM_BYTES,
     Actor,
@@ -863,18 +864,18 @@ class DynamoFeatures:
 async def _hashes(
     redis: aioredis.Redis, actors: Sequence[Actor]
 ) -> list[tuple[dict[str, str], dict[str, bytes]]]:
-    pipe = redis.pipeline(transaction=False)
+    batch: list[tuple[str, str]] = []
     for namespace, actor in actors:
-        pipe.hgetall(Keys(namespace).features(actor))
-        pipe.hgetall(Keys(namespace).embedding(actor))
+        keys = keys_of(namespace)
+        batch += [("HGETALL", keys.features(actor)), ("HGETALL", keys.embedding(actor))]
     try:
-        rows = await pipe.execute()
+        rows = await commands(redis, batch)
     except RedisError as exc:
         raise redis_failure(f"reading {len(actors)} feature vectors", exc) from exc
     return [
         (
-            {_text(k): _text(v) for k, v in rows[i].items()},
-            {_text(k): _bytes(v) for k, v in rows[i + 1].items()},
+            {_text(k): _text(v) for k, v in pairs(rows[i])},
+            {_text(k): _bytes(v) for k, v in pairs(rows[i + 1])},
         )
         for i in range(0, len(rows), 2)
     ]

@@ -31,13 +31,13 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
-import hiredis
 import orjson
 import redis.asyncio as aioredis
 from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agents.catalog import BatchContext, load_context
+from agents.redisio import commands, pack, send_packed
 from agents.retry import RecordsRefused
 from recstream.aws import translate
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
@@ -704,10 +704,7 @@ def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[bytes]) -> bytes:
     C: the same bytes as redis-py's own packer (`test_pack_evalsha_is_redis_py_s`), which
     encodes and measures every argument in Python (a chunk has a hundred keys or more;
     2.5 % of the worker's instructions, session 10)."""
-    # (hiredis's stub types the tuple as one element long)
-    command = ("EVALSHA", sha, len(keys), *keys, *args)
-    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
-    return packed
+    return pack("EVALSHA", sha, len(keys), *keys, *args)
 
 
 class RedisHotStore:
@@ -790,31 +787,9 @@ class RedisHotStore:
         the replies: Redis runs a chunk while the next one is encoded (two cores at
         work instead of one after the other), and in the order sent."""
         sha = self._apply.sha
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            sent = 0
-            for keys, args in chunks:
-                command = pack_evalsha(sha, keys, args)
-                await connection.send_packed_command(command, check_health=sent == 0)
-                sent += 1
-            replies: list[Any] = []
-            error: ResponseError | None = None
-            for _ in range(sent):
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:  # read the others, then raise the first
-                    error = error or exc
-            if error is not None:
-                raise error
-            return replies
-        except BaseException:
-            # Replies may be left unread (an error, a failed encoding, a cancellation):
-            # the connection cannot be reused.
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+        return await send_packed(
+            self.redis, ((pack_evalsha(sha, keys, args), 1) for keys, args in chunks)
+        )
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
         """Apply ``events`` (each once per id), in chunks of `APPLY_CHUNK` per script
@@ -887,11 +862,12 @@ class RedisHotStore:
 
     async def raw_windows(self, actors: Sequence[Actor]) -> list[list[bytes]]:
         """`windows`, each entry as the JSON Redis holds."""
-        pipe = self.redis.pipeline(transaction=False)
-        for namespace, actor in actors:
-            pipe.lrange(Keys(namespace).window(actor), 0, self.settings.window_size - 1)
+        stop = self.settings.window_size - 1
         try:
-            rows = await pipe.execute()
+            rows = await commands(
+                self.redis,
+                [("LRANGE", keys_of(ns).window(actor), 0, stop) for ns, actor in actors],
+            )
         except RedisError as exc:
             raise StoreUnavailable(
                 f"reading {len(actors)} windows from Redis failed: {exc}"
