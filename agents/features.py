@@ -56,6 +56,7 @@ from agents.state import (
     DURABLE_ITEM_BYTES,
     Actor,
     ApplyResult,
+    BatchGets,
     WindowEntry,
     in_parallel,
     keys_of,
@@ -774,10 +775,14 @@ class DynamoFeatures:
     ``features`` (JSON of the hash), ``embedding`` (JSON, vector base64) when there is
     one, ``updated_at``, ``expires_at`` (the table's TTL attribute)."""
 
-    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
+    def __init__(
+        self, client: DynamoDBClient, settings: Settings, reads: BatchGets | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
         self.table = settings.features_table
+        self.reads = reads or BatchGets(client, settings)
+        """Its `get_many` reads (shared with the windows' to coalesce them)."""
 
     @staticmethod
     def pk(namespace: str, actor: str) -> str:
@@ -841,23 +846,12 @@ class DynamoFeatures:
     async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, FeatureCopy]:
         by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
         found: dict[Actor, FeatureCopy] = {}
-        pks = list(by_pk)
-        for start in range(0, len(pks), 100):
-            request = {
-                self.table: {
-                    "Keys": [{"pk": {"S": pk}} for pk in pks[start : start + 100]],
-                    "ConsistentRead": True,
-                }
-            }
-            for response in await self._call("batch_get_item", request):
-                for item in response.get("Responses", {}).get(self.table, []):
-                    embedding = {}
-                    if "embedding" in item:
-                        doc = orjson.loads(item["embedding"]["S"])
-                        embedding = {k: base64.b64decode(v) for k, v in doc.items()}
-                    found[by_pk[item["pk"]["S"]]] = FeatureCopy(
-                        orjson.loads(item["features"]["S"]), embedding
-                    )
+        for pk, item in (await self.reads.get(self.table, list(by_pk))).items():
+            embedding = {}
+            if "embedding" in item:
+                doc = orjson.loads(item["embedding"]["S"])
+                embedding = {k: base64.b64decode(v) for k, v in doc.items()}
+            found[by_pk[pk]] = FeatureCopy(orjson.loads(item["features"]["S"]), embedding)
         return found
 
 
