@@ -14,6 +14,7 @@ Every event property other than ``category`` and ``brand`` that has a half-life 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -87,11 +88,12 @@ class BatchContext:
         return found
 
 
-_PARSED: dict[bytes, ItemFacts] = {}
+_PARSED: OrderedDict[bytes, ItemFacts] = OrderedDict()
 PARSE_CACHE = 16_384
 """Catalog entries parsed lately, by their bytes: the popular items come back in every
 batch, and validating an `Item` is most of what reading the catalog costs the agent.
-Keyed by content, so an entry the catalog changes is parsed afresh."""
+Keyed by content, so an entry the catalog changes is parsed afresh. The oldest goes
+first, in O(1) (`agents.windows.PARSE_CACHE` says why not a dict)."""
 
 
 def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
@@ -111,7 +113,7 @@ def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
     cats = tuple(c for c in item.categories if c)[:MAX_CATEGORIES]
     found = ItemFacts(categories=cats, brand=item.brand or None)
     if len(_PARSED) >= PARSE_CACHE:
-        del _PARSED[next(iter(_PARSED))]
+        _PARSED.popitem(last=False)
     _PARSED[raw] = found
     return found
 
