@@ -65,9 +65,25 @@ class BatchContext:
     """Facts of events' own items with their properties applied, made once per batch (the
     parts of the hot store each ask for them)."""
 
+    _last: tuple[Event | None, ItemFacts] = field(
+        default=(None, _UNKNOWN), init=False, repr=False, compare=False
+    )
+    """The last event asked about with its own item, and its facts: the parts of the hot
+    store ask one after the other for the same event."""
+
     def facts(self, event: Event, item_id: str | None = None) -> ItemFacts:
         """Facts about ``item_id`` (default: the event's item); the event's properties win
         for its own item."""
+        if item_id is None:
+            last, found = self._last
+            if last is event:
+                return found
+            found = self._facts(event, event.item_id)
+            self._last = (event, found)
+            return found
+        return self._facts(event, item_id)
+
+    def _facts(self, event: Event, item_id: str | None) -> ItemFacts:
         item_id = item_id or event.item_id
         if item_id is None:
             return ItemFacts()

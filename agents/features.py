@@ -866,13 +866,23 @@ async def _hashes(
         rows = await commands(redis, batch)
     except RedisError as exc:
         raise redis_failure(f"reading {len(actors)} feature vectors", exc) from exc
-    return [
-        (
-            {_text(k): _text(v) for k, v in pairs(rows[i])},
-            {_text(k): _bytes(v) for k, v in pairs(rows[i + 1])},
-        )
-        for i in range(0, len(rows), 2)
-    ]
+    try:
+        # (bytes, as the agents' clients reply: decoded without a call per field)
+        return [
+            (
+                {k.decode(): v.decode() for k, v in pairs(rows[i])},
+                {k.decode(): bytes(v) for k, v in pairs(rows[i + 1])},
+            )
+            for i in range(0, len(rows), 2)
+        ]
+    except AttributeError:  # a client that decodes its replies
+        return [
+            (
+                {_text(k): _text(v) for k, v in pairs(rows[i])},
+                {_text(k): _bytes(v) for k, v in pairs(rows[i + 1])},
+            )
+            for i in range(0, len(rows), 2)
+        ]
 
 
 async def persist_features(

@@ -1,6 +1,6 @@
 """`agents.redisio`: the agents' hot-path round trips, packed by hiredis, against a real
 Redis: the same replies a redis-py pipeline gets, error replies raised once every reply
-is read, and the connection usable afterwards."""
+is read, and the connection usable afterwards; and the feature copies' read through it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from agents.features import _hashes
 from agents.redisio import commands, pack, pairs, send_packed
+from recstream.keys import Keys
+from recstream.settings import Settings
 from tests.conftest import unique
 
 
@@ -62,3 +65,21 @@ async def test_an_error_reply_is_raised_after_every_reply_is_read(
     # the commands after the error ran, and the client goes on as before
     assert await redis_client.get(counter) == b"2"
     assert await commands(redis_client, [("INCR", counter)]) == [3]
+
+
+async def test_feature_copies_read_the_same_through_either_client(
+    redis_client: aioredis.Redis, settings: Settings
+) -> None:
+    """The durable copies' read of feature hashes gives str fields and bytes embedding
+    values, whether the client replies with bytes (the agents') or decodes them."""
+    ns, actor = settings.namespace, unique("u")
+    keys = Keys(ns)
+    await redis_client.hset(keys.features(actor), mapping={"n": "3", "a:cat:é": "1.5@10"})
+    await redis_client.hset(keys.embedding(actor), mapping={"v": "v1", "x": "abc"})
+    expected = [({"n": "3", "a:cat:é": "1.5@10"}, {"v": b"v1", "x": b"abc"})]
+    assert await _hashes(redis_client, [(ns, actor)]) == expected
+    decoding = aioredis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        assert await _hashes(decoding, [(ns, actor)]) == expected
+    finally:
+        await decoding.aclose()

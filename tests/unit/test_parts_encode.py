@@ -88,3 +88,22 @@ def test_pack_evalsha_is_redis_py_s() -> None:
     args = [b"[1,2]", b"\x00\xff\r\n", b"", b"x" * 10_000]
     expected = b"".join(connection.pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
     assert pack_evalsha("f" * 40, keys, args) == expected
+
+
+def test_facts_of_an_event_s_own_item_are_its_own() -> None:
+    """`BatchContext.facts` remembers the last event asked about (the parts ask in turn):
+    each event still gets its own item's facts, its properties first."""
+    context = BatchContext(items={("ns", "a"): ItemFacts(categories=("shoes",), brand="acme")})
+    plain = Event(event_type="view", user_id="u", item_id="a", namespace="ns")
+    tagged = Event(
+        event_type="view", user_id="u", item_id="a", namespace="ns", properties={"category": "x"}
+    )
+    other = Event(event_type="view", user_id="u", item_id="b", namespace="ns")
+    for _ in range(2):
+        assert context.facts(plain) == ItemFacts(categories=("shoes",), brand="acme")
+        assert context.facts(plain) == ItemFacts(categories=("shoes",), brand="acme")
+        assert context.facts(tagged) == ItemFacts(categories=("x",), brand="acme")
+        assert context.facts(tagged, "a") == ItemFacts(categories=("x",), brand="acme")
+        assert context.facts(plain, "b") == ItemFacts()
+        assert context.facts(other) == ItemFacts()
+        assert context.facts(other, "a") == ItemFacts(categories=("shoes",), brand="acme")
