@@ -21,7 +21,7 @@ from agents.features import DynamoFeatures, FeaturesPart, FeatureStage, SessionF
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.redrive import redrive_personalize
-from agents.state import DynamoWindows, RedisHotStore, WindowsPart
+from agents.state import BatchGets, DynamoWindows, RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, TrendKeeper
 from agents.windows import Pipeline, WindowAgent, stream_records
 from recstream import tracing
@@ -43,8 +43,11 @@ def build_agent(stores: Stores, settings: Settings) -> WindowAgent:
         settings,
         parts=(WindowsPart(settings), FeaturesPart(settings), TrendingPart(settings)),
     )
-    durable = DynamoWindows(stores.dynamodb, settings)
-    features = DynamoFeatures(stores.dynamodb, settings)
+    # one reader for both tables: a batch's recovery reads of windows and feature
+    # vectors, made concurrently, go out as one BatchGetItem
+    reads = BatchGets(stores.dynamodb, settings)
+    durable = DynamoWindows(stores.dynamodb, settings, reads)
+    features = DynamoFeatures(stores.dynamodb, settings, reads)
     return WindowAgent(
         hot,
         durable,

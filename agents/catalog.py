@@ -14,6 +14,7 @@ Every event property other than ``category`` and ``brand`` that has a half-life 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from agents.redisio import commands
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -63,9 +65,25 @@ class BatchContext:
     """Facts of events' own items with their properties applied, made once per batch (the
     parts of the hot store each ask for them)."""
 
+    _last: tuple[Event | None, ItemFacts] = field(
+        default=(None, _UNKNOWN), init=False, repr=False, compare=False
+    )
+    """The last event asked about with its own item, and its facts: the parts of the hot
+    store ask one after the other for the same event."""
+
     def facts(self, event: Event, item_id: str | None = None) -> ItemFacts:
         """Facts about ``item_id`` (default: the event's item); the event's properties win
         for its own item."""
+        if item_id is None:
+            last, found = self._last
+            if last is event:
+                return found
+            found = self._facts(event, event.item_id)
+            self._last = (event, found)
+            return found
+        return self._facts(event, item_id)
+
+    def _facts(self, event: Event, item_id: str | None) -> ItemFacts:
         item_id = item_id or event.item_id
         if item_id is None:
             return ItemFacts()
@@ -86,11 +104,12 @@ class BatchContext:
         return found
 
 
-_PARSED: dict[bytes, ItemFacts] = {}
+_PARSED: OrderedDict[bytes, ItemFacts] = OrderedDict()
 PARSE_CACHE = 16_384
 """Catalog entries parsed lately, by their bytes: the popular items come back in every
 batch, and validating an `Item` is most of what reading the catalog costs the agent.
-Keyed by content, so an entry the catalog changes is parsed afresh."""
+Keyed by content, so an entry the catalog changes is parsed afresh. The oldest goes
+first, in O(1) (`agents.windows.PARSE_CACHE` says why not a dict)."""
 
 
 def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
@@ -110,8 +129,20 @@ def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
     cats = tuple(c for c in item.categories if c)[:MAX_CATEGORIES]
     found = ItemFacts(categories=cats, brand=item.brand or None)
     if len(_PARSED) >= PARSE_CACHE:
-        del _PARSED[next(iter(_PARSED))]
+        _PARSED.popitem(last=False)
     _PARSED[raw] = found
+    return found
+
+
+_KEYS: dict[str, Keys] = {}
+
+
+def _keys(namespace: str) -> Keys:
+    found = _KEYS.get(namespace)
+    if found is None:
+        if len(_KEYS) > 10_000:
+            _KEYS.clear()
+        found = _KEYS[namespace] = Keys(namespace)
     return found
 
 
@@ -132,13 +163,12 @@ async def load_context(
                 seen.add(key)
                 wanted.append(key)
     namespaces = sorted({e.namespace for e in events})
-    pipe = redis.pipeline(transaction=False)
+    batch: list[list[str]] = []
     if wanted:
-        pipe.mget([Keys(ns).item(item) for ns, item in wanted])
-    for ns in namespaces:
-        pipe.get(Keys(ns).model_pointer(ALS_MODEL))
+        batch.append(["MGET", *(_keys(ns).item(item) for ns, item in wanted)])
+    batch += [["GET", _keys(ns).model_pointer(ALS_MODEL)] for ns in namespaces]
     try:
-        replies = await pipe.execute()
+        replies = await commands(redis, batch)
     except RedisError as exc:
         raise StoreUnavailable(
             f"reading the catalog of {len(events)} events failed: {exc}"

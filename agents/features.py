@@ -51,10 +51,12 @@ from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
 from agents.identity import SESSION_PREFIX, Login
+from agents.redisio import commands, pairs
 from agents.state import (
     DURABLE_ITEM_BYTES,
     Actor,
     ApplyResult,
+    BatchGets,
     WindowEntry,
     in_parallel,
     keys_of,
@@ -773,10 +775,14 @@ class DynamoFeatures:
     ``features`` (JSON of the hash), ``embedding`` (JSON, vector base64) when there is
     one, ``updated_at``, ``expires_at`` (the table's TTL attribute)."""
 
-    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
+    def __init__(
+        self, client: DynamoDBClient, settings: Settings, reads: BatchGets | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
         self.table = settings.features_table
+        self.reads = reads or BatchGets(client, settings)
+        """Its `get_many` reads (shared with the windows' to coalesce them)."""
 
     @staticmethod
     def pk(namespace: str, actor: str) -> str:
@@ -840,44 +846,43 @@ class DynamoFeatures:
     async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, FeatureCopy]:
         by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
         found: dict[Actor, FeatureCopy] = {}
-        pks = list(by_pk)
-        for start in range(0, len(pks), 100):
-            request = {
-                self.table: {
-                    "Keys": [{"pk": {"S": pk}} for pk in pks[start : start + 100]],
-                    "ConsistentRead": True,
-                }
-            }
-            for response in await self._call("batch_get_item", request):
-                for item in response.get("Responses", {}).get(self.table, []):
-                    embedding = {}
-                    if "embedding" in item:
-                        doc = orjson.loads(item["embedding"]["S"])
-                        embedding = {k: base64.b64decode(v) for k, v in doc.items()}
-                    found[by_pk[item["pk"]["S"]]] = FeatureCopy(
-                        orjson.loads(item["features"]["S"]), embedding
-                    )
+        for pk, item in (await self.reads.get(self.table, list(by_pk))).items():
+            embedding = {}
+            if "embedding" in item:
+                doc = orjson.loads(item["embedding"]["S"])
+                embedding = {k: base64.b64decode(v) for k, v in doc.items()}
+            found[by_pk[pk]] = FeatureCopy(orjson.loads(item["features"]["S"]), embedding)
         return found
 
 
 async def _hashes(
     redis: aioredis.Redis, actors: Sequence[Actor]
 ) -> list[tuple[dict[str, str], dict[str, bytes]]]:
-    pipe = redis.pipeline(transaction=False)
+    batch: list[tuple[str, str]] = []
     for namespace, actor in actors:
-        pipe.hgetall(Keys(namespace).features(actor))
-        pipe.hgetall(Keys(namespace).embedding(actor))
+        keys = keys_of(namespace)
+        batch += [("HGETALL", keys.features(actor)), ("HGETALL", keys.embedding(actor))]
     try:
-        rows = await pipe.execute()
+        rows = await commands(redis, batch)
     except RedisError as exc:
         raise redis_failure(f"reading {len(actors)} feature vectors", exc) from exc
-    return [
-        (
-            {_text(k): _text(v) for k, v in rows[i].items()},
-            {_text(k): _bytes(v) for k, v in rows[i + 1].items()},
-        )
-        for i in range(0, len(rows), 2)
-    ]
+    try:
+        # (bytes, as the agents' clients reply: decoded without a call per field)
+        return [
+            (
+                {k.decode(): v.decode() for k, v in pairs(rows[i])},
+                {k.decode(): bytes(v) for k, v in pairs(rows[i + 1])},
+            )
+            for i in range(0, len(rows), 2)
+        ]
+    except AttributeError:  # a client that decodes its replies
+        return [
+            (
+                {_text(k): _text(v) for k, v in pairs(rows[i])},
+                {_text(k): _bytes(v) for k, v in pairs(rows[i + 1])},
+            )
+            for i in range(0, len(rows), 2)
+        ]
 
 
 async def persist_features(

@@ -37,6 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agents.catalog import BatchContext, load_context
+from agents.redisio import commands, pack, send_packed
 from agents.retry import RecordsRefused
 from recstream.aws import translate
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "APPLY_CHUNK",
     "ApplyResult",
+    "BatchGets",
     "DurableWindows",
     "DynamoWindows",
     "HotStore",
@@ -61,6 +63,7 @@ __all__ = [
     "compose",
     "compose_chunk",
     "keys_of",
+    "pack_evalsha",
 ]
 
 
@@ -697,6 +700,14 @@ return size
 """
 
 
+def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[bytes]) -> bytes:
+    """``EVALSHA sha len(keys) *keys *args`` in the Redis protocol, packed by hiredis in
+    C: the same bytes as redis-py's own packer (`test_pack_evalsha_is_redis_py_s`), which
+    encodes and measures every argument in Python (a chunk has a hundred keys or more;
+    2.5 % of the worker's instructions, session 10)."""
+    return pack("EVALSHA", sha, len(keys), *keys, *args)
+
+
 class RedisHotStore:
     """`HotStore` on Redis. Every key it writes has a cap or a TTL.
 
@@ -777,31 +788,9 @@ class RedisHotStore:
         the replies: Redis runs a chunk while the next one is encoded (two cores at
         work instead of one after the other), and in the order sent."""
         sha = self._apply.sha
-        pool = self.redis.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            sent = 0
-            for keys, args in chunks:
-                command = connection.pack_command("EVALSHA", sha, len(keys), *keys, *args)
-                await connection.send_packed_command(command, check_health=sent == 0)
-                sent += 1
-            replies: list[Any] = []
-            error: ResponseError | None = None
-            for _ in range(sent):
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:  # read the others, then raise the first
-                    error = error or exc
-            if error is not None:
-                raise error
-            return replies
-        except BaseException:
-            # Replies may be left unread (an error, a failed encoding, a cancellation):
-            # the connection cannot be reused.
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+        return await send_packed(
+            self.redis, ((pack_evalsha(sha, keys, args), 1) for keys, args in chunks)
+        )
 
     async def apply(self, events: Sequence[Event]) -> ApplyResult:
         """Apply ``events`` (each once per id), in chunks of `APPLY_CHUNK` per script
@@ -874,11 +863,12 @@ class RedisHotStore:
 
     async def raw_windows(self, actors: Sequence[Actor]) -> list[list[bytes]]:
         """`windows`, each entry as the JSON Redis holds."""
-        pipe = self.redis.pipeline(transaction=False)
-        for namespace, actor in actors:
-            pipe.lrange(Keys(namespace).window(actor), 0, self.settings.window_size - 1)
+        stop = self.settings.window_size - 1
         try:
-            rows = await pipe.execute()
+            rows = await commands(
+                self.redis,
+                [("LRANGE", keys_of(ns).window(actor), 0, stop) for ns, actor in actors],
+            )
         except RedisError as exc:
             raise StoreUnavailable(
                 f"reading {len(actors)} windows from Redis failed: {exc}"
@@ -956,6 +946,95 @@ def bounded_json_list(docs: Sequence[bytes], limit: int) -> bytes:
     return b"[" + b",".join(docs[:kept]) + b"]"
 
 
+class BatchGets:
+    """DynamoDB reads by key, coalesced: the `get` calls made in one turn of the event
+    loop, whatever their tables, go out together as BatchGetItem calls of up to 100 keys
+    across tables (what DynamoDB takes in one call), and each caller gets its own
+    table's items.
+
+    The windows agent recovers a batch's new actors' window and feature vector
+    concurrently (`WindowAgent.apply`): with one `BatchGets` shared by `DynamoWindows` and
+    `DynamoFeatures` (`agents.app.build_agent`) the two reads of a batch are one call
+    rather than two, and a call costs the worker 3-5 million instructions
+    (aiobotocore; session 10 in docs/agents.md). Each read is consistent, as before;
+    what DynamoDB leaves unprocessed is asked again with backoff, and a failure fails
+    every caller of the call."""
+
+    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self._waiting: list[tuple[str, list[str], asyncio.Future[dict[str, Any]]]] = []
+
+    async def get(self, table: str, pks: Sequence[str]) -> dict[str, Mapping[str, Any]]:
+        """The items of ``table`` with these ``pk`` values, by pk; absent ones left out."""
+        if not pks:
+            return {}
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        if not self._waiting:
+            # after the other coroutines started in this turn asked for theirs
+            loop.call_soon(self._start)
+        self._waiting.append((table, list(dict.fromkeys(pks)), future))
+        return await future
+
+    def _start(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        task = asyncio.ensure_future(self._read(waiting))
+        # (the callers hold the futures; the task ends when they are answered)
+        task.add_done_callback(_retrieved)
+
+    async def _read(
+        self, waiting: Sequence[tuple[str, list[str], asyncio.Future[dict[str, Any]]]]
+    ) -> None:
+        wanted = [(table, pk) for table, pks, _ in waiting for pk in pks]
+        found: dict[tuple[str, str], Mapping[str, Any]] = {}
+        tables = sorted({table for table, _, _ in waiting})
+        try:
+            for start in range(0, len(wanted), 100):
+                request: dict[str, Any] = {}
+                for table, pk in wanted[start : start + 100]:
+                    entry = request.setdefault(table, {"Keys": [], "ConsistentRead": True})
+                    entry["Keys"].append({"pk": {"S": pk}})
+                async for response in self._until_processed(request, tables):
+                    for table, items in response.get("Responses", {}).items():
+                        for item in items:
+                            found[(table, item["pk"]["S"])] = item
+        except BaseException as exc:
+            for _, _, future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for table, pks, future in waiting:
+            if not future.done():
+                future.set_result({pk: found[(table, pk)] for pk in pks if (table, pk) in found})
+
+    async def _until_processed(
+        self, request: dict[str, Any], tables: Sequence[str]
+    ) -> AsyncIterator[Mapping[str, Any]]:
+        pending = request
+        for attempt in range(10):
+            try:
+                response = await self.client.batch_get_item(RequestItems=pending)
+            except (BotoCoreError, ClientError) as exc:
+                where = f"reading items from {', '.join(map(repr, tables))}"
+                raise translate(exc, where, self.settings) from exc
+            yield response
+            pending = dict(response.get("UnprocessedKeys") or {})
+            if not pending:
+                return
+            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise StoreUnavailable(
+            f"DynamoDB kept reads unprocessed on {', '.join(map(repr, tables))}; raise its capacity"
+        )
+
+
+def _retrieved(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # (handed to the callers already)
+
+
 class DynamoWindows:
     """`DurableWindows` on DynamoDB table ``{prefix}-windows``.
 
@@ -964,10 +1043,14 @@ class DynamoWindows:
     expire as they do in Redis.
     """
 
-    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
+    def __init__(
+        self, client: DynamoDBClient, settings: Settings, reads: BatchGets | None = None
+    ) -> None:
         self.client = client
         self.settings = settings
         self.table = settings.windows_table
+        self.reads = reads or BatchGets(client, settings)
+        """Its `get_many` reads (shared with other tables' to coalesce them)."""
 
     @staticmethod
     def pk(namespace: str, actor: str) -> str:
@@ -1050,23 +1133,11 @@ class DynamoWindows:
         return [WindowEntry.loads(orjson.dumps(doc)) for doc in orjson.loads(item["window"]["S"])]
 
     async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]:
-        """Windows of many actors (BatchGetItem, 100 keys a call); absent ones are left out."""
+        """Windows of many actors (BatchGetItem, 100 keys a call, with other tables' reads
+        of the moment: `BatchGets`); absent ones are left out."""
         by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
-        found: dict[Actor, list[WindowEntry]] = {}
-        pks = list(by_pk)
-        for start in range(0, len(pks), 100):
-            request = {
-                self.table: {
-                    "Keys": [{"pk": {"S": pk}} for pk in pks[start : start + 100]],
-                    "ConsistentRead": True,
-                }
-            }
-            async for response in self._until_processed(
-                self.client.batch_get_item, request, "UnprocessedKeys", "reading"
-            ):
-                for item in response.get("Responses", {}).get(self.table, []):
-                    found[by_pk[item["pk"]["S"]]] = self._entries(item)
-        return found
+        items = await self.reads.get(self.table, list(by_pk))
+        return {by_pk[pk]: self._entries(item) for pk, item in items.items()}
 
 
 # --- in memory (unit tests) --------------------------------------------------------------

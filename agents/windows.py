@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -105,10 +106,13 @@ class StreamRecord:
         )
 
 
-_PARSED: dict[bytes, Event | str] = {}
+_PARSED: OrderedDict[bytes, Event | str] = OrderedDict()
 PARSE_CACHE = 4096
 """Records parsed lately, shared by the agents of one worker: each of them reads every
-record, and parsing (pydantic validation) is the larger part of a side agent's work."""
+record, and parsing (pydantic validation) is the larger part of a side agent's work.
+The oldest is dropped first, with `OrderedDict.popitem`: a dict's ``del d[next(iter(d))]``
+walks past every slot the earlier deletions emptied, 1.9 µs a record at this size
+(5.7 µs at the catalog cache's 16,384), 3 % of the worker's instructions (session 10)."""
 
 
 def parse_event(raw: bytes) -> Event | str:
@@ -125,7 +129,7 @@ def parse_event(raw: bytes) -> Event | str:
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
         )
     if len(_PARSED) >= PARSE_CACHE:
-        del _PARSED[next(iter(_PARSED))]
+        _PARSED.popitem(last=False)
     _PARSED[raw] = result
     return result
 

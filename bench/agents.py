@@ -16,6 +16,15 @@
   ``--order time`` sorts by event time, as a shard interleaves its users;
 * **commands** (only when asked for): redis-server's time per event by command the
   script calls (INFO commandstats), against the script's own time and the server's CPU;
+* **agent-instructions** (only when asked for; needs valgrind): the agent process's own
+  CPU instructions per event (``--agent-modes``: ``worker``, every agent of a worker as
+  the throughput run's last row; ``windows``, the windows agent alone), under callgrind:
+  a fresh agent in a process of its own, instrumentation switched on only around
+  ``--instructions-events`` events after ``--instructions-warm`` others (a READY/DONE
+  handshake on its stdin and stdout, as `bench.request_cost`), ``PYTHONHASHSEED`` fixed
+  and the copy interval's timer off (the copies are written when a group reaches its
+  actor cap, and for what is left at the end of each stretch); redis-server and moto run
+  as usual and are not counted. ``--agent-profile PATH`` runs the same under cProfile;
 * **instructions** (only when asked for; needs valgrind): redis-server's instructions
   per event for the Redis part, under callgrind, for ``--instructions-events`` events
   after ``--instructions-warm`` others: unlike CPU time, the count does not move with
@@ -35,11 +44,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import csv
 import os
+import pstats
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -65,6 +77,7 @@ from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
 from streams.envelope import Message, encode
+from streams.kinesis.app import _loop_factory
 from streams.schema import Event, Item
 
 TYPES = {"pv": "view", "cart": "add_to_cart", "buy": "purchase", "fav": "like"}
@@ -410,6 +423,157 @@ async def _instructions_run(
     return len(measured)
 
 
+AGENT_MODES = ("worker", "windows")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _agent_env(settings: Settings, namespace: str) -> dict[str, str]:
+    """The measured agent's environment: the stack's addresses, string hashing fixed (set
+    and dict orders, and so the work of a batch, otherwise differ between runs)."""
+    return {
+        **os.environ,
+        **settings.to_env(),
+        "PYTHONHASHSEED": "0",
+        "BENCH_NAMESPACE": namespace,
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+async def _agent_inner(
+    mode: str, rows: Sequence[list[str]], warm: int, count: int, batch: int, profile: str | None
+) -> None:
+    """In the measured process: a fresh agent (every agent of a worker, or the windows
+    agent alone) over ``warm`` events, then ``count`` more between two lines on stdin
+    (the parent switches callgrind's instrumentation on and off there). Each stretch ends
+    with what the worker would still owe for it: the pending durable copies written and
+    the archive's buffer flushed."""
+    settings = Settings()
+    namespace = os.environ["BENCH_NAMESPACE"]
+    async with open_stores(settings) as stores:
+        redis = stores.redis
+        await prepare(redis, namespace, rows)
+        raw = [e.to_json() for e in events_of(rows, namespace)]
+        agent = build_agent(stores, settings)
+        # no timer: under valgrind's slowness the 5 s interval would fall anywhere
+        pipeline = Pipeline(agent, "bench", interval_s=1e9)
+        attribution = AttributionAgent(redis, DynamoCounters(stores.dynamodb, settings), settings)
+        archive: ArchiveBuffer[int] = ArchiveBuffer.of(S3ArchiveSink(stores.s3, settings), settings)
+
+        async def stretch(records: Sequence[bytes]) -> None:
+            for start in range(0, len(records), batch):
+                chunk = records[start : start + batch]
+                await pipeline.submit(chunk)
+                if mode == "worker":
+                    await attribution.process(chunk, "bench")
+                    archive.add((value, n) for n, value in enumerate(chunk))
+                    if archive.full:
+                        await flush_until_done(archive)
+            if mode == "worker":
+                await flush_until_done(archive)
+            await pipeline.drain()
+
+        await stretch(raw[:warm])
+        measured = raw[warm : warm + count]
+        if profile is not None:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await stretch(measured)
+            profiler.disable()
+            profiler.dump_stats(profile)
+            print(f"DONE {len(measured)}", flush=True)
+            return
+        print(f"READY {len(measured)}", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        await stretch(measured)
+        print(f"DONE {len(measured)}", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+
+
+def _inner_argv(mode: str, events: int, warm: int, count: int, batch: int) -> list[str]:
+    return [
+        sys.executable, "-m", "bench.agents", "--agent-inner", mode, "--events", str(events),
+        "--order", ORDER, "--instructions-warm", str(warm), "--instructions-events",
+        str(count), "--batch", str(batch),
+    ]  # fmt: skip
+
+
+def agent_instructions(
+    settings: Settings,
+    mode: str,
+    events: int,
+    warm: int,
+    count: int,
+    batch: int,
+    run: int,
+    keep: Path | None = None,
+) -> float:
+    """The agent process's instructions per event (``mode``: `AGENT_MODES`) under
+    callgrind, for the ``count`` events after ``warm`` (see `_agent_inner`)."""
+    valgrind = shutil.which("valgrind")
+    control = shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise SystemExit("`--only agent-instructions` needs valgrind: apt-get install valgrind")
+    env = _agent_env(settings, f"ai{mode[0]}{run}")
+    with tempfile.TemporaryDirectory(prefix="recstream-agent-cost-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        process = subprocess.Popen(
+            [valgrind, "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+             *_inner_argv(mode, events, warm, count, batch)],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        assert process.stdin is not None
+        assert process.stdout is not None
+        try:
+
+            def step(word: str) -> int:
+                for line in process.stdout:  # type: ignore[union-attr]
+                    if line.startswith(word):
+                        return int(line.split()[1])
+                raise SystemExit(f"the agent under valgrind stopped before {word} ({mode})")
+
+            def callgrind(switch: str) -> None:
+                subprocess.run(
+                    [control, "-i", switch, str(process.pid)], check=True, capture_output=True
+                )
+
+            measured = step("READY")
+            callgrind("on")
+            process.stdin.write("\n")
+            process.stdin.flush()
+            step("DONE")
+            callgrind("off")
+            process.stdin.write("\n")
+            process.stdin.flush()
+            process.wait(600)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        totals = [
+            int(line.split()[1])
+            for line in out.read_text().splitlines()
+            if line.startswith(("totals:", "summary:"))
+        ]
+        if keep is not None:
+            shutil.copyfile(out, keep.with_suffix(f".{mode}.{run}"))
+    return max(totals) / max(measured, 1)
+
+
+def agent_profile(
+    settings: Settings, mode: str, events: int, warm: int, count: int, batch: int, path: Path
+) -> None:
+    """The same events under cProfile (no valgrind); prints where the time goes."""
+    subprocess.run(
+        [*_inner_argv(mode, events, warm, count, batch), "--agent-profile", str(path)],
+        cwd=ROOT, env=_agent_env(settings, f"ap{mode[0]}"), check=True,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(50)
+
+
 async def dedup_designs(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
     """One composed script vs one script and seen set per part (separate Redis dbs)."""
     base = settings.redis_url.rsplit("/", 1)[0]
@@ -578,6 +742,14 @@ def main() -> None:
         "--callgrind-out", type=Path, default=None, help="keep the instructions' callgrind dump"
     )
     parser.add_argument(
+        "--agent-modes", default="worker", help=f"agent-instructions: any of {AGENT_MODES}"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="agent-instructions runs each")
+    parser.add_argument(
+        "--agent-profile", type=Path, default=None, help="agent-instructions under cProfile"
+    )
+    parser.add_argument("--agent-inner", choices=AGENT_MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--redis-config",
         default="",
         help="CONFIG SET before the instructions and memory runs, e.g. "
@@ -595,6 +767,20 @@ def main() -> None:
     sections = set(args.only.split(","))
     rows = taobao_rows(args.events)
     tune_gc()  # as `recstream agents` does
+    if args.agent_inner:
+        profile = str(args.agent_profile) if args.agent_profile is not None else None
+        inner = _agent_inner(
+            args.agent_inner,
+            rows,
+            args.instructions_warm,
+            args.instructions_events,
+            args.batch,
+            profile,
+        )
+        # the worker's loop (streams/kinesis/app.py `run_in_process`)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(inner)
+        return
     with local_settings(namespace="bench", poll_interval_s=0.05) as settings:
         if "throughput" in sections:
             asyncio.run(throughput(settings, rows, args.batch))
@@ -608,6 +794,43 @@ def main() -> None:
                 args.instructions_events,
                 args.callgrind_out,
             )
+        if "agent-instructions" in sections:
+            modes = [m for m in args.agent_modes.split(",") if m]
+            if args.agent_profile is not None:
+                for mode in modes:
+                    agent_profile(
+                        settings,
+                        mode,
+                        args.events,
+                        args.instructions_warm,
+                        args.instructions_events,
+                        args.batch,
+                        args.agent_profile.with_suffix(f".{mode}"),
+                    )
+            else:
+                counts = {
+                    mode: [
+                        agent_instructions(
+                            settings,
+                            mode,
+                            args.events,
+                            args.instructions_warm,
+                            args.instructions_events,
+                            args.batch,
+                            run,
+                            args.callgrind_out,
+                        )
+                        for run in range(args.repeat)
+                    ]
+                    for mode in modes
+                }
+                print(
+                    f"\nagent process instructions per event, {args.instructions_events} Taobao "
+                    f"events ({ORDER} order) after {args.instructions_warm}, batches of "
+                    f"{args.batch}"
+                )
+                for mode, runs in counts.items():
+                    print(f"  {mode:<10}" + ", ".join(f"{c / 1e3:.1f}k" for c in runs))
         if "dedup" in sections:
             asyncio.run(dedup_designs(settings, rows, args.batch))
         if "memory" in sections:

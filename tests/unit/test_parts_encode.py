@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.asyncio import Redis
+
 from agents.catalog import BatchContext, ItemFacts
 from agents.features import FeaturesPart
-from agents.state import keys_of
+from agents.state import keys_of, pack_evalsha
 from agents.trending import WINDOWS, TrendingPart
 from recstream.settings import Settings
 from streams.schema import Event
@@ -75,3 +77,33 @@ def test_trending_keys_equal_the_keys_built_directly() -> None:
                     ]
                 for _ in range(2):  # made, then from the cache
                     assert part._keys_of(namespace, category, starts) == tuple(expected)
+
+
+def test_pack_evalsha_is_redis_py_s() -> None:
+    """The hot store packs its script calls with hiredis: byte for byte what redis-py's
+    own packer sends (non-ASCII keys, binary and empty arguments, a large argument that
+    redis-py sends as a separate buffer)."""
+    connection = Redis().connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    keys = ["rs:ns:win:é", "rs:ns:seen:u1", ""]
+    args = [b"[1,2]", b"\x00\xff\r\n", b"", b"x" * 10_000]
+    expected = b"".join(connection.pack_command("EVALSHA", "f" * 40, len(keys), *keys, *args))
+    assert pack_evalsha("f" * 40, keys, args) == expected
+
+
+def test_facts_of_an_event_s_own_item_are_its_own() -> None:
+    """`BatchContext.facts` remembers the last event asked about (the parts ask in turn):
+    each event still gets its own item's facts, its properties first."""
+    context = BatchContext(items={("ns", "a"): ItemFacts(categories=("shoes",), brand="acme")})
+    plain = Event(event_type="view", user_id="u", item_id="a", namespace="ns")
+    tagged = Event(
+        event_type="view", user_id="u", item_id="a", namespace="ns", properties={"category": "x"}
+    )
+    other = Event(event_type="view", user_id="u", item_id="b", namespace="ns")
+    for _ in range(2):
+        assert context.facts(plain) == ItemFacts(categories=("shoes",), brand="acme")
+        assert context.facts(plain) == ItemFacts(categories=("shoes",), brand="acme")
+        assert context.facts(tagged) == ItemFacts(categories=("x",), brand="acme")
+        assert context.facts(tagged, "a") == ItemFacts(categories=("x",), brand="acme")
+        assert context.facts(plain, "b") == ItemFacts()
+        assert context.facts(other) == ItemFacts()
+        assert context.facts(other, "a") == ItemFacts(categories=("shoes",), brand="acme")

@@ -1,0 +1,85 @@
+"""Redis round trips of the agents' hot path, packed by hiredis and sent on one connection.
+
+redis-py packs every argument of every command in Python (`Encoder.encode`, a length
+and a join each) and gives a pipeline's every reply its own timeout, callback and
+bookkeeping: for a batch's reads of a few hundred small commands (the catalog's entries,
+the windows and feature hashes of the durable copies) that was most of what reading
+cost the agent. Here the commands are packed in C (`hiredis.pack_command`, the same
+bytes), written back to back, and the replies read as the parser gives them (no
+callbacks: an ``HGETALL`` is a flat list in RESP2, `pairs` reads it). Session 10 in
+docs/agents.md has the figures.
+
+What the caller gets is what a pipeline without ``raise_on_error`` would give, but
+raised: a connection or timeout error (redis-py's own), or the first error reply once
+every reply was read, as a pipeline raises it. The calls are not timed into the Redis
+metrics (`recstream.tracing.instrument_redis` wraps the client's commands and
+pipelines, not its connections), as the hot store's script calls never were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+__all__ = ["commands", "pack", "pairs", "send_packed"]
+
+Arg = str | bytes | int
+
+
+def pack(*command: Arg) -> bytes:
+    """One command in the Redis protocol: byte for byte what redis-py sends for ``str``,
+    ``bytes`` and ``int`` arguments (`test_pack_is_redis_py_s`)."""
+    # (hiredis's stub types the tuple as one element long)
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
+
+
+async def send_packed(redis: aioredis.Redis, writes: Iterable[tuple[bytes, int]]) -> list[Any]:
+    """Write each ``(packed commands, how many)`` on ONE connection as soon as it is
+    produced (so Redis runs the first while the next is made), then read every reply,
+    in order. Raises the first error reply once all replies are read."""
+    pool = redis.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        expected = 0
+        for data, count in writes:
+            await connection.send_packed_command(data, check_health=expected == 0)
+            expected += count
+        replies: list[Any] = []
+        error: ResponseError | None = None
+        for _ in range(expected):
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:  # read the others, then raise the first
+                error = error or exc
+                replies.append(exc)
+        if error is not None:
+            raise error
+        return replies
+    except BaseException:
+        # Replies may be left unread (an error, a failed encoding, a cancellation): the
+        # connection cannot be reused.
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
+
+
+async def commands(redis: aioredis.Redis, batch: Sequence[Sequence[Arg]]) -> list[Any]:
+    """The replies of ``batch`` (commands as argument lists), in one write."""
+    if not batch:
+        return []
+    return await send_packed(redis, [(b"".join(pack(*c) for c in batch), len(batch))])
+
+
+def pairs(reply: Any) -> Iterator[tuple[Any, Any]]:
+    """The (field, value) pairs of an ``HGETALL`` reply: a flat list in RESP2, a map in
+    RESP3."""
+    if isinstance(reply, dict):
+        return iter(reply.items())
+    it = iter(reply)
+    return zip(it, it, strict=True)
