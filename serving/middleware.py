@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recstream import prom, tracing
+from recstream.ids import new_id
 from recstream.logging import REQUEST_ID, configure_logging
 from recstream.settings import Settings
 
@@ -152,7 +152,7 @@ class RequestContext:
         started = time.perf_counter()
         headers = Headers(scope=scope)
         offered = headers.get("x-request-id", "")
-        request_id = offered if _REQUEST_ID.match(offered) else uuid.uuid4().hex
+        request_id = offered if _REQUEST_ID.match(offered) else new_id()
         token = REQUEST_ID.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500

@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from redis.exceptions import RedisError
 from agents.state import DurableWindows, RedisHotStore, WindowEntry
 from recstream import prom
 from recstream.errors import RecstreamError
+from recstream.ids import new_id
 from recstream.settings import Settings
 from serving.metrics import SOURCE_LATENCY
 from serving.pipeline.candidates import SourceOutput, Sources, best
@@ -819,7 +819,7 @@ class Ranker:
     ) -> Recommendations:
         """``answer`` under a new recommendation id, logged for attribution."""
         result = Recommendations(
-            recommendation_id=uuid.uuid4().hex,
+            recommendation_id=new_id(),
             namespace=namespace,
             actor=actor,
             items=list(answer.items),
