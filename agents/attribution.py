@@ -165,10 +165,30 @@ def _day(ts: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(ts))
 
 
+_TARGETS: dict[tuple[str, str, str | None, int, int], list[tuple[str, bytes, int]]] = {}
+_MAX_TARGETS = 10_000
+"""`_counter_targets` by (namespace, strategy, variant, UTC day, day TTL): every answer
+served logs one count, and its keys and notes (three JSON documents, a date) are the
+same for every answer of a strategy and day. Emptied when full."""
+
+
 def _counter_targets(
     settings: Settings, namespace: str, strategy: str, variant: str | None, ts: float
 ) -> list[tuple[str, bytes, int]]:
-    """(Redis key, dirty-note descriptor, TTL or 0) of every counter one count touches."""
+    """(Redis key, dirty-note descriptor, TTL or 0) of every counter one count touches.
+    The list is shared: read it, never change it."""
+    cache = (namespace, strategy, variant, int(ts // 86_400), settings.attribution_day_ttl_s)
+    found = _TARGETS.get(cache)
+    if found is None:
+        if len(_TARGETS) >= _MAX_TARGETS:
+            _TARGETS.clear()
+        found = _TARGETS[cache] = _make_counter_targets(settings, namespace, strategy, variant, ts)
+    return found
+
+
+def _make_counter_targets(
+    settings: Settings, namespace: str, strategy: str, variant: str | None, ts: float
+) -> list[tuple[str, bytes, int]]:
     keys = Keys(namespace)
     day = _day(ts)
 
