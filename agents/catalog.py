@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from agents.redisio import commands
 from recstream.errors import StoreUnavailable
-from recstream.keys import Keys
+from recstream.keys import Keys, keys_of
 from recstream.settings import Settings
 from streams.schema import Event, Item
 
@@ -134,18 +134,6 @@ def _facts(raw: bytes | None, namespace: str, item_id: str) -> ItemFacts:
     return found
 
 
-_KEYS: dict[str, Keys] = {}
-
-
-def _keys(namespace: str) -> Keys:
-    found = _KEYS.get(namespace)
-    if found is None:
-        if len(_KEYS) > 10_000:
-            _KEYS.clear()
-        found = _KEYS[namespace] = Keys(namespace)
-    return found
-
-
 async def load_context(
     redis: aioredis.Redis, events: Sequence[Event], settings: Settings
 ) -> BatchContext:
@@ -165,8 +153,8 @@ async def load_context(
     namespaces = sorted({e.namespace for e in events})
     batch: list[list[str]] = []
     if wanted:
-        batch.append(["MGET", *(_keys(ns).item(item) for ns, item in wanted)])
-    batch += [["GET", _keys(ns).model_pointer(ALS_MODEL)] for ns in namespaces]
+        batch.append(["MGET", *(keys_of(ns).item(item) for ns, item in wanted)])
+    batch += [["GET", keys_of(ns).model_pointer(ALS_MODEL)] for ns in namespaces]
     try:
         replies = await commands(redis, batch)
     except RedisError as exc:

@@ -41,7 +41,7 @@ from agents.redisio import commands, pack, send_packed
 from agents.retry import RecordsRefused
 from recstream.aws import translate
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
-from recstream.keys import Keys
+from recstream.keys import Keys, keys_of
 from recstream.settings import Settings
 from streams.schema import Event
 
@@ -401,19 +401,6 @@ class WindowsPart:
         if text is None:
             text = self._texts[pw] = repr(pw)
         return found, [entry.decode(), pw, text]
-
-
-_KEYS: dict[str, Keys] = {}
-
-
-def keys_of(namespace: str) -> Keys:
-    """The (immutable) `Keys` of a namespace, built once."""
-    found = _KEYS.get(namespace)
-    if found is None:
-        if len(_KEYS) > 10_000:
-            _KEYS.clear()
-        found = _KEYS[namespace] = Keys(namespace)
-    return found
 
 
 # The script. It runs the parts of each event inside ``pcall``: an event whose part fails

@@ -796,33 +796,22 @@ def main() -> None:
             )
         if "agent-instructions" in sections:
             modes = [m for m in args.agent_modes.split(",") if m]
+            # (settings, mode, events, warm, measured, batch): the same run, profiled or counted
+            jobs = [
+                (settings, mode, args.events, args.instructions_warm, args.instructions_events,
+                 args.batch)
+                for mode in modes
+            ]  # fmt: skip
             if args.agent_profile is not None:
-                for mode in modes:
-                    agent_profile(
-                        settings,
-                        mode,
-                        args.events,
-                        args.instructions_warm,
-                        args.instructions_events,
-                        args.batch,
-                        args.agent_profile.with_suffix(f".{mode}"),
-                    )
+                for run_args in jobs:
+                    agent_profile(*run_args, args.agent_profile.with_suffix(f".{run_args[1]}"))
             else:
                 counts = {
-                    mode: [
-                        agent_instructions(
-                            settings,
-                            mode,
-                            args.events,
-                            args.instructions_warm,
-                            args.instructions_events,
-                            args.batch,
-                            run,
-                            args.callgrind_out,
-                        )
+                    run_args[1]: [
+                        agent_instructions(*run_args, run, args.callgrind_out)
                         for run in range(args.repeat)
                     ]
-                    for mode in modes
+                    for run_args in jobs
                 }
                 print(
                     f"\nagent process instructions per event, {args.instructions_events} Taobao "

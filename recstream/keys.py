@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Keys"]
+__all__ = ["Keys", "keys_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,3 +166,17 @@ class Keys:
         """GCRA state of one client (``ip:…`` or ``key:{id}:{scope}``), across namespaces;
         ``_`` cannot start a namespace, so this never collides with one."""
         return f"rs:_rl:{subject}"
+
+
+_KEYS: dict[str, Keys] = {}
+
+
+def keys_of(namespace: str) -> Keys:
+    """The (immutable) `Keys` of a namespace, built once: the agents' hot path asks for
+    them per event."""
+    found = _KEYS.get(namespace)
+    if found is None:
+        if len(_KEYS) > 10_000:
+            _KEYS.clear()
+        found = _KEYS[namespace] = Keys(namespace)
+    return found
