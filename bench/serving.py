@@ -91,16 +91,16 @@ VARIANTS = [
 ]
 
 
-def movielens(limit: int, now: float | None = None) -> list[Event]:
+def movielens(limit: int) -> list[Event]:
     """The ratings as events of a live site's last day: in their order, spread evenly
-    over the 24 hours before ``now``. With their own times (1996-2018) the agents file
+    over the 24 hours before the call. With their own times (1996-2018) the agents file
     them as history only: no decayed popularity, no trend and no per-category list
     exists, so the bench measured requests whose trending and category sources had
     nothing to do, which a live deployment's never are."""
     with RATINGS.open(newline="") as handle:
         rows = sorted(csv.DictReader(handle), key=lambda r: int(r["timestamp"]))
     rows = rows[-limit:] if limit else rows
-    start = (time.time() if now is None else now) - DAY_S
+    start = time.time() - DAY_S
     step = DAY_S / max(1, len(rows))
     return [
         Event(
