@@ -11,9 +11,9 @@ docs/agents.md has the figures.
 
 What the caller gets is what a pipeline without ``raise_on_error`` would give, but
 raised: a connection or timeout error (redis-py's own), or the first error reply once
-every reply was read, as a pipeline raises it. The calls are not timed into the Redis
-metrics (`recstream.tracing.instrument_redis` wraps the client's commands and
-pipelines, not its connections), as the hot store's script calls never were.
+every reply was read, as a pipeline raises it. Each round trip is timed as a
+``PIPELINE`` (`recstream.tracing.timed_redis`): `recstream.tracing.instrument_redis`
+times the client's commands and pipelines, which these calls do not go through.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
+from recstream import tracing
 
 __all__ = ["commands", "pack", "pairs", "send_packed"]
 
@@ -41,9 +43,15 @@ def pack(*command: Arg) -> bytes:
 async def send_packed(redis: aioredis.Redis, writes: Iterable[tuple[bytes, int]]) -> list[Any]:
     """Write each ``(packed commands, how many)`` on ONE connection as soon as it is
     produced (so Redis runs the first while the next is made), then read every reply,
-    in order. Raises the first error reply once all replies are read."""
+    in order. Raises the first error reply once all replies are read. Timed as a
+    ``PIPELINE`` in ``recstream_redis_call_seconds``, as a redis-py pipeline is."""
+    call = tracing.timed_redis("PIPELINE")
     pool = redis.connection_pool
-    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    except BaseException as exc:
+        call.done(type(exc).__name__)
+        raise
     try:
         expected = 0
         for data, count in writes:
@@ -59,12 +67,15 @@ async def send_packed(redis: aioredis.Redis, writes: Iterable[tuple[bytes, int]]
                 replies.append(exc)
         if error is not None:
             raise error
-        return replies
-    except BaseException:
+    except BaseException as exc:
+        call.done(type(exc).__name__)
         # Replies may be left unread (an error, a failed encoding, a cancellation): the
         # connection cannot be reused.
         await connection.disconnect()
         raise
+    else:
+        call.done(None)
+        return replies
     finally:
         await pool.release(connection)
 

@@ -71,6 +71,7 @@ __all__ = [
     "instrument_redis",
     "shutdown",
     "span",
+    "timed_redis",
     "tracer",
     "traces_url",
 ]
@@ -331,6 +332,17 @@ class _Timed:
             self.span.end()
 
 
+def timed_redis(name: str, batch: int | None = None) -> _Timed:
+    """One Redis round trip being timed under ``name`` (a command, or PIPELINE / MULTI);
+    ``.done(None)`` or ``.done(error class)`` when it ends. For round trips that go by a
+    connection rather than the client's commands (agents/redisio.py); `instrument_redis`
+    times the client's own."""
+    attributes: dict[str, Any] = {"db.system.name": "redis", "db.operation.name": name}
+    if batch is not None:
+        attributes["db.operation.batch.size"] = batch
+    return _Timed(REDIS_LATENCY, REDIS_ERRORS, (name,), f"redis {name}", attributes)
+
+
 _TIMED: Final = "_recstream_timed"
 
 
@@ -350,14 +362,7 @@ def instrument_redis(client: aioredis.Redis) -> aioredis.Redis:
     make_pipeline: Any = client.pipeline
 
     async def execute_command(*args: Any, **options: Any) -> Any:
-        name = _command(args[0]) if args else "?"
-        call = _Timed(
-            REDIS_LATENCY,
-            REDIS_ERRORS,
-            (name,),
-            f"redis {name}",
-            {"db.system.name": "redis", "db.operation.name": name},
-        )
+        call = timed_redis(_command(args[0]) if args else "?")
         try:
             result = await command(*args, **options)
         except BaseException as exc:
@@ -372,17 +377,7 @@ def instrument_redis(client: aioredis.Redis) -> aioredis.Redis:
         name = "MULTI" if transaction else "PIPELINE"
 
         async def execute_pipeline(raise_on_error: bool = True) -> Any:
-            call = _Timed(
-                REDIS_LATENCY,
-                REDIS_ERRORS,
-                (name,),
-                f"redis {name}",
-                {
-                    "db.system.name": "redis",
-                    "db.operation.name": name,
-                    "db.operation.batch.size": len(pipe.command_stack),
-                },
-            )
+            call = timed_redis(name, len(pipe.command_stack))
             try:
                 result = await execute(raise_on_error)
             except BaseException as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from redis.exceptions import ResponseError
 
 from agents.features import _hashes
@@ -83,3 +84,24 @@ async def test_feature_copies_read_the_same_through_either_client(
         assert await _hashes(decoding, [(ns, actor)]) == expected
     finally:
         await decoding.aclose()
+
+
+async def test_round_trips_are_timed_as_pipelines(redis_client: aioredis.Redis) -> None:
+    """Each round trip counts in ``recstream_redis_call_seconds`` as a PIPELINE, and an
+    error reply in ``recstream_redis_call_errors_total``, as a redis-py pipeline's do."""
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    timed = sample("recstream_redis_call_seconds_count", command="PIPELINE")
+    failed = sample("recstream_redis_call_errors_total", command="PIPELINE", error="ResponseError")
+    key = unique("t")
+    await commands(redis_client, [("SET", key, "1"), ("GET", key)])
+    assert sample("recstream_redis_call_seconds_count", command="PIPELINE") == timed + 1
+    with pytest.raises(ResponseError):
+        await commands(redis_client, [("LRANGE", key, 0, 1)])  # a string: WRONGTYPE
+    assert sample("recstream_redis_call_seconds_count", command="PIPELINE") == timed + 2
+    assert (
+        sample("recstream_redis_call_errors_total", command="PIPELINE", error="ResponseError")
+        == failed + 1
+    )
