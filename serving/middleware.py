@@ -21,7 +21,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -177,10 +177,14 @@ class RequestContext:
                 return
             await send(message)
 
-        with tracing.incoming(
-            scope["method"],
-            [(name.decode("latin-1"), value) for name, value in scope["headers"]],
-            {"http.request.method": scope["method"], "url.path": scope["path"]},
+        with (
+            tracing.incoming(
+                scope["method"],
+                [(name.decode("latin-1"), value) for name, value in scope["headers"]],
+                {"http.request.method": scope["method"], "url.path": scope["path"]},
+            )
+            if tracing.enabled()  # (else the headers were decoded for nothing, per request)
+            else nullcontext()
         ) as server_span:
             try:
                 declared = headers.get("content-length", "")

@@ -783,7 +783,7 @@ class Sources:
             chosen = np.asarray(ranked[:n], dtype=np.intp)
         items = interner.decode(codes[chosen].tolist())
         out.scores = dict(zip(items, scored[chosen].tolist(), strict=True))
-        out.category = dict(zip(items, [names[g] for g in group[chosen].tolist()], strict=True))
+        out.category = dict(zip(items, map(names.__getitem__, group[chosen].tolist()), strict=True))
         return out
 
 

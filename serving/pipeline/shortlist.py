@@ -30,7 +30,7 @@ on every source's full list, so it scores the whole pool (docs/serving.md).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import numpy as np
@@ -51,9 +51,7 @@ def shortlist(
     """``outputs`` restricted to the ``keep`` best items ``policy`` may show (plus each
     source's top item, and every seen item when ``policy`` is None); unchanged when the
     pool is no larger than that."""
-    pool: dict[str, None] = {}
-    for out in outputs:
-        pool.update(dict.fromkeys(out.scores))
+    pool = dict.fromkeys(chain.from_iterable(out.scores for out in outputs))
     if len(pool) <= keep:
         return list(outputs)
     # The blend over the pool in numpy: a request pools ~1,000 (item, score) pairs and a
