@@ -35,7 +35,6 @@ Serving reads a user's window, features and embedding in one round trip with
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +45,6 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 import redis.asyncio as aioredis
-from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
@@ -61,8 +59,8 @@ from agents.state import (
     in_parallel,
     keys_of,
     redis_failure,
+    until_processed,
 )
-from recstream.aws import translate
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -806,7 +804,7 @@ class DynamoFeatures:
             requests.append({"PutRequest": {"Item": item}})
         await in_parallel(
             [
-                self._call("batch_write_item", {self.table: requests[start : start + 25]})
+                self._batch_write({self.table: requests[start : start + 25]})
                 for start in range(0, len(requests), 25)
             ]
         )
@@ -819,29 +817,22 @@ class DynamoFeatures:
         ]
         await in_parallel(
             [
-                self._call("batch_write_item", {self.table: requests[start : start + 25]})
+                self._batch_write({self.table: requests[start : start + 25]})
                 for start in range(0, len(requests), 25)
             ]
         )
 
-    async def _call(self, method: str, request: dict[str, Any]) -> list[Mapping[str, Any]]:
-        """A batch call, resending what DynamoDB left unprocessed with backoff."""
-        unprocessed = "UnprocessedItems" if method == "batch_write_item" else "UnprocessedKeys"
-        responses: list[Mapping[str, Any]] = []
-        pending = request
-        for attempt in range(10):
-            try:
-                response = await getattr(self.client, method)(RequestItems=pending)
-            except (BotoCoreError, ClientError) as exc:
-                raise translate(exc, f"{method} on {self.table!r}", self.settings) from exc
-            responses.append(response)
-            pending = dict(response.get(unprocessed) or {})
-            if not pending:
-                return responses
-            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-        raise StoreUnavailable(
-            f"DynamoDB kept feature vectors unprocessed on {self.table!r}; raise its capacity"
-        )
+    async def _batch_write(self, request: dict[str, Any]) -> None:
+        """A BatchWriteItem, resending what DynamoDB left unprocessed with backoff."""
+        async for _ in until_processed(
+            self.client.batch_write_item,
+            request,
+            "UnprocessedItems",
+            f"batch_write_item on {self.table!r}",
+            f"DynamoDB kept feature vectors unprocessed on {self.table!r}; raise its capacity",
+            self.settings,
+        ):
+            pass
 
     async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, FeatureCopy]:
         by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
@@ -866,23 +857,20 @@ async def _hashes(
         rows = await commands(redis, batch)
     except RedisError as exc:
         raise redis_failure(f"reading {len(actors)} feature vectors", exc) from exc
-    try:
-        # (bytes, as the agents' clients reply: decoded without a call per field)
-        return [
-            (
-                {k.decode(): v.decode() for k, v in pairs(rows[i])},
-                {k.decode(): bytes(v) for k, v in pairs(rows[i + 1])},
-            )
-            for i in range(0, len(rows), 2)
-        ]
-    except AttributeError:  # a client that decodes its replies
-        return [
-            (
-                {_text(k): _text(v) for k, v in pairs(rows[i])},
-                {_text(k): _bytes(v) for k, v in pairs(rows[i + 1])},
-            )
-            for i in range(0, len(rows), 2)
-        ]
+    # The agents' clients reply bytes: decoded by the C methods, not a Python call per
+    # field; a client that decodes its replies gets the converters that take both.
+    text, raw = (
+        (_text, _bytes)
+        if redis.connection_pool.get_encoder().decode_responses  # type: ignore[no-untyped-call]
+        else (bytes.decode, bytes)
+    )
+    return [
+        (
+            {text(k): text(v) for k, v in pairs(rows[i])},
+            {text(k): raw(v) for k, v in pairs(rows[i + 1])},
+        )
+        for i in range(0, len(rows), 2)
+    ]
 
 
 async def persist_features(

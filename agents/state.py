@@ -64,6 +64,7 @@ __all__ = [
     "compose_chunk",
     "keys_of",
     "pack_evalsha",
+    "until_processed",
 ]
 
 
@@ -982,7 +983,15 @@ class BatchGets:
                 for table, pk in wanted[start : start + 100]:
                     entry = request.setdefault(table, {"Keys": [], "ConsistentRead": True})
                     entry["Keys"].append({"pk": {"S": pk}})
-                async for response in self._until_processed(request, tables):
+                names = ", ".join(map(repr, tables))
+                async for response in until_processed(
+                    self.client.batch_get_item,
+                    request,
+                    "UnprocessedKeys",
+                    f"reading items from {names}",
+                    f"DynamoDB kept reads unprocessed on {names}; raise its capacity",
+                    self.settings,
+                ):
                     for table, items in response.get("Responses", {}).items():
                         for item in items:
                             found[(table, item["pk"]["S"])] = item
@@ -997,24 +1006,31 @@ class BatchGets:
             if not future.done():
                 future.set_result({pk: found[(table, pk)] for pk in pks if (table, pk) in found})
 
-    async def _until_processed(
-        self, request: dict[str, Any], tables: Sequence[str]
-    ) -> AsyncIterator[Mapping[str, Any]]:
-        pending = request
-        for attempt in range(10):
-            try:
-                response = await self.client.batch_get_item(RequestItems=pending)
-            except (BotoCoreError, ClientError) as exc:
-                where = f"reading items from {', '.join(map(repr, tables))}"
-                raise translate(exc, where, self.settings) from exc
-            yield response
-            pending = dict(response.get("UnprocessedKeys") or {})
-            if not pending:
-                return
-            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-        raise StoreUnavailable(
-            f"DynamoDB kept reads unprocessed on {', '.join(map(repr, tables))}; raise its capacity"
-        )
+
+async def until_processed(
+    call: Callable[..., Awaitable[Any]],
+    request: dict[str, Any],
+    unprocessed: str,
+    doing: str,
+    exhausted: str,
+    settings: Settings,
+) -> AsyncIterator[Mapping[str, Any]]:
+    """Yield the responses of a DynamoDB batch call (BatchGetItem, BatchWriteItem),
+    resending what it left ``unprocessed`` (routine under throttling) with backoff; a
+    failed call is translated as ``doing``, and ten rounds without an end raise
+    ``exhausted``."""
+    pending = request
+    for attempt in range(10):
+        try:
+            response = await call(RequestItems=pending)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(exc, doing, settings) from exc
+        yield response
+        pending = dict(response.get(unprocessed) or {})
+        if not pending:
+            return
+        await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+    raise StoreUnavailable(exhausted)
 
 
 def _retrieved(task: asyncio.Future[None]) -> None:
@@ -1074,34 +1090,15 @@ class DynamoWindows:
         )
 
     async def _batch_write(self, requests: list[dict[str, Any]]) -> None:
-        async for _ in self._until_processed(
-            self.client.batch_write_item, {self.table: requests}, "UnprocessedItems", "writing"
+        async for _ in until_processed(
+            self.client.batch_write_item,
+            {self.table: requests},
+            "UnprocessedItems",
+            f"writing windows in {self.table!r}",
+            f"DynamoDB kept writing windows unprocessed on {self.table!r}; raise its capacity",
+            self.settings,
         ):
             pass
-
-    async def _until_processed(
-        self,
-        call: Callable[..., Awaitable[Any]],
-        request: dict[str, Any],
-        unprocessed: str,
-        what: str,
-    ) -> AsyncIterator[Mapping[str, Any]]:
-        """Yield the responses of a batch call, resending what DynamoDB left unprocessed
-        (routine under throttling) with backoff."""
-        pending = request
-        for attempt in range(10):
-            try:
-                response = await call(RequestItems=pending)
-            except (BotoCoreError, ClientError) as exc:
-                raise translate(exc, f"{what} windows in {self.table!r}", self.settings) from exc
-            yield response
-            pending = dict(response.get(unprocessed) or {})
-            if not pending:
-                return
-            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-        raise StoreUnavailable(
-            f"DynamoDB kept {what} windows unprocessed on {self.table!r}; raise its capacity"
-        )
 
     async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
         try:
