@@ -146,13 +146,10 @@ def order_ties(ranked: list[T], values: Sequence[float], tie_key: Callable[[T], 
     # The runs found in numpy: item-to-item's summed similarities tie often (MovieLens:
     # in almost every request), and a Python loop over every position cost more than the
     # source's own arithmetic. Only the runs of two or more are visited in Python.
-    v = np.asarray(values)
-    edges = np.flatnonzero(v[1:] != v[:-1]) + 1
-    starts = np.concatenate(([0], edges))
-    stops = np.concatenate((edges, [len(v)]))
-    for start, stop in zip(
-        starts[stops - starts > 1].tolist(), stops[stops - starts > 1].tolist(), strict=True
-    ):
+    starts = run_starts(np.asarray(values))
+    stops = np.append(starts[1:], len(values))
+    runs = stops - starts > 1
+    for start, stop in zip(starts[runs].tolist(), stops[runs].tolist(), strict=True):
         ranked[start:stop] = sorted(ranked[start:stop], key=tie_key)
 
 
