@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agents.features import DynamoFeatures, FeatureCopy
+from agents.redisio import pairs
 from agents.state import Actor, DurableWindows, WindowEntry
 from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.keys import Keys
@@ -260,12 +261,8 @@ async def read_raw_state(
         )
     except RedisError as exc:
         raise StoreUnavailable(f"reading the live state of {actor!r} failed: {exc}") from exc
-    return RawState(actor, [window, _pairs(features), _pairs(embedding), found])
-
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """A hash as a script returns it (field, value, field, ...) as a dict."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+    # (a hash comes out of a script flat: field, value, field, ...)
+    return RawState(actor, [window, dict(pairs(features)), dict(pairs(embedding)), found])
 
 
 async def read_state(
