@@ -2,6 +2,7 @@
 
     python -m bench.request_cost [--requests 200] [--endpoints recommendations,healthz,events]
     python -m bench.request_cost --app-root ../old-checkout   # the same, another version
+    python -m bench.request_cost --stages                     # where a recommendation's time goes
 
 Why instructions: this machine's two vCPUs are shared, and CPU time per request moved by
 ±30 % between runs of unchanged code when other jobs ran (docs/serving-speed.md). An
@@ -25,6 +26,11 @@ batches as it does under load; its PutRecords calls go to the emulator).
 
 Counts are of the app's process only: redis-server's and the emulator's work is not in
 them. Needs valgrind (``apt-get install valgrind``).
+
+``--stages`` runs the same recommendation requests without valgrind and prints the wall
+time of each stage of the pipeline per request (each stage's function wrapped with a
+clock in the measured process only): a map of where to look, not a count to compare; the
+wrappers add about a microsecond a call.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -140,13 +147,64 @@ async def _requests(app: Any, endpoint: str, first: int, count: int, users: Sequ
     return failed
 
 
+STAGES: tuple[tuple[str, str, str], ...] = (
+    # (module, attribute, label): the stages of `Ranker._rank`, in the order they run
+    ("serving.pipeline.ranker", "Ranker._parse", "state: parse the read"),
+    ("serving.pipeline.ranker", "Ranker._source_now", "sources, all"),
+    ("serving.pipeline.candidates", "Sources.repeat", "  recently_viewed"),
+    ("serving.pipeline.candidates", "Sources.item2item_now", "  item2item"),
+    ("serving.pipeline.candidates", "Sources.trending_now", "  trending"),
+    ("serving.pipeline.candidates", "Sources.popular_now", "  popularity"),
+    ("serving.pipeline.candidates", "Sources.category_popularity_now", "  category_popularity"),
+    ("serving.pipeline.ranker", "shortlist", "shortlist"),
+    ("serving.pipeline.ranker", "Ranker._merge", "merge"),
+    ("serving.pipeline.ranker", "assemble", "features"),
+    ("serving.pipeline.ranker", "apply_seen", "seen policy"),
+    ("serving.pipeline.ranker", "Ranker._because", "explanations: item2item's because"),
+    ("serving.pipeline.ranker", "Ranker._answer", "answer"),
+)
+
+
+def _clock_stages() -> dict[str, list[float]]:
+    """Wrap each of `STAGES` with a clock; {label: [seconds, calls]}, filled as they run."""
+    import importlib
+
+    spent: dict[str, list[float]] = {}
+    for module_name, attribute, label in STAGES:
+        owner: Any = importlib.import_module(module_name)
+        *path, name = attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        static = isinstance(raw, staticmethod)
+        function = raw.__func__ if static else raw
+        slot = spent[label] = [0.0, 0.0]
+
+        def clocked(*args: Any, _f: Any = function, _slot: list[float] = slot, **kw: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return _f(*args, **kw)
+            finally:
+                _slot[0] += time.perf_counter() - began
+                _slot[1] += 1
+
+        setattr(owner, name, staticmethod(clocked) if static else clocked)
+    return spent
+
+
 async def _inner(
-    endpoint: str, warm: int, count: int, users: Sequence[str], profile: str | None = None
+    endpoint: str,
+    warm: int,
+    count: int,
+    users: Sequence[str],
+    profile: str | None = None,
+    stages: bool = False,
 ) -> None:
     """In the process valgrind runs: warm up, then the measured requests between two
     lines on stdin (the parent switches instrumentation on and off there)."""
     from serving.app import create_app  # (imported here: the parent does not need it)
 
+    spent = _clock_stages() if stages else None
     app = create_app(Settings())
     async with app.router.lifespan_context(app):
         if endpoint == "recommendations":
@@ -155,6 +213,18 @@ async def _inner(
             for user in users:
                 await asgi_call(app, "GET", "/v1/recommendations", f"user_id={user}".encode())
         failed = await _requests(app, endpoint, 0, warm, users)
+        if spent is not None:
+            for slot in spent.values():
+                slot[:] = [0.0, 0.0]
+            began, cpu = time.perf_counter(), time.process_time()
+            failed += await _requests(app, endpoint, 1_000_000, count, users)
+            wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+            print(f"per request: {wall / count * 1e6:.0f} µs wall, {cpu / count * 1e6:.0f} µs CPU")
+            for label, (seconds, calls) in spent.items():
+                each = seconds / count * 1e6
+                print(f"  {label:<36} {each:7.1f} µs  ({calls / count:.2f} a request)")
+            print(f"DONE {failed}", flush=True)
+            return
         if profile is not None:
             # cProfile instead of callgrind: where the time goes by Python function
             # (its per-call overhead inflates call-heavy code; the shares, not the total)
@@ -226,6 +296,19 @@ def profile(
     )  # fmt: skip
 
 
+def stage_times(
+    settings: Settings, warm: int, count: int, users: Sequence[str], root: Path, log_level: str
+) -> None:
+    """`--stages`: the recommendation requests without valgrind, each stage clocked; the
+    measured process prints the table."""
+    env = _environment(settings, users, root, log_level)
+    subprocess.run(
+        [sys.executable, "-c", INNER, __file__, "--inner", "recommendations", "--warm",
+         str(warm), "--requests", str(count), "--stages"],
+        cwd=root, env=env, check=True, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def measure(
     settings: Settings,
     endpoint: str,
@@ -234,8 +317,10 @@ def measure(
     users: Sequence[str],
     root: Path = ROOT,
     log_level: str = "INFO",
+    keep: Path | None = None,
 ) -> float:
-    """Instructions per request of ``endpoint`` in a process of its own under callgrind."""
+    """Instructions per request of ``endpoint`` in a process of its own under callgrind
+    (its dump copied to ``keep``, when given, for `callgrind_annotate`)."""
     valgrind = shutil.which("valgrind")
     control = shutil.which("callgrind_control")
     if valgrind is None or control is None:
@@ -280,6 +365,8 @@ def measure(
             for line in out.read_text().splitlines()
             if line.startswith(("totals:", "summary:"))
         ]
+        if keep is not None:
+            shutil.copyfile(out, keep)
     return max(totals) / count
 
 
@@ -307,12 +394,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="instead of counting, profile the measured requests with cProfile and print "
         "where the time goes by function (the statistics stay in PROFILE.{endpoint})",
     )
+    parser.add_argument(
+        "--callgrind-out",
+        type=Path,
+        help="keep each endpoint's callgrind dump as CALLGRIND_OUT.{endpoint} (read it with "
+        "callgrind_annotate: where the instructions go by C function and library)",
+    )
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead of counting, time each stage of the recommendation pipeline per "
+        "request (no valgrind; wall time, a map rather than a measure to compare)",
+    )
     parser.add_argument("--inner", choices=ENDPOINTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.inner:
         users = os.environ.get("BENCH_USERS", "").split(",")
         where = str(args.profile) if args.profile is not None else None
-        asyncio.run(_inner(args.inner, args.warm, args.requests, users, where))
+        asyncio.run(_inner(args.inner, args.warm, args.requests, users, where, args.stages))
         return
     endpoints = [e for e in args.endpoints.split(",") if e]
     unknown = set(endpoints) - set(ENDPOINTS)
@@ -322,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         events = movielens(args.events)
         asyncio.run(load_state(settings, events))
         users = sorted({e.user_id for e in events if e.user_id})[:610]
+        if args.stages:
+            stage_times(settings, args.warm, args.requests, users, args.app_root.resolve(),
+                        args.log_level)  # fmt: skip
+            return
         if args.profile is not None:
             for e in endpoints:
                 path = args.profile.with_suffix(f".{e}")
@@ -341,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 users,
                 args.app_root.resolve(),
                 args.log_level,
+                args.callgrind_out.with_suffix(f".{e}") if args.callgrind_out else None,
             )
             for e in endpoints
         }
