@@ -12,8 +12,10 @@ emulator needs no role.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -51,6 +53,7 @@ __all__ = [
     "parse_timestamp",
     "sync_client",
     "translate",
+    "until_processed",
 ]
 
 Service = Literal["kinesis", "dynamodb", "s3", "sqs"]
@@ -232,3 +235,30 @@ def translate(
             "the local stack)"
         )
     return StoreUnavailable(f"{what} failed: {exc!r}")
+
+
+async def until_processed(
+    call: Callable[..., Awaitable[Any]],
+    request: dict[str, Any],
+    unprocessed: str,
+    doing: str,
+    exhausted: str,
+    settings: Settings,
+    attempts: int = 10,
+) -> AsyncIterator[Mapping[str, Any]]:
+    """Yield the responses of a DynamoDB batch call (BatchGetItem, BatchWriteItem),
+    resending what it left ``unprocessed`` (routine under throttling) with backoff; a
+    failed call is translated as ``doing``, and ``attempts`` rounds without an end raise
+    ``exhausted``, which should say what to change (the table's capacity)."""
+    pending = request
+    for attempt in range(attempts):
+        try:
+            response = await call(RequestItems=pending)
+        except (BotoCoreError, ClientError) as exc:
+            raise translate(exc, doing, settings) from exc
+        yield response
+        pending = dict(response.get(unprocessed) or {})
+        if not pending:
+            return
+        await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+    raise StoreUnavailable(exhausted)

@@ -35,11 +35,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
-from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
-from recstream.aws import translate
+from recstream.aws import until_processed
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -325,26 +324,19 @@ class RedisDynamoCatalog:
                     "ConsistentRead": False,
                 }
             }
-            for attempt in range(MAX_BATCH_ATTEMPTS):
-                try:
-                    response = await self.dynamodb.batch_get_item(RequestItems=pending)
-                except (BotoCoreError, ClientError) as exc:
-                    raise translate(
-                        exc, f"reading the catalog {self.table!r}", self.settings
-                    ) from exc
+            async for response in until_processed(
+                self.dynamodb.batch_get_item,
+                pending,
+                "UnprocessedKeys",
+                f"reading the catalog {self.table!r}",
+                f"DynamoDB kept catalog keys unprocessed on {self.table!r} after "
+                f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's read capacity",
+                self.settings,
+                MAX_BATCH_ATTEMPTS,
+            ):
                 for row in response.get("Responses", {}).get(self.table, []):
                     record = kind.parse(row["doc"]["S"])
                     out[kind.id_of(record)] = record
-                pending = dict(response.get("UnprocessedKeys") or {})
-                if not pending:
-                    break
-                # Unprocessed keys are routine under throttling: back off, then resend them.
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-            else:
-                raise StoreUnavailable(
-                    f"DynamoDB kept catalog keys unprocessed on {self.table!r} after "
-                    f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's read capacity"
-                )
         return out
 
     async def _write_back(
@@ -458,20 +450,17 @@ class RedisDynamoCatalog:
             raise errors.exceptions[0] from None
 
     async def _write_chunk(self, chunk: list[Mapping[str, Any]], what: str) -> None:
-        pending: dict[str, Any] = {self.table: chunk}
-        for attempt in range(MAX_BATCH_ATTEMPTS):
-            try:
-                response = await self.dynamodb.batch_write_item(RequestItems=pending)
-            except (BotoCoreError, ClientError) as exc:
-                raise translate(exc, f"{what} in {self.table!r}", self.settings) from exc
-            pending = dict(response.get("UnprocessedItems") or {})
-            if not pending:
-                return
-            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-        raise StoreUnavailable(
+        async for _ in until_processed(
+            self.dynamodb.batch_write_item,
+            {self.table: chunk},
+            "UnprocessedItems",
+            f"{what} in {self.table!r}",
             f"DynamoDB kept catalog writes unprocessed on {self.table!r} after "
-            f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's write capacity"
-        )
+            f"{MAX_BATCH_ATTEMPTS} attempts; raise the table's write capacity",
+            self.settings,
+            MAX_BATCH_ATTEMPTS,
+        ):
+            pass
 
 
 class MemoryCatalog:
