@@ -57,6 +57,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from agents.catalog import BatchContext, load_context
+from agents.redisio import exact
 from agents.state import compose, keys_of, redis_failure
 from recstream.archive import ARCHIVE_PREFIX, read_events
 from recstream.aws import async_client, translate
@@ -352,7 +353,7 @@ class TrendingPart:
         decayed = weight * 2 ** min(
             (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
         )
-        doc: dict[str, Any] = {"pw": weight, "ps": text, "d": repr(decayed), "b": dead}
+        doc: dict[str, Any] = {"pw": weight, "ps": text, "d": exact(decayed), "b": dead}
         if category is not None:
             doc["cat"] = category
         return self._keys_of(event.namespace, category, starts), doc
