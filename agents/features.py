@@ -466,6 +466,10 @@ class FeaturesPart:
         }
         self._weights = dict(settings.event_weights)
         self._keys: dict[tuple[str, str, str | None], tuple[str, ...]] = {}
+        # the hash fields of the type's, categories' and brands' affinities, by value
+        self._type_fields: dict[str, str] = {}
+        self._cat_fields: dict[str, str] = {}
+        self._brand_fields: dict[str, str] = {}
 
     def deltas(self, event: Event, context: BatchContext) -> dict[tuple[str, str], float]:
         """What ``event`` adds to each affinity ``(attr, value)``, summed."""
@@ -517,19 +521,67 @@ class FeaturesPart:
             self._keys[(namespace, actor, version)] = found
         return found
 
+    @staticmethod
+    def _field(fields: dict[str, str], attr: str, value: str) -> str:
+        """The hash field ``a:{attr}:{value}`` of an affinity, kept in ``fields``."""
+        if len(fields) > 10_000:
+            fields.clear()
+        found = fields[value] = f"a:{attr}:{_value(value)}"
+        return found
+
+    def affinities(self, event: Event, context: BatchContext) -> list[Any]:
+        """`deltas` as one flat list (attr, field, delta, attr, ...): a Lua table per
+        affinity costs more to decode than the values in it, and the field names are
+        made here, not by string concatenation in Lua for every event.
+
+        The common event (its item's categories and brand, no impressions counted, no
+        property attribute) is listed directly, the names looked up (a tuple key, a
+        dict of sums and the names formatted for each affinity of every event were a
+        fifth of the chunk's encoding: session 11 in docs/agents.md); the others go
+        through `deltas`, which defines both."""
+        type_name = self._type_fields.get(event.event_type) or self._field(
+            self._type_fields, "type", event.event_type
+        )
+        if event.item_id is None:
+            return ["type", type_name, 1.0]
+        properties = event.properties
+        if (event.impression and self.settings.impression_weight != 0) or (
+            self.property_attributes
+            and properties
+            and any(attr in properties for attr in self.property_attributes)
+        ):
+            return self._flat(self.deltas(event, context))
+        weight = 0.0 + self._weights.get(event.event_type, 1.0)  # (`deltas`' first sum)
+        facts = context.facts(event)
+        flat: list[Any] = ["type", type_name, 1.0]
+        categories = facts.categories
+        cats = self._cat_fields
+        if len(categories) == 1:
+            category = categories[0]
+            flat += ("cat", cats.get(category) or self._field(cats, "cat", category), weight)
+        elif categories:
+            fields = [cats.get(c) or self._field(cats, "cat", c) for c in categories]
+            if len(set(fields)) < len(fields):
+                return self._flat(self.deltas(event, context))  # a category counted twice
+            for field in fields:
+                flat += ("cat", field, weight)
+        brand = facts.brand
+        if brand is not None:
+            brands = self._brand_fields
+            flat += ("brand", brands.get(brand) or self._field(brands, "brand", brand), weight)
+        return flat
+
+    @staticmethod
+    def _flat(deltas: dict[tuple[str, str], float]) -> list[Any]:
+        return [
+            x for (attr, value), delta in deltas.items() for x in (attr, f"a:{attr}:{value}", delta)
+        ]
+
     def encode(self, event: Event, context: BatchContext) -> tuple[tuple[str, ...], Any]:
-        deltas = self.deltas(event, context)
         doc: dict[str, Any] = {
-            # field names made here, not by string concatenation in Lua for every event
             "t": f"n:{event.event_type}",
             "actor": event.actor,
-            # one flat list (attr, field, delta, attr, ...): a Lua table per affinity
-            # costs more to decode than the values in it
-            "a": [
-                x
-                for (attr, value), delta in deltas.items()
-                for x in (attr, f"a:{attr}:{value}", delta)
-            ],
+            "a": self.affinities(event, context),
         }
         if event.session_id is not None:
             doc["s"] = event.session_id

@@ -18,16 +18,18 @@ times the client's commands and pipelines, which these calls do not go through.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import hiredis
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from recstream import tracing
 
-__all__ = ["commands", "pack", "pairs", "send_packed"]
+__all__ = ["commands", "exact", "pack", "pairs", "send_packed"]
 
 Arg = str | bytes | int
 
@@ -38,6 +40,18 @@ def pack(*command: Arg) -> bytes:
     # (hiredis's stub types the tuple as one element long)
     packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
     return packed
+
+
+def exact(x: float) -> str:
+    """``x`` as the shortest decimal that reads back as exactly ``x`` (what `repr` gives,
+    up to the exponent's form: ``1.5e-7`` for ``1.5e-07``), for a score Redis parses as
+    it is. orjson's Ryu makes it in a few hundred instructions where CPython's `repr`
+    (dtoa's multi-precision loop) takes thousands: one per event of the trending part,
+    1.5 % of the worker's instructions (session 11 in docs/agents.md). orjson writes an
+    infinity or a NaN as ``null``, so those go through `repr`."""
+    if math.isfinite(x):
+        return orjson.dumps(x).decode()
+    return repr(x)
 
 
 async def send_packed(redis: aioredis.Redis, writes: Iterable[tuple[bytes, int]]) -> list[Any]:

@@ -729,8 +729,8 @@ class RedisHotStore:
         self, events: Sequence[Event], context: BatchContext
     ) -> Iterator[tuple[list[str], list[bytes]]]:
         """The (keys, args) of each script call, encoded as they are asked for."""
-        parts = self.parts
-        names = [part.name for part in parts]
+        # (each part's bound `encode` made once, not once per event)
+        encoders = [(part.encode, part.name) for part in self.parts]
         for start in range(0, len(events), APPLY_CHUNK):
             index: dict[str, int] = {}
             # Each distinct key list (an actor's keys, a category's trending keys) is
@@ -740,13 +740,14 @@ class RedisHotStore:
             docs: list[dict[str, Any]] = []
             # (an actor's events come together, `by_actor`: its seen set's number is
             # looked up once for the run of them)
-            last: tuple[str, str] | None = None
+            last_namespace: str | None = None
+            last_actor: str | None = None
             seen = 0
             for event in events[start : start + APPLY_CHUNK]:
-                actor = (event.namespace, event.actor)
-                if actor != last:
-                    last = actor
-                    seen_key = keys_of(actor[0]).seen(actor[1])
+                namespace, actor = event.namespace, event.actor
+                if actor != last_actor or namespace != last_namespace:
+                    last_namespace, last_actor = namespace, actor
+                    seen_key = keys_of(namespace).seen(actor)
                     seen = index.setdefault(seen_key, len(index) + 1)
                 doc: dict[str, Any] = {
                     "id": event.event_id,
@@ -755,8 +756,8 @@ class RedisHotStore:
                     "s": seen,
                 }
                 numbers: list[int] = []
-                for part, name in zip(parts, names, strict=True):
-                    part_keys, args = part.encode(event, context)
+                for encode, name in encoders:
+                    part_keys, args = encode(event, context)
                     number = lists.get(part_keys)
                     if number is None:
                         positions.append([index.setdefault(k, len(index) + 1) for k in part_keys])

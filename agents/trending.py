@@ -57,6 +57,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from agents.catalog import BatchContext, load_context
+from agents.redisio import exact
 from agents.state import compose, keys_of, redis_failure
 from recstream.archive import ARCHIVE_PREFIX, read_events
 from recstream.aws import async_client, translate
@@ -279,11 +280,11 @@ class TrendingPart:
             # and the category's lists; only its buckets are made here.
             if len(self._keys) > 10_000:
                 self._keys.clear()
-            keys = keys_of(namespace)
             shared = self._shared.get((namespace, starts))
             if shared is None:
                 if len(self._shared) > 1_000:
                     self._shared.clear()
+                keys = keys_of(namespace)
                 shared = self._shared[(namespace, starts)] = (
                     keys.trend_clock,
                     keys.popularity_decayed,
@@ -300,17 +301,14 @@ class TrendingPart:
                 if lists is None:
                     if len(self._category) > 10_000:
                         self._category.clear()
+                    keys = keys_of(namespace)
                     lists = self._category[(namespace, category)] = (
                         keys.popularity_category(category),
                         keys.categories,
                     )
+                # the category's buckets from the step's (`shared` ends with one per window)
                 found = (
-                    *shared,
-                    *lists,
-                    *(
-                        keys.counts_bucket(w.span_s, b, category)
-                        for w, b in zip(WINDOWS, starts, strict=True)
-                    ),
+                    shared + lists + tuple([Keys.category_bucket(b, category) for b in shared[3:]])
                 )
             self._keys[(namespace, category, starts)] = found
         return found
@@ -352,7 +350,7 @@ class TrendingPart:
         decayed = weight * 2 ** min(
             (ts - s.popularity_epoch_s) / s.popularity_half_life_s, EXPONENT_LIMIT
         )
-        doc: dict[str, Any] = {"pw": weight, "ps": text, "d": repr(decayed), "b": dead}
+        doc: dict[str, Any] = {"pw": weight, "ps": text, "d": exact(decayed), "b": dead}
         if category is not None:
             doc["cat"] = category
         return self._keys_of(event.namespace, category, starts), doc

@@ -86,7 +86,13 @@ class Keys:
         """Weighted counts of the events whose time falls in [start, start + span_s),
         of all items or of one category's."""
         base = f"{self.prefix}cnt:{span_s}:{start}"
-        return base if category is None else f"{base}:cat:{category}"
+        return base if category is None else self.category_bucket(base, category)
+
+    @staticmethod
+    def category_bucket(bucket: str, category: str) -> str:
+        """The key of one category's counts in the time bucket whose key (all items'
+        counts, `counts_bucket` without a category) is ``bucket``."""
+        return f"{bucket}:cat:{category}"
 
     @property
     def counts_index(self) -> str:

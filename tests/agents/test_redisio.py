@@ -4,13 +4,16 @@ is read, and the connection usable afterwards; and the feature copies' read thro
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.exceptions import ResponseError
 
 from agents.features import _hashes
-from agents.redisio import commands, pack, pairs, send_packed
+from agents.redisio import commands, exact, pack, pairs, send_packed
 from recstream.keys import Keys
 from recstream.settings import Settings
 from tests.conftest import unique
@@ -25,6 +28,43 @@ def test_pack_is_redis_py_s() -> None:
         ("HSET", b"k", b"\x00\xff\r\n", -17),
     ):
         assert pack(*command) == b"".join(connection.pack_command(*command))
+
+
+# floats of every form: exponents both ways, subnormals, the extremes, integers, and
+# the trending part's decayed scores' magnitudes
+_FLOATS = [
+    0.0, -0.0, 1.0, 3.0, 0.1, 1 / 3, 123.456, 1e16, 1e22, 1.5e-7, 1e-5, 2.0**60, 5e-324,
+    2.2250738585072014e-308, 1.7976931348623157e308, 1.152921504606847e18,
+    *(random.Random(7).uniform(0, 1) * 10.0 ** random.Random(n).randint(-12, 24)
+      for n in range(300)),
+]  # fmt: skip
+
+
+def test_exact_reads_back_as_the_same_float() -> None:
+    for x in _FLOATS:
+        assert float(exact(x)) == x
+        assert math.copysign(1, float(exact(x))) == math.copysign(1, x)
+    # orjson would write these as null
+    assert [exact(math.inf), exact(-math.inf), exact(math.nan)] == ["inf", "-inf", "nan"]
+
+
+async def test_exact_is_the_score_repr_gives(redis_client: aioredis.Redis) -> None:
+    """Redis parses ``exact``'s text into the score it parses ``repr``'s into: the
+    trending part's increments store the same doubles as before (session 11)."""
+    a, b = unique("za"), unique("zb")
+    # (as the script gives them: the increment's text as it is)
+    await commands(
+        redis_client,
+        [
+            ("ZINCRBY", key, text(x), str(n))
+            for n, x in enumerate(_FLOATS)
+            for key, text in ((a, exact), (b, repr))
+        ],
+    )
+    assert await redis_client.zrange(a, 0, -1, withscores=True) == await redis_client.zrange(
+        b, 0, -1, withscores=True
+    )
+    assert len(await redis_client.zrange(a, 0, -1)) == len(_FLOATS)
 
 
 async def test_commands_reply_as_a_pipeline(redis_client: aioredis.Redis) -> None:

@@ -31,6 +31,11 @@ def test_affinity_lists_equal_a_fresh_computation() -> None:
         items={
             ("ns", "a"): ItemFacts(categories=("shoes", "sale"), brand="acme"),
             ("ns", "b"): ItemFacts(categories=("hats",)),
+            # listed directly, or through `deltas` when a category would count twice
+            ("ns", "c"): ItemFacts(categories=("x", "x"), brand="acme"),
+            ("ns", "d"): ItemFacts(categories=("y" * 130 + "1", "y" * 130 + "2")),  # cut: equal
+            ("ns", "e"): ItemFacts(brand="solo"),
+            ("ns", "f"): ItemFacts(categories=("p", "q", "r"), brand="acme"),
         }
     )
 
@@ -51,6 +56,13 @@ def test_affinity_lists_equal_a_fresh_computation() -> None:
         event(10, event_type="search"),
         event(11, item_id="unknown"),
         event(12, item_id="a"),
+        event(13, item_id="c"),
+        event(14, item_id="d"),
+        event(15, item_id="e"),
+        event(16, item_id="f"),
+        event(17, item_id="f", event_type="purchase"),
+        event(18, item_id="f", properties={"brand": "other", "size": "xl"}),
+        event(19, item_id="b", properties={"color": "red", "category": "hats"}),
     ]
     for e in events:
         _, doc = part.encode(e, context)
