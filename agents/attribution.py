@@ -33,7 +33,6 @@ agent adds the durable copy back before it next writes that counter to DynamoDB.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -42,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import redis.asyncio as aioredis
-from botocore.exceptions import BotoCoreError, ClientError
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
@@ -50,7 +48,7 @@ from agents.deadletter import DeadLetters, send_until_done
 from agents.retry import Failure, RecordsRefused, RetryPolicy, process_bounded
 from agents.state import redis_failure
 from agents.windows import StreamRecord, parsed_events
-from recstream.aws import translate
+from recstream.aws import until_processed
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
@@ -467,24 +465,18 @@ class DynamoCounters:
         self, method: str, request: dict[str, Any], unprocessed: str, what: str
     ) -> list[Mapping[str, Any]]:
         """Call a batch API, resending what DynamoDB left unprocessed (throttling)."""
-        responses: list[Mapping[str, Any]] = []
-        pending = request
-        for attempt in range(10):
-            try:
-                response = await getattr(self.client, method)(RequestItems=pending)
-            except (BotoCoreError, ClientError) as exc:
-                raise translate(
-                    exc, f"{what} attribution counters in {self.table!r}", self.settings
-                ) from exc
-            responses.append(response)
-            pending = dict(response.get(unprocessed) or {})
-            if not pending:
-                return responses
-            await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-        raise StoreUnavailable(
-            f"DynamoDB kept {what} attribution counters unprocessed on {self.table!r}; "
-            "raise its capacity"
-        )
+        return [
+            response
+            async for response in until_processed(
+                getattr(self.client, method),
+                request,
+                unprocessed,
+                f"{what} attribution counters in {self.table!r}",
+                f"DynamoDB kept {what} attribution counters unprocessed on {self.table!r}; "
+                "raise its capacity",
+                self.settings,
+            )
+        ]
 
 
 # --- the agent -----------------------------------------------------------------------------

@@ -59,8 +59,8 @@ from agents.state import (
     in_parallel,
     keys_of,
     redis_failure,
-    until_processed,
 )
+from recstream.aws import until_processed
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings

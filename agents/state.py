@@ -20,9 +20,7 @@ import asyncio
 import time
 from collections import defaultdict
 from collections.abc import (
-    AsyncIterator,
     Awaitable,
-    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -39,7 +37,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from agents.catalog import BatchContext, load_context
 from agents.redisio import commands, pack, send_packed
 from agents.retry import RecordsRefused
-from recstream.aws import translate
+from recstream.aws import translate, until_processed
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
 from recstream.keys import Keys, keys_of
 from recstream.settings import Settings
@@ -64,7 +62,6 @@ __all__ = [
     "compose_chunk",
     "keys_of",
     "pack_evalsha",
-    "until_processed",
 ]
 
 
@@ -1006,32 +1003,6 @@ class BatchGets:
         for table, pks, future in waiting:
             if not future.done():
                 future.set_result({pk: found[(table, pk)] for pk in pks if (table, pk) in found})
-
-
-async def until_processed(
-    call: Callable[..., Awaitable[Any]],
-    request: dict[str, Any],
-    unprocessed: str,
-    doing: str,
-    exhausted: str,
-    settings: Settings,
-) -> AsyncIterator[Mapping[str, Any]]:
-    """Yield the responses of a DynamoDB batch call (BatchGetItem, BatchWriteItem),
-    resending what it left ``unprocessed`` (routine under throttling) with backoff; a
-    failed call is translated as ``doing``, and ten rounds without an end raise
-    ``exhausted``."""
-    pending = request
-    for attempt in range(10):
-        try:
-            response = await call(RequestItems=pending)
-        except (BotoCoreError, ClientError) as exc:
-            raise translate(exc, doing, settings) from exc
-        yield response
-        pending = dict(response.get(unprocessed) or {})
-        if not pending:
-            return
-        await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
-    raise StoreUnavailable(exhausted)
 
 
 def _retrieved(task: asyncio.Future[None]) -> None:
