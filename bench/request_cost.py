@@ -277,6 +277,27 @@ def _environment(
     return env
 
 
+def _run_inner(
+    settings: Settings,
+    endpoint: str,
+    warm: int,
+    count: int,
+    users: Sequence[str],
+    root: Path,
+    log_level: str,
+    *extra: str,
+    **output: Any,
+) -> None:
+    """The measured requests in a process of their own without valgrind (``extra``: what
+    to do there instead of counting; ``output``: where its stdout or stderr goes)."""
+    env = _environment(settings, users, root, log_level)
+    subprocess.run(
+        [sys.executable, "-c", INNER, __file__, "--inner", endpoint, "--warm", str(warm),
+         "--requests", str(count), *extra],
+        cwd=root, env=env, check=True, **output,
+    )  # fmt: skip
+
+
 def profile(
     settings: Settings,
     endpoint: str,
@@ -288,12 +309,8 @@ def profile(
     log_level: str = "INFO",
 ) -> None:
     """The same requests under cProfile (no valgrind); the statistics go to ``path``."""
-    env = _environment(settings, users, root, log_level)
-    subprocess.run(
-        [sys.executable, "-c", INNER, __file__, "--inner", endpoint, "--warm", str(warm),
-         "--requests", str(count), "--profile", str(path)],
-        cwd=root, env=env, check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    _run_inner(settings, endpoint, warm, count, users, root, log_level,
+               "--profile", str(path), stdout=subprocess.DEVNULL)  # fmt: skip
 
 
 def stage_times(
@@ -301,12 +318,8 @@ def stage_times(
 ) -> None:
     """`--stages`: the recommendation requests without valgrind, each stage clocked; the
     measured process prints the table."""
-    env = _environment(settings, users, root, log_level)
-    subprocess.run(
-        [sys.executable, "-c", INNER, __file__, "--inner", "recommendations", "--warm",
-         str(warm), "--requests", str(count), "--stages"],
-        cwd=root, env=env, check=True, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    _run_inner(settings, "recommendations", warm, count, users, root, log_level,
+               "--stages", stderr=subprocess.DEVNULL)  # fmt: skip
 
 
 def measure(
