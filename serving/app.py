@@ -49,6 +49,7 @@ from serving.http import error_response, json_response, request_namespace
 from serving.metrics import ModelVersions, stream_positions, watch_models
 from serving.middleware import open_security, security_middleware
 from serving.ops import routes as ops_routes
+from serving.pipeline import kernels
 from serving.recommendations import open_ranker
 from serving.recommendations import routes as recommendation_routes
 from streams.producer import KinesisProducer
@@ -118,6 +119,9 @@ def create_app(settings: Settings) -> Starlette:
             )
             app.state.filter_resolver = app.state.filters
             ranker = await stack.enter_async_context(open_ranker(app, stores, settings))
+            # The ranking core's compiled loops, loaded from numba's cache (or compiled,
+            # ~2 s, on a fresh install) before the first request, off the event loop.
+            await asyncio.to_thread(kernels.warm)
             app.state.model_versions = ModelVersions(ranker.models, settings)
             watch_models(app.state.model_versions)
             app.state.security = await stack.enter_async_context(open_security(settings, stores))

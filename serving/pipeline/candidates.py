@@ -37,7 +37,7 @@ on data already in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, TypeVar
 
@@ -50,6 +50,7 @@ from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
 from serving.pipeline.codes import Interner, Table
 from serving.pipeline.detach import Reads, detached
+from serving.pipeline.kernels import neighbour_sums, strongest
 from serving.pipeline.live import LIVE_TTL_S, LiveLists, Rows
 from serving.pipeline.models import Published
 
@@ -69,22 +70,123 @@ MAX_VERSIONS = 4
 few a rollback or promotion may switch between)."""
 
 
-@dataclass(slots=True)
 class SourceOutput:
-    name: str
-    scores: dict[str, float] = field(default_factory=dict)
-    """Read only once made: popularity and trending share one dict between requests (a
-    live list's cut, `serving.pipeline.live.Rows`)."""
-    because: dict[str, str] = field(default_factory=dict)
-    """item2item: the history item that contributed most to each score."""
-    category: dict[str, str] = field(default_factory=dict)
-    """category_popularity: the category whose list proposed each item."""
-    origin: str = ""
-    """Where the data came from (e.g. ``live`` or ``published``), for the debug view."""
-    because_of: Callable[[Collection[str]], dict[str, str]] | None = None
-    """item2item: computes ``because`` for the given items. It costs more than the scores,
-    and most scored items are cut before they are shown, so `Ranker._merge` asks it only
-    for the items left after the shortlist."""
+    """One source's candidates: ``scores`` (item → score, in the source's order), and
+    what the explanations and the debug view need.
+
+    A source that works on coded arrays hands them over as ``table`` (the same items and
+    scores, in the same order) and ``scores`` is decoded only when asked: the shortlist
+    (serving/pipeline/shortlist.py) reads the table and keeps a few dozen of the ~200
+    items, so most requests never build the dictionary."""
+
+    __slots__ = (
+        "_category",
+        "_groups",
+        "_scores",
+        "_table",
+        "because",
+        "because_of",
+        "name",
+        "origin",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        scores: dict[str, float] | None = None,
+        because: dict[str, str] | None = None,
+        category: dict[str, str] | None = None,
+        origin: str = "",
+        because_of: Callable[[Collection[str]], dict[str, str]] | None = None,
+        *,
+        table: Table | None = None,
+        groups: tuple[Sequence[str], np.ndarray[Any, np.dtype[np.intp]]] | None = None,
+    ) -> None:
+        self.name = name
+        self._scores = scores
+        self._table = table
+        self.because: dict[str, str] = {} if because is None else because
+        """item2item: the history item that contributed most to each score."""
+        self._category = category
+        self._groups = groups
+        self.origin = origin
+        """Where the data came from (e.g. ``live`` or ``published``), for the debug view."""
+        self.because_of = because_of
+        """item2item: computes ``because`` for the given items. It costs more than the
+        scores, and most scored items are cut before they are shown, so `Ranker._merge`
+        asks it only for the items left after the shortlist."""
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Read only once made: popularity and trending share one dict between requests
+        (a live list's cut, `serving.pipeline.live.Rows`)."""
+        if self._scores is None:
+            table = self._table
+            self._scores = (
+                {}
+                if table is None
+                else dict(
+                    zip(
+                        table.interner.decode(table.codes.tolist()),
+                        table.values.tolist(),
+                        strict=True,
+                    )
+                )
+            )
+        return self._scores
+
+    @scores.setter
+    def scores(self, scores: dict[str, float]) -> None:
+        self._scores = scores
+        self._table = None  # (a coded twin, if any, is set after)
+
+    @property
+    def table(self) -> Table | None:
+        """``scores`` as coded arrays, when the source made them (None otherwise): the
+        same items and scores in the same order; ``scores`` is decoded from it when no
+        dict was given."""
+        return self._table
+
+    @table.setter
+    def table(self, table: Table | None) -> None:
+        self._table = table
+
+    @property
+    def groups(self) -> tuple[Sequence[str], np.ndarray[Any, np.dtype[np.intp]]] | None:
+        """category_popularity with a ``table``: the categories, and the index of each
+        table row's category among them (``category`` decoded from them when asked)."""
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups: tuple[Sequence[str], np.ndarray[Any, np.dtype[np.intp]]]) -> None:
+        self._groups = groups
+        self._category = None
+
+    @property
+    def category(self) -> dict[str, str]:
+        """category_popularity: the category whose list proposed each item."""
+        if self._category is None:
+            table, groups = self._table, self._groups
+            if groups is None or table is None:
+                self._category = {}
+            else:
+                names, index = groups
+                self._category = dict(
+                    zip(
+                        table.interner.decode(table.codes.tolist()),
+                        map(names.__getitem__, index.tolist()),
+                        strict=True,
+                    )
+                )
+        return self._category
+
+    @category.setter
+    def category(self, category: dict[str, str]) -> None:
+        self._category = category
+        self._groups = None
+
+    def __repr__(self) -> str:
+        return f"SourceOutput({self.name!r}, {self.scores!r}, origin={self.origin!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +208,32 @@ class Vocabulary:
     """Item id ↔ dense code for one published item2item version (it grows as its rows are
     read), and the version's cached rows, which are numbered by it."""
 
-    __slots__ = ("code", "ids", "rows")
+    __slots__ = ("_interned", "_interner", "_slots", "code", "ids", "rows")
 
     def __init__(self, row_ttl_s: float) -> None:
         self.code: dict[str, int] = {}
         self.ids: list[str] = []
         self.rows: TTLCache[str, NeighbourRow] = TTLCache(row_ttl_s)
+        self._interner: Interner | None = None
+        self._interned: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, np.int64)
+        self._slots: np.ndarray[Any, np.dtype[np.int64]] = np.full(0, -1, np.int64)
+
+    def slots(self) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """A code → slot map for the kernels (`serving.pipeline.kernels.neighbour_sums`),
+        one entry per code, all -1 (the kernels leave it so); grown by half again."""
+        if len(self._slots) < len(self.ids):
+            self._slots = np.full(len(self.ids) + len(self.ids) // 2 + 64, -1, np.int64)
+        return self._slots
+
+    def interned(self, interner: Interner) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """Each of this version's codes as ``interner`` numbers the same id (the codes
+        every source hands the shortlist); the ids new since the last call numbered."""
+        if self._interner is not interner:
+            self._interner, self._interned = interner, np.zeros(0, np.int64)
+        if len(self._interned) < len(self.ids):
+            added = interner.encode(self.ids[len(self._interned) :])
+            self._interned = np.concatenate([self._interned, added])
+        return self._interned
 
     def encode(self, items: Sequence[str]) -> np.ndarray[Any, np.dtype[np.int32]]:
         code = self.code
@@ -178,16 +300,30 @@ def _keep(scores: dict[str, float], restrict: Collection[str] | None, n: int) ->
 
 
 def _kept_rows(
-    rows: Sequence[tuple[str, float]], restrict: Collection[str] | None, n: int
-) -> dict[str, float]:
-    """`_keep` of a list's rows; a live list's cut is made once per read and shared by
-    the requests until the next (popularity and trending rebuilt the same dict of 200
-    every request)."""
+    out: SourceOutput,
+    rows: Sequence[tuple[str, float]],
+    restrict: Collection[str] | None,
+    n: int,
+    interner: Interner,
+) -> None:
+    """``out``'s scores: `_keep` of a list's rows. A live list's cut is made once per
+    read and shared by the requests until the next (popularity and trending rebuilt the
+    same dict of 200 every request), with its coded twin for the shortlist."""
     if restrict is not None or not isinstance(rows, Rows):
-        return _keep(dict(rows), restrict, n)
+        out.scores = _keep(dict(rows), restrict, n)
+        return
     if rows.best is None or rows.best[0] != n:
-        rows.best = (n, _keep(dict(rows), None, n))
-    return rows.best[1]
+        rows.best = (n, _keep(dict(rows), None, n), None)
+    _, scores, table = rows.best
+    if table is None or table.interner is not interner:
+        table = Table(
+            interner,
+            interner.encode(list(scores)),
+            np.fromiter(scores.values(), np.float64, len(scores)),
+        )
+        rows.best = (n, scores, table)
+    out.scores = scores
+    out.table = table
 
 
 class Sources:
@@ -335,52 +471,46 @@ class Sources:
         contribution = np.array(weights).repeat(lengths) * np.concatenate(
             [row.sims for row in used]
         )
-        # bincount adds in array order, from 0.0: the very sums (and floats) the offline
-        # loop `scores[i] = scores.get(i, 0.0) + w * sim` gives, history oldest first
-        total = np.bincount(code, weights=contribution)
-        present = np.flatnonzero(total > 0)
+        # Summed in array order from 0.0 (serving/pipeline/kernels.py): the very sums, and
+        # floats, the offline loop `scores[i] = scores.get(i, 0.0) + w * sim` gives,
+        # history oldest first. With no restriction, the best n (ties across the cut all
+        # there, by sum then code; equal sums then ordered by id here); else every one,
+        # in the order of its first contribution, as the dict the plain loop builds.
+        found, sums, runs = neighbour_sums(code, contribution, vocab.slots(), n, restrict is None)
         ids = vocab.ids
-        if restrict is None and len(present) > n:
-            values = total[present]
-            # everything tied with the n-th score, best first, then best's tie order (id)
-            nth = nth_largest(values, n)
-            chosen = present[values >= nth]
-            chosen = chosen[(-total[chosen]).argsort(kind="stable")]
-            kept = chosen.tolist()
-            scores = total[chosen].tolist()
-            order_ties(kept, scores, ids.__getitem__)
-            # (the ties are reordered among themselves: the scores' order stands)
+        kept = found.tolist()
+        scores = sums.tolist()
+        if restrict is None:
+            for start, stop in runs.tolist():
+                kept[start:stop] = sorted(kept[start:stop], key=ids.__getitem__)
             kept, scores = kept[:n], scores[:n]
         else:
-            # all of them (or the restricted ones), in the order of their first
-            # contribution, as the dict the plain loop builds has them
-            kept = present.tolist()
-            if restrict is not None:
-                kept = [c for c in kept if ids[c] in restrict]
-            uniques, firsts = np.unique(code, return_index=True)
-            first = dict(zip(uniques.tolist(), firsts.tolist(), strict=True))
-            kept.sort(key=first.__getitem__)
-            scores = total[kept].tolist()
+            allowed = [i for i, c in enumerate(kept) if ids[c] in restrict]
+            kept = [kept[i] for i in allowed]
+            scores = [scores[i] for i in allowed]
         if not kept:
             return out
-        out.scores = dict(zip(map(ids.__getitem__, kept), scores, strict=True))
+        # handed over coded: the shortlist keeps a few of these 200, only those decoded
+        interner = self.interner
+        out.table = Table(
+            interner,
+            vocab.interned(interner)[np.array(kept, dtype=np.intp)],
+            np.array(scores, dtype=np.float64),
+        )
+        scored = set(kept)
 
         def because(items: Collection[str]) -> dict[str, str]:
             # for each item, the history item that contributed most (the first such one
             # on ties, as the loop's strict `>` kept), over those items' contributions
-            asked = [vocab.code[i] for i in items if i in out.scores]
+            known = vocab.code
+            asked = [known[i] for i in items if i in known and known[i] in scored]
             if not asked:
                 return {}
-            contributor = np.array(sources, dtype=np.int32).repeat(lengths)
-            wanted = np.zeros(len(total), dtype=bool)
-            wanted[asked] = True
-            mask = wanted[code]
-            codes, parts, source = code[mask], contribution[mask], contributor[mask]
-            order = np.lexsort((np.arange(len(codes)), -parts, codes))
-            sorted_codes = codes[order]
-            heads = order[run_starts(sorted_codes)]
-            by = dict(zip(codes[heads].tolist(), source[heads].tolist(), strict=True))
-            return {ids[c]: recent[by[c]] for c in asked}
+            contributor = np.array(sources, dtype=np.int64).repeat(lengths)
+            by = strongest(
+                code, contribution, contributor, np.array(asked, np.int64), vocab.slots()
+            )
+            return {ids[c]: recent[s] for c, s in zip(asked, by.tolist(), strict=True)}
 
         out.because_of = because
         return out
@@ -532,8 +662,8 @@ class Sources:
         lists = self.zsets_now(self._popular_keys(namespace), n)
         return None if lists is None else self._popular(lists, model, restrict, n)
 
-    @staticmethod
     def _popular(
+        self,
         lists: Sequence[list[tuple[str, float]]],
         model: Published | None,
         restrict: Collection[str] | None,
@@ -549,7 +679,7 @@ class Sources:
             out.origin, rows = f"published:{model.version}", model.top
         else:
             return out
-        out.scores = _kept_rows(rows, restrict, n)
+        _kept_rows(out, rows, restrict, n, self.interner)
         return out
 
     async def trending(
@@ -586,8 +716,8 @@ class Sources:
             window = "1h" if span <= 3600 else "24h"
         return [window, "24h" if window == "1h" else "1h"]
 
-    @staticmethod
     def _trending(
+        self,
         order: Sequence[str],
         lists: Sequence[list[tuple[str, float]]],
         model: Published | None,
@@ -599,11 +729,11 @@ class Sources:
         for name, rows in zip(order, lists, strict=True):
             if rows:
                 out.origin = f"live:trend:{name}"
-                out.scores = _kept_rows(rows, restrict, n)
+                _kept_rows(out, rows, restrict, n, self.interner)
                 return out
         if category is None and model is not None and model.top:
             out.origin = f"published:{model.version}"
-            out.scores = _kept_rows(model.top, restrict, n)
+            _kept_rows(out, model.top, restrict, n, self.interner)
         return out
 
     # --- category popularity --------------------------------------------------------------
@@ -778,9 +908,9 @@ class Sources:
             ranked = contenders.tolist()
             order_ties(ranked, scored[contenders].tolist(), lambda i: ids[int(codes[i])])
             chosen = np.asarray(ranked[:n], dtype=np.intp)
-        items = interner.decode(codes[chosen].tolist())
-        out.scores = dict(zip(items, scored[chosen].tolist(), strict=True))
-        out.category = dict(zip(items, map(names.__getitem__, group[chosen].tolist()), strict=True))
+        # handed over coded: the shortlist keeps a few of these 200, only those decoded
+        out.table = Table(interner, codes[chosen], scored[chosen])
+        out.groups = (names, group[chosen])
         return out
 
 

@@ -34,11 +34,12 @@ Values = np.ndarray[Any, np.dtype[np.float64]]
 class Interner:
     """Item id ↔ code, dense from 0, in order of first sight."""
 
-    __slots__ = ("code", "ids")
+    __slots__ = ("_scratch", "code", "ids")
 
     def __init__(self) -> None:
         self.code: dict[str, int] = {}
         self.ids: list[str] = []
+        self._scratch: np.ndarray[Any, np.dtype[np.int64]] = np.full(0, -1, np.int64)
 
     @property
     def full(self) -> bool:
@@ -56,6 +57,14 @@ class Interner:
 
     def decode(self, codes: Iterable[int]) -> list[str]:
         return list(map(self.ids.__getitem__, codes))
+
+    def scratch(self) -> Codes:
+        """A code → row map for `serving.pipeline.kernels.pool_blend`, one entry per code,
+        all -1 (the kernel leaves it so). Grown with the numbering, by half again, so
+        reallocated a few dozen times in an `Interner`'s life, not once per new id."""
+        if len(self._scratch) < len(self.ids):
+            self._scratch = np.full(len(self.ids) + len(self.ids) // 2 + 64, -1, np.int64)
+        return self._scratch
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,15 +49,16 @@ class Rows(list[tuple[str, float]]):
     """One list's (member, score) rows, highest first, members unique; ``table`` holds
     the same as arrays once a source has made them (serving/pipeline/codes.py), so the
     list is coded once per read, not once per request; ``best`` likewise holds the
-    source's cut of it as a dict (`serving.pipeline.candidates.best`), shared by every
-    request until the list is read again: its readers never change it."""
+    source's cut of it as a dict (`serving.pipeline.candidates.best`) and that cut coded
+    (for the shortlist), shared by every request until the list is read again: its
+    readers never change it."""
 
     __slots__ = ("best", "table")
 
     def __init__(self, rows: list[tuple[str, float]]) -> None:
         super().__init__(rows)
         self.table: Table | None = None
-        self.best: tuple[int, dict[str, float]] | None = None
+        self.best: tuple[int, dict[str, float], Table | None] | None = None
 
 
 _Key = tuple[str, int]

@@ -601,7 +601,14 @@ class Ranker:
             # (its rank features count within it), not on the blend's shortlist
             keep = max(self._pool(num_results + len(exclude)), DEBUG_CANDIDATES * debug)
             seen = {e.item_id for e in window}
-            outputs = shortlist(outputs, weights, keep, seen, None if self._diverse else policy)
+            outputs = shortlist(
+                outputs,
+                weights,
+                keep,
+                seen,
+                None if self._diverse else policy,
+                self.sources.interner,
+            )
         candidates = self._merge(outputs, given or ())
 
         # Item metadata: a filter and diversity read it for every candidate, the response
@@ -758,7 +765,7 @@ class Ranker:
         ]
         if item_filter is None:
             keep = max(self.settings.rank_pool, 2 * num_results, DEBUG_CANDIDATES * debug)
-            outputs = shortlist(outputs, weights, keep, {item_id}, "exclude")
+            outputs = shortlist(outputs, weights, keep, {item_id}, "exclude", self.sources.interner)
         candidates = [c for c in self._merge(outputs) if c.item_id != item_id]
         items = await self._categories(
             req, namespace, [c.item_id for c in candidates], req.at(CATALOG_SHARE)

@@ -30,15 +30,18 @@ on every source's full list, so it scores the whole pool (docs/serving.md).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from itertools import chain, islice
-from typing import Any
 
 import numpy as np
 
 from recstream.settings import SeenPolicy
-from serving.pipeline.candidates import SourceOutput, nth_largest, order_ties
+from serving.pipeline.candidates import SourceOutput, order_ties
+from serving.pipeline.codes import Codes, Interner, Values
+from serving.pipeline.kernels import kept_entries, pool_blend
 
 __all__ = ["shortlist"]
+
+_NO_CODES: Codes = np.zeros(0, np.int64)
+_NO_VALUES: Values = np.zeros(0)
 
 
 def shortlist(
@@ -47,82 +50,107 @@ def shortlist(
     keep: int,
     seen: Collection[str],
     policy: SeenPolicy | None = None,
+    interner: Interner | None = None,
 ) -> list[SourceOutput]:
     """``outputs`` restricted to the ``keep`` best items ``policy`` may show (plus each
     source's top item, and every seen item when ``policy`` is None); unchanged when the
-    pool is no larger than that."""
-    pool = dict.fromkeys(chain.from_iterable(out.scores for out in outputs))
+    pool is no larger than that. ``interner`` numbers the items (the one the sources'
+    tables use, so theirs are read as they are); a source without a table is numbered
+    here."""
+    if interner is None:
+        interner = next((o.table.interner for o in outputs if o.table is not None), Interner())
+    # The pool and the blend in one compiled loop (serving/pipeline/kernels.py): in
+    # Python or numpy they were ~200 µs a request whatever the form. Same floats: each
+    # part is `weight * score / scale`, added from 0.0 in source order, as LinearBlend
+    # adds them.
+    code_parts: list[Codes] = []
+    value_parts: list[Values] = []
+    ends = [0]
+    for out in outputs:
+        table = out.table
+        if table is not None and table.interner is interner:
+            part, part_values = table.codes, table.values
+        else:
+            scores = out.scores
+            if not scores:
+                ends.append(ends[-1])
+                continue
+            part = interner.encode(list(scores))
+            part_values = np.fromiter(scores.values(), np.float64, len(scores))
+        code_parts.append(part)
+        value_parts.append(part_values)
+        ends.append(ends[-1] + len(part))
+    names = [out.name for out in outputs]
+    offsets = np.array(ends, np.int64)
+    codes = np.concatenate(code_parts) if code_parts else _NO_CODES
+    values = np.concatenate(value_parts) if value_parts else _NO_VALUES
+    known = interner.code
+    seen_codes = np.fromiter((known[i] for i in seen if i in known), np.int64)
+    pool, rows, blend, blended, unseen, anchors, seen_rows, contenders, popularity = pool_blend(
+        codes,
+        values,
+        offsets,
+        np.array([weights.get(name, 0.0) for name in names]),
+        seen_codes,
+        interner.scratch(),
+        keep,
+        policy == "keep",
+        names.index("popularity") if "popularity" in names else -1,
+    )
     if len(pool) <= keep:
         return list(outputs)
-    # The blend over the pool in numpy: a request pools ~1,000 (item, score) pairs and a
-    # loop of dict updates was the largest share of the pipeline's own CPU. Same floats:
-    # each part is `weight * score / scale`, added from 0.0 in source order, as
-    # LinearBlend adds them.
-    index = dict(zip(pool, range(len(pool)), strict=True))
-    blend = np.zeros(len(pool))
-    blended = np.zeros(len(pool), dtype=bool)
-    anchors: set[str] = set()
-    for out in outputs:
-        scores = out.scores
-        if not scores:
-            continue
-        values = np.fromiter(scores.values(), np.float64, len(scores))
-        magnitudes = np.abs(values)
-        first = int(magnitudes.argmax())  # the first item with the largest |score|
-        anchors.add(next(islice(scores, first, None)))
-        weight = weights.get(out.name, 0.0)
-        if weight == 0:
-            continue
-        scale = float(magnitudes[first]) or 1.0
-        rows = np.fromiter(map(index.__getitem__, scores), np.intp, len(scores))
-        blend[rows] += weight * values / scale
-        blended[rows] = True
-    seen_rows = [index[i] for i in seen if i in index]
-    unseen = np.ones(len(pool), dtype=bool)
-    if policy != "keep":
-        unseen[seen_rows] = False  # (under "keep" every item competes: none is set apart)
-    popularity: Mapping[str, float] = next(
-        (out.scores for out in outputs if out.name == "popularity"), {}
+    ids = interner.ids
+    rows_of = contenders.tolist()
+    contending = interner.decode(pool[contenders].tolist())
+    chosen = _top(
+        dict(zip(contending, blend[contenders].tolist(), strict=True)),
+        dict(zip(contending, popularity[contenders].tolist(), strict=True)),
+        keep,
     )
-    ids = list(pool)
-    chosen = _top(_contenders(blend, blended & unseen, keep, ids), popularity, keep)
+    row_of = dict(zip(contending, rows_of, strict=True))
+    kept = np.zeros(len(pool), dtype=bool)
+    kept[[row_of[i] for i in chosen]] = True
     if len(chosen) < keep:
         # items only zero-weight sources propose follow, by popularity
-        rest = [ids[i] for i in np.flatnonzero(~blended & unseen).tolist()]
-        chosen += _top({i: popularity.get(i, 0.0) for i in rest}, {}, keep - len(chosen))
-    kept = anchors.union(chosen)
-    if policy is None or (policy == "demote" and len(chosen) < keep):
-        kept.update(ids[i] for i in seen_rows)  # (under demote: too few unseen to fill)
-    # the few kept items looked up in each source (not each source's ~200 filtered), in
-    # the pool's order, so the result does not depend on set order
-    order = sorted(kept, key=index.__getitem__)
-    return [
-        SourceOutput(
-            out.name,
-            {i: out.scores[i] for i in order if i in out.scores},
-            out.because,
-            out.category,
-            out.origin,
-            out.because_of,
+        rest = np.flatnonzero(~blended & unseen)
+        rest_ids = [ids[c] for c in pool[rest].tolist()]
+        more = _top(
+            dict(zip(rest_ids, popularity[rest].tolist(), strict=True)), {}, keep - len(chosen)
         )
-        for out in outputs
-    ]
-
-
-def _contenders(
-    blend: np.ndarray[Any, np.dtype[np.float64]],
-    allowed: np.ndarray[Any, np.dtype[np.bool_]],
-    n: int,
-    ids: list[str],
-) -> dict[str, float]:
-    """The allowed items that may be among the ``n`` best by ``blend``: every one whose
-    value reaches the ``n``-th best (so ties across the cut are all there), by id."""
-    rows = np.flatnonzero(allowed)
-    if len(rows) > n:
-        values = blend[rows]
-        nth = nth_largest(values, n)
-        rows = rows[values >= nth]
-    return dict(zip([ids[i] for i in rows.tolist()], blend[rows].tolist(), strict=True))
+        rest_row = dict(zip(rest_ids, rest.tolist(), strict=True))
+        kept[[rest_row[i] for i in more]] = True
+        chosen += more
+    kept[anchors[anchors >= 0]] = True
+    if policy is None or (policy == "demote" and len(chosen) < keep):
+        kept[seen_rows] = True  # (under demote: too few unseen to fill)
+    # each source's kept items in the pool's order, so the result does not depend on
+    # set order; only those are decoded
+    entries, bounds = kept_entries(rows, offsets, kept)
+    kept_ids = interner.decode(codes[entries].tolist())
+    kept_values = values[entries].tolist()
+    at = bounds.tolist()
+    cut = []
+    for s, out in enumerate(outputs):
+        start, stop = at[s], at[s + 1]
+        items = kept_ids[start:stop]
+        category = out.category if out.groups is None else {}
+        if out.groups is not None:
+            names_of, groups = out.groups
+            positions = (entries[start:stop] - offsets[s]).tolist()
+            category = dict(
+                zip(items, [names_of[g] for g in groups[positions].tolist()], strict=True)
+            )
+        cut.append(
+            SourceOutput(
+                out.name,
+                dict(zip(items, kept_values[start:stop], strict=True)),
+                out.because,
+                category,
+                out.origin,
+                out.because_of,
+            )
+        )
+    return cut
 
 
 def _top(key: Mapping[str, float], then: Mapping[str, float], n: int) -> list[str]:

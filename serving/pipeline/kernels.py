@@ -1,0 +1,273 @@
+"""The ranking core's loops, compiled by numba.
+
+A request pools ~850 (item, score) pairs from its sources and keeps a few dozen. In
+Python, or in numpy (a few dozen calls of 1-3 µs each over arrays of that size), the
+pooling and the blend cost ~200 µs a request however they were written (sessions 8 and
+12 in docs/serving-speed.md); as one compiled loop they cost ~10 µs. numba compiles
+these functions at their first call and keeps the machine code in ``__pycache__``
+(``cache=True``), so later processes load it (~0.1 s) instead of compiling (~2 s);
+`warm` makes that happen at start-up, not in a request.
+
+Everything here works on dense integer codes (serving/pipeline/codes.py) and float64
+arrays, and adds floats in the same order as the Python it replaces, so its results are
+the same floats (tests/serving/test_shortlist.py checks it against a plain reference).
+What needs item ids (ties ordered by id) stays in Python, on the few items it concerns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+import numpy as np
+
+__all__ = ["Pooled", "kept_entries", "neighbour_sums", "pool_blend", "strongest", "warm"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Ints = np.ndarray[Any, np.dtype[np.int64]]
+Ints32 = np.ndarray[Any, np.dtype[np.int32]]
+Floats = np.ndarray[Any, np.dtype[np.float64]]
+Bools = np.ndarray[Any, np.dtype[np.bool_]]
+
+Pooled = tuple[Ints, Ints, Floats, Bools, Bools, Ints, Ints, Ints, Floats]
+"""`pool_blend`'s result: pool, rows, blend, blended, unseen, anchors, seen rows,
+contenders, popularity by row."""
+
+
+def _compiled(fn: F) -> F:
+    # nogil: a compiled call never needs the interpreter; no fastmath: the floats must be
+    # the ones the Python reference gives, in the same order of operations
+    return cast(F, numba.njit(cache=True, nogil=True)(fn))
+
+
+@_compiled
+def pool_blend(
+    codes: Ints,
+    values: Floats,
+    offsets: Ints,
+    weights: Floats,
+    seen: Ints,
+    scratch: Ints,
+    keep: int,
+    seen_compete: bool,
+    popularity: int,
+) -> Pooled:
+    """The shortlist's pool and blend (serving/pipeline/shortlist.py).
+
+    ``codes``/``values`` are every source's (item, score) pairs, source after source;
+    source ``s`` is ``offsets[s]:offsets[s + 1]`` and has blend weight ``weights[s]``.
+    ``scratch`` maps a code to its pool row: -1 everywhere on entry, and again on return
+    (only the touched entries are reset, so a call costs what its pool holds, not what the
+    numbering does). ``seen_compete`` is the ``keep`` policy (seen items are not set
+    apart); ``popularity`` the index of the popularity source, or -1.
+
+    Returns, by pool row (items in order of first sight): the pool's codes, each pair's
+    row, the blend (Σ weight·score/scale, from 0.0, in source order), whether a weighted
+    source proposed the row, whether it is unseen (or seen items compete), each source's
+    anchor row (its first item of largest ``|score|``; -1 when empty), the seen items'
+    rows, the contenders (the allowed rows whose blend reaches the ``keep``-th best,
+    ascending), and each row's popularity score (0.0 when it has none).
+    """
+    m = len(codes)
+    rows = np.empty(m, np.int64)
+    pool = np.empty(m, np.int64)
+    n = 0
+    for j in range(m):
+        c = codes[j]
+        r = scratch[c]
+        if r < 0:
+            r = n
+            scratch[c] = n
+            pool[n] = c
+            n += 1
+        rows[j] = r
+    blend = np.zeros(n)
+    blended = np.zeros(n, np.bool_)
+    by_popularity = np.zeros(n)
+    sources = len(offsets) - 1
+    anchors = np.full(sources, -1, np.int64)
+    for s in range(sources):
+        start, stop = offsets[s], offsets[s + 1]
+        if start == stop:
+            continue
+        # argmax of |score|: the first largest, and the first NaN if any (as numpy's)
+        first = start
+        largest = abs(values[start])
+        for j in range(start + 1, stop):
+            if largest != largest:
+                break
+            v = abs(values[j])
+            if v > largest or v != v:
+                largest = v
+                first = j
+        anchors[s] = rows[first]
+        if s == popularity:
+            for j in range(start, stop):
+                by_popularity[rows[j]] = values[j]
+        weight = weights[s]
+        if weight == 0:
+            continue
+        scale = largest if largest != 0 else 1.0
+        for j in range(start, stop):
+            r = rows[j]
+            blend[r] += weight * values[j] / scale
+            blended[r] = True
+    unseen = np.ones(n, np.bool_)
+    seen_rows = np.empty(len(seen), np.int64)
+    k = 0
+    for c in seen:
+        if c < len(scratch) and scratch[c] >= 0:
+            seen_rows[k] = scratch[c]
+            k += 1
+            if not seen_compete:
+                unseen[scratch[c]] = False
+    for j in range(n):
+        scratch[pool[j]] = -1
+    allowed = np.empty(n, np.int64)
+    count = 0
+    for r in range(n):
+        if blended[r] and unseen[r]:
+            allowed[count] = r
+            count += 1
+    contenders = allowed[:count]
+    if count > keep:
+        candidate = blend[contenders]
+        nth = np.partition(candidate, count - keep)[count - keep]
+        contenders = contenders[candidate >= nth]
+    return (
+        pool[:n],
+        rows,
+        blend,
+        blended,
+        unseen,
+        anchors,
+        seen_rows[:k],
+        contenders,
+        by_popularity,
+    )
+
+
+@_compiled
+def kept_entries(rows: Ints, offsets: Ints, kept: Bools) -> tuple[Ints, Ints]:
+    """The pairs whose row is ``kept``, source after source, each source's in row order
+    (the pool's); and where each source's run starts and ends (``len(offsets)`` bounds)."""
+    out = np.empty(len(rows), np.int64)
+    bounds = np.empty(len(offsets), np.int64)
+    k = 0
+    bounds[0] = 0
+    for s in range(len(offsets) - 1):
+        start = k
+        for j in range(offsets[s], offsets[s + 1]):
+            if kept[rows[j]]:
+                out[k] = j
+                k += 1
+        # insertion sort by row: a source keeps a few dozen pairs at most
+        for x in range(start + 1, k):
+            y = out[x]
+            z = x - 1
+            while z >= start and rows[out[z]] > rows[y]:
+                out[z + 1] = out[z]
+                z -= 1
+            out[z + 1] = y
+        bounds[s + 1] = k
+    return out[:k], bounds
+
+
+def warm() -> None:
+    """Compile (or load from the cache) every kernel now, on tiny inputs, so the first
+    request does not wait for it."""
+    codes = np.array([0, 1, 1], np.int64)
+    offsets = np.array([0, 2, 3], np.int64)
+    scratch = np.full(2, -1, np.int64)
+    pooled = pool_blend(
+        codes,
+        np.array([1.0, 0.5, 2.0]),
+        offsets,
+        np.array([1.0, 0.0]),
+        np.array([0], np.int64),
+        scratch,
+        1,
+        False,
+        1,
+    )
+    kept_entries(pooled[1], offsets, np.ones(len(pooled[0]), np.bool_))
+    neighbours = np.array([0, 1, 1], np.int32)
+    sums = np.array([0.5, 0.25, 0.25])
+    neighbour_sums(neighbours, sums, scratch, 1, True)
+    strongest(neighbours, sums, np.array([0, 0, 1], np.int64), np.array([1], np.int64), scratch)
+
+
+@_compiled
+def neighbour_sums(
+    code: Ints32, contribution: Floats, slot: Ints, n: int, top: bool
+) -> tuple[Ints, Floats, Ints]:
+    """Item-to-item's scores (serving/pipeline/candidates.py): each neighbour's summed
+    contributions, added in array order from 0.0 (the floats `np.bincount` and the
+    offline loop give), the positive ones kept.
+
+    ``slot`` maps a code to its place among the sums: -1 everywhere on entry and on
+    return. With ``top`` and more than ``n`` positive sums, the result is every item whose
+    sum reaches the ``n``-th best, by sum descending then code ascending, and the tie runs
+    (``[start, stop)`` pairs of equal sums, for the caller to order by id); otherwise every
+    positive one in the order of its first contribution, and no runs."""
+    m = len(code)
+    items = np.empty(m, np.int64)
+    sums = np.empty(m)
+    k = 0
+    for j in range(m):
+        c = code[j]
+        s = slot[c]
+        if s < 0:
+            s = k
+            slot[c] = k
+            items[k] = c
+            sums[k] = 0.0
+            k += 1
+        sums[s] += contribution[j]
+    for j in range(k):
+        slot[items[j]] = -1
+    positive = sums[:k] > 0
+    items = items[:k][positive]
+    sums = sums[:k][positive]
+    count = len(items)
+    if not top or count <= n:
+        return items, sums, np.empty((0, 2), np.int64)
+    nth = np.partition(sums, count - n)[count - n]
+    chosen = sums >= nth
+    items, sums = items[chosen], sums[chosen]
+    by_code = np.argsort(items)
+    items, sums = items[by_code], sums[by_code]
+    ranked = np.argsort(-sums, kind="mergesort")  # (stable: ties stay by code)
+    items, sums = items[ranked], sums[ranked]
+    runs = np.empty((len(items), 2), np.int64)
+    r = 0
+    start = 0
+    for j in range(1, len(items) + 1):
+        if j == len(items) or sums[j] != sums[start]:
+            if j - start > 1:
+                runs[r, 0] = start
+                runs[r, 1] = j
+                r += 1
+            start = j
+    return items, sums, runs[:r]
+
+
+@_compiled
+def strongest(code: Ints32, contribution: Floats, source: Ints, asked: Ints, slot: Ints) -> Ints:
+    """For each ``asked`` code, the ``source`` of its largest contribution (the first
+    such one in array order on ties); -1 for a code with none. ``slot`` as in
+    `neighbour_sums`."""
+    best = np.full(len(asked), -np.inf)
+    found = np.full(len(asked), -1, np.int64)
+    for i in range(len(asked)):
+        slot[asked[i]] = i
+    for j in range(len(code)):
+        s = slot[code[j]]
+        if s >= 0 and contribution[j] > best[s]:
+            best[s] = contribution[j]
+            found[s] = source[j]
+    for i in range(len(asked)):
+        slot[asked[i]] = -1
+    return found
