@@ -50,7 +50,7 @@ from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
 from serving.pipeline.codes import Interner, Table
 from serving.pipeline.detach import Reads, detached
-from serving.pipeline.kernels import neighbour_sums, strongest
+from serving.pipeline.kernels import best_entries, neighbour_sums, strongest
 from serving.pipeline.live import LIVE_TTL_S, LiveLists, Rows
 from serving.pipeline.models import Published
 
@@ -875,12 +875,13 @@ class Sources:
             [s for rows in lists.values() for _, s in rows[:1]]
             + ([popularity.top[0][1]] if popularity is not None and popularity.top else [])
         )
-        # In numpy: up to five lists of 200 were a loop of ~1,000 dictionary updates a
-        # request. The same floats (the same three operations per pair) and the same
-        # choice: each item's best score, the first list's on ties (the loop's strict
-        # `>`), items in order of first sight, then `_keep`: those of ``restrict``, else
-        # `best`'s cut (highest, ties by id). One numbering for every list of the call
-        # (a full one is replaced at the next call).
+        # Up to five lists of 200 were a loop of ~1,000 dictionary updates a request, then
+        # a dozen numpy calls; now one compiled loop (serving/pipeline/kernels.py). The
+        # same floats (the same three operations per pair) and the same choice: each
+        # item's best score, the first list's on ties (the loop's strict `>`), items in
+        # order of first sight, then `_keep`: those of ``restrict``, else `best`'s cut
+        # (highest, ties by id). One numbering for every list of the call (a full one is
+        # replaced at the next call).
         interner = self.interner
         names = tuple(lists)
         tables = [self.table(rows, interner) for rows in lists.values()]
@@ -889,25 +890,20 @@ class Sources:
         counts = np.concatenate([t.values for t in tables])
         affinities = np.array([affinity[c] for c in names]).repeat(lengths)
         scored = affinities * (1.0 + counts / (top + 1.0))
-        group = np.arange(len(names)).repeat(lengths)
-        position = np.arange(len(codes))
-        order = np.lexsort((position, -scored, codes))
-        sorted_codes = codes[order]
-        heads = run_starts(sorted_codes)
-        first_seen = np.minimum.reduceat(position[order], heads)
-        chosen = order[heads][first_seen.argsort(kind="stable")]
+        found, runs = best_entries(codes, scored, interner.scratch(), n, restrict is None)
         ids = interner.ids
+        entries = found.tolist()
         if restrict is not None:
-            allowed = [ids[c] in restrict for c in codes[chosen].tolist()]
-            chosen = chosen[np.fromiter(allowed, bool, len(allowed))]
-        elif len(chosen) > n:
-            values = scored[chosen]
-            nth = nth_largest(values, n)
-            contenders = chosen[values >= nth]
-            contenders = contenders[(-scored[contenders]).argsort(kind="stable")]
-            ranked = contenders.tolist()
-            order_ties(ranked, scored[contenders].tolist(), lambda i: ids[int(codes[i])])
-            chosen = np.asarray(ranked[:n], dtype=np.intp)
+            entries = [
+                e for e, c in zip(entries, codes[found].tolist(), strict=True) if ids[c] in restrict
+            ]
+        else:
+            code_of = codes.tolist() if len(runs) else []
+            for start, stop in runs.tolist():
+                entries[start:stop] = sorted(entries[start:stop], key=lambda e: ids[code_of[e]])
+            entries = entries[:n]
+        chosen = np.array(entries, dtype=np.intp)
+        group = np.arange(len(names)).repeat(lengths)
         # handed over coded: the shortlist keeps a few of these 200, only those decoded
         out.table = Table(interner, codes[chosen], scored[chosen])
         out.groups = (names, group[chosen])

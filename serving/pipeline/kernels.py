@@ -22,7 +22,15 @@ from typing import Any, TypeVar, cast
 import numba
 import numpy as np
 
-__all__ = ["Pooled", "kept_entries", "neighbour_sums", "pool_blend", "strongest", "warm"]
+__all__ = [
+    "Pooled",
+    "best_entries",
+    "kept_entries",
+    "neighbour_sums",
+    "pool_blend",
+    "strongest",
+    "warm",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -197,6 +205,24 @@ def warm() -> None:
     sums = np.array([0.5, 0.25, 0.25])
     neighbour_sums(neighbours, sums, scratch, 1, True)
     strongest(neighbours, sums, np.array([0, 0, 1], np.int64), np.array([1], np.int64), scratch)
+    best_entries(codes, sums, scratch, 1, True)
+
+
+@_compiled
+def _tie_runs(ordered: Floats) -> Ints:
+    """The runs of two or more equal values of ``ordered`` (sorted), as ``[start, stop)``
+    rows."""
+    runs = np.empty((len(ordered), 2), np.int64)
+    r = 0
+    start = 0
+    for j in range(1, len(ordered) + 1):
+        if j == len(ordered) or ordered[j] != ordered[start]:
+            if j - start > 1:
+                runs[r, 0] = start
+                runs[r, 1] = j
+                r += 1
+            start = j
+    return runs[:r]
 
 
 @_compiled
@@ -241,17 +267,7 @@ def neighbour_sums(
     items, sums = items[by_code], sums[by_code]
     ranked = np.argsort(-sums, kind="mergesort")  # (stable: ties stay by code)
     items, sums = items[ranked], sums[ranked]
-    runs = np.empty((len(items), 2), np.int64)
-    r = 0
-    start = 0
-    for j in range(1, len(items) + 1):
-        if j == len(items) or sums[j] != sums[start]:
-            if j - start > 1:
-                runs[r, 0] = start
-                runs[r, 1] = j
-                r += 1
-            start = j
-    return items, sums, runs[:r]
+    return items, sums, _tie_runs(sums)
 
 
 @_compiled
@@ -271,3 +287,36 @@ def strongest(code: Ints32, contribution: Floats, source: Ints, asked: Ints, slo
     for i in range(len(asked)):
         slot[asked[i]] = -1
     return found
+
+
+@_compiled
+def best_entries(codes: Ints, values: Floats, slot: Ints, n: int, top: bool) -> tuple[Ints, Ints]:
+    """Category popularity's merge (serving/pipeline/candidates.py): for each code, its
+    entry of largest value (the first such one on ties), in the order of the code's
+    first entry. With ``top`` and more than ``n`` codes, the entries whose value reaches
+    the ``n``-th best instead, by value descending (ties in that order), and the tie runs
+    (``[start, stop)`` pairs, for the caller to order by id). ``slot`` as in
+    `neighbour_sums` (a map of ``codes``' numbering)."""
+    m = len(codes)
+    chosen = np.empty(m, np.int64)
+    k = 0
+    for j in range(m):
+        c = codes[j]
+        s = slot[c]
+        if s < 0:
+            slot[c] = k
+            chosen[k] = j
+            k += 1
+        elif values[j] > values[chosen[s]]:
+            chosen[s] = j
+    chosen = chosen[:k]
+    for j in range(k):
+        slot[codes[chosen[j]]] = -1
+    if not top or k <= n:
+        return chosen, np.empty((0, 2), np.int64)
+    best = values[chosen]
+    nth = np.partition(best, k - n)[k - n]
+    chosen = chosen[best >= nth]
+    best = values[chosen]
+    chosen = chosen[np.argsort(-best, kind="mergesort")]
+    return chosen, _tie_runs(values[chosen])
