@@ -347,6 +347,28 @@ class ServedLog:
         serving flusher sends; a server without the script answers that EVALSHA with
         NOSCRIPT, and the caller loads it (``script``) and sends the batch again, which
         logs nothing twice (an id already logged is skipped)."""
+        script_keys, args = self._call(namespace, recommendation_id, served)
+        if isinstance(client, Pipeline):
+            client.evalsha(self._log.sha, len(script_keys), *script_keys, *args)
+            return True
+        try:
+            done = await self._log(keys=script_keys, args=args, client=client)
+        except RedisError as exc:
+            raise StoreUnavailable(
+                f"logging recommendation {recommendation_id!r} failed: {exc}"
+            ) from exc
+        return bool(done)
+
+    def command(self, namespace: str, recommendation_id: str, served: Served) -> tuple[Any, ...]:
+        """`log`'s call as one command's arguments (``"EVALSHA"``, the script's SHA, the
+        number of keys, the keys, the arguments), for a caller that packs its own round
+        trip (serving's flusher, `recstream.redisio`)."""
+        script_keys, args = self._call(namespace, recommendation_id, served)
+        return ("EVALSHA", self._log.sha, len(script_keys), *script_keys, *args)
+
+    def _call(
+        self, namespace: str, recommendation_id: str, served: Served
+    ) -> tuple[list[str], list[Any]]:
         if not recommendation_id:
             raise ValueError("log_served: recommendation_id must be non-empty")
         s = self.settings
@@ -369,16 +391,7 @@ class ServedLog:
             keys.attribution_dirty,
             *[key for key, _, _ in targets],
         ]
-        if isinstance(client, Pipeline):
-            client.evalsha(self._log.sha, len(script_keys), *script_keys, *args)
-            return True
-        try:
-            done = await self._log(keys=script_keys, args=args, client=client)
-        except RedisError as exc:
-            raise StoreUnavailable(
-                f"logging recommendation {recommendation_id!r} failed: {exc}"
-            ) from exc
-        return bool(done)
+        return script_keys, args
 
     @property
     def script(self) -> str:

@@ -22,9 +22,9 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from agents.redisio import commands
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys, keys_of
+from recstream.redisio import commands
 from recstream.settings import Settings
 from streams.schema import Event, Item
 

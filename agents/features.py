@@ -49,7 +49,6 @@ from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
 from agents.identity import SESSION_PREFIX, Login
-from agents.redisio import commands, pairs
 from agents.state import (
     DURABLE_ITEM_BYTES,
     Actor,
@@ -63,6 +62,7 @@ from agents.state import (
 from recstream.aws import until_processed
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
+from recstream.redisio import commands, pairs
 from recstream.settings import Settings
 from streams.schema import Event
 

@@ -35,11 +35,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agents.catalog import BatchContext, load_context
-from agents.redisio import commands, pack, send_packed
 from agents.retry import RecordsRefused
 from recstream.aws import translate, until_processed
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
 from recstream.keys import Keys, keys_of
+from recstream.redisio import commands, pack, send_packed
 from recstream.settings import Settings
 from streams.schema import Event
 

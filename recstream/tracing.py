@@ -335,7 +335,7 @@ class _Timed:
 def timed_redis(name: str, batch: int | None = None) -> _Timed:
     """One Redis round trip being timed under ``name`` (a command, or PIPELINE / MULTI);
     ``.done(None)`` or ``.done(error class)`` when it ends. For round trips that go by a
-    connection rather than the client's commands (agents/redisio.py); `instrument_redis`
+    connection rather than the client's commands (recstream/redisio.py); `instrument_redis`
     times the client's own."""
     attributes: dict[str, Any] = {"db.system.name": "redis", "db.operation.name": name}
     if batch is not None:

@@ -3,11 +3,12 @@
 Category popularity merges up to five live lists of 200 items a request: each item's
 best score over the lists. As a loop of dictionary updates that was ~1,000 Python steps a
 request; with every list's members numbered once per read (`Table`, kept with the list),
-it is a handful of numpy calls (serving/pipeline/candidates.py).
+it is one compiled call (serving/pipeline/kernels.py). The sources hand the shortlist
+their candidates in this numbering too, and it decodes only the few it keeps.
 
-(Session 8 also tried handing the whole candidate pool to the shortlist as arrays: at a
-pool of ~700 pairs numpy's per-call overhead ate the gain, and it was measured slower in
-the app, so the shortlist kept its dictionaries: docs/serving-speed.md.)
+(Session 8 tried the shortlist over numpy arrays: at a pool of ~700 pairs numpy's
+per-call overhead ate the gain. Session 12 compiled the loop instead:
+docs/serving-speed.md.)
 
 The numbering grows with the items the lists hold (about the catalog). To keep memory
 bounded whatever ids arrive, a full `Interner` is replaced by a new, empty one; arrays

@@ -5,7 +5,9 @@ five sources pools several hundred, while it answers twenty. Catalog lookups, fe
 the scorer and the sort cost CPU per candidate, and at 1,000 requests a second that per-
 candidate work was most of the server's time (docs/serving-speed.md). So before them, the
 pool is cut to the ``keep`` best by the linear blend's formula over the raw source scores
-(serving/pipeline/rank.py), computed on plain dicts, without building a `Candidate`.
+(serving/pipeline/rank.py), computed on item codes in one compiled loop
+(serving/pipeline/kernels.py), without building a `Candidate`; only the kept items are
+decoded.
 
 The cut never changes what the linear blend serves:
 

@@ -1,4 +1,5 @@
-"""`agents.redisio`: the agents' hot-path round trips, packed by hiredis, against a real
+"""`recstream.redisio`: hot-path round trips packed by hiredis (the agents', serving's state
+read and served log), against a real
 Redis: the same replies a redis-py pipeline gets, error replies raised once every reply
 is read, and the connection usable afterwards; and the feature copies' read through it."""
 
@@ -10,11 +11,13 @@ import random
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from agents.features import _hashes
-from agents.redisio import commands, exact, pack, pairs, send_packed
 from recstream.keys import Keys
+from recstream.published import Lua
+from recstream.redisio import commands, evalsha, exact, pack, pairs, send_packed
 from recstream.settings import Settings
 from tests.conftest import unique
 
@@ -145,3 +148,51 @@ async def test_round_trips_are_timed_as_pipelines(redis_client: aioredis.Redis) 
         sample("recstream_redis_call_errors_total", command="PIPELINE", error="ResponseError")
         == failed + 1
     )
+
+
+async def test_evalsha_runs_a_script_the_server_does_not_know_yet(
+    redis_client: aioredis.Redis,
+) -> None:
+    """NOSCRIPT falls back to EVAL, which caches the script; later calls go by its SHA.
+    (A script of its own, so no other test's scripts are flushed.)"""
+    script = Lua(f"-- {unique('script')}\nreturn {{KEYS[1], ARGV[1]}}")
+    assert await redis_client.script_exists(script.sha) == [False]
+    assert await evalsha(redis_client, script, 1, "k", 7) == [b"k", b"7"]
+    assert await redis_client.script_exists(script.sha) == [True]
+    assert await evalsha(redis_client, script, 1, "k", 8) == [b"k", b"8"]
+
+
+async def test_errors_can_be_returned_in_their_places(redis_client: aioredis.Redis) -> None:
+    """Without ``raise_on_error`` an error reply comes back where its command was (the
+    served log's flusher looks for NOSCRIPT among them), and the others are read."""
+    key = unique("t")
+    replies = await send_packed(
+        redis_client,
+        [(pack("SET", key, "1") + pack("LRANGE", key, 0, 1) + pack("GET", key), 3)],
+        raise_on_error=False,
+    )
+    assert replies[0] is True or replies[0] == b"OK"
+    assert isinstance(replies[1], ResponseError)
+    assert replies[2] == b"1"
+    assert await redis_client.get(key) == b"1"  # the connection went back usable
+
+
+async def test_a_connection_its_server_dropped_is_replaced_once(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """A pooled connection the server closed (as a restart does) fails at its first
+    write or read: a list of commands is sent again on a new one, as redis-py's own
+    commands are; writes made as they go are not (their caller retries)."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        for replayable in (True, False):
+            (own_id,) = await commands(client, [("CLIENT", "ID")])  # the one pooled
+            await commands(redis_client, [("CLIENT", "KILL", "ID", own_id)])
+            writes = [(pack("PING"), 1)]
+            if replayable:
+                assert await send_packed(client, writes) == [b"PONG"]
+            else:
+                with pytest.raises(RedisConnectionError):
+                    await send_packed(client, iter(writes))
+    finally:
+        await client.aclose()

@@ -1,0 +1,161 @@
+"""Redis round trips of the hot paths, packed by hiredis and sent on one connection.
+
+redis-py packs every argument of every command in Python (`Encoder.encode`, a length
+and a join each) and gives a pipeline's every reply its own timeout, callback and
+bookkeeping: for a batch's reads of a few hundred small commands (the catalog's entries,
+the windows and feature hashes of the durable copies) that was most of what reading
+cost the agent (session 10 in docs/agents.md), and serving's state read and served log
+paid the same per request (session 12 in docs/serving-speed.md). Here the commands are
+packed in C (`hiredis.pack_command`, the same bytes), written back to back, and the
+replies read as the parser gives them (no callbacks: an ``HGETALL`` is a flat list in
+RESP2, `pairs` reads it).
+
+What the caller gets is what a pipeline without ``raise_on_error`` would give, but
+raised: a connection or timeout error (redis-py's own), or the first error reply once
+every reply was read, as a pipeline raises it (or, with ``raise_on_error=False``, the
+error replies in their places). Each round trip is timed under its name, a
+``PIPELINE`` unless told (`recstream.tracing.timed_redis`):
+`recstream.tracing.instrument_redis` times the client's commands and pipelines, which
+these calls do not go through.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import hiredis
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from recstream import tracing
+from recstream.published import Lua
+
+__all__ = ["commands", "evalsha", "exact", "pack", "pairs", "send_packed"]
+
+Arg = str | bytes | int
+
+
+def pack(*command: Arg) -> bytes:
+    """One command in the Redis protocol: byte for byte what redis-py sends for ``str``,
+    ``bytes`` and ``int`` arguments (`test_pack_is_redis_py_s`)."""
+    # (hiredis's stub types the tuple as one element long)
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
+
+
+def exact(x: float) -> str:
+    """``x`` as the shortest decimal that reads back as exactly ``x`` (what `repr` gives,
+    up to the exponent's form: ``1.5e-7`` for ``1.5e-07``), for a score Redis parses as
+    it is. orjson's Ryu makes it in a few hundred instructions where CPython's `repr`
+    (dtoa's multi-precision loop) takes thousands: one per event of the trending part,
+    1.5 % of the worker's instructions (session 11 in docs/agents.md). orjson writes an
+    infinity or a NaN as ``null``, so those go through `repr`."""
+    if math.isfinite(x):
+        return orjson.dumps(x).decode()
+    return repr(x)
+
+
+async def send_packed(
+    redis: aioredis.Redis,
+    writes: Iterable[tuple[bytes, int]],
+    *,
+    name: str = "PIPELINE",
+    raise_on_error: bool = True,
+) -> list[Any]:
+    """Write each ``(packed commands, how many)`` on ONE connection as soon as it is
+    produced (so Redis runs the first while the next is made), then read every reply,
+    in order. Raises the first error reply once all replies are read (or, without
+    ``raise_on_error``, returns it in its place). Timed as ``name`` in
+    ``recstream_redis_call_seconds``: a ``PIPELINE``, as a redis-py pipeline is, unless
+    the trip is one command of another name.
+
+    ``writes`` given as a list or tuple are sent again, once, on a new connection after
+    redis-py's `ConnectionError`: a connection the pool kept dies with its server
+    (a restart), which shows at its first write or read, and redis-py's own commands and
+    pipelines reconnect and retry once then. Every caller's list is reads or idempotent
+    writes (the served log skips an id logged before). Writes made as they go (the
+    agents' chunks) cannot be sent again: their callers retry (agents/retry.py)."""
+    call = tracing.timed_redis(name)
+    attempts = 2 if isinstance(writes, list | tuple) else 1
+    for attempt in range(attempts):
+        try:
+            replies, error = await _round_trip(redis, writes)
+        except RedisConnectionError:
+            if attempt + 1 < attempts:
+                continue  # (the dead connection was dropped: the pool opens a new one)
+            call.done("ConnectionError")
+            raise
+        except BaseException as exc:
+            call.done(type(exc).__name__)
+            raise
+        call.done(None if error is None else type(error).__name__)
+        if error is not None and raise_on_error:
+            raise error
+        return replies
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def _round_trip(
+    redis: aioredis.Redis, writes: Iterable[tuple[bytes, int]]
+) -> tuple[list[Any], ResponseError | None]:
+    """`send_packed`'s exchange on one connection from the pool: the replies (error
+    replies in their places) and the first error reply."""
+    pool = redis.connection_pool
+    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        expected = 0
+        for data, count in writes:
+            await connection.send_packed_command(data, check_health=expected == 0)
+            expected += count
+        replies: list[Any] = []
+        error: ResponseError | None = None
+        for _ in range(expected):
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:  # read the others, then report the first
+                error = error or exc
+                replies.append(exc)
+    except BaseException:
+        # Replies may be left unread (a failed encoding, a cancellation, a lost server):
+        # the connection cannot be reused.
+        await connection.disconnect()
+        raise
+    else:
+        return replies, error
+    finally:
+        await pool.release(connection)
+
+
+async def commands(redis: aioredis.Redis, batch: Sequence[Sequence[Arg]]) -> list[Any]:
+    """The replies of ``batch`` (commands as argument lists), in one write."""
+    if not batch:
+        return []
+    return await send_packed(redis, [(b"".join(pack(*c) for c in batch), len(batch))])
+
+
+async def evalsha(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Arg) -> Any:
+    """`recstream.published.run_lua` as one packed command: EVALSHA, and EVAL (which
+    caches the script) on a server that does not know it yet. Timed as ``EVALSHA``, as
+    the client's own call is."""
+    try:
+        reply = await send_packed(
+            redis, [(pack("EVALSHA", script.sha, numkeys, *args), 1)], name="EVALSHA"
+        )
+    except NoScriptError:
+        reply = await send_packed(
+            redis, [(pack("EVAL", script.text, numkeys, *args), 1)], name="EVAL"
+        )
+    return reply[0]
+
+
+def pairs(reply: Any) -> Iterator[tuple[Any, Any]]:
+    """The (field, value) pairs of an ``HGETALL`` reply: a flat list in RESP2, a map in
+    RESP3."""
+    if isinstance(reply, dict):
+        return iter(reply.items())
+    it = iter(reply)
+    return zip(it, it, strict=True)
