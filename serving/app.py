@@ -118,10 +118,11 @@ def create_app(settings: Settings) -> Starlette:
                 open_filters(settings, stores.dynamodb)
             )
             app.state.filter_resolver = app.state.filters
-            ranker = await stack.enter_async_context(open_ranker(app, stores, settings))
             # The ranking core's compiled loops, loaded from numba's cache (or compiled,
-            # ~2 s, on a fresh install) before the first request, off the event loop.
+            # a few seconds, on a fresh install) off the event loop, before the ranker
+            # that uses them (which would otherwise load them on the loop).
             await asyncio.to_thread(kernels.warm)
+            ranker = await stack.enter_async_context(open_ranker(app, stores, settings))
             app.state.model_versions = ModelVersions(ranker.models, settings)
             watch_models(app.state.model_versions)
             app.state.security = await stack.enter_async_context(open_security(settings, stores))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
 __all__ = ["TTLCache"]
@@ -37,6 +37,19 @@ class TTLCache(Generic[K, V]):
             del self._data[key]
             return None
         return value
+
+    def get_all(self, keys: Iterable[K]) -> dict[K, V] | None:
+        """`get` of every key, the clock read once; None as soon as one is missing or
+        expired (what a caller that needs them all does next is a read anyway)."""
+        data = self._data
+        now = self.clock()
+        found: dict[K, V] = {}
+        for key in keys:
+            entry = data.get(key)
+            if entry is None or now - entry[0] >= self.ttl:
+                return None
+            found[key] = entry[1]
+        return found
 
     def put(self, key: K, value: V) -> None:
         now = self.clock()

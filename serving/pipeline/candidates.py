@@ -48,7 +48,7 @@ from recstream.keys import Keys
 from recstream.published import read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
-from serving.pipeline.codes import Interner, Table
+from serving.pipeline.codes import IdOrder, Interner, Table
 from serving.pipeline.detach import Reads, detached
 from serving.pipeline.kernels import best_entries, neighbour_sums, strongest
 from serving.pipeline.live import LIVE_TTL_S, LiveLists, Rows
@@ -208,7 +208,7 @@ class Vocabulary:
     """Item id ↔ dense code for one published item2item version (it grows as its rows are
     read), and the version's cached rows, which are numbered by it."""
 
-    __slots__ = ("_interned", "_interner", "_slots", "code", "ids", "rows")
+    __slots__ = ("_interned", "_interner", "_slots", "code", "ids", "order", "rows")
 
     def __init__(self, row_ttl_s: float) -> None:
         self.code: dict[str, int] = {}
@@ -217,6 +217,7 @@ class Vocabulary:
         self._interner: Interner | None = None
         self._interned: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, np.int64)
         self._slots: np.ndarray[Any, np.dtype[np.int64]] = np.full(0, -1, np.int64)
+        self.order = IdOrder()
 
     def slots(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """A code → slot map for the kernels (`serving.pipeline.kernels.neighbour_sums`),
@@ -476,7 +477,9 @@ class Sources:
         # history oldest first. With no restriction, the best n (ties across the cut all
         # there, by sum then code; equal sums then ordered by id here); else every one,
         # in the order of its first contribution, as the dict the plain loop builds.
-        found, sums, runs = neighbour_sums(code, contribution, vocab.slots(), n, restrict is None)
+        found, sums, runs = neighbour_sums(
+            code, contribution, vocab.slots(), n, restrict is None, vocab.order.of(vocab.ids)
+        )
         ids = vocab.ids
         kept = found.tolist()
         scores = sums.tolist()
@@ -530,14 +533,7 @@ class Sources:
         self, namespace: str, version: str, items: Sequence[str]
     ) -> dict[str, NeighbourRow] | None:
         """Each item's cached ``nbr:{item}`` row of ``version``; None when one is not."""
-        cache = self.vocabulary(namespace, version).rows
-        rows: dict[str, NeighbourRow] = {}
-        for item in items:
-            row = cache.get(item)
-            if row is None:
-                return None
-            rows[item] = row
-        return rows
+        return self.vocabulary(namespace, version).rows.get_all(items)
 
     async def neighbour_rows(
         self, namespace: str, version: str, items: Sequence[str]
@@ -890,7 +886,9 @@ class Sources:
         counts = np.concatenate([t.values for t in tables])
         affinities = np.array([affinity[c] for c in names]).repeat(lengths)
         scored = affinities * (1.0 + counts / (top + 1.0))
-        found, runs = best_entries(codes, scored, interner.scratch(), n, restrict is None)
+        found, runs = best_entries(
+            codes, scored, interner.scratch(), n, restrict is None, interner.order.of(interner.ids)
+        )
         ids = interner.ids
         entries = found.tolist()
         if restrict is not None:

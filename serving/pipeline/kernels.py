@@ -183,9 +183,16 @@ def kept_entries(rows: Ints, offsets: Ints, kept: Bools) -> tuple[Ints, Ints]:
     return out[:k], bounds
 
 
+_warmed = False
+
+
 def warm() -> None:
     """Compile (or load from the cache) every kernel now, on tiny inputs, so the first
-    request does not wait for it."""
+    request does not wait for it (a request that compiled them would miss its deadline).
+    Once per process; later calls return at once."""
+    global _warmed
+    if _warmed:
+        return
     codes = np.array([0, 1, 1], np.int64)
     offsets = np.array([0, 2, 3], np.int64)
     scratch = np.full(2, -1, np.int64)
@@ -203,31 +210,54 @@ def warm() -> None:
     kept_entries(pooled[1], offsets, np.ones(len(pooled[0]), np.bool_))
     neighbours = np.array([0, 1, 1], np.int32)
     sums = np.array([0.5, 0.25, 0.25])
-    neighbour_sums(neighbours, sums, scratch, 1, True)
+    rank = np.array([1, 0], np.int64)
+    neighbour_sums(neighbours, sums, scratch, 1, True, rank)
     strongest(neighbours, sums, np.array([0, 0, 1], np.int64), np.array([1], np.int64), scratch)
-    best_entries(codes, sums, scratch, 1, True)
+    best_entries(codes, sums, scratch, 1, True, rank)
+    _warmed = True
 
 
 @_compiled
-def _tie_runs(ordered: Floats) -> Ints:
-    """The runs of two or more equal values of ``ordered`` (sorted), as ``[start, stop)``
-    rows."""
-    runs = np.empty((len(ordered), 2), np.int64)
+def _settle_ties(order: Ints, codes: Ints, values: Floats, rank: Ints) -> Ints:
+    """Put each run of equal ``values`` (sorted descending) in id order, in place:
+    ``order`` and ``codes`` (the code of each position) are reordered together, by
+    ``rank`` (each code's id's place in id order, `serving.pipeline.codes.IdOrder`). A
+    run holding a code ``rank`` does not cover yet (numbered since it was built) is left
+    for the caller and returned as a ``[start, stop)`` row."""
+    unsettled = np.empty((len(order), 2), np.int64)
     r = 0
     start = 0
-    for j in range(1, len(ordered) + 1):
-        if j == len(ordered) or ordered[j] != ordered[start]:
-            if j - start > 1:
-                runs[r, 0] = start
-                runs[r, 1] = j
+    covered = len(rank)
+    for j in range(1, len(order) + 1):
+        if j < len(order) and values[j] == values[start]:
+            continue
+        if j - start > 1:
+            ranked = True
+            for x in range(start, j):
+                if codes[x] >= covered:
+                    ranked = False
+            if ranked:
+                # insertion sort: runs are short (a few items)
+                for x in range(start + 1, j):
+                    o, c = order[x], codes[x]
+                    z = x - 1
+                    while z >= start and rank[codes[z]] > rank[c]:
+                        order[z + 1] = order[z]
+                        codes[z + 1] = codes[z]
+                        z -= 1
+                    order[z + 1] = o
+                    codes[z + 1] = c
+            else:
+                unsettled[r, 0] = start
+                unsettled[r, 1] = j
                 r += 1
-            start = j
-    return runs[:r]
+        start = j
+    return unsettled[:r]
 
 
 @_compiled
 def neighbour_sums(
-    code: Ints32, contribution: Floats, slot: Ints, n: int, top: bool
+    code: Ints32, contribution: Floats, slot: Ints, n: int, top: bool, rank: Ints
 ) -> tuple[Ints, Floats, Ints]:
     """Item-to-item's scores (serving/pipeline/candidates.py): each neighbour's summed
     contributions, added in array order from 0.0 (the floats `np.bincount` and the
@@ -235,9 +265,9 @@ def neighbour_sums(
 
     ``slot`` maps a code to its place among the sums: -1 everywhere on entry and on
     return. With ``top`` and more than ``n`` positive sums, the result is every item whose
-    sum reaches the ``n``-th best, by sum descending then code ascending, and the tie runs
-    (``[start, stop)`` pairs of equal sums, for the caller to order by id); otherwise every
-    positive one in the order of its first contribution, and no runs."""
+    sum reaches the ``n``-th best, by sum descending then id (``rank``, as
+    `_settle_ties`), and the runs of equal sums left for the caller to order by id;
+    otherwise every positive one in the order of its first contribution, and no runs."""
     m = len(code)
     items = np.empty(m, np.int64)
     sums = np.empty(m)
@@ -254,20 +284,25 @@ def neighbour_sums(
         sums[s] += contribution[j]
     for j in range(k):
         slot[items[j]] = -1
-    positive = sums[:k] > 0
-    items = items[:k][positive]
-    sums = sums[:k][positive]
-    count = len(items)
+    count = 0
+    for j in range(k):
+        if sums[j] > 0:
+            items[count] = items[j]
+            sums[count] = sums[j]
+            count += 1
+    items, sums = items[:count], sums[:count]
     if not top or count <= n:
         return items, sums, np.empty((0, 2), np.int64)
     nth = np.partition(sums, count - n)[count - n]
-    chosen = sums >= nth
-    items, sums = items[chosen], sums[chosen]
-    by_code = np.argsort(items)
-    items, sums = items[by_code], sums[by_code]
-    ranked = np.argsort(-sums, kind="mergesort")  # (stable: ties stay by code)
-    items, sums = items[ranked], sums[ranked]
-    return items, sums, _tie_runs(sums)
+    chosen = 0
+    for j in range(count):
+        if sums[j] >= nth:
+            items[chosen] = items[j]
+            sums[chosen] = sums[j]
+            chosen += 1
+    ranked = np.argsort(-sums[:chosen])  # (ties in any order: `_settle_ties` orders them)
+    items, sums = items[:chosen][ranked], sums[:chosen][ranked]
+    return items, sums, _settle_ties(items, items.copy(), sums, rank)
 
 
 @_compiled
@@ -290,12 +325,14 @@ def strongest(code: Ints32, contribution: Floats, source: Ints, asked: Ints, slo
 
 
 @_compiled
-def best_entries(codes: Ints, values: Floats, slot: Ints, n: int, top: bool) -> tuple[Ints, Ints]:
+def best_entries(
+    codes: Ints, values: Floats, slot: Ints, n: int, top: bool, rank: Ints
+) -> tuple[Ints, Ints]:
     """Category popularity's merge (serving/pipeline/candidates.py): for each code, its
     entry of largest value (the first such one on ties), in the order of the code's
     first entry. With ``top`` and more than ``n`` codes, the entries whose value reaches
-    the ``n``-th best instead, by value descending (ties in that order), and the tie runs
-    (``[start, stop)`` pairs, for the caller to order by id). ``slot`` as in
+    the ``n``-th best instead, by value descending then id (``rank``, as `_settle_ties`),
+    and the runs of equal values left for the caller to order by id. ``slot`` as in
     `neighbour_sums` (a map of ``codes``' numbering)."""
     m = len(codes)
     chosen = np.empty(m, np.int64)
@@ -317,6 +354,5 @@ def best_entries(codes: Ints, values: Floats, slot: Ints, n: int, top: bool) -> 
     best = values[chosen]
     nth = np.partition(best, k - n)[k - n]
     chosen = chosen[best >= nth]
-    best = values[chosen]
-    chosen = chosen[np.argsort(-best, kind="mergesort")]
-    return chosen, _tie_runs(values[chosen])
+    chosen = chosen[np.argsort(-values[chosen])]  # (ties: `_settle_ties`)
+    return chosen, _settle_ties(chosen, codes[chosen], values[chosen], rank)

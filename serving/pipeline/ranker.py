@@ -36,6 +36,7 @@ from recstream.errors import RecstreamError
 from recstream.ids import new_id
 from recstream.settings import Settings
 from serving.metrics import SOURCE_LATENCY
+from serving.pipeline import kernels
 from serving.pipeline.candidates import SourceOutput, Sources, best
 from serving.pipeline.detach import Reads, cancel_detached, detached
 from serving.pipeline.diversity import category_cap, mmr
@@ -166,6 +167,9 @@ class Ranker:
         catalog: ItemCatalog | None = None,
         scorer: Scorer | None = None,
     ) -> None:
+        # the compiled loops ready before the first request (at once when the app's
+        # lifespan loaded them already, off the event loop)
+        kernels.warm()
         self.redis = redis
         self.durable = durable
         self.settings = settings

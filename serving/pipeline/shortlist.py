@@ -87,7 +87,7 @@ def shortlist(
     codes = np.concatenate(code_parts) if code_parts else _NO_CODES
     values = np.concatenate(value_parts) if value_parts else _NO_VALUES
     known = interner.code
-    seen_codes = np.fromiter((known[i] for i in seen if i in known), np.int64)
+    seen_codes = np.array([known[i] for i in seen if i in known], np.int64)
     pool, rows, blend, blended, unseen, anchors, seen_rows, contenders, popularity = pool_blend(
         codes,
         values,
