@@ -51,6 +51,34 @@ def _compiled(fn: F) -> F:
 
 
 @_compiled
+def _number(codes: Ints | Ints32, scratch: Ints) -> tuple[Ints, Ints]:
+    """Each entry's place among the distinct ``codes``, numbered in order of first sight,
+    and those codes. ``scratch`` maps a code to its number: -1 everywhere on entry, set
+    here for the distinct codes; `_unnumber` resets them (only those, so a call costs
+    what it touches, not what the numbering holds)."""
+    m = len(codes)
+    rows = np.empty(m, np.int64)
+    distinct = np.empty(m, np.int64)
+    n = 0
+    for j in range(m):
+        c = codes[j]
+        r = scratch[c]
+        if r < 0:
+            r = n
+            scratch[c] = n
+            distinct[n] = c
+            n += 1
+        rows[j] = r
+    return rows, distinct[:n]
+
+
+@_compiled
+def _unnumber(distinct: Ints, scratch: Ints) -> None:
+    for c in distinct:
+        scratch[c] = -1
+
+
+@_compiled
 def pool_blend(
     codes: Ints,
     values: Floats,
@@ -66,10 +94,9 @@ def pool_blend(
 
     ``codes``/``values`` are every source's (item, score) pairs, source after source;
     source ``s`` is ``offsets[s]:offsets[s + 1]`` and has blend weight ``weights[s]``.
-    ``scratch`` maps a code to its pool row: -1 everywhere on entry, and again on return
-    (only the touched entries are reset, so a call costs what its pool holds, not what the
-    numbering does). ``seen_compete`` is the ``keep`` policy (seen items are not set
-    apart); ``popularity`` the index of the popularity source, or -1.
+    ``scratch`` as `_number`'s: -1 everywhere on entry and again on return.
+    ``seen_compete`` is the ``keep`` policy (seen items are not set apart);
+    ``popularity`` the index of the popularity source, or -1.
 
     Returns, by pool row (items in order of first sight): the pool's codes, each pair's
     row, the blend (Σ weight·score/scale, from 0.0, in source order), whether a weighted
@@ -78,19 +105,8 @@ def pool_blend(
     rows, the contenders (the allowed rows whose blend reaches the ``keep``-th best,
     ascending), and each row's popularity score (0.0 when it has none).
     """
-    m = len(codes)
-    rows = np.empty(m, np.int64)
-    pool = np.empty(m, np.int64)
-    n = 0
-    for j in range(m):
-        c = codes[j]
-        r = scratch[c]
-        if r < 0:
-            r = n
-            scratch[c] = n
-            pool[n] = c
-            n += 1
-        rows[j] = r
+    rows, pool = _number(codes, scratch)
+    n = len(pool)
     blend = np.zeros(n)
     blended = np.zeros(n, np.bool_)
     by_popularity = np.zeros(n)
@@ -131,8 +147,7 @@ def pool_blend(
             k += 1
             if not seen_compete:
                 unseen[scratch[c]] = False
-    for j in range(n):
-        scratch[pool[j]] = -1
+    _unnumber(pool, scratch)
     allowed = np.empty(n, np.int64)
     count = 0
     for r in range(n):
@@ -145,7 +160,7 @@ def pool_blend(
         nth = np.partition(candidate, count - keep)[count - keep]
         contenders = contenders[candidate >= nth]
     return (
-        pool[:n],
+        pool,
         rows,
         blend,
         blended,
@@ -263,27 +278,17 @@ def neighbour_sums(
     contributions, added in array order from 0.0 (the floats `np.bincount` and the
     offline loop give), the positive ones kept.
 
-    ``slot`` maps a code to its place among the sums: -1 everywhere on entry and on
-    return. With ``top`` and more than ``n`` positive sums, the result is every item whose
-    sum reaches the ``n``-th best, by sum descending then id (``rank``, as
-    `_settle_ties`), and the runs of equal sums left for the caller to order by id;
-    otherwise every positive one in the order of its first contribution, and no runs."""
-    m = len(code)
-    items = np.empty(m, np.int64)
-    sums = np.empty(m)
-    k = 0
-    for j in range(m):
-        c = code[j]
-        s = slot[c]
-        if s < 0:
-            s = k
-            slot[c] = k
-            items[k] = c
-            sums[k] = 0.0
-            k += 1
-        sums[s] += contribution[j]
-    for j in range(k):
-        slot[items[j]] = -1
+    ``slot`` as `_number`'s scratch: -1 everywhere on entry and on return. With ``top``
+    and more than ``n`` positive sums, the result is every item whose sum reaches the
+    ``n``-th best, by sum descending then id (``rank``, as `_settle_ties`), and the runs
+    of equal sums left for the caller to order by id; otherwise every positive one in
+    the order of its first contribution, and no runs."""
+    rows, items = _number(code, slot)
+    _unnumber(items, slot)
+    k = len(items)
+    sums = np.zeros(k)
+    for j in range(len(code)):
+        sums[rows[j]] += contribution[j]
     count = 0
     for j in range(k):
         if sums[j] > 0:
@@ -334,21 +339,14 @@ def best_entries(
     the ``n``-th best instead, by value descending then id (``rank``, as `_settle_ties`),
     and the runs of equal values left for the caller to order by id. ``slot`` as in
     `neighbour_sums` (a map of ``codes``' numbering)."""
-    m = len(codes)
-    chosen = np.empty(m, np.int64)
-    k = 0
-    for j in range(m):
-        c = codes[j]
-        s = slot[c]
-        if s < 0:
-            slot[c] = k
-            chosen[k] = j
-            k += 1
-        elif values[j] > values[chosen[s]]:
-            chosen[s] = j
-    chosen = chosen[:k]
-    for j in range(k):
-        slot[codes[chosen[j]]] = -1
+    rows, distinct = _number(codes, slot)
+    _unnumber(distinct, slot)
+    k = len(distinct)
+    chosen = np.full(k, -1, np.int64)
+    for j in range(len(codes)):
+        r = rows[j]
+        if chosen[r] < 0 or values[j] > values[chosen[r]]:
+            chosen[r] = j
     if not top or k <= n:
         return chosen, np.empty((0, 2), np.int64)
     best = values[chosen]
