@@ -56,7 +56,7 @@ from serving.pipeline.models import Published
 
 T = TypeVar("T")
 
-__all__ = ["SourceOutput", "Sources", "best", "nth_largest", "order_ties", "run_starts"]
+__all__ = ["SourceOutput", "Sources", "best", "order_ties", "run_starts"]
 
 AFFINITY_HALF_LIFE_S = 86400.0
 """Half-life used to bring the feature hash's ``a:cat:*`` affinities to the same instant
@@ -83,11 +83,11 @@ class SourceOutput:
         "_category",
         "_groups",
         "_scores",
-        "_table",
         "because",
         "because_of",
         "name",
         "origin",
+        "table",
     )
 
     def __init__(
@@ -104,7 +104,10 @@ class SourceOutput:
     ) -> None:
         self.name = name
         self._scores = scores
-        self._table = table
+        self.table = table
+        """``scores`` as coded arrays, when the source made them (None otherwise): the
+        same items and scores in the same order; ``scores`` is decoded from it when no
+        dict was given."""
         self.because: dict[str, str] = {} if because is None else because
         """item2item: the history item that contributed most to each score."""
         self._category = category
@@ -121,7 +124,7 @@ class SourceOutput:
         """Read only once made: popularity and trending share one dict between requests
         (a live list's cut, `serving.pipeline.live.Rows`)."""
         if self._scores is None:
-            table = self._table
+            table = self.table
             self._scores = (
                 {}
                 if table is None
@@ -138,18 +141,7 @@ class SourceOutput:
     @scores.setter
     def scores(self, scores: dict[str, float]) -> None:
         self._scores = scores
-        self._table = None  # (a coded twin, if any, is set after)
-
-    @property
-    def table(self) -> Table | None:
-        """``scores`` as coded arrays, when the source made them (None otherwise): the
-        same items and scores in the same order; ``scores`` is decoded from it when no
-        dict was given."""
-        return self._table
-
-    @table.setter
-    def table(self, table: Table | None) -> None:
-        self._table = table
+        self.table = None  # (a coded twin, if any, is set after)
 
     @property
     def groups(self) -> tuple[Sequence[str], np.ndarray[Any, np.dtype[np.intp]]] | None:
@@ -166,7 +158,7 @@ class SourceOutput:
     def category(self) -> dict[str, str]:
         """category_popularity: the category whose list proposed each item."""
         if self._category is None:
-            table, groups = self._table, self._groups
+            table, groups = self.table, self._groups
             if groups is None or table is None:
                 self._category = {}
             else:
@@ -274,15 +266,6 @@ def order_ties(ranked: list[T], values: Sequence[float], tie_key: Callable[[T], 
     runs = stops - starts > 1
     for start, stop in zip(starts[runs].tolist(), stops[runs].tolist(), strict=True):
         ranked[start:stop] = sorted(ranked[start:stop], key=tie_key)
-
-
-def nth_largest(values: np.ndarray[Any, Any], n: int) -> float:
-    """The ``n``-th largest of ``values`` (1 <= n <= len): ``np.partition``'s, through the
-    array's own method (numpy's module functions go through a Python wrapper, ~1-2 µs a
-    call, a dozen calls a request)."""
-    part = values.copy()
-    part.partition(len(part) - n)
-    return float(part[len(part) - n])
 
 
 def run_starts(ordered: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.intp]]:
@@ -475,8 +458,9 @@ class Sources:
         # Summed in array order from 0.0 (serving/pipeline/kernels.py): the very sums, and
         # floats, the offline loop `scores[i] = scores.get(i, 0.0) + w * sim` gives,
         # history oldest first. With no restriction, the best n (ties across the cut all
-        # there, by sum then code; equal sums then ordered by id here); else every one,
-        # in the order of its first contribution, as the dict the plain loop builds.
+        # there, by sum then id; the runs of ids the kernel's id order does not cover yet
+        # ordered here); else every one, in the order of its first contribution, as the
+        # dict the plain loop builds.
         found, sums, runs = neighbour_sums(
             code, contribution, vocab.slots(), n, restrict is None, vocab.order.of(vocab.ids)
         )
