@@ -48,7 +48,7 @@ from recstream.keys import Keys
 from recstream.published import read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
 from serving.pipeline.cache import TTLCache
-from serving.pipeline.codes import IdOrder, Interner, Table
+from serving.pipeline.codes import IdOrder, Interner, Scratch, Table
 from serving.pipeline.detach import Reads, detached
 from serving.pipeline.kernels import best_entries, neighbour_sums, strongest
 from serving.pipeline.live import LIVE_TTL_S, LiveLists, Rows
@@ -208,15 +208,12 @@ class Vocabulary:
         self.rows: TTLCache[str, NeighbourRow] = TTLCache(row_ttl_s)
         self._interner: Interner | None = None
         self._interned: np.ndarray[Any, np.dtype[np.int64]] = np.zeros(0, np.int64)
-        self._slots: np.ndarray[Any, np.dtype[np.int64]] = np.full(0, -1, np.int64)
+        self._slots = Scratch()
         self.order = IdOrder()
 
     def slots(self) -> np.ndarray[Any, np.dtype[np.int64]]:
-        """A code → slot map for the kernels (`serving.pipeline.kernels.neighbour_sums`),
-        one entry per code, all -1 (the kernels leave it so); grown by half again."""
-        if len(self._slots) < len(self.ids):
-            self._slots = np.full(len(self.ids) + len(self.ids) // 2 + 64, -1, np.int64)
-        return self._slots
+        """The kernels' code → slot map (`Scratch`) for this version's codes."""
+        return self._slots.covering(len(self.ids))
 
     def interned(self, interner: Interner) -> np.ndarray[Any, np.dtype[np.int64]]:
         """Each of this version's codes as ``interner`` numbers the same id (the codes

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_CODES", "Codes", "IdOrder", "Interner", "Table", "Values"]
+__all__ = ["MAX_CODES", "Codes", "IdOrder", "Interner", "Scratch", "Table", "Values"]
 
 MAX_CODES = 2_000_000
 """Ids one `Interner` numbers before it is replaced."""
@@ -54,6 +54,24 @@ class IdOrder:
         return self.rank
 
 
+class Scratch:
+    """A code → slot map the kernels borrow (serving/pipeline/kernels.py): one entry
+    per code of a numbering, all -1 between calls (a kernel resets what it sets). Grown
+    with the numbering by half again, so reallocated a few dozen times in its life, not
+    once per new id."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self) -> None:
+        self._map: Codes = np.full(0, -1, np.int64)
+
+    def covering(self, codes: int) -> Codes:
+        """The map, with an entry for each of the first ``codes`` codes at least."""
+        if len(self._map) < codes:
+            self._map = np.full(codes + codes // 2 + 64, -1, np.int64)
+        return self._map
+
+
 class Interner:
     """Item id ↔ code, dense from 0, in order of first sight."""
 
@@ -63,7 +81,7 @@ class Interner:
         self.code: dict[str, int] = {}
         self.ids: list[str] = []
         self.order = IdOrder()
-        self._scratch: np.ndarray[Any, np.dtype[np.int64]] = np.full(0, -1, np.int64)
+        self._scratch = Scratch()
 
     @property
     def full(self) -> bool:
@@ -83,12 +101,8 @@ class Interner:
         return list(map(self.ids.__getitem__, codes))
 
     def scratch(self) -> Codes:
-        """A code → row map for `serving.pipeline.kernels.pool_blend`, one entry per code,
-        all -1 (the kernel leaves it so). Grown with the numbering, by half again, so
-        reallocated a few dozen times in an `Interner`'s life, not once per new id."""
-        if len(self._scratch) < len(self.ids):
-            self._scratch = np.full(len(self.ids) + len(self.ids) // 2 + 64, -1, np.int64)
-        return self._scratch
+        """The kernels' code → slot map (`Scratch`) for this numbering's codes."""
+        return self._scratch.covering(len(self.ids))
 
 
 @dataclass(frozen=True, slots=True)
