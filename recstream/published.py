@@ -26,6 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from recstream import redisio
 from recstream.keys import Keys
 
 __all__ = [
@@ -62,11 +63,19 @@ class Lua:
 
 
 async def run_lua(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Any) -> Any:
-    """EVALSHA, falling back to EVAL (which caches the script) on a fresh server."""
+    """EVALSHA, falling back to EVAL (which caches the script) on a fresh server.
+
+    One command packed by hiredis on a pooled connection (`recstream.redisio`): redis-py
+    packs each argument in Python, and serving's state read, one script call a request,
+    paid a tenth of its CPU for it (docs/serving-speed.md, session 12). Timed as
+    ``EVALSHA`` (or ``EVAL``), as the client's own call is."""
     try:
-        return await redis.evalsha(script.sha, numkeys, *args)
+        command = redisio.pack("EVALSHA", script.sha, numkeys, *args)
+        reply = await redisio.send_packed(redis, [(command, 1)], name="EVALSHA")
     except NoScriptError:
-        return await redis.eval(script.text, numkeys, *args)
+        command = redisio.pack("EVAL", script.text, numkeys, *args)
+        reply = await redisio.send_packed(redis, [(command, 1)], name="EVAL")
+    return reply[0]
 
 
 # Reads the pointer and the record it points at in one atomic step, so a reader never

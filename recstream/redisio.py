@@ -29,12 +29,11 @@ import hiredis
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from recstream import tracing
-from recstream.published import Lua
 
-__all__ = ["commands", "evalsha", "exact", "pack", "pairs", "send_packed"]
+__all__ = ["commands", "exact", "pack", "pairs", "send_packed"]
 
 Arg = str | bytes | int
 
@@ -135,21 +134,6 @@ async def commands(redis: aioredis.Redis, batch: Sequence[Sequence[Arg]]) -> lis
     if not batch:
         return []
     return await send_packed(redis, [(b"".join(pack(*c) for c in batch), len(batch))])
-
-
-async def evalsha(redis: aioredis.Redis, script: Lua, numkeys: int, *args: Arg) -> Any:
-    """`recstream.published.run_lua` as one packed command: EVALSHA, and EVAL (which
-    caches the script) on a server that does not know it yet. Timed as ``EVALSHA``, as
-    the client's own call is."""
-    try:
-        reply = await send_packed(
-            redis, [(pack("EVALSHA", script.sha, numkeys, *args), 1)], name="EVALSHA"
-        )
-    except NoScriptError:
-        reply = await send_packed(
-            redis, [(pack("EVAL", script.text, numkeys, *args), 1)], name="EVAL"
-        )
-    return reply[0]
 
 
 def pairs(reply: Any) -> Iterator[tuple[Any, Any]]:

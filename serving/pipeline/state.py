@@ -37,7 +37,7 @@ from agents.state import Actor, DurableWindows, WindowEntry
 from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.keys import Keys
 from recstream.published import Lua, as_text, run_lua
-from recstream.redisio import evalsha, pairs
+from recstream.redisio import pairs
 from recstream.settings import Settings
 from serving.pipeline.models import MODEL_NAMES
 from serving.pipeline.types import UserState
@@ -249,7 +249,7 @@ async def read_raw_state(
     try:
         if actor is None:
             return RawState(actor, [await redis.mget(pointers)])
-        window, features, embedding, found = await evalsha(
+        window, features, embedding, found = await run_lua(
             redis,
             _READ_STATE,
             3 + len(pointers),

@@ -16,8 +16,8 @@ from redis.exceptions import ResponseError
 
 from agents.features import _hashes
 from recstream.keys import Keys
-from recstream.published import Lua
-from recstream.redisio import commands, evalsha, exact, pack, pairs, send_packed
+from recstream.published import Lua, run_lua
+from recstream.redisio import commands, exact, pack, pairs, send_packed
 from recstream.settings import Settings
 from tests.conftest import unique
 
@@ -150,16 +150,16 @@ async def test_round_trips_are_timed_as_pipelines(redis_client: aioredis.Redis) 
     )
 
 
-async def test_evalsha_runs_a_script_the_server_does_not_know_yet(
+async def test_run_lua_runs_a_script_the_server_does_not_know_yet(
     redis_client: aioredis.Redis,
 ) -> None:
     """NOSCRIPT falls back to EVAL, which caches the script; later calls go by its SHA.
     (A script of its own, so no other test's scripts are flushed.)"""
     script = Lua(f"-- {unique('script')}\nreturn {{KEYS[1], ARGV[1]}}")
     assert await redis_client.script_exists(script.sha) == [False]
-    assert await evalsha(redis_client, script, 1, "k", 7) == [b"k", b"7"]
+    assert await run_lua(redis_client, script, 1, "k", 7) == [b"k", b"7"]
     assert await redis_client.script_exists(script.sha) == [True]
-    assert await evalsha(redis_client, script, 1, "k", 8) == [b"k", b"8"]
+    assert await run_lua(redis_client, script, 1, "k", 8) == [b"k", b"8"]
 
 
 async def test_errors_can_be_returned_in_their_places(redis_client: aioredis.Redis) -> None:
