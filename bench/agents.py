@@ -69,10 +69,11 @@ from agents.features import FeaturesPart, read_user_state
 from agents.state import RedisHotStore, WindowsPart
 from agents.trending import WINDOWS, TrendingPart
 from agents.windows import Pipeline, deliver
-from agents.worker import tune_gc
+from agents.worker import GC_THRESHOLDS
 from bench.common import local_settings, summarize
 from recstream import stack
 from recstream.aws import sync_client
+from recstream.heap import tuned_collector
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
@@ -766,7 +767,11 @@ def main() -> None:
     REDIS_CONFIG = dict(pair.split("=", 1) for pair in args.redis_config.split(",") if pair.strip())
     sections = set(args.only.split(","))
     rows = taobao_rows(args.events)
-    tune_gc()  # as `recstream agents` does
+    with tuned_collector(GC_THRESHOLDS):  # as `recstream agents` runs
+        _run(args, rows, sections)
+
+
+def _run(args: argparse.Namespace, rows: list[Any], sections: set[str]) -> None:
     if args.agent_inner:
         profile = str(args.agent_profile) if args.agent_profile is not None else None
         inner = _agent_inner(
