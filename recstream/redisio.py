@@ -17,17 +17,30 @@ error replies in their places). Each round trip is timed under its name, a
 ``PIPELINE`` unless told (`recstream.tracing.timed_redis`):
 `recstream.tracing.instrument_redis` times the client's commands and pipelines, which
 these calls do not go through.
+
+Connections are leased from the client's pool once and kept here between round trips
+(`_lease`, `_give_back`): redis-py 8's ``get_connection`` and ``release`` take the pool's
+lock, record observability counters, dispatch an event and test the socket for unread
+data, ~60 µs of a serving request's CPU for each round trip (session 13 in
+docs/serving-speed.md). A leased connection stays "in use" to the pool, so its
+``max_connections`` still bounds them all, and closing the client disconnects them. What
+the pool's check guarded against is handled where it happens: a round trip that fails
+drops its connection (its replies may be unread), and a connection error (a restarted
+server kills every connection) drops every connection kept for that pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import hiredis
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -98,13 +111,49 @@ async def send_packed(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+_kept: weakref.WeakKeyDictionary[ConnectionPool, list[AbstractConnection]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Each pool's connections leased by `_lease` and idle between round trips."""
+
+
+async def _lease(pool: ConnectionPool) -> AbstractConnection:
+    kept = _kept.get(pool)
+    if kept:
+        return kept.pop()
+    connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    return connection
+
+
+def _give_back(pool: ConnectionPool, connection: AbstractConnection) -> None:
+    kept = _kept.get(pool)
+    if kept is None:
+        kept = _kept[pool] = []
+    kept.append(connection)
+
+
+async def _drop_kept(pool: ConnectionPool) -> None:
+    """Every connection kept for ``pool`` back to it, disconnected: after a connection
+    error the others are likely dead too (a restarted server), and the pool's own checks
+    reconnect what it hands out next."""
+    for connection in _kept.pop(pool, []):
+        await _discard(pool, connection)
+
+
+async def _discard(pool: ConnectionPool, connection: AbstractConnection) -> None:
+    await connection.disconnect()
+    # (not in use any more when the pool was reset meanwhile: nothing to give back)
+    with contextlib.suppress(KeyError):
+        await pool.release(connection)
+
+
 async def _round_trip(
     redis: aioredis.Redis, writes: Iterable[tuple[bytes, int]]
 ) -> tuple[list[Any], ResponseError | None]:
-    """`send_packed`'s exchange on one connection from the pool: the replies (error
-    replies in their places) and the first error reply."""
+    """`send_packed`'s exchange on one leased connection: the replies (error replies in
+    their places) and the first error reply."""
     pool = redis.connection_pool
-    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    connection = await _lease(pool)
     try:
         expected = 0
         for data, count in writes:
@@ -118,15 +167,15 @@ async def _round_trip(
             except ResponseError as exc:  # read the others, then report the first
                 error = error or exc
                 replies.append(exc)
-    except BaseException:
+    except BaseException as exc:
         # Replies may be left unread (a failed encoding, a cancellation, a lost server):
         # the connection cannot be reused.
-        await connection.disconnect()
+        await _discard(pool, connection)
+        if isinstance(exc, RedisConnectionError):
+            await _drop_kept(pool)
         raise
-    else:
-        return replies, error
-    finally:
-        await pool.release(connection)
+    _give_back(pool, connection)
+    return replies, error
 
 
 async def commands(redis: aioredis.Redis, batch: Sequence[Sequence[Arg]]) -> list[Any]:

@@ -5,6 +5,7 @@ is read, and the connection usable afterwards; and the feature copies' read thro
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 
@@ -194,5 +195,31 @@ async def test_a_connection_its_server_dropped_is_replaced_once(
             else:
                 with pytest.raises(RedisConnectionError):
                     await send_packed(client, iter(writes))
+    finally:
+        await client.aclose()
+
+
+async def test_connections_are_kept_between_round_trips(
+    settings: Settings, redis_client: aioredis.Redis
+) -> None:
+    """Round trips reuse the connection they leased (no pool lock, no socket check per
+    trip), concurrent ones each get their own, and a connection error gives every kept
+    connection back to the pool, disconnected."""
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        ((first,),) = [await commands(client, [("CLIENT", "ID")])]
+        ((again,),) = [await commands(client, [("CLIENT", "ID")])]
+        assert again == first
+        pool = client.connection_pool
+        assert len(pool._in_use_connections) == 1  # leased, not returned
+        ids = await asyncio.gather(*(commands(client, [("CLIENT", "ID")]) for _ in range(3)))
+        assert len({i for (i,) in ids}) == 3
+        assert len(pool._in_use_connections) == 3
+        # every server side gone, as after a restart
+        await commands(redis_client, [("CLIENT", "KILL", "ID", i) for (i,) in ids])
+        with pytest.raises(RedisConnectionError):
+            await send_packed(client, iter([(pack("PING"), 1)]))
+        assert len(pool._in_use_connections) == 0
+        assert await commands(client, [("PING",)]) == [b"PONG"]  # the pool reconnects
     finally:
         await client.aclose()
