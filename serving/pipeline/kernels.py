@@ -29,6 +29,7 @@ __all__ = [
     "neighbour_sums",
     "pool_blend",
     "strongest",
+    "top_rows",
     "warm",
 ]
 
@@ -198,6 +199,50 @@ def kept_entries(rows: Ints, offsets: Ints, kept: Bools) -> tuple[Ints, Ints]:
     return out[:k], bounds
 
 
+@_compiled
+def top_rows(
+    rows: Ints, key: Floats, then: Floats, codes: Ints, rank: Ints, n: int
+) -> tuple[Ints, bool]:
+    """The shortlist's cut (serving/pipeline/shortlist.py): the ``n`` best of ``rows``
+    by ``key`` descending, then ``then`` descending, then id (``rank`` of the row's code
+    in ``codes``, as `_settle_ties`), in no particular order; and whether that was
+    decided here. It is not (False) when rows equal on both keys straddle the cut and
+    one of their codes is newer than ``rank``: the caller then cuts by id itself."""
+    m = len(rows)
+    if m <= n:
+        return rows.copy(), True
+    order = rows[np.argsort(-key[rows], kind="mergesort")]
+    # `then` within runs of equal `key`: insertion sort, the input sorted but for them
+    for x in range(1, m):
+        r = order[x]
+        z = x - 1
+        while z >= 0 and key[order[z]] == key[r] and then[order[z]] < then[r]:
+            order[z + 1] = order[z]
+            z -= 1
+        order[z + 1] = r
+    # the run of rows equal on both keys around the cut: the id decides who stays
+    last = order[n - 1]
+    start = n - 1
+    while start > 0 and key[order[start - 1]] == key[last] and then[order[start - 1]] == then[last]:
+        start -= 1
+    stop = n
+    while stop < m and key[order[stop]] == key[last] and then[order[stop]] == then[last]:
+        stop += 1
+    if stop > n:
+        covered = len(rank)
+        for x in range(start, stop):
+            if codes[order[x]] >= covered:
+                return order[:n], False
+        for x in range(start + 1, stop):
+            r = order[x]
+            z = x - 1
+            while z >= start and rank[codes[order[z]]] > rank[codes[r]]:
+                order[z + 1] = order[z]
+                z -= 1
+            order[z + 1] = r
+    return order[:n], True
+
+
 _warmed = False
 
 
@@ -223,6 +268,7 @@ def warm() -> None:
         1,
     )
     kept_entries(pooled[1], offsets, np.ones(len(pooled[0]), np.bool_))
+    top_rows(pooled[7], pooled[2], pooled[8], pooled[0], np.zeros(0, np.int64), 1)
     neighbours = np.array([0, 1, 1], np.int32)
     sums = np.array([0.5, 0.25, 0.25])
     rank = np.array([1, 0], np.int64)

@@ -38,7 +38,7 @@ import numpy as np
 from recstream.settings import SeenPolicy
 from serving.pipeline.candidates import SourceOutput, order_ties
 from serving.pipeline.codes import Codes, Interner, Values
-from serving.pipeline.kernels import kept_entries, pool_blend
+from serving.pipeline.kernels import kept_entries, pool_blend, top_rows
 
 __all__ = ["shortlist"]
 
@@ -101,27 +101,17 @@ def shortlist(
     )
     if len(pool) <= keep:
         return list(outputs)
-    ids = interner.ids
-    rows_of = contenders.tolist()
-    contending = interner.decode(pool[contenders].tolist())
-    chosen = _top(
-        dict(zip(contending, blend[contenders].tolist(), strict=True)),
-        dict(zip(contending, popularity[contenders].tolist(), strict=True)),
-        keep,
-    )
-    row_of = dict(zip(contending, rows_of, strict=True))
+    # the cut on codes (ties by id through the interner's id order), decoding nothing
+    rank = interner.order.of(interner.ids)
     kept = np.zeros(len(pool), dtype=bool)
-    kept[[row_of[i] for i in chosen]] = True
+    chosen = _cut(contenders, blend, popularity, pool, rank, keep, interner)
+    kept[chosen] = True
     if len(chosen) < keep:
         # items only zero-weight sources propose follow, by popularity
         rest = np.flatnonzero(~blended & unseen)
-        rest_ids = [ids[c] for c in pool[rest].tolist()]
-        more = _top(
-            dict(zip(rest_ids, popularity[rest].tolist(), strict=True)), {}, keep - len(chosen)
-        )
-        rest_row = dict(zip(rest_ids, rest.tolist(), strict=True))
-        kept[[rest_row[i] for i in more]] = True
-        chosen += more
+        no_then = np.zeros(len(pool))
+        kept[_cut(rest, popularity, no_then, pool, rank, keep - len(chosen), interner)] = True
+        chosen = np.flatnonzero(kept)
     kept[anchors[anchors >= 0]] = True
     if policy is None or (policy == "demote" and len(chosen) < keep):
         kept[seen_rows] = True  # (under demote: too few unseen to fill)
@@ -153,6 +143,27 @@ def shortlist(
             )
         )
     return cut
+
+
+def _cut(
+    rows: Codes, key: Values, then: Values, pool: Codes, rank: Codes, n: int, interner: Interner
+) -> Codes:
+    """The ``n`` best of ``rows`` by ``key``, then ``then``, then id (`_top`'s order), as
+    rows: in the kernel, or by id here when a tie across the cut holds an item the id
+    order does not cover yet."""
+    if n <= 0:
+        return _NO_CODES
+    chosen, settled = top_rows(rows, key, then, pool, rank, n)
+    if settled:
+        return chosen
+    ids = interner.decode(pool[rows].tolist())
+    row_of = dict(zip(ids, rows.tolist(), strict=True))
+    picked = _top(
+        dict(zip(ids, key[rows].tolist(), strict=True)),
+        dict(zip(ids, then[rows].tolist(), strict=True)),
+        n,
+    )
+    return np.array([row_of[i] for i in picked], np.int64)
 
 
 def _top(key: Mapping[str, float], then: Mapping[str, float], n: int) -> list[str]:

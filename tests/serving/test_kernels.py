@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from serving.pipeline.candidates import best
 from serving.pipeline.codes import IdOrder
-from serving.pipeline.kernels import best_entries, neighbour_sums
+from serving.pipeline.kernels import best_entries, neighbour_sums, top_rows
 
 # ids whose order is not the codes' order (so ordering by code would be caught)
 IDS = [f"item-{(n * 37) % 101:03d}-{chr(97 + n % 26)}" for n in range(100)]
@@ -74,3 +74,38 @@ def test_best_entries_order_ties_by_id(
     got = [key[e] for e in settled(chosen.tolist(), runs.tolist(), key)][:n]
     assert got == list(expected)
     assert [values[e] for e in chosen.tolist()[:n]] == list(expected.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scored=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.0 / 3.0, 2.0, -0.5]),
+            st.sampled_from([0.0, 1.0, 3.0]),
+        ),
+        max_size=100,
+    ),
+    n=st.integers(1, 60),
+    covered=st.sampled_from([0, 64, 80, 100]),
+)
+def test_top_rows_cut_by_key_then_id(
+    scored: list[tuple[float, float]], n: int, covered: int
+) -> None:
+    """The shortlist's cut keeps the rows `_top` keeps (key, then, id), whenever it says
+    it decided; it declines only for a tie across the cut holding an uncovered code."""
+    from serving.pipeline.shortlist import _top
+
+    codes = np.arange(len(scored), dtype=np.int64)[::-1].copy()  # row r holds code m-1-r
+    key = np.array([k for k, _ in scored])
+    then = np.array([t for _, t in scored])
+    rows = np.arange(len(scored), dtype=np.int64)
+    chosen, decided = top_rows(rows, key, then, codes, partial_rank(covered), n)
+    ids = [IDS[c] for c in codes.tolist()]
+    expected = _top(
+        dict(zip(ids, key.tolist(), strict=True)), dict(zip(ids, then.tolist(), strict=True)), n
+    )
+    if decided:
+        assert sorted(ids[r] for r in chosen.tolist()) == sorted(expected)
+    else:
+        assert covered < 100
+        assert len(scored) > n
