@@ -36,6 +36,7 @@ on data already in memory.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -234,6 +235,12 @@ class Vocabulary:
         return np.fromiter((code[i] for i in items), np.int32, len(items))
 
 
+@functools.lru_cache(maxsize=64)
+def _powers(decay: float, n: int) -> tuple[float, ...]:
+    """``decay**age`` for ages 0 .. n-1 (each the very float ``decay**age`` gives)."""
+    return tuple(decay**age for age in range(n))
+
+
 def best(scores: Mapping[str, float], n: int) -> dict[str, float]:
     """The ``n`` highest scores, ties by item id (deterministic)."""
     if len(scores) <= n:
@@ -370,14 +377,17 @@ class Sources:
         decay = float(params.get("decay", 0.8))
         history_len = int(params.get("history_len", 50))
         last_weight = float(params.get("last_weight", 1.0))
-        out = SourceOutput("recently_viewed", origin="window")
         recent = list(history[-history_len:]) if history_len > 0 else []
-        for position, item in enumerate(recent):
-            age = len(recent) - 1 - position
-            out.scores[item] = out.scores.get(item, 0.0) + decay**age
+        # decay**age, oldest first: the same powers and sums as before, the powers
+        # computed once per age (a server samples ~5 % of its time here otherwise)
+        powers = _powers(decay, len(recent))
+        scores: dict[str, float] = {}
+        get = scores.get
+        for item, power in zip(recent, reversed(powers), strict=True):
+            scores[item] = get(item, 0.0) + power
         if recent:
-            out.scores[recent[-1]] *= last_weight
-        return out
+            scores[recent[-1]] *= last_weight
+        return SourceOutput("recently_viewed", scores, origin="window")
 
     # --- item-to-item -------------------------------------------------------------------
     @staticmethod
@@ -462,31 +472,33 @@ class Sources:
             code, contribution, vocab.slots(), n, restrict is None, vocab.order.of(vocab.ids)
         )
         ids = vocab.ids
-        kept = found.tolist()
-        scores = sums.tolist()
-        if restrict is None:
-            for start, stop in runs.tolist():
-                kept[start:stop] = sorted(kept[start:stop], key=ids.__getitem__)
-            kept, scores = kept[:n], scores[:n]
+        if restrict is None and not len(runs):
+            # (no tie left to order by id: the kernel's arrays as they are, no lists)
+            kept_codes, kept_sums = found[:n], sums[:n]
         else:
-            allowed = [i for i, c in enumerate(kept) if ids[c] in restrict]
-            kept = [kept[i] for i in allowed]
-            scores = [scores[i] for i in allowed]
-        if not kept:
+            kept = found.tolist()
+            scores = sums.tolist()
+            if restrict is None:
+                for start, stop in runs.tolist():
+                    kept[start:stop] = sorted(kept[start:stop], key=ids.__getitem__)
+                kept, scores = kept[:n], scores[:n]
+            else:
+                allowed = [i for i, c in enumerate(kept) if ids[c] in restrict]
+                kept = [kept[i] for i in allowed]
+                scores = [scores[i] for i in allowed]
+            kept_codes = np.array(kept, dtype=np.int64)
+            kept_sums = np.array(scores, dtype=np.float64)
+        if not len(kept_codes):
             return out
         # handed over coded: the shortlist keeps a few of these 200, only those decoded
         interner = self.interner
-        out.table = Table(
-            interner,
-            vocab.interned(interner)[np.array(kept, dtype=np.intp)],
-            np.array(scores, dtype=np.float64),
-        )
-        scored = set(kept)
+        out.table = Table(interner, vocab.interned(interner)[kept_codes], kept_sums)
 
         def because(items: Collection[str]) -> dict[str, str]:
             # for each item, the history item that contributed most (the first such one
             # on ties, as the loop's strict `>` kept), over those items' contributions
             known = vocab.code
+            scored = set(kept_codes.tolist())
             asked = [known[i] for i in items if i in known and known[i] in scored]
             if not asked:
                 return {}
