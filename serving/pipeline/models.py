@@ -229,6 +229,24 @@ class ModelCache:
                 await asyncio.shield(task)
         return self._loaded.get((namespace, name))
 
+    async def ensure(
+        self, namespace: str, name: str, version: str | None, wait: float
+    ) -> Published | None:
+        """The model at ``version``, waiting (at most ``wait`` seconds) for its load even
+        while another version is in memory, where `get` answers with that one at once:
+        for start-up and tests, which must see the version just pointed at (a test that
+        rolled back read the previous version while the rolled-back one still loaded)."""
+        _, current = self.get_now(namespace, name, version)
+        if version is None or (current is not None and current.version == version):
+            return current
+        task = self._loading.get((namespace, name, version))
+        if task is None:
+            return current  # (its load failed a moment ago: what serves meanwhile)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await asyncio.shield(task)
+        return self._loaded.get((namespace, name))
+
     def loaded_versions(self, namespace: str) -> dict[str, str]:
         """Versions held in memory: what serves while Redis does not answer."""
         return {name: m.version for (ns, name), m in self._loaded.items() if ns == namespace}

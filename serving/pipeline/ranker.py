@@ -200,10 +200,11 @@ class Ranker:
     # --- lifecycle ------------------------------------------------------------------------
     async def warm(self, namespace: str, wait_s: float = 30.0) -> None:
         """Load every published model of ``namespace`` now (startup, tests), instead of
-        on the first requests."""
+        on the first requests: the versions the pointers name, waited for even while
+        another version is in memory."""
         versions = (await read_state(self.redis, namespace, None, 1)).versions
         await asyncio.gather(
-            *(self.models.get(namespace, name, versions.get(name), wait_s) for name in versions)
+            *(self.models.ensure(namespace, name, versions.get(name), wait_s) for name in versions)
         )
 
     async def aclose(self) -> None:
