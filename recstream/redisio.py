@@ -26,11 +26,15 @@ docs/serving-speed.md). A leased connection stays "in use" to the pool, so its
 ``max_connections`` still bounds them all, and closing the client disconnects them. What
 the pool's check guarded against is handled where it happens: a round trip that fails
 drops its connection (its replies may be unread), and a connection error (a restarted
-server kills every connection) drops every connection kept for that pool.
+server kills every connection) drops every connection kept for that pool. The client's
+socket timeout bounds each round trip as a whole, one deadline, where redis-py wraps
+each write in `asyncio.wait_for` (a task) and each reply in a timer; a trip that runs
+out raises redis-py's `TimeoutError`, as its own calls do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import weakref
@@ -43,6 +47,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recstream import tracing
 
@@ -154,26 +159,35 @@ async def _round_trip(
     their places) and the first error reply."""
     pool = redis.connection_pool
     connection = await _lease(pool)
+    limit = connection.socket_timeout
+    # One deadline for the whole trip, the client's socket timeout: redis-py applies it
+    # to each write (`asyncio.wait_for`, a task each) and each reply (a timer each).
+    connection.socket_timeout = None
     try:
-        expected = 0
-        for data, count in writes:
-            await connection.send_packed_command(data, check_health=expected == 0)
-            expected += count
-        replies: list[Any] = []
-        error: ResponseError | None = None
-        for _ in range(expected):
-            try:
-                replies.append(await connection.read_response())
-            except ResponseError as exc:  # read the others, then report the first
-                error = error or exc
-                replies.append(exc)
+        async with asyncio.timeout(limit):
+            expected = 0
+            for data, count in writes:
+                await connection.send_packed_command(data, check_health=expected == 0)
+                expected += count
+            replies: list[Any] = []
+            error: ResponseError | None = None
+            for _ in range(expected):
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # read the others, then report the first
+                    error = error or exc
+                    replies.append(exc)
     except BaseException as exc:
         # Replies may be left unread (a failed encoding, a cancellation, a lost server):
         # the connection cannot be reused.
+        connection.socket_timeout = limit
         await _discard(pool, connection)
         if isinstance(exc, RedisConnectionError):
             await _drop_kept(pool)
+        if isinstance(exc, TimeoutError):
+            raise RedisTimeoutError(f"Redis did not answer within {limit} s") from exc
         raise
+    connection.socket_timeout = limit
     _give_back(pool, connection)
     return replies, error
 

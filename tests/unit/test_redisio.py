@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.features import _hashes
 from recstream.keys import Keys
@@ -221,5 +222,29 @@ async def test_connections_are_kept_between_round_trips(
             await send_packed(client, iter([(pack("PING"), 1)]))
         assert len(pool._in_use_connections) == 0
         assert await commands(client, [("PING",)]) == [b"PONG"]  # the pool reconnects
+    finally:
+        await client.aclose()
+
+
+async def test_a_round_trip_gives_up_after_the_socket_timeout(settings: Settings) -> None:
+    """The client's socket timeout bounds the whole trip (one deadline, not one per
+    write and reply): a reply that does not come (a blocking pop on an empty list)
+    raises redis-py's TimeoutError, and the connection, its reply unread, is not used
+    again."""
+    client = aioredis.from_url(settings.redis_url, socket_timeout=0.3)
+    try:
+        ((before,),) = [await commands(client, [("CLIENT", "ID")])]
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(RedisTimeoutError):
+            await commands(client, [("BLPOP", unique("empty"), 2)])
+        assert 0.25 < loop.time() - began < 1.5
+        ((after,),) = [await commands(client, [("CLIENT", "ID")])]
+        assert after != before
+        pool = client.connection_pool
+        # every connection, the one given back to the pool too, has its timeout back
+        connections = [*pool._available_connections, *pool._in_use_connections]
+        assert connections
+        assert all(c.socket_timeout == 0.3 for c in connections)
     finally:
         await client.aclose()
