@@ -42,7 +42,8 @@ def reason_of(candidate: Candidate, source: str) -> str:
 def explain(candidates: Sequence[Candidate]) -> None:
     for candidate in candidates:
         parts = candidate.contributions or dict.fromkeys(candidate.sources, 0.0)
-        order = sorted(parts, key=lambda s: (-parts[s], s))
+        # (most items have one source: nothing to sort)
+        order = list(parts) if len(parts) < 2 else sorted(parts, key=lambda s: (-parts[s], s))
         candidate.reasons = [reason_of(candidate, source) for source in order]
 
 

@@ -59,13 +59,15 @@ class LinearBlend:
         # the very expression (and order of sums) of the shortlist and the offline blend,
         # so equal inputs give equal floats
         terms = {s: (w, scale[s] or 1.0) for s, w in weights.items() if w != 0 and s in scale}
+        term = terms.get
         for candidate in candidates:
-            contributions = {
-                s: terms[s][0] * v / terms[s][1] for s, v in candidate.sources.items() if s in terms
-            }
+            contributions: dict[str, float] = {}
             total = 0.0
-            for part in contributions.values():
-                total += part  # left to right, as the shortlist sums (not sum(): 3.12 compensates)
+            for s, v in candidate.sources.items():
+                found = term(s)
+                if found is not None:
+                    part = contributions[s] = found[0] * v / found[1]
+                    total += part  # left to right, as the shortlist sums (not sum())
             candidate.score = total
             candidate.contributions = contributions
 
