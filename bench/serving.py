@@ -256,6 +256,10 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
     return float(p50), float(p99), float(p999)
 
 
+WARM_AT_RATE_S = 2.0
+"""Seconds at the measured rate before each measurement."""
+
+
 async def measure(
     settings: Settings, variant: Variant, rates: list[float], args: argparse.Namespace,
     paths: Path, work: Path, users: list[str], items: list[str],
@@ -283,8 +287,12 @@ async def measure(
         for rate in rates:
             for app, (port, _) in servers.items():
                 url = f"http://127.0.0.1:{port}"
-                # A short warm-up at the same rate: connections, the first calls.
-                load(url, paths, min(rate, 200.0), 1.0, work / "warm.json")
+                # A short warm-up at the same rate, so what is measured is that rate's
+                # steady state: the step from the warm-up's 200 req/s to 1,000 held most
+                # of the run's slow requests in its first 0.4 s (the server's Redis pool
+                # grew from 1 to 40 connections meanwhile; docs/serving-speed.md,
+                # session 13).
+                load(url, paths, rate, WARM_AT_RATE_S, work / "warm.json")
                 before = await redis_calls(settings)
                 real = ENDPOINTS[app][0] == "real"
                 cache_before = answer_cache_counts(url) if real else (0.0, 0.0)
