@@ -16,11 +16,11 @@ separate load-generator process (bench/loadgen.py) sends ``GET /v1/recommendatio
 open-loop; latency counts from each request's due time. Each endpoint is warmed first
 (``--warmup`` seconds at 200 req/s: its in-process caches), then for 2 s at each rate
 before that rate is measured: its steady state, not the step to it. Printed per
-endpoint and rate: achieved throughput, p50, p99, p99.9 (of the answered requests), errors (failed or
-non-2xx), requests still unanswered 10 s after sending stopped, Redis commands per request
-(INFO commandstats, which counts the commands run inside Lua scripts too), the server
-process's CPU milliseconds per answered request (robust to other load on a shared machine),
-and the p99 ratio real / bare.
+endpoint and rate: achieved throughput, p50, p99, p99.9 (of the answered requests),
+errors (failed or non-2xx), requests still unanswered 10 s after sending stopped, Redis
+commands per request (INFO commandstats, which counts the commands run inside Lua
+scripts too), the server process's CPU milliseconds per answered request (robust to
+other load on a shared machine), and the p99 ratio real / bare.
 
 The real app runs twice by default (``--answer-cache both``): as configured (``real``:
 the answer cache on, serving/pipeline/memo.py), and with the answer cache off
