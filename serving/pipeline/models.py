@@ -223,11 +223,7 @@ class ModelCache:
         ready, current = self.get_now(namespace, name, version)
         if ready or wait <= 0 or version is None:
             return current
-        task = self._start(namespace, name, version)  # the load get_now started
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait):
-                await asyncio.shield(task)
-        return self._loaded.get((namespace, name))
+        return await self._wait(namespace, name, version, wait)
 
     async def ensure(
         self, namespace: str, name: str, version: str | None, wait: float
@@ -239,9 +235,14 @@ class ModelCache:
         _, current = self.get_now(namespace, name, version)
         if version is None or (current is not None and current.version == version):
             return current
-        task = self._loading.get((namespace, name, version))
-        if task is None:
+        if (namespace, name, version) not in self._loading:
             return current  # (its load failed a moment ago: what serves meanwhile)
+        return await self._wait(namespace, name, version, wait)
+
+    async def _wait(self, namespace: str, name: str, version: str, wait: float) -> Published | None:
+        """What is loaded once the load of ``version`` (started by `get_now`) ends, or
+        ``wait`` seconds pass."""
+        task = self._start(namespace, name, version)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await asyncio.shield(task)
