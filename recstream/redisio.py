@@ -180,14 +180,14 @@ async def _round_trip(
     except BaseException as exc:
         # Replies may be left unread (a failed encoding, a cancellation, a lost server):
         # the connection cannot be reused.
-        connection.socket_timeout = limit
         await _discard(pool, connection)
         if isinstance(exc, RedisConnectionError):
             await _drop_kept(pool)
         if isinstance(exc, TimeoutError):
             raise RedisTimeoutError(f"Redis did not answer within {limit} s") from exc
         raise
-    connection.socket_timeout = limit
+    finally:
+        connection.socket_timeout = limit
     _give_back(pool, connection)
     return replies, error
 
