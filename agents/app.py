@@ -125,7 +125,9 @@ def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) ->
                             "messaging.consumer.group.name": app_id,
                         },
                     ):
-                        await pipeline.submit(
+                        # (parsed now, applied once the previous batch is in Redis:
+                        # the next batch is taken and parsed meanwhile)
+                        await pipeline.feed(
                             stream_records(app, events), _acknowledge(stream, events)
                         )
                     # No reference to the batch while waiting for the next (agents/archive.py

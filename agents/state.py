@@ -693,6 +693,18 @@ def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[bytes]) -> bytes:
     return pack("EVALSHA", sha, len(keys), *keys, *args)
 
 
+@dataclass(frozen=True)
+class PreparedCalls:
+    """A batch's script calls, encoded ahead (`RedisHotStore.prepare`)."""
+
+    events: Sequence[Event]
+    """The batch they were made for (`apply` checks it is given the same list)."""
+    order: list[int]
+    """`by_actor`'s order of ``events``: the calls' events in turn."""
+    calls: list[bytes]
+    """Each chunk's ``EVALSHA``, packed."""
+
+
 class RedisHotStore:
     """`HotStore` on Redis. Every key it writes has a cap or a TTL.
 
@@ -769,35 +781,55 @@ class RedisHotStore:
                 [orjson.dumps(docs), self._weights, self._header, orjson.dumps(positions)],
             )
 
-    async def _send(self, chunks: Iterator[tuple[list[str], list[bytes]]]) -> list[Any]:
-        """Send every chunk's call on ONE connection as soon as it is encoded, then read
-        the replies: Redis runs a chunk while the next one is encoded (two cores at
-        work instead of one after the other), and in the order sent."""
+    async def prepare(self, events: Sequence[Event]) -> PreparedCalls:
+        """Everything `apply` does before it sends: the batch's catalog context read and
+        its script calls encoded. `Pipeline.feed` (agents/windows.py) prepares a batch
+        while Redis still runs the batch before it. Reads only what no script call
+        writes (the catalog's hot copy, the published ALS version), so preparing early
+        changes nothing that the calls do."""
+        order = by_actor(events)
+        ordered = [events[n] for n in order]
+        context = await load_context(self.redis, ordered, self.settings)
         sha = self._apply.sha
-        return await send_packed(
-            self.redis, ((pack_evalsha(sha, keys, args), 1) for keys, args in chunks)
-        )
+        packed = [pack_evalsha(sha, keys, args) for keys, args in self._chunks(ordered, context)]
+        return PreparedCalls(events, order, packed)
 
-    async def apply(self, events: Sequence[Event]) -> ApplyResult:
+    async def apply(
+        self, events: Sequence[Event], prepared: PreparedCalls | None = None
+    ) -> ApplyResult:
         """Apply ``events`` (each once per id), in chunks of `APPLY_CHUNK` per script
         call, sent back to back on one connection. Raises `RecordsRefused` naming the
         events whose script failed (the others are applied), `StoreUnavailable` for an
-        outage."""
+        outage. ``prepared``: `prepare`'s result for these very events (the same list),
+        sent as it is."""
         s = self.settings
-        given, order = events, by_actor(events)
+        if prepared is not None and prepared.events is not events:
+            raise ValueError("prepared calls are for another list of events")
+        given = events
+        order = prepared.order if prepared is not None else by_actor(events)
         events = [given[n] for n in order]
-        context = await load_context(self.redis, events, s) if events else BatchContext()
+        if prepared is None:
+            context = await load_context(self.redis, events, s) if events else BatchContext()
+
+        # Sent on ONE connection as each is encoded, the replies read at the end: Redis
+        # runs a chunk while the next one is encoded, and in the order sent.
+        def calls() -> Iterator[tuple[bytes, int]]:
+            if prepared is not None:
+                return ((call, 1) for call in prepared.calls)
+            sha = self._apply.sha
+            return ((pack_evalsha(sha, k, a), 1) for k, a in self._chunks(events, context))
+
         try:
             if not self._loaded:
                 await self.redis.script_load(self._apply.script)
                 self._loaded = True
             try:
-                replies = await self._send(self._chunks(events, context))
+                replies = await send_packed(self.redis, calls())
             except NoScriptError:
                 # Redis restarted or flushed its scripts: load it and apply again (the
                 # events applied before the error are found applied).
                 await self.redis.script_load(self._apply.script)
-                replies = await self._send(self._chunks(events, context))
+                replies = await send_packed(self.redis, calls())
         except (RedisError, OSError) as exc:
             if isinstance(exc, RedisError):
                 raise redis_failure(f"applying {len(events)} events to Redis", exc) from exc

@@ -37,12 +37,13 @@ from typing import Any, Protocol
 from pydantic import ConfigDict, ValidationError
 
 from agents.deadletter import PARSE, DeadLetter, DeadLetters, send_until_done
-from agents.identity import IdentityStitcher
+from agents.identity import IdentityStitcher, Resolution
 from agents.retry import Failure, RecordsRefused, RetryPolicy, process_bounded
 from agents.state import (
     ApplyResult,
     DurableWindows,
     HotStore,
+    PreparedCalls,
     persist_windows,
     recover_lost_windows,
 )
@@ -51,12 +52,15 @@ from streams.schema import Event
 __all__ = [
     "KIND",
     "BatchStats",
+    "Parsed",
     "Pipeline",
+    "Prepared",
     "Stage",
     "StoredEvent",
     "StreamRecord",
     "WindowAgent",
     "deliver",
+    "parse_batch",
     "parse_event",
     "stream_records",
 ]
@@ -200,6 +204,26 @@ def _records(records: Iterable[bytes | StreamRecord]) -> list[StreamRecord]:
     return [r if isinstance(r, StreamRecord) else StreamRecord(r) for r in records]
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch's work before it is applied (`WindowAgent.prepare`)."""
+
+    given: Sequence[Event]
+    resolution: Resolution | None
+    calls: PreparedCalls | None
+
+    @property
+    def resolved(self) -> Sequence[Event]:
+        """What the hot store applies: ``given`` with the logins resolved."""
+        return self.resolution.events if self.resolution else self.given
+
+    def fits(self, events: Sequence[Event]) -> bool:
+        """Whether this was prepared for ``events`` (the same events, in order)."""
+        return len(events) == len(self.given) and all(
+            a is b for a, b in zip(events, self.given, strict=True)
+        )
+
+
 class WindowAgent:
     def __init__(
         self,
@@ -239,12 +263,30 @@ class WindowAgent:
         parsed, bad = cls.parse_records(_records(records), source)
         return [event for _, event in parsed], bad
 
+    async def prepare(self, events: Sequence[Event]) -> Prepared:
+        """What `apply` does for ``events`` before it writes: the sessions' logins
+        resolved and, with a hot store that can, its calls encoded (`Pipeline.feed`
+        prepares a batch while the one before it is applied). The identity resolution
+        may then miss a login the batch before makes; `IdentityStitcher.stitch` re-checks
+        every session a batch applied anonymous events to, as it does for a login read
+        from another shard in any order (agents/identity.py)."""
+        resolution = await self.identity.resolve(events) if self.identity else None
+        resolved = resolution.events if resolution else events
+        prepare = getattr(self.hot, "prepare", None)
+        calls = await prepare(resolved) if prepare is not None and resolved else None
+        return Prepared(events, resolution, calls)
+
     async def apply(
-        self, events: Sequence[Event], source: str = "stream", *, durable: bool = True
+        self,
+        events: Sequence[Event],
+        source: str = "stream",
+        *,
+        durable: bool = True,
+        prepared: Prepared | None = None,
     ) -> BatchStats:
         """Apply parsed events to the hot store, then the durable copies (idempotent).
         With ``durable=False`` the copies are left to the caller (`persist`): the events
-        they need are in ``pending``.
+        they need are in ``pending``. ``prepared``: `prepare`'s result for ``events``.
 
         Raises `RecordsRefused` with positions in ``events`` when the hot store refused
         some of them (the others are applied; the durable copies wait for the retry)."""
@@ -254,10 +296,18 @@ class WindowAgent:
         # Identity stitching (agents/identity.py): anonymous events of a session that
         # logged in are given its user id here, before anything keyed by the actor.
         given = events
-        resolution = await self.identity.resolve(events) if self.identity else None
-        events = resolution.events if resolution else events
+        if prepared is None or not prepared.fits(events):
+            resolution = await self.identity.resolve(events) if self.identity else None
+            calls = None
+            events = resolution.events if resolution else events
+        else:
+            resolution, calls, events = prepared.resolution, prepared.calls, prepared.resolved
         try:
-            result = await self.hot.apply(events)
+            if calls is not None:
+                # (only a store with `prepare` made them, and its `apply` takes them)
+                result = await self.hot.apply(events, calls)  # type: ignore[call-arg]
+            else:
+                result = await self.hot.apply(events)
         except RecordsRefused as exc:
             if resolution is None:
                 raise
@@ -319,14 +369,29 @@ class WindowAgent:
         return stats
 
 
+@dataclass(frozen=True)
+class Parsed:
+    """A batch's records parsed (`parse_batch`): what `deliver` applies and dead-letters."""
+
+    received: int
+    events: list[tuple[StreamRecord, Event]]
+    bad: list[DeadLetter]
+
+
+def parse_batch(agent: WindowAgent, records: Sequence[bytes | StreamRecord], source: str) -> Parsed:
+    parsed, bad = agent.parse_records(_records(records), source)
+    return Parsed(len(records), parsed, bad)
+
+
 async def deliver(
     agent: WindowAgent,
-    records: Sequence[bytes | StreamRecord],
+    records: Sequence[bytes | StreamRecord] | Parsed,
     source: str,
     *,
     max_attempts: int = 3,
     max_delay: float = 5.0,
     durable: bool = True,
+    prepared: Prepared | None = None,
 ) -> BatchStats:
     """Process one batch until every record is applied or dead-lettered, under the agents'
     one failure policy (`agents.retry`): records that do not parse are dead-lettered at
@@ -336,17 +401,29 @@ async def deliver(
     batch must neither be skipped (events lost) nor crash the agent (faust would restart
     it without re-reading the un-acked messages, and the checkpoint would stall).
 
-    With ``durable=False`` only Redis is written; ``pending`` and ``result`` say what
-    `persist_until_done` must still write (`Pipeline` does)."""
-    parsed, bad = agent.parse_records(_records(records), source)
-    total = BatchStats(received=len(records), dead_lettered=len(bad))
+    ``records`` may come parsed already (`parse_batch`), and ``prepared`` for its events
+    (`WindowAgent.prepare`; used by the first attempt, which applies the whole batch):
+    `Pipeline.feed` does both while the batch before is applied. With ``durable=False``
+    only Redis is written;
+    ``pending`` and ``result`` say what `persist_until_done` must still write (`Pipeline`
+    does)."""
+    batch = records if isinstance(records, Parsed) else parse_batch(agent, records, source)
+    parsed, bad = batch.events, batch.bad
+    total = BatchStats(received=batch.received, dead_lettered=len(bad))
     if bad:
         log.warning("dead-lettering %d malformed records from %s", len(bad), source)
         await send_until_done(agent.dead_letters, bad, max_delay)
         agent._count(BatchStats(dead_lettered=len(bad)))
 
+    ahead = [prepared]
+
     async def step(part: Sequence[tuple[StreamRecord, Event]]) -> BatchStats:
         events = [event for _, event in part]
+        # the first attempt is the whole batch, the one `prepared` was made for; retries
+        # (and their halves) prepare their own
+        made, ahead[0] = ahead[0], None
+        if made is not None:
+            return await agent.apply(events, source, durable=durable, prepared=made)
         if durable:
             return await agent.apply(events, source)
         return await agent.apply(events, source, durable=False)
@@ -479,12 +556,63 @@ class Pipeline:
         self._copies: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._pending_flush = False
+        self._applying: asyncio.Task[BatchStats] | None = None
         self.groups_written = 0
 
     async def submit(
         self,
+        records: Sequence[bytes | StreamRecord] | Parsed,
+        done: Callable[[], Awaitable[object]] | None = None,
+    ) -> BatchStats:
+        """Apply a batch to Redis and add it to the current group; returns once it is in
+        Redis (after the batch `feed` started before it, if any: batches apply in order)."""
+        await self._settle()
+        return await self._apply(records, done)
+
+    async def feed(
+        self,
         records: Sequence[bytes | StreamRecord],
         done: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """`submit`, overlapped with the caller: parses the batch now, while the batch fed
+        before it is still being applied, then applies it in the background once that
+        one is in Redis, and returns. So the worker's CPU (taking and parsing a batch)
+        and redis-server's (running the previous batch's script calls) overlap, where
+        one waited for the other (session 14 in docs/agents.md). At most one batch is
+        applied at a time, in order, so every actor's events apply in the order they
+        were read, exactly as `submit` applies them; and at most one batch waits parsed
+        (back-pressure)."""
+        # (the batch applying now first sends its calls, so that Redis runs them while
+        # this one is parsed and prepared)
+        await asyncio.sleep(0)
+        parsed = parse_batch(self.agent, records, self.source)
+        prepared: Prepared | None = None
+        try:
+            prepared = await self.agent.prepare([event for _, event in parsed.events])
+        except Exception as exc:
+            # (a store that fails now fails the apply too, where the failure policy
+            # retries it; preparing is only a head start)
+            log.debug("preparing a batch from %s failed: %s", self.source, exc)
+        await self._settle()
+        self._applying = asyncio.create_task(
+            self._apply(parsed, done, prepared), name=f"applying a batch ({self.source})"
+        )
+
+    async def _settle(self) -> None:
+        """Wait until the batch `feed` started is in Redis and in its group."""
+        if self._applying is not None:
+            applying = self._applying
+            try:
+                await asyncio.shield(applying)
+            finally:
+                if applying.done():
+                    self._applying = None
+
+    async def _apply(
+        self,
+        records: Sequence[bytes | StreamRecord] | Parsed,
+        done: Callable[[], Awaitable[object]] | None,
+        prepared: Prepared | None = None,
     ) -> BatchStats:
         stats = await deliver(
             self.agent,
@@ -493,6 +621,7 @@ class Pipeline:
             max_attempts=self.max_attempts,
             max_delay=self.max_delay,
             durable=False,
+            prepared=prepared,
         )
         if not self._group:
             self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._due)
@@ -509,8 +638,9 @@ class Pipeline:
 
     @property
     def pending(self) -> bool:
-        """True while a submitted batch waits for its group's copies to start."""
-        return bool(self._group)
+        """True while a submitted batch waits for its group's copies to start (or is
+        still being applied)."""
+        return bool(self._group) or self._applying is not None
 
     def _due(self) -> None:
         if self._pending_flush:
@@ -578,6 +708,7 @@ class Pipeline:
 
     async def drain(self) -> None:
         """Write every submitted batch's copies (and acknowledge the batches)."""
+        await self._settle()
         await self.flush()
         async with self._lock:
             copies, self._copies = self._copies, None
@@ -594,7 +725,7 @@ class Pipeline:
             async with asyncio.timeout(within):
                 await self.drain()
         except (asyncio.CancelledError, TimeoutError) as exc:
-            for task in [self._copies, *self._flushing]:
+            for task in [self._applying, self._copies, *self._flushing]:
                 if task is not None:
                     task.cancel()
             if isinstance(exc, asyncio.CancelledError):

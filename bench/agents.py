@@ -219,6 +219,44 @@ def _emulator_cpu(settings: Settings) -> float:
     return 0.0
 
 
+async def concurrently(
+    batches: Sequence[list[bytes]],
+    pipeline: Pipeline,
+    attribution: AttributionAgent,
+    archive: ArchiveBuffer[int],
+) -> None:
+    """Every agent of a worker on every batch, each in its own task with its own queue,
+    as the worker's faust agents consume the topic side by side in one process (one
+    agent's CPU work runs while another waits for its stores); returns once every agent
+    has handled every batch, the archive flushed and the durable copies written."""
+    queues: list[asyncio.Queue[list[bytes] | None]] = [asyncio.Queue(2) for _ in range(3)]
+
+    async def windows(queue: asyncio.Queue[list[bytes] | None]) -> None:
+        while (chunk := await queue.get()) is not None:
+            await pipeline.feed(chunk)
+        await pipeline.drain()
+
+    async def attributing(queue: asyncio.Queue[list[bytes] | None]) -> None:
+        while (chunk := await queue.get()) is not None:
+            await attribution.process(chunk, "bench")
+
+    async def archiving(queue: asyncio.Queue[list[bytes] | None]) -> None:
+        offset = 0
+        while (chunk := await queue.get()) is not None:
+            archive.add((value, offset + n) for n, value in enumerate(chunk))
+            offset += len(chunk)
+            if archive.full:
+                await flush_until_done(archive)
+        await flush_until_done(archive)
+
+    async def feed() -> None:
+        for chunk in [*batches, None]:
+            for queue in queues:
+                await queue.put(chunk)
+
+    await asyncio.gather(feed(), windows(queues[0]), attributing(queues[1]), archiving(queues[2]))
+
+
 async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) -> None:
     """Wall-clock events/s, plus the CPU each event costs this process, redis-server and
     the emulator (moto, which serves DynamoDB, S3 and SQS here): on a shared, loaded
@@ -243,7 +281,7 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 pipeline = Pipeline(agent, "bench")
                 raw = [e.to_json() for e in events]
                 for start in range(0, len(raw), batch):
-                    await pipeline.submit(raw[start : start + batch])
+                    await pipeline.feed(raw[start : start + batch])
                 await pipeline.drain()
             elif label == "inturn":
                 agent = build_agent(stores, settings)
@@ -262,15 +300,12 @@ async def throughput(settings: Settings, rows: Sequence[list[str]], batch: int) 
                 )
                 pipeline = Pipeline(agent, "bench")
                 raw = [e.to_json() for e in events]
-                for start in range(0, len(raw), batch):
-                    chunk = raw[start : start + batch]
-                    await pipeline.submit(chunk)
-                    await attribution.process(chunk, "bench")
-                    archive.add((value, n) for n, value in enumerate(chunk))
-                    if archive.full:
-                        await flush_until_done(archive)
-                await flush_until_done(archive)
-                await pipeline.drain()
+                await concurrently(
+                    [raw[start : start + batch] for start in range(0, len(raw), batch)],
+                    pipeline,
+                    attribution,
+                    archive,
+                )
             n = len(events)
             table.append(
                 (

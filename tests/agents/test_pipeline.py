@@ -79,10 +79,12 @@ async def test_a_batch_is_acknowledged_only_once_its_copies_are_written(
 async def test_the_pipeline_leaves_what_deliver_leaves(
     local_stack: LocalStack, shared_data: Path
 ) -> None:
-    """The same events, batch by batch with `deliver` and through the pipeline: the same
-    Redis state, and the same durable windows and feature vectors."""
+    """The same events, batch by batch with `deliver` and through the pipeline (each
+    batch applied before the next is taken, and fed: the next parsed and prepared while
+    one is applied): the same Redis state, and the same durable windows and feature
+    vectors."""
     states, copies = [], []
-    for pipelined in (False, True):
+    for way in ("deliver", "submit", "feed"):
         settings = make_settings(local_stack)
         ns = settings.namespace
         events = interleaved(shared_data, ns, 500)
@@ -92,7 +94,9 @@ async def test_the_pipeline_leaves_what_deliver_leaves(
             pipeline = Pipeline(agent, "stream", max_actors=40)
             for start in range(0, len(events), 50):
                 batch = [e.to_json() for e in events[start : start + 50]]
-                if pipelined:
+                if way == "feed":
+                    await pipeline.feed(batch)
+                elif way == "submit":
                     await pipeline.submit(batch)
                 else:
                     await deliver(agent, batch, "stream")
@@ -114,8 +118,81 @@ async def test_the_pipeline_leaves_what_deliver_leaves(
             for (_, actor), copy in features.items():
                 hot = await read_user_state(redis, settings, ns, actor)
                 assert int(copy.features["n"]) == hot.events
-    assert states[0] == states[1]
-    assert copies[0] == copies[1]
+    assert states[0] == states[1] == states[2]
+    assert copies[0] == copies[1] == copies[2]
+
+
+async def test_fed_batches_are_applied_in_order_and_acknowledged_in_order(
+    settings: Settings, shared_data: Path
+) -> None:
+    """`feed` returns before its batch is in Redis; the batches are still acknowledged in
+    order, after their copies, and every event is applied once."""
+    ns = settings.namespace
+    events = interleaved(shared_data, ns, 400)
+    batches = [events[start : start + 50] for start in range(0, len(events), 50)]
+    acked: list[int] = []
+    async with agent_of(settings) as (agent, redis):
+        _, catalog = taobao(shared_data, ns, 400)
+        await write_catalog(redis, ns, catalog)
+        pipeline = Pipeline(agent, "stream", max_actors=30)
+
+        def done(n: int) -> Callable[[], Awaitable[None]]:
+            async def acknowledge() -> None:
+                acked.append(n)
+
+            return acknowledge
+
+        for n, batch in enumerate(batches):
+            await pipeline.feed([e.to_json() for e in batch], done(n))
+            assert pipeline.pending
+        await pipeline.drain()
+        assert not pipeline.pending
+    # (the order of each actor's events: `test_the_pipeline_leaves_what_deliver_leaves`)
+    assert acked == list(range(len(batches)))
+    assert agent.totals.applied == len(events)
+
+
+async def test_a_batch_prepared_before_the_login_before_it_still_reaches_the_user(
+    settings: Settings,
+) -> None:
+    """A batch is prepared (its sessions' logins resolved) while the batch before it is
+    applied: a login in that batch is not seen yet, and its session's later anonymous
+    events are applied to the session, then moved to the user by the stitch's re-check,
+    as for a login read from another shard."""
+    from tests.agents.test_identity import anon, login
+
+    async with agent_of(settings) as (agent, _):
+        pipeline = Pipeline(agent, "stream")
+        await pipeline.feed([login(settings, 1)])
+        await pipeline.feed([anon(settings, n) for n in range(200, 203)])
+        await pipeline.drain()
+        ns = settings.namespace
+        assert [e.item_id for e in await agent.hot.window(ns, "alice")] == [
+            "anon202",
+            "anon201",
+            "anon200",
+        ]
+        assert await agent.hot.window(ns, "session:s1") == []
+        assert agent.totals.applied == 4
+
+
+async def test_a_batch_whose_preparation_fails_is_still_applied(
+    settings: Settings, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preparing is a head start: when it fails (Redis away for a moment), the batch is
+    applied as `submit` applies it, under the failure policy."""
+    ns = settings.namespace
+    events = interleaved(shared_data, ns, 60)
+    async with agent_of(settings) as (agent, _):
+        pipeline = Pipeline(agent, "stream")
+
+        async def fails(events: Sequence[Event]) -> object:
+            raise ThroughputExceeded("Redis is away for a moment")
+
+        monkeypatch.setattr(agent, "prepare", fails)
+        await pipeline.feed([e.to_json() for e in events])
+        await pipeline.drain()
+        assert agent.totals.applied == len(events)
 
 
 class Throttled:
