@@ -22,7 +22,9 @@ written once, and Redis, DynamoDB and the agent's own CPU work at the same time.
 is acknowledged (so checkpointed) only once its group's copies are written, and groups
 are written one after the other, in order, so the promise above holds unchanged: a
 crash before the copies replays the batches (duplicates in Redis, then the copies), and
-no older copy overwrites a newer one.
+no older copy overwrites a newer one. The worker feeds it (`Pipeline.feed`): the next
+batch is parsed and prepared (logins resolved, script calls encoded) while Redis runs
+the one before; batches are still applied one at a time, in order.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@
   UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
   whole windows agent (parse, Redis, DynamoDB copies on moto) as the worker runs it
   (`agents.windows.Pipeline`: a batch's durable copies written while the next batch is
-  applied to Redis) and with the copies in turn (`deliver`), its Redis part alone, and
-  every agent of a worker on every record (windows, attribution, archive to S3), each as
+  applied to Redis, and each batch fed: parsed and prepared while the one before is
+  applied) and with the copies in turn (`deliver`), its Redis part alone, and every agent
+  of a worker on every record (windows, attribution, archive to S3; each agent in its own
+  task with its own queue, as the worker's faust agents run side by side), each as
   a ratio to a bare loop sending the same Redis writes as plain pipelined commands (no
   Lua, no dedup, no parsing), in the same run. ``--order dataset`` keeps the slice's
   order (one user's events after another's: what a per-user cache sees at its best);
