@@ -285,10 +285,13 @@ class WindowAgent:
         *,
         durable: bool = True,
         prepared: Prepared | None = None,
+        scripted: asyncio.Event | None = None,
     ) -> BatchStats:
         """Apply parsed events to the hot store, then the durable copies (idempotent).
         With ``durable=False`` the copies are left to the caller (`persist`): the events
         they need are in ``pending``. ``prepared``: `prepare`'s result for ``events``.
+        ``scripted`` is set as soon as the hot store has applied them, before what
+        follows (recovery, stitching, copies).
 
         Raises `RecordsRefused` with positions in ``events`` when the hot store refused
         some of them (the others are applied; the durable copies wait for the retry)."""
@@ -310,6 +313,8 @@ class WindowAgent:
                 result = await self.hot.apply(events, calls)  # type: ignore[call-arg]
             else:
                 result = await self.hot.apply(events)
+            if scripted is not None:
+                scripted.set()
         except RecordsRefused as exc:
             if resolution is None:
                 raise
@@ -394,6 +399,7 @@ async def deliver(
     max_delay: float = 5.0,
     durable: bool = True,
     prepared: Prepared | None = None,
+    scripted: asyncio.Event | None = None,
 ) -> BatchStats:
     """Process one batch until every record is applied or dead-lettered, under the agents'
     one failure policy (`agents.retry`): records that do not parse are dead-lettered at
@@ -405,8 +411,10 @@ async def deliver(
 
     ``records`` may come parsed already (`parse_batch`), and ``prepared`` for its events
     (`WindowAgent.prepare`; used by the first attempt, which applies the whole batch):
-    `Pipeline.feed` does both while the batch before is applied. With ``durable=False``
-    only Redis is written;
+    `Pipeline.feed` does both while the batch before is applied; ``scripted`` is set
+    when that first attempt has applied the whole batch to Redis (a batch that needs
+    retries sets it when done, `Pipeline` does). With ``durable=False`` only Redis is
+    written;
     ``pending`` and ``result`` say what `persist_until_done` must still write (`Pipeline`
     does)."""
     batch = records if isinstance(records, Parsed) else parse_batch(agent, records, source)
@@ -417,15 +425,18 @@ async def deliver(
         await send_until_done(agent.dead_letters, bad, max_delay)
         agent._count(BatchStats(dead_lettered=len(bad)))
 
-    ahead = [prepared]
+    first = [True]
 
     async def step(part: Sequence[tuple[StreamRecord, Event]]) -> BatchStats:
         events = [event for _, event in part]
         # the first attempt is the whole batch, the one `prepared` was made for; retries
         # (and their halves) prepare their own
-        made, ahead[0] = ahead[0], None
-        if made is not None:
-            return await agent.apply(events, source, durable=durable, prepared=made)
+        if first[0] and (prepared is not None or scripted is not None):
+            first[0] = False
+            return await agent.apply(
+                events, source, durable=durable, prepared=prepared, scripted=scripted
+            )
+        first[0] = False
         if durable:
             return await agent.apply(events, source)
         return await agent.apply(events, source, durable=False)
@@ -559,6 +570,7 @@ class Pipeline:
         self._lock = asyncio.Lock()
         self._pending_flush = False
         self._applying: asyncio.Task[BatchStats] | None = None
+        self._scripted: asyncio.Event | None = None
         self.groups_written = 0
 
     async def submit(
@@ -576,13 +588,16 @@ class Pipeline:
         records: Sequence[bytes | StreamRecord],
         done: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        """`submit`, overlapped with the caller: parses the batch now, while the batch fed
-        before it is still being applied, then applies it in the background once that
-        one is in Redis, and returns. So the worker's CPU (taking and parsing a batch)
-        and redis-server's (running the previous batch's script calls) overlap, where
-        one waited for the other (session 14 in docs/agents.md). At most one batch is
-        applied at a time, in order, so every actor's events apply in the order they
-        were read, exactly as `submit` applies them; and at most one batch waits parsed
+        """`submit`, overlapped with the caller: parses and prepares the batch now
+        (`WindowAgent.prepare`: logins resolved, script calls encoded), while the batch
+        fed before it is still being applied, then applies it in the background as soon
+        as that one's script calls have run, and returns. So the worker's CPU and
+        redis-server's overlap, where one waited for the other (session 14 in
+        docs/agents.md). The script calls of one batch run after the other's, in order,
+        so every actor's events apply in the order they were read; what follows a
+        batch's calls (recovering state Redis lost, stitching logins) may run while the
+        next batch's calls do, as for events of another shard. Batches join their
+        groups, and are acknowledged, in order. At most one batch waits prepared
         (back-pressure)."""
         # (the batch applying now first sends its calls, so that Redis runs them while
         # this one is parsed and prepared)
@@ -595,9 +610,13 @@ class Pipeline:
             # (a store that fails now fails the apply too, where the failure policy
             # retries it; preparing is only a head start)
             log.debug("preparing a batch from %s failed: %s", self.source, exc)
-        await self._settle()
+        before = self._applying
+        if self._scripted is not None:
+            await self._scripted.wait()
+        scripted = self._scripted = asyncio.Event()
         self._applying = asyncio.create_task(
-            self._apply(parsed, done, prepared), name=f"applying a batch ({self.source})"
+            self._apply(parsed, done, prepared, before, scripted),
+            name=f"applying a batch ({self.source})",
         )
 
     async def _settle(self) -> None:
@@ -615,16 +634,26 @@ class Pipeline:
         records: Sequence[bytes | StreamRecord] | Parsed,
         done: Callable[[], Awaitable[object]] | None,
         prepared: Prepared | None = None,
+        before: asyncio.Task[BatchStats] | None = None,
+        scripted: asyncio.Event | None = None,
     ) -> BatchStats:
-        stats = await deliver(
-            self.agent,
-            records,
-            self.source,
-            max_attempts=self.max_attempts,
-            max_delay=self.max_delay,
-            durable=False,
-            prepared=prepared,
-        )
+        try:
+            stats = await deliver(
+                self.agent,
+                records,
+                self.source,
+                max_attempts=self.max_attempts,
+                max_delay=self.max_delay,
+                durable=False,
+                prepared=prepared,
+                scripted=scripted,
+            )
+        finally:
+            if scripted is not None:
+                scripted.set()  # (a batch that needed retries: once it is done)
+        if before is not None:
+            await before  # the batch before joins its group first
+
         if not self._group:
             self._timer = asyncio.get_running_loop().call_later(self.interval_s, self._due)
         self._group.append((stats.pending, stats.result or ApplyResult(0, 0), done))

@@ -72,7 +72,7 @@ from agents.state import RedisHotStore, WindowsPart
 from agents.trending import WINDOWS, TrendingPart
 from agents.windows import Pipeline, deliver
 from agents.worker import GC_THRESHOLDS
-from bench.common import local_settings, summarize
+from bench.common import cpu_seconds, local_settings, summarize
 from recstream import stack
 from recstream.aws import sync_client
 from recstream.heap import tuned_collector
@@ -214,11 +214,15 @@ def _emulator_cpu(settings: Settings) -> float:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             if "recstream.emulator" in argv and port in argv:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                return cpu_seconds(int(pid))
         except OSError:
             continue
     return 0.0
+
+
+FAUST_STREAM_BUFFER = 4096
+"""faust's default ``stream_buffer_maxsize`` (the worker does not change it): messages an
+agent's stream may hold unprocessed."""
 
 
 async def concurrently(
@@ -230,8 +234,12 @@ async def concurrently(
     """Every agent of a worker on every batch, each in its own task with its own queue,
     as the worker's faust agents consume the topic side by side in one process (one
     agent's CPU work runs while another waits for its stores); returns once every agent
-    has handled every batch, the archive flushed and the durable copies written."""
-    queues: list[asyncio.Queue[list[bytes] | None]] = [asyncio.Queue(2) for _ in range(3)]
+    has handled every batch, the archive flushed and the durable copies written. Each
+    queue holds what faust's stream buffer holds (``stream_buffer_maxsize``, 4,096
+    messages by default), so one agent falls that far behind the others before it holds
+    them up."""
+    size = max(2, FAUST_STREAM_BUFFER // max(len(batches[0]) if batches else 1, 1))
+    queues: list[asyncio.Queue[list[bytes] | None]] = [asyncio.Queue(size) for _ in range(3)]
 
     async def windows(queue: asyncio.Queue[list[bytes] | None]) -> None:
         while (chunk := await queue.get()) is not None:
@@ -711,6 +719,69 @@ async def click_latency(settings: Settings, samples: int) -> None:
     print(f"{cut[0]:>10.0f}{cut[1]:>10.0f}{stats['p99']:>10.0f}{poll:>20.0f}")
 
 
+async def backlog(settings: Settings, rows: Sequence[list[str]]) -> None:
+    """A real `recstream agents` worker (every agent on, the `kinesis://` transport, one
+    process holding every shard) working off a backlog: the events are put on the
+    emulator's stream first, as the API writes them (one record each), then the worker
+    starts; events/s from the first event applied to the last."""
+    ns = f"backlog-{os.getpid()}"
+    redis = aioredis.from_url(settings.redis_url)
+    await prepare(redis, ns, rows)
+    events = events_of(rows, ns)
+    kinesis = sync_client(settings, "kinesis")
+    records = [
+        {
+            "Data": encode(Message(key=e.actor.encode(), value=e.to_json())),
+            "PartitionKey": e.actor,
+        }
+        for e in events
+    ]
+    for start in range(0, len(records), 500):
+        await asyncio.to_thread(
+            kinesis.put_records,
+            StreamName=settings.stream_name,
+            Records=records[start : start + 500],
+        )
+    last = {e.actor: e.event_id for e in events}  # (an actor's events keep their order)
+    first = events[0]
+
+    async def applied(pairs: Sequence[tuple[str, str]]) -> int:
+        pipe = redis.pipeline(transaction=False)
+        for actor, event_id in pairs:
+            pipe.zscore(Keys(ns).seen(actor), event_id)
+        return sum(score is not None for score in await pipe.execute())
+
+    env = {**os.environ, **settings.to_env(), "RECSTREAM_NAMESPACE": ns}
+    log = settings.state_dir / "bench-agents-backlog.log"
+    with log.open("wb") as out:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "recstream.cli", "agents",
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.perf_counter() + 300
+        while not await applied([(first.actor, first.event_id)]):
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"the worker applied nothing within 300 s; see {log}")
+            await asyncio.sleep(0.01)
+        began, cpu = time.perf_counter(), cpu_seconds(worker.pid)
+        while await applied(list(last.items())) < len(last):
+            if time.perf_counter() > deadline + 600:
+                raise SystemExit(f"the backlog was not worked off; see {log}")
+            await asyncio.sleep(0.05)
+        wall, cpu = time.perf_counter() - began, cpu_seconds(worker.pid) - cpu
+    finally:
+        await redis.aclose()
+        worker.terminate()
+        await asyncio.wait_for(worker.wait(), 60)
+    print(
+        f"\nbacklog: {len(events)} Taobao events ({ORDER} order) on the stream as single "
+        f"records, one `recstream agents` worker (every agent on)"
+    )
+    print(f"{'events/s':>10}{'worker CPU us/ev':>18}")
+    print(f"{len(events) / wall:>10,.0f}{cpu / len(events) * 1e6:>18.0f}")
+
+
 async def memory(settings: Settings, rows: Sequence[list[str]], users: int) -> None:
     redis = aioredis.from_url(settings.redis_url)
     try:
@@ -868,6 +939,8 @@ def _run(args: argparse.Namespace, rows: list[Any], sections: set[str]) -> None:
             asyncio.run(memory(settings, rows, args.users))
         if "latency" in sections and args.samples:
             asyncio.run(click_latency(settings, args.samples))
+        if "backlog" in sections:
+            asyncio.run(backlog(settings, rows))
 
 
 if __name__ == "__main__":

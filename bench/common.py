@@ -103,3 +103,29 @@ async def wait_http(url: str, server: subprocess.Popen[bytes]) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise SystemExit("the API did not start within 30 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process and its live children (uvicorn's workers) have
+    used (Linux /proc): a cost per request or event that other processes' load on a
+    shared machine does not inflate, unlike latency; 0 for a process that is gone."""
+    total = 0.0
+    for proc in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            listed = task.read_text().split()
+        except OSError:
+            continue
+        for child in listed:
+            found += [int(child), *_children(int(child))]
+    return found

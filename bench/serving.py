@@ -60,7 +60,7 @@ from rich.table import Table
 from agents.features import FeaturesPart
 from agents.state import RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, materialize
-from bench.common import local_settings, wait_http
+from bench.common import cpu_seconds, local_settings, wait_http
 from recstream import stack
 from recstream.catalog_cli import load as load_catalog
 from recstream.catalog_cli import read_movielens
@@ -227,28 +227,6 @@ def load(url: str, paths: Path, rate: float, duration: float, out: Path) -> dict
     )  # fmt: skip
     result: dict[str, Any] = json.loads(out.read_text())
     return result
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process and its live children (uvicorn's workers) have
-    used (Linux /proc): a cost per request that other processes' load on a shared machine
-    does not inflate, unlike latency."""
-    total = 0.0
-    for proc in [pid, *_children(pid)]:
-        try:
-            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in task.read_text().split():
-            found += [int(child), *_children(int(child))]
-    return found
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:

@@ -152,6 +152,54 @@ async def test_fed_batches_are_applied_in_order_and_acknowledged_in_order(
     assert agent.totals.applied == len(events)
 
 
+async def test_the_next_batch_runs_in_redis_while_the_one_before_finishes(
+    settings: Settings, shared_data: Path
+) -> None:
+    """A fed batch's script calls start once the batch before has run its own, without
+    waiting for what follows them (recovery reads, stitching); the batches still join
+    their groups and are acknowledged in order."""
+    ns = settings.namespace
+    events = interleaved(shared_data, ns, 200)
+    first, second = events[:100], events[100:]
+    acked: list[int] = []
+    async with agent_of(settings) as (agent, redis):
+        pipeline = Pipeline(agent, "stream")
+        release = asyncio.Event()
+        stage = agent.stages[0]
+        recover = stage.recover  # type: ignore[attr-defined]
+        held: list[int] = []
+
+        async def slow_recover(result: ApplyResult) -> None:
+            held.append(1)
+            if len(held) == 1:
+                await release.wait()  # the first batch's follow-up, held
+            await recover(result)
+
+        stage.recover = slow_recover  # type: ignore[attr-defined]
+
+        def done(n: int) -> Callable[[], Awaitable[None]]:
+            async def acknowledge() -> None:
+                acked.append(n)
+
+            return acknowledge
+
+        await pipeline.feed([e.to_json() for e in first], done(0))
+        async with asyncio.timeout(10):  # (not held up by the first's follow-up)
+            await pipeline.feed([e.to_json() for e in second], done(1))
+        seen = Keys(ns).seen(second[-1].actor)
+        for _ in range(200):  # the second batch reaches Redis while the first is held
+            if await redis.zscore(seen, second[-1].event_id) is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert await redis.zscore(seen, second[-1].event_id) is not None
+        assert held  # (the second's follow-up may have begun too; it waits to join)
+        assert acked == []
+        release.set()
+        await pipeline.drain()
+    assert acked == [0, 1]
+    assert agent.totals.applied == len(events)
+
+
 async def test_a_batch_prepared_before_the_login_before_it_still_reaches_the_user(
     settings: Settings,
 ) -> None:
