@@ -2,7 +2,7 @@
 
     python -m bench.agents [--events 20000] [--batch 500] [--samples 100] [--users 10000]
                            [--order dataset|time]
-                           [--only throughput,commands,dedup,memory,latency]
+                           [--only throughput,commands,dedup,memory,latency,backlog]
 
 * **throughput**: events/s of one agent process applying real events (Taobao
   UserBehavior, with the catalog and a published ALS model in Redis) in batches: the
@@ -36,6 +36,10 @@
 * **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
   has changed the user's feature vector (polled with `read_user_state`), p50/p95, against
   the transport's poll interval;
+* **backlog** (only when asked for): a real `recstream agents` worker (every agent on,
+  the `kinesis://` transport) working off the slice, four times over under other user
+  ids, put on the emulator's stream first as the API writes it (one record per event):
+  events/s from the first event applied to the last, and the worker's CPU per event;
 * **memory**: Redis bytes per active user (window, seen ids, features, embedding) and
   per 100k active users.
 
@@ -719,15 +723,16 @@ async def click_latency(settings: Settings, samples: int) -> None:
     print(f"{cut[0]:>10.0f}{cut[1]:>10.0f}{stats['p99']:>10.0f}{poll:>20.0f}")
 
 
-async def backlog(settings: Settings, rows: Sequence[list[str]]) -> None:
+async def backlog(settings: Settings, rows: Sequence[list[str]], copies: int = 4) -> None:
     """A real `recstream agents` worker (every agent on, the `kinesis://` transport, one
-    process holding every shard) working off a backlog: the events are put on the
-    emulator's stream first, as the API writes them (one record each), then the worker
-    starts; events/s from the first event applied to the last."""
+    process holding every shard) working off a backlog: the events (the slice ``copies``
+    times over, under other user ids: a run of several seconds) are put on the emulator's
+    stream first, as the API writes them (one record each), then the worker starts;
+    events/s from the first event applied to the last."""
     ns = f"backlog-{os.getpid()}"
     redis = aioredis.from_url(settings.redis_url)
     await prepare(redis, ns, rows)
-    events = events_of(rows, ns)
+    events = events_of(rows, ns, copies)
     kinesis = sync_client(settings, "kinesis")
     records = [
         {
