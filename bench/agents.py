@@ -36,7 +36,7 @@
 * **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
   has changed the user's feature vector (polled with `read_user_state`), p50/p95, against
   the transport's poll interval;
-* **backlog** (only when asked for): a real `recstream agents` worker (every agent on,
+* **backlog**: a real `recstream agents` worker (every agent on,
   the `kinesis://` transport) working off the slice, four times over under other user
   ids, put on the emulator's stream first as the API writes it (one record per event):
   events/s from the first event applied to the last, and the worker's CPU per event;
@@ -871,7 +871,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        default="throughput,dedup,memory,latency",
+        default="throughput,dedup,memory,latency,backlog",
         help="comma-separated sections to run (default: all)",
     )
     args = parser.parse_args()
