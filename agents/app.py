@@ -77,6 +77,11 @@ def _acknowledge(
 
 def create_app(settings: Settings, app_id: str = APP_ID, **faust_kwargs: Any) -> faust.App:
     faust_kwargs.setdefault("datadir", str(settings.state_dir.resolve() / "faust"))
+    # An aggregated record (the API's producer packs a call's events per shard) reaches
+    # the agents as one faust message, split by `stream_records`: faust's per-message
+    # cost (streams/kinesis) is paid per record, not per event (session 14 in
+    # docs/agents.md). A single record is a message of its own either way.
+    faust_kwargs.setdefault("whole_records", True)
     app: faust.App = make_app(settings, app_id, **faust_kwargs)
     topic = app.topic(settings.stream_name, key_serializer="raw", value_serializer="raw")
     namespaces: set[str] = {settings.namespace, *settings.namespaces}

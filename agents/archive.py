@@ -51,7 +51,7 @@ from prometheus_client import Counter, Gauge
 
 from agents.deadletter import DeadLetters, send_until_done
 from agents.retry import Failure, RetryPolicy, process_bounded
-from agents.windows import StreamRecord, parse_event, stream_records
+from agents.windows import StreamRecord, event_records, parse_event
 from recstream.archive import encode_events, object_key, partition_prefix, read_events
 from recstream.aws import async_client, sync_client, translate
 from recstream.errors import ConfigurationError
@@ -162,6 +162,8 @@ class ArchiveBuffer(Generic[T]):
     records: dict[str, StreamRecord] = field(default_factory=dict)
     """Where each buffered event was read (for a dead letter)."""
     tokens: list[T] = field(default_factory=list)
+    held: int = 0
+    """Records buffered (an aggregated record's events each count)."""
     size: int = 0
     since: float | None = None
     """When the oldest buffered record arrived (the clock's time)."""
@@ -171,11 +173,15 @@ class ArchiveBuffer(Generic[T]):
     def of(cls, sink: ArchiveSink, settings: Settings) -> ArchiveBuffer[T]:
         return cls(sink, settings.archive_flush_bytes, settings.archive_flush_s)
 
-    def add(self, records: Iterable[tuple[bytes | StreamRecord, T]]) -> None:
+    def add(self, records: Iterable[tuple[bytes | StreamRecord, T | None]]) -> None:
+        """Buffer records, each with what to acknowledge once it is stored (None: nothing
+        of its own, another record of the same message carries it)."""
         for raw, token in records:
             if self.since is None:
                 self.since = self.clock()
-            self.tokens.append(token)
+            self.held += 1
+            if token is not None:
+                self.tokens.append(token)
             record = raw if isinstance(raw, StreamRecord) else StreamRecord(raw)
             event = parse_event(record.value)
             if isinstance(event, str):
@@ -187,7 +193,7 @@ class ArchiveBuffer(Generic[T]):
                 self.events[event.event_id] = event
                 self.records[event.event_id] = record
                 self.size += len(record.value) + 1
-        BUFFERED.set(len(self.tokens))
+        BUFFERED.set(self.held)
 
     @property
     def pending(self) -> bool:
@@ -242,7 +248,7 @@ class ArchiveBuffer(Generic[T]):
             )
         ARCHIVED.inc(len(self.events))
         self.events, self.records, self.tokens = {}, {}, []
-        self.size, self.since, self.invalid = 0, None, 0
+        self.size, self.since, self.invalid, self.held = 0, None, 0, 0
         BUFFERED.set(0)
         return tokens
 
@@ -295,6 +301,17 @@ async def flush_until_done(
     return buffer.clear()
 
 
+def acknowledged_once(
+    app: Any, events: Sequence[EventT[bytes]]
+) -> Iterator[tuple[StreamRecord, EventT[bytes] | None]]:
+    """Each record of ``events`` (`ArchiveBuffer.add`'s pairs), each faust event
+    acknowledged once, with the first of its records: a whole aggregated record carries
+    several, and the buffer is flushed whole, so they are stored together."""
+    for event in events:
+        for n, record in enumerate(event_records(app, event)):
+            yield record, event if n == 0 else None
+
+
 async def run_archive(
     app: faust.App,
     stream: faust.StreamT[bytes],
@@ -340,7 +357,7 @@ async def run_archive(
             )
             async for events in batches:
                 async with lock:
-                    buffer.add(zip(stream_records(app, events), events, strict=True))
+                    buffer.add(acknowledged_once(app, events))
                 # Hold no reference to a batch while waiting for the next: faust drops the
                 # messages it clears from the agents' queues in a rebalance and relies on
                 # their being garbage-collected; one kept alive here makes its wait for

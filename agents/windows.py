@@ -49,6 +49,7 @@ from agents.state import (
     persist_windows,
     recover_lost_windows,
 )
+from streams.kinesis.shards import unpack
 from streams.schema import Event
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "StreamRecord",
     "WindowAgent",
     "deliver",
+    "event_records",
     "parse_batch",
     "parse_event",
     "stream_records",
@@ -153,20 +155,30 @@ def parsed_events(records: Sequence[bytes | StreamRecord]) -> list[tuple[StreamR
 
 
 def stream_records(app: Any, events: Sequence[Any]) -> list[StreamRecord]:
-    """The values of a batch of faust events (``stream.take_events``) with the shard and
-    sequence number each was read at (from the Kinesis consumer's ``record_position``;
-    None with another transport)."""
+    """The events' records, in order, with the shard, sequence number and sub-sequence
+    each was read at (from the Kinesis consumer's ``record_position``; None with another
+    transport). A faust event that is a whole aggregated record (the agents' app reads
+    them whole, `agents.app.create_app`) gives each record inside it."""
+    return [record for event in events for record in event_records(app, event)]
+
+
+def event_records(app: Any, event: Any) -> list[StreamRecord]:
+    """`stream_records` of one faust event: the records it carries (one, unless it is a
+    whole aggregated record), each named by its own sub-sequence."""
     position = getattr(app.consumer, "record_position", None)
-    records: list[StreamRecord] = []
-    for event in events:
-        message = event.message
-        where = position(message.tp, message.offset) if position is not None else None
-        value = message.value if isinstance(message.value, bytes) else bytes(event.value)
-        if where is None:
-            records.append(StreamRecord(value))
-        else:
-            records.append(StreamRecord(value, where[0], where[1], where[2]))
-    return records
+    message = event.message
+    where = position(message.tp, message.offset) if position is not None else None
+    value = message.value if isinstance(message.value, bytes) else bytes(event.value)
+    inner = unpack(message.key, value, message.headers)
+    if where is None:
+        return [StreamRecord(m.value) for m in inner]
+    shard, sequence, last = where
+    # (the position names the last message the faust message carries)
+    first = last - len(inner) + 1 if last is not None else None
+    return [
+        StreamRecord(m.value, shard, sequence, None if first is None else first + n)
+        for n, m in enumerate(inner)
+    ]
 
 
 class Stage(Protocol):

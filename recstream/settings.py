@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     aws_region: str = "us-east-1"
     stream_name: str = "recstream-events"
     stream_shards: int = Field(2, ge=1, le=500)
+    event_aggregation: bool = True
+    """The API's producer packs the events of one PutRecords call bound for one shard
+    into one aggregated record (streams/envelope.py, v2), which the agents read whole:
+    faust's per-message cost is then paid per record, not per event (session 14 in
+    docs/agents.md). Off: one record per event. Readers split either kind."""
     table_prefix: str = "recstream"
     bucket: str = "recstream-archive"
     dlq_name: str = "recstream-dlq"

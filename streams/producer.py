@@ -11,6 +11,13 @@ Two ways to use it:
   with its own records' outcomes. An idle producer adds no delay; a busy one makes one
   call per few hundred events instead of one per request (64 clients posting single
   events spent most of the API's CPU on per-request calls: docs/local-stack.md).
+* A call's events bound for one shard go as one aggregated record
+  (``Settings.event_aggregation``, on by default; `streams.kinesis.writer.aggregated_records`,
+  routed by the shard's ExplicitHashKey, the shards listed once), each event answered with
+  its record's outcome: the agents read such a record as one faust message, so faust's
+  per-message cost is paid per record (session 14 in docs/agents.md). A shard's records
+  of one call go in turn, the next only once the one before landed, so a partial failure
+  never reorders a key. Until the shards can be listed, one record per event.
 * ``await producer.send(event)`` queues the event; a background task flushes every
   ``linger`` seconds or whenever 500 events are waiting. When ``max_buffered`` events are
   queued, ``send`` waits (back-pressure) instead of growing memory without bound.
@@ -46,14 +53,18 @@ from recstream.aws import async_client
 from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.settings import Settings
 from streams.envelope import Message, encode
+from streams.kinesis.shards import ShardMap, list_shards
 from streams.kinesis.writer import (
     MAX_BYTES_PER_CALL,
     MAX_RECORD_BYTES,
     MAX_RECORDS_PER_CALL,
     Accepted,
+    Entry,
     Refused,
+    aggregated_records,
     partition_key_for,
     put_records,
+    shard_rounds,
 )
 from streams.schema import Event
 
@@ -63,6 +74,10 @@ if TYPE_CHECKING:
 __all__ = ["KinesisProducer", "PutResult", "RecordTooLarge", "record_for"]
 
 log = logging.getLogger(__name__)
+
+SHARDS_RETRY_S = 5.0
+"""How long a producer whose stream's shards could not be listed sends single records
+before it tries again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +99,8 @@ class _Waiting:
     """One `put_events` caller's records, waiting for a shared PutRecords call."""
 
     records: list[dict[str, Any]]
+    entries: list[Entry]
+    """The same events as messages, for aggregated records."""
     size: int
     deadline: float | None
     """Loop time by which the caller must have its answer (``max_wait_s``)."""
@@ -95,8 +112,15 @@ class RecordTooLarge(ValueError):
 
 
 def record_for(event: Event, headers: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
-    """The PutRecords entry of one event; ``headers`` go in its envelope (the trace
-    context, recstream/tracing.py).
+    """The PutRecords entry of one event (see `entry_for`)."""
+    return entry_for(event, headers)[1]
+
+
+def entry_for(
+    event: Event, headers: Sequence[tuple[str, bytes]] = ()
+) -> tuple[Entry, dict[str, Any]]:
+    """One event as a message (for an aggregated record) and as its own PutRecords
+    entry; ``headers`` go in its envelope (the trace context, recstream/tracing.py).
 
     The envelope keeps the full actor as the message key (agents group by it); the
     Kinesis ``PartitionKey`` goes through `partition_key_for`, which hashes keys over
@@ -106,13 +130,15 @@ def record_for(event: Event, headers: Sequence[tuple[str, bytes]] = ()) -> dict[
     still share a shard and keep their order.
     """
     key = event.partition_key
-    data = encode(Message(key=key.encode(), value=event.to_json(), headers=tuple(headers)))
+    message = Message(key=key.encode(), value=event.to_json(), headers=tuple(headers))
+    data = encode(message)
     if len(data) > MAX_RECORD_BYTES:
         raise RecordTooLarge(
             f"event {event.event_id} encodes to {len(data)} bytes; Kinesis allows 1 MiB a "
             "record; send smaller properties or context"
         )
-    return {"Data": data, "PartitionKey": partition_key_for(key.encode())}
+    partition_key = partition_key_for(key.encode())
+    return Entry(partition_key, message), {"Data": data, "PartitionKey": partition_key}
 
 
 class KinesisProducer:
@@ -163,6 +189,8 @@ class KinesisProducer:
         self._in_flight = 0
         self._waiting: deque[_Waiting] = deque()
         self._calls: set[asyncio.Task[None]] = set()
+        self._shard_map: ShardMap | None = None
+        self._shards_retry_at = 0.0
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -228,10 +256,10 @@ class KinesisProducer:
         # An event that cannot become a record fails alone; its neighbours still go out.
         # Every record carries the publishing span's context, so the agent that reads it
         # continues the trace of the request that posted it.
-        records: list[dict[str, Any] | RecordTooLarge] = []
+        records: list[tuple[Entry, dict[str, Any]] | RecordTooLarge] = []
         for event in events:
             try:
-                records.append(record_for(event, headers))
+                records.append(entry_for(event, headers))
             except RecordTooLarge as exc:
                 records.append(exc)
         sendable = [r for r in records if not isinstance(r, RecordTooLarge)]
@@ -251,13 +279,17 @@ class KinesisProducer:
             )
         return results
 
-    async def _shared_call(self, records: list[dict[str, Any]]) -> list[Accepted | Refused]:
-        """``records``' outcomes, sent in a PutRecords call shared with the other callers
+    async def _shared_call(
+        self, sendable: list[tuple[Entry, dict[str, Any]]]
+    ) -> list[Accepted | Refused]:
+        """The records' outcomes, sent in a PutRecords call shared with the other callers
         waiting at the same time (group commit; the module's docstring)."""
         self._require_client()
         loop = asyncio.get_running_loop()
+        records = [record for _, record in sendable]
         waiting = _Waiting(
             records,
+            [entry for entry, _ in sendable],
             sum(len(r["Data"]) + len(r["PartitionKey"]) for r in records),
             None if self.max_wait_s is None else loop.time() + self.max_wait_s,
             loop.create_future(),
@@ -292,16 +324,22 @@ class KinesisProducer:
             wait = (
                 max(0.0, min(deadlines) - asyncio.get_running_loop().time()) if deadlines else None
             )
-            outcomes = await put_records(
-                self._require_client(),
-                self.settings,
-                self.stream,
-                [r for w in group for r in w.records],
-                max_attempts=self.max_attempts,
-                base_backoff=self.base_backoff,
-                max_backoff=self.max_backoff,
-                max_wait_s=wait,
-            )
+            shard_map = await self._shards() if self.settings.event_aggregation else None
+            if shard_map is not None:
+                outcomes = await self._put_aggregated(
+                    [e for w in group for e in w.entries], shard_map, wait
+                )
+            else:
+                outcomes = await put_records(
+                    self._require_client(),
+                    self.settings,
+                    self.stream,
+                    [r for w in group for r in w.records],
+                    max_attempts=self.max_attempts,
+                    base_backoff=self.base_backoff,
+                    max_backoff=self.max_backoff,
+                    max_wait_s=wait,
+                )
             start = 0
             for w in group:
                 if not w.outcomes.done():
@@ -318,6 +356,60 @@ class KinesisProducer:
         finally:
             self._in_flight -= 1
             self._start_calls()
+
+    async def _put_aggregated(
+        self, entries: list[Entry], shard_map: ShardMap, wait: float | None
+    ) -> list[Accepted | Refused]:
+        """``entries`` as aggregated records, one per shard (per ~1 MB) and call; each
+        event's outcome is its record's. A shard's later record is not sent once an
+        earlier one of the call was refused (refused too, to resend), so a key's events
+        never land out of order within a call."""
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        packed = aggregated_records(entries, shard_map)
+        record_outcomes: list[Accepted | Refused | None] = [None] * len(packed)
+        refused_shards: dict[str, Refused] = {}
+        for round_ in shard_rounds([record for record, _ in packed]):
+            held = [i for i in round_ if packed[i][0]["ExplicitHashKey"] in refused_shards]
+            for i in held:
+                record_outcomes[i] = refused_shards[packed[i][0]["ExplicitHashKey"]]
+            sent = [i for i in round_ if i not in held]
+            if not sent:
+                continue
+            outcomes = await put_records(
+                self._require_client(),
+                self.settings,
+                self.stream,
+                [packed[i][0] for i in sent],
+                max_attempts=self.max_attempts,
+                base_backoff=self.base_backoff,
+                max_backoff=self.max_backoff,
+                max_wait_s=None if deadline is None else max(0.0, deadline - loop.time()),
+            )
+            for i, outcome in zip(sent, outcomes, strict=True):
+                record_outcomes[i] = outcome
+                if isinstance(outcome, Refused):
+                    refused_shards[packed[i][0]["ExplicitHashKey"]] = outcome
+        per_entry: list[Accepted | Refused | None] = [None] * len(entries)
+        for (_, members), landed in zip(packed, record_outcomes, strict=True):
+            for member in members:
+                per_entry[member] = landed
+        return [o for o in per_entry if o is not None]
+
+    async def _shards(self) -> ShardMap | None:
+        """The stream's shards (to route aggregated records), listed once; None while
+        they cannot be listed (then one record per event), tried again a few seconds on."""
+        if self._shard_map is not None:
+            return self._shard_map
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._shards_retry_at:
+            return None
+        try:
+            self._shard_map = await list_shards(self._require_client(), self.stream)
+        except Exception as exc:  # (any failure: single records meanwhile)
+            self._shards_retry_at = loop.time() + SHARDS_RETRY_S
+            log.info("listing the shards of %s failed (%s); one record per event", self.stream, exc)
+        return self._shard_map
 
     def _require_client(self) -> KinesisClient:
         if self._client is None:

@@ -41,9 +41,11 @@ __all__ = [
     "Entry",
     "Landed",
     "Refused",
+    "aggregated_records",
     "partition_key_for",
     "put_messages",
     "put_records",
+    "shard_rounds",
 ]
 
 MAX_RECORDS_PER_CALL: Final = 500
@@ -115,32 +117,7 @@ async def put_messages(
     if aggregate:
         if shard_map is None:
             raise ValueError("aggregate=True needs the stream's ShardMap to route records")
-        by_shard: dict[str, list[int]] = {}
-        for index, entry in enumerate(entries):
-            # An explicit partition (ExplicitHashKey) wins over the key's hash, as it
-            # does for single records.
-            shard = (
-                shard_map.shard_for_hash(int(entry.explicit_hash_key))
-                if entry.explicit_hash_key is not None
-                else shard_map.shard_for_key(entry.partition_key)
-            )
-            by_shard.setdefault(shard.shard_id, []).append(index)
-        for shard_id, indexes in by_shard.items():
-            shard = shard_map.shards[shard_id]
-            start = 0
-            for group in chunk_by_size((entries[i].message for i in indexes), AGGREGATE_BYTES):
-                members = indexes[start : start + len(group)]
-                start += len(group)
-                records.append(
-                    (
-                        {
-                            "Data": encode_aggregated(group),
-                            "PartitionKey": entries[members[0]].partition_key,
-                            "ExplicitHashKey": str(shard.start_hash),
-                        },
-                        members,
-                    )
-                )
+        records = aggregated_records(entries, shard_map)
     else:
         for index, entry in enumerate(entries):
             data = encode(entry.message)
@@ -155,16 +132,7 @@ async def put_messages(
 
     landed: list[Landed | None] = [None] * len(entries)
     if aggregate:
-        # One record per shard per call: a record that fails is retried before the
-        # shard's next one is sent, so the order of every key holds even when a call
-        # partially fails (each record is up to 1 MB, a shard's write limit per second).
-        by_shard_records: dict[str, list[int]] = {}
-        for index, (record, _) in enumerate(records):
-            by_shard_records.setdefault(record["ExplicitHashKey"], []).append(index)
-        rounds = [
-            [v[position] for v in by_shard_records.values() if position < len(v)]
-            for position in range(max(len(v) for v in by_shard_records.values()))
-        ]
+        rounds = shard_rounds([record for record, _ in records])
     else:
         rounds = [list(range(len(records)))]
     for round_ in rounds:
@@ -178,6 +146,54 @@ async def put_messages(
             for sub, member in enumerate(records[index][1]):
                 landed[member] = Landed(outcome.shard_id, outcome.sequence_number, sub)
     return [x for x in landed if x is not None]
+
+
+def aggregated_records(
+    entries: Sequence[Entry], shard_map: ShardMap
+) -> list[tuple[dict[str, Any], list[int]]]:
+    """``entries`` packed per shard into aggregated (v2) records of up to ~1 MB, each
+    routed to its shard by the shard's starting ExplicitHashKey: (the PutRecords entry,
+    the indexes of the entries inside it), each shard's in the entries' order."""
+    by_shard: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        # An explicit partition (ExplicitHashKey) wins over the key's hash, as it does
+        # for single records.
+        shard = (
+            shard_map.shard_for_hash(int(entry.explicit_hash_key))
+            if entry.explicit_hash_key is not None
+            else shard_map.shard_for_key(entry.partition_key)
+        )
+        by_shard.setdefault(shard.shard_id, []).append(index)
+    records: list[tuple[dict[str, Any], list[int]]] = []
+    for shard_id, indexes in by_shard.items():
+        shard = shard_map.shards[shard_id]
+        start = 0
+        for group in chunk_by_size((entries[i].message for i in indexes), AGGREGATE_BYTES):
+            members = indexes[start : start + len(group)]
+            start += len(group)
+            record = {
+                "Data": encode_aggregated(group),
+                "PartitionKey": entries[members[0]].partition_key,
+                "ExplicitHashKey": str(shard.start_hash),
+            }
+            records.append((record, members))
+    return records
+
+
+def shard_rounds(records: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Aggregated ``records`` (indexes) in rounds of at most one record per shard: a
+    record that fails is retried before its shard's next one is sent, so every key's
+    order holds even when a call partially fails (each record is up to 1 MB, a shard's
+    write limit per second)."""
+    by_shard: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_shard.setdefault(record["ExplicitHashKey"], []).append(index)
+    if not by_shard:
+        return []
+    return [
+        [v[position] for v in by_shard.values() if position < len(v)]
+        for position in range(max(len(v) for v in by_shard.values()))
+    ]
 
 
 def _batches(records: Sequence[dict[str, Any]]) -> list[list[int]]:

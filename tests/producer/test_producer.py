@@ -7,8 +7,9 @@ from typing import Any, cast
 
 from botocore.exceptions import ClientError
 
-from recstream.aws import async_client
+from recstream.aws import async_client, sync_client
 from recstream.settings import Settings
+from streams.envelope import decode
 from streams.producer import KinesisProducer
 from streams.schema import Event
 from tests.serving.test_collector import read_stream
@@ -218,3 +219,75 @@ async def test_by_default_two_calls_at_most_carry_concurrent_callers(settings: S
     assert all(answer[0].ok for answer in answers)
     assert counting.most_in_flight == 2
     assert sum(counting.sizes) == 200
+
+
+def raw_records(settings: Settings) -> list[dict[str, Any]]:
+    """The stream's Kinesis records as they are (aggregated or not), shard by shard."""
+    kinesis = sync_client(settings, "kinesis")
+    out: list[dict[str, Any]] = []
+    for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
+        iterator = kinesis.get_shard_iterator(
+            StreamName=settings.stream_name,
+            ShardId=shard["ShardId"],
+            ShardIteratorType="TRIM_HORIZON",
+        )["ShardIterator"]
+        for record in kinesis.get_records(ShardIterator=iterator, Limit=10_000)["Records"]:
+            out.append({**record, "ShardId": shard["ShardId"]})
+    return out
+
+
+async def test_a_calls_events_go_as_one_record_per_shard(settings: Settings) -> None:
+    """A call's events bound for one shard travel as one aggregated record; each event
+    is answered with its record's shard and sequence number, and every key's events keep
+    their order inside the records."""
+    batch = events(300, users=40)
+    async with KinesisProducer(settings) as producer:
+        results = await producer.put_events(batch)
+    assert all(r.ok for r in results)
+    records = raw_records(settings)
+    assert 1 <= len(records) <= settings.stream_shards  # 300 events, one record per shard
+    where = {}
+    for record in records:
+        for message in decode(record["Data"]):
+            event = Event.from_json(message.value)
+            where[event.event_id] = (record["ShardId"], record["SequenceNumber"])
+            assert message.key == event.partition_key.encode()
+    assert {r.event_id: (r.shard_id, r.sequence_number) for r in results} == where
+    for user in {e.user_id for e in batch}:
+        sent = [e.event_id for e in batch if e.user_id == user]
+        got = [e.event_id for k, e in read_stream(settings) if k == user]
+        assert got == sent
+
+
+async def test_without_aggregation_each_event_is_its_own_record(settings: Settings) -> None:
+    plain = settings.model_copy(update={"event_aggregation": False})
+    async with KinesisProducer(plain) as producer:
+        results = await producer.put_events(events(30))
+    assert all(r.ok for r in results)
+    assert len(raw_records(settings)) == 30
+
+
+class ThrottledShards(ThrottlingKinesis):
+    """`ThrottlingKinesis` that lists the real shards, so the producer aggregates."""
+
+    async def list_shards(self, **kwargs: Any) -> dict[str, Any]:
+        return dict(await self.real.list_shards(**kwargs))
+
+
+async def test_an_aggregated_record_refused_is_resent_whole_and_lands_once(
+    settings: Settings,
+) -> None:
+    batch = events(200, users=30)
+    async with async_client(settings, "kinesis") as real:
+        flaky = ThrottledShards(real, throttled_calls=2)
+        async with KinesisProducer(
+            settings, client=cast(Any, flaky), base_backoff=0.001
+        ) as producer:
+            results = await producer.put_events(batch)
+    assert all(r.ok for r in results)
+    assert flaky.calls >= 2
+    on_stream = read_stream(settings)
+    assert sorted(e.event_id for _, e in on_stream) == sorted(e.event_id for e in batch)
+    for user in {e.user_id for e in batch}:
+        sent = [e.event_id for e in batch if e.user_id == user]
+        assert [e.event_id for k, e in on_stream if k == user] == sent

@@ -33,6 +33,7 @@ from streams.kinesis.writer import (
 from streams.producer import KinesisProducer, record_for
 from streams.schema import MAX_CONTEXT, MAX_ID_LENGTH, MAX_IMPRESSION, Event
 from tests.conftest import RunningApi
+from tests.producer.test_producer import raw_records
 from tests.serving.test_collector import click, post, read_stream
 
 LONG_SESSION = "s" * MAX_ID_LENGTH
@@ -54,9 +55,12 @@ async def test_a_256_character_session_id_does_not_fail_its_neighbours(api: Runn
     on_stream = read_stream(api.settings)
     assert len(on_stream) == 6
     (key, event), *_ = [(k, e) for k, e in on_stream if e.session_id]
-    # Routed by the hash of the actor (a valid key), while the event keeps its full id.
-    assert key == partition_key_for(f"session:{LONG_SESSION}".encode())
-    assert len(key) <= 256
+    # Routed by the hash of the actor (a valid partition key), while its message keeps
+    # the full actor and the event its full id; every record's partition key is valid
+    # (an aggregated record carries its first event's).
+    assert len(partition_key_for(f"session:{LONG_SESSION}".encode())) == 64
+    assert all(len(record["PartitionKey"]) <= 256 for record in raw_records(api.settings))
+    assert key == f"session:{LONG_SESSION}"
     assert event.session_id == LONG_SESSION
 
 

@@ -18,7 +18,9 @@ from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_threa
 
 
 def read_stream(settings: Settings) -> list[tuple[str, Event]]:
-    """Every (partition key, event) on the test's stream, read with plain boto3."""
+    """Every (key, event) on the test's stream, read with plain boto3: the key the
+    event's message carries (its actor, which routed it to its shard), whether its record
+    is its own or an aggregated one (the producer's default)."""
     kinesis = sync_client(settings, "kinesis")
     out: list[tuple[str, Event]] = []
     for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
@@ -30,7 +32,7 @@ def read_stream(settings: Settings) -> list[tuple[str, Event]]:
         records = kinesis.get_records(ShardIterator=iterator, Limit=10_000)["Records"]
         for record in records:
             for message in decode(record["Data"]):
-                out.append((record["PartitionKey"], Event.from_json(message.value)))
+                out.append(((message.key or b"").decode(), Event.from_json(message.value)))
     return out
 
 
