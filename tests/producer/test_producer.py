@@ -7,12 +7,12 @@ from typing import Any, cast
 
 from botocore.exceptions import ClientError
 
-from recstream.aws import async_client, sync_client
+from recstream.aws import async_client
 from recstream.settings import Settings
 from streams.envelope import decode
 from streams.producer import KinesisProducer
 from streams.schema import Event
-from tests.serving.test_collector import read_stream
+from tests.serving.test_collector import raw_records, read_stream
 
 
 def events(n: int, users: int = 7) -> list[Event]:
@@ -219,21 +219,6 @@ async def test_by_default_two_calls_at_most_carry_concurrent_callers(settings: S
     assert all(answer[0].ok for answer in answers)
     assert counting.most_in_flight == 2
     assert sum(counting.sizes) == 200
-
-
-def raw_records(settings: Settings) -> list[dict[str, Any]]:
-    """The stream's Kinesis records as they are (aggregated or not), shard by shard."""
-    kinesis = sync_client(settings, "kinesis")
-    out: list[dict[str, Any]] = []
-    for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
-        iterator = kinesis.get_shard_iterator(
-            StreamName=settings.stream_name,
-            ShardId=shard["ShardId"],
-            ShardIteratorType="TRIM_HORIZON",
-        )["ShardIterator"]
-        for record in kinesis.get_records(ShardIterator=iterator, Limit=10_000)["Records"]:
-            out.append({**record, "ShardId": shard["ShardId"]})
-    return out
 
 
 async def test_a_calls_events_go_as_one_record_per_shard(settings: Settings) -> None:

@@ -33,7 +33,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from recstream import stack
-from recstream.aws import async_client, sync_client
+from recstream.aws import async_client
 from recstream.settings import Settings
 from serving.app import create_app
 from streams.envelope import decode
@@ -49,6 +49,7 @@ from tests.reliability.drillkit import (
     wait_for,
 )
 from tests.reliability.faultproxy import THROTTLED, FaultProxy, Throttle
+from tests.serving.test_collector import raw_records
 
 USERS = 12
 THROTTLED_READS = "recstream_aws_call_errors_total"
@@ -57,26 +58,11 @@ GET_RECORDS = {"service": "kinesis", "operation": "GetRecords", "error": THROTTL
 
 def stream_ids(settings: Settings) -> Counter[str]:
     """How many times each event id is on the stream, read from the emulator itself."""
-    kinesis = sync_client(settings, "kinesis")
-    found: Counter[str] = Counter()
-    try:
-        for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
-            iterator = kinesis.get_shard_iterator(
-                StreamName=settings.stream_name,
-                ShardId=shard["ShardId"],
-                ShardIteratorType="TRIM_HORIZON",
-            )["ShardIterator"]
-            while iterator:
-                answer = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
-                for record in answer["Records"]:
-                    for message in decode(record["Data"]):
-                        found[orjson.loads(message.value)["event_id"]] += 1
-                if not answer["Records"]:
-                    break
-                iterator = answer.get("NextShardIterator")
-    finally:
-        kinesis.close()  # its sockets, not the garbage collector's (a ResourceWarning)
-    return found
+    return Counter(
+        orjson.loads(message.value)["event_id"]
+        for record in raw_records(settings)
+        for message in decode(record["Data"])
+    )
 
 
 @pytest.mark.timeout(240)

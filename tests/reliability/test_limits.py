@@ -33,8 +33,7 @@ from streams.kinesis.writer import (
 from streams.producer import KinesisProducer, record_for
 from streams.schema import MAX_CONTEXT, MAX_ID_LENGTH, MAX_IMPRESSION, Event
 from tests.conftest import RunningApi
-from tests.producer.test_producer import raw_records
-from tests.serving.test_collector import click, post, read_stream
+from tests.serving.test_collector import click, post, raw_records, read_stream
 
 LONG_SESSION = "s" * MAX_ID_LENGTH
 # The costliest character to encode: one that JSON escapes to six bytes.

@@ -34,7 +34,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from recstream import stack, tracing
-from recstream.aws import sync_client
 from recstream.keys import Keys
 from recstream.logging import JsonFormatter
 from recstream.settings import Settings
@@ -47,7 +46,7 @@ from streams.schema import Event
 from tests.conftest import REPO, LocalStack, make_settings
 from tests.reliability.conftest import running
 from tests.serving.helpers import ROOMY, fitted, publish, two_clusters
-from tests.serving.test_collector import click
+from tests.serving.test_collector import click, raw_records
 
 
 class Lines(logging.Handler):
@@ -503,17 +502,7 @@ def _one(spans: InMemorySpanExporter, name: str) -> ReadableSpan:
 
 
 def _envelopes(settings: Settings) -> list[Message]:
-    kinesis = sync_client(settings, "kinesis")
-    out: list[Message] = []
-    for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
-        iterator = kinesis.get_shard_iterator(
-            StreamName=settings.stream_name,
-            ShardId=shard["ShardId"],
-            ShardIteratorType="TRIM_HORIZON",
-        )["ShardIterator"]
-        for record in kinesis.get_records(ShardIterator=iterator)["Records"]:
-            out += decode(record["Data"])
-    return out
+    return [message for record in raw_records(settings) for message in decode(record["Data"])]
 
 
 @contextmanager

@@ -17,23 +17,38 @@ from streams.schema import Event
 from tests.conftest import LocalStack, RunningApi, make_settings, serve_in_thread
 
 
+def raw_records(settings: Settings) -> list[dict[str, Any]]:
+    """The test's stream's Kinesis records as they are (single or aggregated), shard by
+    shard, read with plain boto3; each with its ``ShardId``."""
+    kinesis = sync_client(settings, "kinesis")
+    out: list[dict[str, Any]] = []
+    try:
+        for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
+            iterator = kinesis.get_shard_iterator(
+                StreamName=settings.stream_name,
+                ShardId=shard["ShardId"],
+                ShardIteratorType="TRIM_HORIZON",
+            )["ShardIterator"]
+            while iterator:
+                answer = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
+                out += [{**record, "ShardId": shard["ShardId"]} for record in answer["Records"]]
+                if not answer["Records"]:
+                    break
+                iterator = answer.get("NextShardIterator")
+    finally:
+        kinesis.close()  # its sockets, not the garbage collector's (a ResourceWarning)
+    return out
+
+
 def read_stream(settings: Settings) -> list[tuple[str, Event]]:
     """Every (key, event) on the test's stream, read with plain boto3: the key the
     event's message carries (its actor, which routed it to its shard), whether its record
     is its own or an aggregated one (the producer's default)."""
-    kinesis = sync_client(settings, "kinesis")
-    out: list[tuple[str, Event]] = []
-    for shard in kinesis.list_shards(StreamName=settings.stream_name)["Shards"]:
-        iterator = kinesis.get_shard_iterator(
-            StreamName=settings.stream_name,
-            ShardId=shard["ShardId"],
-            ShardIteratorType="TRIM_HORIZON",
-        )["ShardIterator"]
-        records = kinesis.get_records(ShardIterator=iterator, Limit=10_000)["Records"]
-        for record in records:
-            for message in decode(record["Data"]):
-                out.append(((message.key or b"").decode(), Event.from_json(message.value)))
-    return out
+    return [
+        ((message.key or b"").decode(), Event.from_json(message.value))
+        for record in raw_records(settings)
+        for message in decode(record["Data"])
+    ]
 
 
 def click(user: str | None = "u1", item: str = "i1", **extra: Any) -> dict[str, Any]:
