@@ -39,8 +39,9 @@ FEED_PART_EVENTS = 2_000
 """The windows agent feeds its pipeline at most this many events at once. The agents read
 aggregated records whole, so a take of ``agent_batch_size`` records may hold tens of
 thousands of events; unbounded, a batch could outlast a rebalance's wait. Measured on a
-backlog (`bench.agents --only backlog`, session 14): parts of 2,000 events 8,606-8,641
-events/s, of 500 7,226-7,909, unbounded 8,528-9,702; a part applies in ~0.2 s."""
+backlog (`bench.agents --only backlog`, session 14, before the larger parse cache):
+parts of 2,000 events 8,606-8,641 events/s, of 500 7,226-7,909, unbounded 8,528-9,702;
+a part applies in ~0.2 s."""
 
 
 def build_agent(stores: Stores, settings: Settings) -> WindowAgent:

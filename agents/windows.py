@@ -115,7 +115,13 @@ class StreamRecord:
 
 
 _PARSED: OrderedDict[bytes, Event | str] = OrderedDict()
-PARSE_CACHE = 4096
+PARSE_CACHE = 32_768
+"""Events parsed once for every agent of a worker. A take of aggregated records, read
+whole, holds tens of thousands of events, and 4,096 no longer kept an event until the
+other agents asked for it (each parsed it again: a third of the worker's CPU in py-spy).
+Backlog of 57,300 events (`bench.agents --only backlog`, session 14): 8,141-9,497
+events/s and 71-81 µs of CPU an event, against 7,439-8,641 and 85-94 with 4,096; the
+worker's peak RSS ~340 MB either way (the batches, not the cache)."""
 """Records parsed lately, shared by the agents of one worker: each of them reads every
 record, and parsing (pydantic validation) is the larger part of a side agent's work.
 The oldest is dropped first, with `OrderedDict.popitem`: a dict's ``del d[next(iter(d))]``
