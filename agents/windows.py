@@ -588,6 +588,7 @@ class Pipeline:
         self._lock = asyncio.Lock()
         self._pending_flush = False
         self._applying: asyncio.Task[BatchStats] | None = None
+        self._applies: set[asyncio.Task[BatchStats]] = set()
         self._scripted: asyncio.Event | None = None
         self.groups_written = 0
 
@@ -636,6 +637,9 @@ class Pipeline:
             self._apply(parsed, done, prepared, before, scripted),
             name=f"applying a batch ({self.source})",
         )
+        # (two may run: one finishing, the next running its calls; a stop cancels both)
+        self._applies.add(self._applying)
+        self._applying.add_done_callback(self._applies.discard)
 
     async def _settle(self) -> None:
         """Wait until the batch `feed` started is in Redis and in its group."""
@@ -774,7 +778,7 @@ class Pipeline:
             async with asyncio.timeout(within):
                 await self.drain()
         except (asyncio.CancelledError, TimeoutError) as exc:
-            for task in [self._applying, self._copies, *self._flushing]:
+            for task in [*self._applies, self._copies, *self._flushing]:
                 if task is not None:
                     task.cancel()
             if isinstance(exc, asyncio.CancelledError):
