@@ -116,17 +116,18 @@ class StreamRecord:
 
 _PARSED: OrderedDict[bytes, Event | str] = OrderedDict()
 PARSE_CACHE = 32_768
-"""Events parsed once for every agent of a worker. A take of aggregated records, read
-whole, holds tens of thousands of events, and 4,096 no longer kept an event until the
-other agents asked for it (each parsed it again: a third of the worker's CPU in py-spy).
-Backlog of 57,300 events (`bench.agents --only backlog`, session 14): 8,141-9,497
-events/s and 71-81 µs of CPU an event, against 7,439-8,641 and 85-94 with 4,096; the
-worker's peak RSS ~340 MB either way (the batches, not the cache)."""
 """Records parsed lately, shared by the agents of one worker: each of them reads every
 record, and parsing (pydantic validation) is the larger part of a side agent's work.
 The oldest is dropped first, with `OrderedDict.popitem`: a dict's ``del d[next(iter(d))]``
-walks past every slot the earlier deletions emptied, 1.9 µs a record at this size
-(5.7 µs at the catalog cache's 16,384), 3 % of the worker's instructions (session 10)."""
+walks past every slot the earlier deletions emptied, 1.9 µs a record at 4,096 (5.7 µs
+at the catalog cache's 16,384), 3 % of the worker's instructions (session 10).
+
+Sized for whole aggregated records (session 14): a take of them holds tens of thousands
+of events, and 4,096 no longer kept an event until the other agents asked for it (each
+parsed it again: a third of the worker's CPU in py-spy). Backlog of 57,300 events
+(`bench.agents --only backlog`): 8,141-9,737 events/s and 71-81 µs of CPU an event,
+against 7,439-8,641 and 85-94 with 4,096; the worker's peak RSS ~340 MB either way (the
+batches, not the cache)."""
 
 
 def parse_event(raw: bytes) -> Event | str:
@@ -180,11 +181,8 @@ def event_records(app: Any, event: Any) -> list[StreamRecord]:
         return [StreamRecord(m.value) for m in inner]
     shard, sequence, last = where
     # (the position names the last message the faust message carries)
-    first = last - len(inner) + 1 if last is not None else None
-    return [
-        StreamRecord(m.value, shard, sequence, None if first is None else first + n)
-        for n, m in enumerate(inner)
-    ]
+    first = last - len(inner) + 1
+    return [StreamRecord(m.value, shard, sequence, first + n) for n, m in enumerate(inner)]
 
 
 class Stage(Protocol):
@@ -432,9 +430,8 @@ async def deliver(
     `Pipeline.feed` does both while the batch before is applied; ``scripted`` is set
     when that first attempt has applied the whole batch to Redis (a batch that needs
     retries sets it when done, `Pipeline` does). With ``durable=False`` only Redis is
-    written;
-    ``pending`` and ``result`` say what `persist_until_done` must still write (`Pipeline`
-    does)."""
+    written; ``pending`` and ``result`` say what `persist_until_done` must still write
+    (`Pipeline` does)."""
     batch = records if isinstance(records, Parsed) else parse_batch(agent, records, source)
     parsed, bad = batch.events, batch.bad
     total = BatchStats(received=batch.received, dead_lettered=len(bad))

@@ -36,10 +36,11 @@
 * **click -> feature vector**: a click put on Kinesis until a `recstream agents` worker
   has changed the user's feature vector (polled with `read_user_state`), p50/p95, against
   the transport's poll interval;
-* **backlog**: a real `recstream agents` worker (every agent on,
-  the `kinesis://` transport) working off the slice, four times over under other user
-  ids, put on the emulator's stream first as the API writes it (one record per event):
-  events/s from the first event applied to the last, and the worker's CPU per event;
+* **backlog**: a real `recstream agents` worker (every agent on, the `kinesis://`
+  transport) working off the slice, four times over under other user ids, put on the
+  emulator's stream first through the API's own producer (100 events a call, aggregated
+  per shard as configured): events/s and the worker's CPU per event, from its start to
+  the last event applied, less its start-up (measured by a worker applying one event);
 * **memory**: Redis bytes per active user (window, seen ids, features, embedding) and
   per 100k active users.
 
