@@ -51,7 +51,7 @@ from prometheus_client import Counter, Gauge
 
 from agents.deadletter import DeadLetters, send_until_done
 from agents.retry import Failure, RetryPolicy, process_bounded
-from agents.windows import StreamRecord, event_records, parse_event
+from agents.windows import StreamRecord, event_records
 from recstream.archive import encode_events, object_key, partition_prefix, read_events
 from recstream.aws import async_client, sync_client, translate
 from recstream.errors import ConfigurationError
@@ -183,7 +183,7 @@ class ArchiveBuffer(Generic[T]):
             if token is not None:
                 self.tokens.append(token)
             record = raw if isinstance(raw, StreamRecord) else StreamRecord(raw)
-            event = parse_event(record.value)
+            event = record.event()
             if isinstance(event, str):
                 # The windows agent dead-letters it with the reason; archiving it would
                 # only make training skip it later.

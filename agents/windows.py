@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,17 @@ class StreamRecord:
     shard: str | None = None
     sequence_number: str | None = None
     sub_sequence: int | None = None
+    parsed: Event | str | None = field(default=None, init=False, compare=False, repr=False)
+    """`event`'s answer, once asked (the agents of a worker share a message's records)."""
+
+    def event(self) -> Event | str:
+        """The record's event, or why it is not one (`parse_event`): parsed once per
+        record, however many agents ask and however far apart (`event_records`)."""
+        found = self.parsed
+        if found is None:
+            found = parse_event(self.value)
+            object.__setattr__(self, "parsed", found)  # (frozen for its callers)
+        return found
 
     def letter(
         self,
@@ -115,19 +127,17 @@ class StreamRecord:
 
 
 _PARSED: OrderedDict[bytes, Event | str] = OrderedDict()
-PARSE_CACHE = 32_768
-"""Records parsed lately, shared by the agents of one worker: each of them reads every
-record, and parsing (pydantic validation) is the larger part of a side agent's work.
-The oldest is dropped first, with `OrderedDict.popitem`: a dict's ``del d[next(iter(d))]``
-walks past every slot the earlier deletions emptied, 1.9 µs a record at 4,096 (5.7 µs
-at the catalog cache's 16,384), 3 % of the worker's instructions (session 10).
+PARSE_CACHE = 4_096
+"""Records parsed lately, by content. In a worker each record's event is kept on the
+record itself, which its agents share (`StreamRecord.event`, `event_records`); this
+catches the same bytes read again (a re-read after a rebalance, a duplicate put) and the
+callers without a shared record (the Personalize re-drive). The oldest is dropped first,
+with `OrderedDict.popitem`: a dict's ``del d[next(iter(d))]`` walks past every slot the
+earlier deletions emptied, 1.9 µs a record at 4,096 (session 10).
 
-Sized for whole aggregated records (session 14): a take of them holds tens of thousands
-of events, and 4,096 no longer kept an event until the other agents asked for it (each
-parsed it again: a third of the worker's CPU in py-spy). Backlog of 57,300 events
-(`bench.agents --only backlog`): 8,141-9,737 events/s and 71-81 µs of CPU an event,
-against 7,439-8,641 and 85-94 with 4,096; the worker's peak RSS ~340 MB either way (the
-batches, not the cache)."""
+It was the agents' only sharing until session 15, at 32,768 for whole aggregated records
+(session 14); the agents drift apart by more than that on a backlog, and 102,221 of the
+171,900 lookups of a 57,300-event backlog parsed afresh."""
 
 
 def parse_event(raw: bytes) -> Event | str:
@@ -155,7 +165,7 @@ def parsed_events(records: Sequence[bytes | StreamRecord]) -> list[tuple[StreamR
     parsed: list[tuple[StreamRecord, Event]] = []
     for record in records:
         where = record if isinstance(record, StreamRecord) else StreamRecord(record)
-        event = parse_event(where.value)
+        event = where.event()
         if not isinstance(event, str):
             parsed.append((where, event))
     return parsed
@@ -169,20 +179,38 @@ def stream_records(app: Any, events: Sequence[Any]) -> list[StreamRecord]:
     return [record for event in events for record in event_records(app, event)]
 
 
-def event_records(app: Any, event: Any) -> list[StreamRecord]:
+_RECORDS: weakref.WeakKeyDictionary[Any, tuple[StreamRecord, ...]] = weakref.WeakKeyDictionary()
+"""Each faust message's records, while the message lives. Every agent of a worker gets
+the same message (its own event around it): unpacked once, not once per agent, and the
+agents share the records and so each record's parsed event (`StreamRecord.event`).
+Unpacking a whole aggregated record once per agent was ~15 % of the worker's main thread
+in py-spy, and parsing again what the content cache had dropped ~40 % of its parses
+(session 15)."""
+
+
+def event_records(app: Any, event: Any) -> tuple[StreamRecord, ...]:
     """`stream_records` of one faust event: the records it carries (one, unless it is a
     whole aggregated record), each named by its own sub-sequence."""
-    position = getattr(app.consumer, "record_position", None)
     message = event.message
+    found = _RECORDS.get(message)
+    if found is not None:
+        return found
+    position = getattr(app.consumer, "record_position", None)
     where = position(message.tp, message.offset) if position is not None else None
     value = message.value if isinstance(message.value, bytes) else bytes(event.value)
     inner = unpack(message.key, value, message.headers)
+    records: tuple[StreamRecord, ...]
     if where is None:
-        return [StreamRecord(m.value) for m in inner]
-    shard, sequence, last = where
-    # (the position names the last message the faust message carries)
-    first = last - len(inner) + 1
-    return [StreamRecord(m.value, shard, sequence, first + n) for n, m in enumerate(inner)]
+        records = tuple(StreamRecord(m.value) for m in inner)
+    else:
+        shard, sequence, last = where
+        # (the position names the last message the faust message carries)
+        first = last - len(inner) + 1
+        records = tuple(
+            StreamRecord(m.value, shard, sequence, first + n) for n, m in enumerate(inner)
+        )
+    _RECORDS[message] = records
+    return records
 
 
 class Stage(Protocol):
@@ -267,7 +295,7 @@ class WindowAgent:
         parsed: list[tuple[StreamRecord, Event]] = []
         bad: list[DeadLetter] = []
         for record in records:
-            event = parse_event(record.value)
+            event = record.event()
             if isinstance(event, str):
                 bad.append(record.letter(event, source))
             else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from agents import windows
 from agents.archive import ArchiveBuffer, acknowledged_once
 from agents.windows import WindowAgent, event_records, stream_records
 from streams.envelope import Message, encode_aggregated
@@ -17,7 +18,7 @@ from streams.schema import Event
 SHARD, SEQUENCE = "shardId-000000000001", "4959" + "7" * 52
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity and weakly referenced, as faust's Message
 class FakeMessage:
     tp: str
     offset: int
@@ -68,6 +69,27 @@ def test_an_aggregated_record_gives_each_event_with_its_sub_sequence() -> None:
 def test_a_single_record_is_unchanged() -> None:
     (record,) = event_records(app_at({5: 0}), event(5, click(1)))
     assert (record.value, record.shard, record.sub_sequence) == (click(1), SHARD, 0)
+
+
+def test_the_agents_of_a_worker_share_a_message_s_records() -> None:
+    """Every agent gets the same faust message (each its own event around it): unpacked
+    once, the agents hold the same records, so `parse_event` hashes each value once."""
+    whole = encode_aggregated([Message(key=b"u", value=click(n)) for n in range(3)])
+    first = event(0, whole, aggregated=3)
+    second = SimpleNamespace(message=first.message, value=whole)
+    app = app_at({0: 2})
+    records = event_records(app, first)
+    assert event_records(app, second) is records
+    assert [r.sub_sequence for r in records] == [0, 1, 2]
+    # parsed once for all of them, however long ago (not only while the content cache
+    # still holds it)
+    parsed = records[0].event()
+    windows._PARSED.clear()
+    assert event_records(app, second)[0].event() is parsed
+    # another message at the same place (a re-read) is unpacked on its own
+    again = event_records(app, event(0, whole, aggregated=3))
+    assert again == records
+    assert again is not records
 
 
 class Sink:
