@@ -33,8 +33,10 @@ Float64Array = npt.NDArray[np.float64]
 def trend_scores(recent: FloatArray, previous: FloatArray, gamma: float) -> FloatArray:
     """The trending formula on per-item window counts (``-inf`` where both are zero):
     ``recent + gamma · (recent - previous)``, the next window's count extrapolated
-    linearly from the last two (``gamma=0``: plain windowed counts)."""
-    trend = recent + gamma * (recent - previous)
+    linearly from the last two (``gamma=0``: plain windowed counts). Computed as
+    ``(1 + gamma) · recent - gamma · previous``, the form the agents' materializer has
+    Redis compute (a weighted ZUNIONSTORE, agents/trending.py)."""
+    trend = (1.0 + gamma) * recent - gamma * previous
     return np.where((recent > 0) | (previous > 0), trend, -np.inf)
 
 

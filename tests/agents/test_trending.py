@@ -15,6 +15,7 @@ from agents.features import read_user_state
 from agents.trending import WINDOWS, materialize, rebuild
 from recstream.archive import read_events, write_events
 from recstream.keys import Keys
+from recstream.scoring import trend_scores
 from recstream.settings import Settings
 from streams.schema import Event
 from tests.agents.streamdata import (
@@ -217,39 +218,37 @@ async def test_busy_sorted_sets_are_skiplists_with_the_same_members(
         assert now > before
 
 
-async def test_trend_lists_are_written_largest_first(local_stack: LocalStack) -> None:
-    """The materializer sends a trend list's members largest (score, item) first, ties
-    too: a list of up to 128 items is a listpack, where ZADD inserts each member by
-    walking from the smallest and parsing every score it passes; in this order each goes
-    in at the head (a materializer tick ~20 % cheaper, session 9). The list's
-    content is the same in any order."""
-    settings = make_settings(local_stack)
+async def test_redis_computes_a_trend_list_and_its_cut(local_stack: LocalStack) -> None:
+    """Redis computes each list (a weighted ZUNIONSTORE of the buckets, session 15): the
+    scores are `trend_scores`' (an item seen only in the previous window scores below
+    zero and stays, as in training), the list is cut at ``trend_cap``, and at the cut
+    equal scores keep the larger ids, the order serving reads them in."""
+    settings = make_settings(local_stack, trend_cap=10, trend_gamma=0.5)
     ns = settings.namespace
-    ts = 1_700_000_000.0
+    now = 1_700_000_000.0
+    earlier = now - 3_700  # in the 1 h trend's previous window
+    plan = [("a", earlier), ("a", earlier), ("z", earlier)]
+    plan += [("a", now)] * 3 + [(f"r{n:02d}", now) for n in range(1, 13)]
     views = [
-        Event(
-            event_id=f"e{n}",
-            event_type="view",
-            user_id=f"u{n}",
-            item_id=item,
-            timestamp=ts + n,
-            namespace=ns,
-        )
-        for n, item in enumerate(["a", "b", "c", "d", "d", "e", "e"])
-    ]
+        Event(event_id=f"e{n}", event_type="view", user_id=f"u{n}", item_id=item,
+              timestamp=ts + n / 1000, namespace=ns)
+        for n, (item, ts) in enumerate(plan)
+    ]  # fmt: skip
+    w = settings.weight("view")
     async with agent_of(settings) as (agent, redis):
         await feed(agent, views, 100)
+        assert await materialize(redis, settings, ns, lock=False)
         key = Keys(ns).trending("1h")
-        sent: list[str] = []
-        async with redis.monitor() as monitor:
-            await asyncio.sleep(0.1)
-            assert await materialize(redis, settings, ns, lock=False)
-            while not sent:
-                command = (await monitor.next_command())["command"]
-                if command.startswith(f"ZADD {key} "):
-                    sent = command.split()[2:]
-        pairs = [(float(sent[i]), sent[i + 1]) for i in range(0, len(sent), 2)]
-        assert pairs == sorted(pairs, reverse=True)
-        assert [item for _, item in pairs] == ["e", "d", "c", "b", "a"]
-        # what serving reads: the same list as before
-        assert await redis.zrevrange(key, 0, -1) == [b"e", b"d", b"c", b"b", b"a"]
+        got = [(m.decode(), s) for m, s in await redis.zrevrange(key, 0, -1, withscores=True)]
+        roomy = settings.model_copy(update={"trend_cap": 20})
+        assert await materialize(redis, roomy, ns, lock=False)
+        uncut = dict(await redis.zrange(key, 0, -1, withscores=True))
+    recent = np.array([3 * w] + [w] * 12 + [0.0])
+    previous = np.array([2 * w] + [0.0] * 12 + [w])
+    scores = trend_scores(recent, previous, 0.5)
+    assert scores[-1] < 0  # "z": the previous window only
+    items = ["a", *(f"r{n:02d}" for n in range(1, 13)), "z"]
+    ranked = sorted(zip(items, scores.tolist(), strict=True), key=lambda p: (p[1], p[0]))
+    assert got == ranked[::-1][:10]
+    assert uncut == {m.encode(): s for m, s in ranked}
+    assert [m for m, _ in got[1:]] == [f"r{n:02d}" for n in range(12, 3, -1)]
