@@ -40,7 +40,9 @@
   transport) working off the slice, four times over under other user ids, put on the
   emulator's stream first through the API's own producer (100 events a call, aggregated
   per shard as configured): events/s and the worker's CPU per event, from its start to
-  the last event applied, less its start-up (measured by a worker applying one event);
+  the last event applied, less its start-up (measured by a worker applying one event),
+  as a ratio to the bare loop sending the same Redis writes for the same events, in the
+  same run;
 * **memory**: Redis bytes per active user (window, seen ids, features, embedding) and
   per 100k active users.
 
@@ -68,7 +70,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.app import build_agent
+from agents.app import STREAM_BUFFER, build_agent
 from agents.archive import ArchiveBuffer, S3ArchiveSink, flush_until_done
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.catalog import ALS_MODEL
@@ -226,8 +228,8 @@ def _emulator_cpu(settings: Settings) -> float:
     return 0.0
 
 
-FAUST_STREAM_BUFFER = 4096
-"""faust's default ``stream_buffer_maxsize`` (the worker does not change it): messages an
+FAUST_STREAM_BUFFER = STREAM_BUFFER
+"""The worker's faust ``stream_buffer_maxsize`` (`agents.app.STREAM_BUFFER`): messages an
 agent's stream may hold unprocessed."""
 
 
@@ -241,8 +243,8 @@ async def concurrently(
     as the worker's faust agents consume the topic side by side in one process (one
     agent's CPU work runs while another waits for its stores); returns once every agent
     has handled every batch, the archive flushed and the durable copies written. Each
-    queue holds what faust's stream buffer holds (``stream_buffer_maxsize``, 4,096
-    messages by default), so one agent falls that far behind the others before it holds
+    queue holds what faust's stream buffer holds (``stream_buffer_maxsize``, 1,024
+    messages in the worker), so one agent falls that far behind the others before it holds
     them up."""
     size = max(2, FAUST_STREAM_BUFFER // max(len(batches[0]) if batches else 1, 1))
     queues: list[asyncio.Queue[list[bytes] | None]] = [asyncio.Queue(size) for _ in range(3)]
@@ -809,6 +811,12 @@ async def backlog(
         startup_wall, startup_cpu = await work_off([warm])
         await put(events)
         wall, cpu = await work_off(events)
+        # the reference, same run: the same Redis writes as plain pipelined commands, on
+        # the same events under a namespace of their own
+        await prepare(redis, f"{ns}-bare", rows)
+        bare = await bare_loop(
+            redis, settings, events_of(rows, f"{ns}-bare", copies), settings.agent_batch_size
+        )
     finally:
         await redis.aclose()
     wall, cpu = wall - startup_wall, cpu - startup_cpu
@@ -817,8 +825,9 @@ async def backlog(
         f"{per_call} a call (aggregated: {settings.event_aggregation}), one `recstream "
         f"agents` worker (every agent on), its start-up ({startup_wall:.1f} s) left out"
     )
-    print(f"{'events/s':>10}{'worker CPU us/ev':>18}")
-    print(f"{len(events) / wall:>10,.0f}{cpu / len(events) * 1e6:>18.0f}")
+    rate = len(events) / wall
+    print(f"{'events/s':>10}{'worker CPU us/ev':>18}{'bare loop events/s':>20}{'ratio':>7}")
+    print(f"{rate:>10,.0f}{cpu / len(events) * 1e6:>18.0f}{bare:>20,.0f}{rate / bare:>7.2f}")
 
 
 async def memory(settings: Settings, rows: Sequence[list[str]], users: int) -> None:
