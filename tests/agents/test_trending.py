@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from tests.agents.streamdata import (
     snapshot,
     taobao,
     write_catalog,
+    zscores,
 )
 from tests.agents.test_features import agent_of, feed
 from tests.conftest import LocalStack, make_settings
@@ -239,10 +241,11 @@ async def test_redis_computes_a_trend_list_and_its_cut(local_stack: LocalStack) 
         await feed(agent, views, 100)
         assert await materialize(redis, settings, ns, lock=False)
         key = Keys(ns).trending("1h")
-        got = [(m.decode(), s) for m, s in await redis.zrevrange(key, 0, -1, withscores=True)]
+        cut: list[Any] = await redis.zrevrange(key, 0, -1, withscores=True)
+        got = [(m.decode(), s) for m, s in cut]
         roomy = settings.model_copy(update={"trend_cap": 20})
         assert await materialize(redis, roomy, ns, lock=False)
-        uncut = dict(await redis.zrange(key, 0, -1, withscores=True))
+        uncut = await zscores(redis, key)
     recent = np.array([3 * w] + [w] * 12 + [0.0])
     previous = np.array([2 * w] + [0.0] * 12 + [w])
     scores = trend_scores(recent, previous, 0.5)
@@ -250,5 +253,5 @@ async def test_redis_computes_a_trend_list_and_its_cut(local_stack: LocalStack) 
     items = ["a", *(f"r{n:02d}" for n in range(1, 13)), "z"]
     ranked = sorted(zip(items, scores.tolist(), strict=True), key=lambda p: (p[1], p[0]))
     assert got == ranked[::-1][:10]
-    assert uncut == {m.encode(): s for m, s in ranked}
+    assert uncut == dict(ranked)
     assert [m for m, _ in got[1:]] == [f"r{n:02d}" for n in range(12, 3, -1)]
