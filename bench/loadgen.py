@@ -55,6 +55,7 @@ async def run(
     idle: asyncio.Queue[Connection] = asyncio.Queue()
     opened = 0
     latencies: list[float] = []
+    dues: list[float] = []
     statuses: dict[int, int] = {}
     errors: list[str] = []
 
@@ -77,6 +78,7 @@ async def run(
             opened -= 1
             return
         latencies.append((time.perf_counter() - due) * 1000)
+        dues.append(due - start)
         statuses[status] = statuses.get(status, 0) + 1
         idle.put_nowait(conn)
 
@@ -120,6 +122,9 @@ async def run(
         "send_elapsed_s": send_elapsed,
         "achieved_rps": len(latencies) / elapsed if elapsed else 0.0,
         "latencies_ms": latencies,
+        # each answered request's due time, seconds from the start (as `latencies_ms`):
+        # when the slow ones came (bench.serving --keep)
+        "due_s": dues,
         "statuses": statuses,
         "errors": errors[:20],
         "error_count": len(errors),

@@ -1,6 +1,6 @@
 """One API process for bench/serving.py: the real app, or the bare reference endpoint.
 
-    python -m bench.serve_app --app real|bare --port 8000 [--loop asyncio|uvloop|auto]
+    python -m bench.serve_app --app real|bare --port 8000 [--event-loop asyncio|uvloop|auto]
         [--http h11|httptools|auto] [--parser python|auto] [--workers 1]
 
 Settings come from the RECSTREAM_* environment, as for `recstream serve`.
@@ -39,6 +39,7 @@ from recstream.settings import Settings
 from recstream.stores import open_redis
 from serving.pipeline.log import ServedLog
 from serving.pipeline.state import read_state
+from serving.workers import serve as serve_workers
 
 __all__ = ["bare_app", "bare_from_env", "main"]
 
@@ -118,13 +119,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--app", choices=["real", "bare"], required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    # (not ``--loop``: faust reads ``--loop``/``-L`` from sys.argv when it is imported, and
+    # this module's imports reach it through the agents' stream records)
+    parser.add_argument("--event-loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     parser.add_argument("--parser", default="auto", choices=["auto", "python"])
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    # faust reads ``--loop``/``-L`` from sys.argv at import (it would try to load a loop
-    # named "auto"): the app's own modules must not see this script's options.
+    # the app's own modules must not see this script's options (faust, above)
     sys.argv = sys.argv[:1]
     if args.parser == "python":
         # open_redis calls redis.asyncio.from_url at call time: give it the pure-Python
@@ -140,21 +142,24 @@ def main() -> None:
         redis.asyncio.from_url = from_url
     settings = Settings()
     if args.workers > 1:
-        if (args.loop, args.http, args.parser) != ("auto", "auto", "auto"):
+        if (args.event_loop, args.http, args.parser) != ("auto", "auto", "auto"):
             parser.error("--workers > 1 measures the parts `recstream serve` picks (auto)")
         if args.app == "real":
             from serving.app import run
 
             run(settings, "127.0.0.1", args.port, workers=args.workers)
         else:
-            uvicorn.run(
-                "bench.serve_app:bare_from_env",
-                factory=True,
-                workers=args.workers,
-                host="127.0.0.1",
-                port=args.port,
-                log_level="warning",
-                access_log=False,
+            # as `recstream serve --workers N` runs them: a socket per worker
+            serve_workers(
+                uvicorn.Config(
+                    "bench.serve_app:bare_from_env",
+                    factory=True,
+                    workers=args.workers,
+                    host="127.0.0.1",
+                    port=args.port,
+                    log_level="warning",
+                    access_log=False,
+                )
             )
         return
     if args.app == "real":
@@ -167,7 +172,7 @@ def main() -> None:
         app,
         host="127.0.0.1",
         port=args.port,
-        loop=args.loop,
+        loop=args.event_loop,
         http=args.http,
         log_level="warning",
         access_log=False,

@@ -43,6 +43,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.serve_app", "--app", app, "--port", str(port),
-         "--loop", variant.loop, "--http", variant.http, "--parser", variant.parser,
+         "--event-loop", variant.loop, "--http", variant.http, "--parser", variant.parser,
          "--workers", str(variant.workers)],
         env={**os.environ, **settings.to_env(), **(env or {})}, cwd=ROOT,
     )  # fmt: skip
@@ -297,9 +298,12 @@ async def measure(
                     if args.event_rate > 0
                     else asyncio.sleep(0, 0)
                 )
-                result = await asyncio.to_thread(
-                    load, url, paths, rate, args.duration, work / f"{app}-{rate}.json"
-                )
+                measured = work / f"{app}-{rate}.json"
+                result = await asyncio.to_thread(load, url, paths, rate, args.duration, measured)
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    name = f"{variant.name}-{app.replace(', ', '-')}-{rate:.0f}.json"
+                    shutil.copyfile(measured, args.keep / name)
                 stop.set()
                 applied = await writer
                 if spy is not None:
@@ -419,6 +423,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="py-spy the app under load; collapsed stacks to PATH-*.txt"
     )
+    parser.add_argument(
+        "--keep", type=Path,
+        help="keep each measurement's load-generator output (every latency with its due "
+        "time) in this directory",
+    )  # fmt: skip
     asyncio.run(main_async(parser.parse_args()))
 
 
