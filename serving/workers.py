@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 
 from uvicorn import Config
 from uvicorn.config import STARTUP_FAILURE
@@ -33,12 +34,19 @@ logger = logging.getLogger("uvicorn.error")
 def listening_sockets(config: Config, count: int) -> list[socket.socket]:
     """``count`` sockets listening on ``config``'s host and port, in one ``SO_REUSEPORT``
     group (the kernel balances new connections over them)."""
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise OSError(
-            "this platform has no SO_REUSEPORT; run one worker per port (`--workers 1`) "
-            "behind a load balancer instead"
-        )
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    # SO_REUSEPORT would also let these join another server's group on the port (a
+    # second `recstream serve` on it would take a share of its connections): the port
+    # must be free first, as for a plain bind.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen on {config.host}:{config.port}: {exc}; is another server "
+                "using the port? (`--port` picks another)"
+            ) from exc
     sockets: list[socket.socket] = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -120,4 +128,9 @@ class ReusePortMultiprocess(Multiprocess):
 
 def serve(config: Config) -> None:
     """Run ``config.workers`` processes (each loading ``config.app``) until a signal."""
+    if not sys.platform.startswith("linux"):
+        # Only Linux balances a SO_REUSEPORT group (macOS and the BSDs hand every
+        # connection to one socket): elsewhere, uvicorn's one shared socket.
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return
     ReusePortMultiprocess(config, listening_sockets(config, config.workers)).run()

@@ -10,63 +10,64 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO
 
 import httpx
 
 from recstream import prom, stack
-from recstream.settings import Settings
 from tests.conftest import LocalStack, make_settings
 
 
-def start(settings: Settings, port: int, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+@contextlib.asynccontextmanager
+async def two_workers(
+    local_stack: LocalStack, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, subprocess.Popen[bytes], int]]:
+    """`recstream serve --workers 2` on a free port, answering: a client, the server
+    process (the supervisor) and the port."""
+    settings = make_settings(local_stack, state_dir=tmp_path)
+    port = stack.free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(  # noqa: ASYNC220 (a server for the test to talk to)
         [sys.executable, "-m", "recstream.cli", "serve", "--port", str(port), "--workers", "2"],
         env={**os.environ, **settings.to_env()},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-
-
-def stop(server: subprocess.Popen[bytes]) -> None:
-    server.send_signal(signal.SIGINT)
     try:
-        server.wait(20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(5)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            await _ready(client, server, tmp_path / "serve.log")
+            yield client, server, port
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
+        log.close()
 
 
 async def test_two_workers_answer_and_share_their_metrics(
     local_stack: LocalStack, tmp_path: Path
 ) -> None:
-    settings = make_settings(local_stack, state_dir=tmp_path)
-    port = stack.free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    server = start(settings, port, log)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            await _ready(client, server, tmp_path / "serve.log")
-            # separate connections, so the kernel spreads them over both processes
-            for n in range(40):
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as fresh:
-                    response = await fresh.get("/v1/recommendations", params={"user_id": f"u{n}"})
-                    assert response.status_code == 200, response.text
-            # each process adds its observations to the shared files once a second
-            # (recstream/prom.py); the one answering /metrics adds its own at once
-            await asyncio.sleep(prom.FLUSH_EVERY_S + 0.5)
-            scrapes = []
-            for _ in range(6):
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as fresh:
-                    scrapes.append(_count((await fresh.get("/metrics")).text))
-        # whichever process answered /metrics counted the requests of both
-        assert min(scrapes) >= 40, scrapes
-        files = list((tmp_path / "metrics" / str(port)).glob("histogram_*.db"))
-        assert len({f.stem.rsplit("_", 1)[1] for f in files}) >= 2  # two processes wrote
-    finally:
-        stop(server)
-        log.close()
+    async with two_workers(local_stack, tmp_path) as (_, _, port):
+        # separate connections, so the kernel spreads them over both processes
+        for n in range(40):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as fresh:
+                response = await fresh.get("/v1/recommendations", params={"user_id": f"u{n}"})
+                assert response.status_code == 200, response.text
+        # each process adds its observations to the shared files once a second
+        # (recstream/prom.py); the one answering /metrics adds its own at once
+        await asyncio.sleep(prom.FLUSH_EVERY_S + 0.5)
+        scrapes = []
+        for _ in range(6):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as fresh:
+                scrapes.append(_count((await fresh.get("/metrics")).text))
+    # whichever process answered /metrics counted the requests of both
+    assert min(scrapes) >= 40, scrapes
+    files = list((tmp_path / "metrics" / str(port)).glob("histogram_*.db"))
+    assert len({f.stem.rsplit("_", 1)[1] for f in files}) >= 2  # two processes wrote
 
 
 async def test_each_worker_listens_on_a_socket_of_its_own_also_when_replaced(
@@ -76,33 +77,24 @@ async def test_each_worker_listens_on_a_socket_of_its_own_also_when_replaced(
     most connections (72 % of a bench's requests to one of two); each worker now has a
     ``SO_REUSEPORT`` socket of its own, which the kernel balances, and a worker that
     dies is replaced on the same socket."""
-    settings = make_settings(local_stack, state_dir=tmp_path)
-    port = stack.free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    server = start(settings, port, log)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            await _ready(client, server, tmp_path / "serve.log")
-            holders = workers_on(port, server.pid)
-            assert len(holders) == 2, holders  # two listening sockets, one worker on each
-            assert all(len(p) == 1 for p in holders.values()), holders
-            victim, survivor = (next(iter(p)) for p in holders.values())
-            assert victim != survivor
+    async with two_workers(local_stack, tmp_path) as (client, server, port):
+        holders = workers_on(port, server.pid)
+        assert len(holders) == 2, holders  # two listening sockets, one worker on each
+        assert all(len(p) == 1 for p in holders.values()), holders
+        victim, survivor = (next(iter(p)) for p in holders.values())
+        assert victim != survivor
 
-            inode = next(i for i, p in holders.items() if victim in p)
-            os.kill(victim, signal.SIGKILL)
-            for _ in range(300):  # the supervisor checks twice a second
-                now = workers_on(port, server.pid)
-                if now.get(inode) and victim not in now[inode]:
-                    break
-                await asyncio.sleep(0.1)
-            assert set(now) == set(holders), now  # the same two sockets
-            (replacement,) = now[inode]
-            assert replacement not in (victim, survivor)
-            assert (await client.get("/healthz")).status_code == 200
-    finally:
-        stop(server)
-        log.close()
+        inode = next(i for i, p in holders.items() if victim in p)
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(300):  # the supervisor checks twice a second
+            now = workers_on(port, server.pid)
+            if now.get(inode) and victim not in now[inode]:
+                break
+            await asyncio.sleep(0.1)
+        assert set(now) == set(holders), now  # the same two sockets
+        (replacement,) = now[inode]
+        assert replacement not in (victim, survivor)
+        assert (await client.get("/healthz")).status_code == 200
 
 
 def workers_on(port: int, supervisor: int) -> dict[int, set[int]]:
