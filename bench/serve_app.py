@@ -119,8 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--app", choices=["real", "bare"], required=True)
     parser.add_argument("--port", type=int, required=True)
-    # (not ``--loop``: faust reads ``--loop``/``-L`` from sys.argv when it is imported, and
-    # this module's imports reach it through the agents' stream records)
+    # (not ``--loop``: faust reads ``--loop``/``-L`` from sys.argv when it is imported;
+    # the API no longer imports it, but one import path to it would break the bench)
     parser.add_argument("--event-loop", default="auto", choices=["auto", "asyncio", "uvloop"])
     parser.add_argument("--http", default="auto", choices=["auto", "h11", "httptools"])
     parser.add_argument("--parser", default="auto", choices=["auto", "python"])
