@@ -1,9 +1,9 @@
 """Several API processes on one port, each accepting on a listening socket of its own.
 
 uvicorn's ``--workers N`` binds one socket in the parent and every worker accepts from
-it. Linux then wakes the worker that went to wait last, so the worker that just finished
-a request keeps winning new connections, and an HTTP/1.1 keep-alive connection stays
-with the process that accepted it for its whole life. Measured under
+it. Which waiting worker the kernel wakes for a new connection is not balanced (it tends
+to be the same one), and an HTTP/1.1 keep-alive connection stays with the process that
+accepted it for its whole life. Measured under
 `bench.serving --workers 2` at 1,000 req/s: one worker used 24.9 s of CPU and the other
 9.5 s over the same run (a 72/28 split), the busy one queued requests while the other
 idled, and its bursts were most of the p99 (docs/serving-speed.md, session 15).
