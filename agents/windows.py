@@ -474,15 +474,12 @@ async def deliver(
         events = [event for _, event in part]
         # the first attempt is the whole batch, the one `prepared` was made for; retries
         # (and their halves) prepare their own
-        if first[0] and (prepared is not None or scripted is not None):
+        if first[0]:
             first[0] = False
             return await agent.apply(
                 events, source, durable=durable, prepared=prepared, scripted=scripted
             )
-        first[0] = False
-        if durable:
-            return await agent.apply(events, source)
-        return await agent.apply(events, source, durable=False)
+        return await agent.apply(events, source, durable=durable)
 
     async def give_up(failures: Sequence[Failure[tuple[StreamRecord, Event]]]) -> None:
         letters = [

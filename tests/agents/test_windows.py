@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -86,10 +87,10 @@ async def test_a_failing_batch_is_retried_not_skipped(settings: Settings) -> Non
     failures.append(RuntimeError("bug"))
     apply = agent.apply
 
-    async def flaky(events: Sequence[Event], source: str = "stream") -> object:
+    async def flaky(events: Sequence[Event], source: str = "stream", **options: Any) -> object:
         if failures:
             raise failures.pop(0)
-        return await apply(events, source)
+        return await apply(events, source, **options)
 
     agent.apply = flaky  # type: ignore[method-assign,assignment]
     batch = [raw(n, "u1", settings.namespace) for n in range(3)]
