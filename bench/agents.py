@@ -228,11 +228,6 @@ def _emulator_cpu(settings: Settings) -> float:
     return 0.0
 
 
-FAUST_STREAM_BUFFER = STREAM_BUFFER
-"""The worker's faust ``stream_buffer_maxsize`` (`agents.app.STREAM_BUFFER`): messages an
-agent's stream may hold unprocessed."""
-
-
 async def concurrently(
     batches: Sequence[list[bytes]],
     pipeline: Pipeline,
@@ -243,10 +238,10 @@ async def concurrently(
     as the worker's faust agents consume the topic side by side in one process (one
     agent's CPU work runs while another waits for its stores); returns once every agent
     has handled every batch, the archive flushed and the durable copies written. Each
-    queue holds what faust's stream buffer holds (``stream_buffer_maxsize``, 1,024
-    messages in the worker), so one agent falls that far behind the others before it holds
+    queue holds what faust's stream buffer holds in the worker (`agents.app.STREAM_BUFFER`
+    messages), so one agent falls that far behind the others before it holds
     them up."""
-    size = max(2, FAUST_STREAM_BUFFER // max(len(batches[0]) if batches else 1, 1))
+    size = max(2, STREAM_BUFFER // max(len(batches[0]) if batches else 1, 1))
     queues: list[asyncio.Queue[list[bytes] | None]] = [asyncio.Queue(size) for _ in range(3)]
 
     async def windows(queue: asyncio.Queue[list[bytes] | None]) -> None:
