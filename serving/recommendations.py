@@ -11,7 +11,8 @@ Recommendations take ``user_id`` (or ``session_id`` for an anonymous visitor),
 ``device``, ``hour``, ...), ``filter`` (a filter's name or ARN) with ``filter_values``,
 and ``debug``. In a POST body they are JSON fields (``exclude`` a list, ``context`` and
 ``filter_values`` objects); in a GET query ``exclude=a,b,c``, ``context.device=mobile``,
-``filter_values.CATEGORY="shoes"``, ``debug=true``. Unknown parameters are refused.
+``filter_values.CATEGORY="shoes"``, ``debug=true``. ``as_of`` (epoch seconds) ranks as
+of that time instead of now (replays, backtests). Unknown parameters are refused.
 
 Every error is a 4xx JSON body ``{"error": {"code", "message"}}`` naming the field and
 the fix; a store that fails degrades the answer (``degraded``), it never fails it.
@@ -47,6 +48,7 @@ from serving.metrics import RANK_DEGRADED, RANK_LATENCY
 from serving.pipeline import CandidateFilter, ItemCatalog, Ranker, Recommendations
 from serving.pipeline.detach import detached
 from serving.pipeline.state import DurableActorState
+from streams.schema import Timestamp
 
 __all__ = ["FilterResolver", "open_ranker", "routes"]
 
@@ -85,16 +87,22 @@ class _Common(BaseModel):
     debug: bool = False
 
 
-class RecommendationsQuery(_Common):
+class _Personal(_Common):
     user_id: Id | None = None
     session_id: Id | None = None
+    # (a replay or backtest of logged events ranks as of each event's time: the features'
+    # ages and the hour count from it, not from the server's clock)
+    as_of: Timestamp | None = Field(
+        None, description="rank as of this time (unix seconds) instead of now: replays, backtests"
+    )
+
+
+class RecommendationsQuery(_Personal):
     num_results: int = Field(25, ge=1, le=MAX_RESULTS)
     exclude: list[Id] = Field(default_factory=list, max_length=MAX_RESULTS)
 
 
-class RankingQuery(_Common):
-    user_id: Id | None = None
-    session_id: Id | None = None
+class RankingQuery(_Personal):
     item_ids: list[Id] = Field(min_length=1, max_length=MAX_RESULTS)
 
 
@@ -122,6 +130,7 @@ _FIXES = {
     "item_id": "pass ?item_id=… (the item to find related items for)",
     "window": "use window=1h or window=24h",
     "debug": "use true or false",
+    "as_of": "send the time to rank for in unix seconds (or ISO-8601), or leave it out",
     "context": "send string values, at most 32 entries (context.device=mobile in a query)",
     "filter_values": "send string values, at most 25 (filter_values.NAME=value in a query)",
 }
@@ -286,6 +295,7 @@ async def recommendations(request: Request) -> Response:
         item_filter=item_filter,
         filter_values=query.filter_values,
         debug=query.debug,
+        as_of=query.as_of,
     )
     return _answer(result, started)
 
@@ -305,6 +315,7 @@ async def personalized_ranking(request: Request) -> Response:
         item_filter=item_filter,
         filter_values=query.filter_values,
         debug=query.debug,
+        as_of=query.as_of,
     )
     return _answer(result, started)
 

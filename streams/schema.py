@@ -22,6 +22,7 @@ from typing import Annotated, Any, ClassVar, Final
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -42,6 +43,7 @@ __all__ = [
     "EventType",
     "Interaction",
     "Item",
+    "Timestamp",
     "User",
     "new_event_id",
     "problems_from",
@@ -112,6 +114,27 @@ def _timestamp(value: Any) -> Any:
     return value
 
 
+def _sane_timestamp(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("timestamp must be a finite number of unix seconds")
+    if value >= MILLIS_THRESHOLD:
+        raise ValueError(
+            f"timestamp {value:.0f} looks like milliseconds; send unix seconds (divide by 1000)"
+        )
+    if value < MIN_TIMESTAMP:
+        raise ValueError(f"timestamp {value} is before 1990; send unix seconds (UTC)")
+    if value > time.time() + MAX_FUTURE_S:
+        raise ValueError(
+            f"timestamp {value} is more than a day in the future; check the sender's clock"
+        )
+    return value
+
+
+Timestamp = Annotated[float, BeforeValidator(_timestamp), AfterValidator(_sane_timestamp)]
+"""Unix seconds (or ISO-8601 with a zone), from 1990 to a day ahead: an event's time, and
+a ranking request's ``as_of``."""
+
+
 def _not_boolean(value: Any) -> Any:
     # pydantic's lax mode reads true as 1.0; a boolean here is a sender's bug, not a rating.
     if isinstance(value, bool):
@@ -148,7 +171,7 @@ class Event(BaseModel):
     session_id: Id | None = None
     item_id: Id | None = None
     """Required for the built-in types, which are all about an item."""
-    timestamp: Annotated[float, BeforeValidator(_timestamp)] = Field(default_factory=_now)
+    timestamp: Timestamp = Field(default_factory=_now)
     """When it happened, unix seconds (UTC). Defaults to the time the server received it."""
     event_value: Annotated[float | None, BeforeValidator(_not_boolean)] = None
     """e.g. a rating or a purchase amount."""
@@ -168,23 +191,6 @@ class Event(BaseModel):
     """Device, locale, page and similar request context."""
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
     """Tenant or surface. The collector sets it from the route."""
-
-    @field_validator("timestamp")
-    @classmethod
-    def _sane_timestamp(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("timestamp must be a finite number of unix seconds")
-        if value >= MILLIS_THRESHOLD:
-            raise ValueError(
-                f"timestamp {value:.0f} looks like milliseconds; send unix seconds (divide by 1000)"
-            )
-        if value < MIN_TIMESTAMP:
-            raise ValueError(f"timestamp {value} is before 1990; send unix seconds (UTC)")
-        if value > time.time() + MAX_FUTURE_S:
-            raise ValueError(
-                f"timestamp {value} is more than a day in the future; check the sender's clock"
-            )
-        return value
 
     @field_validator("event_value")
     @classmethod

@@ -84,20 +84,23 @@ RELATED_WEIGHTS: Mapping[str, float] = {"item2item": 1.0, "sknn": 1.0, "als": 0.
 _ERRORS = (TimeoutError, RecstreamError, RedisError, OSError)
 
 
-def _hour(values: Mapping[str, str]) -> int:
+def _hour(values: Mapping[str, str], now: float) -> int:
     raw = values.get("hour")
     if raw is not None and raw.isdigit() and 0 <= int(raw) <= 23:
         return int(raw)
-    return datetime.now(UTC).hour
+    return datetime.fromtimestamp(now, UTC).hour
 
 
 class _Request:
     """The per-request bookkeeping: deadlines, degraded stores, stage timings."""
 
-    def __init__(self, budget: float, debug: bool) -> None:
+    def __init__(self, budget: float, debug: bool, as_of: float | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.start = self.loop.time()
         self.started = time.perf_counter()
+        self.now = time.time() if as_of is None else as_of
+        """The wall clock the features' ages are measured from: now, or the request's
+        ``as_of`` (a replay's or backtest's time)."""
         self.budget = budget
         self.degraded: list[str] = []
         self.debug = debug
@@ -362,7 +365,7 @@ class Ranker:
             recent = src.affinity_items(items, params)
             catalog = await self._categories(req, namespace, recent, until)
             categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
-            affinity = src.affinities(items, categories, state.features, params, time.time())
+            affinity = src.affinities(items, categories, state.features, params, req.now)
             return await src.category_popularity(namespace, affinity, popular, restrict, n)
 
         makers: dict[str, Callable[[], Awaitable[SourceOutput]]] = {
@@ -383,7 +386,7 @@ class Ranker:
             for name in chosen:
                 began = time.perf_counter()
                 try:
-                    out = self._source_now(name, namespace, state, now, restrict)
+                    out = self._source_now(name, namespace, state, now, restrict, req.now)
                 except _ERRORS as exc:
                     log.debug("%s failed: %s", name, exc)
                     req.degrade(name)
@@ -415,8 +418,10 @@ class Ranker:
         state: UserState,
         items: list[str],
         restrict: Collection[str] | None,
+        clock: float,
     ) -> SourceOutput | None:
-        """Source ``name`` from what is in memory, or None when it must read a store."""
+        """Source ``name`` from what is in memory, or None when it must read a store;
+        ``clock`` is the request's wall clock (`_Request.now`)."""
         n = self.settings.candidates_per_source
         src = self.sources
         ready, model = self.models.get_now(namespace, name, state.versions.get(name))
@@ -445,7 +450,7 @@ class Ranker:
         if not ready or catalog is None:
             return None
         categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
-        affinity = src.affinities(items, categories, state.features, model, time.time())
+        affinity = src.affinities(items, categories, state.features, model, clock)
         return src.category_popularity_now(namespace, affinity, popular, restrict, n)
 
     @staticmethod
@@ -491,10 +496,13 @@ class Ranker:
         item_filter: CandidateFilter | None = None,
         filter_values: Mapping[str, str] | None = None,
         debug: bool = False,
+        as_of: float | None = None,
     ) -> Recommendations:
         """The top ``num_results`` items for ``actor`` (a user id, or ``session:{id}``),
         never one in ``exclude`` (e.g. what the page already shows) nor one
-        ``item_filter`` refuses."""
+        ``item_filter`` refuses. ``as_of`` (epoch seconds, default now) is the time the
+        ranking is for: the features' ages and the hour are measured from it, so a
+        replay of logged events is ranked as it would have been then."""
         return await self._rank(
             namespace,
             actor,
@@ -505,6 +513,7 @@ class Ranker:
             filter_values=filter_values,
             debug=debug,
             given=None,
+            as_of=as_of,
         )
 
     async def rerank(
@@ -517,6 +526,7 @@ class Ranker:
         item_filter: CandidateFilter | None = None,
         filter_values: Mapping[str, str] | None = None,
         debug: bool = False,
+        as_of: float | None = None,
     ) -> Recommendations:
         """``item_ids`` ordered for ``actor``: every given item exactly once (duplicates
         folded), best first; items no source scores keep their given order at the end.
@@ -533,6 +543,7 @@ class Ranker:
             filter_values=filter_values,
             debug=debug,
             given=given,
+            as_of=as_of,
         )
 
     async def _rank(
@@ -547,13 +558,22 @@ class Ranker:
         filter_values: Mapping[str, str] | None,
         debug: bool,
         given: list[str] | None,
+        as_of: float | None,
     ) -> Recommendations:
-        req = _Request(self.budget, debug)
+        req = _Request(self.budget, debug, as_of)
         values = dict(context or {})
-        rank_context = RankContext(values, _hour(values))
+        rank_context = RankContext(values, _hour(values, req.now))
         raw = await self._raw_state(req, namespace, actor)
         memo: MemoKey | None = None
-        if raw is not None and self.answers.enabled and not debug and item_filter is None:
+        # (an answer for a given time is not kept: its key would need the time, and the
+        # next request, a replay's next step, asks for another)
+        if (
+            raw is not None
+            and self.answers.enabled
+            and not debug
+            and item_filter is None
+            and as_of is None
+        ):
             memo = self.answers.key(
                 namespace, actor, num_results, exclude, given, values, rank_context.hour,
                 raw.fingerprint(),
@@ -627,7 +647,7 @@ class Ranker:
             window,
             rank_context,
             self.settings.weight,
-            time.time(),
+            req.now,
             spec,
             describe=debug,
         )
@@ -777,7 +797,7 @@ class Ranker:
         )
         for candidate in candidates:
             candidate.item = items.get(candidate.item_id)
-        assemble(candidates, [], RankContext(), self.settings.weight, time.time(), describe=debug)
+        assemble(candidates, [], RankContext(), self.settings.weight, req.now, describe=debug)
         self.scorer.score(candidates, weights)
         if item_filter is not None:
             fvalues = dict(filter_values or {})

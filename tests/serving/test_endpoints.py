@@ -274,3 +274,35 @@ async def test_a_paused_redis_gives_a_degraded_answer_not_a_hang(api: RunningApi
     assert "window" in degraded[2]
     assert "models" in degraded[3]
     assert ids(responses[2].json()) == ["a"]
+
+
+async def test_as_of_ranks_for_the_given_time(roomy_api: RunningApi) -> None:
+    """A replay asks as of each logged event's time: the features' ages and the hour
+    count from ``as_of``, not from the server's clock; a bad time is a 422 with its fix."""
+    ns = roomy_api.settings.namespace
+    await published_api(roomy_api)
+    then = 1_400_000_000.0  # 2014-05-13 16:53:20 UTC
+    await apply(roomy_api.settings, [event(1, "replayed", "a1", ns, timestamp=then)])
+    body = {"user_id": "replayed", "num_results": 3, "debug": True}
+    asked = (await post(roomy_api.url, "/v1/recommendations", {**body, "as_of": then + 90})).json()
+    now = (await post(roomy_api.url, "/v1/recommendations", body)).json()
+    assert asked["debug"]["context"]["hour"] == 16
+    [seen] = [c for c in asked["debug"]["candidates"] if c["item_id"] == "a1"]
+    assert seen["features"]["u:age_s"] == 90.0
+    [later] = [c for c in now["debug"]["candidates"] if c["item_id"] == "a1"]
+    assert later["features"]["u:age_s"] > 365 * 86_400
+    ranked = await post(
+        roomy_api.url,
+        "/v1/personalized-ranking",
+        {"user_id": "replayed", "item_ids": ["a1", "a2"], "as_of": "2014-05-13T17:00:00Z",
+         "debug": True},
+    )  # fmt: skip
+    assert ranked.status_code == 200
+    assert ranked.json()["debug"]["context"]["hour"] == 17
+    for bad in ("soon", then * 1000, 12.0):
+        refused = await get(
+            roomy_api.url, "/v1/recommendations", user_id="replayed", as_of=str(bad)
+        )
+        assert refused.status_code == 422, bad
+        assert refused.json()["error"]["code"] == "bad_as_of"
+        assert "unix seconds" in refused.json()["error"]["message"]
