@@ -13,7 +13,8 @@ Two ways to use it:
   events spent most of the API's CPU on per-request calls: docs/local-stack.md).
 * A call's events bound for one shard go as one aggregated record
   (``Settings.event_aggregation``, on by default; `streams.kinesis.writer.aggregated_records`,
-  routed by the shard's ExplicitHashKey, the shards listed once), each event answered with
+  routed by the shard's ExplicitHashKey, the shards listed once and again after a
+  reshard, which a record landing on another shard reveals), each event answered with
   its record's outcome: the agents read such a record as one faust message, so faust's
   per-message cost is paid per record (session 14 in docs/agents.md). A shard's records
   of one call go in turn, the next only once the one before landed, so a partial failure
@@ -325,10 +326,10 @@ class KinesisProducer:
                 max(0.0, min(deadlines) - asyncio.get_running_loop().time()) if deadlines else None
             )
             shard_map = await self._shards() if self.settings.event_aggregation else None
-            if shard_map is not None:
-                outcomes = await self._put_aggregated(
-                    [e for w in group for e in w.entries], shard_map, wait
-                )
+            entries = [e for w in group for e in w.entries]
+            packed = self._pack(entries, shard_map)
+            if shard_map is not None and packed is not None:
+                outcomes = await self._put_aggregated(len(entries), packed, shard_map, wait)
             else:
                 outcomes = await put_records(
                     self._require_client(),
@@ -357,16 +358,47 @@ class KinesisProducer:
             self._in_flight -= 1
             self._start_calls()
 
+    def _pack(
+        self, entries: list[Entry], shard_map: ShardMap | None
+    ) -> list[tuple[dict[str, Any], list[int]]] | None:
+        """``entries`` as aggregated records by ``shard_map``; None when there is no map or
+        it has no open shard for a key (it is dropped, to be listed again)."""
+        if shard_map is None:
+            return None
+        try:
+            return aggregated_records(entries, shard_map)
+        except LookupError as exc:
+            self._forget_shards(shard_map, str(exc))
+            return None
+
+    def _forget_shards(self, shard_map: ShardMap, why: str) -> None:
+        """The next call lists the shards again (this one goes as it is)."""
+        if self._shard_map is shard_map:
+            self._shard_map = None
+            log.info("the shards of %s changed (%s); listing them again", self.stream, why)
+
     async def _put_aggregated(
-        self, entries: list[Entry], shard_map: ShardMap, wait: float | None
+        self,
+        entries: int,
+        packed: list[tuple[dict[str, Any], list[int]]],
+        shard_map: ShardMap,
+        wait: float | None,
     ) -> list[Accepted | Refused]:
-        """``entries`` as aggregated records, one per shard (per ~1 MB) and call; each
-        event's outcome is its record's. A shard's later record is not sent once an
-        earlier one of the call was refused (refused too, to resend), so a key's events
-        never land out of order within a call."""
+        """``packed`` (``entries`` events as aggregated records, one per shard and ~1 MB)
+        sent; each event's outcome is its record's. A shard's later record is not sent
+        once an earlier one of the call was refused (refused too, to resend), so a key's
+        events never land out of order within a call.
+
+        A record that lands on another shard than the one it was packed for means the
+        stream was resharded since the shards were listed: a split's parent is closed and
+        its start hash key now belongs to one child, which need not own every key inside
+        the record. The record is on the stream, so it stays (the agents order a window by
+        event time and apply each event once, whichever shard carried it); the shards are
+        listed again before the next call, so only this call's records can straddle the
+        new ranges, as with the KPL, which also learns of a reshard from where its records
+        land."""
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + wait
-        packed = aggregated_records(entries, shard_map)
         record_outcomes: list[Accepted | Refused | None] = [None] * len(packed)
         refused_shards: dict[str, Refused] = {}
         for round_ in shard_rounds([record for record, _ in packed]):
@@ -390,15 +422,23 @@ class KinesisProducer:
                 record_outcomes[i] = outcome
                 if isinstance(outcome, Refused):
                     refused_shards[packed[i][0]["ExplicitHashKey"]] = outcome
-        per_entry: list[Accepted | Refused | None] = [None] * len(entries)
+                    continue
+                meant = shard_map.shard_for_hash(int(packed[i][0]["ExplicitHashKey"]))
+                if outcome.shard_id != meant.shard_id:
+                    self._forget_shards(
+                        shard_map,
+                        f"a record for {meant.shard_id} landed on {outcome.shard_id}",
+                    )
+        per_entry: list[Accepted | Refused | None] = [None] * entries
         for (_, members), landed in zip(packed, record_outcomes, strict=True):
             for member in members:
                 per_entry[member] = landed
         return [o for o in per_entry if o is not None]
 
     async def _shards(self) -> ShardMap | None:
-        """The stream's shards (to route aggregated records), listed once; None while
-        they cannot be listed (then one record per event), tried again a few seconds on."""
+        """The stream's shards (to route aggregated records), listed once and again after
+        a reshard (`_forget_shards`); None while they cannot be listed (then one record per
+        event), tried again a few seconds on."""
         if self._shard_map is not None:
             return self._shard_map
         loop = asyncio.get_running_loop()
