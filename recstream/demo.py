@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -288,6 +289,19 @@ def train_item2item(console: Console, settings: Settings, dataset: str, path: Pa
     console.print(f"item-to-item model published in {time.monotonic() - started:.0f}s")
 
 
+def reflects(answer: dict[str, Any], clicked: set[str]) -> bool:
+    """Whether an answer shows the clicks: a clicked item (kept by the seen policy), or
+    an item recommended because it is similar to one."""
+    for item in answer["items"]:
+        if item["item_id"] in clicked:
+            return True
+        for reason in item.get("reasons", []):
+            kind, _, about = reason.partition(":")
+            if kind == "similar_to" and about in clicked:
+                return True
+    return False
+
+
 def run_demo(
     settings: Settings,
     *,
@@ -298,6 +312,16 @@ def run_demo(
 ) -> int:
     console = Console()
     console.rule("[bold]recstream demo")
+    if dataset == "movielens" and "RECSTREAM_SEEN_POLICY" not in os.environ:
+        # Films already watched are not recommended again; a shop's namespace keeps
+        # re-views (they convert). The per-namespace policy, as a user would set it (a
+        # policy the user set wins).
+        policies = {**settings.seen_policy, settings.namespace: "exclude"}
+        settings = settings.model_copy(update={"seen_policy": policies})
+        console.print(
+            f"films already watched are excluded in namespace {settings.namespace!r} "
+            f"(RECSTREAM_SEEN_POLICY='{json.dumps(policies)}')"
+        )
     for line in bring_up(settings):
         console.print(f"started {line}")
     children = [
@@ -347,7 +371,7 @@ def run_demo(
             changed_at: float | None = None
             while time.monotonic() - clicked_at < 30:
                 after = client.get("/v1/recommendations", params=params).json()
-                if {i["item_id"] for i in after["items"]} & set(live_clicks):
+                if reflects(after, set(live_clicks)):
                     changed_at = changed_at or time.monotonic()
                     # A source that missed its deadline (a busy machine, cold caches)
                     # leaves the answer partial: ask again to show the whole one.

@@ -13,7 +13,8 @@ So, as HTTP caches do with ``stale-while-revalidate``:
 - a list up to ``ttl`` old is served as is;
 - a list older than that, up to ``max_stale`` (30 s), is still served, and one read in
   the background (started by the first request that notices) refreshes it;
-- a list never read, or older than ``max_stale``, is read while the request waits;
+- a list never read, or older than ``max_stale``, or empty and older than ``ttl``, is
+  read while the request waits (stale emptiness has nothing to offer);
 - one read at a time per list: a request that needs a list being read waits for that
   read instead of starting its own (single flight).
 
@@ -112,7 +113,15 @@ class LiveLists:
         for key in keys:
             entry = self._lists.get((key, n))
             age = now - entry[0] if entry is not None else None
-            if entry is None or age is None or age >= self.max_stale:
+            # An expired empty list is read while the request waits, not served stale:
+            # nothing is all it could give (a start-up warm-up read the lists before the
+            # first events, and a new visitor's first answer was then empty for 30 s).
+            if (
+                entry is None
+                or age is None
+                or age >= self.max_stale
+                or (not entry[1] and age >= self.ttl)
+            ):
                 missing.append(key)
                 continue
             if age >= self.ttl:

@@ -70,6 +70,8 @@ STATE_SHARE = 0.4
 SOURCES_SHARE = 0.8
 CATALOG_SHARE = 0.9
 DEBUG_CANDIDATES = 200
+WARM_ACTOR = "recstream:warm-up"
+"""The actor `Ranker.warm` reads from the durable store: no event names it."""
 SOURCE_NAMES = (
     "recently_viewed",
     "item2item",
@@ -209,6 +211,23 @@ class Ranker:
         await asyncio.gather(
             *(self.models.ensure(namespace, name, versions.get(name), wait_s) for name in versions)
         )
+        # What else the first requests would wait for, past their sources' deadlines (a
+        # new user's first answer after a start was empty, every source degraded): the
+        # live lists, and the first DynamoDB call (aiobotocore opens its session and
+        # connection on it, ~20 ms on the emulator) through a read of a key no actor has.
+        n = self.settings.candidates_per_source
+        trending, _ = await asyncio.gather(
+            self.models.ensure(namespace, "trending", versions.get("trending"), wait_s),
+            self.models.ensure(namespace, "popularity", versions.get("popularity"), wait_s),
+        )
+        results = await asyncio.gather(
+            self.sources.popular(namespace, None, None, n),
+            self.sources.trending(namespace, trending, None, n),
+            asyncio.wait_for(self.durable.get(namespace, WARM_ACTOR), wait_s),
+            return_exceptions=True,
+        )
+        for failed in (r for r in results if isinstance(r, BaseException)):
+            log.info("warming %s: %s (the first requests will be slower)", namespace, failed)
 
     async def aclose(self) -> None:
         await self.served.drain()

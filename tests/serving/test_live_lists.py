@@ -157,3 +157,23 @@ async def test_a_live_lists_cut_is_made_once_per_read_and_not_changed_by_request
     fresh = await sources.popular(namespace, None, None, 3)
     assert fresh.scores is not first.scores
     assert list(fresh.scores.items()) == [("e", 9.0), ("a", 3.0), ("b", 2.0)]
+
+
+async def test_an_expired_empty_list_is_read_while_the_request_waits(
+    redis: tuple[str, aioredis.Redis, Reads],
+) -> None:
+    """Stale emptiness is not served: the lists read before the first events (a start-up
+    warm-up) would otherwise answer a new visitor with nothing for ``max_stale``."""
+    namespace, client, reads = redis
+    clock = Clock()
+    lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
+    made = counting(lists)
+    key = f"{namespace}:test:empty-at-first"
+    assert await lists.get([key], 2) == [[]]
+    await client.zadd(key, {"a": 1})
+    clock.t += 0.5
+    assert lists.now([key], 2) == [[]]  # fresh: served from memory, empty
+    clock.t += 0.6
+    assert lists.now([key], 2) is None  # expired and empty: the request must wait
+    assert await lists.get([key], 2) == [[("a", 1.0)]]
+    assert made == [[key], [key]]
