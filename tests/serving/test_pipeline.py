@@ -449,3 +449,32 @@ async def test_unreachable_redis_degrades_instead_of_failing(local_stack: LocalS
     assert "popularity" in result.degraded
     assert related.degraded
     assert trending.degraded
+
+
+async def test_warm_reads_what_a_first_request_would_wait_for(local_stack: LocalStack) -> None:
+    """A start warms the models, the live lists and the durable store's connection, so
+    a new visitor's first answer does not wait past its sources' deadlines for them."""
+    settings = make_settings(local_stack)
+    ns = settings.namespace
+    await apply(settings, [event(1, "someone", "x1", ns), event(2, "someone", "x2", ns)])
+    asked: list[tuple[str, str]] = []
+
+    class Recording(MemoryDurableWindows):
+        async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
+            asked.append((namespace, actor))
+            return await super().get(namespace, actor)
+
+    client = aioredis.from_url(settings.redis_url)
+    ranker = Ranker(client, Recording(), settings)
+    try:
+        n = settings.candidates_per_source
+        assert ranker.sources.popular_now(ns, None, None, n) is None  # nothing read yet
+        await ranker.warm(ns)
+        popular = ranker.sources.popular_now(ns, None, None, n)
+        assert popular is not None  # in memory: the first request's synchronous pass
+        assert set(popular.scores) == {"x1", "x2"}
+        assert ranker.sources.trending_now(ns, None, None, n) is not None
+        assert asked == [(ns, "recstream:warm-up")]
+    finally:
+        await ranker.aclose()
+        await client.aclose()
