@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -89,6 +89,14 @@ FRESHNESS = Histogram(
     "recstream_freshness_seconds",
     "Time from a click's event time to the first recommendation response that reflects it.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+FRESHNESS_RECENT = Gauge(
+    "recstream_freshness_recent_seconds",
+    "Freshness (as recstream_freshness_seconds) at quantile 0.5 and 0.95 over this API "
+    "process's newest observations (the last 1,024 within 5 minutes); updated at most once "
+    "a second, as responses reflect new clicks.",
+    ["quantile"],
+    multiprocess_mode="liveall",
 )
 SOURCE_LATENCY = Histogram(
     "recstream_candidate_source_seconds",
