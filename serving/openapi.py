@@ -733,12 +733,16 @@ def build_spec(settings: Settings, now: float | None = None) -> dict[str, Any]:
     ] + [(m, "serialization") for m in dict.fromkeys(outputs)]
     keys, defs = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
     schemas: dict[str, dict[str, Any]] = _strip_titles(defs.get("$defs", {}))
-    _event_rules(schemas["Event"], time.time() if now is None else now)
+    built = time.time() if now is None else now
+    _event_rules(schemas["Event"], built)
     _catalog_rules(schemas)
     schemas["EventBatch"]["properties"]["events"]["maxItems"] = settings.max_batch
     for name in ("RecommendationsQuery", "RankingQuery"):
         # `_actor`: a user, or an anonymous session (a query cannot say this; a body can).
         schemas[name]["anyOf"] = _ONE_ACTOR
+        # `as_of` is a `streams.schema.Timestamp`: an event timestamp's bounds
+        number = schemas[name]["properties"]["as_of"]["anyOf"][0]
+        number.update({"minimum": MIN_TIMESTAMP, "maximum": float(int(built))})
 
     def ref(model: type[BaseModel], mode: str = "validation") -> dict[str, Any]:
         return dict(keys[(model, mode)])  # type: ignore[index]
