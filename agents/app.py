@@ -21,12 +21,14 @@ from agents.features import DynamoFeatures, FeaturesPart, FeatureStage, SessionF
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.redrive import redrive_personalize
-from agents.state import BatchGets, DynamoWindows, RedisHotStore, WindowsPart
+from agents.state import RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, TrendKeeper
 from agents.windows import Pipeline, WindowAgent, stream_records
 from recstream import tracing
+from recstream.dynamo import BatchGets
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
+from recstream.windows import DynamoWindows
 from streams.kinesis import make_app
 
 __all__ = ["APP_ID", "build_agent", "create_app", "stream_records"]

@@ -49,21 +49,14 @@ from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
 from agents.identity import SESSION_PREFIX, Login
-from agents.state import (
-    DURABLE_ITEM_BYTES,
-    Actor,
-    ApplyResult,
-    BatchGets,
-    WindowEntry,
-    in_parallel,
-    keys_of,
-    redis_failure,
-)
+from agents.state import ApplyResult, keys_of, redis_failure
 from recstream.aws import until_processed
+from recstream.dynamo import DURABLE_ITEM_BYTES, BatchGets, in_parallel
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.redisio import commands, pairs
 from recstream.settings import Settings
+from recstream.windows import Actor, WindowEntry
 from streams.schema import Event
 
 if TYPE_CHECKING:

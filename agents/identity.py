@@ -43,16 +43,11 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.state import (
-    Actor,
-    DurableWindows,
-    HotStore,
-    persist_windows,
-    recover_lost_windows,
-)
+from agents.state import HotStore, persist_windows, recover_lost_windows
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import Actor, DurableWindows
 from streams.schema import Event
 
 __all__ = [

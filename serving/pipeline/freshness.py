@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from agents.state import WindowEntry
+from recstream.windows import WindowEntry
 from serving.metrics import FRESHNESS
 
 __all__ = ["FreshnessTracker"]

@@ -33,12 +33,12 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agents.features import DynamoFeatures, FeatureCopy
-from agents.state import Actor, DurableWindows, WindowEntry
 from recstream.errors import RecstreamError, StoreUnavailable
 from recstream.keys import Keys
 from recstream.published import Lua, as_text, run_lua
 from recstream.redisio import pairs
 from recstream.settings import Settings
+from recstream.windows import Actor, DurableWindows, WindowEntry
 from serving.pipeline.models import MODEL_NAMES
 from serving.pipeline.types import UserState
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from agents.app import build_agent
 from agents.features import DynamoFeatures, FeatureCopy
-from agents.state import BatchGets, DynamoWindows, WindowEntry
+from recstream.dynamo import BatchGets
 from recstream.errors import RecstreamError
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from recstream.windows import DynamoWindows, WindowEntry
 from streams.schema import Event
 
 
