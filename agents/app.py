@@ -17,7 +17,7 @@ import faust
 from agents.archive import run_archive
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
-from agents.features import DynamoFeatures, FeaturesPart, FeatureStage, SessionFeatures
+from agents.features import FeaturesPart, FeatureStage, SessionFeatures
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.redrive import redrive_personalize
@@ -26,6 +26,7 @@ from agents.trending import TrendingPart, TrendKeeper
 from agents.windows import Pipeline, WindowAgent, stream_records
 from recstream import tracing
 from recstream.dynamo import BatchGets
+from recstream.features import DynamoFeatures
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
 from recstream.windows import DynamoWindows

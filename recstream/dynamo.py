@@ -1,5 +1,5 @@
 """DynamoDB plumbing the durable stores share (`recstream.windows.DynamoWindows`,
-`agents.features.DynamoFeatures`): the budget of one item, independent writes in
+`recstream.features.DynamoFeatures`): the budget of one item, independent writes in
 flight together, and reads by key coalesced across tables (`BatchGets`)."""
 
 from __future__ import annotations

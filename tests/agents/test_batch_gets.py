@@ -9,9 +9,9 @@ import asyncio
 from typing import Any
 
 from agents.app import build_agent
-from agents.features import DynamoFeatures, FeatureCopy
 from recstream.dynamo import BatchGets
 from recstream.errors import RecstreamError
+from recstream.features import DynamoFeatures, FeatureCopy
 from recstream.settings import Settings
 from recstream.stores import open_stores
 from recstream.windows import DynamoWindows, WindowEntry

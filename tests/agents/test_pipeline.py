@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from agents import windows
-from agents.features import DynamoFeatures, read_user_state
+from agents.features import read_user_state
 from agents.state import ApplyResult
 from agents.windows import Pipeline, deliver
 from recstream.errors import ThroughputExceeded
+from recstream.features import DynamoFeatures
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores

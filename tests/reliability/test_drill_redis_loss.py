@@ -32,10 +32,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from agents.features import DynamoFeatures
 from agents.trending import WINDOWS
 from recstream import stack
 from recstream.aws import sync_client
+from recstream.features import DynamoFeatures
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
