@@ -49,10 +49,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
-from agents.identity import SESSION_PREFIX, Login
+from agents.identity import Login
 from agents.state import ApplyResult, keys_of, redis_failure
 from recstream.errors import StoreUnavailable
 from recstream.features import DynamoFeatures, FeatureCopy, parse_score
+from recstream.identity import SESSION_PREFIX
 from recstream.keys import Keys
 from recstream.redisio import commands, pairs
 from recstream.settings import Settings

@@ -34,10 +34,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from agents.identity import resolve_actor
 from recstream import prom
 from recstream.errors import RecstreamError
 from recstream.features import DynamoFeatures
+from recstream.identity import resolve_actor
 from recstream.model_restore import RegistryRestorer
 from recstream.settings import Settings
 from recstream.stores import Stores
