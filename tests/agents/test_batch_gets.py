@@ -1,4 +1,4 @@
-"""`agents.state.BatchGets` on moto: the reads of several tables made at the same moment
+"""`recstream.dynamo.BatchGets` on moto: the reads of several tables made at the same moment
 go out as one BatchGetItem (the windows agent's recovery of a batch's new actors: their
 windows and feature vectors), each caller gets its own table's items, and a failure
 reaches every caller."""
