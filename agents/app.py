@@ -17,16 +17,19 @@ import faust
 from agents.archive import run_archive
 from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
-from agents.features import DynamoFeatures, FeaturesPart, FeatureStage, SessionFeatures
+from agents.features import FeaturesPart, FeatureStage, SessionFeatures
 from agents.forwarder import Forwarder, open_personalize
 from agents.identity import IdentityStitcher
 from agents.redrive import redrive_personalize
-from agents.state import BatchGets, DynamoWindows, RedisHotStore, WindowsPart
+from agents.state import RedisHotStore, WindowsPart
 from agents.trending import TrendingPart, TrendKeeper
 from agents.windows import Pipeline, WindowAgent, stream_records
 from recstream import tracing
+from recstream.dynamo import BatchGets
+from recstream.features import DynamoFeatures
 from recstream.settings import Settings
 from recstream.stores import Stores, open_redis, open_stores
+from recstream.windows import DynamoWindows
 from streams.kinesis import make_app
 
 __all__ = ["APP_ID", "build_agent", "create_app", "stream_records"]

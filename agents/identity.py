@@ -21,6 +21,9 @@ batch the sessions that received events are checked for an alias again and moved
 appeared meanwhile (`IdentityStitcher.stitch`). The alias is written before the session
 window is read, both atomically, so either the login's move or the session's check sees
 every event.
+Serving reads the alias too, to answer a session's requests from its user's state:
+`recstream.identity.resolve_actor` (in recstream/ with ``session_actor``, since serving
+does not import the agents).
 
 Exactly once: moving and merging are unions by event id, so repeating them is harmless.
 An event first applied to the session and replayed after the login (a crash in between)
@@ -43,41 +46,27 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.state import (
-    Actor,
-    DurableWindows,
-    HotStore,
-    persist_windows,
-    recover_lost_windows,
-)
+from agents.state import HotStore, persist_windows, recover_lost_windows
 from recstream.errors import StoreUnavailable
+from recstream.identity import session_actor
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import Actor, DurableWindows
 from streams.schema import Event
 
 __all__ = [
-    "SESSION_PREFIX",
     "IdentityStitcher",
     "Login",
     "MergeHook",
     "Resolution",
     "SessionMerger",
-    "resolve_actor",
-    "session_actor",
 ]
-
-SESSION_PREFIX = "session:"
-"""An anonymous actor is ``session:{session_id}``."""
 
 log = logging.getLogger(__name__)
 
 MergeHook = Callable[[str, str, str], Awaitable[None]]
 """``hook(namespace, session_actor, user_id)``: merge the session's state into the user's.
 Must be idempotent: it runs again after a replay or a repeated login."""
-
-
-def session_actor(session_id: str) -> str:
-    return f"{SESSION_PREFIX}{session_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +143,6 @@ class Resolution:
     """(namespace, session id) of the sessions events were applied to as anonymous."""
     origin: list[int] = field(default_factory=list)
     """For each of ``events``, its position in the batch given to `resolve`."""
-
-
-async def resolve_actor(redis: aioredis.Redis, namespace: str, session_id: str) -> str:
-    """The actor whose window an anonymous session's requests should read: the user it
-    logged in as, else the session itself (for serving)."""
-    user = await redis.get(Keys(namespace).alias(session_id))
-    return session_actor(session_id) if user is None else _text(user)
 
 
 class IdentityStitcher:

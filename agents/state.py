@@ -1,169 +1,64 @@
 """Per-user state the agents keep: the recent-interaction window and item popularity.
 
-Two stores, one interface each, with real and in-memory implementations:
+`HotStore` (Redis; in memory for unit tests): the window list and the popularity counter
+(and whatever other parts it is given), updated by one Lua script called once per chunk
+of events, which for each event checks the event id in the actor's capped id set, runs
+the parts, and records the id. A replayed event (at-least-once delivery after a crash)
+finds its id and changes nothing, so every effect happens exactly once while the id is
+remembered (``Settings.dedup_per_actor`` newest ids per actor, ``Settings.dedup_ttl_s``).
 
-* `HotStore` (Redis): the window list and the popularity counter (and whatever other
-  parts it is given), updated by one Lua script called once per chunk of events, which
-  for each event checks the event id in the actor's capped id set, runs the parts, and
-  records the id. A replayed event (at-least-once delivery after a crash) finds its id
-  and changes nothing, so every effect happens exactly once while the id is remembered
-  (``Settings.dedup_per_actor`` newest ids per actor, ``Settings.dedup_ttl_s``).
-* `DurableWindows` (DynamoDB): a durable copy of each touched window, written after the
-  hot store. Putting a whole window is idempotent, so a replay rewrites the same item.
-
-Serving reads the hot store and falls back to the durable copy when Redis lost a window.
+Each touched window is then copied to the durable store (`persist_windows`;
+`recstream.windows.DurableWindows`, DynamoDB), and a window the hot store had to create
+gets its durable copy merged back first (`recover_lost_windows`). The window entry, the
+durable store and the merge into Redis live in recstream/windows.py because serving
+uses them too: it reads the hot window and falls back to the durable copy when Redis
+lost a window.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import defaultdict
 from collections.abc import (
-    Awaitable,
     Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import orjson
 import redis.asyncio as aioredis
-from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from agents.catalog import BatchContext, load_context
 from agents.retry import RecordsRefused
-from recstream.aws import translate, until_processed
 from recstream.errors import RecstreamError, RequestRefused, StoreUnavailable
 from recstream.keys import Keys, keys_of
 from recstream.redisio import commands, pack, send_packed
 from recstream.settings import Settings
+from recstream.windows import (
+    Actor,
+    DurableWindows,
+    DynamoWindows,
+    WindowEntry,
+    WindowMerge,
+    merge_entries,
+)
 from streams.schema import Event
-
-if TYPE_CHECKING:
-    from types_aiobotocore_dynamodb import DynamoDBClient
 
 __all__ = [
     "APPLY_CHUNK",
     "ApplyResult",
-    "BatchGets",
-    "DurableWindows",
-    "DynamoWindows",
     "HotStore",
-    "MemoryDurableWindows",
     "MemoryHotStore",
     "RedisHotStore",
-    "WindowEntry",
     "by_actor",
     "compose",
     "compose_chunk",
     "keys_of",
     "pack_evalsha",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class WindowEntry:
-    """One interaction in a window (newest first in every list)."""
-
-    item_id: str
-    event_type: str
-    timestamp: float
-    event_id: str
-    event_value: float | None = None
-    recommendation_id: str | None = None
-    context: Mapping[str, str] | None = None
-    """The event's request context (device, page...), trimmed to fit the entry budget."""
-    impression: tuple[str, ...] | None = None
-    """What was shown alongside the item, trimmed to fit the entry budget."""
-
-    @classmethod
-    def of(cls, event: Event, max_bytes: int | None = None) -> WindowEntry:
-        """The entry of ``event``; with ``max_bytes``, its context and impression are
-        trimmed (the impression's tail first, then context keys in reverse order) until
-        the entry's JSON fits, so one chatty producer cannot bloat every window."""
-        assert event.item_id is not None
-        entry = cls(
-            item_id=event.item_id,
-            event_type=event.event_type,
-            timestamp=event.timestamp,
-            event_id=event.event_id,
-            event_value=event.event_value,
-            recommendation_id=event.recommendation_id,
-            context=dict(event.context) or None,
-            impression=tuple(event.impression) or None,
-        )
-        if max_bytes is None or len(entry.dumps()) <= max_bytes:
-            return entry
-        context = dict(event.context)
-        impression = list(event.impression)
-        while impression or context:
-            if impression:
-                impression.pop()
-            else:
-                context.pop(next(reversed(context)))
-            entry = replace(entry, context=context or None, impression=tuple(impression) or None)
-            if len(entry.dumps()) <= max_bytes:
-                break
-        return entry
-
-    @staticmethod
-    def encode(event: Event, max_bytes: int | None = None) -> bytes:
-        """``WindowEntry.of(event, max_bytes).dumps()``, without building the entry
-        when the event fits (the agent's hot path)."""
-        doc: dict[str, Any] = {
-            "i": event.item_id,
-            "t": event.event_type,
-            "ts": event.timestamp,
-            "e": event.event_id,
-        }
-        if event.event_value is not None:
-            doc["v"] = event.event_value
-        if event.recommendation_id is not None:
-            doc["r"] = event.recommendation_id
-        if event.context:
-            doc["c"] = event.context
-        if event.impression:
-            doc["m"] = event.impression
-        raw = orjson.dumps(doc)
-        if max_bytes is None or len(raw) <= max_bytes:
-            return raw
-        return WindowEntry.of(event, max_bytes).dumps()
-
-    def dumps(self) -> bytes:
-        doc: dict[str, Any] = {
-            "i": self.item_id,
-            "t": self.event_type,
-            "ts": self.timestamp,
-            "e": self.event_id,
-        }
-        if self.event_value is not None:
-            doc["v"] = self.event_value
-        if self.recommendation_id is not None:
-            doc["r"] = self.recommendation_id
-        if self.context:
-            doc["c"] = self.context
-        if self.impression:
-            doc["m"] = self.impression
-        return orjson.dumps(doc)
-
-    @classmethod
-    def loads(cls, raw: bytes | str) -> WindowEntry:
-        doc = orjson.loads(raw)
-        impression = doc.get("m")
-        return cls(
-            item_id=doc["i"],
-            event_type=doc["t"],
-            timestamp=doc["ts"],
-            event_id=doc["e"],
-            event_value=doc.get("v"),
-            recommendation_id=doc.get("r"),
-            context=doc.get("c"),
-            impression=tuple(impression) if impression else None,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +88,6 @@ class ApplyResult:
         )
 
 
-Actor = tuple[str, str]
-"""(namespace, actor id)"""
-
-
 class HotStore(Protocol):
     async def apply(self, events: Sequence[Event]) -> ApplyResult: ...
     async def window(
@@ -207,12 +98,6 @@ class HotStore(Protocol):
         self, namespace: str, actor: str, entries: Sequence[WindowEntry]
     ) -> None: ...
     async def popular(self, namespace: str, k: int) -> list[tuple[str, float]]: ...
-
-
-class DurableWindows(Protocol):
-    async def put(self, windows: Mapping[Actor, Sequence[WindowEntry]]) -> None: ...
-    async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None: ...
-    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]: ...
 
 
 # Server replies that say "not now" rather than "never": retried like an outage.
@@ -226,16 +111,6 @@ def redis_failure(what: str, exc: RedisError) -> RecstreamError:
     if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT_REPLIES):
         return RequestRefused(f"{what} was refused by Redis: {exc}")
     return StoreUnavailable(f"{what} failed: {exc}; is Redis up? (`recstream up` starts it)")
-
-
-def merge_entries(
-    current: Sequence[WindowEntry], other: Sequence[WindowEntry], size: int
-) -> list[WindowEntry]:
-    """Union by event id, newest first by event time, capped (the Lua merge does the same)."""
-    seen = {e.event_id for e in current}
-    merged = list(current) + [e for e in other if e.event_id not in seen]
-    merged.sort(key=lambda e: -e.timestamp)  # stable: ties keep the current entry first
-    return merged[:size]
 
 
 # --- Redis -------------------------------------------------------------------------------
@@ -658,33 +533,6 @@ def by_actor(events: Sequence[Event]) -> list[int]:
     return [n for group in groups.values() for n in group]
 
 
-# KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
-# Union by event id, sorted newest first by event time, capped, rewritten atomically, so
-# an event the agent pushes concurrently is never lost.
-_MERGE = """
-local all = {}
-local seen = {}
-local function add(raw)
-  local doc = cjson.decode(raw)
-  if not seen[doc['e']] then
-    seen[doc['e']] = true
-    all[#all + 1] = {ts = doc['ts'], raw = raw, order = #all}
-  end
-end
-for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do add(raw) end
-for i = 3, #ARGV do add(ARGV[i]) end
-table.sort(all, function(a, b)
-  if a.ts == b.ts then return a.order < b.order end
-  return a.ts > b.ts
-end)
-redis.call('DEL', KEYS[1])
-local size = math.min(#all, tonumber(ARGV[1]))
-for i = 1, size do redis.call('RPUSH', KEYS[1], all[i].raw) end
-if size > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return size
-"""
-
-
 def pack_evalsha(sha: str, keys: Sequence[str], args: Sequence[bytes]) -> bytes:
     """``EVALSHA sha len(keys) *keys *args`` in the Redis protocol, packed by hiredis in
     C: the same bytes as redis-py's own packer (`test_pack_evalsha_is_redis_py_s`), which
@@ -724,7 +572,7 @@ class RedisHotStore:
         )
         self._apply = redis.register_script(compose_chunk(self.parts))
         self._loaded = False
-        self._merge = redis.register_script(_MERGE)
+        self._merger = WindowMerge(redis, settings)
         self._weights = orjson.dumps(settings.event_weights)
         header: dict[str, Any] = {
             "seen_cap": settings.dedup_per_actor,
@@ -898,19 +746,7 @@ class RedisHotStore:
     ) -> None:
         """Merge entries (e.g. the durable copy) into the hot window without losing any
         event written meanwhile."""
-        if not entries:
-            return
-        try:
-            await self._merge(
-                keys=[Keys(namespace).window(actor)],
-                args=[
-                    self.settings.window_size,
-                    self.settings.window_ttl_s,
-                    *[e.dumps() for e in entries],
-                ],
-            )
-        except RedisError as exc:
-            raise StoreUnavailable(f"merging a window into Redis failed: {exc}") from exc
+        await self._merger.merge(namespace, actor, entries)
 
     async def popular(self, namespace: str, k: int) -> list[tuple[str, float]]:
         raw = await self.redis.zrevrange(Keys(namespace).popularity, 0, k - 1, withscores=True)
@@ -919,213 +755,6 @@ class RedisHotStore:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-# --- DynamoDB ------------------------------------------------------------------------------
-
-
-DURABLE_ITEM_BYTES = 300 * 1024
-"""Budget of one durable JSON document. DynamoDB refuses items over 400 KB, and a refused
-item would fail its whole batch again on every retry; keys and other attributes fit in
-what is left."""
-
-
-DYNAMODB_CONCURRENCY = 8
-"""BatchWriteItem calls of one copy in flight at once: each takes 25 items, and the
-copies of a batch of interleaved users need many of them."""
-
-
-async def in_parallel(
-    calls: Sequence[Awaitable[object]], limit: int = DYNAMODB_CONCURRENCY
-) -> None:
-    """Await independent, idempotent calls, at most ``limit`` at a time; the first failure
-    is raised once every call has ended (a retry repeats them all, harmlessly)."""
-    gate = asyncio.Semaphore(limit)
-
-    async def one(call: Awaitable[object]) -> None:
-        async with gate:
-            await call
-
-    results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
-def bounded_json_list(docs: Sequence[bytes], limit: int) -> bytes:
-    """The JSON list of ``docs`` (newest first), without the oldest ones beyond ``limit``
-    bytes: a durable window keeps as many of its newest entries as fit."""
-    size, kept = 2, 0
-    for doc in docs:
-        if size + len(doc) + 1 > limit:
-            break
-        size += len(doc) + 1
-        kept += 1
-    return b"[" + b",".join(docs[:kept]) + b"]"
-
-
-class BatchGets:
-    """DynamoDB reads by key, coalesced: the `get` calls made in one turn of the event
-    loop, whatever their tables, go out together as BatchGetItem calls of up to 100 keys
-    across tables (what DynamoDB takes in one call), and each caller gets its own
-    table's items.
-
-    The windows agent recovers a batch's new actors' window and feature vector
-    concurrently (`WindowAgent.apply`): with one `BatchGets` shared by `DynamoWindows` and
-    `DynamoFeatures` (`agents.app.build_agent`) the two reads of a batch are one call
-    rather than two, and a call costs the worker 3-5 million instructions
-    (aiobotocore; session 10 in docs/agents.md). Each read is consistent, as before;
-    what DynamoDB leaves unprocessed is asked again with backoff, and a failure fails
-    every caller of the call."""
-
-    def __init__(self, client: DynamoDBClient, settings: Settings) -> None:
-        self.client = client
-        self.settings = settings
-        self._waiting: list[tuple[str, list[str], asyncio.Future[dict[str, Any]]]] = []
-
-    async def get(self, table: str, pks: Sequence[str]) -> dict[str, Mapping[str, Any]]:
-        """The items of ``table`` with these ``pk`` values, by pk; absent ones left out."""
-        if not pks:
-            return {}
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, Any]] = loop.create_future()
-        if not self._waiting:
-            # after the other coroutines started in this turn asked for theirs
-            loop.call_soon(self._start)
-        self._waiting.append((table, list(dict.fromkeys(pks)), future))
-        return await future
-
-    def _start(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        task = asyncio.ensure_future(self._read(waiting))
-        # (the callers hold the futures; the task ends when they are answered)
-        task.add_done_callback(_retrieved)
-
-    async def _read(
-        self, waiting: Sequence[tuple[str, list[str], asyncio.Future[dict[str, Any]]]]
-    ) -> None:
-        wanted = [(table, pk) for table, pks, _ in waiting for pk in pks]
-        found: dict[tuple[str, str], Mapping[str, Any]] = {}
-        tables = sorted({table for table, _, _ in waiting})
-        try:
-            for start in range(0, len(wanted), 100):
-                request: dict[str, Any] = {}
-                for table, pk in wanted[start : start + 100]:
-                    entry = request.setdefault(table, {"Keys": [], "ConsistentRead": True})
-                    entry["Keys"].append({"pk": {"S": pk}})
-                names = ", ".join(map(repr, tables))
-                async for response in until_processed(
-                    self.client.batch_get_item,
-                    request,
-                    "UnprocessedKeys",
-                    f"reading items from {names}",
-                    f"DynamoDB kept reads unprocessed on {names}; raise its capacity",
-                    self.settings,
-                ):
-                    for table, items in response.get("Responses", {}).items():
-                        for item in items:
-                            found[(table, item["pk"]["S"])] = item
-        except BaseException as exc:
-            for _, _, future in waiting:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for table, pks, future in waiting:
-            if not future.done():
-                future.set_result({pk: found[(table, pk)] for pk in pks if (table, pk) in found})
-
-
-def _retrieved(task: asyncio.Future[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # (handed to the callers already)
-
-
-class DynamoWindows:
-    """`DurableWindows` on DynamoDB table ``{prefix}-windows``.
-
-    Item: ``pk`` = ``{namespace}#{actor}``, ``window`` = JSON list (newest first),
-    ``updated_at``, and ``expires_at`` (the table's TTL attribute), so abandoned windows
-    expire as they do in Redis.
-    """
-
-    def __init__(
-        self, client: DynamoDBClient, settings: Settings, reads: BatchGets | None = None
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.table = settings.windows_table
-        self.reads = reads or BatchGets(client, settings)
-        """Its `get_many` reads (shared with other tables' to coalesce them)."""
-
-    @staticmethod
-    def pk(namespace: str, actor: str) -> str:
-        return f"{namespace}#{actor}"
-
-    async def put(self, windows: Mapping[tuple[str, str], Sequence[WindowEntry]]) -> None:
-        await self.put_raw(
-            {actor: [e.dumps() for e in entries] for actor, entries in windows.items()}
-        )
-
-    async def put_raw(self, windows: Mapping[tuple[str, str], Sequence[bytes]]) -> None:
-        """`put`, each entry given as its JSON."""
-        now = time.time()
-        requests: list[dict[str, Any]] = []
-        for (namespace, actor), entries in windows.items():
-            body = bounded_json_list(entries, DURABLE_ITEM_BYTES)
-            requests.append(
-                {
-                    "PutRequest": {
-                        "Item": {
-                            "pk": {"S": self.pk(namespace, actor)},
-                            "window": {"S": body.decode()},
-                            "updated_at": {"N": repr(now)},
-                            "expires_at": {"N": str(int(now + self.settings.window_ttl_s))},
-                        }
-                    }
-                }
-            )
-        await in_parallel(
-            [
-                self._batch_write(requests[start : start + 25])
-                for start in range(0, len(requests), 25)
-            ]
-        )
-
-    async def _batch_write(self, requests: list[dict[str, Any]]) -> None:
-        async for _ in until_processed(
-            self.client.batch_write_item,
-            {self.table: requests},
-            "UnprocessedItems",
-            f"writing windows in {self.table!r}",
-            f"DynamoDB kept writing windows unprocessed on {self.table!r}; raise its capacity",
-            self.settings,
-        ):
-            pass
-
-    async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
-        try:
-            response = await self.client.get_item(
-                TableName=self.table,
-                Key={"pk": {"S": self.pk(namespace, actor)}},
-                ConsistentRead=True,
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise translate(exc, f"reading a window from {self.table!r}", self.settings) from exc
-        item = response.get("Item")
-        return None if item is None else self._entries(item)
-
-    @staticmethod
-    def _entries(item: Mapping[str, Any]) -> list[WindowEntry]:
-        return [WindowEntry.loads(orjson.dumps(doc)) for doc in orjson.loads(item["window"]["S"])]
-
-    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]:
-        """Windows of many actors (BatchGetItem, 100 keys a call, with other tables' reads
-        of the moment: `BatchGets`); absent ones are left out."""
-        by_pk = {self.pk(ns, actor): (ns, actor) for ns, actor in actors}
-        items = await self.reads.get(self.table, list(by_pk))
-        return {by_pk[pk]: self._entries(item) for pk, item in items.items()}
 
 
 # --- in memory (unit tests) --------------------------------------------------------------
@@ -1198,22 +827,6 @@ class MemoryHotStore:
         counts = self.popularity.get(namespace, {})
         # Ties in reverse member order, as Redis's ZREVRANGE returns them.
         return sorted(counts.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]
-
-
-class MemoryDurableWindows:
-    def __init__(self) -> None:
-        self.items: dict[Actor, list[WindowEntry]] = {}
-
-    async def put(self, windows: Mapping[Actor, Sequence[WindowEntry]]) -> None:
-        for key, entries in windows.items():
-            self.items[key] = list(entries)
-
-    async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
-        found = self.items.get((namespace, actor))
-        return list(found) if found is not None else None
-
-    async def get_many(self, actors: Sequence[Actor]) -> dict[Actor, list[WindowEntry]]:
-        return {a: list(self.items[a]) for a in actors if a in self.items}
 
 
 async def recover_lost_windows(

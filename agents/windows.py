@@ -42,14 +42,8 @@ from pydantic import ConfigDict, ValidationError
 from agents.deadletter import PARSE, DeadLetter, DeadLetters, send_until_done
 from agents.identity import IdentityStitcher, Resolution
 from agents.retry import Failure, RecordsRefused, RetryPolicy, process_bounded
-from agents.state import (
-    ApplyResult,
-    DurableWindows,
-    HotStore,
-    PreparedCalls,
-    persist_windows,
-    recover_lost_windows,
-)
+from agents.state import ApplyResult, HotStore, PreparedCalls, persist_windows, recover_lost_windows
+from recstream.windows import DurableWindows
 from streams.kinesis.shards import unpack
 from streams.schema import Event
 

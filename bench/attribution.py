@@ -26,15 +26,17 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 
-from agents.attribution import AttributionAgent, DynamoCounters, ServedLog, served_record
+from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import MemoryDeadLetters
 from agents.identity import IdentityStitcher
-from agents.state import DynamoWindows, RedisHotStore
+from agents.state import RedisHotStore
 from agents.windows import WindowAgent
 from bench.common import local_settings, summarize
 from recstream.keys import Keys
+from recstream.served import ServedLog, served_record
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from recstream.windows import DynamoWindows
 from streams.schema import Event
 
 

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agents.state import WindowEntry
 from recstream.ranking import SOURCES, FeatureSpec, History, RankingModel, feature_matrix, lgb_name
+from recstream.windows import WindowEntry
 from serving.pipeline.features import assemble
 from serving.pipeline.rank import LearnedRanker
 from serving.pipeline.types import Candidate, RankContext

@@ -33,9 +33,10 @@ import numpy as np
 import redis.asyncio as aioredis
 
 import serving.pipeline.ranker as ranker_module
-from agents.state import MemoryDurableWindows, RedisHotStore
+from agents.state import RedisHotStore
 from recstream import stack
 from recstream.settings import Settings
+from recstream.windows import MemoryDurableWindows
 from serving.pipeline import Ranker
 from streams.schema import Event, Item
 from training.data import InteractionLog

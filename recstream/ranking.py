@@ -97,7 +97,7 @@ _REQUEST_FEATURES = ("h:length", "h:age_s", "h:session")
 
 
 class HistoryEvent(Protocol):
-    """One event of a user's history (serving's `agents.state.WindowEntry` is one)."""
+    """One event of a user's history (`recstream.windows.WindowEntry` is one)."""
 
     @property
     def item_id(self) -> str: ...

@@ -416,7 +416,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_and_limits(self) -> Settings:
         # (A window of valid events with long ids cannot overflow DynamoDB's 400 KB item:
-        # the durable copy keeps the newest entries that fit in 300 KB, agents/state.py.)
+        # the durable copy keeps the newest entries that fit in 300 KB, recstream/windows.py.)
         if self.env != "production":
             return self
         problems: list[str] = []

@@ -67,7 +67,7 @@ from recstream.errors import FieldProblem, RecstreamError, ValidationFailed
 from streams.schema import Item
 
 if TYPE_CHECKING:
-    from agents.state import WindowEntry
+    from recstream.windows import WindowEntry
 
 __all__ = [
     "MAX_EXPRESSION_LENGTH",

@@ -34,14 +34,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from agents.features import DynamoFeatures
-from agents.identity import resolve_actor
-from agents.state import DynamoWindows
 from recstream import prom
 from recstream.errors import RecstreamError
+from recstream.features import DynamoFeatures
+from recstream.identity import resolve_actor
 from recstream.model_restore import RegistryRestorer
 from recstream.settings import Settings
 from recstream.stores import Stores
+from recstream.windows import DynamoWindows
 from serving.collector import read_capped
 from serving.http import error_response, json_response, request_namespace
 from serving.metrics import RANK_DEGRADED, RANK_LATENCY

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from agents.state import WindowEntry
 from recstream.ranking import SOURCES, FeatureSpec, Float64Array, History, feature_matrix
+from recstream.windows import WindowEntry
 from serving.pipeline.types import Candidate, RankContext
 
 __all__ = ["assemble"]

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from agents.state import WindowEntry
+from recstream.windows import WindowEntry
 from serving.metrics import FRESHNESS, FRESHNESS_RECENT
 
 __all__ = ["FreshnessTracker"]

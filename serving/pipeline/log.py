@@ -1,6 +1,6 @@
 """Stage 8: record what was served, for attribution, off the request path but bounded.
 
-Each answer is written through `agents.attribution.ServedLog`: one Lua call sets
+Each answer is written through `recstream.served.ServedLog`: one Lua call sets
 ``rs:{ns}:served:{recommendation_id}`` (``{"actor", "strategy", "variant", "items": [ids],
 "ts", "context"}``, TTL ``Settings.attribution_window_s``), indexes it under the actor (so
 a click on a served item that carries no recommendation id is attributed too) and counts
@@ -33,11 +33,11 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from agents.attribution import MAX_SERVED_ITEMS, served_record
-from agents.attribution import ServedLog as AttributionLog
 from recstream.errors import RecstreamError
 from recstream.keys import Keys
 from recstream.redisio import pack, send_packed
+from recstream.served import MAX_SERVED_ITEMS, served_record
+from recstream.served import ServedLog as AttributionLog
 from recstream.settings import Settings
 from serving.metrics import SERVED_LOG_DROPPED
 

@@ -30,11 +30,11 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.state import DurableWindows, RedisHotStore, WindowEntry
 from recstream import prom
 from recstream.errors import RecstreamError
 from recstream.ids import new_id
 from recstream.settings import Settings
+from recstream.windows import DurableWindows, WindowEntry, WindowMerge
 from serving.metrics import SOURCE_LATENCY
 from serving.pipeline import kernels
 from serving.pipeline.candidates import SourceOutput, Sources, best
@@ -182,7 +182,7 @@ class Ranker:
         self.scorer: Scorer = scorer or LinearBlend()
         # an explicitly given scorer always ranks; else a published learned ranker does
         self._learned = scorer is None
-        self.hot = RedisHotStore(redis, settings)
+        self.window_merge = WindowMerge(redis, settings)
         self.models = ModelCache(redis)
         self.reads: Reads = set()
         self.sources = Sources(
@@ -294,7 +294,7 @@ class Ranker:
         # Off the request path: the answer does not wait for Redis to be repaired.
         with contextlib.suppress(*_ERRORS):
             async with asyncio.timeout(1.0):
-                await self.hot.merge_window(namespace, actor, entries)
+                await self.window_merge.merge(namespace, actor, entries)
 
     # --- stage 2: candidates --------------------------------------------------------------
     def _weights(self, blend: Published | None) -> dict[str, float]:

@@ -12,10 +12,10 @@ When Redis holds no window, the durable copy in DynamoDB tells a new actor from 
 window Redis lost; a found window is merged back into Redis off the request path.
 `RecentMisses` remembers actors found in neither store, so a stream of requests from new
 visitors does not cost a DynamoDB read each. `DurableActorState` is that durable store as
-serving uses it: it reads the actor's feature vector's copy (agents/features) beside the
-window, and puts the vector back in Redis when Redis lost it, so an actor whose state
-Redis lost gets back the affinities and live embedding the agents had built, without
-waiting for their next event.
+serving uses it: it reads the actor's feature vector's copy (`recstream.features`, which
+agents/features writes) beside the window, and puts the vector back in Redis when Redis
+lost it, so an actor whose state Redis lost gets back the affinities and live embedding
+the agents had built, without waiting for their next event.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from agents.features import DynamoFeatures, FeatureCopy
-from agents.state import Actor, DurableWindows, WindowEntry
 from recstream.errors import RecstreamError, StoreUnavailable
+from recstream.features import DynamoFeatures, FeatureCopy
 from recstream.keys import Keys
 from recstream.published import Lua, as_text, run_lua
 from recstream.redisio import pairs
 from recstream.settings import Settings
+from recstream.windows import Actor, DurableWindows, WindowEntry
 from serving.pipeline.models import MODEL_NAMES
 from serving.pipeline.types import UserState
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
-from agents.state import WindowEntry
+from recstream.windows import WindowEntry
 from streams.schema import Item
 
 __all__ = [

@@ -8,16 +8,10 @@ from typing import Any
 
 import pytest
 
-from agents.attribution import (
-    CLOCK_SKEW_S,
-    AttributionAgent,
-    DynamoCounters,
-    ServedLog,
-    log_served,
-    served_record,
-)
+from agents.attribution import CLOCK_SKEW_S, AttributionAgent, DynamoCounters
 from recstream.aws import sync_client
 from recstream.keys import Keys
+from recstream.served import ServedLog, log_served, served_record
 from recstream.settings import Settings
 from recstream.stores import open_stores
 from streams.schema import Event

@@ -1,4 +1,4 @@
-"""`agents.state.BatchGets` on moto: the reads of several tables made at the same moment
+"""`recstream.dynamo.BatchGets` on moto: the reads of several tables made at the same moment
 go out as one BatchGetItem (the windows agent's recovery of a batch's new actors: their
 windows and feature vectors), each caller gets its own table's items, and a failure
 reaches every caller."""
@@ -9,11 +9,12 @@ import asyncio
 from typing import Any
 
 from agents.app import build_agent
-from agents.features import DynamoFeatures, FeatureCopy
-from agents.state import BatchGets, DynamoWindows, WindowEntry
+from recstream.dynamo import BatchGets
 from recstream.errors import RecstreamError
+from recstream.features import DynamoFeatures, FeatureCopy
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from recstream.windows import DynamoWindows, WindowEntry
 from streams.schema import Event
 
 

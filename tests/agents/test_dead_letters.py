@@ -23,7 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.archive import ArchiveBuffer, S3ArchiveSink, flush_until_done
-from agents.attribution import AttributionAgent, DynamoCounters, log_served, served_record
+from agents.attribution import AttributionAgent, DynamoCounters
 from agents.deadletter import SqsDeadLetters
 from agents.forwarder import Forwarder, open_personalize
 from agents.retry import RetryPolicy
@@ -33,6 +33,7 @@ from recstream.aws import async_client, sync_client
 from recstream.cli import main
 from recstream.errors import RequestRefused
 from recstream.keys import Keys
+from recstream.served import log_served, served_record
 from recstream.settings import Settings
 from recstream.stores import open_stores
 from streams.schema import Event

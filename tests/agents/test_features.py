@@ -12,9 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.app import build_agent
-from agents.features import parse_score, read_user_state
+from agents.features import read_user_state
 from agents.trending import WINDOWS, materialize
 from agents.windows import WindowAgent, deliver
+from recstream.features import parse_score
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores

@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 
 from agents.deadletter import SqsDeadLetters
-from agents.identity import IdentityStitcher, resolve_actor
-from agents.state import DynamoWindows, RedisHotStore
+from agents.identity import IdentityStitcher
+from agents.state import RedisHotStore
 from agents.windows import WindowAgent
+from recstream.identity import resolve_actor
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from recstream.windows import DynamoWindows
 from streams.schema import Event
 
 T0 = time.time() - 3600

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from agents.features import DynamoFeatures, parse_score, read_user_state
+from agents.features import read_user_state
 from agents.windows import WindowAgent, deliver
+from recstream.features import DynamoFeatures, parse_score
 from recstream.keys import Keys
 from recstream.settings import Settings
 from streams.schema import Event, Item

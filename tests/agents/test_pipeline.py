@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 from agents import windows
-from agents.features import DynamoFeatures, read_user_state
-from agents.state import ApplyResult, DynamoWindows
+from agents.features import read_user_state
+from agents.state import ApplyResult
 from agents.windows import Pipeline, deliver
 from recstream.errors import ThroughputExceeded
+from recstream.features import DynamoFeatures
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from recstream.windows import DynamoWindows
 from streams.schema import Event
 from tests.agents.streamdata import snapshot, taobao, write_catalog
 from tests.agents.test_features import agent_of

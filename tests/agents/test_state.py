@@ -9,20 +9,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from agents.retry import RecordsRefused
-from agents.state import (
-    APPLY_CHUNK,
-    DurableWindows,
-    DynamoWindows,
-    HotStore,
-    MemoryDurableWindows,
-    MemoryHotStore,
-    RedisHotStore,
-    WindowEntry,
-    by_actor,
-)
+from agents.state import APPLY_CHUNK, HotStore, MemoryHotStore, RedisHotStore, by_actor
 from recstream.aws import async_client
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import DurableWindows, DynamoWindows, MemoryDurableWindows, WindowEntry
 from streams.schema import Event
 
 T0 = 1_700_000_000.0

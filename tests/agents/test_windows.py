@@ -10,11 +10,12 @@ import orjson
 import redis.asyncio as aioredis
 
 from agents.deadletter import MemoryDeadLetters, SqsDeadLetters
-from agents.state import DynamoWindows, MemoryDurableWindows, MemoryHotStore, RedisHotStore
+from agents.state import MemoryHotStore, RedisHotStore
 from agents.windows import WindowAgent
 from recstream.aws import async_client, sync_client
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import DynamoWindows, MemoryDurableWindows
 from streams.schema import Event
 
 

@@ -32,14 +32,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from agents.features import DynamoFeatures
-from agents.state import DynamoWindows
 from agents.trending import WINDOWS
 from recstream import stack
 from recstream.aws import sync_client
+from recstream.features import DynamoFeatures
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from recstream.windows import DynamoWindows
 from serving.app import create_app
 from tests.conftest import LocalStack, make_settings, serve_in_thread
 from tests.reliability.drillkit import agents, applied_ids, private_redis, wait_for

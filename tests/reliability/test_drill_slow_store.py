@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 import pytest
 
-from agents.state import DynamoWindows, WindowEntry
 from recstream import stack
 from recstream.aws import async_client
+from recstream.windows import DynamoWindows, WindowEntry
 from serving.app import create_app
 from tests.conftest import serve_in_thread
 from tests.reliability.drillkit import (

@@ -16,13 +16,13 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from agents.state import DynamoWindows, WindowEntry
 from recstream.archive import object_key
 from recstream.aws import async_client
 from recstream.settings import (
     NAMESPACE_PATTERN,
     Settings,
 )
+from recstream.windows import DynamoWindows, WindowEntry
 from streams.envelope import decode
 from streams.kinesis.writer import (
     MAX_BYTES_PER_CALL,

@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from agents.state import DynamoWindows, RedisHotStore
+from agents.state import RedisHotStore
 from recstream.aws import async_client
 from recstream.settings import Settings
+from recstream.windows import DynamoWindows
 from serving.pipeline import Ranker
 from serving.pipeline.types import ItemCatalog
 from streams.schema import Event

@@ -13,9 +13,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from agents.state import WindowEntry
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import WindowEntry
 from serving.pipeline import log as log_module
 from serving.pipeline.memo import AnswerCache
 from streams.schema import Item

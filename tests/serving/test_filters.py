@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
-from agents.state import WindowEntry
+from recstream.windows import WindowEntry
 from serving.filters import (
     MAX_EXPRESSION_LENGTH,
     CompiledFilter,

@@ -14,10 +14,10 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
-from agents.state import DynamoWindows, MemoryDurableWindows, WindowEntry
 from recstream.aws import async_client
 from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import DynamoWindows, MemoryDurableWindows, WindowEntry
 from serving.pipeline import Ranker, Recommendations
 from serving.pipeline.candidates import Sources
 from serving.pipeline.models import Published

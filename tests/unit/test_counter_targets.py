@@ -1,5 +1,5 @@
 """The attribution counters' keys and notes are remembered per strategy, variant and UTC
-day (agents/attribution.py `_counter_targets`): what is remembered is exactly what a
+day (recstream/served.py `counter_targets`): what is remembered is exactly what a
 fresh computation gives, on both sides of midnight and per namespace, strategy, variant
 and day TTL."""
 
@@ -10,7 +10,7 @@ import calendar
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.attribution import _counter_targets, _make_counter_targets
+from recstream.served import _make_counter_targets, counter_targets
 from recstream.settings import Settings
 
 MIDNIGHT = calendar.timegm((2026, 11, 30, 0, 0, 0))
@@ -30,6 +30,6 @@ def test_remembered_targets_equal_fresh_ones(
     config = Settings(attribution_day_ttl_s=ttl)
     ts = MIDNIGHT + offset
     for _ in range(2):  # made, then remembered
-        assert _counter_targets(config, namespace, strategy, variant, ts) == (
+        assert counter_targets(config, namespace, strategy, variant, ts) == (
             _make_counter_targets(config, namespace, strategy, variant, ts)
         )

@@ -7,7 +7,7 @@ import time
 
 from prometheus_client import REGISTRY
 
-from agents.state import WindowEntry
+from recstream.windows import WindowEntry
 from serving.pipeline.freshness import RECENT_S, FreshnessTracker
 
 
