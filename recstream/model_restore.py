@@ -182,6 +182,16 @@ class RegistryRestorer:
         self._tasks[namespace] = task
         task.add_done_callback(lambda _: self._tasks.pop(namespace, None))
 
+    async def warm(self, namespace: str) -> None:
+        """The check a request that finds a pointer missing would start, made now and
+        waited for (a start-up: its first S3 calls hold the event loop for ~10 ms while
+        botocore resolves the endpoint); not made again for ``recheck_s``."""
+        running = self._tasks.get(namespace)
+        if running is not None:
+            await asyncio.shield(running)
+        elif time.monotonic() >= self._next.get(namespace, 0.0):
+            await self._run(namespace)
+
     async def _run(self, namespace: str) -> None:
         wait = self.recheck_s
         try:

@@ -211,23 +211,21 @@ class Ranker:
         await asyncio.gather(
             *(self.models.ensure(namespace, name, versions.get(name), wait_s) for name in versions)
         )
-        # What else the first requests would wait for, past their sources' deadlines (a
-        # new user's first answer after a start was empty, every source degraded): the
-        # live lists, and the first DynamoDB call (aiobotocore opens its session and
-        # connection on it, ~20 ms on the emulator) through a read of a key no actor has.
-        n = self.settings.candidates_per_source
-        trending, _ = await asyncio.gather(
-            self.models.ensure(namespace, "trending", versions.get("trending"), wait_s),
-            self.models.ensure(namespace, "popularity", versions.get("popularity"), wait_s),
-        )
-        results = await asyncio.gather(
-            self.sources.popular(namespace, None, None, n),
-            self.sources.trending(namespace, trending, None, n),
-            asyncio.wait_for(self.durable.get(namespace, WARM_ACTOR), wait_s),
-            return_exceptions=True,
-        )
-        for failed in (r for r in results if isinstance(r, BaseException)):
-            log.info("warming %s: %s (the first requests will be slower)", namespace, failed)
+        # A process's first S3 and DynamoDB calls (aiobotocore's session and connection,
+        # botocore's endpoint rules) held the event loop for 5-10 ms at a time: a new
+        # visitor's first answer after a start was empty, every source past its deadline
+        # (asyncio's debug mode named them). They are made now: the check for lost model
+        # pointers a request would start (one is missing until every model is published)
+        # and a read of an actor no event names. (The live lists are not read here: a
+        # list read before the first events would be served, empty, for a second.)
+        calls: list[Awaitable[Any]] = [self.durable.get(namespace, WARM_ACTOR)]
+        if self.models.restorer is not None:
+            calls.append(self.models.restorer.warm(namespace))
+        for call in calls:
+            try:
+                await asyncio.wait_for(call, wait_s)
+            except (TimeoutError, *_ERRORS) as exc:
+                log.info("warming %s: %s (the first requests will be slower)", namespace, exc)
 
     async def aclose(self) -> None:
         await self.served.drain()

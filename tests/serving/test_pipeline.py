@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 
 from recstream.aws import async_client
 from recstream.keys import Keys
+from recstream.model_restore import RegistryRestorer
 from recstream.settings import Settings
 from recstream.windows import DynamoWindows, MemoryDurableWindows, WindowEntry
 from serving.pipeline import Ranker, Recommendations
@@ -451,30 +452,43 @@ async def test_unreachable_redis_degrades_instead_of_failing(local_stack: LocalS
     assert trending.degraded
 
 
-async def test_warm_reads_what_a_first_request_would_wait_for(local_stack: LocalStack) -> None:
-    """A start warms the models, the live lists and the durable store's connection, so
-    a new visitor's first answer does not wait past its sources' deadlines for them."""
+async def test_warm_makes_the_store_calls_a_first_request_would_wait_for(
+    local_stack: LocalStack,
+) -> None:
+    """A start makes the first DynamoDB and S3 calls (which hold the event loop while
+    botocore resolves endpoints) before any request: a read of an actor no event names,
+    and the check for lost model pointers that a request finding one missing starts."""
     settings = make_settings(local_stack)
     ns = settings.namespace
-    await apply(settings, [event(1, "someone", "x1", ns), event(2, "someone", "x2", ns)])
     asked: list[tuple[str, str]] = []
+    checked: list[str] = []
 
     class Recording(MemoryDurableWindows):
         async def get(self, namespace: str, actor: str) -> list[WindowEntry] | None:
             asked.append((namespace, actor))
             return await super().get(namespace, actor)
 
+    class Counting(RegistryRestorer):
+        async def check(self, namespace: str) -> dict[str, str]:
+            checked.append(namespace)
+            return await super().check(namespace)
+
     client = aioredis.from_url(settings.redis_url)
-    ranker = Ranker(client, Recording(), settings)
     try:
-        n = settings.candidates_per_source
-        assert ranker.sources.popular_now(ns, None, None, n) is None  # nothing read yet
-        await ranker.warm(ns)
-        popular = ranker.sources.popular_now(ns, None, None, n)
-        assert popular is not None  # in memory: the first request's synchronous pass
-        assert set(popular.scores) == {"x1", "x2"}
-        assert ranker.sources.trending_now(ns, None, None, n) is not None
-        assert asked == [(ns, "recstream:warm-up")]
+        async with async_client(settings, "s3") as s3:
+            ranker = Ranker(client, Recording(), settings)
+            ranker.models.restorer = Counting(client, s3, settings)
+            try:
+                await ranker.warm(ns)
+                assert asked == [(ns, "recstream:warm-up")]
+                assert checked == [ns]
+                # no model is published, so every pointer is missing: the first request
+                # does not start the check again
+                result = await ranker.recommend(ns, "someone", 5)
+                assert result.degraded == []
+                await asyncio.sleep(0.05)
+                assert checked == [ns]
+            finally:
+                await ranker.aclose()
     finally:
-        await ranker.aclose()
         await client.aclose()
