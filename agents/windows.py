@@ -86,15 +86,20 @@ class StreamRecord:
     shard: str | None = None
     sequence_number: str | None = None
     sub_sequence: int | None = None
+    accepted_at: float | None = None
+    """When the stream accepted the record (its arrival time), if known."""
     parsed: Event | str | None = field(default=None, init=False, compare=False, repr=False)
     """`event`'s answer, once asked (the agents of a worker share a message's records)."""
 
     def event(self) -> Event | str:
         """The record's event, or why it is not one (`parse_event`): parsed once per
-        record, however many agents ask and however far apart (`event_records`)."""
+        record, however many agents ask and however far apart (`event_records`); marked
+        with the record's acceptance (`Event.accepted_at`, what freshness counts from)."""
         found = self.parsed
         if found is None:
             found = parse_event(self.value)
+            if self.accepted_at is not None and isinstance(found, Event):
+                found.mark_accepted(self.accepted_at)
             object.__setattr__(self, "parsed", found)  # (frozen for its callers)
         return found
 
@@ -193,15 +198,19 @@ def event_records(app: Any, event: Any) -> tuple[StreamRecord, ...]:
     where = position(message.tp, message.offset) if position is not None else None
     value = message.value if isinstance(message.value, bytes) else bytes(event.value)
     inner = unpack(message.key, value, message.headers)
+    # (the transport gives each message its record's arrival time on the stream)
+    accepted = getattr(message, "timestamp", None)
+    accepted = float(accepted) if isinstance(accepted, int | float) else None
     records: tuple[StreamRecord, ...]
     if where is None:
-        records = tuple(StreamRecord(m.value) for m in inner)
+        records = tuple(StreamRecord(m.value, accepted_at=accepted) for m in inner)
     else:
         shard, sequence, last = where
         # (the position names the last message the faust message carries)
         first = last - len(inner) + 1
         records = tuple(
-            StreamRecord(m.value, shard, sequence, first + n) for n, m in enumerate(inner)
+            StreamRecord(m.value, shard, sequence, first + n, accepted)
+            for n, m in enumerate(inner)
         )
     _RECORDS[message] = records
     return records

@@ -59,6 +59,15 @@ class WindowEntry:
     """The event's request context (device, page...), trimmed to fit the entry budget."""
     impression: tuple[str, ...] | None = None
     """What was shown alongside the item, trimmed to fit the entry budget."""
+    lag_s: float | None = None
+    """How long after its event time the stream accepted the event, when that is
+    `LAG_KEPT_S` or more (a client's own timestamp, a replay of old events); else None
+    and the two are taken as one. Freshness counts from the acceptance."""
+
+    @property
+    def accepted_at(self) -> float:
+        """When the stream accepted the event (its event time, to within `LAG_KEPT_S`)."""
+        return self.timestamp + (self.lag_s or 0.0)
 
     @classmethod
     def of(cls, event: Event, max_bytes: int | None = None) -> WindowEntry:
@@ -75,6 +84,7 @@ class WindowEntry:
             recommendation_id=event.recommendation_id,
             context=dict(event.context) or None,
             impression=tuple(event.impression) or None,
+            lag_s=_lag(event),
         )
         if max_bytes is None or len(entry.dumps()) <= max_bytes:
             return entry
@@ -108,6 +118,9 @@ class WindowEntry:
             doc["c"] = event.context
         if event.impression:
             doc["m"] = event.impression
+        lag = _lag(event)
+        if lag is not None:
+            doc["a"] = lag
         raw = orjson.dumps(doc)
         if max_bytes is None or len(raw) <= max_bytes:
             return raw
@@ -128,6 +141,8 @@ class WindowEntry:
             doc["c"] = self.context
         if self.impression:
             doc["m"] = self.impression
+        if self.lag_s is not None:
+            doc["a"] = self.lag_s
         return orjson.dumps(doc)
 
     @classmethod
@@ -143,7 +158,20 @@ class WindowEntry:
             recommendation_id=doc.get("r"),
             context=doc.get("c"),
             impression=tuple(impression) if impression else None,
+            lag_s=doc.get("a"),
         )
+
+
+LAG_KEPT_S = 1.0
+"""An acceptance this far or more from the event time is kept in the entry (``"a"``)."""
+
+
+def _lag(event: Event) -> float | None:
+    accepted = event.accepted_at
+    if accepted is None:
+        return None
+    lag = accepted - event.timestamp
+    return round(lag, 3) if abs(lag) >= LAG_KEPT_S else None
 
 
 Actor = tuple[str, str]

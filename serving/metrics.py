@@ -87,7 +87,8 @@ SERVED_LOG_DROPPED = Counter(
 )
 FRESHNESS = Histogram(
     "recstream_freshness_seconds",
-    "Time from a click's event time to the first recommendation response that reflects it.",
+    "Time from a click's acceptance by the stream to the first recommendation response that "
+    "reflects it.",
     buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
 FRESHNESS_RECENT = Gauge(

@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -224,6 +225,19 @@ class Event(BaseModel):
         if self.item_id is None and self.event_type in ITEM_EVENT_TYPES:
             raise ValueError(f"a {self.event_type!r} event needs item_id")
         return self
+
+    # When the stream accepted the event (a consumer sets it from the record's arrival
+    # time): not part of the event's JSON, nor of what a producer can claim.
+    _accepted_at: float | None = PrivateAttr(default=None)
+
+    @property
+    def accepted_at(self) -> float | None:
+        """When the stream accepted the event (Kinesis's arrival time of its record), on
+        an event a consumer read; None elsewhere. Freshness counts from it."""
+        return self._accepted_at
+
+    def mark_accepted(self, at: float) -> None:
+        self._accepted_at = at
 
     @property
     def actor(self) -> str:

@@ -1,15 +1,20 @@
-"""Freshness: the time from a click's event time to the first response that reflects it.
+"""Freshness: the time from a click's acceptance to the first response that reflects it.
+
+The acceptance is the stream's arrival time of the event's record, which the agents keep
+in the window entry when it is a second or more from the event time (`WindowEntry.lag_s`:
+a client's own timestamp, a replay of old events); otherwise the event time stands for
+it.
 
 For each actor the tracker remembers the newest window entry (event time and id) that a
 response was already computed from, in a bounded LRU (``Settings.freshness_actors``).
 When a response is computed from a window holding newer entries, each of them is seen
-for the first time: ``now - event time`` goes into the ``recstream_freshness_seconds``
+for the first time: ``now - acceptance`` goes into the ``recstream_freshness_seconds``
 histogram on ``/metrics``, and into a ring of the newest observations whose p50 and p95
 the ``recstream_freshness_recent_seconds{quantile}`` gauges show (a histogram's quantiles
 need a query; these are readable on the page itself).
 
 An actor the tracker does not know (first request, or evicted) has no "previous
-response": only entries younger than ``HORIZON_S`` are counted then, so a returning
+response": only entries accepted within ``HORIZON_S`` are counted then, so a returning
 visitor's hours-old clicks are not reported as slow.
 """
 
@@ -51,12 +56,13 @@ class FreshnessTracker:
         previous = self._newest.get(key)
         ages: list[float] = []
         for entry in window:
+            # (the window is in event-time order; ages count from the acceptance)
             if previous is not None:
                 if (entry.timestamp, entry.event_id) <= previous:
                     break
-            elif now - entry.timestamp > HORIZON_S:
-                break
-            ages.append(max(0.0, now - entry.timestamp))
+            elif now - entry.accepted_at > HORIZON_S:
+                continue
+            ages.append(max(0.0, now - entry.accepted_at))
         head = window[0]
         newest = (head.timestamp, head.event_id)
         if previous is None or newest > previous:

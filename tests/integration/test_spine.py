@@ -16,10 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from recstream import stack
 from recstream.aws import sync_client
+from recstream.keys import Keys
 from recstream.settings import Settings
+from recstream.windows import WindowEntry
 from tests.conftest import RunningApi
 
 
@@ -101,6 +104,27 @@ async def test_a_click_travels_the_whole_spine(api: RunningApi, tmp_path: Path) 
                 return body if items and items[0]["item_id"] == "niche" else None
 
             after = await eventually(niche_first, "alice's click changing her recommendations", log)
+
+            # A click that says it happened an hour ago: its window entry keeps when the
+            # stream accepted it (freshness counts from that, serving/pipeline/freshness.py)
+            an_hour_ago = time.time() - 3600
+            late = {"event_type": "click", "user_id": "bob", "item_id": "niche"}
+            posted = time.time()
+            response = await client.post("/v1/events", json={**late, "timestamp": an_hour_ago})
+            assert response.status_code == 202
+            redis = aioredis.from_url(settings.redis_url)
+            try:
+
+                async def bob_entry() -> WindowEntry | None:
+                    raw = await redis.lindex(Keys(settings.namespace).window("bob"), 0)
+                    return WindowEntry.loads(raw) if raw is not None else None
+
+                entry = await eventually(bob_entry, "bob's late click reaching his window", log)
+            finally:
+                await redis.aclose()
+            assert entry.timestamp == pytest.approx(an_hour_ago, abs=0.01)
+            assert entry.lag_s is not None
+            assert posted - 5 <= entry.accepted_at <= time.time()
             metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
     assert "recstream_stream_" in metrics  # the worker's Prometheus endpoint
     assert "recently_interacted" in after["items"][0]["reasons"]
