@@ -52,6 +52,7 @@ from starlette.routing import BaseRoute, Route
 
 from recstream.catalog import CatalogStore
 from recstream.errors import RecstreamError, ValidationFailed
+from recstream.identity import SESSION_PREFIX
 from recstream.settings import NAMESPACE_PATTERN, Settings
 from serving.collector import MAX_BODY_BYTES, read_capped
 from serving.metrics import EVENTS
@@ -656,8 +657,10 @@ def _filter_name(settings: Settings, arn: str | None) -> str | None:
 def _actor(user_id: str) -> str:
     if not user_id:
         raise invalid("userId must not be empty")
-    if user_id.startswith("session:"):
-        raise invalid("userId must not start with 'session:' (recstream's anonymous actors)")
+    if user_id.startswith(SESSION_PREFIX):
+        raise invalid(
+            f"userId must not start with {SESSION_PREFIX!r} (recstream's anonymous actors)"
+        )
     return user_id
 
 

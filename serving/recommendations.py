@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute, Route
 from recstream import prom
 from recstream.errors import RecstreamError
 from recstream.features import DynamoFeatures
-from recstream.identity import resolve_actor
+from recstream.identity import resolve_actor, session_actor
 from recstream.model_restore import RegistryRestorer
 from recstream.settings import Settings
 from recstream.stores import Stores
@@ -193,7 +193,7 @@ def _actor(query: RecommendationsQuery | RankingQuery) -> str | Response:
     if query.user_id:
         return query.user_id
     if query.session_id:
-        return f"session:{query.session_id}"
+        return session_actor(query.session_id)
     return error_response(
         422, "missing_user_id", "pass user_id=… (or session_id=… for an anonymous visitor)"
     )
