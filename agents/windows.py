@@ -209,8 +209,7 @@ def event_records(app: Any, event: Any) -> tuple[StreamRecord, ...]:
         # (the position names the last message the faust message carries)
         first = last - len(inner) + 1
         records = tuple(
-            StreamRecord(m.value, shard, sequence, first + n, accepted)
-            for n, m in enumerate(inner)
+            StreamRecord(m.value, shard, sequence, first + n, accepted) for n, m in enumerate(inner)
         )
     _RECORDS[message] = records
     return records
