@@ -1,15 +1,17 @@
 """Served quality, measured online: `recstream evaluate --online` on a private stack.
 
     python -m bench.online [--dataset yoochoose|taobao] [--sessions N] [--params REPORT.json]
-                           [--path FILE] [--json OUT.json]
+                           [--scorer ranker|blend] [--probes N] [--path FILE] [--json OUT.json]
 
 Starts its own redis-server and AWS emulator on free ports, the API (`serving.app`, one
 process) and one agent worker (`recstream agents`), exactly as a user runs them, then
 replays the dataset's protocol through them (training/online.py): every training event
-through the collector, the blend and its components published, and for each test session
-(YooChoose) or user (Taobao) its events one at a time, the API asked before each target.
-It prints the served metrics beside the same fitted blend's offline metrics on the very
-same targets. The dataset defaults to the development slice in ../shared/data.
+through the collector, the components, the blend and the learned ranker of a
+`recstream evaluate --json` report (``--params``) published, and for each test session
+(YooChoose) or user (Taobao) its events one at a time, the API asked before each target
+as of the target query's time. It prints the served metrics beside the served model's and
+the blend's offline metrics on the very same targets. The dataset defaults to the
+development slice in ../shared/data.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from rich.console import Console
 from bench.common import local_settings, start_api, wait_http
 from recstream import stack
 from recstream.settings import Settings
-from training.online import OnlineReport, blend_params, report_table, run_online
+from training.online import OnlineReport, print_report, run_online, served_models
 from training.sources import default_path
 
 __all__ = ["main"]
@@ -68,7 +70,8 @@ async def measure(args: argparse.Namespace) -> OnlineReport:
                 path,
                 api=url,
                 sessions=args.sessions,
-                params=blend_params(args.params),
+                models=served_models(args.params, args.scorer, args.dataset),
+                probes=args.probes,
             )
         finally:
             for process in (agents, api):
@@ -82,14 +85,27 @@ def main() -> None:
     parser.add_argument("--path", type=Path, help="default: the dev slice in ../shared/data")
     parser.add_argument("--sessions", type=int, default=None, help="test sessions/users")
     parser.add_argument(
-        "--params", type=Path, help="a `recstream evaluate --json` report: the tuned blend"
+        "--params",
+        type=Path,
+        help="a `recstream evaluate --json` report: its tuned blend and ranker",
     )
+    parser.add_argument(
+        "--scorer",
+        choices=["ranker", "blend"],
+        default=None,
+        help="default: the ranker when the report has one, else the blend",
+    )
+    parser.add_argument("--probes", type=int, default=20, help="targets also asked with debug=true")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
+    # One BLAS thread for the API and the agent worker (they inherit the environment):
+    # OpenBLAS's own threads, with the agents and this replay busy on a 2-core machine,
+    # made a request's ALS fold-in (two small products and a 128x128 solve) take 40-180 ms
+    # instead of ~0.3, and item2item then missed its deadline in a third of the answers
+    # (docs/serving.md, the online replay). The quality measured is the models', not that.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     report = asyncio.run(measure(args))
-    console = Console()
-    console.print(report_table(report))
-    console.print(f"degraded responses: {report.degraded}")
+    print_report(report, Console())
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))
 

@@ -543,17 +543,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     online.add_argument(
         "--online",
         action="store_true",
-        help="post the clicks to the API one at a time and rank what it serves (yoochoose)",
+        help="post the events to the API one at a time and rank what it serves (yoochoose, taobao)",
     )
     online.add_argument("--api", default=None, help="the API's URL (default: api_host:api_port)")
     online.add_argument(
-        "--sessions", type=int, default=None, help="replay only the first N test sessions"
+        "--sessions",
+        type=int,
+        default=None,
+        help="replay only the first N test sessions (yoochoose) or users (taobao)",
     )
     online.add_argument(
         "--params",
         type=Path,
         default=None,
-        help="a `recstream evaluate --json` report: serve its tuned blend (default: defaults)",
+        help="a `recstream evaluate --json` report: publish and serve its tuned blend and "
+        "ranker (default: the default blend)",
+    )
+    online.add_argument(
+        "--scorer",
+        choices=("ranker", "blend"),
+        default=None,
+        help="serve the learned ranker or the blend alone (default: the ranker when the "
+        "--params report has one, else the blend)",
+    )
+    online.add_argument(
+        "--probes",
+        type=int,
+        default=20,
+        help="ask this many targets again with debug=true and compare the served features "
+        "with the offline ranker's (default: 20)",
     )
     parser.set_defaults(handler=cmd_evaluate)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.conftest import RunningApi
 from tests.integration.test_spine import agent_worker, tail
 from training.evaluate import NextView, SessionNextClick, load_split
-from training.online import run_online
+from training.online import ServedModels, run_online
 
 T0 = 1_396_400_000.0
 
@@ -39,7 +39,7 @@ async def test_online_replay_ranks_what_the_api_serves(api: RunningApi, tmp_path
                 data,
                 api=api.url,
                 sessions=2,
-                params={"weights": {"recently_viewed": 1.0, "sknn": 1.0}},
+                models=ServedModels({"weights": {"recently_viewed": 1.0, "sknn": 1.0}}),
             )
         except Exception:
             print(tail(log))
@@ -53,7 +53,46 @@ async def test_online_replay_ranks_what_the_api_serves(api: RunningApi, tmp_path
     # the served lists were built from the replayed clicks and the published models:
     # these sessions cycle through their cluster, so the next click is always in reach
     assert report.served["hr@20"] > 0
-    assert report.params["weights"] == {"recently_viewed": 1.0, "sknn": 1.0}
+    assert report.params["blend"]["weights"] == {"recently_viewed": 1.0, "sknn": 1.0}
+    assert report.scorer == "blend"
+    assert report.offline == report.offline_blend
+    # the blend served: the debug answer names the published blend version
+    assert set(report.probe.scorers) == {f"blend@{report.versions['blend']}"}
+
+
+async def test_online_replay_serves_the_learned_ranker(api: RunningApi, tmp_path: Path) -> None:
+    """The ranker path: a tiny ranker (3 trees) fitted and published beside the blend, the
+    API ranking with its booster, and asked as of each target's logged time (the history
+    ages the ranker reads match the offline feature matrix of the same query)."""
+    data = tiny_yoochoose(tmp_path / "clicks.txt")
+    ranker = {"trees": 3, "min_data_in_leaf": 5, "folds": 2, "min_gain": -2.0}
+    weights = {"recently_viewed": 1.0, "sknn": 1.0}
+    log = tmp_path / "agents.log"
+    with agent_worker(api.settings, log):
+        try:
+            report = await run_online(
+                api.settings,
+                "yoochoose",
+                data,
+                api=api.url,
+                sessions=2,
+                models=ServedModels({"weights": weights}, ranker),
+                probes=6,
+            )
+        except Exception:
+            print(tail(log))
+            raise
+    assert report.scorer == "ranker"
+    assert report.ranker_choice == "lightgbm"
+    assert report.targets == report.offline["targets"] == report.offline_blend["targets"] == 6
+    # every probed answer came from the published ranker's booster, not the blend
+    assert report.probe.queries == 6
+    assert set(report.probe.scorers) == {f"ranker@{report.versions['ranker']}"}
+    assert report.probe.compared > 0
+    # as_of applied: the served history ages are the offline query's, candidate by
+    # candidate (the logged clicks are from 2014: from the server's clock they are years)
+    ages = {"u:age_s", "u:recency", "h:age_s"}
+    assert not ages & set(report.probe.mismatches), report.probe.mismatches
 
 
 def tiny_taobao(path: Path) -> Path:
