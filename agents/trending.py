@@ -60,6 +60,7 @@ from agents.catalog import BatchContext, load_context
 from agents.state import compose, keys_of, redis_failure
 from recstream.archive import ARCHIVE_PREFIX, read_events
 from recstream.aws import async_client, translate
+from recstream.decay import EXPONENT_LIMIT
 from recstream.errors import ConfigurationError, RecstreamError
 from recstream.keys import Keys
 from recstream.redisio import exact, pack, send_packed
@@ -110,9 +111,6 @@ WINDOWS = (TrendWindow("1h", 3600, 300), TrendWindow("24h", 86400, 3600))
 _STEP = math.gcd(*(w.span_s for w in WINDOWS))
 """Every window's bucket edges fall on multiples of this."""
 INDEX_TTL_S = 2 * 86400 + 2 * 3600
-EXPONENT_LIMIT = 1000.0
-"""2^1000 is near the largest double: events further than 1000 half-lives after the
-epoch would overflow, so their exponent is capped (docs/agents.md: move the epoch)."""
 
 # The trending part. K: clock, pop:decayed, cnt:index, one bucket per window, and with a
 # category: pop:cat, cats, one category bucket per window.

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from recstream import prom, tracing
 from recstream.aws import async_client
@@ -124,6 +125,11 @@ def create_app(settings: Settings) -> Starlette:
             # a few seconds, on a fresh install) off the event loop, before the ranker
             # that uses them (which would otherwise load them on the loop).
             await asyncio.to_thread(kernels.warm)
+            # One BLAS thread: a request's ALS fold-in (two small products and a 128x128
+            # solve) runs on the event loop, and OpenBLAS's own threads, with the agents
+            # or other workers busy on the same cores, made it 40-180 ms instead of ~0.3
+            # (docs/serving.md, the online replay). Workers, not threads, use the cores.
+            stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
             ranker = await stack.enter_async_context(open_ranker(app, stores, settings))
             app.state.model_versions = ModelVersions(ranker.models, settings)
             watch_models(app.state.model_versions)

@@ -45,9 +45,11 @@ from typing import Any, TypeVar
 import numpy as np
 import redis.asyncio as aioredis
 
+from recstream.decay import ForwardDecay
 from recstream.keys import Keys
 from recstream.published import read_current_many
 from recstream.scoring import fold_in, knn_scores, top_k
+from recstream.settings import Settings
 from serving.pipeline.cache import TTLCache
 from serving.pipeline.codes import IdOrder, Interner, Scratch, Table
 from serving.pipeline.detach import Reads, detached
@@ -66,6 +68,11 @@ MAX_CATEGORIES = 5
 """Category popularity reads the lists of the user's top few categories only."""
 NEIGHBOUR_TTL_S = 600.0
 """How long a published version's neighbour rows stay cached (they never change)."""
+DEFAULT_DECAY = ForwardDecay(
+    Settings.model_fields["popularity_epoch_s"].default,
+    Settings.model_fields["popularity_half_life_s"].default,
+)
+"""The settings' default decay (the ranker passes the configured one)."""
 MAX_VERSIONS = 4
 """Item2item versions whose id numbering is kept per process (the serving one and the
 few a rollback or promotion may switch between)."""
@@ -293,15 +300,17 @@ def _kept_rows(
     restrict: Collection[str] | None,
     n: int,
     interner: Interner,
+    factor: float = 1.0,
 ) -> None:
-    """``out``'s scores: `_keep` of a list's rows. A live list's cut is made once per
-    read and shared by the requests until the next (popularity and trending rebuilt the
-    same dict of 200 every request), with its coded twin for the shortlist."""
+    """``out``'s scores: `_keep` of a list's rows, each score times ``factor``. A live
+    list's cut is made once per read (and factor) and shared by the requests until the
+    next (popularity and trending rebuilt the same dict of 200 every request), with its
+    coded twin for the shortlist."""
     if restrict is not None or not isinstance(rows, Rows):
-        out.scores = _keep(dict(rows), restrict, n)
+        out.scores = _scaled(_keep(dict(rows), restrict, n), factor)
         return
-    if rows.best is None or rows.best[0] != n:
-        rows.best = (n, _keep(dict(rows), None, n), None)
+    if rows.best is None or rows.best[0] != (n, factor):
+        rows.best = ((n, factor), _scaled(_keep(dict(rows), None, n), factor), None)
     _, scores, table = rows.best
     if table is None or table.interner is not interner:
         table = Table(
@@ -309,9 +318,13 @@ def _kept_rows(
             interner.encode(list(scores)),
             np.fromiter(scores.values(), np.float64, len(scores)),
         )
-        rows.best = (n, scores, table)
+        rows.best = ((n, factor), scores, table)
     out.scores = scores
     out.table = table
+
+
+def _scaled(scores: dict[str, float], factor: float) -> dict[str, float]:
+    return scores if factor == 1.0 else {item: s * factor for item, s in scores.items()}
 
 
 class Sources:
@@ -323,8 +336,12 @@ class Sources:
         item_cache_ttl_s: float,
         reads: Reads | None = None,
         live_ttl_s: float = LIVE_TTL_S,
+        decay: ForwardDecay = DEFAULT_DECAY,
     ) -> None:
         self.redis = redis
+        self.decay = decay
+        """The agents' forward decay: the live popularity lists' scale, brought to
+        training's (the published lists', the learned ranker's) at the request's time."""
         self.reads: Reads = set() if reads is None else reads
         """The detached reads running (`serving.pipeline.detach`), ended on close."""
         # A published version's rows never change (training writes them once), so they
@@ -637,9 +654,12 @@ class Sources:
         model: Published | None,
         restrict: Collection[str] | None,
         n: int,
+        clock: float,
     ) -> SourceOutput:
+        """The live decayed popularity at ``clock`` (the request's time), else the live
+        counts, else the published list."""
         lists = await self.zsets(self._popular_keys(namespace), n)
-        return self._popular(lists, model, restrict, n)
+        return self._popular(lists, model, restrict, n, clock)
 
     def popular_now(
         self,
@@ -647,9 +667,10 @@ class Sources:
         model: Published | None,
         restrict: Collection[str] | None,
         n: int,
+        clock: float,
     ) -> SourceOutput | None:
         lists = self.zsets_now(self._popular_keys(namespace), n)
-        return None if lists is None else self._popular(lists, model, restrict, n)
+        return None if lists is None else self._popular(lists, model, restrict, n, clock)
 
     def _popular(
         self,
@@ -657,12 +678,16 @@ class Sources:
         model: Published | None,
         restrict: Collection[str] | None,
         n: int,
+        clock: float,
     ) -> SourceOutput:
         decayed, counted = lists
         out = SourceOutput("popularity")
         if decayed:
-            out.origin, rows = "live:pop:decayed", decayed
-        elif counted:
+            # on training's scale: the learned ranker splits on this score
+            out.origin = "live:pop:decayed"
+            _kept_rows(out, decayed, restrict, n, self.interner, self.decay.factor(clock))
+            return out
+        if counted:
             out.origin, rows = "live:pop", counted
         elif model is not None and model.top:
             out.origin, rows = f"published:{model.version}", model.top
@@ -772,16 +797,21 @@ class Sources:
         popularity: Published | None,
         restrict: Collection[str] | None,
         n: int,
+        clock: float,
     ) -> SourceOutput:
+        """Category popularity, the live lists at ``clock`` (the request's time)."""
         chosen = sorted(affinity, key=lambda c: (-affinity[c], c))[:MAX_CATEGORIES]
         if not chosen:
             return SourceOutput("category_popularity")
         keys = Keys(namespace)
         live = await self.zsets([keys.popularity_category(c) for c in chosen], n)
         lists, missing = _listed(chosen, live, popularity)
+        live_count = len(lists)
         if missing and popularity is not None:
             lists.update(await self._published_category_lists(namespace, popularity, missing, n))
-        return self._category_scores(affinity, lists, bool(missing), popularity, restrict, n)
+        return self._category_scores(
+            affinity, lists, live_count, clock, bool(missing), popularity, restrict, n
+        )
 
     def category_popularity_now(
         self,
@@ -790,6 +820,7 @@ class Sources:
         popularity: Published | None,
         restrict: Collection[str] | None,
         n: int,
+        clock: float,
     ) -> SourceOutput | None:
         """`category_popularity` from the cached lists alone; None when one must be read."""
         chosen = sorted(affinity, key=lambda c: (-affinity[c], c))[:MAX_CATEGORIES]
@@ -800,12 +831,15 @@ class Sources:
         if live is None:
             return None
         lists, missing = _listed(chosen, live, popularity)
+        live_count = len(lists)
         if missing and popularity is not None:
             published, unread = self._cached_category_lists(namespace, popularity, missing)
             if unread:
                 return None
             lists.update(published)
-        return self._category_scores(affinity, lists, bool(missing), popularity, restrict, n)
+        return self._category_scores(
+            affinity, lists, live_count, clock, bool(missing), popularity, restrict, n
+        )
 
     def _cached_category_lists(
         self, namespace: str, popularity: Published, categories: Sequence[str]
@@ -850,18 +884,24 @@ class Sources:
         self,
         affinity: Mapping[str, float],
         lists: Mapping[str, list[tuple[str, float]]],
+        live_count: int,
+        clock: float,
         published: bool,
         popularity: Published | None,
         restrict: Collection[str] | None,
         n: int,
     ) -> SourceOutput:
+        """``lists``: the first ``live_count`` the agents' (forward-decayed, brought to
+        training's scale at ``clock``), the rest published."""
         out = SourceOutput("category_popularity")
         if not lists:
             return out
         out.origin = "live+published" if published else "live"
+        factor = self.decay.factor(clock) if live_count else 1.0
+        scale = [factor] * live_count + [1.0] * (len(lists) - live_count)
         # training's share: count / (max count + 1), the max over every item
         top = max(
-            [s for rows in lists.values() for _, s in rows[:1]]
+            [s * f for rows, f in zip(lists.values(), scale, strict=True) for _, s in rows[:1]]
             + ([popularity.top[0][1]] if popularity is not None and popularity.top else [])
         )
         # Up to five lists of 200 were a loop of ~1,000 dictionary updates a request, then
@@ -876,7 +916,9 @@ class Sources:
         tables = [self.table(rows, interner) for rows in lists.values()]
         lengths = [len(t) for t in tables]
         codes = np.concatenate([t.codes for t in tables])
-        counts = np.concatenate([t.values for t in tables])
+        counts = np.concatenate(
+            [t.values if f == 1.0 else t.values * f for t, f in zip(tables, scale, strict=True)]
+        )
         affinities = np.array([affinity[c] for c in names]).repeat(lengths)
         scored = affinities * (1.0 + counts / (top + 1.0))
         found, runs = best_entries(

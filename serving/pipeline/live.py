@@ -59,7 +59,7 @@ class Rows(list[tuple[str, float]]):
     def __init__(self, rows: list[tuple[str, float]]) -> None:
         super().__init__(rows)
         self.table: Table | None = None
-        self.best: tuple[int, dict[str, float], Table | None] | None = None
+        self.best: tuple[tuple[int, float], dict[str, float], Table | None] | None = None
 
 
 _Key = tuple[str, int]

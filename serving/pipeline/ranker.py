@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from recstream import prom
+from recstream.decay import ForwardDecay
 from recstream.errors import RecstreamError
 from recstream.ids import new_id
 from recstream.settings import Settings
@@ -186,7 +187,11 @@ class Ranker:
         self.models = ModelCache(redis)
         self.reads: Reads = set()
         self.sources = Sources(
-            redis, settings.item_cache_ttl_s, self.reads, settings.live_list_ttl_s
+            redis,
+            settings.item_cache_ttl_s,
+            self.reads,
+            settings.live_list_ttl_s,
+            ForwardDecay.of(settings),
         )
         self.served = ServedLog(redis, settings)
         self.freshness = FreshnessTracker(settings.freshness_actors)
@@ -371,7 +376,7 @@ class Ranker:
 
         async def popularity() -> SourceOutput:
             model = await self._model(req, namespace, state, "popularity", until)
-            return await src.popular(namespace, model, restrict, n)
+            return await src.popular(namespace, model, restrict, n, req.now)
 
         async def category_popularity() -> SourceOutput:
             items = await history()
@@ -383,7 +388,7 @@ class Ranker:
             catalog = await self._categories(req, namespace, recent, until)
             categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
             affinity = src.affinities(items, categories, state.features, params, req.now)
-            return await src.category_popularity(namespace, affinity, popular, restrict, n)
+            return await src.category_popularity(namespace, affinity, popular, restrict, n, req.now)
 
         makers: dict[str, Callable[[], Awaitable[SourceOutput]]] = {
             "recently_viewed": recently_viewed,
@@ -456,7 +461,7 @@ class Ranker:
         if name == "trending":
             return src.trending_now(namespace, model, restrict, n)
         if name == "popularity":
-            return src.popular_now(namespace, model, restrict, n)
+            return src.popular_now(namespace, model, restrict, n, clock)
         if name != "category_popularity":
             return None  # (no other source: it would go the concurrent way)
         # its own parameters, the popularity lists and the catalog
@@ -468,7 +473,7 @@ class Ranker:
             return None
         categories = {i: it.categories[0] for i, it in catalog.items() if it.categories}
         affinity = src.affinities(items, categories, state.features, model, clock)
-        return src.category_popularity_now(namespace, affinity, popular, restrict, n)
+        return src.category_popularity_now(namespace, affinity, popular, restrict, n, clock)
 
     @staticmethod
     def _merge(outputs: Sequence[SourceOutput], order: Sequence[str] = ()) -> list[Candidate]:
@@ -795,7 +800,7 @@ class Ranker:
 
         async def popularity() -> SourceOutput:
             model = await self._model(req, namespace, state, "popularity", until)
-            return await self.sources.popular(namespace, model, None, n)
+            return await self.sources.popular(namespace, model, None, n, req.now)
 
         makers = {"item2item": item2item, "sknn": sknn, "als": als, "popularity": popularity}
         outputs = [
@@ -904,9 +909,9 @@ class Ranker:
         async def fallback() -> SourceOutput:
             model = await self._model(req, namespace, state, "popularity", until)
             if category is None:
-                return await self.sources.popular(namespace, model, None, n)
+                return await self.sources.popular(namespace, model, None, n, req.now)
             return await self.sources.category_popularity(
-                namespace, {category: 1.0}, model, None, n
+                namespace, {category: 1.0}, model, None, n, req.now
             )
 
         out = await req.bounded("trending", trend(), until)

@@ -15,10 +15,12 @@ from agents.app import build_agent
 from agents.features import read_user_state
 from agents.trending import WINDOWS, materialize
 from agents.windows import WindowAgent, deliver
+from recstream.decay import ForwardDecay
 from recstream.features import parse_score
 from recstream.keys import Keys
 from recstream.settings import Settings
 from recstream.stores import open_stores
+from serving.pipeline.candidates import Sources
 from streams.schema import Event
 from tests.agents.streamdata import (
     SPANS,
@@ -183,6 +185,16 @@ async def test_live_trending_is_training_s_trending(roomy: Settings, shared_data
         for item, score in live_pop.items():
             code = int(np.flatnonzero(log.item_ids == item)[0])
             assert popularity.counts[code] * scale == pytest.approx(score, rel=1e-6)
+        # and serving hands the ranker training's scale at the request's time (a learned
+        # ranker splits on it; the forward-decayed one is ~1e-30 here, for 2017's clicks)
+        sources = Sources(redis, 60.0, decay=ForwardDecay.of(roomy))
+        served = await sources.popular(roomy.namespace, None, None, 50, clock)
+        assert served.origin == "live:pop:decayed"
+        assert len(served.scores) == 50
+        for item, score in served.scores.items():
+            code = int(np.flatnonzero(log.item_ids == item)[0])
+            # the factor's minute: at most 2^(60 s / 30 days) apart
+            assert popularity.counts[code] == pytest.approx(score, rel=2e-5)
 
 
 async def test_sparse_live_traffic_equals_bulk_replay(

@@ -9,9 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recstream.decay import ForwardDecay
 from serving.pipeline import codes
-from serving.pipeline.candidates import Sources, best
+from serving.pipeline.candidates import DEFAULT_DECAY, Sources, best
 from serving.pipeline.live import Rows
+
+EPOCH = DEFAULT_DECAY.epoch_s
+"""The clock at which the agents' forward-decayed lists are on training's scale."""
 
 items = st.sampled_from([f"i{n}" for n in range(40)])
 counts = st.one_of(st.floats(0.0, 500.0, allow_nan=False), st.sampled_from([1.0, 2.0, 7.0]))
@@ -61,17 +65,19 @@ def test_category_popularity_in_arrays_equals_the_loop(
     affinity = dict(zip(lists, weights, strict=False))
     sources = Sources(None, 1.0)  # type: ignore[arg-type]  # (no Redis read here)
     live = {name: Rows(rows) for name, rows in lists.items()}
-    out = sources._category_scores(affinity, live, False, None, None, n)
+    out = sources._category_scores(affinity, live, len(live), EPOCH, False, None, None, n)
     scores, category = plain(affinity, lists, n)
     assert list(out.scores.items()) == list(scores.items())  # values, and order
     assert out.category == category
     # once more from the arrays kept with the lists: the same
-    again = sources._category_scores(affinity, live, False, None, None, n)
+    again = sources._category_scores(affinity, live, len(live), EPOCH, False, None, None, n)
     assert list(again.scores.items()) == list(scores.items())
     # restricted (re-ranking): every given item it scores, in order of first sight
-    restricted = sources._category_scores(affinity, live, False, None, set(scores), n)
+    restricted = sources._category_scores(
+        affinity, live, len(live), EPOCH, False, None, set(scores), n
+    )
     assert restricted.scores == {i: s for i, s in scores.items()}
-    out = sources._category_scores(affinity, live, False, None, restrict, n)
+    out = sources._category_scores(affinity, live, len(live), EPOCH, False, None, restrict, n)
     scores, category = plain(affinity, lists, n, restrict)
     assert list(out.scores.items()) == list(scores.items())
     assert out.category == category
@@ -92,12 +98,12 @@ def test_a_full_numbering_is_replaced_and_the_lists_coded_again(
     sources = Sources(None, 1.0)  # type: ignore[arg-type]
     live = {name: Rows(rows) for name, rows in lists.items()}
     first = sources.interner
-    out = sources._category_scores(affinity, live, False, None, None, 30)
+    out = sources._category_scores(affinity, live, len(live), EPOCH, False, None, None, 30)
     scores, category = plain(affinity, lists, 30)
     assert list(out.scores.items()) == list(scores.items())
     assert out.category == category
     assert first.full
-    again = sources._category_scores(affinity, live, False, None, None, 30)
+    again = sources._category_scores(affinity, live, len(live), EPOCH, False, None, None, 30)
     assert sources._interner is not first  # replaced
     assert all(
         rows.table is not None and rows.table.interner is sources._interner
@@ -105,3 +111,25 @@ def test_a_full_numbering_is_replaced_and_the_lists_coded_again(
     )  # coded again by the new one
     assert list(again.scores.items()) == list(scores.items())
     assert again.category == category
+
+
+def test_live_lists_are_brought_to_the_published_scale_at_the_request_s_time() -> None:
+    """The agents' lists hold Σ w·2^((t - epoch)/half-life), the published ones training's
+    decayed counts: the live ones are multiplied by 2^((epoch - clock)/half-life) before
+    they meet the published ones (and the learned ranker) in one formula."""
+    decay = ForwardDecay(epoch_s=0.0, half_life_s=10.0, tick_s=1.0)
+    sources = Sources(None, 1.0, decay=decay)  # type: ignore[arg-type]
+    clock = 100.0  # ten half-lives: a factor of 2^-10
+    counts = {"Drama": [("d1", 8.0), ("d2", 4.0)], "Comedy": [("c1", 6.0)]}
+    live = {"Drama": Rows([(i, c * 2.0**10) for i, c in counts["Drama"]])}
+    lists: dict[str, list[tuple[str, float]]] = {**live, "Comedy": counts["Comedy"]}
+    affinity = {"Drama": 1.0, "Comedy": 1.2}
+    out = sources._category_scores(affinity, lists, 1, clock, True, None, None, 10)
+    expected, category = plain(affinity, counts, 10)
+    assert out.scores == pytest.approx(expected, rel=1e-12)
+    assert list(out.scores) == list(expected)
+    assert out.category == category
+    # unscaled, the live counts (2^10 larger) would take the top share from Comedy's
+    wrong, _ = plain(affinity, {**counts, "Drama": list(live["Drama"])}, 10)
+    assert max(expected, key=expected.__getitem__) == "c1"
+    assert max(wrong, key=wrong.__getitem__) == "d1"

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from recstream.decay import ForwardDecay
 from recstream.errors import StoreUnavailable
 from recstream.keys import Keys
 from serving.pipeline.candidates import Sources
@@ -20,6 +21,9 @@ from serving.pipeline.ranker import Ranker
 from serving.pipeline.shortlist import shortlist
 from tests.conftest import LocalStack
 from tests.serving.helpers import roomy
+
+EPOCH = 1_000_000_020.0
+"""The decay's epoch and the requests' clock: the live scores as they are."""
 
 
 class Clock:
@@ -134,18 +138,18 @@ async def test_a_live_lists_cut_is_made_once_per_read_and_not_changed_by_request
     read it, so the next request gets what Redis held."""
     namespace, client, reads = redis
     clock = Clock()
-    sources = Sources(client, 60.0, reads)
+    sources = Sources(client, 60.0, reads, decay=ForwardDecay(EPOCH, 86400.0))
     sources.lists = LiveLists(client, reads, ttl=1.0, max_stale=30.0, clock=clock)
     key = Keys(namespace).popularity_decayed
     await client.zadd(key, {"a": 3, "b": 2, "c": 1.5, "d": 1})
-    first = await sources.popular(namespace, None, None, 3)
-    second = sources.popular_now(namespace, None, None, 3)
+    first = await sources.popular(namespace, None, None, 3, EPOCH)
+    second = sources.popular_now(namespace, None, None, 3, EPOCH)
     assert second is not None
     assert second.scores is first.scores  # one dict for both requests
     assert list(first.scores.items()) == [("a", 3.0), ("b", 2.0), ("c", 1.5)]
-    other = await sources.popular(namespace, None, None, 2)  # another cut: its own
+    other = await sources.popular(namespace, None, None, 2, EPOCH)  # another cut: its own
     assert list(other.scores) == ["a", "b"]
-    restricted = sources.popular_now(namespace, None, {"c", "d"}, 3)
+    restricted = sources.popular_now(namespace, None, {"c", "d"}, 3, EPOCH)
     assert restricted is not None
     assert restricted.scores == {"c": 1.5}
     # a whole pipeline pass over the shared dict leaves it as it was
@@ -154,7 +158,7 @@ async def test_a_live_lists_cut_is_made_once_per_read_and_not_changed_by_request
     assert list(first.scores.items()) == [("a", 3.0), ("b", 2.0), ("c", 1.5)]
     await client.zadd(key, {"e": 9})
     clock.t += 31  # too old: read again, cut again
-    fresh = await sources.popular(namespace, None, None, 3)
+    fresh = await sources.popular(namespace, None, None, 3, EPOCH)
     assert fresh.scores is not first.scores
     assert list(fresh.scores.items()) == [("e", 9.0), ("a", 3.0), ("b", 2.0)]
 
