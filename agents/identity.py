@@ -51,7 +51,7 @@ from recstream.errors import StoreUnavailable
 from recstream.identity import session_actor
 from recstream.keys import Keys
 from recstream.settings import Settings
-from recstream.windows import Actor, DurableWindows
+from recstream.windows import WINDOW_UNION_LUA, Actor, DurableWindows
 from streams.schema import Event
 
 __all__ = [
@@ -98,7 +98,9 @@ class SessionMerger(Protocol):
 #       3 window size, 4 window ttl.
 # Returns {1 if the alias already named this user else 0, entries moved,
 #          1 if the user's window existed else 0}.
-_STITCH = """
+_STITCH = (
+    WINDOW_UNION_LUA
+    + """
 local same = 0
 if ARGV[1] ~= '' then
   if redis.call('GET', KEYS[1]) == ARGV[1] then same = 1 end
@@ -107,21 +109,9 @@ end
 local existed = redis.call('EXISTS', KEYS[3])
 local moving = redis.call('LRANGE', KEYS[2], 0, -1)
 if #moving == 0 then return {same, 0, existed} end
-local all = {}
-local seen = {}
-local function add(raw)
-  local doc = cjson.decode(raw)
-  if not seen[doc['e']] then
-    seen[doc['e']] = true
-    all[#all + 1] = {ts = doc['ts'], raw = raw, order = #all}
-  end
-end
 for _, raw in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do add(raw) end
 for _, raw in ipairs(moving) do add(raw) end
-table.sort(all, function(a, b)
-  if a.ts == b.ts then return a.order < b.order end
-  return a.ts > b.ts
-end)
+newest_first()
 redis.call('DEL', KEYS[3])
 local size = math.min(#all, tonumber(ARGV[3]))
 for i = 1, size do redis.call('RPUSH', KEYS[3], all[i].raw) end
@@ -129,6 +119,7 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('DEL', KEYS[2])
 return {same, #moving, existed}
 """
+)
 
 
 @dataclass

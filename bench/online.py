@@ -59,7 +59,8 @@ async def measure(args: argparse.Namespace) -> OnlineReport:
         raise SystemExit(f"no {args.dataset} slice found; pass --path FILE")
     with local_settings() as settings, tempfile.TemporaryDirectory() as tmp:
         port = stack.free_port()
-        api = start_api(settings, port)
+        # the access log's line per request (tens of thousands here) is left out
+        api = start_api(settings.model_copy(update={"log_level": "WARNING"}), port)
         agents = start_agents(settings, Path(tmp) / "agents.log")
         try:
             url = f"http://127.0.0.1:{port}"

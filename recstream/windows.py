@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 __all__ = [
+    "WINDOW_UNION_LUA",
     "Actor",
     "DurableWindows",
     "DynamoWindows",
@@ -104,45 +105,35 @@ class WindowEntry:
     def encode(event: Event, max_bytes: int | None = None) -> bytes:
         """``WindowEntry.of(event, max_bytes).dumps()``, without building the entry
         when the event fits (the agent's hot path)."""
-        doc: dict[str, Any] = {
-            "i": event.item_id,
-            "t": event.event_type,
-            "ts": event.timestamp,
-            "e": event.event_id,
-        }
-        if event.event_value is not None:
-            doc["v"] = event.event_value
-        if event.recommendation_id is not None:
-            doc["r"] = event.recommendation_id
-        if event.context:
-            doc["c"] = event.context
-        if event.impression:
-            doc["m"] = event.impression
-        lag = _lag(event)
-        if lag is not None:
-            doc["a"] = lag
+        assert event.item_id is not None
+        doc = _document(
+            event.item_id,
+            event.event_type,
+            event.timestamp,
+            event.event_id,
+            event.event_value,
+            event.recommendation_id,
+            event.context,
+            event.impression,
+            _lag(event),
+        )
         raw = orjson.dumps(doc)
         if max_bytes is None or len(raw) <= max_bytes:
             return raw
         return WindowEntry.of(event, max_bytes).dumps()
 
     def dumps(self) -> bytes:
-        doc: dict[str, Any] = {
-            "i": self.item_id,
-            "t": self.event_type,
-            "ts": self.timestamp,
-            "e": self.event_id,
-        }
-        if self.event_value is not None:
-            doc["v"] = self.event_value
-        if self.recommendation_id is not None:
-            doc["r"] = self.recommendation_id
-        if self.context:
-            doc["c"] = self.context
-        if self.impression:
-            doc["m"] = self.impression
-        if self.lag_s is not None:
-            doc["a"] = self.lag_s
+        doc = _document(
+            self.item_id,
+            self.event_type,
+            self.timestamp,
+            self.event_id,
+            self.event_value,
+            self.recommendation_id,
+            self.context,
+            self.impression,
+            self.lag_s,
+        )
         return orjson.dumps(doc)
 
     @classmethod
@@ -164,6 +155,32 @@ class WindowEntry:
 
 LAG_KEPT_S = 1.0
 """An acceptance this far or more from the event time is kept in the entry (``"a"``)."""
+
+
+def _document(
+    item_id: str,
+    event_type: str,
+    timestamp: float,
+    event_id: str,
+    value: float | None,
+    recommendation_id: str | None,
+    context: Mapping[str, str] | None,
+    impression: Sequence[str] | None,
+    lag_s: float | None,
+) -> dict[str, Any]:
+    """An entry's JSON document: short keys, the empty and absent fields left out."""
+    doc: dict[str, Any] = {"i": item_id, "t": event_type, "ts": timestamp, "e": event_id}
+    if value is not None:
+        doc["v"] = value
+    if recommendation_id is not None:
+        doc["r"] = recommendation_id
+    if context:
+        doc["c"] = context
+    if impression:
+        doc["m"] = impression
+    if lag_s is not None:
+        doc["a"] = lag_s
+    return doc
 
 
 def _lag(event: Event) -> float | None:
@@ -197,10 +214,7 @@ def merge_entries(
 # --- Redis -------------------------------------------------------------------------------
 
 
-# KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
-# Union by event id, sorted newest first by event time, capped, rewritten atomically, so
-# an event the agent pushes concurrently is never lost.
-_MERGE = """
+WINDOW_UNION_LUA = """
 local all = {}
 local seen = {}
 local function add(raw)
@@ -210,18 +224,34 @@ local function add(raw)
     all[#all + 1] = {ts = doc['ts'], raw = raw, order = #all}
   end
 end
+local function newest_first()
+  table.sort(all, function(a, b)
+    if a.ts == b.ts then return a.order < b.order end
+    return a.ts > b.ts
+  end)
+end
+"""
+"""The Lua side of `merge_entries`, for the scripts that merge windows in Redis (here and
+agents/identity.py): ``add(raw)`` each window entry (JSON), the first of an event id
+kept, then ``newest_first()`` sorts ``all`` ({ts, raw, order}) by event time, ties in the
+order added."""
+
+# KEYS: window. ARGV: 1 window size, 2 ttl, 3.. entries to merge in (JSON).
+# Union by event id, sorted newest first by event time, capped, rewritten atomically, so
+# an event the agent pushes concurrently is never lost.
+_MERGE = (
+    WINDOW_UNION_LUA
+    + """
 for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do add(raw) end
 for i = 3, #ARGV do add(ARGV[i]) end
-table.sort(all, function(a, b)
-  if a.ts == b.ts then return a.order < b.order end
-  return a.ts > b.ts
-end)
+newest_first()
 redis.call('DEL', KEYS[1])
 local size = math.min(#all, tonumber(ARGV[1]))
 for i = 1, size do redis.call('RPUSH', KEYS[1], all[i].raw) end
 if size > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return size
 """
+)
 
 
 class WindowMerge:
