@@ -130,6 +130,21 @@ class Query:
     """The history's rows in ``log`` (aligned with ``history``): their event types, times
     and weights, for models that read more than the items (the learned ranker)."""
 
+    @classmethod
+    def of_user(cls, log: InteractionLog, rows: npt.NDArray[np.int64], p: int) -> Query:
+        """A user's event ``rows[p]`` predicted from their events before it, at its time
+        (Taobao's next view: offline and in the online replay)."""
+        row = rows[p]
+        return cls(
+            log.items[rows[:p]],
+            int(log.items[row]),
+            int(log.users[row]),
+            float(log.timestamps[row]),
+            None,
+            log,
+            rows[:p],
+        )
+
 
 def fit_for(model: ItemScorer, train: InteractionLog, test: InteractionLog) -> ItemScorer:
     """Fit ``model`` for evaluation on ``test``: on the training part, or for a causal
@@ -271,23 +286,9 @@ class NextView(Protocol):
         is_target = in_test & np.isin(full.event_types, codes) if codes else in_test
         out: list[Query] = []
         for rows in _user_sequences(full, full.users):
-            positions = np.flatnonzero(is_target[rows])
-            items = full.items[rows]
-            for p in positions:
-                if p == 0:
-                    continue
-                row = rows[p]
-                out.append(
-                    Query(
-                        items[:p],
-                        int(items[p]),
-                        int(full.users[row]),
-                        float(full.timestamps[row]),
-                        None,
-                        full,
-                        rows[:p],
-                    )
-                )
+            out.extend(
+                Query.of_user(full, rows, int(p)) for p in np.flatnonzero(is_target[rows]) if p > 0
+            )
         return out
 
 

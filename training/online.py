@@ -395,24 +395,10 @@ def _next_view_targets(protocol: NextView, full: InteractionLog, n_train: int) -
         test_positions = [p for p, r in enumerate(rows) if r >= n_train]
         if not test_positions:
             continue
-        items = full.items[rows]
         targets: list[Query | None] = []
         for p in test_positions:
-            row = rows[p]
-            is_target = p > 0 and (not codes or int(full.event_types[row]) in codes)
-            targets.append(
-                Query(
-                    items[:p],
-                    int(items[p]),
-                    int(full.users[row]),
-                    float(full.timestamps[row]),
-                    None,
-                    full,
-                    rows[:p],
-                )
-                if is_target
-                else None
-            )
+            is_target = p > 0 and (not codes or int(full.event_types[rows[p]]) in codes)
+            targets.append(Query.of_user(full, rows, p) if is_target else None)
         if any(t is not None for t in targets):
             out.append(_Sequence([int(rows[p]) for p in test_positions], targets))
     return out

@@ -4,13 +4,27 @@ agent worker → Redis → published blend → ranking over HTTP), not a figure.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import RunningApi
 from tests.integration.test_spine import agent_worker, tail
 from training.evaluate import NextView, SessionNextClick, load_split
-from training.online import ServedModels, run_online
+from training.online import OnlineReport, ServedModels, run_online
 
 T0 = 1_396_400_000.0
+
+
+async def replay(
+    api: RunningApi, tmp_path: Path, dataset: str, data: Path, **options: Any
+) -> OnlineReport:
+    """`run_online` against ``api`` with one agent worker; its log is printed on failure."""
+    log = tmp_path / "agents.log"
+    with agent_worker(api.settings, log):
+        try:
+            return await run_online(api.settings, dataset, data, api=api.url, **options)
+        except Exception:
+            print(tail(log))
+            raise
 
 
 def tiny_yoochoose(path: Path) -> Path:
@@ -30,20 +44,14 @@ async def test_online_replay_ranks_what_the_api_serves(api: RunningApi, tmp_path
     protocol, train, test = load_split("yoochoose", data)
     assert isinstance(protocol, SessionNextClick)
     expected = [q for q in protocol.queries(train, test)]
-    log = tmp_path / "agents.log"
-    with agent_worker(api.settings, log):
-        try:
-            report = await run_online(
-                api.settings,
-                "yoochoose",
-                data,
-                api=api.url,
-                sessions=2,
-                models=ServedModels({"weights": {"recently_viewed": 1.0, "sknn": 1.0}}),
-            )
-        except Exception:
-            print(tail(log))
-            raise
+    report = await replay(
+        api,
+        tmp_path,
+        "yoochoose",
+        data,
+        sessions=2,
+        models=ServedModels({"weights": {"recently_viewed": 1.0, "sknn": 1.0}}),
+    )
     assert report.sessions == 2
     # every prefix of the two replayed sessions was asked for, as the offline protocol asks
     assert report.targets == 6
@@ -67,21 +75,15 @@ async def test_online_replay_serves_the_learned_ranker(api: RunningApi, tmp_path
     data = tiny_yoochoose(tmp_path / "clicks.txt")
     ranker = {"trees": 3, "min_data_in_leaf": 5, "folds": 2, "min_gain": -2.0}
     weights = {"recently_viewed": 1.0, "sknn": 1.0}
-    log = tmp_path / "agents.log"
-    with agent_worker(api.settings, log):
-        try:
-            report = await run_online(
-                api.settings,
-                "yoochoose",
-                data,
-                api=api.url,
-                sessions=2,
-                models=ServedModels({"weights": weights}, ranker),
-                probes=6,
-            )
-        except Exception:
-            print(tail(log))
-            raise
+    report = await replay(
+        api,
+        tmp_path,
+        "yoochoose",
+        data,
+        sessions=2,
+        models=ServedModels({"weights": weights}, ranker),
+        probes=6,
+    )
     assert report.scorer == "ranker"
     assert report.ranker_choice == "lightgbm"
     assert report.targets == report.offline["targets"] == report.offline_blend["targets"] == 6
@@ -115,13 +117,7 @@ async def test_online_replay_of_the_next_view_protocol(api: RunningApi, tmp_path
     protocol, train, test = load_split("taobao", data)
     assert isinstance(protocol, NextView)
     expected = protocol.queries(train, test)
-    log = tmp_path / "agents.log"
-    with agent_worker(api.settings, log):
-        try:
-            report = await run_online(api.settings, "taobao", data, api=api.url, sessions=3)
-        except Exception:
-            print(tail(log))
-            raise
+    report = await replay(api, tmp_path, "taobao", data, sessions=3)
     assert report.sessions == 3
     # the three users' test views, each asked for before it was posted
     mine = sorted({q.user for q in expected if q.user is not None})[:3]
