@@ -50,11 +50,11 @@ from redis.exceptions import RedisError, WatchError
 
 from agents.catalog import ALS_MODEL, BatchContext
 from agents.identity import Login
-from agents.state import ApplyResult, keys_of, redis_failure
+from agents.state import ApplyResult, redis_failure
 from recstream.errors import StoreUnavailable
 from recstream.features import DynamoFeatures, FeatureCopy, parse_score
 from recstream.identity import SESSION_PREFIX
-from recstream.keys import Keys
+from recstream.keys import Keys, keys_of
 from recstream.redisio import commands, pairs
 from recstream.settings import Settings
 from recstream.windows import Actor, WindowEntry

@@ -56,7 +56,6 @@ __all__ = [
     "by_actor",
     "compose",
     "compose_chunk",
-    "keys_of",
     "pack_evalsha",
 ]
 

@@ -57,12 +57,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis.exceptions import RedisError
 
 from agents.catalog import BatchContext, load_context
-from agents.state import compose, keys_of, redis_failure
+from agents.state import compose, redis_failure
 from recstream.archive import ARCHIVE_PREFIX, read_events
 from recstream.aws import async_client, translate
 from recstream.decay import EXPONENT_LIMIT
 from recstream.errors import ConfigurationError, RecstreamError
-from recstream.keys import Keys
+from recstream.keys import Keys, keys_of
 from recstream.redisio import exact, pack, send_packed
 from recstream.settings import Settings
 from streams.schema import Event

@@ -10,8 +10,9 @@ from redis.asyncio import Redis
 
 from agents.catalog import BatchContext, ItemFacts
 from agents.features import FeaturesPart
-from agents.state import keys_of, pack_evalsha
+from agents.state import pack_evalsha
 from agents.trending import WINDOWS, TrendingPart
+from recstream.keys import keys_of
 from recstream.settings import Settings
 from streams.schema import Event
 
