@@ -167,6 +167,25 @@ def test_item2item_cosine_by_hand() -> None:
     assert got == pytest.approx({"y": 2 / np.sqrt(3 * 2), "z": 1 / np.sqrt(3 * 1)})
 
 
+def test_item2item_shrink_demotes_a_pair_seen_once() -> None:
+    builder = LogBuilder()
+    # x and y co-occur in four users but y is everywhere (20 users); x and w once, and w
+    # nowhere else: cosine puts w first (1/sqrt(5·1) > 4/sqrt(5·20)), on one user's evidence
+    for u in range(20):
+        builder.add(f"u{u}", "y", T0)
+        if u < 4:
+            builder.add(f"u{u}", "x", T0 + 1)
+    builder.add("u20", "x", T0)
+    builder.add("u20", "w", T0 + 1)
+    plain = dict(ItemToItem(window=0).fit(builder.build()).neighbours_of("x", 5))
+    assert plain == pytest.approx({"w": 1 / np.sqrt(5), "y": 4 / np.sqrt(100)})
+    assert max(plain, key=plain.__getitem__) == "w"
+    shrunk = dict(ItemToItem(window=0, shrink=5).fit(builder.build()).neighbours_of("x", 5))
+    # each similarity times c/(c + 5): 4/9 for the pair seen four times, 1/6 for w's
+    assert shrunk == pytest.approx({"w": 1 / np.sqrt(5) / 6, "y": 0.4 * 4 / 9})
+    assert max(shrunk, key=shrunk.__getitem__) == "y"
+
+
 def test_session_knn_neighbours_and_published_index() -> None:
     log = clusters()
     model = SessionKNN(k=3, last_n=5).fit(log)

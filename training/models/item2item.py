@@ -8,7 +8,9 @@ user's history once (binary user x item co-occurrence, ``XᵀX``).
 
 Normalisation (``normalize``):
 
-- ``cosine``: sim(i, j) = c(i, j) / sqrt(n(i) · n(j)), n = occurrences of the item;
+- ``cosine``: sim(i, j) = c(i, j) / sqrt(n(i) · n(j)), n = occurrences of the item,
+  times c(i, j) / (c(i, j) + ``shrink``) when ``shrink`` > 0 (a pair seen once between two
+  rare items otherwise outranks one seen hundreds of times);
 - ``bm25``: sim(i, j) = idf(j) · c(i, j)·(k1 + 1) / (c(i, j) + k1·(1 - b + b·len(i)/avglen)),
   with len(i) the row sum of c, idf(j) = log(1 + N / n(j)) (SIMS-style dampening of
   ubiquitous items).
@@ -77,6 +79,7 @@ class ItemToItem(ItemScorer):
         neighbours: int = 100,
         history_len: int = 10,
         recency: bool = True,
+        shrink: float = 0.0,
     ) -> None:
         if normalize not in ("cosine", "bm25"):
             raise ConfigurationError(f"normalize={normalize!r}: use 'cosine' or 'bm25'")
@@ -91,8 +94,10 @@ class ItemToItem(ItemScorer):
             neighbours=neighbours,
             history_len=history_len,
             recency=recency,
+            shrink=shrink,
         )
         self.recency = recency
+        self.shrink = shrink
         self.window = window
         self.user_weight = user_weight
         self.session_weight = session_weight
@@ -140,6 +145,8 @@ class ItemToItem(ItemScorer):
         i, j, c = counts.row, counts.col, counts.data
         if self.normalize == "cosine":
             sims = c / np.sqrt(occurrences[i] * occurrences[j])
+            if self.shrink > 0:
+                sims = sims * c / (c + self.shrink)
         else:
             lengths = np.bincount(i, weights=c, minlength=log.n_items)
             avg = lengths[lengths > 0].mean() if (lengths > 0).any() else 1.0
