@@ -44,14 +44,8 @@ async def test_online_replay_ranks_what_the_api_serves(api: RunningApi, tmp_path
     protocol, train, test = load_split("yoochoose", data)
     assert isinstance(protocol, SessionNextClick)
     expected = [q for q in protocol.queries(train, test)]
-    report = await replay(
-        api,
-        tmp_path,
-        "yoochoose",
-        data,
-        sessions=2,
-        models=ServedModels({"weights": {"recently_viewed": 1.0, "sknn": 1.0}}),
-    )
+    served = ServedModels({"weights": {"recently_viewed": 1.0, "sknn": 1.0}})
+    report = await replay(api, tmp_path, "yoochoose", data, sessions=2, models=served)
     assert report.sessions == 2
     # every prefix of the two replayed sessions was asked for, as the offline protocol asks
     assert report.targets == 6
@@ -75,15 +69,8 @@ async def test_online_replay_serves_the_learned_ranker(api: RunningApi, tmp_path
     data = tiny_yoochoose(tmp_path / "clicks.txt")
     ranker = {"trees": 3, "min_data_in_leaf": 5, "folds": 2, "min_gain": -2.0}
     weights = {"recently_viewed": 1.0, "sknn": 1.0}
-    report = await replay(
-        api,
-        tmp_path,
-        "yoochoose",
-        data,
-        sessions=2,
-        models=ServedModels({"weights": weights}, ranker),
-        probes=6,
-    )
+    served = ServedModels({"weights": weights}, ranker)
+    report = await replay(api, tmp_path, "yoochoose", data, sessions=2, models=served, probes=6)
     assert report.scorer == "ranker"
     assert report.ranker_choice == "lightgbm"
     assert report.targets == report.offline["targets"] == report.offline_blend["targets"] == 6
