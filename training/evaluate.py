@@ -131,6 +131,20 @@ class Query:
     and weights, for models that read more than the items (the learned ranker)."""
 
     @classmethod
+    def of_session(cls, log: InteractionLog, rows: npt.NDArray[np.int64], t: int) -> Query:
+        """A session's click ``rows[t]`` predicted from the clicks before it, at the time of
+        the one before (YooChoose's next click: offline and in the online replay)."""
+        return cls(
+            log.items[rows[:t]],
+            int(log.items[rows[t]]),
+            None,
+            float(log.timestamps[rows[t - 1]]),
+            None,
+            log,
+            rows[:t],
+        )
+
+    @classmethod
     def of_user(cls, log: InteractionLog, rows: npt.NDArray[np.int64], p: int) -> Query:
         """A user's event ``rows[p]`` predicted from their events before it, at its time
         (Taobao's next view: offline and in the online replay)."""
@@ -243,11 +257,7 @@ class SessionNextClick(Protocol):
             test = test.select(seen[test.items])
         out: list[Query] = []
         for rows in _user_sequences(test, test.sessions):
-            items, times = test.items[rows], test.timestamps[rows]
-            for t in range(1, len(rows)):
-                out.append(
-                    Query(items[:t], int(items[t]), None, float(times[t - 1]), None, test, rows[:t])
-                )
+            out.extend(Query.of_session(test, rows, t) for t in range(1, len(rows)))
         return out
 
 

@@ -374,11 +374,8 @@ def _session_sequences(train: InteractionLog, test: InteractionLog) -> list[_Seq
         rows = keep[order[starts[g] : starts[g + 1]]]
         if len(rows) < 2:
             continue
-        items = test.items[rows]
         targets: list[Query | None] = [None]
-        for t in range(1, len(rows)):
-            when = float(test.timestamps[rows[t - 1]])
-            targets.append(Query(items[:t], int(items[t]), None, when, None, test, rows[:t]))
+        targets += [Query.of_session(test, rows, t) for t in range(1, len(rows))]
         out.append(_Sequence(rows.tolist(), targets))
     return out
 

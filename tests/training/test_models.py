@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from recstream.errors import ConfigurationError
 from training.base import Model, RedisRecord
 from training.data import InteractionLog, LogBuilder
 from training.models import (
@@ -184,6 +185,8 @@ def test_item2item_shrink_demotes_a_pair_seen_once() -> None:
     # each similarity times c/(c + 5): 4/9 for the pair seen four times, 1/6 for w's
     assert shrunk == pytest.approx({"w": 1 / np.sqrt(5) / 6, "y": 0.4 * 4 / 9})
     assert max(shrunk, key=shrunk.__getitem__) == "y"
+    with pytest.raises(ConfigurationError, match="applies to normalize='cosine' only"):
+        ItemToItem(normalize="bm25", shrink=5)
 
 
 def test_session_knn_neighbours_and_published_index() -> None:
@@ -319,8 +322,6 @@ def test_save_load_round_trip(name: str, tmp_path: Path) -> None:
 
 
 def test_unfitted_and_misnamed_models_explain(tmp_path: Path) -> None:
-    from recstream.errors import ConfigurationError
-
     with pytest.raises(ConfigurationError, match="fit"):
         Popularity().recommend([], 3)
     Popularity().fit(clusters()).save(tmp_path)

@@ -83,6 +83,11 @@ class ItemToItem(ItemScorer):
     ) -> None:
         if normalize not in ("cosine", "bm25"):
             raise ConfigurationError(f"normalize={normalize!r}: use 'cosine' or 'bm25'")
+        if shrink and normalize != "cosine":
+            # bm25 already saturates in c(i, j) through k1; a shrink there would be ignored
+            raise ConfigurationError(
+                f"shrink={shrink} applies to normalize='cosine' only: drop it or use cosine"
+            )
         super().__init__(
             window=window,
             user_weight=user_weight,
