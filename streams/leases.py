@@ -799,6 +799,11 @@ class LeaseCoordinator:
         self._task: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._stopped = False
+        # Shards whose take was sent and not yet answered. A take cut off by stop()'s
+        # cancellation (or a lost response) may still have been written: stop() looks
+        # these up and releases the ones that turn out to be ours, which would otherwise
+        # stay owned by a stopped worker for a lease duration.
+        self._taking: set[str] = set()
 
     # --- public surface ---------------------------------------------------------------
 
@@ -846,6 +851,7 @@ class LeaseCoordinator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         held, self._held = self._held, {}
+        taking, self._taking = self._taking - set(held), set()
         self._reported = frozenset()
         now = self._clock()
 
@@ -857,13 +863,25 @@ class LeaseCoordinator:
                 # It expires on its own; others then take it after one lease duration.
                 log.warning("could not release lease %s: %s", shard_id, exc)
 
+        async def release_if_taken(shard_id: str) -> None:
+            try:
+                lease = await self._store.get_lease(self.scope, shard_id)
+            except RecstreamError as exc:
+                log.warning("could not look up lease %s taken while stopping: %s", shard_id, exc)
+                return
+            if lease is not None and lease.owner == self.worker_id:
+                await release(shard_id, _Held(counter=lease.counter, renewed_at=0.0))
+
         # All at once and for one lease duration at most: a worker cut off from DynamoDB
         # waited for each release's read timeouts in turn (about 9 s a lease), so a worker
         # of 8 shards outlived a minute after SIGTERM (tests/reliability/
         # test_drill_sigterm.py). A lease not released by then expires by itself.
         try:
             async with asyncio.timeout(self.lease_duration):
-                await asyncio.gather(*(release(s, lease) for s, lease in held.items()))
+                await asyncio.gather(
+                    *(release(s, lease) for s, lease in held.items()),
+                    *(release_if_taken(s) for s in taking),
+                )
         except TimeoutError:
             log.warning(
                 "worker %s: releasing %d leases took over %.0f s; left to expire",
@@ -1192,6 +1210,8 @@ class LeaseCoordinator:
                 log.info("worker %s steals %s from %s", self.worker_id, to_take[0].shard_id, victim)
         for lease in to_take:
             now, tick = self._clock(), self._timer()
+            # left in the set if the write raises or is cancelled: it may have landed
+            self._taking.add(lease.shard_id)
             new = await self._store.take_lease(
                 self.scope,
                 lease.shard_id,
@@ -1201,6 +1221,7 @@ class LeaseCoordinator:
                 now=now,
                 expires_at=now + self.lease_duration,
             )
+            self._taking.discard(lease.shard_id)
             if new is not None:
                 self._held[lease.shard_id] = _Held(counter=new.counter, renewed_at=tick)
                 self._seen[lease.shard_id] = (new.counter, tick)

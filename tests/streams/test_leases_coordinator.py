@@ -8,6 +8,7 @@ many worker and shard counts.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given
@@ -20,6 +21,7 @@ from streams.leases import (
     Checkpoint,
     InMemoryLeaseStore,
     LeaseCoordinator,
+    LeaseInfo,
     LeaseLost,
     ShardDescription,
 )
@@ -130,6 +132,44 @@ async def test_graceful_stop_releases_for_an_immediate_takeover() -> None:
     await b.run_cycle()  # no clock movement: released leases need no expiry
     assert len(b.owned()) == 4
     await a.stop()  # idempotent
+
+
+class AnswerLost(InMemoryLeaseStore):
+    """Writes a take, then never answers it: the request landed, its response did not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hang_takes = False
+        self.written = asyncio.Event()
+
+    async def take_lease(self, scope: str, shard_id: str, **kwargs: Any) -> LeaseInfo | None:
+        new = await super().take_lease(scope, shard_id, **kwargs)
+        if self.hang_takes:
+            self.written.set()
+            await asyncio.Event().wait()
+        return new
+
+
+async def test_stop_releases_a_take_it_cancelled_after_the_write_landed() -> None:
+    # The flake once seen in test_three_workers_on_seven_shards_settle_at_3_2_2: a worker
+    # stopped while its take of a just-released lease was in flight kept that lease, owned
+    # by a stopped worker, until it expired.
+    settings, store, clock = make_settings(), AnswerLost(), FakeClock()
+    shards = StaticShards(flat(2))
+    a = stepped(settings, "a", store, clock, shards)
+    b = stepped(settings, "b", store, clock, shards)
+    await a.run_cycle()
+    await b.run_cycle()  # b steals one of a's two
+    (stolen,) = b.owned()
+    await b.stop()  # released
+    store.hang_takes = True
+    cycle = asyncio.create_task(a.run_cycle())  # a takes it back; the answer never comes
+    await store.written.wait()
+    assert (await owners(store))[stolen] == "a"
+    assert stolen not in a.owned()
+    cycle.cancel()
+    await a.stop()
+    assert set((await owners(store)).values()) == {None}
 
 
 def split(parent: str, left: str, right: str) -> list[ShardDescription]:
