@@ -84,7 +84,9 @@ def _wait_for_api(url: str, child: Child, timeout: float = 60) -> None:
         if child.process.poll() is not None:
             raise StackError(f"the API exited early; see {child.log}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            # /readyz, not /healthz: ready once the start-up warm-up made its first
+            # answer, so the demo's first table is not a cold process's
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
                 return
         time.sleep(0.2)
     raise StackError(f"the API did not answer at {url} within {timeout:.0f}s; see {child.log}")

@@ -1,7 +1,9 @@
 """``GET /readyz``: every dependency reachable (``/healthz`` stays the liveness probe).
 
 Checks Redis, the DynamoDB tables the API reads, the Kinesis stream it writes and the S3
-bucket, concurrently, each within ``Settings.ready_timeout_s``. ``200 {"ok": true, ...}`` when all
+bucket, concurrently, each within ``Settings.ready_timeout_s``, and that the start-up
+warm-up is done (``warm-up``: the published models loaded and one answer made, so the
+first request a load balancer sends is not a cold one). ``200 {"ok": true, ...}`` when all
 answer; ``503`` naming each one that failed. In production the answer says only which
 failed; the reason goes to the log (it names endpoints).
 """
@@ -57,11 +59,18 @@ async def readyz(request: Request) -> Response:
     probes.append((f"s3:{settings.bucket}", lambda: clients.s3.head_bucket(Bucket=settings.bucket)))
     timeout = settings.ready_timeout_s
     results = dict(await asyncio.gather(*(_check(name, probe, timeout) for name, probe in probes)))
+    # Not ready until the start-up warm-up is done: models loaded, connections open, one
+    # answer made. A first request before it is answered, but slower and maybe degraded.
+    ranker = getattr(request.app.state, "ranker", None)
+    if ranker is not None and not ranker.warmed:
+        results["warm-up"] = "loading the published models and making a first answer"
     ok = all(v == "ok" for v in results.values())
     if not ok:
         log.warning("not ready: %s", {k: v for k, v in results.items() if v != "ok"})
         if settings.env == "production":
-            results = {k: "ok" if v == "ok" else "failed" for k, v in results.items()}
+            results = {
+                k: v if v == "ok" or k == "warm-up" else "failed" for k, v in results.items()
+            }
     return json_response(
         {"ok": ok, "checks": results, "unready": sorted(k for k, v in results.items() if v != "ok")}
         if not ok

@@ -142,6 +142,13 @@ def serve_in_thread(app: Any, port: int) -> Iterator[None]:
         if not thread.is_alive() or time.monotonic() > deadline:
             pytest.fail("the API server did not start; see the log above")
         time.sleep(0.02)
+    # The start-up warm-up (models, first store calls, one answer) runs after the
+    # lifespan: wait for it as /readyz does, so it does not run beside the test's first
+    # requests. Bounded: with a store down at start it may take its own timeouts.
+    ranker = getattr(getattr(app, "state", None), "ranker", None)
+    warm_deadline = time.monotonic() + 10
+    while ranker is not None and not ranker.warmed and time.monotonic() < warm_deadline:
+        time.sleep(0.02)
     try:
         yield
     finally:

@@ -108,6 +108,8 @@ class _Request:
         self.degraded: list[str] = []
         self.debug = debug
         self.sources: dict[str, dict[str, Any]] = {}
+        self.logged = True
+        """False for the start-up warm-up's answer, which nobody was shown."""
 
     def at(self, share: float) -> float:
         return self.start + share * self.budget
@@ -204,6 +206,8 @@ class Ranker:
         self.budget = settings.ranking_budget_ms / 1000
         self.store_timeout = settings.store_timeout_ms / 1000
         self.source_timeout = settings.source_timeout_ms / 1000
+        self.warmed = False
+        """`warm` has run (whatever it could reach): /readyz waits for it."""
         self._misses = RecentMisses()
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -211,26 +215,42 @@ class Ranker:
     async def warm(self, namespace: str, wait_s: float = 30.0) -> None:
         """Load every published model of ``namespace`` now (startup, tests), instead of
         on the first requests: the versions the pointers name, waited for even while
-        another version is in memory."""
-        versions = (await read_state(self.redis, namespace, None, 1)).versions
-        await asyncio.gather(
-            *(self.models.ensure(namespace, name, versions.get(name), wait_s) for name in versions)
-        )
-        # A process's first S3 and DynamoDB calls (aiobotocore's session and connection,
-        # botocore's endpoint rules) held the event loop for 5-10 ms at a time: a new
-        # visitor's first answer after a start was empty, every source past its deadline
-        # (asyncio's debug mode named them). They are made now: the check for lost model
-        # pointers a request would start (one is missing until every model is published)
-        # and a read of an actor no event names. (The live lists are not read here: a
-        # list read before the first events would be served, empty, for a second.)
-        calls: list[Awaitable[Any]] = [self.durable.get(namespace, WARM_ACTOR)]
-        if self.models.restorer is not None:
-            calls.append(self.models.restorer.warm(namespace))
-        for call in calls:
-            try:
-                await asyncio.wait_for(call, wait_s)
-            except (TimeoutError, *_ERRORS) as exc:
-                log.info("warming %s: %s (the first requests will be slower)", namespace, exc)
+        another version is in memory; then make the store calls and one whole answer a
+        first request would otherwise pay for. Best effort: what fails is logged."""
+        try:
+            versions = (await read_state(self.redis, namespace, None, 1)).versions
+            await asyncio.gather(
+                *(
+                    self.models.ensure(namespace, name, versions.get(name), wait_s)
+                    for name in versions
+                )
+            )
+            # A process's first S3 and DynamoDB calls (aiobotocore's session and
+            # connection, botocore's endpoint rules) held the event loop for 5-10 ms at a
+            # time: a new visitor's first answer after a start was empty, every source past
+            # its deadline (asyncio's debug mode named them). They are made now: the check
+            # for lost model pointers a request would start (one is missing until every
+            # model is published) and a read of an actor no event names.
+            calls: list[Awaitable[Any]] = [self.durable.get(namespace, WARM_ACTOR)]
+            if self.models.restorer is not None:
+                calls.append(self.models.restorer.warm(namespace))
+            # Then one whole answer for that actor, not logged as served: the first request
+            # otherwise still opened the Redis connections its concurrent sources need and
+            # made the first live-list reads, and came out at 13-18 ms, now and then with
+            # every source past its deadline (the demo's "before any click" was empty);
+            # after this one, 10-11 ms. (The live lists it reads, empty on a fresh install,
+            # are read again after LIVE_TTL_S.)
+            calls.append(self._rank(
+                namespace, WARM_ACTOR, 10, exclude=(), context=None, item_filter=None,
+                filter_values=None, debug=False, given=None, as_of=None, logged=False,
+            ))  # fmt: skip
+            for call in calls:
+                try:
+                    await asyncio.wait_for(call, wait_s)
+                except (TimeoutError, *_ERRORS) as exc:
+                    log.info("warming %s: %s (the first requests will be slower)", namespace, exc)
+        finally:
+            self.warmed = True
 
     async def aclose(self) -> None:
         await self.served.drain()
@@ -581,8 +601,10 @@ class Ranker:
         debug: bool,
         given: list[str] | None,
         as_of: float | None,
+        logged: bool = True,
     ) -> Recommendations:
         req = _Request(self.budget, debug, as_of)
+        req.logged = logged
         values = dict(context or {})
         rank_context = RankContext(values, _hour(values, req.now))
         raw = await self._raw_state(req, namespace, actor)
@@ -879,6 +901,8 @@ class Ranker:
             items=list(answer.items),
             degraded=req.degraded,
         )
+        if not req.logged:
+            return result
         self.served.record(
             namespace,
             result.recommendation_id,

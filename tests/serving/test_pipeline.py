@@ -8,6 +8,7 @@ import asyncio
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import orjson
@@ -479,13 +480,29 @@ async def test_warm_makes_the_store_calls_a_first_request_would_wait_for(
             ranker = Ranker(client, Recording(), settings)
             ranker.models.restorer = Counting(client, s3, settings)
             try:
+                served: list[str | None] = []
+                record = ranker.served.record
+
+                def recording(namespace: str, rid: str, *, actor: str | None, **kw: Any) -> None:
+                    served.append(actor)
+                    record(namespace, rid, actor=actor, **kw)
+
+                ranker.served.record = recording  # type: ignore[method-assign,assignment]
+                assert not ranker.warmed
                 await ranker.warm(ns)
-                assert asked == [(ns, "recstream:warm-up")]
+                assert ranker.warmed
+                # the direct read, then the warm-up answer's own (its window is empty)
+                assert asked == [(ns, "recstream:warm-up")] * 2
                 assert checked == [ns]
+                # the warm-up made a whole answer (the live lists are in memory) and
+                # logged none: nobody was shown it
+                assert len(ranker.sources.lists) > 0
+                assert served == []
                 # no model is published, so every pointer is missing: the first request
                 # does not start the check again
                 result = await ranker.recommend(ns, "someone", 5)
                 assert result.degraded == []
+                assert served == ["someone"]
                 await asyncio.sleep(0.05)
                 assert checked == [ns]
             finally:
