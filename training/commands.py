@@ -21,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from recstream.errors import ConfigurationError
 from recstream.settings import Settings
@@ -310,13 +311,16 @@ def train_once(args: argparse.Namespace, settings: Settings, console: Console) -
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     console = Console()
-    if args.every is None:
-        return 0 if train_once(args, settings, console).ok else 1
-    # A wrong option must stop the command now, not fail every scheduled run.
-    setup(args, settings)
+    # One BLAS thread, as `recstream evaluate` (training/evaluate.py says why): a version
+    # trained here scores as its evaluation did, whatever the machine's core count.
+    with threadpool_limits(limits=1, user_api="blas"):
+        if args.every is None:
+            return 0 if train_once(args, settings, console).ok else 1
+        # A wrong option must stop the command now, not fail every scheduled run.
+        setup(args, settings)
 
-    def wait(due: float) -> None:
-        console.print(f"next training run at {_when(due)} UTC (every {args.every:.0f} s)")
+        def wait(due: float) -> None:
+            console.print(f"next training run at {_when(due)} UTC (every {args.every:.0f} s)")
 
-    run_every(args.every, lambda: train_once(args, settings, console).ok, on_wait=wait)
+        run_every(args.every, lambda: train_once(args, settings, console).ok, on_wait=wait)
     return 0  # pragma: no cover - run_every only returns with max_runs

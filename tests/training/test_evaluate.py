@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,6 +155,36 @@ def test_grid_search_records_every_trial_and_picks_the_best() -> None:
     assert record["trials"][1]["metrics"]["ndcg@10"] > record["trials"][0]["metrics"]["ndcg@10"]
     assert tuned.params["history_len"] == 3  # x is 3 steps back: history_len 1 misses it
     json.dumps(record)  # the manifest must be able to hold it
+
+
+def test_grid_search_moves_a_joint_axis_together() -> None:
+    # the shape of item-to-item's "normalize,shrink": values only valid in pairs
+    builder = LogBuilder()
+    t = T0
+    for n in range(30):
+        for item in ("x", f"d{n}", f"e{n}", "x"):
+            builder.add(f"u{n}", item, t)
+            t += 1000
+    protocol = NextView(test_days=0.2)
+
+    def build(p: Mapping[str, Any]) -> RecentlyViewed:
+        return RecentlyViewed(**p)
+
+    tuned = grid_search(
+        protocol,
+        builder.build(),
+        build,
+        {"decay": 0.9, "history_len": 1},
+        {"decay,history_len": [(0.9, 1), (0.5, 3)]},
+    )
+    assert [(t["params"]["decay"], t["params"]["history_len"]) for t in tuned.record["trials"]] == [
+        (0.9, 1),
+        (0.5, 3),
+    ]
+    assert tuned.params == {"decay": 0.5, "history_len": 3}
+    json.dumps(tuned.record)
+    with pytest.raises(ConfigurationError, match="needs 2 values"):
+        grid_search(protocol, builder.build(), build, {}, {"decay,history_len": [(0.5,)]})
 
 
 def test_tune_blend_prefers_the_useful_component() -> None:
