@@ -64,6 +64,9 @@ class ModelSpec(Generic[LogT]):
     """Parameters → an unfitted model (empty mapping: the model's defaults)."""
     tune: Callable[[LogT], Tuned] | None = None
     """Search on the training part; must not look at the held-out part."""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """The parameters of an untuned run (`--no-tune`): the harness's defaults, the
+    search's start, which `recstream evaluate --no-tune` measures too."""
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,7 @@ async def run_training(
         report.models.append(outcome)
         stage = "tune"
         try:
-            tuned = Tuned(params={})
+            tuned = Tuned(params=dict(spec.defaults))
             if tune and spec.tune is not None:
                 with _timed(reporter, outcome.timings, spec.name, "tune"):
                     tuned = spec.tune(train)

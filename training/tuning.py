@@ -447,5 +447,7 @@ def model_specs(
             chosen[entry.name] = tuned.params
             return tuned
 
-        specs.append(ModelSpec(name=entry.name, build=entry.build, tune=tune))
+        specs.append(
+            ModelSpec(name=entry.name, build=entry.build, tune=tune, defaults=entry.defaults)
+        )
     return specs

@@ -28,7 +28,7 @@ from training.evaluate import (
     run_evaluation,
 )
 from training.models import Popularity, RecentlyViewed
-from training.tuning import grid_search, harness_entries, tune_blend
+from training.tuning import grid_search, harness_entries, model_specs, tune_blend
 
 T0 = 1_511_600_000.0
 
@@ -215,6 +215,13 @@ def test_harness_entries_and_unknown_names() -> None:
     assert "readme:most-popular" in [e.name for e in harness_entries("movielens")]
     with pytest.raises(ConfigurationError, match="unknown harness entries"):
         harness_entries("taobao", ["nope"])
+    # `recstream train` gets the same defaults (--no-tune builds them), e.g. item-to-item's
+    # shrinkage, which the class itself leaves at 0; popularity is fixed at the agents'
+    # half-life, not searched
+    (i2i,) = model_specs(LeaveLastOut(), "movielens", ["item2item"])
+    assert i2i.defaults["shrink"] == 5.0
+    (popularity,) = harness_entries("taobao", ["popularity"])
+    assert popularity.tune is None
 
 
 def test_query_is_a_value() -> None:

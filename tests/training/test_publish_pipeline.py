@@ -119,6 +119,11 @@ async def test_without_tuning_each_model_is_built_with_its_defaults(
     assert report.ok
     assert report.models[0].params == {"fail_after": None, "extra": 0}  # the defaults
     assert "tune" not in report.models[0].timings
+    # a spec's own defaults (the harness's, e.g. item-to-item's shrink) win over the
+    # model class's: `recstream train --no-tune` builds what `evaluate --no-tune` measures
+    spec = ModelSpec("tiny", tiny, tune, defaults={"extra": 3})
+    report = await run_training(plan(), [spec], registry, tune=False)
+    assert report.models[0].params == {"fail_after": None, "extra": 3}
 
 
 async def test_without_refit_the_evaluated_model_is_published(registry: ModelRegistry) -> None:
