@@ -11,6 +11,7 @@ import pytest
 
 from recstream import stack
 from recstream.aws import sync_client
+from recstream.demo import moved_to_now
 from recstream.settings import Settings
 
 
@@ -63,6 +64,15 @@ def test_bad_settings_are_reported_not_raised(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(600)  # two whole demos (stack start, training, replay): a hang guard
+def test_the_demo_moves_the_replay_to_the_present() -> None:
+    events = [{"event_id": "a", "timestamp": 100.0}, {"event_id": "b", "timestamp": 160.0}]
+    assert moved_to_now(events, now=10_000.0) == [
+        {"event_id": "a", "timestamp": 9_880.0},  # the gaps kept, the newest a minute ago
+        {"event_id": "b", "timestamp": 9_940.0},
+    ]
+    assert moved_to_now([]) == []
+
+
 def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
     ports = [stack.free_port() for _ in range(3)]
     settings = Settings(
@@ -94,6 +104,11 @@ def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
     assert "already serving; not retraining" in again.stdout
     assert "changed recommendations in" in again.stdout
     assert result.returncode == 0, result.stdout + result.stderr
+    # A new visitor's first answer, asked once /readyz says the API is warm: popular films
+    # (the replay moved to the present, so the decayed popularity is not ~0 everywhere)
+    for run in (result, again):
+        before = run.stdout.split("before any click", 1)[1].split("clicking live", 1)[0]
+        assert before.count("popular") >= 3, before
     out = result.stdout
     assert "3000 events accepted" in out
     assert "after the clicks" in out
