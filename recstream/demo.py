@@ -20,6 +20,7 @@ import contextlib
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,6 +67,10 @@ def _start_child(name: str, args: list[str], settings: Settings) -> Child:
             env={**os.environ, **settings.to_env()},
         )
     return Child(name, process, log)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop_child(child: Child) -> None:
@@ -340,6 +345,9 @@ def run_demo(
         )
     for line in bring_up(settings):
         console.print(f"started {line}")
+    # SIGTERM (a `kill`, a closed terminal) as an exit that runs the `finally` below: by
+    # default Python dies on it at once and left the agents and the API running.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     children = [
         _start_child("agents", ["agents"], settings),
         _start_child("api", ["serve"], settings),
@@ -418,3 +426,4 @@ def run_demo(
     finally:
         for child in children:
             _stop_child(child)
+        signal.signal(signal.SIGTERM, previous)

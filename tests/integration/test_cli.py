@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from recstream import stack
@@ -63,7 +65,14 @@ def test_bad_settings_are_reported_not_raised(tmp_path: Path) -> None:
     assert "stream_shards" in result.stderr
 
 
-@pytest.mark.timeout(600)  # two whole demos (stack start, training, replay): a hang guard
+def api_answers(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def test_the_demo_moves_the_replay_to_the_present() -> None:
     events = [{"event_id": "a", "timestamp": 100.0}, {"event_id": "b", "timestamp": 160.0}]
     assert moved_to_now(events, now=10_000.0) == [
@@ -73,6 +82,7 @@ def test_the_demo_moves_the_replay_to_the_present() -> None:
     assert moved_to_now([]) == []
 
 
+@pytest.mark.timeout(600)  # two whole demos (stack start, training, replay): a hang guard
 def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
     ports = [stack.free_port() for _ in range(3)]
     settings = Settings(
@@ -94,12 +104,38 @@ def test_demo_runs_end_to_end_on_its_own_ports(tmp_path: Path) -> None:
             check=False,
         )
 
+    def demo_until_sigterm() -> subprocess.CompletedProcess[str]:
+        # The second run stays up serving, as `./dev demo` does, until a SIGTERM (a
+        # `kill`, a closing terminal): it must stop its agents and API on the way out,
+        # which Python's default SIGTERM handling (no `finally`) left running.
+        process = subprocess.Popen(
+            [sys.executable, "-m", "recstream.cli", "demo", "--events", "3000"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "serving until Ctrl-C" in line:
+                process.send_signal(signal.SIGTERM)
+                break
+        out, err = process.communicate(timeout=60)
+        return subprocess.CompletedProcess(
+            process.args, process.returncode, "".join(lines) + out, err
+        )
+
     try:
         result = demo()
-        again = demo()
+        again = demo_until_sigterm()
+        api_after_sigterm = api_answers(settings.api_url)
     finally:
         recstream(["down"], env)
-    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.returncode == 143, again.stdout + again.stderr
+    assert not api_after_sigterm, "the demo's API outlived its SIGTERM"
+    assert "serving until Ctrl-C" in again.stdout
     assert "already replayed" in again.stdout
     assert "already serving; not retraining" in again.stdout
     assert "changed recommendations in" in again.stdout
