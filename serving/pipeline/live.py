@@ -87,6 +87,16 @@ class LiveLists:
         self._lists: OrderedDict[_Key, tuple[float, Rows]] = OrderedDict()
         self._reading: dict[_Key, asyncio.Task[dict[str, Rows]]] = {}
 
+    def forget_empty(self) -> int:
+        """Drop the lists held empty; returns how many. For the start-up warm-up: its
+        answer reads the lists to open the connections and run the code once, and on a
+        fresh install they are empty; kept, a first answer right after the first events
+        would serve that emptiness for up to ``ttl``."""
+        empty = [key for key, (_, rows) in self._lists.items() if not rows]
+        for key in empty:
+            del self._lists[key]
+        return len(empty)
+
     def now(self, keys: Sequence[str], n: int) -> list[Rows] | None:
         """Each list from memory (refreshing the expired ones in the background); None
         when one must be read first."""

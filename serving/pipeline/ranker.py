@@ -238,8 +238,8 @@ class Ranker:
             # otherwise still opened the Redis connections its concurrent sources need and
             # made the first live-list reads, and came out at 13-18 ms, now and then with
             # every source past its deadline (the demo's "before any click" was empty);
-            # after this one, 10-11 ms. (The live lists it reads, empty on a fresh install,
-            # are read again after LIVE_TTL_S.)
+            # after this one, 10-11 ms. (The live lists it found empty, as on a fresh
+            # install, are forgotten after it: the first events' lists are read at once.)
             calls.append(self._rank(
                 namespace, WARM_ACTOR, 10, exclude=(), context=None, item_filter=None,
                 filter_values=None, debug=False, given=None, as_of=None, logged=False,
@@ -250,6 +250,7 @@ class Ranker:
                 except (TimeoutError, *_ERRORS) as exc:
                     log.info("warming %s: %s (the first requests will be slower)", namespace, exc)
         finally:
+            self.sources.lists.forget_empty()
             self.warmed = True
 
     async def aclose(self) -> None:

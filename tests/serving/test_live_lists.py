@@ -181,3 +181,20 @@ async def test_an_expired_empty_list_is_read_while_the_request_waits(
     assert lists.now([key], 2) is None  # expired and empty: the request must wait
     assert await lists.get([key], 2) == [[("a", 1.0)]]
     assert made == [[key], [key]]
+
+
+async def test_forget_empty_drops_only_the_empty_lists(
+    redis: tuple[str, aioredis.Redis, Reads],
+) -> None:
+    """The start-up warm-up's answer reads the lists of a fresh install, empty: they are
+    dropped after it, so the first events are served at once, not after ``ttl``."""
+    namespace, client, reads = redis
+    lists = LiveLists(client, reads, ttl=30.0, clock=Clock())
+    full, empty = f"{namespace}:test:full", f"{namespace}:test:empty"
+    await client.zadd(full, {"a": 1})
+    assert await lists.get([full, empty], 2) == [[("a", 1.0)], []]
+    assert lists.forget_empty() == 1
+    await client.zadd(empty, {"b": 2})
+    assert lists.now([full], 2) == [[("a", 1.0)]]  # kept
+    assert lists.now([empty], 2) is None  # must be read: not served empty from memory
+    assert await lists.get([empty], 2) == [[("b", 2.0)]]

@@ -494,14 +494,16 @@ async def test_warm_makes_the_store_calls_a_first_request_would_wait_for(
                 # the direct read, then the warm-up answer's own (its window is empty)
                 assert asked == [(ns, "recstream:warm-up")] * 2
                 assert checked == [ns]
-                # the warm-up made a whole answer (the live lists are in memory) and
-                # logged none: nobody was shown it
-                assert len(ranker.sources.lists) > 0
+                # the warm-up made a whole answer and logged none: nobody was shown it.
+                # The live lists it found empty are not kept: an event now is served now.
                 assert served == []
+                assert len(ranker.sources.lists) == 0
+                await client.zadd(Keys(ns).popularity, {"just-clicked": 1.0})
                 # no model is published, so every pointer is missing: the first request
                 # does not start the check again
                 result = await ranker.recommend(ns, "someone", 5)
                 assert result.degraded == []
+                assert [r.item_id for r in result.items] == ["just-clicked"]
                 assert served == ["someone"]
                 await asyncio.sleep(0.05)
                 assert checked == [ns]
