@@ -231,22 +231,25 @@ class Ranker:
             # its deadline (asyncio's debug mode named them). They are made now: the check
             # for lost model pointers a request would start (one is missing until every
             # model is published) and a read of an actor no event names.
-            calls: list[Awaitable[Any]] = [self.durable.get(namespace, WARM_ACTOR)]
-            if self.models.restorer is not None:
-                calls.append(self.models.restorer.warm(namespace))
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: self.durable.get(namespace, WARM_ACTOR)
+            ]
+            if (restorer := self.models.restorer) is not None:
+                calls.append(lambda: restorer.warm(namespace))
             # Then one whole answer for that actor, not logged as served: the first request
             # otherwise still opened the Redis connections its concurrent sources need and
             # made the first live-list reads, and came out at 13-18 ms, now and then with
             # every source past its deadline (the demo's "before any click" was empty);
             # after this one, 10-11 ms. (The live lists it found empty, as on a fresh
             # install, are forgotten after it: the first events' lists are read at once.)
-            calls.append(self._rank(
+            calls.append(lambda: self._rank(
                 namespace, WARM_ACTOR, 10, exclude=(), context=None, item_filter=None,
                 filter_values=None, debug=False, given=None, as_of=None, logged=False,
             ))  # fmt: skip
+            # (made one at a time, so none is left unawaited if the warm-up is cancelled)
             for call in calls:
                 try:
-                    await asyncio.wait_for(call, wait_s)
+                    await asyncio.wait_for(call(), wait_s)
                 except (TimeoutError, *_ERRORS) as exc:
                     log.info("warming %s: %s (the first requests will be slower)", namespace, exc)
         finally:
