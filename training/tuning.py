@@ -319,11 +319,6 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
     the blends that reuse their tuned parameters)."""
     sessions = dataset == "yoochoose"
     users = not sessions
-    # Popularity is not tuned: serving reads the agents' decayed lists, whose half-life is
-    # `Settings.popularity_half_life_s` (30 d, Popularity's default), and one decayed sum
-    # cannot be brought to another half-life. A tuned 1 d (Taobao) or none (MovieLens)
-    # was evaluated here and fed to the ranker's `score:popularity`, but never served.
-    pop_grid: dict[str, Any] = {}
     trend_grid: dict[str, Any] = {"window_s": [DAY, 7 * DAY, 30 * DAY], "gamma": [0.0, 0.5, 1.0]}
     repeat_grid: dict[str, Any] = {
         "decay": [0.3, 0.6, 0.8, 0.95],
@@ -384,7 +379,12 @@ def harness_entries(dataset: str, wanted: Sequence[str] | None = None) -> list[E
             ),
         ]
     entries += [
-        _entry("popularity", Popularity, {}, pop_grid),
+        # Popularity is not tuned: serving reads the agents' decayed lists, whose half-life
+        # is `Settings.popularity_half_life_s` (30 d, Popularity's default), and one decayed
+        # sum cannot be brought to another half-life. A tuned 1 d (Taobao) or none
+        # (MovieLens) was evaluated here and fed to the ranker's `score:popularity`, but
+        # never served.
+        _entry("popularity", Popularity, {}, {}),
         _entry("trending", Trending, {}, trend_grid),
         _entry("recently_viewed", RecentlyViewed, {}, repeat_grid),
         _entry("item2item", ItemToItem, i2i_defaults, i2i_grid),

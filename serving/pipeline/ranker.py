@@ -97,7 +97,9 @@ def _hour(values: Mapping[str, str], now: float) -> int:
 class _Request:
     """The per-request bookkeeping: deadlines, degraded stores, stage timings."""
 
-    def __init__(self, budget: float, debug: bool, as_of: float | None = None) -> None:
+    def __init__(
+        self, budget: float, debug: bool, as_of: float | None = None, logged: bool = True
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.start = self.loop.time()
         self.started = time.perf_counter()
@@ -108,7 +110,7 @@ class _Request:
         self.degraded: list[str] = []
         self.debug = debug
         self.sources: dict[str, dict[str, Any]] = {}
-        self.logged = True
+        self.logged = logged
         """False for the start-up warm-up's answer, which nobody was shown."""
 
     def at(self, share: float) -> float:
@@ -607,8 +609,7 @@ class Ranker:
         as_of: float | None,
         logged: bool = True,
     ) -> Recommendations:
-        req = _Request(self.budget, debug, as_of)
-        req.logged = logged
+        req = _Request(self.budget, debug, as_of, logged)
         values = dict(context or {})
         rank_context = RankContext(values, _hour(values, req.now))
         raw = await self._raw_state(req, namespace, actor)
